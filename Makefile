@@ -1,0 +1,74 @@
+# One command per job; each does its own set-up on a fresh machine (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TOOLS := $(CURDIR)/.cache/go/bin
+GRPCURL_VERSION ?= v1.9.4
+BUF_VERSION ?= v1.75.0
+GHZ_VERSION ?= v0.93.0
+PROTOS := $(wildcard protos/viewevents/v1/*.proto)
+STUBS := viewevents/v1/__init__.py
+export PATH := $(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install protos tools kafka-up kafka-down run demo test test-unit bench eval lint clean
+
+install: $(VENV)/.installed $(STUBS) tools
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+protos: $(STUBS)
+
+# Stubs are generated into the shared package (viewevents/v1), never edited by hand.
+$(STUBS): $(PROTOS) $(VENV)/.installed
+	rm -rf viewevents/v1 && mkdir -p viewevents/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	echo '"""Generated from protos/viewevents/v1 by `make protos`; do not edit."""' > $@
+
+# The real gRPC command-line client, the protobuf linter and the gRPC load tester.
+tools: $(TOOLS)/grpcurl $(TOOLS)/buf $(TOOLS)/ghz
+
+$(TOOLS)/grpcurl:
+	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+$(TOOLS)/buf:
+	GOBIN=$(TOOLS) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+$(TOOLS)/ghz:
+	GOBIN=$(TOOLS) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+kafka-up:
+	deploy/kafka.sh start
+
+kafka-down:
+	deploy/kafka.sh stop
+
+# Starts Kafka and the three services in the foreground; Ctrl-C stops them all.
+run: install kafka-up
+	$(PY) -m viewevents.runner
+
+demo: install kafka-up
+	$(PY) -m viewevents.demo
+
+# The whole suite. Integration tests start (or reuse) their own broker on port 19092.
+test: install
+	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q -m "not integration"
+
+bench: install kafka-up
+	$(PY) -m viewevents.bench
+
+eval: install
+	$(PY) -m recommender_service.evaluate
+
+lint: install
+	$(TOOLS)/buf lint protos
+	$(VENV)/bin/ruff check .
+
+clean:
+	deploy/kafka.sh stop || true
+	rm -rf $(VENV) .cache .data viewevents/v1 *.egg-info
