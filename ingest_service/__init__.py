@@ -1,0 +1,1 @@
+"""The ingest service: validates view events and writes them durably to Kafka."""

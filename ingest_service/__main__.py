@@ -1,0 +1,56 @@
+"""Run the ingest service: python -m ingest_service [--flags]; see --help for every setting."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from viewevents import config as settings
+from viewevents.grpc_server import add_service, enable_reflection_and_health, new_server, serve_until_stopped, set_serving
+from viewevents.kafka import ensure_topics, new_producer
+from viewevents.logs import setup_logging
+from viewevents.v1 import ingest_service_pb2
+
+from ingest_service.server import IngestService
+
+log = logging.getLogger("ingest_service")
+
+SERVICE = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"]
+
+
+async def serve(config: settings.Config) -> None:
+    topics = [config.view_topic, config.dead_letter_topic]
+    await ensure_topics(config, topics)
+    producer = new_producer(config)
+    await producer.start()
+    partitions = {t: len(await producer.partitions_for(t)) for t in topics}
+    server = new_server(config.max_request_bytes)
+    add_service(server, SERVICE, IngestService(config, producer, partitions))
+    health = enable_reflection_and_health(server, [SERVICE.full_name])
+    server.add_insecure_port(config.ingest_address)
+    await server.start()
+    set_serving(health, [SERVICE.full_name], True)
+    log.info("ingest service listening on %s; Kafka %s; topics %s", config.ingest_address,
+             config.kafka_bootstrap, partitions)
+
+    async def stop_producer() -> None:
+        await producer.stop()  # flushes whatever is still queued
+
+    await serve_until_stopped(server, stop_producer)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ingest_service", description=__doc__)
+    settings.add_flags(parser)
+    config = settings.load(parser.parse_args(argv))
+    setup_logging("ingest", config.log_level, config.log_json)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

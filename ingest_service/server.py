@@ -1,0 +1,190 @@
+"""gRPC handlers of the ingest service: validate, write to Kafka, answer once acknowledged."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import grpc
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from google.protobuf import timestamp_pb2
+
+from ingest_service.validation import Limits, validate_event
+from ingest_service.writer import PartitionedWriter
+from viewevents.config import Config
+from viewevents.grpc_server import Unparseable, abort_bad_request, reject_unparseable
+from viewevents.kafka import REJECTED_EVENT_HEADERS, VIEW_EVENT_HEADERS, KeyPartitioner, user_key
+from viewevents.v1 import ingest_service_pb2 as pb
+from viewevents.v1 import view_event_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tally:
+    """Counts of one RPC (or one request of UploadStream)."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    rejections: list[pb.Rejection] = field(default_factory=list)
+
+
+class IngestService:
+    """Implements viewevents.v1.IngestService."""
+
+    def __init__(self, config: Config, producer: AIOKafkaProducer, partitions: dict[str, int]) -> None:
+        self._config = config
+        self._producer = producer
+        self._limits = Limits(
+            max_future_skew_seconds=config.max_future_skew_seconds,
+            max_event_age_seconds=config.max_event_age_days * 86400,
+        )
+        self._partitioners = {topic: KeyPartitioner(n) for topic, n in partitions.items()}
+
+    def _writers(self) -> tuple[PartitionedWriter, PartitionedWriter]:
+        c = self._config
+        return (
+            PartitionedWriter(self._producer, c.view_topic, self._partitioners[c.view_topic],
+                              VIEW_EVENT_HEADERS, c.max_inflight_batches),
+            PartitionedWriter(self._producer, c.dead_letter_topic,
+                              self._partitioners[c.dead_letter_topic],
+                              REJECTED_EVENT_HEADERS, c.max_inflight_batches),
+        )
+
+    async def _ingest(
+        self,
+        events: Sequence[view_event_pb2.ViewEvent],
+        first_index: int,
+        tally: _Tally,
+        accepted: PartitionedWriter,
+        dead_letters: PartitionedWriter,
+        source: str,
+        max_reported: int,
+    ) -> None:
+        """Validate a batch, append valid events to the view topic and the rest to the DLQ."""
+        now = time.time()
+        limits = self._limits
+        for offset, event in enumerate(events):
+            violations = validate_event(event, now, limits)
+            if not violations:
+                await accepted.append(user_key(event.user_id), event.SerializeToString())
+                tally.accepted += 1
+                continue
+            tally.rejected += 1
+            if len(tally.rejections) < max_reported:
+                tally.rejections.append(pb.Rejection(
+                    index=first_index + offset, event_id=event.event_id,
+                    field_violations=violations))
+            rejected = view_event_pb2.RejectedEvent(
+                event=event, field_violations=violations, source=source,
+                reject_time=timestamp_pb2.Timestamp(seconds=int(now)))
+            key = user_key(event.user_id) if event.user_id > 0 else event.event_id.encode()
+            await dead_letters.append(key, rejected.SerializeToString())
+        tally.received += len(events)
+
+    async def _check_request(self, context: grpc.aio.ServicerContext, request: object, number: int) -> None:
+        await reject_unparseable(context, request)
+        count = len(request.events)  # type: ignore[attr-defined]
+        limit = self._config.max_events_per_request
+        if count > limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request {number} has {count} events; at most {limit} per request are accepted "
+                f"(VIEWEVENTS_MAX_EVENTS_PER_REQUEST): split it into smaller batches")
+
+    async def _unavailable(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        log.error("Kafka write failed: %r", error)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"Kafka did not acknowledge the events ({type(error).__name__}: {error}); "
+            "no summary was produced, so retry the upload (consumers drop duplicate event ids)")
+
+    async def Upload(
+        self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadSummary:
+        accepted, dead_letters = self._writers()
+        tally = _Tally()
+        requests = 0
+        started = time.monotonic()
+        try:
+            async for request in request_iterator:
+                await self._check_request(context, request, requests)
+                await self._ingest(request.events, tally.received, tally, accepted, dead_letters,
+                                   "Upload", self._config.max_rejections_reported)
+                requests += 1
+            await accepted.flush()
+            await dead_letters.flush()
+        except KafkaError as error:
+            accepted.abandon()
+            dead_letters.abandon()
+            await self._unavailable(context, error)
+        except BaseException:
+            accepted.abandon()
+            dead_letters.abandon()
+            raise
+        elapsed = time.monotonic() - started
+        log.info("Upload: %d events in %d requests, %d accepted, %d rejected, %.1f s (%.0f events/s)",
+                 tally.received, requests, tally.accepted, tally.rejected, elapsed,
+                 tally.received / elapsed if elapsed else 0.0)
+        return pb.UploadSummary(received=tally.received, accepted=tally.accepted,
+                                rejected=tally.rejected, rejections=tally.rejections,
+                                requests=requests)
+
+    async def UploadStream(
+        self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.UploadAck]:
+        accepted, dead_letters = self._writers()
+        request_index = 0
+        try:
+            async for request in request_iterator:
+                await self._check_request(context, request, request_index)
+                tally = _Tally()
+                await self._ingest(request.events, 0, tally, accepted, dead_letters,
+                                   "UploadStream", len(request.events))
+                await accepted.flush()
+                await dead_letters.flush()
+                yield pb.UploadAck(sequence=request.sequence, request_index=request_index,
+                                   received=tally.received, accepted=tally.accepted,
+                                   rejected=tally.rejected, rejections=tally.rejections)
+                request_index += 1
+        except KafkaError as error:
+            accepted.abandon()
+            dead_letters.abandon()
+            await self._unavailable(context, error)
+
+    async def Publish(
+        self, request: pb.PublishRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> pb.PublishResponse:
+        await reject_unparseable(context, request)
+        assert isinstance(request, pb.PublishRequest)
+        if not request.events:
+            await abort_bad_request(context, "the request has no events", [
+                view_event_pb2.FieldViolation(field="events", reason="REQUIRED",
+                                              description="events must hold at least one event")])
+        await self._check_request(context, request, 0)
+        accepted, dead_letters = self._writers()
+        tally = _Tally()
+        try:
+            await self._ingest(request.events, 0, tally, accepted, dead_letters, "Publish",
+                               len(request.events))
+            await accepted.flush()
+            await dead_letters.flush()
+        except KafkaError as error:
+            accepted.abandon()
+            dead_letters.abandon()
+            await self._unavailable(context, error)
+        if tally.accepted == 0:
+            violations = [
+                view_event_pb2.FieldViolation(
+                    field=f"events[{r.index}].{v.field}", description=v.description, reason=v.reason)
+                for r in tally.rejections for v in r.field_violations
+            ]
+            await abort_bad_request(
+                context, f"none of the {tally.received} events is valid (kept on the dead-letter "
+                "topic)", violations)
+        return pb.PublishResponse(accepted=tally.accepted, rejected=tally.rejected,
+                                  rejections=tally.rejections)

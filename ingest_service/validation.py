@@ -1,0 +1,74 @@
+"""Validation of one view event: pure, no I/O, so it is tested without servers.
+
+Every problem is reported (not only the first), each naming the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from viewevents.v1 import view_event_pb2
+
+ViewEvent = view_event_pb2.ViewEvent
+FieldViolation = view_event_pb2.FieldViolation
+
+KNOWN_EVENT_TYPES = frozenset(
+    v.number for v in view_event_pb2.EventType.DESCRIPTOR.values if v.number != 0
+)
+MAX_EVENT_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How far from the server's clock an event time may be."""
+
+    max_future_skew_seconds: int = 300
+    max_event_age_seconds: int = 3650 * 86400
+
+
+def validate_event(event: ViewEvent, now_seconds: float, limits: Limits) -> list[FieldViolation]:
+    """All field violations of `event`; an empty list means it is valid."""
+    violations: list[FieldViolation] = []
+    event_id = event.event_id
+    if not event_id:
+        violations.append(_violation("event_id", "is required", "REQUIRED"))
+    elif len(event_id) > MAX_EVENT_ID_LENGTH:
+        violations.append(_violation(
+            "event_id", f"is {len(event_id)} characters; at most {MAX_EVENT_ID_LENGTH}", "TOO_LONG"))
+    if event.media_id <= 0:
+        violations.append(_positive("media_id", event.media_id))
+    if event.user_id <= 0:
+        violations.append(_positive("user_id", event.user_id))
+    event_type = event.event_type
+    if event_type == 0:
+        violations.append(_violation(
+            "event_type", "is required (EVENT_TYPE_UNSPECIFIED is not an event type)", "REQUIRED"))
+    elif event_type not in KNOWN_EVENT_TYPES:
+        violations.append(_violation(
+            "event_type", f"has unknown value {event_type}", "UNKNOWN_VALUE"))
+    if not event.HasField("event_time"):
+        violations.append(_violation("event_time", "is required", "REQUIRED"))
+    else:
+        seconds = event.event_time.seconds + event.event_time.nanos / 1e9
+        if seconds > now_seconds + limits.max_future_skew_seconds:
+            violations.append(_violation(
+                "event_time",
+                f"is {seconds - now_seconds:.0f} s in the future; at most "
+                f"{limits.max_future_skew_seconds} s ahead of the server clock is accepted",
+                "IN_FUTURE"))
+        elif seconds < now_seconds - limits.max_event_age_seconds:
+            violations.append(_violation(
+                "event_time",
+                f"is {(now_seconds - seconds) / 86400:.0f} days old; at most "
+                f"{limits.max_event_age_seconds // 86400} days is accepted",
+                "TOO_OLD"))
+    return violations
+
+
+def _violation(field: str, problem: str, reason: str) -> FieldViolation:
+    return FieldViolation(field=field, description=f"{field} {problem}", reason=reason)
+
+
+def _positive(field: str, value: int) -> FieldViolation:
+    problem = "is required" if value == 0 else f"must be positive, got {value}"
+    return _violation(field, problem, "REQUIRED" if value == 0 else "NOT_POSITIVE")

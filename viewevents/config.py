@@ -1,0 +1,137 @@
+"""Every setting of every service, in one place: name, environment variable, default, help.
+
+A setting is read from its command-line flag, else its environment variable, else its default,
+so the same names work in a shell, in `make run` and in docker-compose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value; `flag` is derived from `name` (kafka_bootstrap -> --kafka-bootstrap)."""
+
+    name: str
+    env: str
+    default: Any
+    kind: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in {"1", "true", "yes", "on"}
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # Kafka, shared by all services.
+    Setting("kafka_bootstrap", "VIEWEVENTS_KAFKA_BOOTSTRAP", "127.0.0.1:9092", str,
+            "Kafka bootstrap servers (host:port[,host:port])."),
+    Setting("view_topic", "VIEWEVENTS_VIEW_TOPIC", "view-events", str,
+            "Topic of accepted view events (key: user_id as decimal text; value: ViewEvent)."),
+    Setting("dead_letter_topic", "VIEWEVENTS_DEAD_LETTER_TOPIC", "view-events-dead-letter", str,
+            "Topic of rejected events with their reasons (value: RejectedEvent)."),
+    Setting("topic_partitions", "VIEWEVENTS_TOPIC_PARTITIONS", 4, int,
+            "Partitions of the topics when the ingest service creates them."),
+    # Ingest service.
+    Setting("ingest_address", "VIEWEVENTS_INGEST_ADDRESS", "127.0.0.1:50051", str,
+            "Address the ingest service listens on."),
+    Setting("max_request_bytes", "VIEWEVENTS_MAX_REQUEST_BYTES", 8 * 1024 * 1024, int,
+            "Largest gRPC request accepted (bigger ones get RESOURCE_EXHAUSTED)."),
+    Setting("max_events_per_request", "VIEWEVENTS_MAX_EVENTS_PER_REQUEST", 10_000, int,
+            "Most events in one request (more gets RESOURCE_EXHAUSTED)."),
+    Setting("max_future_skew_seconds", "VIEWEVENTS_MAX_FUTURE_SKEW_SECONDS", 300, int,
+            "Event times further than this in the future are rejected."),
+    Setting("max_event_age_days", "VIEWEVENTS_MAX_EVENT_AGE_DAYS", 3650, int,
+            "Event times older than this are rejected."),
+    Setting("max_rejections_reported", "VIEWEVENTS_MAX_REJECTIONS_REPORTED", 100, int,
+            "How many rejections an UploadSummary lists (all are counted and dead-lettered)."),
+    Setting("max_inflight_batches", "VIEWEVENTS_MAX_INFLIGHT_BATCHES", 64, int,
+            "Kafka batches an upload may have unacknowledged before it stops reading the stream."),
+    Setting("producer_linger_ms", "VIEWEVENTS_PRODUCER_LINGER_MS", 5, int,
+            "Producer linger (ms) before a partly filled batch is sent."),
+    Setting("producer_batch_bytes", "VIEWEVENTS_PRODUCER_BATCH_BYTES", 512 * 1024, int,
+            "Producer batch size in bytes."),
+    # Stats service.
+    Setting("stats_address", "VIEWEVENTS_STATS_ADDRESS", "127.0.0.1:50052", str,
+            "Address the stats service listens on."),
+    Setting("stats_state_dir", "VIEWEVENTS_STATS_STATE_DIR", "state/stats", str,
+            "RocksDB directory of the stats service."),
+    Setting("stats_group", "VIEWEVENTS_STATS_GROUP", "viewevents-stats", str,
+            "Kafka consumer group of the stats service."),
+    # Recommender service.
+    Setting("recommender_address", "VIEWEVENTS_RECOMMENDER_ADDRESS", "127.0.0.1:50053", str,
+            "Address the recommender service listens on."),
+    Setting("recommender_state_dir", "VIEWEVENTS_RECOMMENDER_STATE_DIR", "state/recommender", str,
+            "RocksDB directory of the recommender service."),
+    Setting("recommender_group", "VIEWEVENTS_RECOMMENDER_GROUP", "viewevents-recommender", str,
+            "Kafka consumer group of the recommender service."),
+    # Consumers and state (stats and recommender).
+    Setting("heartbeat_seconds", "VIEWEVENTS_HEARTBEAT_SECONDS", 30, int,
+            "View time credited per waypoint event."),
+    Setting("consume_batch_max", "VIEWEVENTS_CONSUME_BATCH_MAX", 20_000, int,
+            "Most records applied in one RocksDB write batch."),
+    Setting("rocksdb_cache_mb", "VIEWEVENTS_ROCKSDB_CACHE_MB", 128, int,
+            "RocksDB block cache size (MiB): bounds read memory."),
+    Setting("rocksdb_write_buffer_mb", "VIEWEVENTS_ROCKSDB_WRITE_BUFFER_MB", 32, int,
+            "RocksDB memtable size (MiB); at most 3 are kept."),
+    # Every service.
+    Setting("log_level", "VIEWEVENTS_LOG_LEVEL", "INFO", str, "Log level."),
+    Setting("log_json", "VIEWEVENTS_LOG_JSON", False, _bool, "Log as JSON lines."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class Config:
+    """Resolved settings; attribute access by setting name (config.kafka_bootstrap)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes: Any) -> "Config":
+        unknown = set(changes) - set(_BY_NAME)
+        if unknown:
+            raise KeyError(f"unknown settings: {sorted(unknown)}")
+        return Config({**self._values, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Add one flag per setting; the default shown is the environment's value if set."""
+    for setting in SETTINGS if names is None else [_BY_NAME[n] for n in names]:
+        parser.add_argument(
+            setting.flag, dest=setting.name, default=None, type=setting.kind,
+            help=f"{setting.help} Env {setting.env}; default {setting.default!r}.",
+        )
+
+
+def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> Config:
+    """Resolve every setting: flag, else environment variable, else default."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        flag_value = getattr(args, setting.name, None) if args is not None else None
+        if flag_value is not None:
+            values[setting.name] = flag_value
+        elif setting.env in env:
+            values[setting.name] = setting.kind(env[setting.env])
+        else:
+            values[setting.name] = setting.default
+    return Config(values)

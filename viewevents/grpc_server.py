@@ -1,0 +1,176 @@
+"""gRPC plumbing shared by the three services: server with reflection and health, rich errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Awaitable, Callable, Iterable, NoReturn, Sequence
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from viewevents.v1 import view_event_pb2
+
+log = logging.getLogger(__name__)
+
+Violation = view_event_pb2.FieldViolation
+
+
+def new_server(max_message_bytes: int = 8 * 1024 * 1024) -> grpc.aio.Server:
+    """An asyncio server with message-size limits that produce RESOURCE_EXHAUSTED."""
+    return grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+
+
+def enable_reflection_and_health(
+    server: grpc.aio.Server, full_service_names: Sequence[str]
+) -> health.HealthServicer:
+    """Server reflection (for grpcurl) and grpc.health.v1; health starts NOT_SERVING."""
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(full_service_names) + [
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    reflection.enable_server_reflection(names, server)
+    set_serving(health_servicer, full_service_names, False)
+    return health_servicer
+
+
+def set_serving(
+    health_servicer: health.HealthServicer, full_service_names: Iterable[str], serving: bool
+) -> None:
+    """Set the overall ("") and per-service health status."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *full_service_names]:
+        health_servicer.set(name, status)
+
+
+def bad_request_status(message: str, violations: Sequence[Violation]) -> grpc.Status:
+    """INVALID_ARGUMENT carrying google.rpc.BadRequest with one entry per field violation."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description, reason=v.reason
+                )
+                for v in violations
+            ]
+        )
+    )
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+    )
+
+
+async def abort_bad_request(
+    context: grpc.aio.ServicerContext, message: str, violations: Sequence[Violation]
+) -> NoReturn:
+    """Abort the RPC with INVALID_ARGUMENT and the field violations (AIP-193)."""
+    await context.abort_with_status(bad_request_status(message, violations))
+    raise AssertionError("unreachable")  # abort_with_status always raises
+
+
+def field_violations_of(error: grpc.RpcError) -> list[Violation]:
+    """The google.rpc.BadRequest field violations carried by a client-side error, if any."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    found: list[Violation] = []
+    for detail in status.details if status else []:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            found += [
+                Violation(field=v.field, description=v.description, reason=v.reason)
+                for v in bad_request.field_violations
+            ]
+    return found
+
+
+async def serve_until_stopped(
+    server: grpc.aio.Server,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    grace_seconds: float = 10.0,
+) -> None:
+    """Run until SIGINT/SIGTERM, then stop taking RPCs and let in-flight ones finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight RPCs (grace %.0f s)", grace_seconds)
+    await server.stop(grace_seconds)
+    if on_stop is not None:
+        await on_stop()
+    log.info("stopped")
+
+
+class Unparseable:
+    """Stands in for a request whose bytes are not a valid message, so the handler can answer
+    INVALID_ARGUMENT instead of gRPC's generic INTERNAL deserialization error."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def describe(self) -> str:
+        return f"the request could not be parsed as {self.type_name}: {self.error}"
+
+
+def _lenient_parser(message_class: type) -> Callable[[bytes], object]:
+    type_name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except Exception as error:  # noqa: BLE001 - any decode failure is the caller's fault
+            return Unparseable(type_name, error)
+
+    return parse
+
+
+def add_service(server: grpc.aio.Server, service_descriptor: object, servicer: object) -> None:
+    """Register `servicer`'s methods for a proto service, parsing requests leniently.
+
+    Like the generated add_*Servicer_to_server, but built from the descriptor, with request
+    parsing that hands `Unparseable` to the method rather than failing inside gRPC.
+    """
+    from google.protobuf import message_factory
+
+    handlers = {}
+    for method in service_descriptor.methods:  # type: ignore[attr-defined]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            behaviour,
+            request_deserializer=_lenient_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),)  # type: ignore[attr-defined]
+    )
+
+
+async def reject_unparseable(context: grpc.aio.ServicerContext, request: object) -> None:
+    """Abort with INVALID_ARGUMENT when `request` is `Unparseable`."""
+    if isinstance(request, Unparseable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())

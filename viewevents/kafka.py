@@ -1,0 +1,92 @@
+"""Kafka helpers shared by the services: record keys, partitioning, producer and topic set-up.
+
+Record format (see docs/architecture.md): key = user_id as ASCII decimal, value = a binary
+`viewevents.v1.ViewEvent` (dead-letter topic: `viewevents.v1.RejectedEvent`), and a
+`content-type` header naming the message type, so any Kafka consumer can read the topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
+
+from viewevents.config import Config
+
+log = logging.getLogger(__name__)
+
+VIEW_EVENT_HEADERS = [("content-type", b"application/x-protobuf; messageType=viewevents.v1.ViewEvent")]
+REJECTED_EVENT_HEADERS = [
+    ("content-type", b"application/x-protobuf; messageType=viewevents.v1.RejectedEvent")
+]
+
+
+def user_key(user_id: int) -> bytes:
+    """The record key: all of a user's events go to one partition, in order."""
+    return str(user_id).encode("ascii")
+
+
+class KeyPartitioner:
+    """Kafka's default partitioner (murmur2, as the Java client), with a bounded memo.
+
+    Users recur constantly in a stream, so memoising the pure-Python hash pays for itself.
+    """
+
+    def __init__(self, partitions: int, memo_size: int = 200_000) -> None:
+        self.partitions = partitions
+        self._memo: dict[bytes, int] = {}
+        self._memo_size = memo_size
+
+    def __call__(self, key: bytes) -> int:
+        partition = self._memo.get(key)
+        if partition is None:
+            partition = (murmur2(key) & 0x7FFFFFFF) % self.partitions
+            if len(self._memo) >= self._memo_size:
+                self._memo.clear()
+            self._memo[key] = partition
+        return partition
+
+
+def new_producer(config: Config, **overrides: object) -> AIOKafkaProducer:
+    """An idempotent producer that waits for all in-sync replicas (acks=all)."""
+    options: dict[str, object] = dict(
+        bootstrap_servers=config.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=config.producer_linger_ms,
+        max_batch_size=config.producer_batch_bytes,
+        max_request_size=max(config.producer_batch_bytes * 2, 1 << 20),
+        request_timeout_ms=30_000,
+        client_id="viewevents-ingest",
+    )
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+async def ensure_topics(config: Config, topics: list[str], partitions: int | None = None) -> None:
+    """Create the topics if missing (idempotent; safe when several instances start at once)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            count = partitions or config.topic_partitions
+            try:
+                await admin.create_topics(
+                    [NewTopic(name=t, num_partitions=count, replication_factor=1) for t in missing]
+                )
+                log.info("created topics %s with %d partitions", missing, count)
+            except TopicAlreadyExistsError:
+                pass
+        for _ in range(50):  # metadata of new topics reaches the broker cache shortly after
+            described = await admin.describe_topics(topics)
+            if all(d.get("partitions") for d in described):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
