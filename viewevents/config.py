@@ -79,6 +79,8 @@ SETTINGS: tuple[Setting, ...] = (
             "View time credited per waypoint event."),
     Setting("consume_batch_max", "VIEWEVENTS_CONSUME_BATCH_MAX", 20_000, int,
             "Most records applied in one RocksDB write batch."),
+    Setting("dedupe_retention_days", "VIEWEVENTS_DEDUPE_RETENTION_DAYS", 30, int,
+            "How long consumers remember an event id to drop its duplicates."),
     Setting("rocksdb_cache_mb", "VIEWEVENTS_ROCKSDB_CACHE_MB", 128, int,
             "RocksDB block cache size (MiB): bounds read memory."),
     Setting("rocksdb_write_buffer_mb", "VIEWEVENTS_ROCKSDB_WRITE_BUFFER_MB", 32, int,

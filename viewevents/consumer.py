@@ -1,0 +1,313 @@
+"""The exactly-once consume loop shared by the stats and recommender services.
+
+Each Kafka batch is decoded, de-duplicated by event id, handed to the service's `Processor`,
+and committed to RocksDB in ONE write batch together with the next offsets of its partitions.
+On start (and on every partition assignment) the consumer seeks to the offsets stored in
+RocksDB, so whatever point a crash hits, a batch's effect is applied exactly once: either its
+write batch landed (state and offsets) or it did not (and the batch is read again).
+Kafka's group offsets are committed too, after RocksDB, only so that lag tools can see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from google.protobuf import timestamp_pb2
+
+from viewevents.state import (
+    I64,
+    KIND_SEEN,
+    KIND_SEEN_EXPIRY,
+    KIND_WATERMARK,
+    U32,
+    StateStore,
+    Transaction,
+    offset_key,
+    partition_prefix,
+)
+from viewevents.v1 import view_event_pb2
+
+log = logging.getLogger(__name__)
+
+ViewEvent = view_event_pb2.ViewEvent
+VALID_EVENT_TYPES = frozenset(range(1, 5))
+SECONDS_PER_DAY = 86_400
+
+
+class Processor(Protocol):
+    """A service's domain logic: fold a partition's new events into its state."""
+
+    def apply(self, partition: int, events: list[ViewEvent], txn: Transaction) -> None:
+        """Add the effect of `events` (valid, de-duplicated, in offset order) to `txn`."""
+
+    def committed(self) -> None:
+        """Called after each commit (e.g. to refresh caches); may do nothing."""
+
+
+@dataclass
+class ConsumerStats:
+    """Counters since start, for logs, metrics and benchmarks."""
+
+    records: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    undecodable: int = 0
+    invalid: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def is_applicable(event: ViewEvent) -> bool:
+    """The ingest service validated events already; this guards against other producers."""
+    return bool(
+        event.event_id and event.media_id > 0 and event.user_id > 0
+        and event.event_type in VALID_EVENT_TYPES and event.HasField("event_time")
+    )
+
+
+class SeenIds:
+    """Bounded, on-disk memory of event ids, per partition, for `retention_days` after an id
+    was first seen (by Kafka record time). A copy re-sent later than that counts again."""
+
+    def __init__(self, retention_days: int) -> None:
+        self.retention_days = retention_days
+        self._expired_through: dict[int, int] = {}
+
+    def keep_new(
+        self, partition: int, records: list[tuple[ViewEvent, int]], txn: Transaction
+    ) -> tuple[list[ViewEvent], int]:
+        """The events not seen before (first copy wins, offset order kept), and how many were
+        duplicates. `records` holds (event, record time in ms)."""
+        prefix = partition_prefix(partition) + KIND_SEEN
+        first: dict[str, tuple[ViewEvent, int]] = {}
+        for event, timestamp_ms in records:
+            first.setdefault(event.event_id, (event, timestamp_ms))
+        ids = list(first)
+        keys = [prefix + i.encode() for i in ids]
+        fresh: list[ViewEvent] = []
+        expiry_prefix = partition_prefix(partition) + KIND_SEEN_EXPIRY
+        for event_id, key, known in zip(ids, keys, txn.get_many(keys)):
+            if known is not None:
+                continue
+            event, timestamp_ms = first[event_id]
+            day = U32.pack(timestamp_ms // (SECONDS_PER_DAY * 1000))
+            txn.put(key, day)
+            txn.put(expiry_prefix + day + key[len(prefix):], b"")
+            fresh.append(event)
+        return fresh, len(records) - len(fresh)
+
+    def expire(self, store: StateStore, partition: int, today: int, chunk: int = 50_000) -> int:
+        """Forget ids first seen more than `retention_days` ago; in chunks, outside the batch
+        commit (forgetting is idempotent, so it needs no offsets)."""
+        cutoff = today - self.retention_days
+        if self._expired_through.get(partition, -1) >= cutoff:
+            return 0
+        p = partition_prefix(partition)
+        start, end = p + KIND_SEEN_EXPIRY, p + KIND_SEEN_EXPIRY + U32.pack(max(cutoff, 0))
+        removed = 0
+        while True:
+            txn = Transaction(store)
+            for key, _ in store.scan(start, end):
+                txn.delete(key)
+                txn.delete(p + KIND_SEEN + key[len(start) + 4:])
+                if len(txn.pending) >= 2 * chunk:
+                    break
+            if not txn.pending:
+                break
+            removed += len(txn.pending) // 2
+            txn.commit()
+        self._expired_through[partition] = cutoff
+        return removed
+
+
+class ExactlyOnceConsumer:
+    """Consumes the view-event topic into a `StateStore` through a `Processor`."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topic: str,
+        group_id: str,
+        store: StateStore,
+        processor: Processor,
+        batch_max: int = 20_000,
+        dedupe_retention_days: int = 30,
+        client_id: str = "viewevents-consumer",
+    ) -> None:
+        self.topic = topic
+        self.store = store
+        self.processor = processor
+        self.batch_max = batch_max
+        self.seen = SeenIds(dedupe_retention_days)
+        self.stats = ConsumerStats()
+        self.positions: dict[int, int] = {}
+        self.caught_up = asyncio.Event()
+        self._catch_up_targets: dict[int, int] | None = None
+        self._stop = asyncio.Event()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            session_timeout_ms=30_000,
+            heartbeat_interval_ms=3_000,
+            max_poll_interval_ms=300_000,
+        )
+        self._apply_lock = asyncio.Lock()
+
+    # --- positions and freshness ----------------------------------------------------------------
+
+    def position(self) -> view_event_pb2.ConsumerPosition:
+        """The ConsumerPosition message that query responses carry."""
+        parts = sorted(self.positions)
+        watermark = self.store.watermark(parts) if parts else None
+        return view_event_pb2.ConsumerPosition(
+            partitions=[view_event_pb2.PartitionOffset(partition=p, offset=self.positions[p])
+                        for p in parts],
+            event_time_watermark=(timestamp_pb2.Timestamp(seconds=watermark)
+                                  if watermark is not None else None),
+            caught_up=self.caught_up.is_set(),
+        )
+
+    def lag(self) -> int:
+        targets = self._catch_up_targets or {}
+        return sum(max(0, end - self.positions.get(p, 0)) for p, end in targets.items())
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self))
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        """Leave the group; call after `run` returned."""
+        await self._consumer.stop()
+
+    async def run(self) -> None:
+        """Consume until `stop()`; each batch is applied and committed before the next."""
+        last_group_commit = time.monotonic()
+        while not self._stop.is_set():
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=self.batch_max)
+            if batches:
+                async with self._apply_lock:
+                    await asyncio.to_thread(self._apply, batches)
+                if time.monotonic() - last_group_commit > 2.0:
+                    last_group_commit = time.monotonic()
+                    await self._commit_group_offsets()
+            await self._check_caught_up()
+        await self._commit_group_offsets()
+
+    async def _commit_group_offsets(self) -> None:
+        offsets = {TopicPartition(self.topic, p): o for p, o in self.positions.items()}
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except Exception as error:  # noqa: BLE001 - informational only; RocksDB has the truth
+            log.debug("group offset commit skipped: %r", error)
+
+    async def _check_caught_up(self) -> None:
+        if self.caught_up.is_set():
+            return
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return
+        if self._catch_up_targets is None:
+            ends = await self._consumer.end_offsets(list(assigned))
+            self._catch_up_targets = {tp.partition: o for tp, o in ends.items()}
+            log.info("catching up to end offsets %s", self._catch_up_targets)
+        for tp in assigned:
+            if tp.partition not in self.positions:
+                self.positions[tp.partition] = await self._consumer.position(tp)
+        if all(self.positions.get(p, 0) >= end for p, end in self._catch_up_targets.items()):
+            elapsed = time.monotonic() - self.stats.started
+            log.info("caught up: %d records applied in %.1f s", self.stats.applied, elapsed)
+            self.caught_up.set()
+
+    def _apply(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Decode, de-duplicate, process and commit one Kafka batch (runs in a worker thread)."""
+        txn = Transaction(self.store)
+        new_positions: dict[int, int] = {}
+        today = 0
+        for tp, records in batches.items():
+            if not records:
+                continue
+            partition = tp.partition
+            decoded: list[tuple[ViewEvent, int]] = []
+            newest_time = 0
+            for record in records:
+                try:
+                    event = ViewEvent.FromString(record.value)
+                except Exception:  # noqa: BLE001 - a foreign record must not stop the consumer
+                    self.stats.undecodable += 1
+                    continue
+                if not is_applicable(event):
+                    self.stats.invalid += 1
+                    continue
+                decoded.append((event, record.timestamp))
+                if event.event_time.seconds > newest_time:
+                    newest_time = event.event_time.seconds
+            fresh, duplicates = self.seen.keep_new(partition, decoded, txn)
+            if fresh:
+                self.processor.apply(partition, fresh, txn)
+            self._raise_watermark(partition, newest_time, txn)
+            next_offset = records[-1].offset + 1
+            txn.put(offset_key(partition, self.topic), I64.pack(next_offset))
+            new_positions[partition] = next_offset
+            self.stats.records += len(records)
+            self.stats.applied += len(fresh)
+            self.stats.duplicates += duplicates
+            today = max(today, records[-1].timestamp // (SECONDS_PER_DAY * 1000))
+        txn.commit()
+        self.positions.update(new_positions)
+        self.stats.batches += 1
+        self.processor.committed()
+        for partition in new_positions:
+            self.seen.expire(self.store, partition, today)
+
+    @staticmethod
+    def _raise_watermark(partition: int, event_time: int, txn: Transaction) -> None:
+        if not event_time:
+            return
+        key = partition_prefix(partition) + KIND_WATERMARK
+        current = txn.get(key)
+        if current is None or I64.unpack(current)[0] < event_time:
+            txn.put(key, I64.pack(event_time))
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):
+    """On assignment, continue from the offsets committed to RocksDB, not Kafka's."""
+
+    def __init__(self, owner: ExactlyOnceConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self.owner._apply_lock:  # no batch is half-applied while partitions move
+            for tp in revoked:
+                self.owner.positions.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        owner = self.owner
+        stored = owner.store.stored_offsets(owner.topic, [tp.partition for tp in assigned])
+        for tp in assigned:
+            if tp.partition in stored:
+                owner._consumer.seek(tp, stored[tp.partition])
+                owner.positions[tp.partition] = stored[tp.partition]
+            else:
+                await owner._consumer.seek_to_beginning(tp)
+        owner._catch_up_targets = None
+        log.info("assigned partitions %s; resuming from stored offsets %s",
+                 sorted(tp.partition for tp in assigned), stored)

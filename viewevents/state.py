@@ -1,0 +1,171 @@
+"""RocksDB state for the consumers: bounded memory, atomic commits of state plus offsets.
+
+Layout rule shared by every service: each key starts with the Kafka partition it came from
+(2 bytes, big-endian), then a one-byte kind, then the service's own key. State of a partition is
+thus one contiguous key range, which is what lets partitions move between instances later.
+
+Kinds used by this module (services use other letters):
+  b"o" + topic              -> next offset to read (8 bytes)  consumer position
+  b"w"                      -> highest event time applied (8 bytes, seconds)
+  b"i" + event_id           -> first-seen day (4 bytes)       de-duplication
+  b"x" + day(4) + event_id  -> b""                            expiry index of the above
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from typing import Iterable, Iterator
+
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    DBCompressionType,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch,
+    WriteOptions,
+)
+
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+I64 = struct.Struct(">q")
+
+KIND_OFFSET = b"o"
+KIND_WATERMARK = b"w"
+KIND_SEEN = b"i"
+KIND_SEEN_EXPIRY = b"x"
+
+
+def partition_prefix(partition: int) -> bytes:
+    return U16.pack(partition)
+
+
+def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
+    """Options whose memory does not grow with the data: a fixed block cache (index and filter
+    blocks charged to it) and at most three write buffers."""
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_write_buffer_size(write_buffer_mb * 1024 * 1024)
+    options.set_max_write_buffer_number(3)
+    options.set_max_open_files(512)
+    options.increase_parallelism(2)
+    options.set_compression_type(DBCompressionType.lz4())
+    table = BlockBasedOptions()
+    table.set_block_cache(Cache(cache_mb * 1024 * 1024))
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_bloom_filter(10, False)
+    options.set_block_based_table_factory(table)
+    return options
+
+
+class StateStore:
+    """One RocksDB database of raw byte keys and values.
+
+    Reads may come from any thread (gRPC handlers); writes come only from `commit`.
+    """
+
+    def __init__(self, path: str, cache_mb: int = 128, write_buffer_mb: int = 32) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.db = Rdict(path, bounded_options(cache_mb, write_buffer_mb))
+        self._write_options = WriteOptions()  # WAL on, no fsync: survives kill -9 (not power loss)
+        self._commit_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.db.get(key)
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        return self.db.get(keys) if keys else []
+
+    def scan(self, start: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Items with start <= key < end, in key order."""
+        read = ReadOptions()
+        read.set_iterate_upper_bound(end)
+        yield from self.db.items(from_key=start, read_opt=read)
+
+    def scan_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return self.scan(prefix, prefix_end(prefix))
+
+    def commit(self, batch: WriteBatch) -> None:
+        """Apply a write batch atomically: state and offsets land together or not at all."""
+        with self._commit_lock:
+            self.db.write(batch, self._write_options)
+
+    def size_bytes(self) -> int:
+        return int(self.db.property_int_value("rocksdb.total-sst-files-size") or 0) + int(
+            self.db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0)
+
+    # --- consumer bookkeeping -----------------------------------------------------------------
+
+    def stored_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        """Next offset to read per partition, for those that have one."""
+        parts = list(partitions)
+        keys = [offset_key(p, topic) for p in parts]
+        return {p: I64.unpack(v)[0] for p, v in zip(parts, self.get_many(keys)) if v is not None}
+
+    def watermark(self, partitions: Iterable[int]) -> int | None:
+        """Highest event time (Unix seconds) applied over the given partitions."""
+        values = self.get_many([partition_prefix(p) + KIND_WATERMARK for p in partitions])
+        seen = [I64.unpack(v)[0] for v in values if v is not None]
+        return max(seen) if seen else None
+
+
+def offset_key(partition: int, topic: str) -> bytes:
+    return partition_prefix(partition) + KIND_OFFSET + topic.encode()
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with `prefix`."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        raise ValueError("prefix of only 0xff bytes has no end")
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+class Transaction:
+    """The writes of one consumed batch, readable before they are committed.
+
+    Processors read through it (`get` sees their own pending writes first), so several events
+    touching one key within a batch combine in memory and reach RocksDB as one write.
+    """
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.pending: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.pending:
+            return self.pending[key]
+        return self.store.get(key)
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        pending = self.pending
+        missing = [k for k in keys if k not in pending]
+        found = dict(zip(missing, self.store.get_many(missing)))
+        return [pending[k] if k in pending else found[k] for k in keys]
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.pending[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.pending[key] = None
+
+    def to_write_batch(self) -> WriteBatch:
+        batch = WriteBatch(raw_mode=True)
+        for key, value in self.pending.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        return batch
+
+    def commit(self) -> None:
+        self.store.commit(self.to_write_batch())
+        self.pending = {}
