@@ -1,0 +1,23 @@
+"""Fixtures: the real local Kafka broker (started once per session unless running)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.support import TEST_KAFKA_PORT, ensure_broker, stop_broker
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    started = ensure_broker(TEST_KAFKA_PORT)
+    yield f"127.0.0.1:{TEST_KAFKA_PORT}"
+    if started:
+        stop_broker(TEST_KAFKA_PORT)
+
+
+@pytest.fixture
+def service_log(tmp_path: Path) -> Path:
+    return tmp_path / "service.log"
