@@ -36,7 +36,11 @@ async def serve(config: settings.Config) -> None:
              config.kafka_bootstrap, partitions)
 
     async def stop_producer() -> None:
-        await producer.stop()  # flushes whatever is still queued
+        try:  # flushes whatever is still queued, but do not hang if Kafka is gone
+            await asyncio.wait_for(producer.stop(), config.producer_timeout_ms / 1000)
+        except asyncio.TimeoutError:
+            log.error("Kafka did not take the last batches within the timeout; they are lost, "
+                      "and their RPCs were not acknowledged")
 
     await serve_until_stopped(server, stop_producer)
 

@@ -49,10 +49,11 @@ class IngestService:
         c = self._config
         return (
             PartitionedWriter(self._producer, c.view_topic, self._partitioners[c.view_topic],
-                              VIEW_EVENT_HEADERS, c.max_inflight_batches),
+                              VIEW_EVENT_HEADERS, c.max_inflight_batches, c.producer_timeout_ms / 1000),
             PartitionedWriter(self._producer, c.dead_letter_topic,
                               self._partitioners[c.dead_letter_topic],
-                              REJECTED_EVENT_HEADERS, c.max_inflight_batches),
+                              REJECTED_EVENT_HEADERS, c.max_inflight_batches,
+                              c.producer_timeout_ms / 1000),
         )
 
     async def _ingest(

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Sequence
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 
 from viewevents.kafka import KeyPartitioner
 
@@ -24,12 +25,14 @@ class PartitionedWriter:
         partitioner: KeyPartitioner,
         headers: Sequence[tuple[str, bytes]],
         max_inflight_batches: int,
+        ack_timeout_seconds: float = 30.0,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._partitioner = partitioner
         self._headers = list(headers)
         self._max_inflight = max_inflight_batches
+        self._ack_timeout = ack_timeout_seconds
         self._open: dict[int, object] = {}
         self._inflight: deque[asyncio.Future] = deque()
         self.records = 0
@@ -50,7 +53,7 @@ class PartitionedWriter:
         future = await self._producer.send_batch(batch, self._topic, partition=partition)
         self._inflight.append(future)
         while len(self._inflight) > self._max_inflight:
-            await self._inflight.popleft()
+            await self._acknowledged(self._inflight.popleft())
 
     async def flush(self) -> None:
         """Send the partly filled batches and wait until Kafka acknowledged every record."""
@@ -59,7 +62,20 @@ class PartitionedWriter:
             if batch.record_count():  # type: ignore[attr-defined]
                 await self._ship(partition, batch)
         while self._inflight:
-            await self._inflight.popleft()
+            await self._acknowledged(self._inflight.popleft())
+
+    async def _acknowledged(self, future: asyncio.Future) -> None:
+        """Wait for one batch's acknowledgement, within the deadline.
+
+        With idempotence on, aiokafka retries a batch forever rather than expire it; the RPC must
+        not hang that long, so it fails (UNAVAILABLE) and the client retries. A batch that Kafka
+        stores after all is then stored twice, which consumers absorb by event id.
+        """
+        try:
+            await asyncio.wait_for(future, self._ack_timeout)
+        except asyncio.TimeoutError:
+            raise KafkaTimeoutError(
+                f"no acknowledgement within {self._ack_timeout:.0f} s") from None
 
     def abandon(self) -> None:
         """Forget pending work after a failure (their futures may still resolve; nobody waits)."""

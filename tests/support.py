@@ -48,6 +48,9 @@ def test_config(bootstrap: str, **overrides: object) -> settings.Config:
     )
 
 
+test_config.__test__ = False  # a helper, not a test, when imported into a test module
+
+
 def config_env(config: settings.Config) -> dict[str, str]:
     """The environment variables that make a service subprocess use `config`."""
     env = dict(os.environ)
@@ -133,3 +136,44 @@ def stop_broker(port: int = TEST_KAFKA_PORT) -> None:
 def iter_chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [description] = await admin.describe_topics([topic])
+        return sorted(p["partition"] for p in description["partitions"])
+    finally:
+        await admin.close()
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
+    """Every record of `topic` from the beginning up to its current end offsets."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    async def read() -> list:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            records: list = []
+            deadline = time.monotonic() + timeout
+            while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading {topic} took longer than {timeout} s")
+                for batch in (await consumer.getmany(timeout_ms=500, max_records=50_000)).values():
+                    records.extend(batch)
+            return records
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())

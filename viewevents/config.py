@@ -60,6 +60,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Producer linger (ms) before a partly filled batch is sent."),
     Setting("producer_batch_bytes", "VIEWEVENTS_PRODUCER_BATCH_BYTES", 512 * 1024, int,
             "Producer batch size in bytes."),
+    Setting("producer_timeout_ms", "VIEWEVENTS_PRODUCER_TIMEOUT_MS", 30_000, int,
+            "How long Kafka may take to acknowledge a batch before the RPC fails UNAVAILABLE."),
     # Stats service.
     Setting("stats_address", "VIEWEVENTS_STATS_ADDRESS", "127.0.0.1:50052", str,
             "Address the stats service listens on."),

@@ -60,7 +60,7 @@ def new_producer(config: Config, **overrides: object) -> AIOKafkaProducer:
         linger_ms=config.producer_linger_ms,
         max_batch_size=config.producer_batch_bytes,
         max_request_size=max(config.producer_batch_bytes * 2, 1 << 20),
-        request_timeout_ms=30_000,
+        request_timeout_ms=config.producer_timeout_ms,
         client_id="viewevents-ingest",
     )
     options.update(overrides)

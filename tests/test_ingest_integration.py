@@ -1,0 +1,229 @@
+"""The ingest service against the real broker: what is acknowledged is in Kafka, exactly."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tests.support import ServiceProcess, free_port, read_topic, test_config
+from viewevents.client import CHANNEL_OPTIONS, upload
+from viewevents.grpc_server import field_violations_of
+from viewevents.kafka import KeyPartitioner
+from viewevents.v1 import ingest_service_pb2 as pb
+from viewevents.v1 import ingest_service_pb2_grpc as pb_grpc
+from viewevents.v1 import view_event_pb2 as ve
+
+pytestmark = pytest.mark.integration
+
+NOW = int(time.time())
+
+# How each kind of broken event is made, and the violations the server must report for it.
+BREAKERS = {
+    "no_id": (lambda e: e.ClearField("event_id"), {("event_id", "REQUIRED")}),
+    "neg_media": (lambda e: setattr(e, "media_id", -e.media_id), {("media_id", "NOT_POSITIVE")}),
+    "zero_user": (lambda e: e.ClearField("user_id"), {("user_id", "REQUIRED")}),
+    "no_type": (lambda e: e.ClearField("event_type"), {("event_type", "REQUIRED")}),
+    "bad_type": (lambda e: setattr(e, "event_type", 42), {("event_type", "UNKNOWN_VALUE")}),
+    "no_time": (lambda e: e.ClearField("event_time"), {("event_time", "REQUIRED")}),
+    "future": (lambda e: e.event_time.FromSeconds(NOW + 86400), {("event_time", "IN_FUTURE")}),
+}
+
+
+def make_events(count: int, seed: int, bad_share: float = 0.05) -> tuple[list[ve.ViewEvent], list[tuple[ve.ViewEvent, set]]]:
+    """`count` events in stream order; returns them and, for the broken ones, the expected
+    violations (decided here, independently of the service's validation code)."""
+    rng = random.Random(seed)
+    events: list[ve.ViewEvent] = []
+    valid: list[ve.ViewEvent] = []
+    broken: list[tuple[ve.ViewEvent, set]] = []
+    for n in range(count):
+        event = ve.ViewEvent(
+            event_id=f"{seed}-{n}", media_id=rng.randint(1, 500), user_id=rng.randint(1, 5000),
+            event_type=rng.choice([1, 2, 2, 2, 3, 4]),
+            event_time=Timestamp(seconds=NOW - rng.randint(0, 30 * 86400), nanos=rng.randint(0, 999_999_999)))
+        if rng.random() < bad_share:
+            kind = rng.choice(sorted(BREAKERS))
+            breaker, expected = BREAKERS[kind]
+            breaker(event)
+            broken.append((event, expected))
+        else:
+            if valid and rng.random() < 0.01:
+                event = ve.ViewEvent()
+                event.CopyFrom(rng.choice(valid[-100:]))  # re-sent: may appear twice in Kafka
+            valid.append(event)
+        events.append(event)
+    return events, broken
+
+
+@pytest.fixture(scope="module")
+def ingest(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
+                         max_events_per_request=5_000, max_request_bytes=2 * 1024 * 1024)
+    log = tmp_path_factory.mktemp("ingest") / "ingest.log"
+    service = ServiceProcess("ingest_service", config, config.ingest_address, log).start()
+    service.wait_serving()
+    yield service
+    assert service.stop() == 0, service.tail()
+
+
+@pytest.fixture
+def channel(ingest: ServiceProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(ingest.address, options=CHANNEL_OPTIONS) as ch:
+        yield ch
+
+
+def test_upload_100k_lands_exactly_the_valid_events(ingest: ServiceProcess, channel: grpc.Channel) -> None:
+    events, broken = make_events(100_000, seed=11)
+    broken_ids = {id(e) for e, _ in broken}
+    valid = [e for e in events if id(e) not in broken_ids]
+
+    summary = upload(channel, iter(events), batch_size=2_000)
+
+    assert (summary.received, summary.accepted, summary.rejected) == (len(events), len(valid), len(broken))
+    assert summary.requests == 50
+    # The summary lists the first rejections in stream order, with the right indexes.
+    first_broken = [n for n, e in enumerate(events) if id(e) in broken_ids][:len(summary.rejections)]
+    assert [r.index for r in summary.rejections] == first_broken
+    for rejection in summary.rejections:
+        expected = next(v for e, v in broken if e is events[rejection.index])
+        assert {(v.field, v.reason) for v in rejection.field_violations} == expected
+
+    config = ingest.config
+    records = read_topic(config.kafka_bootstrap, config.view_topic)
+    assert Counter(r.value for r in records) == Counter(e.SerializeToString() for e in valid)
+    partitioner = KeyPartitioner(len({r.partition for r in records}))
+    for record in records:
+        event = ve.ViewEvent.FromString(record.value)
+        assert record.key == str(event.user_id).encode()
+        assert record.partition == partitioner(record.key)  # Kafka's default partitioning by key
+        assert dict(record.headers)["content-type"].endswith(b"viewevents.v1.ViewEvent")
+
+    dead = read_topic(config.kafka_bootstrap, config.dead_letter_topic)
+    assert len(dead) == len(broken)
+    expected_dead = Counter(e.SerializeToString() for e, _ in broken)
+    got_dead = Counter()
+    for record in dead:
+        rejected = ve.RejectedEvent.FromString(record.value)
+        got_dead[rejected.event.SerializeToString()] += 1
+        expected = next(v for e, v in broken if e == rejected.event)
+        assert {(v.field, v.reason) for v in rejected.field_violations} == expected
+        assert rejected.source == "Upload" and rejected.reject_time.seconds > 0
+    assert got_dead == expected_dead
+
+
+def test_garbage_in_the_middle_does_not_sink_the_stream(ingest: ServiceProcess, channel: grpc.Channel) -> None:
+    good_before, _ = make_events(300, seed=21, bad_share=0)
+    good_after, _ = make_events(300, seed=22, bad_share=0)
+    garbage = [ve.ViewEvent(event_id="\u2603" * 3, media_id=-1, user_id=-2, event_type=99),
+               ve.ViewEvent(), ve.ViewEvent(event_id="x" * 1000, event_time=Timestamp(seconds=-10**10))]
+    stub = pb_grpc.IngestServiceStub(channel)
+    summary = stub.Upload(iter([pb.UploadRequest(events=good_before),
+                                pb.UploadRequest(events=garbage * 50),
+                                pb.UploadRequest(events=good_after)]))
+    assert (summary.accepted, summary.rejected) == (600, 150)
+    records = read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic)
+    landed = {r.value for r in records}
+    assert all(e.SerializeToString() in landed for e in good_before + good_after)
+
+
+def test_unparseable_request_is_invalid_argument(channel: grpc.Channel) -> None:
+    raw_upload = channel.stream_unary("/viewevents.v1.IngestService/Upload",
+                                      request_serializer=lambda b: b,
+                                      response_deserializer=pb.UploadSummary.FromString)
+    with pytest.raises(grpc.RpcError) as failure:
+        raw_upload(iter([b"\x0a\xff\xff\xff\xff\x0f garbage that is not protobuf"]))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "could not be parsed as viewevents.v1.UploadRequest" in failure.value.details()
+
+
+def test_oversized_requests_are_resource_exhausted(channel: grpc.Channel) -> None:
+    stub = pb_grpc.IngestServiceStub(channel)
+    too_many, _ = make_events(5_001, seed=31, bad_share=0)
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Upload(iter([pb.UploadRequest(events=too_many)]))
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "5001 events; at most 5000" in failure.value.details()
+
+    huge = [ve.ViewEvent(event_id="y" * 200, media_id=1, user_id=1, event_type=2,
+                         event_time=Timestamp(seconds=NOW)) for _ in range(4_000)]  # ~0.9 MB
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Upload(iter([pb.UploadRequest(events=huge * 3)]))
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_publish_partial_and_all_invalid(ingest: ServiceProcess, channel: grpc.Channel) -> None:
+    stub = pb_grpc.IngestServiceStub(channel)
+    good = ve.ViewEvent(event_id="pub-1", media_id=3, user_id=4, event_type=1,
+                        event_time=Timestamp(seconds=NOW - 5))
+    bad = ve.ViewEvent(event_id="pub-2", media_id=3, user_id=0, event_type=1,
+                       event_time=Timestamp(seconds=NOW - 5))
+    reply = stub.Publish(pb.PublishRequest(events=[good, bad]))
+    assert (reply.accepted, reply.rejected) == (1, 1)
+    assert [(r.index, r.event_id) for r in reply.rejections] == [(1, "pub-2")]
+    assert good.SerializeToString() in {
+        r.value for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic)}
+
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Publish(pb.PublishRequest(events=[good, bad][1:] + [ve.ViewEvent(event_id="z")]))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = {(v.field, v.reason) for v in field_violations_of(failure.value)}
+    assert ("events[0].user_id", "REQUIRED") in fields
+    assert ("events[1].media_id", "REQUIRED") in fields and ("events[1].event_time", "REQUIRED") in fields
+
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Publish(pb.PublishRequest())
+    assert [v.field for v in field_violations_of(failure.value)] == ["events"]
+
+
+def test_upload_stream_acks_each_request_once_durable(ingest: ServiceProcess, channel: grpc.Channel) -> None:
+    stub = pb_grpc.IngestServiceStub(channel)
+    batches = [make_events(400, seed=40 + n, bad_share=0.1) for n in range(5)]
+    requests = [pb.UploadRequest(events=events, sequence=1000 + n) for n, (events, _) in enumerate(batches)]
+    acks = list(stub.UploadStream(iter(requests)))
+    assert [(a.request_index, a.sequence) for a in acks] == [(n, 1000 + n) for n in range(5)]
+    for ack, (events, broken) in zip(acks, batches):
+        assert (ack.received, ack.accepted, ack.rejected) == (400, 400 - len(broken), len(broken))
+        assert sorted(r.index for r in ack.rejections) == sorted(
+            n for n, e in enumerate(events) if any(e is b for b, _ in broken))
+    landed = Counter(r.value for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic))
+    for events, broken in batches:
+        for event in events:
+            if not any(event is b for b, _ in broken):
+                assert landed[event.SerializeToString()] >= 1
+
+
+def test_kafka_down_means_unavailable_and_no_summary(tmp_path: Path) -> None:
+    """A broker of its own, stopped under the service: the client must get UNAVAILABLE."""
+    import os
+    import subprocess
+
+    from tests.support import REPO
+
+    port = free_port()
+    env = dict(os.environ, KAFKA_PORT=str(port), KAFKA_CONTROLLER_PORT=str(free_port()),
+               KAFKA_DATA_DIR=str(tmp_path / "kafka"))
+    subprocess.run([str(REPO / "deploy" / "kafka.sh"), "start"], env=env, check=True)
+    try:
+        config = test_config(f"127.0.0.1:{port}", ingest_address=f"127.0.0.1:{free_port()}",
+                             producer_timeout_ms=4_000)
+        service = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "log").start()
+        service.wait_serving()
+        subprocess.run([str(REPO / "deploy" / "kafka.sh"), "stop"], env=env, check=True)
+        events, _ = make_events(2_000, seed=51, bad_share=0)
+        with grpc.insecure_channel(service.address) as ch:
+            with pytest.raises(grpc.RpcError) as failure:
+                upload(ch, iter(events), timeout=60)
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, failure.value
+        assert "Kafka did not acknowledge" in failure.value.details()
+        started = time.monotonic()
+        service.stop()
+        assert time.monotonic() - started < 20, "shutdown must not hang when Kafka is gone"
+    finally:
+        subprocess.run([str(REPO / "deploy" / "kafka.sh"), "stop"], env=env, check=False)
