@@ -45,9 +45,9 @@ kafka-up:
 kafka-down:
 	deploy/kafka.sh stop
 
-# Starts Kafka and the three services in the foreground; Ctrl-C stops them all.
+# Starts Kafka and the three services in the foreground; Ctrl-C stops them all, Kafka too.
 run: install kafka-up
-	$(PY) -m viewevents.runner
+	trap 'deploy/kafka.sh stop' EXIT; $(PY) -m viewevents.runner
 
 demo: install kafka-up
 	$(PY) -m viewevents.demo

@@ -80,7 +80,7 @@ start() {
     java_cmd kafka.tools.StorageTool format -t "$cluster_id" -c "$data/server.properties" >"$data/format.log" 2>&1
   fi
   log "starting broker on 127.0.0.1:$port (log: $logfile)"
-  nohup java -Xms"$heap" -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
+  setsid nohup java -Xms"$heap" -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$repo/deploy/kafka-log4j2.yaml" \
     -Dkafka.logs.dir="$data/logs" -cp "$libs/*" kafka.Kafka "$data/server.properties" \
     >"$logfile" 2>&1 </dev/null &
