@@ -1,0 +1,116 @@
+"""`viewevents`: upload view-event files, generate synthetic data.
+
+    viewevents upload FILE... [--address HOST:PORT] [--batch-size N]
+    viewevents gen OUT --events N [--seed S] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterator, Sequence
+
+import grpc
+from tqdm import tqdm
+
+from viewevents import config as settings
+from viewevents.client import CHANNEL_OPTIONS, DEFAULT_BATCH_SIZE, LineIndex, ViewEvent, upload
+from viewevents.legacy import iter_file
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+class _FileProblems:
+    """Counts and shows (the first few) lines that could not be sent."""
+
+    def __init__(self, out: object) -> None:
+        self.out = out
+        self.not_events = 0
+        self.client_rejected = 0
+        self.shown = 0
+
+    def report(self, where: str, text: str) -> None:
+        if self.shown < MAX_PROBLEMS_SHOWN:
+            print(f"{where}: {text}", file=self.out)  # type: ignore[arg-type]
+        elif self.shown == MAX_PROBLEMS_SHOWN:
+            print("... (further problems counted, not shown)", file=self.out)  # type: ignore[arg-type]
+        self.shown += 1
+
+
+def _events_of(paths: Sequence[str], index: LineIndex, problems: _FileProblems) -> Iterator[ViewEvent]:
+    for path in paths:
+        for line_number, parsed in iter_file(path):
+            where = f"{path}:{line_number}"
+            if parsed.error is not None:
+                problems.not_events += 1
+                problems.report(where, f"not an event: {parsed.error}")
+            elif parsed.violations:
+                problems.client_rejected += 1
+                problems.report(where, "rejected: " + "; ".join(
+                    v.description for v in parsed.violations))
+            elif parsed.event is not None:
+                index.add(path, line_number)
+                yield parsed.event
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    index = LineIndex()
+    problems = _FileProblems(sys.stderr)
+    bar = tqdm(unit=" events", unit_scale=True, desc="upload", disable=args.no_progress,
+               smoothing=0.1, dynamic_ncols=True)
+    with grpc.insecure_channel(args.address, options=CHANNEL_OPTIONS) as channel:
+        try:
+            summary = upload(channel, _events_of(args.files, index, problems), args.batch_size,
+                             on_batch=bar.update)
+        except grpc.RpcError as error:
+            bar.close()
+            print(f"upload failed: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    bar.close()
+    for rejection in summary.rejections:
+        path, line = index.locate(rejection.index)
+        problems.report(f"{path}:{line}", "rejected by the server: " + "; ".join(
+            v.description for v in rejection.field_violations))
+    print(f"sent {summary.received} events in {summary.requests} requests: "
+          f"{summary.accepted} accepted, {summary.rejected} rejected by the server "
+          f"(kept on the dead-letter topic); {problems.client_rejected} lines rejected before "
+          f"sending, {problems.not_events} lines not events")
+    return 0
+
+
+def cmd_gen(args: argparse.Namespace) -> int:
+    from viewevents import gen
+
+    gen.run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="viewevents", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = settings.load()
+
+    up = commands.add_parser("upload", help="stream event files (JSON lines, .gz ok) to the ingest service")
+    up.add_argument("files", nargs="+", metavar="FILE")
+    up.add_argument("--address", default=defaults.ingest_address,
+                    help="ingest service address (env VIEWEVENTS_INGEST_ADDRESS)")
+    up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="events per request")
+    up.add_argument("--no-progress", action="store_true", help="no progress bar")
+    up.set_defaults(func=cmd_upload)
+
+    from viewevents import gen
+
+    generate = commands.add_parser("gen", help="write a synthetic, seeded data set (legacy format)")
+    gen.add_arguments(generate)
+    generate.set_defaults(func=cmd_gen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()
