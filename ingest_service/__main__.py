@@ -7,13 +7,18 @@ import asyncio
 import logging
 import sys
 
+from ingest_service.server import IngestService
 from viewevents import config as settings
-from viewevents.grpc_server import add_service, enable_reflection_and_health, new_server, serve_until_stopped, set_serving
+from viewevents.grpc_server import (
+    add_service,
+    enable_reflection_and_health,
+    new_server,
+    serve_until_stopped,
+    set_serving,
+)
 from viewevents.kafka import ensure_topics, new_producer
 from viewevents.logs import setup_logging
 from viewevents.v1 import ingest_service_pb2
-
-from ingest_service.server import IngestService
 
 log = logging.getLogger("ingest_service")
 
@@ -38,7 +43,7 @@ async def serve(config: settings.Config) -> None:
     async def stop_producer() -> None:
         try:  # flushes whatever is still queued, but do not hang if Kafka is gone
             await asyncio.wait_for(producer.stop(), config.producer_timeout_ms / 1000)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("Kafka did not take the last batches within the timeout; they are lost, "
                       "and their RPCs were not acknowledged")
 

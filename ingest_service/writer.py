@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
@@ -73,7 +73,7 @@ class PartitionedWriter:
         """
         try:
             await asyncio.wait_for(future, self._ack_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise KafkaTimeoutError(
                 f"no acknowledgement within {self._ack_timeout:.0f} s") from None
 

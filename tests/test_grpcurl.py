@@ -6,8 +6,7 @@ import json
 import shutil
 import subprocess
 import time
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

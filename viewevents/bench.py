@@ -18,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import psutil
@@ -156,8 +157,9 @@ def producer_performance(bootstrap: str, topic: str, records: int, record_size: 
 
 
 def bench_ingest(config: settings.Config, events: int, batch_size: int, workdir: Path) -> dict[str, Any]:
-    from viewevents.kafka import ensure_topics
     import asyncio
+
+    from viewevents.kafka import ensure_topics
 
     stamp = int(time.time())
     config = config.replace(view_topic=f"bench-view-{stamp}", dead_letter_topic=f"bench-dlq-{stamp}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 from tqdm import tqdm
@@ -81,8 +81,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 def cmd_gen(args: argparse.Namespace) -> int:
     from viewevents import gen
 
-    gen.run(args)
-    return 0
+    return gen.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Config:
         except KeyError:
             raise AttributeError(name) from None
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         unknown = set(changes) - set(_BY_NAME)
         if unknown:
             raise KeyError(f"unknown settings: {sorted(unknown)}")

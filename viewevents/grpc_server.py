@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Awaitable, Callable, Iterable, NoReturn, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2

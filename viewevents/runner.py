@@ -52,11 +52,11 @@ def main() -> None:
         if any(p.poll() is not None for _, _, p in processes):
             break
         time.sleep(0.3)
-    print("\nview-event services (Kafka at %s):" % config.kafka_bootstrap)
+    print(f"\nview-event services (Kafka at {config.kafka_bootstrap}):")
     for module, address, process in processes:
         state = "exited" if process.poll() is not None else _status(address)
         print(f"  {module:<22} {address:<18} {state}")
-    print("\nTry:  grpcurl -plaintext %s list" % config.ingest_address)
+    print(f"\nTry:  grpcurl -plaintext {config.ingest_address} list")
     print("      viewevents gen /tmp/events.jsonl --events 100000 && viewevents upload /tmp/events.jsonl")
     print("Ctrl-C stops everything.\n")
     stopping = False
@@ -69,7 +69,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     while not stopping and all(p.poll() is None for _, _, p in processes):
         time.sleep(0.5)
-    for module, _, process in processes:
+    for _, _, process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     for module, _, process in processes:

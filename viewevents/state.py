@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from rocksdict import (
     BlockBasedOptions,
