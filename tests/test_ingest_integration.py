@@ -227,3 +227,26 @@ def test_kafka_down_means_unavailable_and_no_summary(tmp_path: Path) -> None:
         assert time.monotonic() - started < 20, "shutdown must not hang when Kafka is gone"
     finally:
         subprocess.run([str(REPO / "deploy" / "kafka.sh"), "stop"], env=env, check=False)
+
+
+def test_sigterm_lets_an_inflight_upload_finish(kafka_bootstrap: str, tmp_path: Path) -> None:
+    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}")
+    service = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "log").start()
+    service.wait_serving()
+    events, _ = make_events(20_000, seed=61, bad_share=0)
+    sent = []
+
+    def slow_stream() -> Iterator[pb.UploadRequest]:
+        for n in range(20):
+            if n == 5:
+                service.process.terminate()  # SIGTERM while the upload is under way
+            sent.append(n)
+            yield pb.UploadRequest(events=events[n * 1000:(n + 1) * 1000])
+            time.sleep(0.05)
+
+    with grpc.insecure_channel(service.address) as ch:
+        summary = pb_grpc.IngestServiceStub(ch).Upload(slow_stream(), timeout=60)
+    assert summary.accepted == 20_000
+    assert service.process.wait(30) == 0
+    assert len(read_topic(kafka_bootstrap, config.view_topic)) == 20_000
+    assert "shutting down" in service.tail(50)
