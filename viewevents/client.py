@@ -76,3 +76,105 @@ class LineIndex:
         run = bisect.bisect_right(self._starts, index) - 1
         path, first_line = self._runs[run]
         return path, first_line + index - self._starts[run]
+
+
+@dataclass
+class UploadTotals:
+    """What a resumable upload achieved, summed over its acks."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    requests: int = 0
+    reconnects: int = 0
+    rejections: list[ingest_pb.Rejection] = field(default_factory=list)
+
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED})
+
+
+def upload_resumable(
+    connect: Callable[[], grpc.Channel],
+    events: Iterable[ViewEvent],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    window: int = 16,
+    max_attempts: int = 8,
+    backoff_seconds: float = 0.5,
+    on_ack: Callable[[ingest_pb.UploadAck], None] | None = None,
+    max_rejections: int = 100,
+) -> UploadTotals:
+    """Upload through UploadStream, surviving broken connections and service restarts.
+
+    At most `window` batches are unacknowledged (and kept in memory) at a time; when the stream
+    breaks with a retryable status, a new connection re-sends the unacknowledged batches in
+    order and goes on. Each batch is acknowledged once its events are durable in Kafka, so
+    nothing is lost; a batch whose ack was lost in the break is sent twice, and consumers drop
+    the duplicate event ids. `max_attempts` counts consecutive failures without progress.
+    """
+    import threading
+    import time
+    from collections import deque
+
+    source = iter(batched_requests(events, batch_size))
+    pending: deque[ingest_pb.UploadRequest] = deque()
+    lock = threading.Condition()
+    state = {"exhausted": False, "generation": 0}
+    totals = UploadTotals()
+
+    def requests(generation: int) -> Iterator[ingest_pb.UploadRequest]:
+        with lock:
+            replay = list(pending)
+        yield from replay
+        while True:
+            with lock:
+                while len(pending) >= window and state["generation"] == generation:
+                    lock.wait(0.5)
+                if state["generation"] != generation or state["exhausted"]:
+                    return
+                request = next(source, None)
+                if request is None:
+                    state["exhausted"] = True
+                    return
+                pending.append(request)
+            yield request
+
+    failures = 0
+    while True:
+        generation = state["generation"]
+        channel = connect()
+        try:
+            stub = ingest_grpc.IngestServiceStub(channel)
+            for ack in stub.UploadStream(requests(generation)):
+                with lock:
+                    while pending and pending[0].sequence != ack.sequence:
+                        pending.popleft()  # acked in an earlier connection whose ack was lost
+                    if pending:
+                        pending.popleft()
+                    lock.notify_all()
+                failures = 0
+                totals.received += ack.received
+                totals.accepted += ack.accepted
+                totals.rejected += ack.rejected
+                totals.requests += 1
+                for rejection in ack.rejections:
+                    if len(totals.rejections) < max_rejections:
+                        totals.rejections.append(rejection)
+                if on_ack:
+                    on_ack(ack)
+            with lock:
+                if state["exhausted"] and not pending:
+                    return totals
+        except grpc.RpcError as error:
+            if error.code() not in RETRYABLE:
+                raise
+            failures += 1
+            if failures >= max_attempts:
+                raise
+            totals.reconnects += 1
+            time.sleep(backoff_seconds * 2 ** min(failures - 1, 5))
+        finally:
+            with lock:
+                state["generation"] += 1
+                lock.notify_all()
+            channel.close()
