@@ -1,0 +1,67 @@
+"""Run the recommender service: python -m recommender_service [--flags]; see --help."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from recommender_service import settings as local_settings
+from recommender_service.processor import RecommenderProcessor
+from recommender_service.queries import QueryEngine
+from recommender_service.server import RecommenderServicer
+from viewevents import config as settings
+from viewevents.consumer import ExactlyOnceConsumer, Processor
+from viewevents.consumer_service import run_consumer_service
+from viewevents.logs import setup_logging
+from viewevents.state import StateStore
+from viewevents.v1 import recommender_service_pb2
+
+log = logging.getLogger("recommender_service")
+
+SERVICE = recommender_service_pb2.DESCRIPTOR.services_by_name["RecommenderService"]
+
+
+async def serve(config: settings.Config, options: local_settings.RecommenderSettings) -> None:
+    engines: list[QueryEngine] = []
+
+    def make_processor(store: StateStore) -> Processor:
+        return RecommenderProcessor(store, config.view_topic, options)
+
+    def make_servicer(store: StateStore, consumer: ExactlyOnceConsumer,
+                      processor: Processor) -> RecommenderServicer:
+        assert isinstance(processor, RecommenderProcessor)
+        engine = QueryEngine(lambda: processor.view, options)
+        engine.start_warmer(consumer.caught_up.is_set)
+        engines.append(engine)
+        return RecommenderServicer(engine, consumer)
+
+    log.info("recommender settings: %s", options)
+    try:
+        await run_consumer_service(
+            config, name="recommender", address=config.recommender_address,
+            state_dir=config.recommender_state_dir, group_id=config.recommender_group,
+            service_descriptor=SERVICE, make_processor=make_processor,
+            make_servicer=make_servicer)
+    finally:
+        for engine in engines:
+            engine.stop_warmer()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="recommender_service", description=__doc__)
+    settings.add_flags(parser)
+    local_settings.add_flags(parser)
+    args = parser.parse_args(argv)
+    config = settings.load(args)
+    options = local_settings.resolve(config, args)
+    setup_logging("recommender", config.log_level, config.log_json)
+    try:
+        asyncio.run(serve(config, options))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""gRPC handlers of viewevents.v1.RecommenderService: validate, query, convert to protobuf."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from recommender_service.queries import QueryEngine, UnknownItem
+from recommender_service.similarity import Metric
+from recommender_service.view import Stamp
+from viewevents.grpc_server import Unparseable, abort_bad_request, reject_unparseable
+from viewevents.v1 import recommender_service_pb2 as pb
+from viewevents.v1 import view_event_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 10
+Violation = view_event_pb2.FieldViolation
+_METRICS = {
+    pb.SIMILARITY_METRIC_UNSPECIFIED: Metric.COSINE,
+    pb.SIMILARITY_METRIC_COSINE: Metric.COSINE,
+    pb.SIMILARITY_METRIC_PEARSON: Metric.PEARSON,
+}
+
+
+class PositionSource(Protocol):
+    """What the servicer needs from the consumer: assigned partitions and catch-up state."""
+
+    positions: dict[int, int]
+
+    @property
+    def caught_up(self) -> object: ...
+
+
+def _positive(field: str, value: int) -> list[Violation]:
+    if value > 0:
+        return []
+    if value == 0:
+        return [Violation(field=field, description=f"{field} is required", reason="REQUIRED")]
+    return [Violation(field=field, description=f"{field} must be positive, got {value}",
+                      reason="NOT_POSITIVE")]
+
+
+def _limit(value: int, max_limit: int) -> list[Violation]:
+    if 0 <= value <= max_limit:
+        return []
+    return [Violation(field="limit", reason="OUT_OF_RANGE",
+                      description=f"limit must be 0 (meaning {DEFAULT_LIMIT}) to {max_limit}, "
+                                  f"got {value}")]
+
+
+def validate_similar(request: pb.GetSimilarMediaRequest, max_limit: int) -> list[Violation]:
+    """Every problem of a GetSimilarMedia request (empty when valid)."""
+    violations = _positive("media_id", request.media_id) + _limit(request.limit, max_limit)
+    if request.metric not in _METRICS:
+        violations.append(Violation(
+            field="metric", reason="UNKNOWN_VALUE",
+            description=f"metric has unknown value {request.metric}; use "
+                        "SIMILARITY_METRIC_COSINE or SIMILARITY_METRIC_PEARSON"))
+    return violations
+
+
+def validate_recommend(request: pb.RecommendForUserRequest, max_limit: int) -> list[Violation]:
+    """Every problem of a RecommendForUser request (empty when valid)."""
+    return _positive("user_id", request.user_id) + _limit(request.limit, max_limit)
+
+
+def position_message(stamp: Stamp, consumer: PositionSource | None) -> view_event_pb2.ConsumerPosition:
+    """The position of the state an answer was computed from.
+
+    Offsets come from the same RocksDB snapshot as the answer; partitions assigned to this
+    instance that never committed anything report the consumer's start position."""
+    live = dict(consumer.positions) if consumer is not None else {}
+    partitions = sorted(set(live) or set(stamp.offsets))
+    caught_up = bool(consumer.caught_up.is_set()) if consumer is not None else True  # type: ignore[attr-defined]
+    return view_event_pb2.ConsumerPosition(
+        partitions=[view_event_pb2.PartitionOffset(
+            partition=p, offset=stamp.offsets.get(p, live.get(p, 0))) for p in partitions],
+        event_time_watermark=(timestamp_pb2.Timestamp(seconds=stamp.watermark)
+                              if stamp.watermark is not None else None),
+        caught_up=caught_up,
+    )
+
+
+class RecommenderServicer:
+    """Implements viewevents.v1.RecommenderService."""
+
+    def __init__(self, engine: QueryEngine, consumer: PositionSource | None) -> None:
+        self.engine = engine
+        self.consumer = consumer
+        self.max_limit = engine.settings.max_limit
+
+    async def GetSimilarMedia(
+        self, request: pb.GetSimilarMediaRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> pb.GetSimilarMediaResponse:
+        await reject_unparseable(context, request)
+        assert isinstance(request, pb.GetSimilarMediaRequest)
+        violations = validate_similar(request, self.max_limit)
+        if violations:
+            await abort_bad_request(context, "invalid GetSimilarMedia request", violations)
+        try:
+            ranked, stamp = self.engine.similar(
+                request.media_id, _METRICS[request.metric], request.limit or DEFAULT_LIMIT)
+        except UnknownItem:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"media {request.media_id} is unknown: no event for it was applied")
+        return pb.GetSimilarMediaResponse(
+            similar_media=[
+                pb.SimilarMedia(media_id=m, score=s, co_viewers=c)
+                for m, s, c in zip(ranked.ids.tolist(), ranked.scores.tolist(),
+                                   ranked.co_viewers.tolist())
+            ],
+            position=position_message(stamp, self.consumer),
+        )
+
+    async def RecommendForUser(
+        self, request: pb.RecommendForUserRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> pb.RecommendForUserResponse:
+        await reject_unparseable(context, request)
+        assert isinstance(request, pb.RecommendForUserRequest)
+        violations = validate_recommend(request, self.max_limit)
+        if violations:
+            await abort_bad_request(context, "invalid RecommendForUser request", violations)
+        result = self.engine.recommend(request.user_id, request.limit or DEFAULT_LIMIT)
+        return pb.RecommendForUserResponse(
+            recommendations=[pb.Recommendation(media_id=m, score=s)
+                             for m, s in zip(result.ids.tolist(), result.scores.tolist())],
+            fallback=result.fallback,
+            position=position_message(result.stamp, self.consumer),
+        )

@@ -1,0 +1,244 @@
+"""Key layout and value codecs of the recommender's RocksDB state, and read helpers.
+
+Every key starts with the 2-byte partition prefix (viewevents.state rule), then one kind byte.
+Kinds o, w, i, x belong to the consumer framework; the recommender uses:
+
+  c                          -> users seen in this partition: N_p (int64)
+  u + user(8)                -> the user's window: flags(1) + media[k] (int64) + w[k] (int64),
+                                most recent first, at most `history_cap` items, w > 0 only
+  v + user(8) + media(8)     -> w (int64) of an item that fell out of the user's window
+  m + media(8)               -> item: S, Q, n (int64 each), delta chunks (int32)
+  r + media(8) + seq(4)      -> neighbour row chunk of the item: packed ROW entries; seq 0 is the
+                                compacted base, 1..k are per-batch deltas not yet compacted
+
+Ids are big-endian unsigned so keys sort numerically. View time is stored in heartbeats
+(waypoints): S, Q, D are exact integers whatever `heartbeat_seconds` is, and both similarity
+metrics are scale-free, so seconds are only applied when a number is shown to a person.
+Every statistic is a sum over users, and users live in one partition (the Kafka key is the user
+id), so per-partition values add up exactly; queries sum over partitions.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from viewevents.state import I64 as BIG_I64
+from viewevents.state import KIND_WATERMARK, StateStore, offset_key, partition_prefix, prefix_end
+
+U64 = struct.Struct(">Q")
+SEQ = struct.Struct(">I")
+I64 = struct.Struct("<q")
+ITEM = struct.Struct("<qqqi")
+
+KIND_COUNTS = b"c"
+KIND_USER = b"u"
+KIND_EVICTED = b"v"
+KIND_ITEM = b"m"
+KIND_ROW = b"r"
+
+FLAG_HAS_EVICTED = 1
+
+# One neighbour entry: neighbour media id, dot product D (heartbeats^2), co-viewers c.
+ROW = np.dtype([("j", "<i8"), ("d", "<i8"), ("c", "<i4")])
+
+
+def counts_key(partition: int) -> bytes:
+    return partition_prefix(partition) + KIND_COUNTS
+
+
+def user_key(partition: int, user: int) -> bytes:
+    return partition_prefix(partition) + KIND_USER + U64.pack(user)
+
+
+def evicted_key(partition: int, user: int, media: int) -> bytes:
+    return partition_prefix(partition) + KIND_EVICTED + U64.pack(user) + U64.pack(media)
+
+
+def evicted_prefix(partition: int, user: int) -> bytes:
+    return partition_prefix(partition) + KIND_EVICTED + U64.pack(user)
+
+
+def item_key(partition: int, media: int) -> bytes:
+    return partition_prefix(partition) + KIND_ITEM + U64.pack(media)
+
+
+def row_prefix(partition: int, media: int) -> bytes:
+    return partition_prefix(partition) + KIND_ROW + U64.pack(media)
+
+
+def row_key(partition: int, media: int, seq: int) -> bytes:
+    return row_prefix(partition, media) + SEQ.pack(seq)
+
+
+@dataclass
+class ItemRecord:
+    """Per-partition statistics of one item (mutable while a batch is applied)."""
+
+    s: int = 0
+    q: int = 0
+    n: int = 0
+    deltas: int = 0
+
+    def encode(self) -> bytes:
+        return ITEM.pack(self.s, self.q, self.n, self.deltas)
+
+    @classmethod
+    def decode(cls, value: bytes) -> "ItemRecord":
+        return cls(*ITEM.unpack(value))
+
+
+def encode_window(media: list[int], w: list[int], has_evicted: bool) -> bytes:
+    k = len(media)
+    return bytes([FLAG_HAS_EVICTED if has_evicted else 0]) + struct.pack(f"<{2 * k}q", *media, *w)
+
+
+def decode_window(value: bytes) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """(media most recent first, w, has evicted items); an empty value is a user with no views."""
+    if not value:
+        return (), (), False
+    k = (len(value) - 1) // 16
+    numbers = struct.unpack_from(f"<{2 * k}q", value, 1)
+    return numbers[:k], numbers[k:], bool(value[0] & FLAG_HAS_EVICTED)
+
+
+def decode_counts(value: bytes | None) -> int:
+    return I64.unpack(value)[0] if value else 0
+
+
+def encode_counts(users: int) -> bytes:
+    return I64.pack(users)
+
+
+def decode_row(chunks: Iterable[bytes]) -> np.ndarray:
+    """Concatenated ROW entries of several chunks (entries of one neighbour may repeat)."""
+    data = b"".join(chunks)
+    return np.frombuffer(data, dtype=ROW)
+
+
+def aggregate_row(entries: np.ndarray) -> np.ndarray:
+    """Sum entries per neighbour, sorted by neighbour id, in exact int64 arithmetic."""
+    if len(entries) == 0:
+        return np.zeros(0, dtype=ROW)
+    order = np.argsort(entries["j"], kind="stable")
+    js = entries["j"][order]
+    starts = np.flatnonzero(np.concatenate(([True], js[1:] != js[:-1])))
+    out = np.empty(len(starts), dtype=ROW)
+    out["j"] = js[starts]
+    out["d"] = np.add.reduceat(entries["d"][order], starts)
+    out["c"] = np.add.reduceat(entries["c"][order].astype(np.int64), starts)
+    return out
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def scan(source: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Items under `prefix` of a Rdict or a rocksdict Snapshot, in key order."""
+    from rocksdict import ReadOptions
+
+    read = ReadOptions()
+    read.set_iterate_upper_bound(prefix_end(prefix))
+    for key, value in source.items(from_key=prefix, read_opt=read):
+        if not key.startswith(prefix):  # upper bound makes this unreachable; kept as a guard
+            break
+        yield key, value
+
+
+def snapshot_get(snapshot: Any, key: bytes) -> bytes | None:
+    """A value from a rocksdict Snapshot (which raises a bare Exception for a missing key)."""
+    for found, value in snapshot.items(from_key=key):
+        return value if found == key else None
+    return None
+
+
+def offset_key_of(partition: int, topic: str) -> bytes:
+    """The framework's stored next offset of a partition (read from snapshots)."""
+    return offset_key(partition, topic)
+
+
+def watermark_key_of(partition: int) -> bytes:
+    return partition_prefix(partition) + KIND_WATERMARK
+
+
+def decode_offset(value: bytes) -> int:
+    """Offsets and watermarks are big-endian int64, as the framework writes them."""
+    return BIG_I64.unpack(value)[0]
+
+
+def partitions_in(store: StateStore) -> list[int]:
+    """Partitions that have any key in the store, by skip-scanning the 2-byte prefixes."""
+    found: list[int] = []
+    start = b"\x00\x00"
+    while True:
+        first = next(iter(store.db.keys(from_key=start)), None)
+        if first is None or len(first) < 2:
+            return found
+        partition = int.from_bytes(first[:2], "big")
+        found.append(partition)
+        if partition == 0xFFFF:
+            return found
+        start = partition_prefix(partition + 1)
+
+
+def load_partition(store: StateStore, partition: int) -> tuple[int, dict[int, ItemRecord]]:
+    """(N_p, item records) of one partition, for building the in-memory item table at start."""
+    users = decode_counts(store.get(counts_key(partition)))
+    items: dict[int, ItemRecord] = {}
+    prefix = partition_prefix(partition) + KIND_ITEM
+    cut = len(prefix)
+    for key, value in store.scan_prefix(prefix):
+        items[U64.unpack_from(key, cut)[0]] = ItemRecord.decode(value)
+    return users, items
+
+
+def read_row(source: Any, partitions: Iterable[int], media: int) -> np.ndarray:
+    """All chunks of an item's neighbour row over the given partitions (not yet aggregated)."""
+    chunks: list[bytes] = []
+    for partition in partitions:
+        chunks.extend(value for _, value in scan(source, row_prefix(partition, media)))
+    return decode_row(chunks)
+
+
+def stored_pairs(store: StateStore, partitions: Iterable[int]) -> dict[tuple[int, int], tuple[int, int]]:
+    """Every stored pair statistic {(i, j): (D_ij, c_ij)} summed over partitions (tests, tools)."""
+    totals: dict[tuple[int, int], list[int]] = {}
+    for partition in partitions:
+        prefix = partition_prefix(partition) + KIND_ROW
+        cut = len(prefix)
+        current: int | None = None
+        chunks: list[bytes] = []
+
+        def flush(item: int | None, chunks: list[bytes]) -> None:
+            if item is None:
+                return
+            for entry in aggregate_row(decode_row(chunks)):
+                acc = totals.setdefault((item, int(entry["j"])), [0, 0])
+                acc[0] += int(entry["d"])
+                acc[1] += int(entry["c"])
+
+        for key, value in store.scan_prefix(prefix):
+            item = U64.unpack_from(key, cut)[0]
+            if item != current:
+                flush(current, chunks)
+                current, chunks = item, []
+            chunks.append(value)
+        flush(current, chunks)
+    return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def stored_items(store: StateStore, partitions: Iterable[int]) -> tuple[int, dict[int, tuple[int, int, int]]]:
+    """(N, {media: (S, Q, n)}) summed over partitions, straight from RocksDB (tests, tools)."""
+    total_users = 0
+    items: dict[int, list[int]] = {}
+    for partition in partitions:
+        users, records = load_partition(store, partition)
+        total_users += users
+        for media, record in records.items():
+            acc = items.setdefault(media, [0, 0, 0])
+            acc[0] += record.s
+            acc[1] += record.q
+            acc[2] += record.n
+    return total_users, {k: (v[0], v[1], v[2]) for k, v in items.items()}
