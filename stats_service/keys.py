@@ -1,0 +1,151 @@
+"""RocksDB key and value layout of the stats service: the one place that knows the bytes.
+
+Every key starts with the 2-byte partition prefix (see viewevents.state), then one kind byte.
+Numbers in keys are big-endian so that RocksDB's byte order is numeric order; times in keys are
+biased by 2**63 so that (theoretical) negative times still sort before positive ones. Values are
+little-endian int64 rows so that numpy reads and writes many of them in one call.
+
+  T media                     -> totals: view_time, starts, stops, ends, uniques, first, last
+  U media user                -> b""      the user has watched the media item (all-time)
+  P media day user            -> minute bitmap of that day (1440 bits, 180 bytes LE)
+  Q day media user            -> the same bitmap, day-major (ranking by unique viewers)
+  M media minute              -> bucket: view_time, starts, stops, ends, uniques
+  H media hour                -> bucket (same row layout)
+  D media day                 -> bucket
+  h hour media                -> copy of H, hour-major (ranking index)
+  d day media                 -> copy of D, day-major (ranking index)
+  W                           -> running maximum event time applied (retention cut-off)
+
+`day`, `hour` and `minute` are the bucket's start in Unix seconds. Kinds o, w, i, x belong to
+the shared consumer.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+import numpy as np
+
+from viewevents.state import partition_prefix
+
+KIND_TOTALS = b"T"
+KIND_VIEWER = b"U"
+KIND_PRESENCE = b"P"
+KIND_PRESENCE_BY_DAY = b"Q"
+KIND_WATERMARK = b"W"
+
+MINUTE, HOUR, DAY = 60, 3600, 86_400
+# Media-major trend rows per bucket size, and the bucket-major copies kept for ranking.
+KIND_BUCKET = {MINUTE: b"M", HOUR: b"H", DAY: b"D"}
+KIND_RANK = {HOUR: b"h", DAY: b"d"}
+
+BIAS = 1 << 63
+MINUTES_PER_DAY = 1440
+BITMAP_BYTES = MINUTES_PER_DAY // 8
+
+TOTALS_FIELDS = 7  # view_time, starts, stops, ends, uniques, first_time, last_time
+BUCKET_FIELDS = 5  # view_time, starts, stops, ends, uniques
+I64_MAX = np.iinfo(np.int64).max
+I64_MIN = np.iinfo(np.int64).min
+EMPTY_TOTALS = np.array([0, 0, 0, 0, 0, I64_MAX, I64_MIN], "<i8").tobytes()
+EMPTY_BUCKET = bytes(8 * BUCKET_FIELDS)
+
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct("<q")
+_TOTALS = struct.Struct("<7q")
+_BUCKET = struct.Struct("<5q")
+
+
+def biased(seconds: int) -> bytes:
+    """A time as 8 key bytes that sort like the number."""
+    return _U64.pack(seconds + BIAS)
+
+
+def unbiased(data: bytes) -> int:
+    return _U64.unpack(data)[0] - BIAS
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+# --- single keys (queries) ------------------------------------------------------------------
+
+
+def totals_key(partition: int, media_id: int) -> bytes:
+    return partition_prefix(partition) + KIND_TOTALS + u64(media_id)
+
+
+def watermark_key(partition: int) -> bytes:
+    return partition_prefix(partition) + KIND_WATERMARK
+
+
+def bucket_prefix(partition: int, size: int, media_id: int) -> bytes:
+    """Prefix of one media item's trend rows at one bucket size; append biased(start)."""
+    return partition_prefix(partition) + KIND_BUCKET[size] + u64(media_id)
+
+
+def rank_prefix(partition: int, size: int) -> bytes:
+    """Prefix of the bucket-major ranking rows; append biased(start) + u64(media)."""
+    return partition_prefix(partition) + KIND_RANK[size]
+
+
+def presence_prefix(partition: int, media_id: int) -> bytes:
+    """Prefix of one media item's day bitmaps; append biased(day) + u64(user)."""
+    return partition_prefix(partition) + KIND_PRESENCE + u64(media_id)
+
+
+def presence_by_day_prefix(partition: int) -> bytes:
+    """Prefix of the day-major bitmaps; append biased(day) + u64(media) + u64(user)."""
+    return partition_prefix(partition) + KIND_PRESENCE_BY_DAY
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+def decode_totals(value: bytes) -> tuple[int, ...]:
+    return _TOTALS.unpack(value)
+
+
+def decode_bucket(value: bytes) -> tuple[int, int, int, int, int]:
+    return _BUCKET.unpack(value)  # type: ignore[return-value]
+
+
+def encode_i64(value: int) -> bytes:
+    return _I64.pack(value)
+
+
+def decode_i64(value: bytes) -> int:
+    return _I64.unpack(value)[0]
+
+
+def rows_from_values(values: Sequence[bytes | None], empty: bytes, width: int) -> np.ndarray:
+    """Stored rows (None = absent, read as `empty`) as one writable int64 matrix."""
+    blob = b"".join([empty if v is None else v for v in values])
+    return np.frombuffer(blob, "<i8").reshape(len(values), width).copy()
+
+
+def values_from_rows(rows: np.ndarray) -> list[bytes]:
+    """One value per matrix row, without a Python loop over the numbers."""
+    rows = np.ascontiguousarray(rows, "<i8")
+    if len(rows) == 0:
+        return []
+    return np.frombuffer(rows.tobytes(), f"V{rows.shape[1] * 8}").tolist()
+
+
+# --- many keys at once (the consumer's hot path) --------------------------------------------
+
+
+def pack_keys(prefix: bytes, columns: Sequence[np.ndarray], biased_columns: Sequence[bool]) -> list[bytes]:
+    """prefix + each column as 8 big-endian bytes (biased when flagged), for every row at once."""
+    count = len(columns[0]) if columns else 0
+    if count == 0:
+        return []
+    fields = [("prefix", f"V{len(prefix)}")] + [(f"c{i}", ">u8") for i in range(len(columns))]
+    packed = np.empty(count, np.dtype(fields))
+    packed["prefix"] = np.frombuffer(prefix, f"V{len(prefix)}")[0]
+    for i, (column, is_biased) in enumerate(zip(columns, biased_columns)):
+        as_u64 = np.asarray(column, np.int64).view(np.uint64)
+        packed[f"c{i}"] = as_u64 ^ np.uint64(BIAS) if is_biased else as_u64
+    return np.frombuffer(packed.tobytes(), f"V{packed.dtype.itemsize}").tolist()
