@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import sys
+from typing import Any
 
 from recommender_service import settings as local_settings
 from recommender_service.processor import RecommenderProcessor
@@ -38,12 +40,15 @@ async def serve(config: settings.Config, options: local_settings.RecommenderSett
         return RecommenderServicer(engine, consumer)
 
     log.info("recommender settings: %s", options)
+    extra: dict[str, Any] = {}
+    if "metrics_port" in inspect.signature(run_consumer_service).parameters:
+        extra["metrics_port"] = getattr(config, "recommender_metrics_port", 0)
     try:
         await run_consumer_service(
             config, name="recommender", address=config.recommender_address,
             state_dir=config.recommender_state_dir, group_id=config.recommender_group,
             service_descriptor=SERVICE, make_processor=make_processor,
-            make_servicer=make_servicer)
+            make_servicer=make_servicer, **extra)
     finally:
         for engine in engines:
             engine.stop_warmer()

@@ -12,8 +12,8 @@ are updated, so the cost per raised item is bounded by the cap, not by users or 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 

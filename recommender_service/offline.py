@@ -9,14 +9,21 @@ partition, so only the transport differs.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 from recommender_service.processor import RecommenderProcessor
 from recommender_service.queries import QueryEngine
 from recommender_service.settings import RecommenderSettings
 from viewevents.consumer import SeenIds, is_applicable
 from viewevents.kafka import KeyPartitioner, user_key
-from viewevents.state import I64, KIND_WATERMARK, StateStore, Transaction, offset_key, partition_prefix
+from viewevents.state import (
+    I64,
+    KIND_WATERMARK,
+    StateStore,
+    Transaction,
+    offset_key,
+    partition_prefix,
+)
 from viewevents.v1 import view_event_pb2
 
 ViewEvent = view_event_pb2.ViewEvent
@@ -47,6 +54,8 @@ class OfflineRecommender:
 
     def close(self) -> None:
         self.engine.stop_warmer()
+        self.engine.clear()
+        self.processor.release()
         self.store.close()
 
     def partition_of(self, user: int) -> int:

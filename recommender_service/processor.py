@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -66,6 +66,11 @@ class RecommenderProcessor:
     def view(self) -> View:
         """The latest published view (atomic read)."""
         return self._view
+
+    def release(self) -> None:
+        """Drop the view's RocksDB snapshot: a live snapshot keeps the database (and its lock)
+        open after StateStore.close()."""
+        self._view.snapshot = None
 
     def on_view(self, listener: Callable[[View], None]) -> None:
         self._listeners.append(listener)

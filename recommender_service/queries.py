@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -74,6 +74,10 @@ class QueryEngine:
         self._warmer: threading.Thread | None = None
         self.warm_passes = 0
         self.computed = 0
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
     # --- similar media -------------------------------------------------------------------------
 

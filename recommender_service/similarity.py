@@ -38,11 +38,11 @@ class Ranked:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def head(self, limit: int) -> "Ranked":
+    def head(self, limit: int) -> Ranked:
         return Ranked(self.ids[:limit], self.scores[:limit], self.co_viewers[:limit])
 
     @classmethod
-    def empty(cls) -> "Ranked":
+    def empty(cls) -> Ranked:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64))
 
 

@@ -21,8 +21,9 @@ id), so per-partition values add up exactly; queries sum over partitions.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class ItemRecord:
         return ITEM.pack(self.s, self.q, self.n, self.deltas)
 
     @classmethod
-    def decode(cls, value: bytes) -> "ItemRecord":
+    def decode(cls, value: bytes) -> ItemRecord:
         return cls(*ITEM.unpack(value))
 
 

@@ -85,7 +85,7 @@ class View:
         partitions: tuple[int, ...],
         snapshot: Any,
         stamp: Stamp,
-    ) -> "View":
+    ) -> View:
         ids = np.array(sorted(items), dtype=np.int64)
         values = np.array([items[m] for m in ids.tolist()], dtype=np.int64).reshape(-1, 3)
         return cls(
@@ -101,7 +101,7 @@ class View:
         partitions: tuple[int, ...],
         snapshot: Any,
         stamp: Stamp,
-    ) -> "View":
+    ) -> View:
         """The next view: add per-item (dS, dQ, dn), insert new items, mark changed items."""
         ids, s, q, n, changed = self.ids, self.s, self.q, self.n, self.changed
         keys = np.fromiter(deltas.keys(), dtype=np.int64, count=len(deltas))
