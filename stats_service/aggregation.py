@@ -17,8 +17,8 @@ partition, so these per-partition counts add up exactly across partitions.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -45,14 +45,14 @@ class Columns:
         return len(self.media)
 
     @classmethod
-    def from_events(cls, events: Sequence[object]) -> "Columns":
+    def from_events(cls, events: Sequence[object]) -> Columns:
         """Columns of ViewEvent messages: the only per-event Python work of the hot path, done
         by C-level iteration (attribute access on protobuf messages is what it costs)."""
         count = len(events)
         return cls(*(np.fromiter(map(getter, events), np.int64, count) for getter in _FIELDS))
 
     @classmethod
-    def from_tuples(cls, rows: Iterable[tuple[int, int, int, int]]) -> "Columns":
+    def from_tuples(cls, rows: Iterable[tuple[int, int, int, int]]) -> Columns:
         """Columns of (media_id, user_id, event_type, event_seconds) tuples (tests, tools)."""
         table = np.array(list(rows), np.int64).reshape(-1, 4)
         return cls(table[:, 0], table[:, 1], table[:, 2], table[:, 3])

@@ -9,8 +9,8 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from google.protobuf import timestamp_pb2
 

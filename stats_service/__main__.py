@@ -1,0 +1,60 @@
+"""Run the stats service: python -m stats_service [--flags]; see --help for every setting."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import sys
+
+from stats_service.processor import StatsProcessor
+from stats_service.queries import Limits
+from stats_service.server import SERVICE, StatsService
+from stats_service.store import StatsReader
+from viewevents import config as settings
+from viewevents.consumer_service import run_consumer_service
+from viewevents.logs import setup_logging
+
+
+def limits_of(config: settings.Config) -> Limits:
+    """Query limits; read with defaults until viewevents/config.py declares these settings."""
+    return Limits(
+        max_trend_buckets=getattr(config, "stats_max_trend_buckets", 10_000),
+        default_page_size=getattr(config, "stats_default_page_size", 10),
+        max_page_size=getattr(config, "stats_max_page_size", 1_000),
+    )
+
+
+async def serve(config: settings.Config) -> None:
+    retention_days = getattr(config, "stats_trend_retention_days", 0)
+    extra: dict[str, object] = {}
+    if "metrics_port" in inspect.signature(run_consumer_service).parameters:
+        # The shared runner is gaining a Prometheus endpoint; pass our port once it has one.
+        extra["metrics_port"] = getattr(config, "stats_metrics_port", 0)
+    await run_consumer_service(
+        config,
+        name="stats",
+        address=config.stats_address,
+        state_dir=config.stats_state_dir,
+        group_id=config.stats_group,
+        service_descriptor=SERVICE,
+        make_processor=lambda store: StatsProcessor(config.heartbeat_seconds, retention_days),
+        make_servicer=lambda store, consumer, processor: StatsService(
+            StatsReader(store), consumer, limits_of(config)),
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="stats_service", description=__doc__)
+    settings.add_flags(parser)
+    config = settings.load(parser.parse_args(argv))
+    setup_logging("stats", config.log_level, config.log_json)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
