@@ -1,0 +1,105 @@
+"""kill -9 the stats service again and again while a large upload runs: counts stay exact.
+
+The consumed offsets live in the same RocksDB write batch as the state they produced, so a
+restart resumes exactly where the last committed batch ended, whatever instant the kill hit.
+Each restart joins under a fresh consumer-group id: the group only hands out partitions (the
+offsets come from RocksDB), and a fresh id spares the test Kafka's 30 s session timeout before
+a killed member's partitions are handed on.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.support import ServiceProcess, unique_name
+from tests.test_stats_e2e import (
+    Expected,
+    accepted,
+    check_all_totals,
+    end_offsets,
+    generated_events,
+    services,
+    wait_until_applied,
+)
+from viewevents.client import CHANNEL_OPTIONS, upload
+from viewevents.v1 import stats_service_pb2 as pb
+from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+KILLS = 4
+
+
+def _applied(address: str) -> int | None:
+    """Records applied so far (sum of positions), or None if the service does not answer."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.StatsServiceStub(channel).ListTopMedia(
+                pb.ListTopMediaRequest(start_time={"seconds": 0}, end_time={"seconds": 1},
+                                       limit=1), timeout=2)
+        return sum(p.offset for p in reply.position.partitions)
+    except grpc.RpcError:
+        return None
+
+
+def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap: str,
+                                                                 tmp_path: Path) -> None:
+    events = generated_events(tmp_path / "views.jsonl", 320_000, seed=33)
+    config, ingest, stats = services(tmp_path, kafka_bootstrap)
+    ingest.start()
+    stats.start()
+    result: dict[str, object] = {}
+
+    def run_upload() -> None:
+        try:
+            with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
+                result["summary"] = upload(channel, events, batch_size=5_000, timeout=600)
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            result["error"] = error
+
+    try:
+        ingest.wait_serving()
+        stats.wait_serving()
+        uploader = threading.Thread(target=run_upload, daemon=True)
+        uploader.start()
+        rng = random.Random(5)
+        seen_at_kill: list[int | None] = []
+        for kill in range(KILLS):
+            time.sleep(rng.uniform(1.0, 2.0))
+            seen_at_kill.append(_applied(config.stats_address))
+            stats.kill()
+            restarted = config.replace(stats_group=unique_name("stats-crash"))
+            stats = ServiceProcess("stats_service", restarted, config.stats_address,
+                                   tmp_path / f"stats-{kill + 1}.log").start()
+        uploader.join(600)
+        assert "error" not in result, result.get("error")
+        summary = result["summary"]
+        targets = end_offsets(kafka_bootstrap, config.view_topic)
+        assert sum(targets.values()) == summary.accepted  # type: ignore[attr-defined]
+        # The kills hit a service that had applied part of the stream, not an idle one.
+        partial = [n for n in seen_at_kill if n is not None and 0 < n < summary.accepted]  # type: ignore[attr-defined]
+        assert partial, seen_at_kill
+        good = accepted(events, config)
+        expected = Expected(good)
+        with grpc.insecure_channel(config.stats_address, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.StatsServiceStub(channel)
+            wait_until_applied(stub, targets, good[0].media_id, timeout=180)
+            check_all_totals(stub, expected)
+            low = min(r[3] for r in expected.rows)
+            high = max(r[3] for r in expected.rows)
+            reply = stub.ListTopMedia(pb.ListTopMediaRequest(
+                start_time={"seconds": low}, end_time={"seconds": high + 1},
+                metric=pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS, limit=1000), timeout=60)
+            want = expected.top(low - low % 60, -(-(high + 1) // 60) * 60,
+                                pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS)
+            assert [(m.media_id, m.rank, m.view_time_seconds, m.starts, m.unique_viewers)
+                    for m in reply.media] == want[:1000]
+    finally:
+        stats.stop()
+        ingest.stop()
