@@ -1,0 +1,317 @@
+"""Stats service benchmark: consumer throughput from a pre-filled topic, then query latency.
+
+    python -m stats_service.bench [--events 2000000] [--kafka-bootstrap HOST:PORT]
+
+Steps: generate a noisy data set with viewevents.gen (cached under .data/bench), keep the events
+the ingest service would accept, produce them straight to a fresh topic with aiokafka (keyed by
+user, as the ingest service does), start the stats service as a subprocess on a fresh state
+directory, and time it from process start to caught-up. Then measure p50/p99 of each RPC with
+concurrent asyncio clients, and the service's peak RSS over the whole run. The machine is shared
+with whatever else runs, so the consumer's CPU time is reported next to wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from aiokafka import AIOKafkaProducer
+from google.protobuf import timestamp_pb2
+from tqdm import tqdm
+
+from ingest_service.validation import Limits, validate_event
+from viewevents import config as settings
+from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
+from viewevents.v1 import stats_service_pb2 as pb
+from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+WORKDIR = REPO / ".data" / "bench"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_records(events: int, seed: int) -> tuple[list[tuple[bytes, bytes]], list[int], int, int]:
+    """(key, value) records of the valid events of a generated file, the media ids seen, and
+    the event-time span; built before any timing starts."""
+    from viewevents.gen import generate
+    from viewevents.legacy import iter_file
+
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    path = WORKDIR / f"stats-{events}-{seed}.jsonl"
+    if not path.exists():
+        print(f"generating {events:,} lines into {path}", flush=True)
+        generate(str(path), events, seed=seed, progress=False)
+    limits = Limits()
+    now = time.time()
+    records: list[tuple[bytes, bytes]] = []
+    media: set[int] = set()
+    low, high = 2**62, -(2**62)
+    for _, parsed in tqdm(iter_file(str(path)), total=events, desc="parse", unit=" lines",
+                          unit_scale=True, leave=False):
+        event = parsed.event
+        if event is None or validate_event(event, now, limits):
+            continue
+        records.append((user_key(event.user_id), event.SerializeToString()))
+        media.add(event.media_id)
+        low = min(low, event.event_time.seconds)
+        high = max(high, event.event_time.seconds)
+    return records, sorted(media), low, high
+
+
+async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -> float:
+    """Write the records in large per-partition batches; returns records/s."""
+    await ensure_topics(config, [config.view_topic, config.dead_letter_topic])
+    producer = AIOKafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all",
+                                enable_idempotence=True, max_batch_size=1 << 20,
+                                max_request_size=4 << 20, linger_ms=20)
+    await producer.start()
+    try:
+        partitions = sorted(await producer.partitions_for(config.view_topic))
+        partitioner = KeyPartitioner(len(partitions))
+        batches = {p: producer.create_batch() for p in partitions}
+        pending: list[asyncio.Future] = []
+        started = time.perf_counter()
+        bar = tqdm(total=len(records), desc="prefill", unit=" events", unit_scale=True)
+        for key, value in records:
+            partition = partitioner(key)
+            batch = batches[partition]
+            if batch.append(key=key, value=value, timestamp=None,
+                            headers=VIEW_EVENT_HEADERS) is None:
+                pending.append(await producer.send_batch(batch, config.view_topic,
+                                                         partition=partition))
+                bar.update(batch.record_count())
+                batch = batches[partition] = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None, headers=VIEW_EVENT_HEADERS)
+                if len(pending) > 64:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+        for partition, batch in batches.items():
+            if batch.record_count():
+                pending.append(await producer.send_batch(batch, config.view_topic,
+                                                         partition=partition))
+                bar.update(batch.record_count())
+        await asyncio.gather(*pending)
+        bar.close()
+        return len(records) / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+
+
+class PeakRss:
+    """Polls the service's RSS (including its threads) in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def _position(stub: pb_grpc.StatsServiceStub) -> pb.ListTopMediaResponse | None:
+    try:
+        return await stub.ListTopMedia(pb.ListTopMediaRequest(
+            start_time=timestamp_pb2.Timestamp(seconds=0),
+            end_time=timestamp_pb2.Timestamp(seconds=60), limit=1), timeout=5)
+    except grpc.aio.AioRpcError:
+        return None
+
+
+async def wait_caught_up(stub: pb_grpc.StatsServiceStub, total: int,
+                         process: subprocess.Popen) -> float:
+    """Seconds from now until the service reports caught_up, with a progress bar of the
+    records it has applied."""
+    started = time.perf_counter()
+    bar = tqdm(total=total, desc="stats consume", unit=" events", unit_scale=True)
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError("stats service exited during catch-up")
+        reply = await _position(stub)
+        if reply is not None:
+            applied = sum(p.offset for p in reply.position.partitions)
+            bar.update(applied - bar.n)
+            if reply.position.caught_up:
+                bar.close()
+                return time.perf_counter() - started
+        await asyncio.sleep(0.1)
+
+
+async def latency(name: str, call: Callable[[random.Random], Awaitable[Any]], calls: int,
+                  concurrency: int) -> dict[str, float]:
+    """p50/p99 (ms) and throughput of `calls` calls made by `concurrency` async clients."""
+    samples: list[float] = []
+    per_client = calls // concurrency
+    bar = tqdm(total=per_client * concurrency, desc=name, unit=" calls", leave=False)
+
+    async def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(per_client):
+            began = time.perf_counter()
+            await call(rng)
+            samples.append(time.perf_counter() - began)
+            bar.update(1)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    bar.close()
+    samples.sort()
+    return {"p50_ms": round(1000 * statistics.median(samples), 2),
+            "p99_ms": round(1000 * samples[int(0.99 * (len(samples) - 1))], 2),
+            "calls_per_s": round(len(samples) / elapsed)}
+
+
+def _applied_from_log(log_path: Path) -> tuple[int, float] | None:
+    """The consumer's own count: 'caught up: N records applied in S s'."""
+    found = re.findall(r"caught up: (\d+) records applied in ([\d.]+) s", log_path.read_text())
+    return (int(found[-1][0]), float(found[-1][1])) if found else None
+
+
+async def _bench(config: settings.Config, records: list[tuple[bytes, bytes]], media: list[int],
+                 low: int, high: int, calls: int, concurrency: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"events_in_topic": len(records), "media_items": len(media)}
+    result["prefill_events_per_s"] = round(await produce(config, records))
+    log_path = WORKDIR / f"stats-service-{uuid.uuid4().hex[:8]}.log"
+    from viewevents.bench import service_env
+
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "stats_service"], env=service_env(config),
+                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
+    rss = PeakRss(process.pid)
+    sampler = asyncio.create_task(rss.run())
+    try:
+        async with grpc.aio.insecure_channel(config.stats_address) as channel:
+            stub = pb_grpc.StatsServiceStub(channel)
+            while await _position(stub) is None:
+                if process.poll() is not None:
+                    raise RuntimeError(f"stats service exited; see {log_path}")
+                await asyncio.sleep(0.05)
+            cpu_before = sum(psutil.Process(process.pid).cpu_times()[:2])
+            catch_up = await wait_caught_up(stub, len(records), process)
+            cpu = sum(psutil.Process(process.pid).cpu_times()[:2]) - cpu_before
+            total = time.perf_counter() - started
+            result["start_to_caught_up_s"] = round(total, 1)
+            result["events_per_s_start_to_caught_up"] = round(len(records) / total)
+            result["events_per_s_consuming"] = round(len(records) / catch_up)
+            result["events_per_cpu_s_consuming"] = round(len(records) / cpu)
+            own = _applied_from_log(log_path)
+            if own:
+                result["consumer_log"] = f"{own[0]:,} applied in {own[1]} s"
+            ts = timestamp_pb2.Timestamp
+            hot = media[: max(1, len(media) // 10)]
+            days = max(1, (high - low) // 86400)
+
+            async def stats_call(rng: random.Random) -> None:
+                await stub.GetMediaStats(pb.GetMediaStatsRequest(media_id=rng.choice(media)))
+
+            async def trend_call(rng: random.Random) -> None:
+                day = low - low % 86400 + 86400 * rng.randrange(days)
+                await stub.GetMediaTrend(pb.GetMediaTrendRequest(
+                    media_id=rng.choice(hot), start_time=ts(seconds=day),
+                    end_time=ts(seconds=day + 86400), granularity=pb.GRANULARITY_MINUTE))
+
+            def top_call(metric: int) -> Callable[[random.Random], Awaitable[None]]:
+                async def call(rng: random.Random) -> None:
+                    start = low + rng.randrange(max(1, high - low - 86400))
+                    await stub.ListTopMedia(pb.ListTopMediaRequest(
+                        start_time=ts(seconds=start), end_time=ts(seconds=start + 86400),
+                        metric=metric, limit=10))
+                return call
+
+            result["GetMediaStats"] = await latency("GetMediaStats", stats_call, calls,
+                                                    concurrency)
+            result["GetMediaTrend (1 day, minutes)"] = await latency(
+                "GetMediaTrend", trend_call, calls // 4, concurrency)
+            result["ListTopMedia (1 day, view time)"] = await latency(
+                "ListTopMedia", top_call(pb.TOP_MEDIA_METRIC_VIEW_TIME), calls // 20, concurrency)
+            result["ListTopMedia (1 day, unique viewers)"] = await latency(
+                "ListTopMedia uniques", top_call(pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS),
+                calls // 40, concurrency)
+        result["peak_rss_mb"] = round(rss.peak / 2**20)
+        state = Path(config.stats_state_dir)
+        result["state_dir_mb"] = round(sum(f.stat().st_size for f in state.rglob("*")
+                                           if f.is_file()) / 2**20)
+        result["service_log"] = str(log_path)
+    finally:
+        sampler.cancel()
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return result
+
+
+def run_bench(bootstrap: str, events: int = 2_000_000, *, calls: int = 4_000,
+              concurrency: int = 8, seed: int = 1) -> dict[str, Any]:
+    """Run the whole benchmark against the broker at `bootstrap`; returns the measurements."""
+    records, media, low, high = prepare_records(events, seed)
+    run_id = uuid.uuid4().hex[:8]
+    base = settings.load(env={})
+    overrides: dict[str, Any] = dict(
+        kafka_bootstrap=bootstrap, view_topic=f"bench-stats-{run_id}",
+        dead_letter_topic=f"bench-stats-dlq-{run_id}", stats_group=f"bench-stats-{run_id}",
+        stats_address=f"127.0.0.1:{_free_port()}",
+        stats_state_dir=str(WORKDIR / f"stats-state-{run_id}"))
+    if hasattr(base, "stats_metrics_port"):
+        overrides["stats_metrics_port"] = 0
+    config = base.replace(**overrides)
+    try:
+        result = asyncio.run(_bench(config, records, media, low, high, calls, concurrency))
+    finally:
+        subprocess.run(["rm", "-rf", config.stats_state_dir], check=False)
+    print_table(result)
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print("\nstats service benchmark")
+    for key, value in result.items():
+        if isinstance(value, dict):
+            shown = "  ".join(f"{k}={v}" for k, v in value.items())
+        else:
+            shown = f"{value:,}" if isinstance(value, int) else str(value)
+        print(f"  {key:<40} {shown}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="stats_service.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=2_000_000)
+    parser.add_argument("--calls", type=int, default=4_000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    settings.add_flags(parser, ["kafka_bootstrap"])
+    args = parser.parse_args(argv)
+    config = settings.load(args)
+    run_bench(config.kafka_bootstrap, args.events, calls=args.calls,
+              concurrency=args.concurrency)
+
+
+if __name__ == "__main__":
+    main()
