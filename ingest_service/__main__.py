@@ -11,6 +11,7 @@ from ingest_service.server import IngestService
 from viewevents import config as settings
 from viewevents.grpc_server import (
     add_service,
+    bind,
     enable_reflection_and_health,
     new_server,
     serve_until_stopped,
@@ -18,6 +19,7 @@ from viewevents.grpc_server import (
 )
 from viewevents.kafka import ensure_topics, new_producer
 from viewevents.logs import setup_logging
+from viewevents.metrics import serve_metrics
 from viewevents.v1 import ingest_service_pb2
 
 log = logging.getLogger("ingest_service")
@@ -31,12 +33,14 @@ async def serve(config: settings.Config) -> None:
     producer = new_producer(config)
     await producer.start()
     partitions = {t: len(await producer.partitions_for(t)) for t in topics}
-    server = new_server(config.max_request_bytes)
+    server = new_server(config.max_request_bytes, service="ingest", token=config.ingest_token,
+                        protected_services=[SERVICE.full_name])
     add_service(server, SERVICE, IngestService(config, producer, partitions))
-    health = enable_reflection_and_health(server, [SERVICE.full_name])
-    server.add_insecure_port(config.ingest_address)
+    health = await enable_reflection_and_health(server, [SERVICE.full_name])
+    bind(server, config.ingest_address, config.tls_cert_file, config.tls_key_file)
+    serve_metrics(config.ingest_metrics_port, "ingest")
     await server.start()
-    set_serving(health, [SERVICE.full_name], True)
+    await set_serving(health, [SERVICE.full_name], True)
     log.info("ingest service listening on %s; Kafka %s; topics %s", config.ingest_address,
              config.kafka_bootstrap, partitions)
 

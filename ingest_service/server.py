@@ -17,6 +17,7 @@ from ingest_service.writer import PartitionedWriter
 from viewevents.config import Config
 from viewevents.grpc_server import Unparseable, abort_bad_request, reject_unparseable
 from viewevents.kafka import REJECTED_EVENT_HEADERS, VIEW_EVENT_HEADERS, KeyPartitioner, user_key
+from viewevents.metrics import EVENTS_ACCEPTED, EVENTS_RECEIVED, EVENTS_REJECTED
 from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
@@ -76,6 +77,8 @@ class IngestService:
                 tally.accepted += 1
                 continue
             tally.rejected += 1
+            for violation in violations:
+                EVENTS_REJECTED.labels(violation.field, violation.reason).inc()
             if len(tally.rejections) < max_reported:
                 tally.rejections.append(pb.Rejection(
                     index=first_index + offset, event_id=event.event_id,
@@ -86,6 +89,7 @@ class IngestService:
             key = user_key(event.user_id) if event.user_id > 0 else event.event_id.encode()
             await dead_letters.append(key, rejected.SerializeToString())
         tally.received += len(events)
+        EVENTS_RECEIVED.inc(len(events))
 
     async def _check_request(self, context: grpc.aio.ServicerContext, request: object, number: int) -> None:
         await reject_unparseable(context, request)
@@ -119,6 +123,7 @@ class IngestService:
                 requests += 1
             await accepted.flush()
             await dead_letters.flush()
+            EVENTS_ACCEPTED.inc(tally.accepted)
         except KafkaError as error:
             accepted.abandon()
             dead_letters.abandon()
@@ -148,6 +153,7 @@ class IngestService:
                                    "UploadStream", len(request.events))
                 await accepted.flush()
                 await dead_letters.flush()
+                EVENTS_ACCEPTED.inc(tally.accepted)
                 yield pb.UploadAck(sequence=request.sequence, request_index=request_index,
                                    received=tally.received, accepted=tally.accepted,
                                    rejected=tally.rejected, rejections=tally.rejections)
@@ -174,6 +180,7 @@ class IngestService:
                                len(request.events))
             await accepted.flush()
             await dead_letters.flush()
+            EVENTS_ACCEPTED.inc(tally.accepted)
         except KafkaError as error:
             accepted.abandon()
             dead_letters.abandon()

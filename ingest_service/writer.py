@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 
 from viewevents.kafka import KeyPartitioner
+from viewevents.metrics import RECORDS_PRODUCED
 
 
 class PartitionedWriter:
@@ -36,6 +37,7 @@ class PartitionedWriter:
         self._open: dict[int, object] = {}
         self._inflight: deque[asyncio.Future] = deque()
         self.records = 0
+        self._unacknowledged_records = 0
 
     async def append(self, key: bytes, value: bytes) -> None:
         partition = self._partitioner(key)
@@ -48,6 +50,7 @@ class PartitionedWriter:
             if batch.append(timestamp=None, key=key, value=value, headers=self._headers) is None:
                 raise ValueError(f"a record of {len(value)} bytes does not fit in a Kafka batch")
         self.records += 1
+        self._unacknowledged_records += 1
 
     async def _ship(self, partition: int, batch: object) -> None:
         future = await self._producer.send_batch(batch, self._topic, partition=partition)
@@ -63,6 +66,8 @@ class PartitionedWriter:
                 await self._ship(partition, batch)
         while self._inflight:
             await self._acknowledged(self._inflight.popleft())
+        RECORDS_PRODUCED.labels(self._topic).inc(self._unacknowledged_records)
+        self._unacknowledged_records = 0
 
     async def _acknowledged(self, future: asyncio.Future) -> None:
         """Wait for one batch's acknowledgement, within the deadline.

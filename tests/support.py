@@ -40,12 +40,14 @@ def unique_name(prefix: str) -> str:
 def test_config(bootstrap: str, **overrides: object) -> settings.Config:
     """A configuration with fresh topic names, so tests never see each other's events."""
     base = settings.load(env={})
-    return base.replace(
+    values: dict[str, object] = dict(
         kafka_bootstrap=bootstrap,
         view_topic=unique_name("view-events"),
         dead_letter_topic=unique_name("dead-letter"),
-        **overrides,
+        ingest_metrics_port=0, stats_metrics_port=0, recommender_metrics_port=0,
     )
+    values.update(overrides)
+    return base.replace(**values)
 
 
 test_config.__test__ = False  # a helper, not a test, when imported into a test module

@@ -89,6 +89,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rocksdb_write_buffer_mb", "VIEWEVENTS_ROCKSDB_WRITE_BUFFER_MB", 32, int,
             "RocksDB memtable size (MiB); at most 3 are kept."),
     # Every service.
+    Setting("ingest_metrics_port", "VIEWEVENTS_INGEST_METRICS_PORT", 9101, int,
+            "Prometheus metrics HTTP port of the ingest service (0: off)."),
+    Setting("stats_metrics_port", "VIEWEVENTS_STATS_METRICS_PORT", 9102, int,
+            "Prometheus metrics HTTP port of the stats service (0: off)."),
+    Setting("recommender_metrics_port", "VIEWEVENTS_RECOMMENDER_METRICS_PORT", 9103, int,
+            "Prometheus metrics HTTP port of the recommender service (0: off)."),
+    Setting("tls_cert_file", "VIEWEVENTS_TLS_CERT_FILE", "", str,
+            "PEM certificate chain: when set (with the key), every gRPC port serves TLS only."),
+    Setting("tls_key_file", "VIEWEVENTS_TLS_KEY_FILE", "", str,
+            "PEM private key of the TLS certificate."),
+    Setting("ingest_token", "VIEWEVENTS_INGEST_TOKEN", "", str,
+            "When set, IngestService calls need 'authorization: Bearer <token>' metadata."),
     Setting("log_level", "VIEWEVENTS_LOG_LEVEL", "INFO", str, "Log level."),
     Setting("log_json", "VIEWEVENTS_LOG_JSON", False, _bool, "Log as JSON lines."),
 )

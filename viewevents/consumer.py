@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from google.protobuf import timestamp_pb2
 
+from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED
 from viewevents.state import (
     I64,
     KIND_SEEN,
@@ -140,6 +141,7 @@ class ExactlyOnceConsumer:
         batch_max: int = 20_000,
         dedupe_retention_days: int = 30,
         client_id: str = "viewevents-consumer",
+        metrics_name: str = "consumer",
     ) -> None:
         self.topic = topic
         self.store = store
@@ -147,6 +149,9 @@ class ExactlyOnceConsumer:
         self.batch_max = batch_max
         self.seen = SeenIds(dedupe_retention_days)
         self.stats = ConsumerStats()
+        self._consumed = EVENTS_CONSUMED.labels(metrics_name)
+        self._applied = EVENTS_APPLIED.labels(metrics_name)
+        self._duplicates = DUPLICATES.labels(metrics_name)
         self.positions: dict[int, int] = {}
         self.caught_up = asyncio.Event()
         self._catch_up_targets: dict[int, int] | None = None
@@ -240,6 +245,7 @@ class ExactlyOnceConsumer:
     def _apply(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """Decode, de-duplicate, process and commit one Kafka batch (runs in a worker thread)."""
         txn = Transaction(self.store)
+        applied_before = self.stats.applied
         new_positions: dict[int, int] = {}
         today = 0
         for tp, records in batches.items():
@@ -270,10 +276,13 @@ class ExactlyOnceConsumer:
             self.stats.records += len(records)
             self.stats.applied += len(fresh)
             self.stats.duplicates += duplicates
+            self._duplicates.inc(duplicates)
             today = max(today, records[-1].timestamp // (SECONDS_PER_DAY * 1000))
         txn.commit()
         self.positions.update(new_positions)
         self.stats.batches += 1
+        self._consumed.inc(sum(len(r) for r in batches.values()))
+        self._applied.inc(self.stats.applied - applied_before)
         self.processor.committed()
         for partition in new_positions:
             self.seen.expire(self.store, partition, today)

@@ -15,12 +15,14 @@ from viewevents.config import Config
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.grpc_server import (
     add_service,
+    bind,
     enable_reflection_and_health,
     new_server,
     serve_until_stopped,
     set_serving,
 )
 from viewevents.kafka import ensure_topics
+from viewevents.metrics import CONSUMER_LAG, ROCKSDB_BYTES, serve_metrics
 from viewevents.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ async def run_consumer_service(
     service_descriptor: object,
     make_processor: Callable[[StateStore], Processor],
     make_servicer: Callable[[StateStore, ExactlyOnceConsumer, Processor], object],
+    metrics_port: int = 0,
 ) -> None:
     store = StateStore(state_dir, config.rocksdb_cache_mb, config.rocksdb_write_buffer_mb)
     processor = make_processor(store)
@@ -43,12 +46,16 @@ async def run_consumer_service(
     consumer = ExactlyOnceConsumer(
         bootstrap=config.kafka_bootstrap, topic=config.view_topic, group_id=group_id,
         store=store, processor=processor, batch_max=config.consume_batch_max,
-        dedupe_retention_days=config.dedupe_retention_days, client_id=f"viewevents-{name}")
-    server = new_server()
+        dedupe_retention_days=config.dedupe_retention_days, client_id=f"viewevents-{name}",
+        metrics_name=name)
+    server = new_server(service=name)
     add_service(server, service_descriptor, make_servicer(store, consumer, processor))
     full_name = service_descriptor.full_name  # type: ignore[attr-defined]
-    health = enable_reflection_and_health(server, [full_name])
-    server.add_insecure_port(address)
+    health = await enable_reflection_and_health(server, [full_name])
+    bind(server, address, config.tls_cert_file, config.tls_key_file)
+    CONSUMER_LAG.labels(name).set_function(consumer.lag)
+    ROCKSDB_BYTES.labels(name).set_function(store.size_bytes)
+    serve_metrics(metrics_port, name)
     await server.start()
     await consumer.start()
     consuming = asyncio.create_task(consumer.run(), name=f"{name}-consumer")
@@ -57,7 +64,7 @@ async def run_consumer_service(
 
     async def mark_serving() -> None:
         await consumer.caught_up.wait()
-        set_serving(health, [full_name], True)
+        await set_serving(health, [full_name], True)
         log.info("%s service SERVING", name)
 
     serving = asyncio.create_task(mark_serving())

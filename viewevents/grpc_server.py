@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import inspect
 import logging
 import signal
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NoReturn
 
@@ -15,40 +19,173 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from viewevents.logs import REQUEST_ID
+from viewevents.metrics import RPC_SECONDS
 from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
 
+
 Violation = view_event_pb2.FieldViolation
 
 
-def new_server(max_message_bytes: int = 8 * 1024 * 1024) -> grpc.aio.Server:
-    """An asyncio server with message-size limits that produce RESOURCE_EXHAUSTED."""
+def new_server(
+    max_message_bytes: int = 8 * 1024 * 1024,
+    service: str = "",
+    token: str = "",
+    protected_services: Sequence[str] = (),
+) -> grpc.aio.Server:
+    """An asyncio server with message-size limits (RESOURCE_EXHAUSTED beyond them), per-RPC
+    request ids, logs and latency metrics, and, when `token` is set, bearer-token checks on
+    the methods of `protected_services` (health and reflection stay open for probes)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(service)]
+    if token:
+        interceptors.append(BearerTokenInterceptor(token, protected_services))
     return grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ]
+        ],
     )
 
 
-def enable_reflection_and_health(
+def bind(server: grpc.aio.Server, address: str, cert_file: str = "", key_file: str = "") -> None:
+    """Listen on `address`: TLS when a certificate and key are configured, else plaintext."""
+    if cert_file or key_file:
+        if not (cert_file and key_file):
+            raise ValueError("TLS needs both VIEWEVENTS_TLS_CERT_FILE and VIEWEVENTS_TLS_KEY_FILE")
+        with open(key_file, "rb") as key, open(cert_file, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        server.add_secure_port(address, credentials)
+        log.info("TLS on %s", address)
+    else:
+        server.add_insecure_port(address)
+
+
+class RequestContextInterceptor(grpc.aio.ServerInterceptor):
+    """Gives every RPC a request id (the caller's `x-request-id`, or a new one) for the logs,
+    and records its duration and status code in the latency histogram."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        incoming = dict(handler_call_details.invocation_metadata or ())
+        request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
+        return _wrap_handler(handler, self.service, method, request_id)
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, service: str, method: str, request_id: str) -> grpc.RpcMethodHandler:
+    def observe(started: float, context: grpc.aio.ServicerContext, failed: BaseException | None) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        if code is None:
+            code = grpc.StatusCode.UNKNOWN if failed is not None and not isinstance(
+                failed, asyncio.CancelledError) else grpc.StatusCode.OK
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        RPC_SECONDS.labels(service, method, name).observe(time.perf_counter() - started)
+
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def call(request_or_iterator, context):  # type: ignore[no-untyped-def]
+            token = REQUEST_ID.set(request_id)
+            started, failed = time.perf_counter(), None
+            try:
+                result = inner(request_or_iterator, context)
+                return await result if inspect.isawaitable(result) else result
+            except BaseException as error:
+                failed = error
+                raise
+            finally:
+                observe(started, context, failed)
+                REQUEST_ID.reset(token)
+
+        maker = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+    else:
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def call(request_or_iterator, context):  # type: ignore[no-untyped-def]
+            token = REQUEST_ID.set(request_id)
+            started, failed = time.perf_counter(), None
+            try:
+                responses = inner_stream(request_or_iterator, context)
+                if hasattr(responses, "__aiter__"):
+                    async for response in responses:
+                        yield response
+                else:
+                    for response in responses:
+                        yield response
+            except BaseException as error:
+                failed = error
+                raise
+            finally:
+                observe(started, context, failed)
+                REQUEST_ID.reset(token)
+
+        maker = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return maker(call, request_deserializer=handler.request_deserializer,
+                 response_serializer=handler.response_serializer)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on the protected services' methods."""
+
+    def __init__(self, token: str, protected_services: Sequence[str]) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._protected = tuple(f"/{name}/" for name in protected_services)
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        if handler_call_details.method.startswith(self._protected):
+            metadata = dict(handler_call_details.invocation_metadata or ())
+            presented = str(metadata.get("authorization", "")).encode()
+            if not hmac.compare_digest(presented, self._expected):
+                handler = await continuation(handler_call_details)
+                return _refusing_handler(handler, "missing or wrong bearer token: send metadata "
+                                         "'authorization: Bearer <VIEWEVENTS_INGEST_TOKEN>'")
+        return await continuation(handler_call_details)
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+    async def refuse(request_or_iterator, context):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(request_or_iterator, context):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    serializer = handler.response_serializer if handler else None
+    deserializer = handler.request_deserializer if handler else None
+    if handler is None or handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, deserializer, serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, deserializer, serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
+
+
+async def enable_reflection_and_health(
     server: grpc.aio.Server, full_service_names: Sequence[str]
-) -> health.HealthServicer:
+) -> health.aio.HealthServicer:
     """Server reflection (for grpcurl) and grpc.health.v1; health starts NOT_SERVING."""
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(full_service_names) + [
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ]
     reflection.enable_server_reflection(names, server)
-    set_serving(health_servicer, full_service_names, False)
+    await set_serving(health_servicer, full_service_names, False)
     return health_servicer
 
 
-def set_serving(
-    health_servicer: health.HealthServicer, full_service_names: Iterable[str], serving: bool
+async def set_serving(
+    health_servicer: health.aio.HealthServicer, full_service_names: Iterable[str], serving: bool
 ) -> None:
     """Set the overall ("") and per-service health status."""
     status = (
@@ -57,7 +194,7 @@ def set_serving(
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
     for name in ["", *full_service_names]:
-        health_servicer.set(name, status)
+        await health_servicer.set(name, status)
 
 
 def bad_request_status(message: str, violations: Sequence[Violation]) -> grpc.Status:

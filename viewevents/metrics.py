@@ -1,0 +1,33 @@
+"""Prometheus metrics of the three services, defined once (served per process over HTTP)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+RPC_SECONDS = Histogram(
+    "viewevents_rpc_duration_seconds", "gRPC handler time, by method and status code.",
+    ["service", "method", "code"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+EVENTS_RECEIVED = Counter("viewevents_events_received_total", "Events received by the ingest service.")
+EVENTS_ACCEPTED = Counter("viewevents_events_accepted_total", "Events valid and acknowledged by Kafka.")
+EVENTS_REJECTED = Counter("viewevents_events_rejected_total", "Events rejected, by violation reason "
+                          "(an event with several violations counts under each).", ["field", "reason"])
+RECORDS_PRODUCED = Counter("viewevents_records_produced_total", "Records acknowledged by Kafka.", ["topic"])
+EVENTS_CONSUMED = Counter("viewevents_events_consumed_total", "Records read from Kafka by a consumer.",
+                          ["service"])
+EVENTS_APPLIED = Counter("viewevents_events_applied_total", "New valid events applied to state.", ["service"])
+DUPLICATES = Counter("viewevents_duplicate_events_total", "Events dropped as duplicate ids.", ["service"])
+CONSUMER_LAG = Gauge("viewevents_consumer_lag_records", "Records behind the end offsets seen at assignment.",
+                     ["service"])
+ROCKSDB_BYTES = Gauge("viewevents_rocksdb_size_bytes", "RocksDB SST plus memtable bytes.", ["service"])
+
+
+def serve_metrics(port: int, service: str) -> None:
+    """Expose /metrics on `port` (0: off)."""
+    if port:
+        start_http_server(port, addr="0.0.0.0")
+        log.info("%s metrics on http://0.0.0.0:%d/metrics", service, port)
