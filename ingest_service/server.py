@@ -138,7 +138,7 @@ class IngestService:
                  tally.received / elapsed if elapsed else 0.0)
         return pb.UploadSummary(received=tally.received, accepted=tally.accepted,
                                 rejected=tally.rejected, rejections=tally.rejections,
-                                requests=requests)
+                                requests=requests, positions=_positions(accepted))
 
     async def UploadStream(
         self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
@@ -156,7 +156,9 @@ class IngestService:
                 EVENTS_ACCEPTED.inc(tally.accepted)
                 yield pb.UploadAck(sequence=request.sequence, request_index=request_index,
                                    received=tally.received, accepted=tally.accepted,
-                                   rejected=tally.rejected, rejections=tally.rejections)
+                                   rejected=tally.rejected, rejections=tally.rejections,
+                                   positions=_positions(accepted))
+                accepted.end_offsets.clear()
                 request_index += 1
         except KafkaError as error:
             accepted.abandon()
@@ -195,4 +197,9 @@ class IngestService:
                 context, f"none of the {tally.received} events is valid (kept on the dead-letter "
                 "topic)", violations)
         return pb.PublishResponse(accepted=tally.accepted, rejected=tally.rejected,
-                                  rejections=tally.rejections)
+                                  rejections=tally.rejections, positions=_positions(accepted))
+
+
+def _positions(writer: PartitionedWriter) -> list[view_event_pb2.PartitionOffset]:
+    return [view_event_pb2.PartitionOffset(partition=p, offset=o)
+            for p, o in sorted(writer.end_offsets.items())]

@@ -35,9 +35,10 @@ class PartitionedWriter:
         self._max_inflight = max_inflight_batches
         self._ack_timeout = ack_timeout_seconds
         self._open: dict[int, object] = {}
-        self._inflight: deque[asyncio.Future] = deque()
+        self._inflight: deque[tuple[asyncio.Future, int]] = deque()
         self.records = 0
         self._unacknowledged_records = 0
+        self.end_offsets: dict[int, int] = {}  # partition -> offset past the last acked record
 
     async def append(self, key: bytes, value: bytes) -> None:
         partition = self._partitioner(key)
@@ -53,8 +54,9 @@ class PartitionedWriter:
         self._unacknowledged_records += 1
 
     async def _ship(self, partition: int, batch: object) -> None:
+        count = batch.record_count()  # type: ignore[attr-defined]
         future = await self._producer.send_batch(batch, self._topic, partition=partition)
-        self._inflight.append(future)
+        self._inflight.append((future, count))
         while len(self._inflight) > self._max_inflight:
             await self._acknowledged(self._inflight.popleft())
 
@@ -69,23 +71,27 @@ class PartitionedWriter:
         RECORDS_PRODUCED.labels(self._topic).inc(self._unacknowledged_records)
         self._unacknowledged_records = 0
 
-    async def _acknowledged(self, future: asyncio.Future) -> None:
+    async def _acknowledged(self, shipped: tuple[asyncio.Future, int]) -> None:
         """Wait for one batch's acknowledgement, within the deadline.
 
         With idempotence on, aiokafka retries a batch forever rather than expire it; the RPC must
         not hang that long, so it fails (UNAVAILABLE) and the client retries. A batch that Kafka
         stores after all is then stored twice, which consumers absorb by event id.
         """
+        future, count = shipped
         try:
-            await asyncio.wait_for(future, self._ack_timeout)
+            metadata = await asyncio.wait_for(future, self._ack_timeout)
         except TimeoutError:
             raise KafkaTimeoutError(
                 f"no acknowledgement within {self._ack_timeout:.0f} s") from None
+        end = metadata.offset + count  # metadata.offset is the batch's base offset
+        if end > self.end_offsets.get(metadata.partition, -1):
+            self.end_offsets[metadata.partition] = end
 
     def abandon(self) -> None:
         """Forget pending work after a failure (their futures may still resolve; nobody waits)."""
         self._open.clear()
-        for future in self._inflight:
+        for future, _ in self._inflight:
             future.add_done_callback(_consume_exception)
         self._inflight.clear()
 

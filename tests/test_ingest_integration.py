@@ -98,6 +98,11 @@ def test_upload_100k_lands_exactly_the_valid_events(ingest: ServiceProcess, chan
     config = ingest.config
     records = read_topic(config.kafka_bootstrap, config.view_topic)
     assert Counter(r.value for r in records) == Counter(e.SerializeToString() for e in valid)
+    # The summary says how far the upload reached in each partition (for freshness waits).
+    ends: dict[int, int] = {}
+    for record in records:
+        ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+    assert {p.partition: p.offset for p in summary.positions} == ends
     partitioner = KeyPartitioner(len({r.partition for r in records}))
     for record in records:
         event = ve.ViewEvent.FromString(record.value)
