@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
-from typing import Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -24,7 +24,7 @@ SIMILARITY = {"cosine": rec_pb.SIMILARITY_METRIC_COSINE, "pearson": rec_pb.SIMIL
 
 def timestamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
-    stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc))
+    stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
     return stamp
 
 
@@ -41,7 +41,7 @@ class QueryClient:
         self._stats_channel.close()
         self._recommender_channel.close()
 
-    def __enter__(self) -> "QueryClient":
+    def __enter__(self) -> QueryClient:
         return self
 
     def __exit__(self, *_: object) -> None:
