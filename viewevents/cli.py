@@ -1,7 +1,8 @@
-"""`viewevents`: upload view-event files, generate synthetic data.
+"""`viewevents`: upload view-event files, generate synthetic data, query the services.
 
-    viewevents upload FILE... [--address HOST:PORT] [--batch-size N]
+    viewevents upload FILE... [--address HOST:PORT] [--batch-size N] [--resumable]
     viewevents gen OUT --events N [--seed S] ...
+    viewevents stats MEDIA | trend MEDIA | top | similar MEDIA | recommend USER  [--json]
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import grpc
 from tqdm import tqdm
 
 from viewevents import config as settings
-from viewevents.client import CHANNEL_OPTIONS, DEFAULT_BATCH_SIZE, LineIndex, ViewEvent, upload
+from viewevents.client import (
+    DEFAULT_BATCH_SIZE,
+    LineIndex,
+    ViewEvent,
+    open_channel,
+    upload,
+    upload_resumable,
+)
 from viewevents.legacy import iter_file
 
 MAX_PROBLEMS_SHOWN = 20
@@ -58,14 +66,19 @@ def cmd_upload(args: argparse.Namespace) -> int:
     problems = _FileProblems(sys.stderr)
     bar = tqdm(unit=" events", unit_scale=True, desc="upload", disable=args.no_progress,
                smoothing=0.1, dynamic_ncols=True)
-    with grpc.insecure_channel(args.address, options=CHANNEL_OPTIONS) as channel:
-        try:
-            summary = upload(channel, _events_of(args.files, index, problems), args.batch_size,
-                             on_batch=bar.update)
-        except grpc.RpcError as error:
-            bar.close()
-            print(f"upload failed: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+    events = _events_of(args.files, index, problems)
+    try:
+        if args.resumable:
+            summary = upload_resumable(
+                lambda: open_channel(args.address, args.tls_ca, args.token), events,
+                args.batch_size, on_ack=lambda ack: bar.update(ack.received))
+        else:
+            with open_channel(args.address, args.tls_ca, args.token) as channel:
+                summary = upload(channel, events, args.batch_size, on_batch=bar.update)
+    except grpc.RpcError as error:
+        bar.close()
+        print(f"upload failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
     bar.close()
     for rejection in summary.rejections:
         path, line = index.locate(rejection.index)
@@ -96,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ingest service address (env VIEWEVENTS_INGEST_ADDRESS)")
     up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="events per request")
     up.add_argument("--no-progress", action="store_true", help="no progress bar")
+    up.add_argument("--resumable", action="store_true",
+                    help="use UploadStream: acks per batch, reconnects and resumes after failures")
+    up.add_argument("--tls-ca", help="CA certificate (PEM) when the service uses TLS")
+    up.add_argument("--token", default=defaults.ingest_token or None,
+                    help="bearer token (env VIEWEVENTS_INGEST_TOKEN)")
     up.set_defaults(func=cmd_upload)
 
     from viewevents import gen
@@ -103,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("gen", help="write a synthetic, seeded data set (legacy format)")
     gen.add_arguments(generate)
     generate.set_defaults(func=cmd_gen)
+
+    from viewevents.cli_queries import add_query_commands
+
+    add_query_commands(commands)
     return parser
 
 

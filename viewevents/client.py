@@ -87,7 +87,7 @@ class UploadTotals:
     rejected: int = 0
     requests: int = 0
     reconnects: int = 0
-    rejections: list[ingest_pb.Rejection] = field(default_factory=list)
+    rejections: list[ingest_pb.Rejection] = field(default_factory=list)  # index: in the upload
 
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -159,7 +159,10 @@ def upload_resumable(
                 totals.requests += 1
                 for rejection in ack.rejections:
                     if len(totals.rejections) < max_rejections:
-                        totals.rejections.append(rejection)
+                        in_stream = ingest_pb.Rejection()
+                        in_stream.CopyFrom(rejection)  # index within the request -> in the upload
+                        in_stream.index = ack.sequence * batch_size + rejection.index
+                        totals.rejections.append(in_stream)
                 if on_ack:
                     on_ack(ack)
             with lock:
