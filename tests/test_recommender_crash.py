@@ -1,0 +1,121 @@
+"""kill -9 the recommender again and again during a large upload: its statistics stay exact.
+
+Every sufficient statistic (N, and S, Q, n of every item, D and c of every co-viewed pair) is
+read straight from RocksDB after the last restart caught up, and must equal the brute-force
+matrix of the accepted events: nothing lost, nothing counted twice, whatever instant each kill
+hit. Restarts join under a fresh consumer-group id (offsets come from RocksDB; a fresh id only
+spares Kafka's session timeout before a killed member's partitions are handed on).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from recommender_service import store as keys
+from tests.support import ServiceProcess, free_port, test_config, unique_name
+from tests.test_recommender_e2e import accepted_events
+from tests.test_recommender_unit import BruteForce
+from viewevents import gen, legacy
+from viewevents.client import CHANNEL_OPTIONS, upload
+from viewevents.state import StateStore
+from viewevents.v1 import recommender_service_pb2 as pb
+from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+KILLS = 4
+EVENTS = 300_000
+
+
+def applied(address: str) -> int | None:
+    """Records applied so far (sum of the answer's position), None if the service is down."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.RecommenderServiceStub(channel).RecommendForUser(
+                pb.RecommendForUserRequest(user_id=1), timeout=5)
+        return sum(p.offset for p in reply.position.partitions)
+    except grpc.RpcError:
+        return None
+
+
+def resumed_from(log: Path) -> int | None:
+    """Records already applied when a restarted service resumed (from its log), if it got there."""
+    found = re.search(r"resuming from stored offsets \{([^}]*)\}", log.read_text(errors="replace"))
+    if found is None:
+        return None
+    return sum(int(v) for v in re.findall(r"\d+: (\d+)", found.group(1)))
+
+
+def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIEWEVENTS_RECOMMENDER_HISTORY_CAP", "100000")
+    monkeypatch.setenv("VIEWEVENTS_RECOMMENDER_ROW_MAX_DELTAS", "4")  # compactions get killed too
+    path = tmp_path / "events.jsonl"
+    gen.generate(str(path), EVENTS, seed=21, users=3_000, media=300, groups=10, noise=0.02)
+    events = [p.event for _, p in legacy.iter_file(str(path)) if p.event is not None]
+    config = test_config(
+        kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
+        recommender_address=f"127.0.0.1:{free_port()}", consume_batch_max=4_000,
+        recommender_state_dir=str(tmp_path / "state"), recommender_group=unique_name("rec"))
+    ingest = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "ingest.log").start()
+    service = ServiceProcess("recommender_service", config, config.recommender_address,
+                             tmp_path / "rec-0.log").start()
+    result: dict[str, object] = {}
+    stopped: int | None = None
+
+    def run_upload() -> None:
+        try:
+            with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
+                result["summary"] = upload(channel, events, batch_size=4_000, timeout=600)
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            result["error"] = error
+
+    try:
+        ingest.wait_serving()
+        service.wait_serving()
+        uploader = threading.Thread(target=run_upload, daemon=True)
+        uploader.start()
+        rng = random.Random(9)
+        seen_at_kill: list[int | None] = []
+        for kill in range(KILLS):
+            time.sleep(rng.uniform(1.0, 2.5))
+            seen_at_kill.append(applied(config.recommender_address))
+            service.kill()
+            restarted = config.replace(recommender_group=unique_name("rec-crash"))
+            service = ServiceProcess("recommender_service", restarted, config.recommender_address,
+                                     tmp_path / f"rec-{kill + 1}.log").start()
+        uploader.join(600)
+        assert "error" not in result, result.get("error")
+        total = result["summary"].accepted  # type: ignore[attr-defined]
+        # The kills hit a service that had applied part of the stream, not an idle one.
+        resumed = [resumed_from(tmp_path / f"rec-{k + 1}.log") for k in range(KILLS)]
+        partial = [n for n in resumed + seen_at_kill if n is not None and 0 < n < total]
+        assert partial, f"no kill hit a service mid-stream: {resumed}, {seen_at_kill} of {total}"
+        deadline = time.monotonic() + 180
+        while (applied(config.recommender_address) or 0) < total:
+            assert time.monotonic() < deadline, service.tail()
+            time.sleep(0.3)
+    finally:
+        stopped = service.stop()
+        ingest.stop()
+    assert stopped == 0, service.tail()  # a clean SIGTERM after the last restart
+
+    truth = BruteForce(accepted_events(events))
+    store = StateStore(str(tmp_path / "state"))
+    try:
+        partitions = keys.partitions_in(store)
+        users, items = keys.stored_items(store, partitions)
+        assert users == truth.n_users
+        assert items == truth.item_stats()
+        pairs = keys.stored_pairs(store, partitions)
+        assert len(pairs) > 10_000
+        assert pairs == truth.pairs()
+    finally:
+        store.close()
