@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import TEST_KAFKA_PORT, ensure_broker, stop_broker
+from tests.support import RUNNING, TEST_KAFKA_PORT, ensure_broker, stop_broker
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,14 @@ def kafka_bootstrap() -> Iterator[str]:
     yield f"127.0.0.1:{TEST_KAFKA_PORT}"
     if started:
         stop_broker(TEST_KAFKA_PORT)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_services() -> Iterator[None]:
+    """Service subprocesses never outlive the test session, even when a test failed."""
+    yield
+    for service in RUNNING:
+        service.kill()
 
 
 @pytest.fixture

@@ -62,6 +62,9 @@ def config_env(config: settings.Config) -> dict[str, str]:
     return env
 
 
+RUNNING: list["ServiceProcess"] = []  # killed at the end of the session, whatever happened
+
+
 class ServiceProcess:
     """A service run as `python -m module` with a configuration, like in production."""
 
@@ -77,6 +80,7 @@ class ServiceProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module], env=config_env(self.config), cwd=REPO,
             stdout=log, stderr=subprocess.STDOUT)
+        RUNNING.append(self)
         return self
 
     def wait_serving(self, timeout: float = 120.0) -> None:

@@ -70,7 +70,7 @@ def cmd_stats(args: argparse.Namespace, client: QueryClient) -> None:
     s = reply.stats
     print(table(["media", "view time (s)", "starts", "stops", "ends", "viewers", "completion",
                  "avg s/viewer", "first event", "last event"],
-                [[s.media_id, s.view_time_seconds, s.starts, s.stops, s.ends, s.unique_viewers,
+                [[str(s.media_id), s.view_time_seconds, s.starts, s.stops, s.ends, s.unique_viewers,
                   s.completion_rate, s.average_view_time_seconds_per_viewer,
                   _time(s.first_event_time), _time(s.last_event_time)]]))
 
@@ -114,7 +114,7 @@ def cmd_top(args: argparse.Namespace, client: QueryClient) -> None:
     if args.json:
         return _emit_json(reply)
     print(table(["rank", "media", "view time (s)", "starts", "viewers"],
-                [[m.rank, m.media_id, m.view_time_seconds, m.starts, m.unique_viewers] for m in reply.media]))
+                [[m.rank, str(m.media_id), m.view_time_seconds, m.starts, m.unique_viewers] for m in reply.media]))
     if reply.next_page_token:
         print(f"next page: --page-token {reply.next_page_token}")
 
@@ -124,7 +124,7 @@ def cmd_similar(args: argparse.Namespace, client: QueryClient) -> None:
     if args.json:
         return _emit_json(reply)
     print(table(["media", args.metric, "co-viewers"],
-                [[m.media_id, m.score, m.co_viewers] for m in reply.similar_media]))
+                [[str(m.media_id), m.score, m.co_viewers] for m in reply.similar_media]))
 
 
 def cmd_recommend(args: argparse.Namespace, client: QueryClient) -> None:
@@ -133,7 +133,7 @@ def cmd_recommend(args: argparse.Namespace, client: QueryClient) -> None:
         return _emit_json(reply)
     if reply.fallback:
         print("(no usable history for this user: the most watched items)")
-    print(table(["media", "score"], [[r.media_id, r.score] for r in reply.recommendations]))
+    print(table(["media", "score"], [[str(r.media_id), r.score] for r in reply.recommendations]))
 
 
 def add_query_commands(commands: argparse._SubParsersAction) -> None:

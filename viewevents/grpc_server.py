@@ -46,6 +46,9 @@ def new_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # gRPC sets SO_REUSEPORT by default, which lets a second instance silently share a
+            # port with a stale one; a clash must fail at start instead.
+            ("grpc.so_reuseport", 0),
         ],
     )
 
@@ -60,7 +63,9 @@ def bind(server: grpc.aio.Server, address: str, cert_file: str = "", key_file: s
         server.add_secure_port(address, credentials)
         log.info("TLS on %s", address)
     else:
-        server.add_insecure_port(address)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
