@@ -62,7 +62,7 @@ def config_env(config: settings.Config) -> dict[str, str]:
     return env
 
 
-RUNNING: list["ServiceProcess"] = []  # killed at the end of the session, whatever happened
+RUNNING: list[ServiceProcess] = []  # killed at the end of the session, whatever happened
 
 
 class ServiceProcess:
