@@ -1,0 +1,129 @@
+"""Every grpcurl command of the README, run with the real grpcurl against a real stack."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from tests.support import REPO, ServiceProcess, free_port, test_config
+from tests.test_grpcurl import GRPCURL
+from viewevents.v1 import stats_service_pb2 as stats_pb
+from viewevents.v1 import stats_service_pb2_grpc as stats_grpc
+
+pytestmark = pytest.mark.integration
+
+DEFAULTS = {"ingest": "127.0.0.1:50051", "stats": "127.0.0.1:50052", "recommender": "127.0.0.1:50053"}
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- grpcurl:begin -->")[1].split("<!-- grpcurl:end -->")[0]
+    lines = [line for line in block.splitlines() if line.startswith("grpcurl ")]
+    assert len(lines) >= 12
+    return lines
+
+
+@pytest.fixture(scope="module")
+def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    folder = tmp_path_factory.mktemp("readme")
+    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
+                         stats_address=f"127.0.0.1:{free_port()}",
+                         recommender_address=f"127.0.0.1:{free_port()}",
+                         stats_state_dir=str(folder / "stats"), recommender_state_dir=str(folder / "rec"),
+                         stats_group=f"readme-stats-{time.time_ns()}",
+                         recommender_group=f"readme-rec-{time.time_ns()}")
+    services = [ServiceProcess(module, config, getattr(config, f"{name}_address"), folder / f"{name}.log").start()
+                for name, module in (("ingest", "ingest_service"), ("stats", "stats_service"),
+                                     ("recommender", "recommender_service"))]
+    for service in services:
+        service.wait_serving()
+    yield {"ingest": config.ingest_address, "stats": config.stats_address,
+           "recommender": config.recommender_address}
+    for service in services:
+        service.stop()
+
+
+def expected_from_examples() -> dict[str, object]:
+    """Brute force over docs/examples/upload-requests.jsonl plus the README's Publish event."""
+    events = [e for line in (REPO / "docs/examples/upload-requests.jsonl").read_text().splitlines()
+              for e in json.loads(line)["events"]]
+    events.append({"eventId": "readme-publish-1", "mediaId": "10", "userId": "47",
+                   "eventType": "EVENT_TYPE_STREAM_START", "eventTime": "2026-11-28T13:00:00Z"})
+    unique = {e["eventId"]: e for e in events}.values()
+    viewers: dict[int, set[int]] = defaultdict(set)
+    waypoints: dict[int, int] = defaultdict(int)
+    for e in unique:
+        viewers[int(e["mediaId"])].add(int(e["userId"]))
+        waypoints[int(e["mediaId"])] += e["eventType"] == "EVENT_TYPE_WAYPOINT"
+    ranking = sorted(viewers, key=lambda m: (-len(viewers[m]), m))
+    return {"viewers": viewers, "waypoints": waypoints, "top3": ranking[:3], "uploaded": len(events) - 1}
+
+
+def wait_until_applied(address: str, positions: list[dict], timeout: float = 60) -> None:
+    wanted = {int(p.get("partition", 0)): int(p["offset"]) for p in positions}
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = stats_grpc.StatsServiceStub(channel)
+        while time.monotonic() < deadline:
+            reply = stub.ListTopMedia(stats_pb.ListTopMediaRequest(
+                start_time={"seconds": 0}, end_time={"seconds": 1}, limit=1))
+            at = {p.partition: p.offset for p in reply.position.partitions}
+            if all(at.get(p, 0) >= o for p, o in wanted.items()):
+                return
+            time.sleep(0.2)
+    raise TimeoutError("stats did not apply the upload")
+
+
+def test_every_readme_command(stack: dict[str, str]) -> None:
+    expected = expected_from_examples()
+    outputs: dict[str, list[str]] = defaultdict(list)
+    upload_positions: list[dict] = []
+    for command in readme_commands():
+        for name, default in DEFAULTS.items():
+            command = command.replace(default, stack[name])
+        command = command.replace("grpcurl ", f"{GRPCURL} ", 1)
+        if "GetMediaStats" in command and upload_positions:
+            wait_until_applied(stack["stats"], upload_positions)
+            time.sleep(1.0)  # the recommender consumes in parallel; its answers are checked below
+        result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+        found = re.search(r"(\w+Service/\w+|Health/\w+)|\b(list)$|(describe \S+)$", command)
+        assert found, command
+        key = next(x for x in found.groups() if x)
+        outputs[key].append(result.stdout)
+        if key.endswith("/Upload"):
+            upload_positions = json.loads(result.stdout)["positions"]
+
+    assert "viewevents.v1.IngestService" in outputs["list"][0]
+    assert "rpc GetMediaStats" in outputs["describe viewevents.v1.StatsService"][0]
+    assert "rpc GetSimilarMedia" in outputs["describe viewevents.v1.RecommenderService"][0]
+    assert json.loads(outputs["Health/Check"][0]) == {"status": "SERVING"}
+    upload = json.loads(outputs["IngestService/Upload"][0])
+    assert int(upload["accepted"]) == expected["uploaded"] and "rejected" not in upload
+    assert json.loads(outputs["IngestService/Publish"][0])["accepted"] == "1"
+    acks = [json.loads(chunk) for chunk in re.split(r"(?<=\})\n(?=\{)", outputs["IngestService/UploadStream"][0].strip())]
+    assert [int(a.get("request_index", 0)) for a in acks] == list(range(6))
+
+    stats = json.loads(outputs["StatsService/GetMediaStats"][0])["stats"]
+    assert int(stats["unique_viewers"]) == len(expected["viewers"][7])  # re-sent events counted once
+    assert int(stats["view_time_seconds"]) == 30 * expected["waypoints"][7]
+    trend = json.loads(outputs["StatsService/GetMediaTrend"][0])
+    assert sum(int(b.get("view_time_seconds", 0)) for b in trend["buckets"]) == 30 * expected["waypoints"][7]
+    top = json.loads(outputs["StatsService/ListTopMedia"][0])
+    assert [int(m["media_id"]) for m in top["media"]] == expected["top3"]
+
+    similar = [json.loads(out) for out in outputs["RecommenderService/GetSimilarMedia"]]
+    for answer in similar:
+        assert int(answer["similar_media"][0]["media_id"]) == 8  # watched by the same three users
+    recommended = json.loads(outputs["RecommenderService/RecommendForUser"][0])  # user 42: 7 and 8
+    assert not recommended.get("fallback")
+    picks = [int(r["media_id"]) for r in recommended["recommendations"]]
+    assert picks[0] == 10 and not {7, 8} & set(picks)  # 10 is watched with 8 by two users
