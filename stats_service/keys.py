@@ -9,9 +9,10 @@ little-endian int64 rows so that numpy reads and writes many of them in one call
   U media user                -> b""      the user has watched the media item (all-time)
   P media day user            -> minute bitmap of that day (1440 bits, 180 bytes LE)
   Q day media user            -> the same bitmap, day-major (ranking by unique viewers)
-  M media minute              -> bucket: view_time, starts, stops, ends, uniques
-  H media hour                -> bucket (same row layout)
-  D media day                 -> bucket
+  H media hour                -> hour row: the hour's bucket (5 x int64: view_time, starts,
+                                 stops, ends, uniques), then its 60 minute buckets (60 x 5
+                                 x int32): minutes cost no keys of their own
+  D media day                 -> day bucket (5 x int64)
   h hour media                -> copy of H, hour-major (ranking index)
   d day media                 -> copy of D, day-major (ranking index)
   W                           -> running maximum event time applied (retention cut-off)
@@ -37,7 +38,8 @@ KIND_WATERMARK = b"W"
 
 MINUTE, HOUR, DAY = 60, 3600, 86_400
 # Media-major trend rows per bucket size, and the bucket-major copies kept for ranking.
-KIND_BUCKET = {MINUTE: b"M", HOUR: b"H", DAY: b"D"}
+# Minute buckets live inside the hour rows.
+KIND_BUCKET = {HOUR: b"H", DAY: b"D"}
 KIND_RANK = {HOUR: b"h", DAY: b"d"}
 
 BIAS = 1 << 63
@@ -50,6 +52,8 @@ I64_MAX = np.iinfo(np.int64).max
 I64_MIN = np.iinfo(np.int64).min
 EMPTY_TOTALS = np.array([0, 0, 0, 0, 0, I64_MAX, I64_MIN], "<i8").tobytes()
 EMPTY_BUCKET = bytes(8 * BUCKET_FIELDS)
+HOUR_ROW = np.dtype([("hour", "<i8", (BUCKET_FIELDS,)), ("minutes", "<i4", (60, BUCKET_FIELDS))])
+EMPTY_HOUR_ROW = bytes(HOUR_ROW.itemsize)
 
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct("<q")
@@ -124,6 +128,19 @@ def rows_from_values(values: Sequence[bytes | None], empty: bytes, width: int) -
     """Stored rows (None = absent, read as `empty`) as one writable int64 matrix."""
     blob = b"".join([empty if v is None else v for v in values])
     return np.frombuffer(blob, "<i8").reshape(len(values), width).copy()
+
+
+def hour_rows_from_values(values: Sequence[bytes | None]) -> np.ndarray:
+    """Stored hour rows (None = absent) as one writable structured array of HOUR_ROW."""
+    blob = b"".join([EMPTY_HOUR_ROW if v is None else v for v in values])
+    return np.frombuffer(blob, HOUR_ROW).copy()
+
+
+def values_of_records(rows: np.ndarray) -> list[bytes]:
+    """One value per structured-array element."""
+    if len(rows) == 0:
+        return []
+    return np.frombuffer(rows.tobytes(), f"V{rows.dtype.itemsize}").tolist()
 
 
 def values_from_rows(rows: np.ndarray) -> list[bytes]:

@@ -11,7 +11,9 @@ import numpy as np
 from stats_service import keys as k
 from stats_service.aggregation import (
     Columns,
+    KeyedCounts,
     aggregate,
+    locate,
     merge_buckets,
     merge_totals,
     merge_viewer_days,
@@ -74,15 +76,37 @@ class StatsProcessor:
             pending.update(zip([presence_keys[i] for i in changed.tolist()], bitmaps))
             pending.update(zip(by_day_keys, bitmaps))
 
-        for size, buckets in batch.buckets.items():
-            if not len(buckets):
-                continue
-            media, start = buckets.keys
-            bucket_keys = k.pack_keys(prefix + k.KIND_BUCKET[size], [media, start], (False, True))
-            rows = k.rows_from_values(txn.get_many(bucket_keys), k.EMPTY_BUCKET, k.BUCKET_FIELDS)
-            merge_buckets(rows, buckets, new_bucket_viewers[size], self.heartbeat_seconds)
-            values = k.values_from_rows(rows)
-            pending.update(zip(bucket_keys, values))
-            if size in k.KIND_RANK:
-                rank_keys = k.pack_keys(prefix + k.KIND_RANK[size], [start, media], (True, False))
-                pending.update(zip(rank_keys, values))
+        # Day rows, and hour rows that carry their minutes (one key per media-hour).
+        self._write_days(prefix, batch.buckets[k.DAY], new_bucket_viewers[k.DAY], txn)
+        hours = batch.buckets[k.HOUR]
+        if len(hours):
+            media, start = hours.keys
+            hour_keys = k.pack_keys(prefix + k.KIND_BUCKET[k.HOUR], [media, start], (False, True))
+            rows = k.hour_rows_from_values(txn.get_many(hour_keys))
+            merge_buckets(rows["hour"], hours, new_bucket_viewers[k.HOUR], self.heartbeat_seconds)
+            minutes = batch.buckets[k.MINUTE]
+            minute_rows = merge_buckets(np.zeros((len(minutes), k.BUCKET_FIELDS), np.int64),
+                                        minutes, new_bucket_viewers[k.MINUTE],
+                                        self.heartbeat_seconds)
+            minute_media, minute_start = minutes.keys
+            hour_of_minute = minute_start // k.HOUR * k.HOUR
+            row = locate([minute_media, hour_of_minute], hours.keys)
+            slot = (minute_start - hour_of_minute) // k.MINUTE
+            rows["minutes"][row, slot] += minute_rows.astype(np.int32)  # (row, slot) distinct
+            values = k.values_of_records(rows)
+            pending.update(zip(hour_keys, values))
+            rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.HOUR], [start, media], (True, False))
+            pending.update(zip(rank_keys, values))
+
+    def _write_days(self, prefix: bytes, days: KeyedCounts, new_viewers: KeyedCounts,
+                    txn: Transaction) -> None:
+        if not len(days):
+            return
+        media, start = days.keys
+        day_keys = k.pack_keys(prefix + k.KIND_BUCKET[k.DAY], [media, start], (False, True))
+        rows = k.rows_from_values(txn.get_many(day_keys), k.EMPTY_BUCKET, k.BUCKET_FIELDS)
+        merge_buckets(rows, days, new_viewers, self.heartbeat_seconds)
+        values = k.values_from_rows(rows)
+        txn.pending.update(zip(day_keys, values))
+        rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.DAY], [start, media], (True, False))
+        txn.pending.update(zip(rank_keys, values))

@@ -70,16 +70,28 @@ class StatsReader:
         """Bucket start -> [view_time, starts, stops, ends, uniques] for [start, end)."""
         buckets: dict[int, list[int]] = {}
         for p in partitions:
-            prefix = k.bucket_prefix(p, size, media_id)
-            for key, value in self.store.scan(prefix + k.biased(start), prefix + k.biased(end)):
-                row = k.decode_bucket(value)
-                bucket = k.unbiased(key[-8:])
-                have = buckets.get(bucket)
-                if have is None:
-                    buckets[bucket] = list(row)
-                else:
-                    for i in range(5):
-                        have[i] += row[i]
+            if size == k.DAY:
+                prefix = k.bucket_prefix(p, k.DAY, media_id)
+                for key, value in self.store.scan(prefix + k.biased(start),
+                                                  prefix + k.biased(end)):
+                    _add(buckets, k.unbiased(key[-8:]), k.decode_bucket(value))
+                continue
+            prefix = k.bucket_prefix(p, k.HOUR, media_id)
+            items = list(self.store.scan(prefix + k.biased(floor_to(start, k.HOUR)),
+                                         prefix + k.biased(ceil_to(end, k.HOUR))))
+            if not items:
+                continue
+            rows = np.frombuffer(b"".join([v for _, v in items]), k.HOUR_ROW)
+            hours = [k.unbiased(key[-8:]) for key, _ in items]
+            if size == k.HOUR:
+                for hour, row in zip(hours, rows["hour"].tolist()):
+                    _add(buckets, hour, row)
+                continue
+            for hour, minutes in zip(hours, rows["minutes"]):
+                for slot in np.flatnonzero(minutes[:, 4]).tolist():  # every minute has a viewer
+                    minute = hour + slot * k.MINUTE
+                    if start <= minute < end:
+                        _add(buckets, minute, minutes[slot].tolist())
         return buckets
 
     def viewers(self, partitions: Sequence[int], media_id: int, start: int, end: int) -> int:
@@ -104,9 +116,9 @@ class StatsReader:
     def range_counts(self, partitions: Sequence[int], start: int, end: int
                      ) -> dict[int, tuple[int, int]]:
         """Media -> (view_time, starts) over minute-aligned [start, end), for every media item
-        with an event there. Whole days and hours come from the bucket-major index rows; the
-        minutes at the ragged edges from the media-major minute rows of the media items that
-        the index shows active in the surrounding hours."""
+        with an event there. Whole days, whole hours and the minutes at the ragged edges all
+        come from sequential scans of the bucket-major index rows (edge minutes from the
+        minute slots of the hour rows around them)."""
         media_parts: list[np.ndarray] = []
         value_parts: list[np.ndarray] = []
         for size, low, high in tiles(start, end):
@@ -116,7 +128,7 @@ class StatsReader:
                 else:
                     prefix = k.rank_prefix(p, size)
                     found = self._rows(self.store.scan(prefix + k.biased(low),
-                                                       prefix + k.biased(high)))
+                                                       prefix + k.biased(high)), size)
                 if found is not None:
                     media_parts.append(found[0])
                     value_parts.append(found[1])
@@ -130,33 +142,37 @@ class StatsReader:
         return {m: (int(v), int(s)) for m, v, s in zip(unique.tolist(), view_time.tolist(),
                                                         starts.tolist())}
 
-    def _rows(self, items: Iterable[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray] | None:
+    def _rows(self, items: Iterable[tuple[bytes, bytes]], size: int
+              ) -> tuple[np.ndarray, np.ndarray] | None:
         """(media ids, bucket rows) of index items whose key ends with the media id."""
         pairs = list(items)
         if not pairs:
             return None
         media = np.frombuffer(b"".join([key[-8:] for key, _ in pairs]), ">u8").astype(np.int64)
-        rows = np.frombuffer(b"".join([v for _, v in pairs]), "<i8").reshape(
-            len(pairs), k.BUCKET_FIELDS)
+        blob = b"".join([v for _, v in pairs])
+        if size == k.HOUR:
+            rows = np.frombuffer(blob, k.HOUR_ROW)["hour"]
+        else:
+            rows = np.frombuffer(blob, "<i8").reshape(len(pairs), k.BUCKET_FIELDS)
         return media, rows
 
     def _minute_rows(self, partition: int, low: int, high: int
                      ) -> tuple[np.ndarray, np.ndarray] | None:
-        hour_prefix = k.rank_prefix(partition, k.HOUR)
-        hours = self.store.scan(hour_prefix + k.biased(floor_to(low, k.HOUR)),
-                                hour_prefix + k.biased(ceil_to(high, k.HOUR)))
-        candidates = sorted({int.from_bytes(key[-8:], "big") for key, _ in hours})
-        media: list[int] = []
-        values: list[bytes] = []
-        for media_id in candidates:
-            prefix = k.bucket_prefix(partition, k.MINUTE, media_id)
-            for _, value in self.store.scan(prefix + k.biased(low), prefix + k.biased(high)):
-                media.append(media_id)
-                values.append(value)
-        if not media:
+        """Sums of the minutes in [low, high) per media item, from the hour index rows."""
+        prefix = k.rank_prefix(partition, k.HOUR)
+        items = list(self.store.scan(prefix + k.biased(floor_to(low, k.HOUR)),
+                                     prefix + k.biased(ceil_to(high, k.HOUR))))
+        if not items:
             return None
-        rows = np.frombuffer(b"".join(values), "<i8").reshape(len(values), k.BUCKET_FIELDS)
-        return np.array(media, np.int64), rows
+        rows = np.frombuffer(b"".join([v for _, v in items]), k.HOUR_ROW)
+        hours = np.frombuffer(b"".join([key[3:11] for key, _ in items]), ">u8"
+                              ).astype(np.uint64) ^ np.uint64(k.BIAS)
+        minute = hours.astype(np.int64)[:, None] + k.MINUTE * np.arange(60)[None, :]
+        inside = (minute >= low) & (minute < high)
+        sums = (rows["minutes"].astype(np.int64) * inside[:, :, None]).sum(axis=1)
+        media = np.frombuffer(b"".join([key[-8:] for key, _ in items]), ">u8").astype(np.int64)
+        active = sums[:, 4] > 0
+        return media[active], sums[active]
 
     def range_viewers_all(self, partitions: Sequence[int], start: int, end: int
                           ) -> dict[int, int]:
@@ -184,6 +200,15 @@ class StatsReader:
     def range_viewers_of(self, partitions: Sequence[int], media_ids: Iterable[int], start: int,
                          end: int) -> dict[int, int]:
         return {m: self.viewers(partitions, m, start, end) for m in media_ids}
+
+
+def _add(buckets: dict[int, list[int]], start: int, row: Sequence[int]) -> None:
+    have = buckets.get(start)
+    if have is None:
+        buckets[start] = list(row)
+    else:
+        for i in range(k.BUCKET_FIELDS):
+            have[i] += row[i]
 
 
 def _day_mask(day: int, start: int, end: int) -> int | None:
