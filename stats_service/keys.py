@@ -13,7 +13,7 @@ little-endian int64 rows so that numpy reads and writes many of them in one call
                                  stops, ends, uniques), then its 60 minute buckets (60 x 5
                                  x int32): minutes cost no keys of their own
   D media day                 -> day bucket (5 x int64)
-  h hour media                -> copy of H, hour-major (ranking index)
+  h hour media                -> the hour bucket of H (5 x int64), hour-major (ranking index)
   d day media                 -> copy of D, day-major (ranking index)
   W                           -> running maximum event time applied (retention cut-off)
 

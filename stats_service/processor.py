@@ -93,10 +93,10 @@ class StatsProcessor:
             row = locate([minute_media, hour_of_minute], hours.keys)
             slot = (minute_start - hour_of_minute) // k.MINUTE
             rows["minutes"][row, slot] += minute_rows.astype(np.int32)  # (row, slot) distinct
-            values = k.values_of_records(rows)
-            pending.update(zip(hour_keys, values))
+            pending.update(zip(hour_keys, k.values_of_records(rows)))
+            # The ranking copy holds only the hour's own bucket: whole-hour tiles scan it.
             rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.HOUR], [start, media], (True, False))
-            pending.update(zip(rank_keys, values))
+            pending.update(zip(rank_keys, k.values_from_rows(rows["hour"])))
 
     def _write_days(self, prefix: bytes, days: KeyedCounts, new_viewers: KeyedCounts,
                     txn: Transaction) -> None:

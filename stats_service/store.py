@@ -96,20 +96,19 @@ class StatsReader:
 
     def viewers(self, partitions: Sequence[int], media_id: int, start: int, end: int) -> int:
         """Exact distinct users with an event on the item in minute-aligned [start, end)."""
-        users: set[bytes] = set()
+        users: list[np.ndarray] = []
+        first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
         for p in partitions:
             prefix = k.presence_prefix(p, media_id)
-            first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
-            masks: dict[bytes, int | None] = {}
-            for key, bitmap in self.store.scan(prefix + k.biased(first_day),
-                                               prefix + k.biased(end_day)):
-                day_bytes = key[-16:-8]
-                if day_bytes not in masks:
-                    masks[day_bytes] = _day_mask(k.unbiased(day_bytes), start, end)
-                mask = masks[day_bytes]
-                if mask is None or int.from_bytes(bitmap, "little") & mask:
-                    users.add(key[-8:])
-        return len(users)
+            items = list(self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day)))
+            if not items:
+                continue
+            keys = np.frombuffer(b"".join([key for key, _ in items]), np.uint8).reshape(
+                len(items), -1)
+            day = _u64_column(keys, 11).astype(np.uint64) ^ np.uint64(k.BIAS)
+            inside = _in_range(day.astype(np.int64), [v for _, v in items], start, end)
+            users.append(_u64_column(keys, 19)[inside])
+        return len(np.unique(np.concatenate(users))) if users else 0
 
     # --- every media item in a range (ListTopMedia) -------------------------------------------
 
@@ -128,7 +127,7 @@ class StatsReader:
                 else:
                     prefix = k.rank_prefix(p, size)
                     found = self._rows(self.store.scan(prefix + k.biased(low),
-                                                       prefix + k.biased(high)), size)
+                                                       prefix + k.biased(high)))
                 if found is not None:
                     media_parts.append(found[0])
                     value_parts.append(found[1])
@@ -142,60 +141,62 @@ class StatsReader:
         return {m: (int(v), int(s)) for m, v, s in zip(unique.tolist(), view_time.tolist(),
                                                         starts.tolist())}
 
-    def _rows(self, items: Iterable[tuple[bytes, bytes]], size: int
-              ) -> tuple[np.ndarray, np.ndarray] | None:
+    def _rows(self, items: Iterable[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray] | None:
         """(media ids, bucket rows) of index items whose key ends with the media id."""
         pairs = list(items)
         if not pairs:
             return None
         media = np.frombuffer(b"".join([key[-8:] for key, _ in pairs]), ">u8").astype(np.int64)
-        blob = b"".join([v for _, v in pairs])
-        if size == k.HOUR:
-            rows = np.frombuffer(blob, k.HOUR_ROW)["hour"]
-        else:
-            rows = np.frombuffer(blob, "<i8").reshape(len(pairs), k.BUCKET_FIELDS)
+        rows = np.frombuffer(b"".join([v for _, v in pairs]), "<i8").reshape(
+            len(pairs), k.BUCKET_FIELDS)
         return media, rows
 
     def _minute_rows(self, partition: int, low: int, high: int
                      ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Sums of the minutes in [low, high) per media item, from the hour index rows."""
+        """Sums of the minutes in [low, high) per media item: the hour index names the items
+        active in the surrounding hours, one multi-get fetches their hour rows."""
         prefix = k.rank_prefix(partition, k.HOUR)
-        items = list(self.store.scan(prefix + k.biased(floor_to(low, k.HOUR)),
-                                     prefix + k.biased(ceil_to(high, k.HOUR))))
-        if not items:
+        index = [key for key, _ in self.store.scan(prefix + k.biased(floor_to(low, k.HOUR)),
+                                                   prefix + k.biased(ceil_to(high, k.HOUR)))]
+        if not index:
             return None
-        rows = np.frombuffer(b"".join([v for _, v in items]), k.HOUR_ROW)
-        hours = np.frombuffer(b"".join([key[3:11] for key, _ in items]), ">u8"
-                              ).astype(np.uint64) ^ np.uint64(k.BIAS)
-        minute = hours.astype(np.int64)[:, None] + k.MINUTE * np.arange(60)[None, :]
+        row_keys = [partition_prefix(partition) + k.KIND_BUCKET[k.HOUR] + key[-8:] + key[3:11]
+                    for key in index]
+        values = self.store.get_many(row_keys)
+        rows = k.hour_rows_from_values(values)
+        keys = np.frombuffer(b"".join(index), np.uint8).reshape(len(index), -1)
+        hours = (_u64_column(keys, 3).astype(np.uint64) ^ np.uint64(k.BIAS)).astype(np.int64)
+        minute = hours[:, None] + k.MINUTE * np.arange(60)[None, :]
         inside = (minute >= low) & (minute < high)
         sums = (rows["minutes"].astype(np.int64) * inside[:, :, None]).sum(axis=1)
-        media = np.frombuffer(b"".join([key[-8:] for key, _ in items]), ">u8").astype(np.int64)
+        media = _u64_column(keys, 11)
         active = sums[:, 4] > 0
         return media[active], sums[active]
 
     def range_viewers_all(self, partitions: Sequence[int], start: int, end: int
                           ) -> dict[int, int]:
         """Media -> exact distinct users over minute-aligned [start, end), from the
-        day-major bitmaps (cost: one row per viewer-day in the range)."""
-        users: dict[bytes, set[bytes]] = {}
+        day-major bitmaps (cost: one row per viewer-day of the days the range touches)."""
+        media_parts: list[np.ndarray] = []
+        user_parts: list[np.ndarray] = []
         first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
         for p in partitions:
             prefix = k.presence_by_day_prefix(p)
-            masks: dict[bytes, int | None] = {}
-            for key, bitmap in self.store.scan(prefix + k.biased(first_day),
-                                               prefix + k.biased(end_day)):
-                day_bytes = key[3:11]
-                if day_bytes not in masks:
-                    masks[day_bytes] = _day_mask(k.unbiased(day_bytes), start, end)
-                mask = masks[day_bytes]
-                if mask is None or int.from_bytes(bitmap, "little") & mask:
-                    media = key[11:19]
-                    found = users.get(media)
-                    if found is None:
-                        users[media] = found = set()
-                    found.add(key[19:27])
-        return {int.from_bytes(m, "big"): len(u) for m, u in users.items()}
+            items = list(self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day)))
+            if not items:
+                continue
+            keys = np.frombuffer(b"".join([key for key, _ in items]), np.uint8).reshape(
+                len(items), -1)
+            day = _u64_column(keys, 3).astype(np.uint64) ^ np.uint64(k.BIAS)
+            inside = _in_range(day.astype(np.int64), [v for _, v in items], start, end)
+            media_parts.append(_u64_column(keys, 11)[inside])
+            user_parts.append(_u64_column(keys, 19)[inside])
+        if not media_parts:
+            return {}
+        media, user = np.concatenate(media_parts), np.concatenate(user_parts)
+        pairs = np.unique(np.stack([media, user], axis=1), axis=0)
+        found, counts = np.unique(pairs[:, 0], return_counts=True)
+        return dict(zip(found.tolist(), counts.tolist()))
 
     def range_viewers_of(self, partitions: Sequence[int], media_ids: Iterable[int], start: int,
                          end: int) -> dict[int, int]:
@@ -209,6 +210,25 @@ def _add(buckets: dict[int, list[int]], start: int, row: Sequence[int]) -> None:
     else:
         for i in range(k.BUCKET_FIELDS):
             have[i] += row[i]
+
+
+def _u64_column(keys: np.ndarray, offset: int) -> np.ndarray:
+    """The big-endian 8-byte field at `offset` of fixed-length keys, as int64."""
+    return np.ascontiguousarray(keys[:, offset:offset + 8]).view(">u8")[:, 0].astype(np.int64)
+
+
+def _in_range(days: np.ndarray, bitmaps: list[bytes], start: int, end: int) -> np.ndarray:
+    """Which viewer-day bitmaps have a minute inside [start, end)."""
+    inside = np.ones(len(days), bool)
+    partial = np.flatnonzero((days < start) | (days + k.DAY > end))
+    for day in np.unique(days[partial]).tolist():
+        rows = partial[days[partial] == day]
+        mask = _day_mask(day, start, end) or 0
+        mask_bytes = np.frombuffer(mask.to_bytes(k.BITMAP_BYTES, "little"), np.uint8)
+        bits = np.frombuffer(b"".join([bitmaps[i] for i in rows.tolist()]), np.uint8).reshape(
+            len(rows), k.BITMAP_BYTES)
+        inside[rows] = (bits & mask_bytes).any(axis=1)
+    return inside
 
 
 def _day_mask(day: int, start: int, end: int) -> int | None:
