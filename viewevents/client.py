@@ -226,3 +226,18 @@ def open_channel(address: str, tls_ca: str | None = None, token: str | None = No
     else:
         channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
+
+
+def upload_file(
+    connect: Callable[[], grpc.Channel],
+    paths: Iterable[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    **options: object,
+) -> UploadTotals:
+    """Upload event files (legacy or protobuf JSON lines, .gz ok) with resumable retries.
+    Lines that are not events, or cannot be represented, are skipped (the CLI reports them)."""
+    from viewevents.legacy import iter_file
+
+    events = (parsed.event for path in paths for _, parsed in iter_file(path)
+              if parsed.event is not None)
+    return upload_resumable(connect, events, batch_size, **options)  # type: ignore[arg-type]
