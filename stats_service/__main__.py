@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import sys
 
 from stats_service.processor import StatsProcessor
@@ -27,10 +26,6 @@ def limits_of(config: settings.Config) -> Limits:
 
 async def serve(config: settings.Config) -> None:
     retention_days = getattr(config, "stats_trend_retention_days", 0)
-    extra: dict[str, object] = {}
-    if "metrics_port" in inspect.signature(run_consumer_service).parameters:
-        # The shared runner is gaining a Prometheus endpoint; pass our port once it has one.
-        extra["metrics_port"] = getattr(config, "stats_metrics_port", 0)
     await run_consumer_service(
         config,
         name="stats",
@@ -41,7 +36,7 @@ async def serve(config: settings.Config) -> None:
         make_processor=lambda store: StatsProcessor(config.heartbeat_seconds, retention_days),
         make_servicer=lambda store, consumer, processor: StatsService(
             StatsReader(store), consumer, limits_of(config)),
-        **extra,  # type: ignore[arg-type]
+        metrics_port=config.stats_metrics_port,
     )
 
 
