@@ -82,3 +82,18 @@ def test_upload_reports_problems_by_file_and_line(ingest: ServiceProcess, tmp_pa
 def uploads_so_far(mode: str) -> int:
     """Both modes write to the module's topic: the second run finds each event twice."""
     return 1 if mode == "Upload" else 2
+
+
+@pytest.mark.integration
+def test_dead_letters_command_shows_rejections(ingest: ServiceProcess) -> None:
+    """Runs after the uploads above: their server-side rejections are on the topic."""
+    result = subprocess.run(
+        [sys.executable, "-m", "viewevents.cli", "dead-letters", "--bootstrap",
+         ingest.config.kafka_bootstrap, "--topic", ingest.config.dead_letter_topic, "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rejected = [json.loads(line) for line in result.stdout.splitlines()]
+    by_id = {r["event"].get("eventId"): r for r in rejected}
+    assert {"cli-6", "cli-102"} <= set(by_id)
+    assert by_id["cli-6"]["fieldViolations"][0]["field"] == "user_id"
+    assert by_id["cli-102"]["source"] in {"Upload", "UploadStream"}

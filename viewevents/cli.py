@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_arguments(generate)
     generate.set_defaults(func=cmd_gen)
 
+    from viewevents import dead_letters
+
+    dead = commands.add_parser("dead-letters", help="show rejected events and why (dead-letter topic)")
+    dead_letters.add_arguments(dead)
+    dead.set_defaults(func=dead_letters.run)
+
     from viewevents.cli_queries import add_query_commands
 
     add_query_commands(commands)
