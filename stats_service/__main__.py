@@ -18,14 +18,14 @@ from viewevents.logs import setup_logging
 def limits_of(config: settings.Config) -> Limits:
     """Query limits; read with defaults until viewevents/config.py declares these settings."""
     return Limits(
-        max_trend_buckets=getattr(config, "stats_max_trend_buckets", 10_000),
-        default_page_size=getattr(config, "stats_default_page_size", 10),
-        max_page_size=getattr(config, "stats_max_page_size", 1_000),
+        max_trend_buckets=config.stats_max_trend_buckets,
+        default_page_size=config.stats_default_page_size,
+        max_page_size=config.stats_max_page_size,
     )
 
 
 async def serve(config: settings.Config) -> None:
-    retention_days = getattr(config, "stats_trend_retention_days", 0)
+    retention_days = config.stats_trend_retention_days
     await run_consumer_service(
         config,
         name="stats",

@@ -70,6 +70,15 @@ SETTINGS: tuple[Setting, ...] = (
             "RocksDB directory of the stats service."),
     Setting("stats_group", "VIEWEVENTS_STATS_GROUP", "viewevents-stats", str,
             "Kafka consumer group of the stats service."),
+    Setting("stats_trend_retention_days", "VIEWEVENTS_STATS_TREND_RETENTION_DAYS", 0, int,
+            "Days behind a partition's highest event time that still enter trend buckets "
+            "(older events count in totals only); 0 = unlimited."),
+    Setting("stats_max_trend_buckets", "VIEWEVENTS_STATS_MAX_TREND_BUCKETS", 10_000, int,
+            "Most buckets one GetMediaTrend may return (larger ranges get INVALID_ARGUMENT)."),
+    Setting("stats_default_page_size", "VIEWEVENTS_STATS_DEFAULT_PAGE_SIZE", 10, int,
+            "ListTopMedia page size when limit is 0."),
+    Setting("stats_max_page_size", "VIEWEVENTS_STATS_MAX_PAGE_SIZE", 1_000, int,
+            "Largest ListTopMedia limit."),
     # Recommender service.
     Setting("recommender_address", "VIEWEVENTS_RECOMMENDER_ADDRESS", "127.0.0.1:50053", str,
             "Address the recommender service listens on."),
@@ -152,3 +161,16 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
         else:
             values[setting.name] = setting.default
     return Config(values)
+
+
+def markdown_table() -> str:
+    """The settings as the Markdown table of docs/operations.md (`python -m viewevents.config`)."""
+    lines = ["| environment variable | flag | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = s.default if s.default != "" else "(empty)"
+        lines.append(f"| `{s.env}` | `{s.flag}` | `{default}` | {s.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
