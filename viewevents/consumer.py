@@ -24,13 +24,13 @@ from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED
 from viewevents.state import (
     I64,
     KIND_SEEN,
-    KIND_SEEN_EXPIRY,
     KIND_WATERMARK,
     U32,
     StateStore,
     Transaction,
     offset_key,
     partition_prefix,
+    prefix_end,
 )
 from viewevents.v1 import view_event_pb2
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 ViewEvent = view_event_pb2.ViewEvent
 VALID_EVENT_TYPES = frozenset(range(1, 5))
 SECONDS_PER_DAY = 86_400
+MS_PER_DAY = SECONDS_PER_DAY * 1000
 
 
 class Processor(Protocol):
@@ -73,12 +74,19 @@ def is_applicable(event: ViewEvent) -> bool:
 
 
 class SeenIds:
-    """Bounded, on-disk memory of event ids, per partition, for `retention_days` after an id
-    was first seen (by Kafka record time). A copy re-sent later than that counts again."""
+    """Bounded, on-disk memory of event ids, per partition.
 
-    def __init__(self, retention_days: int) -> None:
+    An id is a duplicate if it was first seen at most `retention_days` earlier (by Kafka record
+    time); a copy re-sent later than that counts again. A sweep that moves through the ids along
+    with the stream (`sweep_factor` keys looked at per event applied) deletes the expired ones in
+    the same write batch, so the record holds about `retention_days * (1 + 1/sweep_factor)` days
+    of ids whatever the stream's length, with one key per id.
+    """
+
+    def __init__(self, retention_days: int, sweep_factor: int = 2) -> None:
         self.retention_days = retention_days
-        self._expired_through: dict[int, int] = {}
+        self.sweep_factor = sweep_factor
+        self._cursor: dict[int, bytes] = {}
 
     def keep_new(
         self, partition: int, records: list[tuple[ViewEvent, int]], txn: Transaction
@@ -87,44 +95,42 @@ class SeenIds:
         duplicates. `records` holds (event, record time in ms)."""
         prefix = partition_prefix(partition) + KIND_SEEN
         first: dict[str, tuple[ViewEvent, int]] = {}
-        for event, timestamp_ms in records:
-            first.setdefault(event.event_id, (event, timestamp_ms))
-        ids = list(first)
-        keys = [prefix + i.encode() for i in ids]
+        for record in records:
+            first.setdefault(record[0].event_id, record)
+        keys = [prefix + event_id.encode() for event_id in first]
+        day_of: dict[int, bytes] = {}  # record-time ms -> packed day, few distinct per batch
         fresh: list[ViewEvent] = []
-        expiry_prefix = partition_prefix(partition) + KIND_SEEN_EXPIRY
-        for event_id, key, known in zip(ids, keys, txn.get_many(keys)):
-            if known is not None:
+        writes: list[tuple[bytes, bytes]] = []
+        for (event, timestamp_ms), key, seen in zip(first.values(), keys, txn.get_many(keys)):
+            day = day_of.get(timestamp_ms)
+            if day is None:
+                day = day_of[timestamp_ms] = U32.pack(timestamp_ms // MS_PER_DAY)
+            if seen is not None and U32.unpack(day)[0] - U32.unpack(seen)[0] <= self.retention_days:
                 continue
-            event, timestamp_ms = first[event_id]
-            day = U32.pack(timestamp_ms // (SECONDS_PER_DAY * 1000))
-            txn.put(key, day)
-            txn.put(expiry_prefix + day + key[len(prefix):], b"")
+            writes.append((key, day))
             fresh.append(event)
+        txn.pending.update(writes)
         return fresh, len(records) - len(fresh)
 
-    def expire(self, store: StateStore, partition: int, today: int, chunk: int = 50_000) -> int:
-        """Forget ids first seen more than `retention_days` ago; in chunks, outside the batch
-        commit (forgetting is idempotent, so it needs no offsets)."""
-        cutoff = today - self.retention_days
-        if self._expired_through.get(partition, -1) >= cutoff:
-            return 0
-        p = partition_prefix(partition)
-        start, end = p + KIND_SEEN_EXPIRY, p + KIND_SEEN_EXPIRY + U32.pack(max(cutoff, 0))
-        removed = 0
-        while True:
-            txn = Transaction(store)
-            for key, _ in store.scan(start, end):
+    def sweep(self, store: StateStore, partition: int, today: int, budget: int, txn: Transaction) -> int:
+        """Look at up to `budget` ids after this partition's cursor and delete the expired ones
+        (in `txn`, so before `keep_new` of the same batch). Returns how many were deleted."""
+        prefix = partition_prefix(partition) + KIND_SEEN
+        start = self._cursor.get(partition, prefix)
+        oldest_kept = today - self.retention_days
+        looked = deleted = 0
+        last = None
+        for key, day in store.scan(start, prefix_end(prefix)):
+            last = key
+            looked += 1
+            if U32.unpack(day)[0] < oldest_kept:
                 txn.delete(key)
-                txn.delete(p + KIND_SEEN + key[len(start) + 4:])
-                if len(txn.pending) >= 2 * chunk:
-                    break
-            if not txn.pending:
+                deleted += 1
+            if looked >= budget:
                 break
-            removed += len(txn.pending) // 2
-            txn.commit()
-        self._expired_through[partition] = cutoff
-        return removed
+        # Wrap to the start once the end of the range is reached.
+        self._cursor[partition] = last + b"\x00" if last is not None and looked >= budget else prefix
+        return deleted
 
 
 class ExactlyOnceConsumer:
@@ -156,7 +162,7 @@ class ExactlyOnceConsumer:
         self.caught_up = asyncio.Event()
         self._catch_up_targets: dict[int, int] | None = None
         self._stop = asyncio.Event()
-        self._consumer = AIOKafkaConsumer(
+        self._consumer_options = dict(
             bootstrap_servers=bootstrap,
             group_id=group_id,
             client_id=client_id,
@@ -168,6 +174,7 @@ class ExactlyOnceConsumer:
             heartbeat_interval_ms=3_000,
             max_poll_interval_ms=300_000,
         )
+        self._consumer: AIOKafkaConsumer | None = None  # made in start(), inside the event loop
         self._apply_lock = asyncio.Lock()
 
     # --- positions and freshness ----------------------------------------------------------------
@@ -191,6 +198,7 @@ class ExactlyOnceConsumer:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(**self._consumer_options)
         await self._consumer.start()
         self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self))
 
@@ -266,6 +274,9 @@ class ExactlyOnceConsumer:
                 decoded.append((event, record.timestamp))
                 if event.event_time.seconds > newest_time:
                     newest_time = event.event_time.seconds
+            today = max(today, records[-1].timestamp // MS_PER_DAY)
+            self.seen.sweep(self.store, partition, today,
+                            self.seen.sweep_factor * len(records), txn)
             fresh, duplicates = self.seen.keep_new(partition, decoded, txn)
             if fresh:
                 self.processor.apply(partition, fresh, txn)
@@ -277,15 +288,12 @@ class ExactlyOnceConsumer:
             self.stats.applied += len(fresh)
             self.stats.duplicates += duplicates
             self._duplicates.inc(duplicates)
-            today = max(today, records[-1].timestamp // (SECONDS_PER_DAY * 1000))
         txn.commit()
         self.positions.update(new_positions)
         self.stats.batches += 1
         self._consumed.inc(sum(len(r) for r in batches.values()))
         self._applied.inc(self.stats.applied - applied_before)
         self.processor.committed()
-        for partition in new_positions:
-            self.seen.expire(self.store, partition, today)
 
     @staticmethod
     def _raise_watermark(partition: int, event_time: int, txn: Transaction) -> None:

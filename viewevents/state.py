@@ -8,7 +8,6 @@ Kinds used by this module (services use other letters):
   b"o" + topic              -> next offset to read (8 bytes)  consumer position
   b"w"                      -> highest event time applied (8 bytes, seconds)
   b"i" + event_id           -> first-seen day (4 bytes)       de-duplication
-  b"x" + day(4) + event_id  -> b""                            expiry index of the above
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ I64 = struct.Struct(">q")
 KIND_OFFSET = b"o"
 KIND_WATERMARK = b"w"
 KIND_SEEN = b"i"
-KIND_SEEN_EXPIRY = b"x"
 
 
 def partition_prefix(partition: int) -> bytes:

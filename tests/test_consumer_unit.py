@@ -1,0 +1,84 @@
+"""The shared consume step without Kafka: de-duplication, its bounded memory, offsets with state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiokafka.structs import ConsumerRecord, TopicPartition
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from viewevents.consumer import ExactlyOnceConsumer, SeenIds
+from viewevents.state import KIND_SEEN, StateStore, Transaction, partition_prefix
+from viewevents.v1 import view_event_pb2 as ve
+
+DAY_MS = 86_400_000
+
+
+class Collect:
+    """A processor that remembers what it was given."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[int, str]] = []
+
+    def apply(self, partition: int, events: list[ve.ViewEvent], txn: Transaction) -> None:
+        self.applied += [(partition, e.event_id) for e in events]
+
+    def committed(self) -> None:
+        pass
+
+
+def record(partition: int, offset: int, event_id: str, day: int, valid: bool = True) -> ConsumerRecord:
+    event = ve.ViewEvent(event_id=event_id, media_id=1 if valid else 0, user_id=2, event_type=2,
+                         event_time=Timestamp(seconds=day * 86_400))
+    return ConsumerRecord("t", partition, offset, day * DAY_MS, 0, b"2", event.SerializeToString(),
+                          None, 0, 0, [])
+
+
+def consumer(tmp_path: Path, retention_days: int = 3) -> tuple[ExactlyOnceConsumer, Collect]:
+    processor = Collect()
+    # Built without start(): _apply is the unit under test; no broker is contacted.
+    c = ExactlyOnceConsumer(bootstrap="127.0.0.1:1", topic="t", group_id="g",
+                            store=StateStore(str(tmp_path / "db")), processor=processor,
+                            dedupe_retention_days=retention_days)
+    return c, processor
+
+
+def test_duplicates_dropped_within_retention_counted_after(tmp_path: Path) -> None:
+    c, processor = consumer(tmp_path, retention_days=3)
+    c._apply({TopicPartition("t", 0): [record(0, 0, "a", 100), record(0, 1, "b", 100),
+                                       record(0, 2, "a", 100), record(0, 3, "bad", 100, valid=False)]})
+    c._apply({TopicPartition("t", 0): [record(0, 4, "b", 103)]})  # 3 days later: still a duplicate
+    c._apply({TopicPartition("t", 0): [record(0, 5, "a", 104)]})  # 4 days after first: counts again
+    c._apply({TopicPartition("t", 1): [record(1, 0, "a", 104)]})  # other partition: its own record
+    assert processor.applied == [(0, "a"), (0, "b"), (0, "a"), (1, "a")]
+    assert (c.stats.duplicates, c.stats.invalid) == (2, 1)
+    assert c.positions == {0: 6, 1: 1}
+    assert c.store.stored_offsets("t", [0, 1, 2]) == {0: 6, 1: 1}  # committed with the state
+
+
+def test_sweep_keeps_the_record_bounded(tmp_path: Path) -> None:
+    c, _ = consumer(tmp_path, retention_days=2)
+    offset = 0
+    for day in range(100, 130):  # a month of 500 new ids a day
+        batch = [record(0, offset + n, f"{day}-{n}", day) for n in range(500)]
+        offset += len(batch)
+        c._apply({TopicPartition("t", 0): batch})
+    prefix = partition_prefix(0) + KIND_SEEN
+    remembered = [key for key, _ in c.store.scan_prefix(prefix)]
+    days = {int(key[len(prefix):].split(b"-")[0]) for key in remembered}
+    # Ids of the last `retention` days are all kept; the sweep (2 keys per event) removed the rest
+    # except at most about half a retention period's worth that it has not reached yet.
+    assert {127, 128, 129} <= days
+    assert all(f"{d}-{n}".encode() in {k[len(prefix):] for k in remembered} for d in (128, 129) for n in range(500))
+    assert len(remembered) <= 500 * (2 + 1 + 2)
+    assert min(days) >= 129 - 5
+
+
+def test_seen_ids_first_copy_wins_and_order_is_kept(tmp_path: Path) -> None:
+    store = StateStore(str(tmp_path / "db"))
+    seen = SeenIds(retention_days=30)
+    events = [(ve.ViewEvent(event_id=i), 5 * DAY_MS) for i in ["x", "y", "x", "z", "y"]]
+    txn = Transaction(store)
+    fresh, duplicates = seen.keep_new(0, events, txn)
+    assert [e.event_id for e in fresh] == ["x", "y", "z"] and duplicates == 2
+    assert fresh[0] is events[0][0]
