@@ -264,7 +264,9 @@ def ghz(address: str, method: str, data: str, calls: int, clients: int) -> dict[
     if not GHZ.exists():
         return None
     output = subprocess.run(
-        [str(GHZ), "--insecure", "--call", f"viewevents.v1.RecommenderService.{method}", "-d", data,
+        [str(GHZ), "--insecure", "--proto", str(REPO / "protos/viewevents/v1/recommender_service.proto"),
+         "--import-paths", str(REPO / "protos"), "--call", f"viewevents.v1.RecommenderService/{method}",
+         "-d", data,
          "-c", str(clients), "-n", str(calls), "--format", "json", address],
         capture_output=True, text=True, timeout=600)
     if output.returncode != 0:
@@ -309,9 +311,12 @@ def phase(bootstrap: str, name: str, events: int, users: int, media: int, seed: 
                 user_id=rng.randint(1, users), limit=10), timeout=10)
 
         for label, call in (("GetSimilarMedia", similar), ("RecommendForUser", recommend)):
-            result = asyncio.run(latency(service.address, label, calls, clients, call))
-            out[f"{label} python x{clients} p50/p99 ms"] = f"{result['p50_ms']} / {result['p99_ms']}"
-            out[f"{label} python calls/s (errors)"] = f"{result['calls_per_s']} ({result['errors']})"
+            for concurrency in sorted({1, clients}):
+                result = asyncio.run(latency(service.address, label, calls, concurrency, call))
+                out[f"{label} python x{concurrency} p50/p99 ms"] = (
+                    f"{result['p50_ms']} / {result['p99_ms']}")
+                out[f"{label} python x{concurrency} calls/s (errors)"] = (
+                    f"{result['calls_per_s']} ({result['errors']})")
         for label, data in (
             ("GetSimilarMedia", f'{{"media_id": "{{{{randomInt 1 {media + 1}}}}}", "limit": 10}}'),
             ("RecommendForUser", f'{{"user_id": "{{{{randomInt 1 {users + 1}}}}}", "limit": 10}}'),
@@ -339,17 +344,23 @@ def run_bench(
     seed: int = 5,
     clients: int = 8,
     calls: int = 4_000,
+    stream: bool = True,
     scale: bool = True,
     scale_events: int = 6_000_000,
     scale_users: int = 200_000,
     scale_media: int = 10_000,
+    env_extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Both phases; a flat dict of readable measurements (printed by viewevents.bench)."""
-    env_extra = {"VIEWEVENTS_LOG_LEVEL": "INFO"}
-    results: dict[str, Any] = {"settings": str(local_settings.resolve())}
-    for key, value in phase(bootstrap, "stream", events, users, media, seed, clients, calls,
-                            env_extra).items():
-        results[f"[{events // 1000}k] {key}"] = value
+    """Both phases; a flat dict of readable measurements (printed by viewevents.bench).
+    `env_extra` adds environment variables for the service (e.g. a larger RocksDB cache)."""
+    env_extra = {"VIEWEVENTS_LOG_LEVEL": "INFO", **(env_extra or {})}
+    results: dict[str, Any] = {"settings": str(local_settings.resolve()),
+                               "service environment": " ".join(
+                                   f"{k}={v}" for k, v in sorted(env_extra.items()))}
+    if stream:
+        for key, value in phase(bootstrap, "stream", events, users, media, seed, clients, calls,
+                                env_extra).items():
+            results[f"[{events // 1000}k] {key}"] = value
     if scale:
         for key, value in phase(bootstrap, "scale", scale_events, scale_users, scale_media, seed,
                                 clients, calls, env_extra).items():
@@ -366,14 +377,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=4_000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--no-scale", action="store_true", help="skip the 200k x 10k phase")
+    parser.add_argument("--only-scale", action="store_true", help="skip the first phase")
+    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the service, e.g. VIEWEVENTS_ROCKSDB_CACHE_MB=512")
     parser.add_argument("--scale-events", type=int, default=6_000_000)
     parser.add_argument("--json", help="also write the results to this file")
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
     config = settings.load(args)
     results = run_bench(config.kafka_bootstrap, args.events, users=args.users, media=args.media,
-                        clients=args.clients, calls=args.calls, scale=not args.no_scale,
-                        scale_events=args.scale_events)
+                        clients=args.clients, calls=args.calls, stream=not args.only_scale,
+                        scale=not args.no_scale, scale_events=args.scale_events,
+                        env_extra=dict(item.split("=", 1) for item in args.service_env))
     width = max(len(k) for k in results)
     print("\n== recommender ==")
     for key, value in results.items():

@@ -4,8 +4,10 @@ Per partition batch: combine events per user, read those users' windows, compute
 item's old and new view time, emit the exact pair deltas inside the windows, and append one
 delta chunk per touched neighbour row. Everything goes through the framework's transaction, so
 it is committed in the same RocksDB write batch as the offsets (exactly-once effect). Rows are
-written blind (no read-modify-write per pair); every `row_max_deltas` chunks an item's row is
-compacted into its base inside the same transaction, which bounds the chunks a query reads.
+written blind (no read-modify-write per pair); an item's row is
+compacted into its base inside the same transaction once the deltas hold half as many entries
+as the base (so compaction costs O(1) per delta entry, amortised) or `row_max_deltas` chunks
+(which bounds what a query reads).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from viewevents.state import StateStore, Transaction
 from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
+
+# A row is compacted when its deltas hold half as many entries as its base (amortised O(1)
+# work per delta entry), at least this many, or when it has `row_max_deltas` chunks.
+COMPACT_MIN_ENTRIES = 256
 
 
 @dataclass
@@ -178,7 +184,9 @@ class RecommenderProcessor:
         for item, entries in rows:
             record = records[item]
             record.deltas += 1
-            if record.deltas > max_deltas:
+            record.delta_entries += len(entries)
+            if record.deltas > max_deltas or record.delta_entries >= max(
+                    record.base_entries // 2, COMPACT_MIN_ENTRIES):
                 self._compact(partition, item, record, entries, txn)
                 pending.compactions += 1
             else:
@@ -199,12 +207,14 @@ class RecommenderProcessor:
                  txn: Transaction) -> None:
         """Merge the committed base and deltas with this batch's delta into a new base."""
         prefix = keys.row_prefix(partition, item)
-        chunks = [value for _, value in self.store.scan_prefix(prefix)]
+        chunks = [value for _, value in keys.scan(self.store.db, prefix, fill_cache=False)]
         merged = keys.aggregate_row(np.concatenate((keys.decode_row(chunks), entries)))
         for seq in range(1, record.deltas):
             txn.delete(keys.row_key(partition, item, seq))
         txn.put(keys.row_key(partition, item, 0), merged.tobytes())
         record.deltas = 0
+        record.base_entries = len(merged)
+        record.delta_entries = 0
 
     def committed(self) -> None:
         """Publish the new view: item table plus a snapshot of the state just committed."""

@@ -28,8 +28,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest `limit` accepted by GetSimilarMedia and RecommendForUser."),
     Setting("recommender_user_items", "VIEWEVENTS_RECOMMENDER_USER_ITEMS", 50, int,
             "Most recent items of a user whose neighbour lists score RecommendForUser."),
-    Setting("recommender_row_max_deltas", "VIEWEVENTS_RECOMMENDER_ROW_MAX_DELTAS", 16, int,
-            "Batch deltas kept per neighbour row before they are compacted into its base."),
+    Setting("recommender_row_max_deltas", "VIEWEVENTS_RECOMMENDER_ROW_MAX_DELTAS", 32, int,
+            "Most batch delta chunks per item row and partition before they are compacted into "
+            "its base (bounds the chunks a query reads)."),
     Setting("recommender_cache_items", "VIEWEVENTS_RECOMMENDER_CACHE_ITEMS", 20_000, int,
             "Items whose ranked neighbour lists are kept in memory (LRU; ~5 kB each)."),
     Setting("recommender_cache_ttl_seconds", "VIEWEVENTS_RECOMMENDER_CACHE_TTL_SECONDS", 1.0, float,
@@ -49,7 +50,7 @@ class RecommenderSettings:
     shrinkage: float = 0.0
     max_limit: int = 100
     user_items: int = 50
-    row_max_deltas: int = 16
+    row_max_deltas: int = 32
     cache_items: int = 20_000
     cache_ttl_seconds: float = 1.0
 

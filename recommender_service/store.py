@@ -7,7 +7,8 @@ Kinds o, w, i, x belong to the consumer framework; the recommender uses:
   u + user(8)                -> the user's window: flags(1) + media[k] (int64) + w[k] (int64),
                                 most recent first, at most `history_cap` items, w > 0 only
   v + user(8) + media(8)     -> w (int64) of an item that fell out of the user's window
-  m + media(8)               -> item: S, Q, n (int64 each), delta chunks (int32)
+  m + media(8)               -> item: S, Q, n (int64 each); row chunks: deltas, base entries,
+                                delta entries (int32 each)
   r + media(8) + seq(4)      -> neighbour row chunk of the item: packed ROW entries; seq 0 is the
                                 compacted base, 1..k are per-batch deltas not yet compacted
 
@@ -33,7 +34,7 @@ from viewevents.state import KIND_WATERMARK, StateStore, offset_key, partition_p
 U64 = struct.Struct(">Q")
 SEQ = struct.Struct(">I")
 I64 = struct.Struct("<q")
-ITEM = struct.Struct("<qqqi")
+ITEM = struct.Struct("<qqqiii")
 
 KIND_COUNTS = b"c"
 KIND_USER = b"u"
@@ -83,9 +84,11 @@ class ItemRecord:
     q: int = 0
     n: int = 0
     deltas: int = 0
+    base_entries: int = 0
+    delta_entries: int = 0
 
     def encode(self) -> bytes:
-        return ITEM.pack(self.s, self.q, self.n, self.deltas)
+        return ITEM.pack(self.s, self.q, self.n, self.deltas, self.base_entries, self.delta_entries)
 
     @classmethod
     def decode(cls, value: bytes) -> ItemRecord:
@@ -136,12 +139,15 @@ def aggregate_row(entries: np.ndarray) -> np.ndarray:
 
 # --- reading ----------------------------------------------------------------------------------
 
-def scan(source: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """Items under `prefix` of a Rdict or a rocksdict Snapshot, in key order."""
+def scan(source: Any, prefix: bytes, fill_cache: bool = True) -> Iterator[tuple[bytes, bytes]]:
+    """Items under `prefix` of a Rdict or a rocksdict Snapshot, in key order. One-off reads of
+    whole rows pass fill_cache=False so they do not evict the hot point-lookup blocks."""
     from rocksdict import ReadOptions
 
     read = ReadOptions()
     read.set_iterate_upper_bound(prefix_end(prefix))
+    if not fill_cache:
+        read.fill_cache(False)
     for key, value in source.items(from_key=prefix, read_opt=read):
         if not key.startswith(prefix):  # upper bound makes this unreachable; kept as a guard
             break
@@ -199,7 +205,7 @@ def read_row(source: Any, partitions: Iterable[int], media: int) -> np.ndarray:
     """All chunks of an item's neighbour row over the given partitions (not yet aggregated)."""
     chunks: list[bytes] = []
     for partition in partitions:
-        chunks.extend(value for _, value in scan(source, row_prefix(partition, media)))
+        chunks.extend(value for _, value in scan(source, row_prefix(partition, media), False))
     return decode_row(chunks)
 
 
