@@ -83,11 +83,11 @@ class OfflineRecommender:
             by_partition[self.partition_of(event.user_id)].append(event)
         txn = Transaction(self.store)
         for partition, events in sorted(by_partition.items()):
-            valid = [(e, now_ms) for e in events if is_applicable(e)]
-            fresh, _ = self.seen.keep_new(partition, valid, txn)
+            valid = [e for e in events if is_applicable(e)]
+            fresh, _ = self.seen.keep_new(partition, valid, now_ms // 86_400_000, txn)
             if fresh:
                 self.processor.apply(partition, fresh, txn)
-            newest = max((e.event_time.seconds for e, _ in valid), default=0)
+            newest = max((e.event_time.seconds for e in valid), default=0)
             if newest:
                 key = partition_prefix(partition) + KIND_WATERMARK
                 current = txn.get(key)

@@ -77,8 +77,8 @@ def test_sweep_keeps_the_record_bounded(tmp_path: Path) -> None:
 def test_seen_ids_first_copy_wins_and_order_is_kept(tmp_path: Path) -> None:
     store = StateStore(str(tmp_path / "db"))
     seen = SeenIds(retention_days=30)
-    events = [(ve.ViewEvent(event_id=i), 5 * DAY_MS) for i in ["x", "y", "x", "z", "y"]]
+    events = [ve.ViewEvent(event_id=i, media_id=n) for n, i in enumerate(["x", "y", "x", "z", "y"])]
     txn = Transaction(store)
-    fresh, duplicates = seen.keep_new(0, events, txn)
-    assert [e.event_id for e in fresh] == ["x", "y", "z"] and duplicates == 2
-    assert fresh[0] is events[0][0]
+    fresh, duplicates = seen.keep_new(0, events, 5, txn)
+    assert [(e.event_id, e.media_id) for e in fresh] == [("x", 0), ("y", 1), ("z", 3)]
+    assert duplicates == 2 and fresh[0] is events[0]

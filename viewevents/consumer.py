@@ -24,6 +24,7 @@ from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED
 from viewevents.state import (
     I64,
     KIND_SEEN,
+    KIND_SEEN_OLDEST,
     KIND_WATERMARK,
     U32,
     StateStore,
@@ -65,6 +66,10 @@ class ConsumerStats:
     started: float = field(default_factory=time.monotonic)
 
 
+def _event_seconds(event: ViewEvent) -> int:
+    return event.event_time.seconds
+
+
 def is_applicable(event: ViewEvent) -> bool:
     """The ingest service validated events already; this guards against other producers."""
     return bool(
@@ -77,59 +82,84 @@ class SeenIds:
     """Bounded, on-disk memory of event ids, per partition.
 
     An id is a duplicate if it was first seen at most `retention_days` earlier (by Kafka record
-    time); a copy re-sent later than that counts again. A sweep that moves through the ids along
-    with the stream (`sweep_factor` keys looked at per event applied) deletes the expired ones in
-    the same write batch, so the record holds about `retention_days * (1 + 1/sweep_factor)` days
-    of ids whatever the stream's length, with one key per id.
+    time); a copy re-sent later than that counts again. One key per id. A sweep moves through
+    the ids with the stream (`sweep_factor` keys looked at per record, in the same write batch)
+    and deletes expired ones; it runs only while the oldest day that may be stored (kept under
+    kind `j`, refreshed after each full lap) is older than the retention, so a young store pays
+    nothing. The record thus holds at most about `retention_days * (1 + 1/(sweep_factor - 1))`
+    days of ids, whatever the stream's length.
     """
 
     def __init__(self, retention_days: int, sweep_factor: int = 2) -> None:
+        if sweep_factor < 2:
+            raise ValueError("the sweep must be faster than insertion to ever complete a lap")
         self.retention_days = retention_days
         self.sweep_factor = sweep_factor
         self._cursor: dict[int, bytes] = {}
+        self._lap_oldest: dict[int, int] = {}
 
     def keep_new(
-        self, partition: int, records: list[tuple[ViewEvent, int]], txn: Transaction
+        self, partition: int, events: list[ViewEvent], day: int, txn: Transaction
     ) -> tuple[list[ViewEvent], int]:
         """The events not seen before (first copy wins, offset order kept), and how many were
-        duplicates. `records` holds (event, record time in ms)."""
+        duplicates; the new ids are remembered as first seen on `day` (days since 1970)."""
         prefix = partition_prefix(partition) + KIND_SEEN
-        first: dict[str, tuple[ViewEvent, int]] = {}
-        for record in records:
-            first.setdefault(record[0].event_id, record)
-        keys = [prefix + event_id.encode() for event_id in first]
-        day_of: dict[int, bytes] = {}  # record-time ms -> packed day, few distinct per batch
+        first: dict[str, ViewEvent] = {}
+        keep_first = first.setdefault
+        for event in events:
+            keep_first(event.event_id, event)
+        ids = list(first)
+        keys = [prefix + event_id.encode() for event_id in ids]
+        retention = self.retention_days
         fresh: list[ViewEvent] = []
-        writes: list[tuple[bytes, bytes]] = []
-        for (event, timestamp_ms), key, seen in zip(first.values(), keys, txn.get_many(keys)):
-            day = day_of.get(timestamp_ms)
-            if day is None:
-                day = day_of[timestamp_ms] = U32.pack(timestamp_ms // MS_PER_DAY)
-            if seen is not None and U32.unpack(day)[0] - U32.unpack(seen)[0] <= self.retention_days:
-                continue
-            writes.append((key, day))
-            fresh.append(event)
-        txn.pending.update(writes)
-        return fresh, len(records) - len(fresh)
+        new_keys: list[bytes] = []
+        for event_id, key, seen in zip(ids, keys, txn.get_many(keys)):
+            if seen is None or day - U32.unpack(seen)[0] > retention:
+                fresh.append(first[event_id])
+                new_keys.append(key)
+        if new_keys:
+            txn.pending.update(dict.fromkeys(new_keys, U32.pack(day)))
+            oldest_key = partition_prefix(partition) + KIND_SEEN_OLDEST
+            stored = txn.get(oldest_key)
+            if stored is None or U32.unpack(stored)[0] > day:
+                txn.put(oldest_key, U32.pack(day))
+            self._lap_oldest[partition] = min(self._lap_oldest.get(partition, day), day)
+        return fresh, len(events) - len(fresh)
 
     def sweep(self, store: StateStore, partition: int, today: int, budget: int, txn: Transaction) -> int:
         """Look at up to `budget` ids after this partition's cursor and delete the expired ones
         (in `txn`, so before `keep_new` of the same batch). Returns how many were deleted."""
+        oldest_key = partition_prefix(partition) + KIND_SEEN_OLDEST
+        stored = txn.get(oldest_key)
+        oldest_kept = today - self.retention_days
+        if stored is None or U32.unpack(stored)[0] >= oldest_kept:
+            return 0  # nothing stored can have expired yet
         prefix = partition_prefix(partition) + KIND_SEEN
         start = self._cursor.get(partition, prefix)
-        oldest_kept = today - self.retention_days
+        lap_oldest = self._lap_oldest.get(partition, today)
         looked = deleted = 0
         last = None
-        for key, day in store.scan(start, prefix_end(prefix)):
+        for key, value in store.scan(start, prefix_end(prefix)):
             last = key
             looked += 1
-            if U32.unpack(day)[0] < oldest_kept:
+            day = U32.unpack(value)[0]
+            if day < oldest_kept:
                 txn.delete(key)
                 deleted += 1
+            elif day < lap_oldest:
+                lap_oldest = day
             if looked >= budget:
                 break
-        # Wrap to the start once the end of the range is reached.
-        self._cursor[partition] = last + b"\x00" if last is not None and looked >= budget else prefix
+        if last is not None and looked >= budget:
+            self._cursor[partition] = last + b"\x00"
+            self._lap_oldest[partition] = lap_oldest
+        else:
+            # A lap (every lap starts at the range's beginning) has looked at every id, and
+            # keep_new lowered lap_oldest for ids added behind the cursor: what remains is no
+            # older than lap_oldest. Record that, and start the next lap.
+            self._cursor[partition] = prefix
+            self._lap_oldest[partition] = today
+            txn.put(oldest_key, U32.pack(lap_oldest))
         return deleted
 
 
@@ -255,32 +285,19 @@ class ExactlyOnceConsumer:
         txn = Transaction(self.store)
         applied_before = self.stats.applied
         new_positions: dict[int, int] = {}
-        today = 0
         for tp, records in batches.items():
             if not records:
                 continue
             partition = tp.partition
-            decoded: list[tuple[ViewEvent, int]] = []
-            newest_time = 0
-            for record in records:
-                try:
-                    event = ViewEvent.FromString(record.value)
-                except Exception:  # noqa: BLE001 - a foreign record must not stop the consumer
-                    self.stats.undecodable += 1
-                    continue
-                if not is_applicable(event):
-                    self.stats.invalid += 1
-                    continue
-                decoded.append((event, record.timestamp))
-                if event.event_time.seconds > newest_time:
-                    newest_time = event.event_time.seconds
-            today = max(today, records[-1].timestamp // MS_PER_DAY)
-            self.seen.sweep(self.store, partition, today,
-                            self.seen.sweep_factor * len(records), txn)
-            fresh, duplicates = self.seen.keep_new(partition, decoded, txn)
+            events = self._decode(records)
+            # A batch spans seconds, so its last record time stands for all of them in the
+            # day-granular de-duplication memory.
+            day = records[-1].timestamp // MS_PER_DAY
+            self.seen.sweep(self.store, partition, day, self.seen.sweep_factor * len(records), txn)
+            fresh, duplicates = self.seen.keep_new(partition, events, day, txn)
             if fresh:
                 self.processor.apply(partition, fresh, txn)
-            self._raise_watermark(partition, newest_time, txn)
+                self._raise_watermark(partition, max(map(_event_seconds, fresh)), txn)
             next_offset = records[-1].offset + 1
             txn.put(offset_key(partition, self.topic), I64.pack(next_offset))
             new_positions[partition] = next_offset
@@ -294,6 +311,20 @@ class ExactlyOnceConsumer:
         self._consumed.inc(sum(len(r) for r in batches.values()))
         self._applied.inc(self.stats.applied - applied_before)
         self.processor.committed()
+
+    def _decode(self, records: list[ConsumerRecord]) -> list[ViewEvent]:
+        """The records that are applicable ViewEvents, in offset order (the hot loop)."""
+        parse = ViewEvent.FromString
+        events: list[ViewEvent] = []
+        append = events.append
+        for record in records:
+            try:
+                append(parse(record.value))
+            except Exception:  # noqa: BLE001 - a foreign record must not stop the consumer
+                self.stats.undecodable += 1
+        applicable = [e for e in events if is_applicable(e)]
+        self.stats.invalid += len(events) - len(applicable)
+        return applicable
 
     @staticmethod
     def _raise_watermark(partition: int, event_time: int, txn: Transaction) -> None:

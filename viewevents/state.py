@@ -8,6 +8,7 @@ Kinds used by this module (services use other letters):
   b"o" + topic              -> next offset to read (8 bytes)  consumer position
   b"w"                      -> highest event time applied (8 bytes, seconds)
   b"i" + event_id           -> first-seen day (4 bytes)       de-duplication
+  b"j"                      -> oldest first-seen day stored (4 bytes), gates the sweep
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from rocksdict import (
+    BlockBasedIndexType,
     BlockBasedOptions,
     Cache,
     DBCompressionType,
@@ -35,6 +37,7 @@ I64 = struct.Struct(">q")
 KIND_OFFSET = b"o"
 KIND_WATERMARK = b"w"
 KIND_SEEN = b"i"
+KIND_SEEN_OLDEST = b"j"
 
 
 def partition_prefix(partition: int) -> bytes:
@@ -53,9 +56,17 @@ def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
     options.set_compression_type(DBCompressionType.lz4())
     table = BlockBasedOptions()
     table.set_block_cache(Cache(cache_mb * 1024 * 1024))
-    table.set_cache_index_and_filter_blocks(True)
-    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    # Partitioned index and bloom filters: charged to the cache in small blocks, so a large SST's
+    # filter never has to fit in one cache shard (a monolithic multi-MB filter block does not,
+    # and was then re-read on every lookup: 20 us instead of about 1 us per missing key).
     table.set_bloom_filter(10, False)
+    table.set_index_type(BlockBasedIndexType.two_level_index_search())
+    table.set_partition_filters(True)
+    table.set_metadata_block_size(4096)
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_top_level_index_and_filter(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_format_version(5)
     options.set_block_based_table_factory(table)
     return options
 
