@@ -26,6 +26,7 @@ from recommender_service import store as keys
 from recommender_service.settings import RecommenderSettings
 from recommender_service.similarity import Metric, Ranked
 from recommender_service.view import Stamp, View
+from viewevents.kafka import KeyPartitioner, user_key
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class QueryEngine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._warmer: threading.Thread | None = None
+        self._partitioners: dict[int, KeyPartitioner] = {}
         self.warm_passes = 0
         self.computed = 0
 
@@ -144,7 +146,7 @@ class QueryEngine:
     def history(self, view: View, user: int) -> UserHistory | None:
         """The user's window from the view's snapshot; None for a user never seen."""
         snapshot = view.snapshot
-        for partition in view.partitions:
+        for partition in self._probe_order(view.partitions, user):
             value = keys.snapshot_get(snapshot, keys.user_key(partition, user))
             if value is None:
                 continue
@@ -156,6 +158,18 @@ class QueryEngine:
                             for k, _ in keys.scan(snapshot, prefix)]
             return UserHistory(list(media), list(weights), np.asarray(watched, dtype=np.int64))
         return None
+
+    def _probe_order(self, partitions: tuple[int, ...], user: int) -> list[int]:
+        """The partition the Kafka partitioner sends the user to first, then the others (the
+        topic may have had another partition count when the user was written)."""
+        count = len(partitions)
+        if not count:
+            return []
+        partitioner = self._partitioners.get(count)
+        if partitioner is None:
+            partitioner = self._partitioners[count] = KeyPartitioner(count, memo_size=0)
+        first = partitioner(user_key(user))
+        return [first] + [p for p in partitions if p != first]
 
     def recommend(self, user: int, limit: int) -> Recommendations:
         view = self._source()

@@ -134,12 +134,18 @@ def recommend(
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
     ids = np.concatenate([r.ids for r in lists])
     contrib = np.concatenate([r.scores * w for r, w in zip(lists, weights)])
-    keep = ~np.isin(ids, exclude)
-    ids, contrib = ids[keep], contrib[keep]
     if len(ids) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
-    unique, inverse = np.unique(ids, return_inverse=True)
-    scores = np.bincount(inverse, weights=contrib, minlength=len(unique)) / total
+    order = np.argsort(ids, kind="stable")
+    ids, contrib = ids[order], contrib[order]
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+    unique = ids[starts]
+    scores = np.add.reduceat(contrib, starts) / total
+    if len(exclude):
+        where = np.searchsorted(unique, exclude)
+        hit = where < len(unique)
+        hit[hit] = unique[where[hit]] == exclude[hit]
+        scores[where[hit]] = np.nan  # already watched
     scores[scores <= 0] = np.nan  # no positive evidence is not a recommendation
     top = rank(unique, scores, limit)
     return unique[top], scores[top]
