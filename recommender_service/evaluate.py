@@ -116,9 +116,10 @@ def evaluate(
 
 
 def table(scores: list[Score]) -> str:
-    lines = [f"{'method':<44} {'users':>7} {'hit-rate@10':>12} {'NDCG@10':>9} {'fallbacks':>10}"]
+    width = max(len(s.name) for s in scores)
+    lines = [f"{'method':<{width}} {'users':>7} {'hit-rate@10':>12} {'NDCG@10':>9} {'fallbacks':>10}"]
     for s in scores:
-        lines.append(f"{s.name:<44} {s.users:>7} {s.hit_rate:>12.4f} {s.ndcg_at_k:>9.4f} "
+        lines.append(f"{s.name:<{width}} {s.users:>7} {s.hit_rate:>12.4f} {s.ndcg_at_k:>9.4f} "
                      f"{s.fallbacks:>10}")
     return "\n".join(lines)
 
@@ -129,7 +130,7 @@ def default_configs(defaults: RecommenderSettings) -> dict[str, RecommenderSetti
 
     out = {f"item-item cosine (defaults: min co-viewers {defaults.min_co_viewers}, "
            f"shrinkage {defaults.shrinkage:g})": defaults}
-    for min_co, shrink in [(1, 0.0), (2, 0.0), (3, 0.0), (1, 5.0), (2, 10.0)]:
+    for min_co, shrink in [(1, 0.0), (2, 0.0), (3, 0.0), (1, 5.0), (2, 10.0), (2, 20.0)]:
         if (min_co, shrink) != (defaults.min_co_viewers, defaults.shrinkage):
             out[f"  min co-viewers {min_co}, shrinkage {shrink:g}"] = replace(
                 defaults, min_co_viewers=min_co, shrinkage=shrink)

@@ -13,8 +13,6 @@ as the base (so compaction costs O(1) per delta entry, amortised) or `row_max_de
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,8 +62,6 @@ class RecommenderProcessor:
         self.settings = settings
         self.stats = ProcessorStats()
         self._pending = _Pending()
-        self._listeners: list[Callable[[View], None]] = []
-        self._lock = threading.Lock()
         self._view = self._load()
 
     @property
@@ -77,9 +73,6 @@ class RecommenderProcessor:
         """Drop the view's RocksDB snapshot: a live snapshot keeps the database (and its lock)
         open after StateStore.close()."""
         self._view.snapshot = None
-
-    def on_view(self, listener: Callable[[View], None]) -> None:
-        self._listeners.append(listener)
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -108,6 +101,8 @@ class RecommenderProcessor:
     # --- Processor protocol ------------------------------------------------------------------
 
     def apply(self, partition: int, events: list[view_event_pb2.ViewEvent], txn: Transaction) -> None:
+        """Fold one partition's new events into `txn`; the in-memory table follows in
+        committed(), only once RocksDB has the batch."""
         cap = self.settings.history_cap
         pending = self._pending
         per_user, items_seen = combine_batch(events)
@@ -221,13 +216,11 @@ class RecommenderProcessor:
         pending, self._pending = self._pending, _Pending()
         snapshot = self.store.db.snapshot()
         partitions = tuple(sorted(set(self._view.partitions).union(keys.partitions_in(self.store))))
-        with self._lock:
-            version = self._view.version + 1
-            stamp = self._stamp(version, partitions, snapshot)
-            self._view = self._view.advanced(pending.deltas, pending.changed, pending.new_users,
-                                             partitions, snapshot, stamp)
+        version = self._view.version + 1
+        stamp = self._stamp(version, partitions, snapshot)
+        # One attribute assignment publishes the view to the query threads.
+        self._view = self._view.advanced(pending.deltas, pending.changed, pending.new_users,
+                                         partitions, snapshot, stamp)
         self.stats.batches += 1
         self.stats.pair_entries += pending.pairs
         self.stats.compactions += pending.compactions
-        for listener in self._listeners:
-            listener(self._view)
