@@ -57,10 +57,9 @@ async def serve(config: settings.Config, options: local_settings.RecommenderSett
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="recommender_service", description=__doc__)
     settings.add_flags(parser)
-    local_settings.add_flags(parser)
     args = parser.parse_args(argv)
     config = settings.load(args)
-    options = local_settings.resolve(config, args)
+    options = local_settings.from_config(config)
     setup_logging("recommender", config.log_level, config.log_json)
     try:
         asyncio.run(serve(config, options))

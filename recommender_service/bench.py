@@ -354,7 +354,7 @@ def run_bench(
     """Both phases; a flat dict of readable measurements (printed by viewevents.bench).
     `env_extra` adds environment variables for the service (e.g. a larger RocksDB cache)."""
     env_extra = {"VIEWEVENTS_LOG_LEVEL": "INFO", **(env_extra or {})}
-    results: dict[str, Any] = {"settings": str(local_settings.resolve()),
+    results: dict[str, Any] = {"settings": str(local_settings.from_config()),
                                "service environment": " ".join(
                                    f"{k}={v}" for k, v in sorted(env_extra.items()))}
     if stream:

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from recommender_service import settings as local
 
-    defaults = local.resolve()
+    defaults = local.from_config()
     started = time.monotonic()
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as data:
         gen.generate(data.name, args.events, seed=args.seed, users=args.users, media=args.media,

@@ -124,6 +124,10 @@ class QueryEngine:
         if len(entries) == 0:
             return {m: Ranked.empty() for m in Metric}
         where = view.positions_of(entries["j"])
+        if (where < 0).any():  # neighbours newer than the view (see store.read_row): next time
+            entries, where = entries[where >= 0], where[where >= 0]
+            if len(entries) == 0:
+                return {m: Ranked.empty() for m in Metric}
         if len(entries) * 8 < len(view.ids):
             found, inverse = np.unique(where, return_inverse=True)
             d = np.bincount(inverse, weights=entries["d"], minlength=len(found))

@@ -155,10 +155,12 @@ def scan(source: Any, prefix: bytes, fill_cache: bool = True) -> Iterator[tuple[
 
 
 def snapshot_get(snapshot: Any, key: bytes) -> bytes | None:
-    """A value from a rocksdict Snapshot (which raises a bare Exception for a missing key)."""
-    for found, value in snapshot.items(from_key=key):
-        return value if found == key else None
-    return None
+    """A value from a rocksdict Snapshot as of the snapshot (point reads honour it; rocksdict's
+    snapshot *iterators* do not, see read_row). A missing key raises a bare Exception there."""
+    try:
+        return snapshot[key]
+    except Exception:  # noqa: BLE001 - rocksdict's "not found"
+        return None
 
 
 def offset_key_of(partition: int, topic: str) -> bytes:
@@ -202,7 +204,11 @@ def load_partition(store: StateStore, partition: int) -> tuple[int, dict[int, It
 
 
 def read_row(source: Any, partitions: Iterable[int], media: int) -> np.ndarray:
-    """All chunks of an item's neighbour row over the given partitions (not yet aggregated)."""
+    """All chunks of an item's neighbour row over the given partitions (not yet aggregated).
+
+    rocksdict 0.3.29 iterates a Snapshot over the *current* data (checked: Snapshot.items sees
+    writes made after the snapshot), so a row may be newer than the view it is scored with;
+    callers must tolerate neighbours the view does not know yet."""
     chunks: list[bytes] = []
     for partition in partitions:
         chunks.extend(value for _, value in scan(source, row_prefix(partition, media), False))

@@ -55,9 +55,9 @@ class View:
         return None
 
     def positions_of(self, media: np.ndarray) -> np.ndarray:
-        """Indices of known items (every id must be known in this view)."""
+        """Index of each item in this view, -1 for items it does not know."""
         if len(self.ids) == 0:
-            return np.zeros(0, dtype=np.int64)
+            return np.full(len(media), -1, dtype=np.int64)
         lut = self._lut
         if lut is None:
             top = int(self.ids[-1])
@@ -66,8 +66,10 @@ class View:
                 lut[self.ids] = np.arange(len(self.ids), dtype=np.int32)
                 self._lut = lut  # benign race: two threads may build the same table
         if lut is not None:
-            return lut[media]
-        return np.searchsorted(self.ids, media)
+            inside = (media >= 0) & (media < len(lut))
+            return np.where(inside, lut[np.where(inside, media, 0)], -1)
+        found = np.minimum(np.searchsorted(self.ids, media), len(self.ids) - 1)
+        return np.where(self.ids[found] == media, found, -1)
 
     def popular_order(self) -> np.ndarray:
         """Item indices, most watched first: by viewers, then total view time, then media id."""

@@ -53,17 +53,16 @@ def resumed_from(log: Path) -> int | None:
     return sum(int(v) for v in re.findall(r"\d+: (\d+)", found.group(1)))
 
 
-def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VIEWEVENTS_RECOMMENDER_HISTORY_CAP", "100000")
-    monkeypatch.setenv("VIEWEVENTS_RECOMMENDER_ROW_MAX_DELTAS", "4")  # compactions get killed too
+def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     gen.generate(str(path), EVENTS, seed=21, users=3_000, media=300, groups=10, noise=0.02)
     events = [p.event for _, p in legacy.iter_file(str(path)) if p.event is not None]
     config = test_config(
         kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
         recommender_address=f"127.0.0.1:{free_port()}", consume_batch_max=4_000,
-        recommender_state_dir=str(tmp_path / "state"), recommender_group=unique_name("rec"))
+        recommender_state_dir=str(tmp_path / "state"), recommender_group=unique_name("rec"),
+        recommender_history_cap=100_000,
+        recommender_row_max_deltas=4)  # compactions get killed too
     ingest = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "ingest.log").start()
     service = ServiceProcess("recommender_service", config, config.recommender_address,
                              tmp_path / "rec-0.log").start()

@@ -57,10 +57,8 @@ def deployment(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -
     config = test_config(
         kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
         recommender_address=f"127.0.0.1:{free_port()}",
-        recommender_state_dir=str(base / "state"), recommender_group=unique_name("rec"))
-    monkey = pytest.MonkeyPatch()
-    monkey.setenv("VIEWEVENTS_RECOMMENDER_MIN_CO_VIEWERS", "1")
-    monkey.setenv("VIEWEVENTS_RECOMMENDER_HISTORY_CAP", "100000")
+        recommender_state_dir=str(base / "state"), recommender_group=unique_name("rec"),
+        recommender_min_co_viewers=1, recommender_history_cap=100_000)
     ingest = ServiceProcess("ingest_service", config, config.ingest_address, base / "ingest.log").start()
     recommender = ServiceProcess("recommender_service", config, config.recommender_address,
                                  base / "recommender.log").start()
@@ -80,7 +78,6 @@ def deployment(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -
             wait_applied(stub, summary.accepted)
             yield {"stub": stub, "truth": BruteForce(kept), "recommender": recommender}
     finally:
-        monkey.undo()
         recommender.stop()
         ingest.stop()
 

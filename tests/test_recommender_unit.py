@@ -376,3 +376,20 @@ def test_similar_request_validation(request_kwargs: dict, expected: set) -> None
 def test_recommend_request_validation(request_kwargs: dict, expected: set) -> None:
     violations = validate_recommend(pb.RecommendForUserRequest(**request_kwargs), 100)
     assert {(v.field, v.reason) for v in violations} == expected
+
+
+def test_rows_newer_than_the_view_are_tolerated(tmp_path: Path) -> None:
+    """rocksdict's snapshot iterators read current data, so a row can name neighbours that the
+    view a query holds does not know yet (seen in the service under ingestion: a crash)."""
+    rec = run(tmp_path, random_events(5, users=60, items=12, count=3_000), batch=500)
+    try:
+        old_view = rec.processor.view
+        rec.feed(random_events(6, users=60, items=40, count=3_000))  # new items 13..40 appear
+        assert len(rec.processor.view.ids) > len(old_view.ids)
+        assert list(old_view.positions_of(np.array([old_view.ids[0], 10_000, -1]))) == [0, -1, -1]
+        for media in old_view.ids.tolist():
+            ranked = rec.engine.compute(old_view, media, old_view.position_of(media))
+            for result in ranked.values():
+                assert set(result.ids.tolist()) <= set(old_view.ids.tolist())
+    finally:
+        rec.close()

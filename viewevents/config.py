@@ -86,6 +86,25 @@ SETTINGS: tuple[Setting, ...] = (
             "RocksDB directory of the recommender service."),
     Setting("recommender_group", "VIEWEVENTS_RECOMMENDER_GROUP", "viewevents-recommender", str,
             "Kafka consumer group of the recommender service."),
+    Setting("recommender_history_cap", "VIEWEVENTS_RECOMMENDER_HISTORY_CAP", 200, int,
+            "Most recent items per user whose pairs are updated; older ones keep exact item "
+            "sums but their pairs stop being updated (scores become approximate)."),
+    Setting("recommender_min_co_viewers", "VIEWEVENTS_RECOMMENDER_MIN_CO_VIEWERS", 2, int,
+            "Similar items need at least this many co-viewers (1 = any co-viewer)."),
+    Setting("recommender_shrinkage", "VIEWEVENTS_RECOMMENDER_SHRINKAGE", 0.0, float,
+            "Scores are multiplied by c / (c + shrinkage), c = co-viewers; 0 = off."),
+    Setting("recommender_max_limit", "VIEWEVENTS_RECOMMENDER_MAX_LIMIT", 100, int,
+            "Largest `limit` accepted by GetSimilarMedia and RecommendForUser."),
+    Setting("recommender_user_items", "VIEWEVENTS_RECOMMENDER_USER_ITEMS", 50, int,
+            "Most recent items of a user whose neighbour lists score RecommendForUser."),
+    Setting("recommender_row_max_deltas", "VIEWEVENTS_RECOMMENDER_ROW_MAX_DELTAS", 32, int,
+            "Most batch delta chunks per item row and partition before they are compacted into "
+            "its base (bounds the chunks a query reads)."),
+    Setting("recommender_cache_items", "VIEWEVENTS_RECOMMENDER_CACHE_ITEMS", 20_000, int,
+            "Items whose ranked neighbour lists are kept in memory (LRU; ~5 kB each)."),
+    Setting("recommender_cache_ttl_seconds", "VIEWEVENTS_RECOMMENDER_CACHE_TTL_SECONDS", 1.0, float,
+            "While events arrive, a cached list whose item did not change is reused this long; "
+            "its answer carries the older position it was computed at."),
     # Consumers and state (stats and recommender).
     Setting("heartbeat_seconds", "VIEWEVENTS_HEARTBEAT_SECONDS", 30, int,
             "View time credited per waypoint event."),
@@ -137,6 +156,10 @@ class Config:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
+
+
+def setting_names() -> list[str]:
+    return [s.name for s in SETTINGS]
 
 
 def add_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
