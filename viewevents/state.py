@@ -54,6 +54,10 @@ def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
     options.set_max_open_files(512)
     options.increase_parallelism(2)
     options.set_compression_type(DBCompressionType.lz4())
+    # Most point reads ask for keys that do not exist yet (new event ids, new viewers): a bloom
+    # filter on the memtables answers them without walking the skiplists.
+    options.set_memtable_prefix_bloom_ratio(0.05)
+    options.set_memtable_whole_key_filtering(True)
     table = BlockBasedOptions()
     table.set_block_cache(Cache(cache_mb * 1024 * 1024))
     # Partitioned index and bloom filters: charged to the cache in small blocks, so a large SST's
