@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import sys
 
 from ingest_service.server import IngestService
 from viewevents import config as settings
@@ -18,7 +16,6 @@ from viewevents.grpc_server import (
     set_serving,
 )
 from viewevents.kafka import ensure_topics, new_producer
-from viewevents.logs import setup_logging
 from viewevents.metrics import serve_metrics
 from viewevents.v1 import ingest_service_pb2
 
@@ -55,14 +52,7 @@ async def serve(config: settings.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ingest_service", description=__doc__)
-    settings.add_flags(parser)
-    config = settings.load(parser.parse_args(argv))
-    setup_logging("ingest", config.log_level, config.log_json)
-    try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    settings.run_service("ingest_service", "ingest", __doc__, serve, argv)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import inspect
 import logging
-import sys
 from typing import Any
 
 from recommender_service import settings as local_settings
@@ -16,7 +13,6 @@ from recommender_service.server import RecommenderServicer
 from viewevents import config as settings
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.consumer_service import run_consumer_service
-from viewevents.logs import setup_logging
 from viewevents.state import StateStore
 from viewevents.v1 import recommender_service_pb2
 
@@ -55,16 +51,8 @@ async def serve(config: settings.Config, options: local_settings.RecommenderSett
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="recommender_service", description=__doc__)
-    settings.add_flags(parser)
-    args = parser.parse_args(argv)
-    config = settings.load(args)
-    options = local_settings.from_config(config)
-    setup_logging("recommender", config.log_level, config.log_json)
-    try:
-        asyncio.run(serve(config, options))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    settings.run_service("recommender_service", "recommender", __doc__,
+                         lambda config: serve(config, local_settings.from_config(config)), argv)
 
 
 if __name__ == "__main__":

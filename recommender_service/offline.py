@@ -11,18 +11,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
 from recommender_service.processor import RecommenderProcessor
 from recommender_service.queries import QueryEngine
 from recommender_service.settings import RecommenderSettings
-from viewevents.consumer import SeenIds, is_applicable
+from viewevents.consumer import ExactlyOnceConsumer
 from viewevents.kafka import KeyPartitioner, user_key
 from viewevents.state import (
-    I64,
-    KIND_WATERMARK,
     StateStore,
-    Transaction,
-    offset_key,
-    partition_prefix,
 )
 from viewevents.v1 import view_event_pb2
 
@@ -49,7 +46,10 @@ class OfflineRecommender:
         self.partitioner = KeyPartitioner(partitions)
         self.processor = RecommenderProcessor(self.store, topic, settings)
         self.engine = QueryEngine(lambda: self.processor.view, settings)
-        self.seen = SeenIds(30)
+        # The service's own consume step, fed records built here instead of fetched from Kafka.
+        self.consumer = ExactlyOnceConsumer(
+            bootstrap="in-process", topic=topic, group_id="in-process", store=self.store,
+            processor=self.processor, batch_max=batch_max, metrics_name="offline")
         self.offsets: dict[int, int] = self.store.stored_offsets(topic, range(partitions))
 
     def close(self) -> None:
@@ -76,24 +76,16 @@ class OfflineRecommender:
             fed += len(pending)
         return fed
 
-    def _batch(self, records: list[ViewEvent], now_ms: int) -> None:
-        """One consumer batch: per partition, as ExactlyOnceConsumer._apply does."""
-        by_partition: dict[int, list[ViewEvent]] = defaultdict(list)
-        for event in records:
-            by_partition[self.partition_of(event.user_id)].append(event)
-        txn = Transaction(self.store)
-        for partition, events in sorted(by_partition.items()):
-            valid = [e for e in events if is_applicable(e)]
-            fresh, _ = self.seen.keep_new(partition, valid, now_ms // 86_400_000, txn)
-            if fresh:
-                self.processor.apply(partition, fresh, txn)
-            newest = max((e.event_time.seconds for e in valid), default=0)
-            if newest:
-                key = partition_prefix(partition) + KIND_WATERMARK
-                current = txn.get(key)
-                if current is None or I64.unpack(current)[0] < newest:
-                    txn.put(key, I64.pack(newest))
-            self.offsets[partition] = self.offsets.get(partition, 0) + len(events)
-            txn.put(offset_key(partition, self.topic), I64.pack(self.offsets[partition]))
-        txn.commit()
-        self.processor.committed()
+    def _batch(self, events: list[ViewEvent], now_ms: int) -> None:
+        """One consumer batch, through ExactlyOnceConsumer.apply_batch like the service's."""
+        by_partition: dict[int, list[ConsumerRecord]] = defaultdict(list)
+        for event in events:
+            key = user_key(event.user_id)
+            partition = self.partitioner(key)
+            offset = self.offsets.get(partition, 0)
+            self.offsets[partition] = offset + 1
+            by_partition[partition].append(ConsumerRecord(
+                self.topic, partition, offset, now_ms, 0, key, event.SerializeToString(),
+                None, len(key), 0, []))
+        self.consumer.apply_batch({TopicPartition(self.topic, p): records
+                                   for p, records in sorted(by_partition.items())})

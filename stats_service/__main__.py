@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import sys
-
 from stats_service.processor import StatsProcessor
 from stats_service.queries import Limits
 from stats_service.server import SERVICE, StatsService
 from stats_service.store import StatsReader
 from viewevents import config as settings
 from viewevents.consumer_service import run_consumer_service
-from viewevents.logs import setup_logging
 
 
 def limits_of(config: settings.Config) -> Limits:
@@ -41,14 +36,7 @@ async def serve(config: settings.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="stats_service", description=__doc__)
-    settings.add_flags(parser)
-    config = settings.load(parser.parse_args(argv))
-    setup_logging("stats", config.log_level, config.log_json)
-    try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    settings.run_service("stats_service", "stats", __doc__, serve, argv)
 
 
 if __name__ == "__main__":

@@ -45,11 +45,11 @@ def consumer(tmp_path: Path, retention_days: int = 3) -> tuple[ExactlyOnceConsum
 
 def test_duplicates_dropped_within_retention_counted_after(tmp_path: Path) -> None:
     c, processor = consumer(tmp_path, retention_days=3)
-    c._apply({TopicPartition("t", 0): [record(0, 0, "a", 100), record(0, 1, "b", 100),
+    c.apply_batch({TopicPartition("t", 0): [record(0, 0, "a", 100), record(0, 1, "b", 100),
                                        record(0, 2, "a", 100), record(0, 3, "bad", 100, valid=False)]})
-    c._apply({TopicPartition("t", 0): [record(0, 4, "b", 103)]})  # 3 days later: still a duplicate
-    c._apply({TopicPartition("t", 0): [record(0, 5, "a", 104)]})  # 4 days after first: counts again
-    c._apply({TopicPartition("t", 1): [record(1, 0, "a", 104)]})  # other partition: its own record
+    c.apply_batch({TopicPartition("t", 0): [record(0, 4, "b", 103)]})  # 3 days later: still a duplicate
+    c.apply_batch({TopicPartition("t", 0): [record(0, 5, "a", 104)]})  # 4 days after first: counts again
+    c.apply_batch({TopicPartition("t", 1): [record(1, 0, "a", 104)]})  # other partition: its own record
     assert processor.applied == [(0, "a"), (0, "b"), (0, "a"), (1, "a")]
     assert (c.stats.duplicates, c.stats.invalid) == (2, 1)
     assert c.positions == {0: 6, 1: 1}
@@ -62,7 +62,7 @@ def test_sweep_keeps_the_record_bounded(tmp_path: Path) -> None:
     for day in range(100, 130):  # a month of 500 new ids a day
         batch = [record(0, offset + n, f"{day}-{n}", day) for n in range(500)]
         offset += len(batch)
-        c._apply({TopicPartition("t", 0): batch})
+        c.apply_batch({TopicPartition("t", 0): batch})
     prefix = partition_prefix(0) + KIND_SEEN
     remembered = [key for key, _ in c.store.scan_prefix(prefix)]
     days = {int(key[len(prefix):].split(b"-")[0]) for key in remembered}

@@ -227,7 +227,7 @@ def test_duplicates_and_invalid_records_through_the_consumer(tmp_path: Path) -> 
 
     consumer = asyncio.run(make())
     for start in range(0, len(messages), 97):
-        consumer._apply({TopicPartition("t", 0): [
+        consumer.apply_batch({TopicPartition("t", 0): [
             _Record(m, start + i, BASE * 1000) for i, m in enumerate(messages[start:start + 97])]})
     brute = Brute({0: events}, 0)
     reader = StatsReader(store)

@@ -197,3 +197,21 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     print(markdown_table())
+
+
+def run_service(prog: str, service: str, description: str | None,
+                serve: Callable[[Config], Any], argv: Sequence[str] | None = None) -> None:
+    """The `main()` of every service: flags and environment, logging, then `serve(config)`."""
+    import asyncio
+    import sys
+
+    from viewevents.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_flags(parser)
+    config = load(parser.parse_args(argv))
+    setup_logging(service, config.log_level, config.log_json)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -246,7 +246,7 @@ class ExactlyOnceConsumer:
             batches = await self._consumer.getmany(timeout_ms=200, max_records=self.batch_max)
             if batches:
                 async with self._apply_lock:
-                    await asyncio.to_thread(self._apply, batches)
+                    await asyncio.to_thread(self.apply_batch, batches)
                 if time.monotonic() - last_group_commit > 2.0:
                     last_group_commit = time.monotonic()
                     await self._commit_group_offsets()
@@ -280,8 +280,9 @@ class ExactlyOnceConsumer:
             log.info("caught up: %d records applied in %.1f s", self.stats.applied, elapsed)
             self.caught_up.set()
 
-    def _apply(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        """Decode, de-duplicate, process and commit one Kafka batch (runs in a worker thread)."""
+    def apply_batch(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Decode, de-duplicate, process and commit one Kafka batch. `run` calls it in a worker
+        thread for every fetch; in-process drivers (offline evaluation, tests) call it directly."""
         txn = Transaction(self.store)
         applied_before = self.stats.applied
         new_positions: dict[int, int] = {}
