@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RUNNING, TEST_KAFKA_PORT, ensure_broker, stop_broker
+from tests.support import (
+    RUNNING,
+    TEST_KAFKA_PORT,
+    ServiceProcess,
+    ensure_broker,
+    free_port,
+    stop_broker,
+    test_config,
+)
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +37,14 @@ def no_stray_services() -> Iterator[None]:
 @pytest.fixture
 def service_log(tmp_path: Path) -> Path:
     return tmp_path / "service.log"
+
+
+@pytest.fixture(scope="module")
+def ingest(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """An ingest service with default settings and fresh topics, shared by a test module."""
+    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}")
+    log = tmp_path_factory.mktemp("ingest") / "ingest.log"
+    service = ServiceProcess("ingest_service", config, config.ingest_address, log).start()
+    service.wait_serving()
+    yield service
+    service.stop()

@@ -7,12 +7,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, ServiceProcess, free_port, read_topic, test_config
+from tests.support import REPO, ServiceProcess, read_topic
 from viewevents.client import LineIndex
 from viewevents.v1 import view_event_pb2 as ve
 
@@ -24,16 +23,6 @@ def test_line_index_maps_stream_positions_back_to_lines() -> None:
         index.add(path, line)
     assert [index.locate(i) for i in range(len(lines))] == lines
     assert len(index._runs) == 4  # memory grows with interruptions, not with events
-
-
-@pytest.fixture(scope="module")
-def ingest(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}")
-    log = tmp_path_factory.mktemp("cli") / "ingest.log"
-    service = ServiceProcess("ingest_service", config, config.ingest_address, log).start()
-    service.wait_serving()
-    yield service
-    service.stop()
 
 
 @pytest.mark.integration

@@ -6,11 +6,10 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.support import REPO, ServiceProcess, free_port, read_topic, test_config
+from tests.support import REPO, ServiceProcess, read_topic
 from viewevents.v1 import view_event_pb2 as ve
 
 pytestmark = pytest.mark.integration
@@ -21,16 +20,6 @@ GRPCURL = shutil.which("grpcurl") or str(REPO / ".cache" / "go" / "bin" / "grpcu
 def grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([GRPCURL, "-plaintext", *args], input=stdin, capture_output=True,
                           text=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def ingest(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}")
-    log = tmp_path_factory.mktemp("grpcurl") / "ingest.log"
-    service = ServiceProcess("ingest_service", config, config.ingest_address, log).start()
-    service.wait_serving()
-    yield service
-    service.stop()
 
 
 def test_list_and_describe_through_reflection(ingest: ServiceProcess) -> None:

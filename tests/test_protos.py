@@ -6,7 +6,12 @@ import shutil
 import subprocess
 
 from tests.support import REPO
-from viewevents.v1 import ingest_service_pb2, recommender_service_pb2, stats_service_pb2, view_event_pb2
+from viewevents.v1 import (
+    ingest_service_pb2,
+    recommender_service_pb2,
+    stats_service_pb2,
+    view_event_pb2,
+)
 
 BUF = shutil.which("buf") or str(REPO / ".cache" / "go" / "bin" / "buf")
 
