@@ -200,7 +200,7 @@ class ExactlyOnceConsumer:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
-            session_timeout_ms=30_000,
+            session_timeout_ms=10_000,  # a killed instance's partitions move on after 10 s
             heartbeat_interval_ms=3_000,
             max_poll_interval_ms=300_000,
         )
