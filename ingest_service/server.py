@@ -164,6 +164,10 @@ class IngestService:
             accepted.abandon()
             dead_letters.abandon()
             await self._unavailable(context, error)
+        except BaseException:
+            accepted.abandon()
+            dead_letters.abandon()
+            raise
 
     async def Publish(
         self, request: pb.PublishRequest | Unparseable, context: grpc.aio.ServicerContext

@@ -48,6 +48,10 @@ def validate_event(event: ViewEvent, now_seconds: float, limits: Limits) -> list
             "event_type", f"has unknown value {event_type}", "UNKNOWN_VALUE"))
     if not event.HasField("event_time"):
         violations.append(_violation("event_time", "is required", "REQUIRED"))
+    elif not 0 <= event.event_time.nanos < 1_000_000_000:
+        violations.append(_violation(
+            "event_time", f"has nanos {event.event_time.nanos}; they must be 0 to 999,999,999",
+            "OUT_OF_RANGE"))
     else:
         seconds = event.event_time.seconds + event.event_time.nanos / 1e9
         if seconds > now_seconds + limits.max_future_skew_seconds:

@@ -132,6 +132,8 @@ class QueryEngine:
             found, inverse = np.unique(where, return_inverse=True)
             d = np.bincount(inverse, weights=entries["d"], minlength=len(found))
             co = np.bincount(inverse, weights=entries["c"], minlength=len(found))
+            kept = co > 0  # as the dense branch: no co-viewer left (history cap) is no neighbour
+            found, d, co = found[kept], d[kept], co[kept]
         else:
             d = np.bincount(where, weights=entries["d"], minlength=len(view.ids))
             co = np.bincount(where, weights=entries["c"], minlength=len(view.ids))

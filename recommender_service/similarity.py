@@ -126,9 +126,11 @@ def recommend(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score candidates from the neighbour lists of a user's items.
 
-    score(c) = sum_w weight_w * sim(w, c) / sum_w weight_w over the user's items w whose list
-    holds c: a view-time-weighted average similarity. Items in `exclude` (already watched) are
-    left out. Returns (ids, scores), best first, ties by media id."""
+    score(c) = sum over the user's items w whose list holds c of weight_w * sim(w, c), divided
+    by the sum of *all* the user's weights: a view-time-weighted similarity on a 0..1 scale per
+    user (the divisor is the same for every candidate, so it does not change the ranking).
+    Items in `exclude` (already watched) are left out. Returns (ids, scores), best first, ties
+    by media id."""
     total = float(sum(weights))
     if not lists or total <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)

@@ -17,7 +17,7 @@ little-endian int64 rows so that numpy reads and writes many of them in one call
   d day media                 -> copy of D, day-major (ranking index)
   W                           -> running maximum event time applied (retention cut-off)
 
-`day`, `hour` and `minute` are the bucket's start in Unix seconds. Kinds o, w, i, x belong to
+`day`, `hour` and `minute` are the bucket's start in Unix seconds. Kinds o, w, i, j belong to
 the shared consumer.
 """
 

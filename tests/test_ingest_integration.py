@@ -146,6 +146,7 @@ def test_unparseable_request_is_invalid_argument(channel: grpc.Channel) -> None:
         raw_upload(iter([b"\x0a\xff\xff\xff\xff\x0f garbage that is not protobuf"]))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "could not be parsed as viewevents.v1.UploadRequest" in failure.value.details()
+    assert [v.reason for v in field_violations_of(failure.value)] == ["UNPARSEABLE"]
 
 
 def test_oversized_requests_are_resource_exhausted(channel: grpc.Channel) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from google.protobuf import timestamp_pb2
 
@@ -263,6 +264,13 @@ class ExactlyOnceConsumer:
             log.debug("group offset commit skipped: %r", error)
 
     async def _check_caught_up(self) -> None:
+        try:
+            await self._check_caught_up_once()
+        except IllegalStateError:
+            # A rebalance moved a partition away during the check: start over next round.
+            self._catch_up_targets = None
+
+    async def _check_caught_up_once(self) -> None:
         if self.caught_up.is_set():
             return
         assigned = self._consumer.assignment()

@@ -314,6 +314,9 @@ def add_service(server: grpc.aio.Server, service_descriptor: object, servicer: o
 
 
 async def reject_unparseable(context: grpc.aio.ServicerContext, request: object) -> None:
-    """Abort with INVALID_ARGUMENT when `request` is `Unparseable`."""
+    """Abort with INVALID_ARGUMENT (and a BadRequest detail, like every bad input) when
+    `request` is `Unparseable`."""
     if isinstance(request, Unparseable):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+        await abort_bad_request(context, request.describe(), [Violation(
+            field="", reason="UNPARSEABLE",
+            description=f"the request bytes are not a valid {request.type_name}: {request.error}")])
