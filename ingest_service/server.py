@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -34,6 +35,24 @@ class _Tally:
     rejections: list[pb.Rejection] = field(default_factory=list)
 
 
+@dataclass
+class _Writes:
+    """The two writers of one RPC: accepted events and dead letters."""
+
+    accepted: PartitionedWriter
+    dead_letters: PartitionedWriter
+
+    async def flush(self, tally: _Tally) -> None:
+        """Until Kafka acknowledged everything written so far."""
+        await self.accepted.flush()
+        await self.dead_letters.flush()
+        EVENTS_ACCEPTED.inc(tally.accepted)
+
+    def abandon(self) -> None:
+        self.accepted.abandon()
+        self.dead_letters.abandon()
+
+
 class IngestService:
     """Implements viewevents.v1.IngestService."""
 
@@ -46,24 +65,33 @@ class IngestService:
         )
         self._partitioners = {topic: KeyPartitioner(n) for topic, n in partitions.items()}
 
-    def _writers(self) -> tuple[PartitionedWriter, PartitionedWriter]:
+    @contextlib.asynccontextmanager
+    async def _writing(self, context: grpc.aio.ServicerContext) -> AsyncIterator[_Writes]:
+        """This RPC's writers; if Kafka fails the RPC ends UNAVAILABLE (and never claims what
+        was not stored); on any failure pending batches are let go."""
         c = self._config
-        return (
+        timeout = c.producer_timeout_ms / 1000
+        writes = _Writes(
             PartitionedWriter(self._producer, c.view_topic, self._partitioners[c.view_topic],
-                              VIEW_EVENT_HEADERS, c.max_inflight_batches, c.producer_timeout_ms / 1000),
+                              VIEW_EVENT_HEADERS, c.max_inflight_batches, timeout),
             PartitionedWriter(self._producer, c.dead_letter_topic,
                               self._partitioners[c.dead_letter_topic],
-                              REJECTED_EVENT_HEADERS, c.max_inflight_batches,
-                              c.producer_timeout_ms / 1000),
-        )
+                              REJECTED_EVENT_HEADERS, c.max_inflight_batches, timeout))
+        try:
+            yield writes
+        except KafkaError as error:
+            writes.abandon()
+            await self._unavailable(context, error)
+        except BaseException:
+            writes.abandon()
+            raise
 
     async def _ingest(
         self,
         events: Sequence[view_event_pb2.ViewEvent],
         first_index: int,
         tally: _Tally,
-        accepted: PartitionedWriter,
-        dead_letters: PartitionedWriter,
+        writes: _Writes,
         source: str,
         max_reported: int,
     ) -> None:
@@ -73,7 +101,7 @@ class IngestService:
         for offset, event in enumerate(events):
             violations = validate_event(event, now, limits)
             if not violations:
-                await accepted.append(user_key(event.user_id), event.SerializeToString())
+                await writes.accepted.append(user_key(event.user_id), event.SerializeToString())
                 tally.accepted += 1
                 continue
             tally.rejected += 1
@@ -87,7 +115,7 @@ class IngestService:
                 event=event, field_violations=violations, source=source,
                 reject_time=timestamp_pb2.Timestamp(seconds=int(now)))
             key = user_key(event.user_id) if event.user_id > 0 else event.event_id.encode()
-            await dead_letters.append(key, rejected.SerializeToString())
+            await writes.dead_letters.append(key, rejected.SerializeToString())
         tally.received += len(events)
         EVENTS_RECEIVED.inc(len(events))
 
@@ -111,63 +139,41 @@ class IngestService:
     async def Upload(
         self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
     ) -> pb.UploadSummary:
-        accepted, dead_letters = self._writers()
         tally = _Tally()
         requests = 0
         started = time.monotonic()
-        try:
+        async with self._writing(context) as writes:
             async for request in request_iterator:
                 await self._check_request(context, request, requests)
-                await self._ingest(request.events, tally.received, tally, accepted, dead_letters,
-                                   "Upload", self._config.max_rejections_reported)
+                await self._ingest(request.events, tally.received, tally, writes, "Upload",
+                                   self._config.max_rejections_reported)
                 requests += 1
-            await accepted.flush()
-            await dead_letters.flush()
-            EVENTS_ACCEPTED.inc(tally.accepted)
-        except KafkaError as error:
-            accepted.abandon()
-            dead_letters.abandon()
-            await self._unavailable(context, error)
-        except BaseException:
-            accepted.abandon()
-            dead_letters.abandon()
-            raise
+            await writes.flush(tally)
         elapsed = time.monotonic() - started
         log.info("Upload: %d events in %d requests, %d accepted, %d rejected, %.1f s (%.0f events/s)",
                  tally.received, requests, tally.accepted, tally.rejected, elapsed,
                  tally.received / elapsed if elapsed else 0.0)
         return pb.UploadSummary(received=tally.received, accepted=tally.accepted,
                                 rejected=tally.rejected, rejections=tally.rejections,
-                                requests=requests, positions=_positions(accepted))
+                                requests=requests, positions=_positions(writes.accepted))
 
     async def UploadStream(
         self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.UploadAck]:
-        accepted, dead_letters = self._writers()
         request_index = 0
-        try:
+        async with self._writing(context) as writes:
             async for request in request_iterator:
                 await self._check_request(context, request, request_index)
                 tally = _Tally()
-                await self._ingest(request.events, 0, tally, accepted, dead_letters,
-                                   "UploadStream", len(request.events))
-                await accepted.flush()
-                await dead_letters.flush()
-                EVENTS_ACCEPTED.inc(tally.accepted)
+                await self._ingest(request.events, 0, tally, writes, "UploadStream",
+                                   len(request.events))
+                await writes.flush(tally)
                 yield pb.UploadAck(sequence=request.sequence, request_index=request_index,
                                    received=tally.received, accepted=tally.accepted,
                                    rejected=tally.rejected, rejections=tally.rejections,
-                                   positions=_positions(accepted))
-                accepted.end_offsets.clear()
+                                   positions=_positions(writes.accepted))
+                writes.accepted.end_offsets.clear()
                 request_index += 1
-        except KafkaError as error:
-            accepted.abandon()
-            dead_letters.abandon()
-            await self._unavailable(context, error)
-        except BaseException:
-            accepted.abandon()
-            dead_letters.abandon()
-            raise
 
     async def Publish(
         self, request: pb.PublishRequest | Unparseable, context: grpc.aio.ServicerContext
@@ -179,18 +185,10 @@ class IngestService:
                 view_event_pb2.FieldViolation(field="events", reason="REQUIRED",
                                               description="events must hold at least one event")])
         await self._check_request(context, request, 0)
-        accepted, dead_letters = self._writers()
         tally = _Tally()
-        try:
-            await self._ingest(request.events, 0, tally, accepted, dead_letters, "Publish",
-                               len(request.events))
-            await accepted.flush()
-            await dead_letters.flush()
-            EVENTS_ACCEPTED.inc(tally.accepted)
-        except KafkaError as error:
-            accepted.abandon()
-            dead_letters.abandon()
-            await self._unavailable(context, error)
+        async with self._writing(context) as writes:
+            await self._ingest(request.events, 0, tally, writes, "Publish", len(request.events))
+            await writes.flush(tally)
         if tally.accepted == 0:
             violations = [
                 view_event_pb2.FieldViolation(
@@ -201,7 +199,7 @@ class IngestService:
                 context, f"none of the {tally.received} events is valid (kept on the dead-letter "
                 "topic)", violations)
         return pb.PublishResponse(accepted=tally.accepted, rejected=tally.rejected,
-                                  rejections=tally.rejections, positions=_positions(accepted))
+                                  rejections=tally.rejections, positions=_positions(writes.accepted))
 
 
 def _positions(writer: PartitionedWriter) -> list[view_event_pb2.PartitionOffset]:
