@@ -203,6 +203,7 @@ def run_service(prog: str, service: str, description: str | None,
                 serve: Callable[[Config], Any], argv: Sequence[str] | None = None) -> None:
     """The `main()` of every service: flags and environment, logging, then `serve(config)`."""
     import asyncio
+    import signal
     import sys
 
     from viewevents.logs import setup_logging
@@ -215,3 +216,7 @@ def run_service(prog: str, service: str, description: str | None,
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        # Shutdown is done (or under way in worker threads that must finish their batch): a
+        # second SIGTERM, e.g. from a supervisor after Ctrl-C, must not cut it short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

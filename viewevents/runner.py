@@ -43,7 +43,8 @@ def main() -> None:
         if importlib.util.find_spec(f"{module}.__main__") is None:
             print(f"{module}: not built yet, skipped")
             continue
-        process = subprocess.Popen([sys.executable, "-m", module], cwd=REPO)
+        # Own session: Ctrl-C reaches only this runner, which then stops each service once.
+        process = subprocess.Popen([sys.executable, "-m", module], cwd=REPO, start_new_session=True)
         processes.append((module, getattr(config, address_setting), process))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
