@@ -68,8 +68,16 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    waiting = {module: address for module, address, _ in processes if _status(address) != "SERVING"}
+    last_check = time.monotonic()
     while not stopping and all(p.poll() is None for _, _, p in processes):
         time.sleep(0.5)
+        if waiting and time.monotonic() - last_check > 2:
+            last_check = time.monotonic()
+            for module, address in list(waiting.items()):
+                if _status(address) == "SERVING":
+                    print(f"{module} is SERVING (caught up with Kafka)", flush=True)
+                    del waiting[module]
     for _, _, process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
