@@ -197,10 +197,9 @@ async def _bench(config: settings.Config, records: list[tuple[bytes, bytes]], me
     result: dict[str, Any] = {"events_in_topic": len(records), "media_items": len(media)}
     result["prefill_events_per_s"] = round(await produce(config, records))
     log_path = WORKDIR / f"stats-service-{uuid.uuid4().hex[:8]}.log"
-    from viewevents.bench import service_env
 
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "stats_service"], env=service_env(config),
+    process = subprocess.Popen([sys.executable, "-m", "stats_service"], env=settings.to_environment(config),
                                stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
     rss = PeakRss(process.pid)
     sampler = asyncio.create_task(rss.run())

@@ -55,11 +55,7 @@ test_config.__test__ = False  # a helper, not a test, when imported into a test 
 
 def config_env(config: settings.Config) -> dict[str, str]:
     """The environment variables that make a service subprocess use `config`."""
-    env = dict(os.environ)
-    for setting in settings.SETTINGS:
-        value = getattr(config, setting.name)
-        env[setting.env] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
+    return settings.to_environment(config)
 
 
 RUNNING: list[ServiceProcess] = []  # killed at the end of the session, whatever happened

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import subprocess
@@ -59,20 +58,12 @@ class PeakRss:
         return self.peak_bytes / 2**20
 
 
-def service_env(config: settings.Config) -> dict[str, str]:
-    env = dict(os.environ)
-    for setting in settings.SETTINGS:
-        value = getattr(config, setting.name)
-        env[setting.env] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
-
-
 def start_service(module: str, config: settings.Config, address: str, log_path: Path) -> subprocess.Popen:
     """Start `python -m module` and wait until its health check says SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     log = open(log_path, "ab")
-    process = subprocess.Popen([sys.executable, "-m", module], env=service_env(config),
+    process = subprocess.Popen([sys.executable, "-m", module], env=settings.to_environment(config),
                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

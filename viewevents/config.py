@@ -186,6 +186,16 @@ def load(args: argparse.Namespace | None = None, env: dict[str, str] | None = No
     return Config(values)
 
 
+def to_environment(config: Config, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables that give a child process exactly `config` (on top of `base`,
+    by default this process's environment)."""
+    env = dict(os.environ if base is None else base)
+    for setting in SETTINGS:
+        value = getattr(config, setting.name)
+        env[setting.env] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
 def markdown_table() -> str:
     """The settings as the Markdown table of docs/operations.md (`python -m viewevents.config`)."""
     lines = ["| environment variable | flag | default | meaning |", "|---|---|---|---|"]
