@@ -46,8 +46,8 @@ kafka-down:
 	deploy/kafka.sh stop
 
 # Starts Kafka and the three services in the foreground; Ctrl-C stops them all, Kafka too.
-run: install kafka-up
-	trap 'deploy/kafka.sh stop' EXIT; $(PY) -m viewevents.runner
+run: install
+	$(PY) -m viewevents.runner --start-kafka
 
 demo: install kafka-up
 	$(PY) -m viewevents.demo

@@ -2,16 +2,24 @@
 
 Each service is its own process (as in production), configured by the same environment
 variables and flags documented in viewevents/config.py.
+
+The runner can never orphan a service: its SIGINT/SIGTERM handler is installed before any
+child exists, every child is started with PR_SET_PDEATHSIG (the kernel sends it SIGTERM when the
+runner dies, even by kill -9), and with `--start-kafka` it stops only a broker it started itself.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import ctypes
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,15 +27,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from viewevents import config as settings
 
 REPO = Path(__file__).resolve().parent.parent
+KAFKA_SCRIPT = REPO / "deploy" / "kafka.sh"
+STOP_GRACE_SECONDS = 20.0
 
 SERVICES = (
-    ("ingest_service", "ingest_address", "viewevents.v1.IngestService"),
-    ("stats_service", "stats_address", "viewevents.v1.StatsService"),
-    ("recommender_service", "recommender_address", "viewevents.v1.RecommenderService"),
+    ("ingest_service", "ingest_address"),
+    ("stats_service", "stats_address"),
+    ("recommender_service", "recommender_address"),
 )
 
+_PR_SET_PDEATHSIG = 1
 
-def _status(address: str) -> str:
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child, before exec: SIGTERM when the runner dies, whatever kills it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the runner died before prctl took effect
+        os._exit(1)
+
+
+def health_status(address: str) -> str:
+    """The overall grpc.health.v1 status name, or NOT_LISTENING."""
     try:
         with grpc.insecure_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -36,57 +57,117 @@ def _status(address: str) -> str:
         return "NOT_LISTENING"
 
 
-def main() -> None:
-    config = settings.load()
-    processes: list[tuple[str, str, subprocess.Popen]] = []
-    for module, address_setting, _ in SERVICES:
-        if importlib.util.find_spec(f"{module}.__main__") is None:
-            print(f"{module}: not built yet, skipped")
-            continue
-        # Own session: Ctrl-C reaches only this runner, which then stops each service once.
-        process = subprocess.Popen([sys.executable, "-m", module], cwd=REPO, start_new_session=True)
-        processes.append((module, getattr(config, address_setting), process))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if all(_status(address) != "NOT_LISTENING" for _, address, _ in processes):
-            break
-        if any(p.poll() is not None for _, _, p in processes):
-            break
-        time.sleep(0.3)
-    print(f"\nview-event services (Kafka at {config.kafka_bootstrap}):")
-    for module, address, process in processes:
-        state = "exited" if process.poll() is not None else _status(address)
-        print(f"  {module:<22} {address:<18} {state}")
-    print(f"\nTry:  grpcurl -plaintext {config.ingest_address} list")
-    print("      viewevents gen /tmp/events.jsonl --events 100000 && viewevents upload /tmp/events.jsonl")
-    print("Ctrl-C stops everything.\n")
-    stopping = False
+def _kafka_port(bootstrap: str) -> str:
+    first = bootstrap.split(",")[0]
+    return str(urlsplit(f"//{first}").port or 9092)
 
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    waiting = {module: address for module, address, _ in processes if _status(address) != "SERVING"}
-    last_check = time.monotonic()
-    while not stopping and all(p.poll() is None for _, _, p in processes):
-        time.sleep(0.5)
-        if waiting and time.monotonic() - last_check > 2:
-            last_check = time.monotonic()
+class DevStack:
+    """The children and the stop flag; `stop_requested` is set from the signal handler."""
+
+    def __init__(self, config: settings.Config) -> None:
+        self.config = config
+        self.stop_requested = threading.Event()
+        self.children: list[tuple[str, str, subprocess.Popen[bytes]]] = []
+        self.started_kafka = False
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_requested.set()
+
+    def start_kafka(self) -> None:
+        env = dict(os.environ, KAFKA_PORT=_kafka_port(self.config.kafka_bootstrap))
+        if subprocess.run([str(KAFKA_SCRIPT), "status"], env=env).returncode == 0:
+            print(f"reusing the broker already answering at {self.config.kafka_bootstrap}; "
+                  "it is left running on exit", flush=True)
+            return
+        self.started_kafka = True  # set first: a Ctrl-C mid-start still stops what started
+        subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
+
+    def stop_kafka(self) -> None:
+        if self.started_kafka:
+            env = dict(os.environ, KAFKA_PORT=_kafka_port(self.config.kafka_bootstrap))
+            subprocess.run([str(KAFKA_SCRIPT), "stop"], env=env, check=False)
+
+    def spawn(self) -> None:
+        parent = os.getpid()
+        for module, address_setting in SERVICES:
+            if self.stop_requested.is_set():
+                return
+            # Own session: Ctrl-C in the terminal reaches only this runner, which then stops each
+            # service once; PDEATHSIG covers the runner dying without running its handler.
+            process = subprocess.Popen([sys.executable, "-m", module], cwd=REPO,
+                                       start_new_session=True,
+                                       preexec_fn=lambda: _die_with_parent(parent))
+            self.children.append((module, getattr(self.config, address_setting), process))
+
+    def any_exited(self) -> bool:
+        return any(p.poll() is not None for _, _, p in self.children)
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop_requested.is_set():
+            if all(health_status(a) != "NOT_LISTENING" for _, a, _ in self.children):
+                return
+            if self.any_exited():
+                return
+            self.stop_requested.wait(0.3)
+
+    def print_table(self) -> None:
+        print(f"\nview-event services (Kafka at {self.config.kafka_bootstrap}):")
+        for module, address, process in self.children:
+            state = "exited" if process.poll() is not None else health_status(address)
+            print(f"  {module:<22} {address:<18} {state}")
+        print(f"\nTry:  grpcurl -plaintext {self.config.ingest_address} list")
+        print("      viewevents gen /tmp/events.jsonl --events 100000 && "
+              "viewevents upload /tmp/events.jsonl")
+        print("Ctrl-C stops everything.\n", flush=True)
+
+    def watch(self) -> None:
+        """Until Ctrl-C or a child exits; says when each consumer becomes SERVING."""
+        waiting = {m: a for m, a, _ in self.children if health_status(a) != "SERVING"}
+        while not self.stop_requested.is_set() and not self.any_exited():
+            self.stop_requested.wait(2.0 if waiting else 0.5)
             for module, address in list(waiting.items()):
-                if _status(address) == "SERVING":
+                if health_status(address) == "SERVING":
                     print(f"{module} is SERVING (caught up with Kafka)", flush=True)
                     del waiting[module]
-    for _, _, process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for module, _, process in processes:
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        print(f"{module} stopped (exit {process.returncode})")
+
+    def stop_children(self) -> None:
+        for _, _, process in self.children:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for module, _, process in self.children:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            print(f"{module} stopped (exit {process.returncode})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m viewevents.runner", description=__doc__)
+    parser.add_argument("--start-kafka", action="store_true",
+                        help="start the local broker (deploy/kafka.sh) unless one answers; "
+                             "stop it on exit only if this run started it")
+    args = parser.parse_args(argv)
+    stack = DevStack(settings.load())
+    # Before anything starts: a Ctrl-C at any moment from here on stops what was started.
+    signal.signal(signal.SIGINT, stack.request_stop)
+    signal.signal(signal.SIGTERM, stack.request_stop)
+    try:
+        if args.start_kafka:
+            stack.start_kafka()
+        if not stack.stop_requested.is_set():
+            stack.spawn()
+            stack.wait_listening()
+        if not stack.stop_requested.is_set():
+            stack.print_table()
+            stack.watch()
+    finally:
+        stack.stop_children()
+        stack.stop_kafka()
 
 
 if __name__ == "__main__":
