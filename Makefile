@@ -47,10 +47,10 @@ kafka-down:
 
 # Starts Kafka and the three services in the foreground; Ctrl-C stops them all, Kafka too.
 run: install
-	$(PY) -m viewevents.runner --start-kafka
+	$(PY) -m viewevents_tools.dev_stack --start-kafka
 
 demo: install kafka-up
-	$(PY) -m viewevents.demo
+	$(PY) -m viewevents_tools.demo
 
 # The whole suite. Integration tests start (or reuse) their own broker on port 19092.
 test: install
@@ -60,10 +60,10 @@ test-unit: install
 	$(PY) -m pytest -q -m "not integration"
 
 bench: install kafka-up
-	$(PY) -m viewevents.bench
+	$(PY) -m benchmarks
 
 eval: install
-	$(PY) -m recommender_service.evaluate
+	$(PY) -m evaluation.recommender
 
 lint: install
 	$(TOOLS)/buf lint protos

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recommender_service.store import ROW
+from recommender_service.key_layout import ROW
 from viewevents.v1 import view_event_pb2
 
 WAYPOINT = view_event_pb2.EVENT_TYPE_WAYPOINT

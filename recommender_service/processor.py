@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recommender_service import store as keys
+from recommender_service import key_layout as keys
 from recommender_service.incremental import FlatWindows, combine_batch, pair_deltas, update_window
+from recommender_service.key_layout import ItemRecord
 from recommender_service.settings import RecommenderSettings
-from recommender_service.store import ItemRecord
 from recommender_service.view import Stamp, View
 from viewevents.state import StateStore, Transaction
 from viewevents.v1 import view_event_pb2

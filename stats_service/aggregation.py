@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stats_service.keys import BITMAP_BYTES, DAY, HOUR, MINUTE, MINUTES_PER_DAY
+from stats_service.key_layout import BITMAP_BYTES, DAY, HOUR, MINUTE, MINUTES_PER_DAY
 
 START, WAYPOINT, STOP, END = 1, 2, 3, 4
 BUCKET_SIZES = (MINUTE, HOUR, DAY)

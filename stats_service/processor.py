@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stats_service import keys as k
+from stats_service import key_layout as k
 from stats_service.aggregation import (
     Columns,
     KeyedCounts,

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from viewevents import config as settings
+from viewevents_tools import settings_catalogue as settings
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_KAFKA_PORT = int(os.environ.get("VIEWEVENTS_TEST_KAFKA_PORT", "19092"))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO, ServiceProcess, read_topic
-from viewevents.client import LineIndex
 from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client.uploads import LineIndex
 
 
 def test_line_index_maps_stream_positions_back_to_lines() -> None:
@@ -48,7 +48,7 @@ def test_upload_reports_problems_by_file_and_line(ingest: ServiceProcess, tmp_pa
                                  legacy(102, MediaId=-1)]) + "\n")
 
     result = subprocess.run(
-        [sys.executable, "-m", "viewevents.cli", "upload", str(first), str(second),
+        [sys.executable, "-m", "viewevents_tools.cli", "upload", str(first), str(second),
          "--address", ingest.address, "--batch-size", "3", "--no-progress",
          *(["--resumable"] if mode == "UploadStream" else [])],
         capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -77,7 +77,7 @@ def uploads_so_far(mode: str) -> int:
 def test_dead_letters_command_shows_rejections(ingest: ServiceProcess) -> None:
     """Runs after the uploads above: their server-side rejections are on the topic."""
     result = subprocess.run(
-        [sys.executable, "-m", "viewevents.cli", "dead-letters", "--bootstrap",
+        [sys.executable, "-m", "viewevents_tools.cli", "dead-letters", "--bootstrap",
          ingest.config.kafka_bootstrap, "--topic", ingest.config.dead_letter_topic, "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -10,8 +10,8 @@ import pytest
 
 from tests.support import ServiceProcess, free_port, read_topic, test_config
 from tests.test_ingest_integration import make_events
-from viewevents.client import CHANNEL_OPTIONS, upload_resumable
 from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload_resumable
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from viewevents import config as settings
+from viewevents_tools import settings_catalogue as settings
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
 DOCKERFILE = (REPO / "deploy" / "Dockerfile").read_text()
-ENV_NAMES = {s.env: s for s in settings.SETTINGS}
+ENV_NAMES = {s.env: s for s in settings.ALL_SETTINGS}
 
 # compose service -> (module, address setting, metrics port setting, state dir setting)
 SERVICES = {
@@ -30,7 +30,7 @@ def env_of(name: str) -> dict[str, str]:
 
 
 def setting_env(name: str) -> str:
-    return next(s.env for s in settings.SETTINGS if s.name == name)
+    return next(s.env for s in settings.ALL_SETTINGS if s.name == name)
 
 
 def test_every_product_service_is_there() -> None:
@@ -63,9 +63,9 @@ def test_ports_agree_with_the_addresses(name: str) -> None:
     assert published == {grpc_port, metrics_port}
     assert env[setting_env(address_setting)].startswith("0.0.0.0:"), "must listen beyond loopback"
     health = COMPOSE["services"][name]["healthcheck"]["test"]
-    assert health[:4] == ["CMD", "python", "-m", "viewevents.healthcheck"]
+    assert health[:4] == ["CMD", "python", "-m", "viewevents_tools.healthcheck"]
     assert health[4] == f"localhost:{grpc_port}"
-    assert importlib.util.find_spec("viewevents.healthcheck") is not None
+    assert importlib.util.find_spec("viewevents_tools.healthcheck") is not None
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))

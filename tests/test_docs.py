@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from viewevents.config import markdown_table
+from viewevents_tools.settings_catalogue import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_operations_page_lists_every_setting_with_its_default() -> None:
     page = (REPO / "docs" / "operations.md").read_text()
-    block = page.split("<!-- settings:begin (python -m viewevents.config) -->\n")[1].split("\n<!-- settings:end -->")[0]
-    assert block == markdown_table(), "regenerate with: python -m viewevents.config"
+    block = page.split("<!-- settings:begin (python -m viewevents_tools.settings_catalogue) -->\n")[1].split("\n<!-- settings:end -->")[0]
+    assert block == markdown_table(), "regenerate with: python -m viewevents_tools.settings_catalogue"

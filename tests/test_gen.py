@@ -1,6 +1,6 @@
-"""Unit tests for viewevents.gen: exact sizes, reproducibility, planted structure, noise, memory.
+"""Unit tests for viewevents_tools.generator: exact sizes, reproducibility, planted structure, noise, memory.
 
-The file is read back with json / viewevents.legacy and classified here, independently of the
+The file is read back with json / viewevents_client.event_files and classified here, independently of the
 generator's own bookkeeping, so a generator that miscounts or mislabels its noise fails.
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from viewevents import gen
-from viewevents.gen import GenStats, generate, media_group, media_length, user_groups
-from viewevents.legacy import parse_line
 from viewevents.v1 import view_event_pb2 as pb
+from viewevents_client.event_files import parse_line
+from viewevents_tools import generator as gen
+from viewevents_tools.generator import GenStats, generate, media_group, media_length, user_groups
 
 ALL_KEYS = {"EventId", "MediaId", "UserId", "Timestamp", "DateTime", "EventType"}
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -313,7 +313,7 @@ def test_late_events_are_hours_behind(noisy_file: tuple[Path, GenStats]) -> None
 # own peak, while VmHWM belongs to the new address space.
 _PEAK_RSS_CHILD = """
 import sys
-from viewevents.gen import generate
+from viewevents_tools.generator import generate
 generate(sys.argv[1], int(sys.argv[2]))
 with open("/proc/self/status") as f:
     print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))

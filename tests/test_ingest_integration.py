@@ -13,12 +13,12 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tests.support import ServiceProcess, free_port, read_topic, test_config
-from viewevents.client import CHANNEL_OPTIONS, upload
-from viewevents.grpc_server import field_violations_of
 from viewevents.kafka import KeyPartitioner
+from viewevents.rpc.errors import field_violations_of
 from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import ingest_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 pytestmark = pytest.mark.integration
 

@@ -1,24 +1,13 @@
-"""The public contract: buf lint clean (default STANDARD rules) and the names the product fixed."""
+"""The public contract: the names the product fixed (`make lint` runs buf lint on the protos)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
-from tests.support import REPO
 from viewevents.v1 import (
     ingest_service_pb2,
     recommender_service_pb2,
     stats_service_pb2,
     view_event_pb2,
 )
-
-BUF = shutil.which("buf") or str(REPO / ".cache" / "go" / "bin" / "buf")
-
-
-def test_buf_lint_is_clean() -> None:
-    result = subprocess.run([BUF, "lint", "protos"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_contract_names() -> None:

@@ -137,7 +137,7 @@ def test_every_readme_command(stack: dict[str, str]) -> None:
 def viewevents_cli(stack: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     import sys
 
-    return subprocess.run([sys.executable, "-m", "viewevents.cli", *args, "--stats-address", stack["stats"],
+    return subprocess.run([sys.executable, "-m", "viewevents_tools.cli", *args, "--stats-address", stack["stats"],
                            "--recommender-address", stack["recommender"]],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 

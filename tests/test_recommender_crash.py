@@ -18,15 +18,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from recommender_service import store as keys
+from recommender_service import key_layout as keys
 from tests.support import ServiceProcess, free_port, test_config, unique_name
 from tests.test_recommender_e2e import accepted_events
 from tests.test_recommender_unit import BruteForce
-from viewevents import gen, legacy
-from viewevents.client import CHANNEL_OPTIONS, upload
 from viewevents.state import StateStore
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
+from viewevents_client import event_files as legacy
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
+from viewevents_tools import generator as gen
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """Ingest and recommender as real subprocesses over the real broker, checked against numpy.
 
-Generated legacy data (viewevents.gen: power-law popularity, planted co-viewing groups, noise
+Generated legacy data (viewevents_tools.generator: power-law popularity, planted co-viewing groups, noise
 including duplicates and invalid lines) is parsed, uploaded through the ingest service, and once
 the recommender's position covers every accepted record its answers must equal a brute-force
 computation over the events the ingest service accepts (its validation rules, decided here by
@@ -21,12 +21,13 @@ from ingest_service.validation import Limits, validate_event
 from recommender_service.similarity import Metric
 from tests.support import ServiceProcess, free_port, test_config, unique_name
 from tests.test_recommender_unit import BruteForce, assert_same_ranking
-from viewevents import gen, legacy
-from viewevents.client import CHANNEL_OPTIONS, upload
-from viewevents.grpc_server import field_violations_of
+from viewevents.rpc.errors import field_violations_of
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client import event_files as legacy
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
+from viewevents_tools import generator as gen
 
 pytestmark = pytest.mark.integration
 

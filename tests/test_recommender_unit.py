@@ -3,7 +3,7 @@
 The brute force never uses the service's code: it builds the dense matrix of waypoints per
 (user, item) from the raw events (first copy of each event id), then takes cosine from W^T W and
 Pearson from np.corrcoef over every user seen (missing = 0). The service side runs the real
-processor and query engine in-process (recommender_service.offline), batch by batch.
+processor and query engine in-process (evaluation.offline_recommender), batch by batch.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from recommender_service import store as keys
-from recommender_service.offline import OfflineRecommender
-from recommender_service.server import validate_recommend, validate_similar
+from evaluation.offline_recommender import OfflineRecommender
+from recommender_service import key_layout as keys
+from recommender_service.servicer import validate_recommend, validate_similar
 from recommender_service.settings import RecommenderSettings
 from recommender_service.similarity import Metric
 from viewevents.v1 import recommender_service_pb2 as pb
@@ -339,7 +339,7 @@ def test_unknown_user_gets_the_most_watched_items(tmp_path: Path) -> None:
 
 
 def test_unknown_item_is_reported(tmp_path: Path) -> None:
-    from recommender_service.queries import UnknownItem
+    from recommender_service.query_engine import UnknownItem
 
     rec = run(tmp_path, random_events(12, users=10, items=5, count=200), batch=50)
     with pytest.raises(UnknownItem):

@@ -11,9 +11,9 @@ import pytest
 
 from tests.support import ServiceProcess, free_port, test_config, unique_name
 from tests.test_ingest_integration import make_events
-from viewevents.client import CHANNEL_OPTIONS, upload
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 pytestmark = pytest.mark.integration
 

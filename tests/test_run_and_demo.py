@@ -1,4 +1,4 @@
-"""`make run` (viewevents.runner) and `make demo` (viewevents.demo) as a newcomer uses them."""
+"""`make run` (viewevents_tools.dev_stack) and `make demo` (viewevents_tools.demo) as a newcomer uses them."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class LineReader:
 
 
 def start_runner(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], LineReader]:
-    runner = subprocess.Popen([sys.executable, "-m", "viewevents.runner", *args], cwd=REPO,
+    runner = subprocess.Popen([sys.executable, "-m", "viewevents_tools.dev_stack", *args], cwd=REPO,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True)
     assert runner.stdout is not None
@@ -142,7 +142,7 @@ def test_runner_killed_with_sigkill_takes_its_services_along(kafka_bootstrap: st
 @pytest.mark.integration
 def test_demo_shows_the_whole_product(kafka_bootstrap: str, tmp_path: Path) -> None:
     env = stack_env(kafka_bootstrap, tmp_path)
-    result = subprocess.run([sys.executable, "-m", "viewevents.demo", "--events", "30000"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "viewevents_tools.demo", "--events", "30000"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout

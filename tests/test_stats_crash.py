@@ -27,9 +27,9 @@ from tests.test_stats_e2e import (
     services,
     wait_until_applied,
 )
-from viewevents.client import CHANNEL_OPTIONS, upload
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 pytestmark = pytest.mark.integration
 

@@ -23,12 +23,12 @@ from google.protobuf import timestamp_pb2
 
 from ingest_service.validation import Limits, validate_event
 from tests.support import ServiceProcess, free_port, test_config
-from viewevents import config as settings
-from viewevents.client import CHANNEL_OPTIONS, upload
-from viewevents.grpc_server import field_violations_of
+from viewevents.rpc.errors import field_violations_of
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
+from viewevents_tools import settings_catalogue as settings
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +38,10 @@ SIZES = {pb.GRANULARITY_MINUTE: 60, pb.GRANULARITY_HOUR: 3600, pb.GRANULARITY_DA
 
 def generated_events(path: Path, count: int, seed: int, days: float = 3.0
                      ) -> list[view_event_pb2.ViewEvent]:
-    """A noisy legacy file from viewevents.gen, parsed as the CLI would: lines that cannot be
+    """A noisy legacy file from viewevents_tools.generator, parsed as the CLI would: lines that cannot be
     represented are dropped client-side; the rest go to the ingest service, invalid or not."""
-    from viewevents.gen import generate
-    from viewevents.legacy import iter_file
+    from viewevents_client.event_files import iter_file
+    from viewevents_tools.generator import generate
 
     generate(str(path), count, seed=seed, noise=0.05, days=days, users=5_000, media=800)
     return [parsed.event for _, parsed in iter_file(str(path)) if parsed.event is not None]

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
-from stats_service import queries
+from stats_service import request_parsing as queries
 from stats_service.aggregation import Columns
 from stats_service.processor import StatsProcessor
-from stats_service.store import StatsReader
+from stats_service.reader import StatsReader
 from viewevents.consumer import ExactlyOnceConsumer
 from viewevents.state import StateStore, Transaction
 from viewevents.v1 import stats_service_pb2 as pb

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recommender_service import key_layout as keys
 from recommender_service import similarity as sim
-from recommender_service import store as keys
 from recommender_service.settings import RecommenderSettings
 from recommender_service.similarity import Metric, Ranked
 from recommender_service.view import Stamp, View

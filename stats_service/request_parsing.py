@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
-from stats_service.keys import DAY, HOUR, MINUTE
+from stats_service.key_layout import DAY, HOUR, MINUTE
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 

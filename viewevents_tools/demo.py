@@ -14,13 +14,13 @@ from pathlib import Path
 
 import grpc
 
-from viewevents import config as settings
-from viewevents.bench import start_service, stop_service
-from viewevents.cli_queries import table
-from viewevents.client import open_channel, upload
-from viewevents.gen import generate
-from viewevents.legacy import iter_file
-from viewevents.queries import QueryClient
+from viewevents_client.event_files import iter_file
+from viewevents_client.query_client import QueryClient
+from viewevents_client.uploads import open_channel, upload
+from viewevents_tools import settings_catalogue as settings
+from viewevents_tools.cli_query_commands import table
+from viewevents_tools.generator import generate
+from viewevents_tools.processes import start_service, stop_service
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def wait_applied(client: QueryClient, positions: dict[int, int], timeout: float 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="viewevents.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="viewevents_tools.demo", description=__doc__)
     parser.add_argument("--events", type=int, default=300_000)
     args = parser.parse_args(argv)
     stamp = time.strftime("%Y%m%d%H%M%S")
@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     generate(str(data), args.events, seed=7, users=20_000, media=2_000, groups=20, noise=0.02,
              start=start, days=2, progress=True)
     print("2. starting ingest, stats and recommender (fresh topics and state)")
-    services = [start_service("ingest_service", config, config.ingest_address, workdir / "ingest.log"),
-                start_service("stats_service", config, config.stats_address, workdir / "stats.log"),
-                start_service("recommender_service", config, config.recommender_address, workdir / "recommender.log")]
+    env = settings.to_environment(config)
+    services = [start_service("ingest_service", env, config.ingest_address, workdir / "ingest.log"),
+                start_service("stats_service", env, config.stats_address, workdir / "stats.log"),
+                start_service("recommender_service", env, config.recommender_address, workdir / "recommender.log")]
     try:
         print("3. uploading (client streaming, acknowledged once durable in Kafka)")
         from tqdm import tqdm

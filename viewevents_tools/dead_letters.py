@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from aiokafka import AIOKafkaConsumer
 from google.protobuf import json_format
 
-from viewevents import config as settings
 from viewevents.v1 import view_event_pb2
+from viewevents_tools import settings_catalogue as settings
 
 
 async def iter_rejected(bootstrap: str, topic: str, limit: int) -> AsyncIterator[view_event_pb2.RejectedEvent]:

@@ -16,8 +16,8 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from viewevents import config as settings
-from viewevents.queries import GRANULARITIES, SIMILARITY, TOP_METRICS, QueryClient
+from viewevents_client.query_client import GRANULARITIES, SIMILARITY, TOP_METRICS, QueryClient
+from viewevents_tools import settings_catalogue as settings
 
 BAR = "█"
 
@@ -181,7 +181,7 @@ def _run(handler: object):  # type: ignore[no-untyped-def]
                 handler(args, client)  # type: ignore[operator]
             except grpc.RpcError as error:
                 print(f"{error.code().name}: {error.details()}", file=sys.stderr)
-                from viewevents.grpc_server import field_violations_of
+                from viewevents.rpc.errors import field_violations_of
 
                 for violation in field_violations_of(error):
                     print(f"  {violation.field}: {violation.description}", file=sys.stderr)

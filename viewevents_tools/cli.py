@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 import grpc
 from tqdm import tqdm
 
-from viewevents import config as settings
-from viewevents.client import (
+from viewevents_client.event_files import iter_file
+from viewevents_client.uploads import (
     DEFAULT_BATCH_SIZE,
     LineIndex,
     ViewEvent,
@@ -23,7 +23,7 @@ from viewevents.client import (
     upload,
     upload_resumable,
 )
-from viewevents.legacy import iter_file
+from viewevents_tools import settings_catalogue as settings
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -92,7 +92,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
-    from viewevents import gen
+    from viewevents_tools import generator as gen
 
     return gen.run(args)
 
@@ -116,19 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bearer token (env VIEWEVENTS_INGEST_TOKEN)")
     up.set_defaults(func=cmd_upload)
 
-    from viewevents import gen
+    from viewevents_tools import generator as gen
 
     generate = commands.add_parser("gen", help="write a synthetic, seeded data set (legacy format)")
     gen.add_arguments(generate)
     generate.set_defaults(func=cmd_gen)
 
-    from viewevents import dead_letters
+    from viewevents_tools import dead_letters
 
     dead = commands.add_parser("dead-letters", help="show rejected events and why (dead-letter topic)")
     dead_letters.add_arguments(dead)
     dead.set_defaults(func=dead_letters.run)
 
-    from viewevents.cli_queries import add_query_commands
+    from viewevents_tools.cli_query_commands import add_query_commands
 
     add_query_commands(commands)
     return parser

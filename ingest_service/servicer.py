@@ -16,9 +16,9 @@ from google.protobuf import timestamp_pb2
 from ingest_service.validation import Limits, validate_event
 from ingest_service.writer import PartitionedWriter
 from viewevents.config import Config
-from viewevents.grpc_server import Unparseable, abort_bad_request, reject_unparseable
 from viewevents.kafka import REJECTED_EVENT_HEADERS, VIEW_EVENT_HEADERS, KeyPartitioner, user_key
 from viewevents.metrics import EVENTS_ACCEPTED, EVENTS_RECEIVED, EVENTS_REJECTED
+from viewevents.rpc.errors import Unparseable, abort_bad_request, reject_unparseable
 from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
@@ -53,7 +53,7 @@ class _Writes:
         self.dead_letters.abandon()
 
 
-class IngestService:
+class IngestServicer:
     """Implements viewevents.v1.IngestService."""
 
     def __init__(self, config: Config, producer: AIOKafkaProducer, partitions: dict[str, int]) -> None:

@@ -1,6 +1,6 @@
 """Container health check: exit 0 when a service's grpc.health.v1 says SERVING.
 
-    python -m viewevents.healthcheck HOST:PORT [--tls-ca FILE]
+    python -m viewevents_tools.healthcheck HOST:PORT [--tls-ca FILE]
 
 Used by deploy/docker-compose.yml, where no grpc_health_probe binary is available.
 """
@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="viewevents.healthcheck", description=__doc__)
+    parser = argparse.ArgumentParser(prog="viewevents_tools.healthcheck", description=__doc__)
     parser.add_argument("address")
     parser.add_argument("--tls-ca", help="CA certificate (PEM) when the port serves TLS")
     parser.add_argument("--tls-server-name", default="localhost",

@@ -236,7 +236,7 @@ def upload_file(
 ) -> UploadTotals:
     """Upload event files (legacy or protobuf JSON lines, .gz ok) with resumable retries.
     Lines that are not events, or cannot be represented, are skipped (the CLI reports them)."""
-    from viewevents.legacy import iter_file
+    from viewevents_client.event_files import iter_file
 
     events = (parsed.event for path in paths for _, parsed in iter_file(path)
               if parsed.event is not None)

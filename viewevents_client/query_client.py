@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from viewevents.client import open_channel
 from viewevents.v1 import recommender_service_pb2 as rec_pb
 from viewevents.v1 import recommender_service_pb2_grpc as rec_grpc
 from viewevents.v1 import stats_service_pb2 as stats_pb
 from viewevents.v1 import stats_service_pb2_grpc as stats_grpc
+from viewevents_client.uploads import open_channel
 
 GRANULARITIES = {"minute": stats_pb.GRANULARITY_MINUTE, "hour": stats_pb.GRANULARITY_HOUR,
                  "day": stats_pb.GRANULARITY_DAY}

@@ -8,10 +8,10 @@ from typing import Protocol
 import grpc
 from google.protobuf import timestamp_pb2
 
-from recommender_service.queries import QueryEngine, UnknownItem
+from recommender_service.query_engine import QueryEngine, UnknownItem
 from recommender_service.similarity import Metric
 from recommender_service.view import Stamp
-from viewevents.grpc_server import Unparseable, abort_bad_request, reject_unparseable
+from viewevents.rpc.errors import Unparseable, abort_bad_request, reject_unparseable
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
@@ -92,6 +92,10 @@ class RecommenderServicer:
         self.engine = engine
         self.consumer = consumer
         self.max_limit = engine.settings.max_limit
+
+    def close(self) -> None:
+        """Called by the bootstrap on shutdown: stops the engine's cache warmer."""
+        self.engine.stop_warmer()
 
     async def GetSimilarMedia(
         self, request: pb.GetSimilarMediaRequest | Unparseable, context: grpc.aio.ServicerContext

@@ -1,7 +1,7 @@
 """`make run`: the three services in the foreground against the local broker; Ctrl-C stops all.
 
 Each service is its own process (as in production), configured by the same environment
-variables and flags documented in viewevents/config.py.
+variables and flags (the table: viewevents_tools/settings_catalogue.py).
 
 The runner can never orphan a service: its SIGINT/SIGTERM handler is installed before any
 child exists, every child is started with PR_SET_PDEATHSIG (the kernel sends it SIGTERM when the
@@ -11,22 +11,16 @@ runner dies, even by kill -9), and with `--start-kafka` it stops only a broker i
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from viewevents_tools import settings_catalogue as settings
+from viewevents_tools.processes import REPO, health_status, spawn_service
 
-from viewevents import config as settings
-
-REPO = Path(__file__).resolve().parent.parent
 KAFKA_SCRIPT = REPO / "deploy" / "kafka.sh"
 STOP_GRACE_SECONDS = 20.0
 
@@ -35,27 +29,6 @@ SERVICES = (
     ("stats_service", "stats_address"),
     ("recommender_service", "recommender_address"),
 )
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """In the child, before exec: SIGTERM when the runner dies, whatever kills it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the runner died before prctl took effect
-        os._exit(1)
-
-
-def health_status(address: str) -> str:
-    """The overall grpc.health.v1 status name, or NOT_LISTENING."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.RpcError:
-        return "NOT_LISTENING"
-
 
 def _kafka_port(bootstrap: str) -> str:
     first = bootstrap.split(",")[0]
@@ -89,15 +62,10 @@ class DevStack:
             subprocess.run([str(KAFKA_SCRIPT), "stop"], env=env, check=False)
 
     def spawn(self) -> None:
-        parent = os.getpid()
         for module, address_setting in SERVICES:
             if self.stop_requested.is_set():
                 return
-            # Own session: Ctrl-C in the terminal reaches only this runner, which then stops each
-            # service once; PDEATHSIG covers the runner dying without running its handler.
-            process = subprocess.Popen([sys.executable, "-m", module], cwd=REPO,
-                                       start_new_session=True,
-                                       preexec_fn=lambda: _die_with_parent(parent))
+            process = spawn_service(module)
             self.children.append((module, getattr(self.config, address_setting), process))
 
     def any_exited(self) -> bool:
@@ -135,7 +103,7 @@ class DevStack:
     def stop_children(self) -> None:
         for _, _, process in self.children:
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+                process.terminate()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for module, _, process in self.children:
             try:
@@ -147,7 +115,7 @@ class DevStack:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m viewevents.runner", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m viewevents_tools.dev_stack", description=__doc__)
     parser.add_argument("--start-kafka", action="store_true",
                         help="start the local broker (deploy/kafka.sh) unless one answers; "
                              "stop it on exit only if this run started it")

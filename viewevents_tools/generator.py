@@ -138,7 +138,7 @@ class _Layout:
 
 @lru_cache(maxsize=8)
 def _layout(seed: int, media: int, groups: int) -> _Layout:
-    rng = random.Random(f"viewevents.gen.layout:{seed}:{media}:{groups}")
+    rng = random.Random(f"viewevents_tools.generator.layout:{seed}:{media}:{groups}")
     ids = list(range(1, media + 1))
     rng.shuffle(ids)
     group_of = [0] * (media + 1)
@@ -503,7 +503,7 @@ def _parse_start(text: str) -> datetime:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `viewevents gen`, shared by the CLI and `python -m viewevents.gen`."""
+    """Options of `viewevents gen`, shared by the CLI and `python -m viewevents_tools.generator`."""
     parser.add_argument("out", metavar="OUT", help="output file; .gz compresses; - is stdout")
     parser.add_argument(
         "--events",
@@ -568,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point: python -m viewevents.gen OUT --events N ..."""
+    """Stand-alone entry point: python -m viewevents_tools.generator OUT --events N ..."""
     parser = argparse.ArgumentParser(
         prog="viewevents gen", description="Write a seeded synthetic legacy view-event file."
     )

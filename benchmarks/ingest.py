@@ -1,90 +1,28 @@
-"""`make bench`: throughput and latency of the running product, on the local broker.
-
-Not a test: it prints measurements of one run. Sections: ingest (client-streaming upload,
-acknowledged end to end, against Kafka's own ProducerPerformance on the same broker), and the
-stats and recommender consumers and queries.
-
-    python -m viewevents.bench [--events N] [--only ingest|stats|recommender] [--json FILE]
-"""
+"""The ingest benchmark: a client-streaming upload acknowledged end to end, against Kafka's own
+ProducerPerformance on the same broker (part of `make bench`, `python -m benchmarks`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
 
-from viewevents import config as settings
-from viewevents.client import CHANNEL_OPTIONS
+from benchmarks.measure import PeakRss
 from viewevents.v1 import ingest_service_pb2 as ingest_pb
 from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client.uploads import CHANNEL_OPTIONS
+from viewevents_tools import settings_catalogue as settings
+from viewevents_tools.processes import start_service, stop_service
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class PeakRss:
-    """Samples a process's resident memory in the background; `peak_mb` is the maximum seen."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.process = psutil.Process(pid)
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-        self._thread.start()
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak_bytes = max(self.peak_bytes, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(interval)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak_bytes / 2**20
-
-
-def start_service(module: str, config: settings.Config, address: str, log_path: Path) -> subprocess.Popen:
-    """Start `python -m module` and wait until its health check says SERVING."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    log = open(log_path, "ab")
-    process = subprocess.Popen([sys.executable, "-m", module], env=settings.to_environment(config),
-                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(1200):
-            if process.poll() is not None:
-                raise RuntimeError(f"{module} exited; see {log_path}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return process
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"{module} did not become SERVING; see {log_path}")
-
-
-def stop_service(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 def synthetic_requests(events: int, batch_size: int, seed: int = 7) -> list[bytes]:
@@ -158,7 +96,8 @@ def bench_ingest(config: settings.Config, events: int, batch_size: int, workdir:
     requests = synthetic_requests(min(events, 1_000_000), batch_size)
     repeat = max(1, events // 1_000_000)
     size = average_event_bytes(requests)
-    service = start_service("ingest_service", config, config.ingest_address, workdir / "ingest.log")
+    service = start_service("ingest_service", settings.to_environment(config), config.ingest_address,
+                            workdir / "ingest.log")
     rss = PeakRss(service.pid)
     try:
         summary, elapsed = upload_raw(config.ingest_address, requests, min(events, 1_000_000), repeat)
@@ -178,55 +117,3 @@ def bench_ingest(config: settings.Config, events: int, batch_size: int, workdir:
         "ratio_upload_to_kafka_perf": round(ours / kafka["records_per_s"], 3),
         "kafka_perf_summary": kafka["summary"],
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="viewevents.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=1_000_000, help="events for the ingest upload")
-    parser.add_argument("--stats-events", type=int, default=2_000_000)
-    parser.add_argument("--recommender-events", type=int, default=1_000_000)
-    parser.add_argument("--batch-size", type=int, default=5_000)
-    parser.add_argument("--only", choices=["ingest", "stats", "recommender"], action="append")
-    parser.add_argument("--json", help="also write the results to this file")
-    settings.add_flags(parser, ["kafka_bootstrap"])
-    args = parser.parse_args(argv)
-    config = settings.load(args)
-    workdir = REPO / ".data" / "bench"
-    workdir.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["ingest", "stats", "recommender"])
-    results: dict[str, Any] = {}
-    if "ingest" in only:
-        from viewevents.grpc_server import new_server  # noqa: F401 - fail early if stubs missing
-        results["ingest"] = bench_ingest(config, args.events, args.batch_size, workdir)
-        _print_section("ingest", results["ingest"])
-    if "stats" in only:
-        try:
-            from stats_service.bench import run_bench as stats_bench
-        except ImportError as error:
-            results["stats"] = {"skipped": str(error)}
-        else:
-            results["stats"] = stats_bench(config.kafka_bootstrap, events=args.stats_events)
-        _print_section("stats", results["stats"])
-    if "recommender" in only:
-        try:
-            from recommender_service.bench import run_bench as recommender_bench
-        except ImportError as error:
-            results["recommender"] = {"skipped": str(error)}
-        else:
-            results["recommender"] = recommender_bench(config.kafka_bootstrap, events=args.recommender_events)
-        _print_section("recommender", results["recommender"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-
-
-def _print_section(name: str, values: dict[str, Any]) -> None:
-    print(f"\n== {name} ==")
-    width = max((len(k) for k in values), default=0)
-    for key, value in values.items():
-        print(f"  {key:<{width}}  {value}")
-    sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Stats service benchmark: consumer throughput from a pre-filled topic, then query latency.
 
-    python -m stats_service.bench [--events 2000000] [--kafka-bootstrap HOST:PORT]
+    python -m benchmarks.stats [--events 2000000] [--kafka-bootstrap HOST:PORT]
 
-Steps: generate a noisy data set with viewevents.gen (cached under .data/bench), keep the events
+Steps: generate a noisy data set with viewevents_tools.generator (cached under .data/bench), keep the events
 the ingest service would accept, produce them straight to a fresh topic with aiokafka (keyed by
 user, as the ingest service does), start the stats service as a subprocess on a fresh state
 directory, and time it from process start to caught-up. Then measure p50/p99 of each RPC with
@@ -31,29 +31,22 @@ from aiokafka import AIOKafkaProducer
 from google.protobuf import timestamp_pb2
 from tqdm import tqdm
 
+from benchmarks.measure import PeakRss, free_port
 from ingest_service.validation import Limits, validate_event
-from viewevents import config as settings
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
+from viewevents_tools import settings_catalogue as settings
 
 REPO = Path(__file__).resolve().parent.parent
 WORKDIR = REPO / ".data" / "bench"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def prepare_records(events: int, seed: int) -> tuple[list[tuple[bytes, bytes]], list[int], int, int]:
     """(key, value) records of the valid events of a generated file, the media ids seen, and
     the event-time span; built before any timing starts."""
-    from viewevents.gen import generate
-    from viewevents.legacy import iter_file
+    from viewevents_client.event_files import iter_file
+    from viewevents_tools.generator import generate
 
     WORKDIR.mkdir(parents=True, exist_ok=True)
     path = WORKDIR / f"stats-{events}-{seed}.jsonl"
@@ -114,23 +107,6 @@ async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -
         return len(records) / (time.perf_counter() - started)
     finally:
         await producer.stop()
-
-
-class PeakRss:
-    """Polls the service's RSS (including its threads) in the background."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._task: asyncio.Task | None = None
-
-    async def run(self) -> None:
-        while True:
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            await asyncio.sleep(0.1)
 
 
 async def _position(stub: pb_grpc.StatsServiceStub) -> pb.ListTopMediaResponse | None:
@@ -202,7 +178,6 @@ async def _bench(config: settings.Config, records: list[tuple[bytes, bytes]], me
     process = subprocess.Popen([sys.executable, "-m", "stats_service"], env=settings.to_environment(config),
                                stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
     rss = PeakRss(process.pid)
-    sampler = asyncio.create_task(rss.run())
     try:
         async with grpc.aio.insecure_channel(config.stats_address) as channel:
             stub = pb_grpc.StatsServiceStub(channel)
@@ -251,13 +226,13 @@ async def _bench(config: settings.Config, records: list[tuple[bytes, bytes]], me
             result["ListTopMedia (1 day, unique viewers)"] = await latency(
                 "ListTopMedia uniques", top_call(pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS),
                 calls // 40, concurrency)
-        result["peak_rss_mb"] = round(rss.peak / 2**20)
+        result["peak_rss_mb"] = round(rss.peak_mb())
         state = Path(config.stats_state_dir)
         result["state_dir_mb"] = round(sum(f.stat().st_size for f in state.rglob("*")
                                            if f.is_file()) / 2**20)
         result["service_log"] = str(log_path)
     finally:
-        sampler.cancel()
+        rss.stop()
         process.terminate()
         try:
             process.wait(30)
@@ -275,7 +250,7 @@ def run_bench(bootstrap: str, events: int = 2_000_000, *, calls: int = 4_000,
     overrides: dict[str, Any] = dict(
         kafka_bootstrap=bootstrap, view_topic=f"bench-stats-{run_id}",
         dead_letter_topic=f"bench-stats-dlq-{run_id}", stats_group=f"bench-stats-{run_id}",
-        stats_address=f"127.0.0.1:{_free_port()}",
+        stats_address=f"127.0.0.1:{free_port()}",
         stats_state_dir=str(WORKDIR / f"stats-state-{run_id}"))
     if hasattr(base, "stats_metrics_port"):
         overrides["stats_metrics_port"] = 0
@@ -300,7 +275,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="stats_service.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="benchmarks.stats", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=2_000_000)
     parser.add_argument("--calls", type=int, default=4_000)

@@ -1,9 +1,9 @@
-"""Offline leave-one-out evaluation: python -m recommender_service.evaluate [--events N ...].
+"""Offline leave-one-out evaluation: python -m evaluation.recommender [--events N ...].
 
-On generated data (viewevents.gen: planted co-viewing groups, power-law popularity), each user's
+On generated data (viewevents_tools.generator: planted co-viewing groups, power-law popularity), each user's
 last watched item (the one whose first waypoint is latest) is hidden: all that user's events on
 it are removed, the rest is folded into the statistics by the service's own processor
-(recommender_service.offline: same validity filter, de-duplication, Processor.apply and
+(evaluation.offline_recommender: same validity filter, de-duplication, Processor.apply and
 QueryEngine as the service, without Kafka), and 10 items are recommended from the remaining
 history. A hit is the hidden item among the 10; NDCG@10 credits a hit at rank r with
 1 / log2(r + 1). The baseline is the service's own fallback, the most watched unwatched items.
@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evaluation.offline_recommender import OfflineRecommender
 from recommender_service import similarity as sim
-from recommender_service.offline import OfflineRecommender
-from recommender_service.queries import QueryEngine
+from recommender_service.query_engine import QueryEngine
 from recommender_service.settings import RecommenderSettings
-from viewevents import gen, legacy
 from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client import event_files as legacy
+from viewevents_tools import generator as gen
 
 K = 10
 
@@ -138,7 +139,7 @@ def default_configs(defaults: RecommenderSettings) -> dict[str, RecommenderSetti
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="recommender_service.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="evaluation.recommender", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000, help="generated lines")
     parser.add_argument("--users", type=int, default=20_000)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stats_service import keys as k
+from stats_service import key_layout as k
 from stats_service.aggregation import minute_mask
-from stats_service.queries import ceil_to, floor_to, tiles
+from stats_service.request_parsing import ceil_to, floor_to, tiles
 from viewevents.state import StateStore, partition_prefix
 
 

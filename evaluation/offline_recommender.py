@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from recommender_service.processor import RecommenderProcessor
-from recommender_service.queries import QueryEngine
+from recommender_service.query_engine import QueryEngine
 from recommender_service.settings import RecommenderSettings
 from viewevents.consumer import ExactlyOnceConsumer
 from viewevents.kafka import KeyPartitioner, user_key

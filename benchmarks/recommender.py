@@ -1,9 +1,9 @@
 """Recommender benchmark: consumer throughput from a pre-filled topic, then query latency.
 
-    python -m recommender_service.bench [--events 1000000] [--no-scale] [--kafka-bootstrap H:P]
+    python -m benchmarks.recommender [--events 1000000] [--no-scale] [--kafka-bootstrap H:P]
 
 Two phases, each on a fresh topic and a fresh state directory:
-  stream  `events` generated lines (viewevents.gen, 20,000 users x 2,000 media): the events the
+  stream  `events` generated lines (viewevents_tools.generator, 20,000 users x 2,000 media): the events the
           ingest service would accept are produced straight to the topic with aiokafka (keyed by
           user, partitioned like the ingest service), the service is started as a subprocess,
           and events/s is timed from process start to caught-up (health SERVING); the consumer's
@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,31 +33,25 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 from aiokafka import AIOKafkaProducer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
+from benchmarks.measure import PeakRss, free_port
 from recommender_service import settings as local_settings
-from viewevents import config as settings
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
+from viewevents_tools import settings_catalogue as settings
 
 REPO = Path(__file__).resolve().parent.parent
 WORKDIR = REPO / ".data" / "bench"
 GHZ = REPO / ".cache" / "go" / "bin" / "ghz"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def data_file(events: int, users: int, media: int, seed: int) -> Path:
     """A generated legacy file, cached under .data/bench (generation is not what is measured)."""
-    from viewevents.gen import generate
+    from viewevents_tools.generator import generate
 
     WORKDIR.mkdir(parents=True, exist_ok=True)
     path = WORKDIR / f"recommender-{events}-{users}-{media}-{seed}.jsonl"
@@ -75,7 +66,7 @@ def data_file(events: int, users: int, media: int, seed: int) -> Path:
 def records(path: Path) -> Iterator[tuple[bytes, bytes]]:
     """(key, value) of the events the ingest service would accept, in file order."""
     from ingest_service.validation import Limits, validate_event
-    from viewevents.legacy import iter_file
+    from viewevents_client.event_files import iter_file
 
     limits, now = Limits(), time.time()
     for _, parsed in iter_file(str(path)):
@@ -131,7 +122,7 @@ class Service:
     """The recommender as a subprocess with its own topic, state directory and group."""
 
     def __init__(self, bootstrap: str, topic: str, name: str, env_extra: dict[str, str]) -> None:
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.state = WORKDIR / f"{name}-state"
         shutil.rmtree(self.state, ignore_errors=True)
         self.log_path = WORKDIR / f"{name}.log"
@@ -140,47 +131,25 @@ class Service:
             kafka_bootstrap=bootstrap, view_topic=topic, dead_letter_topic=f"{topic}-dlq",
             recommender_address=self.address, recommender_state_dir=str(self.state),
             recommender_group=f"bench-{uuid.uuid4().hex[:8]}")
-        known = {s.name for s in settings.SETTINGS}
+        known = {s.name for s in settings.ALL_SETTINGS}
         if "recommender_metrics_port" in known:
             values["recommender_metrics_port"] = 0
         config = settings.load(env={}).replace(**values)
-        env = dict(os.environ)
-        for setting in settings.SETTINGS:
-            value = getattr(config, setting.name)
-            env[setting.env] = str(value).lower() if isinstance(value, bool) else str(value)
+        env = settings.to_environment(config)
         env.update(env_extra)
         self.env = env
         self.process: subprocess.Popen | None = None
-        self.peak_sampled = 0
-        self._sampling = threading.Event()
 
     def start(self) -> float:
         started = time.perf_counter()
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen([sys.executable, "-m", "recommender_service"], env=self.env,
                                         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._sample_rss, daemon=True).start()
+        self.rss = PeakRss(self.process.pid)
         return started
 
-    def _sample_rss(self) -> None:
-        try:
-            process = psutil.Process(self.process.pid)  # type: ignore[union-attr]
-            while not self._sampling.is_set():
-                self.peak_sampled = max(self.peak_sampled, process.memory_info().rss)
-                time.sleep(0.1)
-        except psutil.Error:
-            return
-
     def peak_rss_mb(self) -> float:
-        """VmHWM (the kernel's peak resident set) when readable, else the sampled maximum."""
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()  # type: ignore[union-attr]
-            found = re.search(r"VmHWM:\s+(\d+) kB", status)
-            if found:
-                return int(found.group(1)) / 1024
-        except OSError:
-            pass
-        return self.peak_sampled / 2**20
+        return self.rss.peak_mb()
 
     def wait_caught_up(self, total: int, timeout: float = 1800) -> float:
         """Until health says SERVING; a progress bar follows the answers' position."""
@@ -351,7 +320,7 @@ def run_bench(
     scale_media: int = 10_000,
     env_extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Both phases; a flat dict of readable measurements (printed by viewevents.bench).
+    """Both phases; a flat dict of readable measurements (printed by benchmarks.ingest).
     `env_extra` adds environment variables for the service (e.g. a larger RocksDB cache)."""
     env_extra = {"VIEWEVENTS_LOG_LEVEL": "INFO", **(env_extra or {})}
     results: dict[str, Any] = {"settings": str(local_settings.from_config()),
@@ -369,7 +338,7 @@ def run_bench(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="recommender_service.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="benchmarks.recommender", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=20_000)

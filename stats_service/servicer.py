@@ -16,11 +16,11 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from stats_service import queries
-from stats_service.queries import Limits, TopQuery, TrendQuery
-from stats_service.store import StatsReader, Totals
+from stats_service import request_parsing as queries
+from stats_service.reader import StatsReader, Totals
+from stats_service.request_parsing import Limits, TopQuery, TrendQuery
 from viewevents.consumer import ExactlyOnceConsumer
-from viewevents.grpc_server import abort_bad_request, reject_unparseable
+from viewevents.rpc.errors import abort_bad_request, reject_unparseable
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
@@ -43,7 +43,7 @@ def media_stats(media_id: int, totals: Totals) -> pb.MediaStats:
         first_event_time=_ts(totals.first), last_event_time=_ts(totals.last))
 
 
-class StatsService:
+class StatsServicer:
     """Implements viewevents.v1.StatsService over a StatsReader."""
 
     def __init__(self, reader: StatsReader, consumer: ExactlyOnceConsumer | Any,

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): measurements of one run, printed as tables; never tests."""

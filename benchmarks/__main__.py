@@ -1,0 +1,62 @@
+"""`make bench`: throughput and latency of the running product, on the local broker.
+
+Not a test: it prints measurements of one run. Sections: ingest (client-streaming upload,
+acknowledged end to end, against Kafka's own ProducerPerformance on the same broker), and the
+stats and recommender consumers and queries.
+
+    python -m benchmarks [--events N] [--only ingest|stats|recommender] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import ingest, recommender, stats
+from viewevents_tools import settings_catalogue as settings
+from viewevents_tools.processes import REPO
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000, help="events for the ingest upload")
+    parser.add_argument("--stats-events", type=int, default=2_000_000)
+    parser.add_argument("--recommender-events", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=5_000)
+    parser.add_argument("--only", choices=["ingest", "stats", "recommender"], action="append")
+    parser.add_argument("--json", help="also write the results to this file")
+    settings.add_flags(parser, ["kafka_bootstrap"])
+    args = parser.parse_args(argv)
+    config = settings.load(args)
+    workdir = REPO / ".data" / "bench"
+    workdir.mkdir(parents=True, exist_ok=True)
+    only = set(args.only or ["ingest", "stats", "recommender"])
+    results: dict[str, Any] = {}
+    if "ingest" in only:
+        results["ingest"] = ingest.bench_ingest(config, args.events, args.batch_size, workdir)
+        _print_section("ingest", results["ingest"])
+    if "stats" in only:
+        results["stats"] = stats.run_bench(config.kafka_bootstrap, events=args.stats_events)
+        _print_section("stats", results["stats"])
+    if "recommender" in only:
+        results["recommender"] = recommender.run_bench(config.kafka_bootstrap,
+                                                       events=args.recommender_events)
+        _print_section("recommender", results["recommender"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _print_section(name: str, values: dict[str, Any]) -> None:
+    print(f"\n== {name} ==")
+    width = max((len(k) for k in values), default=0)
+    for key, value in values.items():
+        print(f"  {key:<{width}}  {value}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

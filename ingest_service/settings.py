@@ -1,0 +1,34 @@
+"""The ingest service's own settings (the shared ones are in viewevents.config)."""
+
+from __future__ import annotations
+
+from viewevents.config import SHARED_SETTINGS, Setting
+
+OWN_SETTINGS: tuple[Setting, ...] = (
+    Setting("ingest_address", "VIEWEVENTS_INGEST_ADDRESS", "127.0.0.1:50051", str,
+            "Address the ingest service listens on."),
+    Setting("max_request_bytes", "VIEWEVENTS_MAX_REQUEST_BYTES", 8 * 1024 * 1024, int,
+            "Largest gRPC request accepted (bigger ones get RESOURCE_EXHAUSTED)."),
+    Setting("max_events_per_request", "VIEWEVENTS_MAX_EVENTS_PER_REQUEST", 10_000, int,
+            "Most events in one request (more gets RESOURCE_EXHAUSTED)."),
+    Setting("max_future_skew_seconds", "VIEWEVENTS_MAX_FUTURE_SKEW_SECONDS", 300, int,
+            "Event times further than this in the future are rejected."),
+    Setting("max_event_age_days", "VIEWEVENTS_MAX_EVENT_AGE_DAYS", 3650, int,
+            "Event times older than this are rejected."),
+    Setting("max_rejections_reported", "VIEWEVENTS_MAX_REJECTIONS_REPORTED", 100, int,
+            "How many rejections an UploadSummary lists (all are counted and dead-lettered)."),
+    Setting("max_inflight_batches", "VIEWEVENTS_MAX_INFLIGHT_BATCHES", 64, int,
+            "Kafka batches an upload may have unacknowledged before it stops reading the stream."),
+    Setting("producer_linger_ms", "VIEWEVENTS_PRODUCER_LINGER_MS", 5, int,
+            "Producer linger (ms) before a partly filled batch is sent."),
+    Setting("producer_batch_bytes", "VIEWEVENTS_PRODUCER_BATCH_BYTES", 512 * 1024, int,
+            "Producer batch size in bytes."),
+    Setting("producer_timeout_ms", "VIEWEVENTS_PRODUCER_TIMEOUT_MS", 30_000, int,
+            "How long Kafka may take to acknowledge a batch before the RPC fails UNAVAILABLE."),
+    Setting("ingest_metrics_port", "VIEWEVENTS_INGEST_METRICS_PORT", 9101, int,
+            "Prometheus metrics HTTP port of the ingest service (0: off)."),
+    Setting("ingest_token", "VIEWEVENTS_INGEST_TOKEN", "", str,
+            "When set, IngestService calls need 'authorization: Bearer <token>' metadata."),
+)
+
+SETTINGS = SHARED_SETTINGS + OWN_SETTINGS

@@ -1,0 +1,29 @@
+"""The stats service's own settings (the shared ones are in viewevents.config)."""
+
+from __future__ import annotations
+
+from viewevents.config import CONSUMER_SETTINGS, SHARED_SETTINGS, Setting
+
+OWN_SETTINGS: tuple[Setting, ...] = (
+    Setting("stats_address", "VIEWEVENTS_STATS_ADDRESS", "127.0.0.1:50052", str,
+            "Address the stats service listens on."),
+    Setting("stats_state_dir", "VIEWEVENTS_STATS_STATE_DIR", "state/stats", str,
+            "RocksDB directory of the stats service."),
+    Setting("stats_group", "VIEWEVENTS_STATS_GROUP", "viewevents-stats", str,
+            "Kafka consumer group of the stats service."),
+    Setting("stats_trend_retention_days", "VIEWEVENTS_STATS_TREND_RETENTION_DAYS", 0, int,
+            "Days behind a partition's highest event time that still enter trend buckets "
+            "(older events count in totals only); 0 = unlimited."),
+    Setting("stats_max_trend_buckets", "VIEWEVENTS_STATS_MAX_TREND_BUCKETS", 10_000, int,
+            "Most buckets one GetMediaTrend may return (larger ranges get INVALID_ARGUMENT)."),
+    Setting("stats_default_page_size", "VIEWEVENTS_STATS_DEFAULT_PAGE_SIZE", 10, int,
+            "ListTopMedia page size when limit is 0."),
+    Setting("stats_max_page_size", "VIEWEVENTS_STATS_MAX_PAGE_SIZE", 1_000, int,
+            "Largest ListTopMedia limit."),
+    Setting("heartbeat_seconds", "VIEWEVENTS_HEARTBEAT_SECONDS", 30, int,
+            "View time credited per waypoint event."),
+    Setting("stats_metrics_port", "VIEWEVENTS_STATS_METRICS_PORT", 9102, int,
+            "Prometheus metrics HTTP port of the stats service (0: off)."),
+)
+
+SETTINGS = SHARED_SETTINGS + CONSUMER_SETTINGS + OWN_SETTINGS

@@ -1,0 +1,155 @@
+"""How every service process starts and stops, in one place.
+
+`main` turns flags and environment into a `Config`, sets up logging and runs the service's
+`serve`. `serve` builds the gRPC server the same way for every service (limits, request ids and
+latency metrics, optional bearer token, lenient request parsing, reflection, grpc.health.v1, TLS),
+exposes metrics, and on SIGTERM/SIGINT stops taking RPCs, lets in-flight ones finish and then
+runs the service's own shutdown. `serve_consumer` adds the consumer lifecycle of the services that
+fold the view topic into RocksDB: health is NOT_SERVING until the consumer has caught up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf.descriptor import ServiceDescriptor
+
+from viewevents import config as settings
+from viewevents.config import Config, Setting
+from viewevents.consumer import ExactlyOnceConsumer, Processor
+from viewevents.kafka import ensure_topics
+from viewevents.logs import setup_logging
+from viewevents.metrics import CONSUMER_LAG, ROCKSDB_BYTES, serve_metrics
+from viewevents.rpc.server import (
+    add_service,
+    bind,
+    enable_reflection_and_health,
+    new_server,
+    serve_until_stopped,
+    set_serving,
+)
+from viewevents.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What a service exposes: its proto service at an address, and its metrics port."""
+
+    name: str  # short name for logs and metric labels ("ingest")
+    descriptor: ServiceDescriptor
+    address: str
+    metrics_port: int = 0
+    token: str = ""  # when set, the service's methods need 'authorization: Bearer <token>'
+    max_request_bytes: int = 8 * 1024 * 1024
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+def main(prog: str, description: str | None, service_settings: Sequence[Setting],
+         serve_service: Callable[[Config], Awaitable[None]],
+         argv: Sequence[str] | None = None) -> None:
+    """The `main()` of every service: flags and environment, logging, then `serve_service`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    settings.add_flags(parser, service_settings)
+    config = settings.load(service_settings, parser.parse_args(argv))
+    setup_logging(prog.removesuffix("_service"), config.log_level, config.log_json)
+    try:
+        asyncio.run(serve_service(config))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        # Shutdown is done (or under way in worker threads that must finish their batch): a
+        # second SIGTERM, e.g. from a supervisor after Ctrl-C, must not cut it short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
+                serving: asyncio.Event | None = None,
+                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve `servicer` until SIGTERM/SIGINT. Health is SERVING at once, or once `serving` is
+    set; `on_stop` runs after the last RPC finished."""
+    full_name = endpoint.descriptor.full_name
+    server = new_server(endpoint.max_request_bytes, service=endpoint.name, token=endpoint.token,
+                        protected_services=[full_name] if endpoint.token else ())
+    add_service(server, endpoint.descriptor, servicer)
+    health = await enable_reflection_and_health(server, [full_name])
+    bind(server, endpoint.address, config.tls_cert_file, config.tls_key_file)
+    serve_metrics(endpoint.metrics_port, endpoint.name)
+    await server.start()
+
+    async def mark_serving() -> None:
+        if serving is not None:
+            log.info("%s listening on %s (NOT_SERVING until caught up)", endpoint.name,
+                     endpoint.address)
+            await serving.wait()
+        await set_serving(health, [full_name], True)
+        log.info("%s SERVING on %s", endpoint.name, endpoint.address)
+
+    marking = asyncio.create_task(mark_serving())
+
+    async def stop() -> None:
+        marking.cancel()
+        if isinstance(servicer, Closeable):
+            servicer.close()
+        if on_stop is not None:
+            await on_stop()
+
+    await serve_until_stopped(server, stop)
+
+
+async def serve_consumer(
+    config: Config,
+    endpoint: Endpoint,
+    *,
+    state_dir: str,
+    group_id: str,
+    make_processor: Callable[[StateStore], Processor],
+    make_servicer: Callable[[StateStore, ExactlyOnceConsumer, Processor], object],
+) -> None:
+    """Open the RocksDB store, join the consumer group and serve; on stop finish the batch in
+    progress, leave the group and close RocksDB."""
+    store = StateStore(state_dir, config.rocksdb_cache_mb, config.rocksdb_write_buffer_mb)
+    processor = make_processor(store)
+    await ensure_topics(config, [config.view_topic, config.dead_letter_topic])
+    consumer = ExactlyOnceConsumer(
+        bootstrap=config.kafka_bootstrap, topic=config.view_topic, group_id=group_id,
+        store=store, processor=processor, batch_max=config.consume_batch_max,
+        dedupe_retention_days=config.dedupe_retention_days,
+        client_id=f"viewevents-{endpoint.name}", metrics_name=endpoint.name)
+    servicer = make_servicer(store, consumer, processor)
+    CONSUMER_LAG.labels(endpoint.name).set_function(consumer.lag)
+    ROCKSDB_BYTES.labels(endpoint.name).set_function(store.size_bytes)
+    await consumer.start()
+    consuming = asyncio.create_task(consumer.run(), name=f"{endpoint.name}-consumer")
+    consuming.add_done_callback(_stop_process_if_crashed)
+    log.info("%s consuming %s in group %s; state %s", endpoint.name, config.view_topic, group_id,
+             state_dir)
+
+    async def stop_consumer() -> None:
+        await consumer.stop()
+        try:
+            await consuming
+        finally:
+            await consumer.close()
+            store.close()
+
+    await serve(config, endpoint, servicer, serving=consumer.caught_up, on_stop=stop_consumer)
+
+
+def _stop_process_if_crashed(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("consumer stopped: %r", task.exception(), exc_info=task.exception())
+        # Fail fast: a service that no longer consumes must not keep answering as if fresh.
+        os.kill(os.getpid(), signal.SIGTERM)

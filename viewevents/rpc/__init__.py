@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by every service: server building blocks, interceptors, rich errors."""

@@ -1,0 +1,134 @@
+"""The gRPC server's building blocks: limits and interceptors, TLS or plaintext ports, lenient
+request parsing, reflection (for grpcurl) and grpc.health.v1, graceful stop on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from viewevents.rpc.errors import lenient_parser
+from viewevents.rpc.interceptors import BearerTokenInterceptor, RequestContextInterceptor
+
+log = logging.getLogger(__name__)
+
+
+def new_server(
+    max_message_bytes: int = 8 * 1024 * 1024,
+    service: str = "",
+    token: str = "",
+    protected_services: Sequence[str] = (),
+) -> grpc.aio.Server:
+    """An asyncio server with message-size limits (RESOURCE_EXHAUSTED beyond them), per-RPC
+    request ids, logs and latency metrics, and, when `token` is set, bearer-token checks on
+    the methods of `protected_services` (health and reflection stay open for probes)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(service)]
+    if token:
+        interceptors.append(BearerTokenInterceptor(token, protected_services))
+    return grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # gRPC sets SO_REUSEPORT by default, which lets a second instance silently share a
+            # port with a stale one; a clash must fail at start instead.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+def bind(server: grpc.aio.Server, address: str, cert_file: str = "", key_file: str = "") -> None:
+    """Listen on `address`: TLS when a certificate and key are configured, else plaintext."""
+    if cert_file or key_file:
+        if not (cert_file and key_file):
+            raise ValueError("TLS needs both VIEWEVENTS_TLS_CERT_FILE and VIEWEVENTS_TLS_KEY_FILE")
+        with open(key_file, "rb") as key, open(cert_file, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        server.add_secure_port(address, credentials)
+        log.info("TLS on %s", address)
+    else:
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+
+
+async def enable_reflection_and_health(
+    server: grpc.aio.Server, full_service_names: Sequence[str]
+) -> health.aio.HealthServicer:
+    """Server reflection (for grpcurl) and grpc.health.v1; health starts NOT_SERVING."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(full_service_names) + [
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    reflection.enable_server_reflection(names, server)
+    await set_serving(health_servicer, full_service_names, False)
+    return health_servicer
+
+
+async def set_serving(
+    health_servicer: health.aio.HealthServicer, full_service_names: Iterable[str], serving: bool
+) -> None:
+    """Set the overall ("") and per-service health status."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *full_service_names]:
+        await health_servicer.set(name, status)
+
+
+async def serve_until_stopped(
+    server: grpc.aio.Server,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    grace_seconds: float = 10.0,
+) -> None:
+    """Run until SIGINT/SIGTERM, then stop taking RPCs and let in-flight ones finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight RPCs (grace %.0f s)", grace_seconds)
+    await server.stop(grace_seconds)
+    if on_stop is not None:
+        await on_stop()
+    log.info("stopped")
+
+
+def add_service(server: grpc.aio.Server, service_descriptor: object, servicer: object) -> None:
+    """Register `servicer`'s methods for a proto service, parsing requests leniently.
+
+    Like the generated add_*Servicer_to_server, but built from the descriptor, with request
+    parsing that hands `Unparseable` to the method rather than failing inside gRPC.
+    """
+    from google.protobuf import message_factory
+
+    handlers = {}
+    for method in service_descriptor.methods:  # type: ignore[attr-defined]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            behaviour,
+            request_deserializer=lenient_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),)  # type: ignore[attr-defined]
+    )
+
+
