@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from google.protobuf.descriptor import ServiceDescriptor
 
@@ -53,7 +53,10 @@ class Endpoint:
     max_request_bytes: int = 8 * 1024 * 1024
 
 
+@runtime_checkable
 class Closeable(Protocol):
+    """A servicer with resources of its own (threads, caches) to release on shutdown."""
+
     def close(self) -> None: ...
 
 
