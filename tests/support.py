@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from viewevents_tools import settings_catalogue as settings
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 TEST_KAFKA_PORT = int(os.environ.get("VIEWEVENTS_TEST_KAFKA_PORT", "19092"))
 
 
@@ -133,6 +135,18 @@ def stop_broker(port: int = TEST_KAFKA_PORT) -> None:
     env = dict(os.environ, KAFKA_PORT=str(port),
                KAFKA_DATA_DIR=str(REPO / ".data" / f"test-kafka-{port}"))
     subprocess.run([str(REPO / "deploy" / "kafka.sh"), "stop"], env=env, check=False)
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll `condition` until it returns a truthy value (returned) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached in {timeout:.0f} s")
+        time.sleep(interval)
 
 
 def iter_chunks(items: list, size: int) -> Iterator[list]:

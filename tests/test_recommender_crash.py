@@ -9,7 +9,6 @@ spares Kafka's session timeout before a killed member's partitions are handed on
 
 from __future__ import annotations
 
-import random
 import re
 import threading
 import time
@@ -19,7 +18,7 @@ import grpc
 import pytest
 
 from recommender_service import key_layout as keys
-from tests.support import ServiceProcess, free_port, test_config, unique_name
+from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
 from tests.test_recommender_e2e import accepted_events
 from tests.test_recommender_unit import BruteForce
 from viewevents.state import StateStore
@@ -70,10 +69,22 @@ def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_p
     result: dict[str, object] = {}
     stopped: int | None = None
 
+    # The upload goes in KILLS + 1 parts; part k + 1 starts only after kill k, so every kill
+    # lands while the service is applying and later parts are still to come (placed by
+    # progress, not by timing).
+    gate = threading.Semaphore(0)
+    part_size = -(-len(events) // (KILLS + 1))
+
     def run_upload() -> None:
+        accepted = 0
         try:
             with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
-                result["summary"] = upload(channel, events, batch_size=4_000, timeout=600)
+                for part in range(KILLS + 1):
+                    if part:
+                        gate.acquire()
+                    chunk = events[part * part_size:(part + 1) * part_size]
+                    accepted += upload(channel, chunk, batch_size=4_000, timeout=600).accepted
+            result["accepted"] = accepted
         except Exception as error:  # noqa: BLE001 - reported by the main thread
             result["error"] = error
 
@@ -82,18 +93,21 @@ def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_p
         service.wait_serving()
         uploader = threading.Thread(target=run_upload, daemon=True)
         uploader.start()
-        rng = random.Random(9)
         seen_at_kill: list[int | None] = []
+        last = 0
         for kill in range(KILLS):
-            time.sleep(rng.uniform(1.0, 2.5))
-            seen_at_kill.append(applied(config.recommender_address))
+            # Kill once this incarnation has applied records beyond the previous kill.
+            last = wait_for(lambda floor=last: (n := applied(config.recommender_address)) is not None and n > floor and n,
+                            timeout=180, what=f"progress before kill {kill + 1}")
+            seen_at_kill.append(last)
             service.kill()
             restarted = config.replace(recommender_group=unique_name("rec-crash"))
             service = ServiceProcess("recommender_service", restarted, config.recommender_address,
                                      tmp_path / f"rec-{kill + 1}.log").start()
+            gate.release()
         uploader.join(600)
         assert "error" not in result, result.get("error")
-        total = result["summary"].accepted  # type: ignore[attr-defined]
+        total = int(result["accepted"])  # type: ignore[call-overload]
         # The kills hit a service that had applied part of the stream, not an idle one.
         resumed = [resumed_from(tmp_path / f"rec-{k + 1}.log") for k in range(KILLS)]
         partial = [n for n in resumed + seen_at_kill if n is not None and 0 < n < total]

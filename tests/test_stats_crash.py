@@ -9,15 +9,13 @@ a killed member's partitions are handed on.
 
 from __future__ import annotations
 
-import random
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.support import ServiceProcess, unique_name
+from tests.support import ServiceProcess, unique_name, wait_for
 from tests.test_stats_e2e import (
     Expected,
     accepted,
@@ -56,10 +54,22 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap
     stats.start()
     result: dict[str, object] = {}
 
+    # The upload goes in KILLS + 1 parts; part k + 1 starts only after kill k, so every kill
+    # lands while the service is applying and later parts are still to come (placed by
+    # progress, not by timing).
+    gate = threading.Semaphore(0)
+    part_size = -(-len(events) // (KILLS + 1))
+
     def run_upload() -> None:
+        accepted = 0
         try:
             with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
-                result["summary"] = upload(channel, events, batch_size=5_000, timeout=600)
+                for part in range(KILLS + 1):
+                    if part:
+                        gate.acquire()
+                    chunk = events[part * part_size:(part + 1) * part_size]
+                    accepted += upload(channel, chunk, batch_size=5_000, timeout=600).accepted
+            result["accepted"] = accepted
         except Exception as error:  # noqa: BLE001 - reported by the main thread
             result["error"] = error
 
@@ -68,22 +78,25 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap
         stats.wait_serving()
         uploader = threading.Thread(target=run_upload, daemon=True)
         uploader.start()
-        rng = random.Random(5)
         seen_at_kill: list[int | None] = []
+        last = 0
         for kill in range(KILLS):
-            time.sleep(rng.uniform(1.0, 2.0))
-            seen_at_kill.append(_applied(config.stats_address))
+            # Kill once this incarnation has applied records beyond the previous kill.
+            last = wait_for(lambda floor=last: (n := _applied(config.stats_address)) is not None and n > floor and n,
+                            timeout=180, what=f"progress before kill {kill + 1}")
+            seen_at_kill.append(last)
             stats.kill()
             restarted = config.replace(stats_group=unique_name("stats-crash"))
             stats = ServiceProcess("stats_service", restarted, config.stats_address,
                                    tmp_path / f"stats-{kill + 1}.log").start()
+            gate.release()
         uploader.join(600)
         assert "error" not in result, result.get("error")
-        summary = result["summary"]
+        total = int(result["accepted"])  # type: ignore[call-overload]
         targets = end_offsets(kafka_bootstrap, config.view_topic)
-        assert sum(targets.values()) == summary.accepted  # type: ignore[attr-defined]
+        assert sum(targets.values()) == total
         # The kills hit a service that had applied part of the stream, not an idle one.
-        partial = [n for n in seen_at_kill if n is not None and 0 < n < summary.accepted]  # type: ignore[attr-defined]
+        partial = [n for n in seen_at_kill if n is not None and 0 < n < total]
         assert partial, seen_at_kill
         good = accepted(events, config)
         expected = Expected(good)
