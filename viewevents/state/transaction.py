@@ -10,7 +10,7 @@ its commit (which would silently lose the write) or committed twice.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from rocksdict import WriteBatch
 
@@ -71,7 +71,7 @@ class Transaction:
         self._check_open()
         self._pending[key] = value
 
-    def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+    def put_many(self, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]]) -> None:
         """Many puts in one call: the consumers' hot paths write thousands of keys per batch."""
         self._check_open()
         self._pending.update(items)
