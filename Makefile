@@ -11,15 +11,23 @@ PROTOS := $(wildcard protos/viewevents/v1/*.proto)
 STUBS := viewevents/v1/__init__.py
 export PATH := $(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install protos tools kafka-up kafka-down run demo test test-unit bench eval lint clean
+.PHONY: install protos tools constraints kafka-up kafka-down run demo test test-unit bench eval lint clean
 
-install: $(VENV)/.installed $(STUBS) tools
+# The virtualenv (within the versions of constraints.txt) and the generated stubs.
+install: $(VENV)/.installed $(STUBS)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
+
+# After a deliberate upgrade: install the newest allowed versions, run the suite, then commit this.
+constraints:
+	$(PY) -m pip install -q --upgrade -e '.[dev]'
+	(echo "# Versions the suite last passed with; \`make install\` installs within them (pip -c)."; \
+	 echo "# Regenerate after a deliberate upgrade: make constraints"; \
+	 $(PY) -m pip freeze --exclude-editable | grep -v '^viewevents') > constraints.txt
 
 protos: $(STUBS)
 
@@ -46,28 +54,32 @@ kafka-down:
 	deploy/kafka.sh stop
 
 # Starts Kafka and the three services in the foreground; Ctrl-C stops them all, Kafka too.
-run: install
+run: install tools
 	$(PY) -m viewevents_tools.dev_stack --start-kafka
 
 demo: install kafka-up
 	$(PY) -m viewevents_tools.demo
 
-# The whole suite. Integration tests start (or reuse) their own broker on port 19092.
-test: install
+# The whole suite. Integration tests start (or reuse) their own broker on port 19092 and use the
+# real grpcurl; unit tests need neither.
+test: install $(TOOLS)/grpcurl
 	$(PY) -m pytest -q
 
 test-unit: install
 	$(PY) -m pytest -q -m "not integration"
 
-bench: install kafka-up
+bench: install tools kafka-up
 	$(PY) -m benchmarks
 
 eval: install
 	$(PY) -m evaluation.recommender
 
-lint: install
+# The protos (buf, STANDARD rules), Python lint and formatting (ruff), types (mypy).
+lint: install $(TOOLS)/buf
 	$(TOOLS)/buf lint protos
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	deploy/kafka.sh stop || true

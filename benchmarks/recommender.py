@@ -139,6 +139,7 @@ class Service:
         env.update(env_extra)
         self.env = env
         self.process: subprocess.Popen | None = None
+        self.rss: PeakRss | None = None
 
     def start(self) -> float:
         started = time.perf_counter()
@@ -149,7 +150,7 @@ class Service:
         return started
 
     def peak_rss_mb(self) -> float:
-        return self.rss.peak_mb()
+        return self.rss.peak_mb() if self.rss is not None else 0.0
 
     def wait_caught_up(self, total: int, timeout: float = 1800) -> float:
         """Until health says SERVING; a progress bar follows the answers' position."""
@@ -183,7 +184,8 @@ class Service:
         return None
 
     def stop(self) -> None:
-        self._sampling.set()
+        if self.rss is not None:
+            self.rss.stop()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

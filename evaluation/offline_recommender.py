@@ -18,9 +18,7 @@ from recommender_service.query_engine import QueryEngine
 from recommender_service.settings import RecommenderSettings
 from viewevents.consumer import ExactlyOnceConsumer
 from viewevents.kafka import KeyPartitioner, user_key
-from viewevents.state import (
-    StateStore,
-)
+from viewevents.state.store import StateStore
 from viewevents.v1 import view_event_pb2
 
 ViewEvent = view_event_pb2.ViewEvent

@@ -12,7 +12,7 @@ from recommender_service.settings import SETTINGS, from_config
 from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.consumer import ExactlyOnceConsumer, Processor
-from viewevents.state import StateStore
+from viewevents.state.store import StateStore
 from viewevents.v1 import recommender_service_pb2
 
 log = logging.getLogger("recommender_service")

@@ -1,7 +1,8 @@
 """Key layout and value codecs of the recommender's RocksDB state, and read helpers.
 
-Every key starts with the 2-byte partition prefix (viewevents.state rule), then one kind byte.
-Kinds o, w, i, x belong to the consumer framework; the recommender uses:
+Every key starts with the 2-byte partition prefix (viewevents.state.keys), then one kind byte.
+The framework's kinds (offsets, watermark, de-duplication) are checked not to clash; the
+recommender uses:
 
   c                          -> users seen in this partition: N_p (int64)
   u + user(8)                -> the user's window: flags(1) + media[k] (int64) + w[k] (int64),
@@ -28,12 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from viewevents.state import I64 as BIG_I64
-from viewevents.state import KIND_WATERMARK, StateStore, offset_key, partition_prefix, prefix_end
+from viewevents.state.codecs import BIG_I64, BIG_U32, BIG_U64, LITTLE_I64
+from viewevents.state.keys import (
+    check_service_kinds,
+    offset_key,
+    partition_prefix,
+    prefix_end,
+    watermark_key,
+)
+from viewevents.state.store import StateStore
 
-U64 = struct.Struct(">Q")
-SEQ = struct.Struct(">I")
-I64 = struct.Struct("<q")
 ITEM = struct.Struct("<qqqiii")
 
 KIND_COUNTS = b"c"
@@ -41,6 +46,7 @@ KIND_USER = b"u"
 KIND_EVICTED = b"v"
 KIND_ITEM = b"m"
 KIND_ROW = b"r"
+check_service_kinds({KIND_COUNTS, KIND_USER, KIND_EVICTED, KIND_ITEM, KIND_ROW})
 
 FLAG_HAS_EVICTED = 1
 
@@ -53,27 +59,27 @@ def counts_key(partition: int) -> bytes:
 
 
 def user_key(partition: int, user: int) -> bytes:
-    return partition_prefix(partition) + KIND_USER + U64.pack(user)
+    return partition_prefix(partition) + KIND_USER + BIG_U64.pack(user)
 
 
 def evicted_key(partition: int, user: int, media: int) -> bytes:
-    return partition_prefix(partition) + KIND_EVICTED + U64.pack(user) + U64.pack(media)
+    return partition_prefix(partition) + KIND_EVICTED + BIG_U64.pack(user) + BIG_U64.pack(media)
 
 
 def evicted_prefix(partition: int, user: int) -> bytes:
-    return partition_prefix(partition) + KIND_EVICTED + U64.pack(user)
+    return partition_prefix(partition) + KIND_EVICTED + BIG_U64.pack(user)
 
 
 def item_key(partition: int, media: int) -> bytes:
-    return partition_prefix(partition) + KIND_ITEM + U64.pack(media)
+    return partition_prefix(partition) + KIND_ITEM + BIG_U64.pack(media)
 
 
 def row_prefix(partition: int, media: int) -> bytes:
-    return partition_prefix(partition) + KIND_ROW + U64.pack(media)
+    return partition_prefix(partition) + KIND_ROW + BIG_U64.pack(media)
 
 
 def row_key(partition: int, media: int, seq: int) -> bytes:
-    return row_prefix(partition, media) + SEQ.pack(seq)
+    return row_prefix(partition, media) + BIG_U32.pack(seq)
 
 
 @dataclass
@@ -110,11 +116,11 @@ def decode_window(value: bytes) -> tuple[tuple[int, ...], tuple[int, ...], bool]
 
 
 def decode_counts(value: bytes | None) -> int:
-    return I64.unpack(value)[0] if value else 0
+    return LITTLE_I64.unpack(value)[0] if value else 0
 
 
 def encode_counts(users: int) -> bytes:
-    return I64.pack(users)
+    return LITTLE_I64.pack(users)
 
 
 def decode_row(chunks: Iterable[bytes]) -> np.ndarray:
@@ -169,7 +175,7 @@ def offset_key_of(partition: int, topic: str) -> bytes:
 
 
 def watermark_key_of(partition: int) -> bytes:
-    return partition_prefix(partition) + KIND_WATERMARK
+    return watermark_key(partition)
 
 
 def decode_offset(value: bytes) -> int:
@@ -199,7 +205,7 @@ def load_partition(store: StateStore, partition: int) -> tuple[int, dict[int, It
     prefix = partition_prefix(partition) + KIND_ITEM
     cut = len(prefix)
     for key, value in store.scan_prefix(prefix):
-        items[U64.unpack_from(key, cut)[0]] = ItemRecord.decode(value)
+        items[BIG_U64.unpack_from(key, cut)[0]] = ItemRecord.decode(value)
     return users, items
 
 
@@ -233,7 +239,7 @@ def stored_pairs(store: StateStore, partitions: Iterable[int]) -> dict[tuple[int
                 acc[1] += int(entry["c"])
 
         for key, value in store.scan_prefix(prefix):
-            item = U64.unpack_from(key, cut)[0]
+            item = BIG_U64.unpack_from(key, cut)[0]
             if item != current:
                 flush(current, chunks)
                 current, chunks = item, []

@@ -18,19 +18,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from recommender_service import key_layout as keys
-from recommender_service.incremental import FlatWindows, combine_batch, pair_deltas, update_window
+from recommender_service.batch_plan import (
+    WindowPlan,
+    add_item_deltas,
+    add_row_chunk,
+    compacted,
+    outside_lookups,
+    plan_windows,
+)
+from recommender_service.incremental import combine_batch, pair_deltas
 from recommender_service.key_layout import ItemRecord
 from recommender_service.settings import RecommenderSettings
 from recommender_service.view import Stamp, View
-from viewevents.state import StateStore, Transaction
+from viewevents.state.store import StateStore
+from viewevents.state.transaction import Transaction
 from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
-
-# A row is compacted when its deltas hold half as many entries as its base (amortised O(1)
-# work per delta entry), at least this many, or when it has `row_max_deltas` chunks.
-COMPACT_MIN_ENTRIES = 256
-
 
 @dataclass
 class _Pending:
@@ -103,85 +107,56 @@ class RecommenderProcessor:
     def apply(self, partition: int, events: list[view_event_pb2.ViewEvent], txn: Transaction) -> None:
         """Fold one partition's new events into `txn`; the in-memory table follows in
         committed(), only once RocksDB has the batch."""
-        cap = self.settings.history_cap
-        pending = self._pending
         per_user, items_seen = combine_batch(events)
-        users = list(per_user)
-        user_keys = [keys.user_key(partition, u) for u in users]
-        work: list[tuple[int, bytes, dict[int, int], tuple[int, ...], tuple[int, ...], bool]] = []
-        lookups: list[tuple[int, int]] = []
-        new_users = 0
-        for user, key, value in zip(users, user_keys, txn.get_many(user_keys)):
-            added = per_user[user]
-            if value is None:
-                new_users += 1
-                if not added:
-                    txn.put(key, b"")  # seen (counted in N), no view time yet
-                    continue
-                media, w, has_evicted = (), (), False
-            elif not added:
-                continue
-            else:
-                media, w, has_evicted = keys.decode_window(value)
-            if has_evicted:
-                present = set(media)
-                lookups.extend((user, m) for m in added if m not in present)
-            work.append((user, key, added, media, w, has_evicted))
+        plan = self._plan_windows(partition, per_user, txn)
+        for user in plan.seen_only:
+            txn.put(keys.user_key(partition, user), b"")
+        for user, item, value in plan.evicted:
+            txn.put(keys.evicted_key(partition, user, item), keys.encode_counts(value))
+        for user, media, w, has_evicted in plan.windows:
+            txn.put(keys.user_key(partition, user), keys.encode_window(media, w, has_evicted))
+        rows = pair_deltas(plan.flat)
+        self._apply_items(partition, items_seen.union(x for x, _ in rows), plan.item_deltas,
+                          rows, txn)
+        if plan.new_users:
+            counts = keys.counts_key(partition)
+            txn.put(counts, keys.encode_counts(keys.decode_counts(txn.get(counts))
+                                               + plan.new_users))
+            self._pending.new_users += plan.new_users
+        self.stats.events += len(events)
 
+    def _plan_windows(self, partition: int, per_user: dict[int, dict[int, int]],
+                      txn: Transaction) -> WindowPlan:
+        """Read the batch users' windows and their view times stored outside, then plan."""
+        users = list(per_user)
+        values = txn.get_many([keys.user_key(partition, u) for u in users])
+        windows = {u: None if v is None else keys.decode_window(v) for u, v in zip(users, values)}
+        lookups = outside_lookups(per_user, windows)
         outside: dict[tuple[int, int], int] = {}
         if lookups:
-            evicted_keys = [keys.evicted_key(partition, u, m) for u, m in lookups]
-            for pair, key, value in zip(lookups, evicted_keys, txn.get_many(evicted_keys)):
+            outside_keys = [keys.evicted_key(partition, u, m) for u, m in lookups]
+            for pair, key, value in zip(lookups, outside_keys, txn.get_many(outside_keys)):
                 if value is not None:
                     outside[pair] = keys.decode_counts(value)
-                    txn.delete(key)  # back in the window (re-written below if evicted again)
+                    txn.delete(key)  # back in the window (re-written if evicted again)
+        return plan_windows(per_user, windows, outside, self.settings.history_cap)
 
-        flat = FlatWindows()
-        local: dict[int, list[int]] = {}  # this partition's (dS, dQ, dn) per item
-        for user, key, added, media, w, has_evicted in work:
-            mine = {m: outside[(user, m)] for m in added if (user, m) in outside} if has_evicted else {}
-            update = update_window(media, w, added, mine, cap)
-            for item, value in update.evicted:
-                txn.put(keys.evicted_key(partition, user, item), keys.encode_counts(value))
-            txn.put(key, keys.encode_window(update.media, update.new,
-                                            has_evicted or bool(update.evicted)))
-            for item, old, new in update.changes:
-                acc = local.get(item)
-                if acc is None:
-                    acc = local[item] = [0, 0, 0]
-                acc[0] += new - old
-                acc[1] += new * new - old * old
-                acc[2] += old == 0
-            flat.add(update)
-
-        rows = pair_deltas(flat)
-        touched_items = items_seen.union(x for x, _ in rows)
-        item_ids = list(touched_items)
+    def _apply_items(self, partition: int, items: set[int], item_deltas: dict[int, list[int]],
+                     rows: list[tuple[int, np.ndarray]], txn: Transaction) -> None:
+        """Item sums and neighbour-row chunks of the batch; rows due are compacted."""
+        item_ids = list(items)
         item_keys = [keys.item_key(partition, m) for m in item_ids]
-        records = {
-            item: ItemRecord.decode(value) if value is not None else ItemRecord()
-            for item, value in zip(item_ids, txn.get_many(item_keys))
-        }
-        deltas = pending.deltas
-        for item, (ds, dq, dn) in local.items():
-            record = records[item]
-            record.s += ds
-            record.q += dq
-            record.n += dn
-            acc = deltas.get(item)
-            if acc is None:
-                deltas[item] = [ds, dq, dn]
-            else:
-                acc[0] += ds
-                acc[1] += dq
-                acc[2] += dn
-        max_deltas = self.settings.row_max_deltas
+        records = {item: ItemRecord.decode(value) if value is not None else ItemRecord()
+                   for item, value in zip(item_ids, txn.get_many(item_keys))}
+        add_item_deltas(records, item_deltas)
+        pending = self._pending
+        for item, delta in item_deltas.items():
+            acc = pending.deltas.setdefault(item, [0, 0, 0])
+            for i in range(3):
+                acc[i] += delta[i]
         for item, entries in rows:
             record = records[item]
-            record.deltas += 1
-            record.delta_entries += len(entries)
-            if record.deltas > max_deltas or record.delta_entries >= max(
-                    record.base_entries // 2, COMPACT_MIN_ENTRIES):
+            if add_row_chunk(record, len(entries), self.settings.row_max_deltas):
                 self._compact(partition, item, record, entries, txn)
                 pending.compactions += 1
             else:
@@ -189,14 +164,8 @@ class RecommenderProcessor:
             pending.pairs += len(entries)
         for item, key in zip(item_ids, item_keys):
             txn.put(key, records[item].encode())
-            if item not in deltas:
-                deltas[item] = [0, 0, 0]  # known from now on, even with no view time
-        if new_users:
-            counts = keys.counts_key(partition)
-            txn.put(counts, keys.encode_counts(keys.decode_counts(txn.get(counts)) + new_users))
-            pending.new_users += new_users
-        pending.changed.update(touched_items)
-        self.stats.events += len(events)
+            pending.deltas.setdefault(item, [0, 0, 0])  # known from now on, even with no views
+        pending.changed.update(items)
 
     def _compact(self, partition: int, item: int, record: ItemRecord, entries: np.ndarray,
                  txn: Transaction) -> None:
@@ -207,9 +176,7 @@ class RecommenderProcessor:
         for seq in range(1, record.deltas):
             txn.delete(keys.row_key(partition, item, seq))
         txn.put(keys.row_key(partition, item, 0), merged.tobytes())
-        record.deltas = 0
-        record.base_entries = len(merged)
-        record.delta_entries = 0
+        compacted(record, len(merged))
 
     def committed(self) -> None:
         """Publish the new view: item table plus a snapshot of the state just committed."""

@@ -160,7 +160,7 @@ class QueryEngine:
             watched = list(media)
             if has_evicted:
                 prefix = keys.evicted_prefix(partition, user)
-                watched += [keys.U64.unpack_from(k, len(prefix))[0]
+                watched += [keys.BIG_U64.unpack_from(k, len(prefix))[0]
                             for k, _ in keys.scan(snapshot, prefix)]
             return UserHistory(list(media), list(weights), np.asarray(watched, dtype=np.int64))
         return None

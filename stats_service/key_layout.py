@@ -1,6 +1,6 @@
 """RocksDB key and value layout of the stats service: the one place that knows the bytes.
 
-Every key starts with the 2-byte partition prefix (see viewevents.state), then one kind byte.
+Every key starts with the 2-byte partition prefix (see viewevents.state.keys), then one kind byte.
 Numbers in keys are big-endian so that RocksDB's byte order is numeric order; times in keys are
 biased by 2**63 so that (theoretical) negative times still sort before positive ones. Values are
 little-endian int64 rows so that numpy reads and writes many of them in one call.
@@ -15,10 +15,10 @@ little-endian int64 rows so that numpy reads and writes many of them in one call
   D media day                 -> day bucket (5 x int64)
   h hour media                -> the hour bucket of H (5 x int64), hour-major (ranking index)
   d day media                 -> copy of D, day-major (ranking index)
-  W                           -> running maximum event time applied (retention cut-off)
 
-`day`, `hour` and `minute` are the bucket's start in Unix seconds. Kinds o, w, i, j belong to
-the shared consumer.
+`day`, `hour` and `minute` are the bucket's start in Unix seconds. The framework's kinds
+(viewevents.state.keys: offsets, watermark, de-duplication) are checked not to clash; its
+watermark is also the trend-retention cut-off.
 """
 
 from __future__ import annotations
@@ -28,19 +28,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from viewevents.state import partition_prefix
+from viewevents.state.codecs import BIG_U64
+from viewevents.state.keys import check_service_kinds, partition_prefix
 
 KIND_TOTALS = b"T"
 KIND_VIEWER = b"U"
 KIND_PRESENCE = b"P"
 KIND_PRESENCE_BY_DAY = b"Q"
-KIND_WATERMARK = b"W"
 
 MINUTE, HOUR, DAY = 60, 3600, 86_400
 # Media-major trend rows per bucket size, and the bucket-major copies kept for ranking.
 # Minute buckets live inside the hour rows.
 KIND_BUCKET = {HOUR: b"H", DAY: b"D"}
 KIND_RANK = {HOUR: b"h", DAY: b"d"}
+
+check_service_kinds({KIND_TOTALS, KIND_VIEWER, KIND_PRESENCE, KIND_PRESENCE_BY_DAY,
+                     *KIND_BUCKET.values(), *KIND_RANK.values()})
 
 BIAS = 1 << 63
 MINUTES_PER_DAY = 1440
@@ -55,23 +58,21 @@ EMPTY_BUCKET = bytes(8 * BUCKET_FIELDS)
 HOUR_ROW = np.dtype([("hour", "<i8", (BUCKET_FIELDS,)), ("minutes", "<i4", (60, BUCKET_FIELDS))])
 EMPTY_HOUR_ROW = bytes(HOUR_ROW.itemsize)
 
-_U64 = struct.Struct(">Q")
-_I64 = struct.Struct("<q")
 _TOTALS = struct.Struct("<7q")
 _BUCKET = struct.Struct("<5q")
 
 
 def biased(seconds: int) -> bytes:
     """A time as 8 key bytes that sort like the number."""
-    return _U64.pack(seconds + BIAS)
+    return BIG_U64.pack(seconds + BIAS)
 
 
 def unbiased(data: bytes) -> int:
-    return _U64.unpack(data)[0] - BIAS
+    return BIG_U64.unpack(data)[0] - BIAS
 
 
 def u64(value: int) -> bytes:
-    return _U64.pack(value)
+    return BIG_U64.pack(value)
 
 
 # --- single keys (queries) ------------------------------------------------------------------
@@ -79,10 +80,6 @@ def u64(value: int) -> bytes:
 
 def totals_key(partition: int, media_id: int) -> bytes:
     return partition_prefix(partition) + KIND_TOTALS + u64(media_id)
-
-
-def watermark_key(partition: int) -> bytes:
-    return partition_prefix(partition) + KIND_WATERMARK
 
 
 def bucket_prefix(partition: int, size: int, media_id: int) -> bytes:
@@ -114,14 +111,6 @@ def decode_totals(value: bytes) -> tuple[int, ...]:
 
 def decode_bucket(value: bytes) -> tuple[int, int, int, int, int]:
     return _BUCKET.unpack(value)  # type: ignore[return-value]
-
-
-def encode_i64(value: int) -> bytes:
-    return _I64.pack(value)
-
-
-def decode_i64(value: bytes) -> int:
-    return _I64.unpack(value)[0]
 
 
 def rows_from_values(values: Sequence[bytes | None], empty: bytes, width: int) -> np.ndarray:

@@ -18,7 +18,9 @@ from stats_service.aggregation import (
     merge_totals,
     merge_viewer_days,
 )
-from viewevents.state import Transaction, partition_prefix
+from viewevents.state.codecs import BIG_I64
+from viewevents.state.keys import partition_prefix, watermark_key
+from viewevents.state.transaction import Transaction
 
 
 class StatsProcessor:
@@ -44,24 +46,23 @@ class StatsProcessor:
 
     def apply_columns(self, partition: int, columns: Columns, txn: Transaction) -> None:
         prefix = partition_prefix(partition)
-        pending = txn.pending  # bulk writes: one dict update per key kind, not a call per key
-        watermark_key = prefix + k.KIND_WATERMARK
-        stored = txn.get(watermark_key)
-        batch = aggregate(columns, None if stored is None else k.decode_i64(stored),
+        # The framework's watermark (highest event time applied) is the retention cut-off too.
+        stored = txn.get(watermark_key(partition))
+        batch = aggregate(columns, None if stored is None else BIG_I64.unpack(stored)[0],
                           self.retention_seconds)
-        pending[watermark_key] = k.encode_i64(batch.watermark)
+        txn.put(watermark_key(partition), BIG_I64.pack(batch.watermark))
         self.events_outside_retention += len(columns) - batch.trended
 
         # All-time viewers: a presence key per (media, user); absent means a new viewer.
         viewer_keys = k.pack_keys(prefix + k.KIND_VIEWER, batch.viewers, (False, False))
         is_new = np.array([v is None for v in txn.get_many(viewer_keys)], bool)
-        pending.update(dict.fromkeys([key for key, new in zip(viewer_keys, is_new) if new], b""))
+        txn.put_many(dict.fromkeys([key for key, new in zip(viewer_keys, is_new) if new], b""))
         new_viewers = np.bincount(batch.viewer_media_index[is_new], minlength=len(batch.totals))
 
         totals_keys = k.pack_keys(prefix + k.KIND_TOTALS, batch.totals.keys, (False,))
         rows = k.rows_from_values(txn.get_many(totals_keys), k.EMPTY_TOTALS, k.TOTALS_FIELDS)
         merge_totals(rows, batch.totals, new_viewers, self.heartbeat_seconds)
-        pending.update(zip(totals_keys, k.values_from_rows(rows)))
+        txn.put_many(zip(totals_keys, k.values_from_rows(rows)))
 
         # Viewer-day bitmaps give the exact new viewers of each minute, hour and day bucket.
         days = batch.viewer_days
@@ -73,8 +74,8 @@ class StatsProcessor:
             by_day_keys = k.pack_keys(prefix + k.KIND_PRESENCE_BY_DAY,
                                       [days.day[changed], days.media[changed], days.user[changed]],
                                       (True, False, False))
-            pending.update(zip([presence_keys[i] for i in changed.tolist()], bitmaps))
-            pending.update(zip(by_day_keys, bitmaps))
+            txn.put_many(zip([presence_keys[i] for i in changed.tolist()], bitmaps))
+            txn.put_many(zip(by_day_keys, bitmaps))
 
         # Day rows, and hour rows that carry their minutes (one key per media-hour).
         self._write_days(prefix, batch.buckets[k.DAY], new_bucket_viewers[k.DAY], txn)
@@ -93,10 +94,10 @@ class StatsProcessor:
             row = locate([minute_media, hour_of_minute], hours.keys)
             slot = (minute_start - hour_of_minute) // k.MINUTE
             rows["minutes"][row, slot] += minute_rows.astype(np.int32)  # (row, slot) distinct
-            pending.update(zip(hour_keys, k.values_of_records(rows)))
+            txn.put_many(zip(hour_keys, k.values_of_records(rows)))
             # The ranking copy holds only the hour's own bucket: whole-hour tiles scan it.
             rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.HOUR], [start, media], (True, False))
-            pending.update(zip(rank_keys, k.values_from_rows(rows["hour"])))
+            txn.put_many(zip(rank_keys, k.values_from_rows(rows["hour"])))
 
     def _write_days(self, prefix: bytes, days: KeyedCounts, new_viewers: KeyedCounts,
                     txn: Transaction) -> None:
@@ -107,6 +108,6 @@ class StatsProcessor:
         rows = k.rows_from_values(txn.get_many(day_keys), k.EMPTY_BUCKET, k.BUCKET_FIELDS)
         merge_buckets(rows, days, new_viewers, self.heartbeat_seconds)
         values = k.values_from_rows(rows)
-        txn.pending.update(zip(day_keys, values))
+        txn.put_many(zip(day_keys, values))
         rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.DAY], [start, media], (True, False))
-        txn.pending.update(zip(rank_keys, values))
+        txn.put_many(zip(rank_keys, values))

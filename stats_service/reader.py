@@ -16,7 +16,8 @@ import numpy as np
 from stats_service import key_layout as k
 from stats_service.aggregation import minute_mask
 from stats_service.request_parsing import ceil_to, floor_to, tiles
-from viewevents.state import StateStore, partition_prefix
+from viewevents.state.keys import partition_prefix
+from viewevents.state.store import StateStore
 
 
 @dataclass

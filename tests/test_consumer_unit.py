@@ -8,7 +8,9 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from viewevents.consumer import ExactlyOnceConsumer, SeenIds
-from viewevents.state import KIND_SEEN, StateStore, Transaction, partition_prefix
+from viewevents.state.keys import seen_prefix
+from viewevents.state.store import StateStore
+from viewevents.state.transaction import Transaction
 from viewevents.v1 import view_event_pb2 as ve
 
 DAY_MS = 86_400_000
@@ -63,7 +65,7 @@ def test_sweep_keeps_the_record_bounded(tmp_path: Path) -> None:
         batch = [record(0, offset + n, f"{day}-{n}", day) for n in range(500)]
         offset += len(batch)
         c.apply_batch({TopicPartition("t", 0): batch})
-    prefix = partition_prefix(0) + KIND_SEEN
+    prefix = seen_prefix(0)
     remembered = [key for key, _ in c.store.scan_prefix(prefix)]
     days = {int(key[len(prefix):].split(b"-")[0]) for key in remembered}
     # Ids of the last `retention` days are all kept; the sweep (2 keys per event) removed the rest

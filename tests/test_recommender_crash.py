@@ -21,7 +21,7 @@ from recommender_service import key_layout as keys
 from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
 from tests.test_recommender_e2e import accepted_events
 from tests.test_recommender_unit import BruteForce
-from viewevents.state import StateStore
+from viewevents.state.store import StateStore
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
 from viewevents_client import event_files as legacy

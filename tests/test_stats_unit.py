@@ -21,7 +21,8 @@ from stats_service.aggregation import Columns
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
 from viewevents.consumer import ExactlyOnceConsumer
-from viewevents.state import StateStore, Transaction
+from viewevents.state.store import StateStore
+from viewevents.state.transaction import Transaction
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 

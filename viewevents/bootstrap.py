@@ -36,7 +36,7 @@ from viewevents.rpc.server import (
     serve_until_stopped,
     set_serving,
 )
-from viewevents.state import StateStore
+from viewevents.state.store import StateStore
 
 log = logging.getLogger(__name__)
 

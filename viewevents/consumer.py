@@ -22,18 +22,16 @@ from aiokafka.structs import ConsumerRecord
 from google.protobuf import timestamp_pb2
 
 from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED
-from viewevents.state import (
-    I64,
-    KIND_SEEN,
-    KIND_SEEN_OLDEST,
-    KIND_WATERMARK,
-    U32,
-    StateStore,
-    Transaction,
+from viewevents.state.codecs import BIG_I64, BIG_U32
+from viewevents.state.keys import (
     offset_key,
-    partition_prefix,
     prefix_end,
+    seen_oldest_key,
+    seen_prefix,
+    watermark_key,
 )
+from viewevents.state.store import StateStore
+from viewevents.state.transaction import Transaction
 from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
@@ -104,7 +102,7 @@ class SeenIds:
     ) -> tuple[list[ViewEvent], int]:
         """The events not seen before (first copy wins, offset order kept), and how many were
         duplicates; the new ids are remembered as first seen on `day` (days since 1970)."""
-        prefix = partition_prefix(partition) + KIND_SEEN
+        prefix = seen_prefix(partition)
         first: dict[str, ViewEvent] = {}
         keep_first = first.setdefault
         for event in events:
@@ -115,27 +113,28 @@ class SeenIds:
         fresh: list[ViewEvent] = []
         new_keys: list[bytes] = []
         for event_id, key, seen in zip(ids, keys, txn.get_many(keys)):
-            if seen is None or day - U32.unpack(seen)[0] > retention:
+            if seen is None or day - BIG_U32.unpack(seen)[0] > retention:
                 fresh.append(first[event_id])
                 new_keys.append(key)
         if new_keys:
-            txn.pending.update(dict.fromkeys(new_keys, U32.pack(day)))
-            oldest_key = partition_prefix(partition) + KIND_SEEN_OLDEST
+            first_seen = BIG_U32.pack(day)
+            txn.put_many((key, first_seen) for key in new_keys)
+            oldest_key = seen_oldest_key(partition)
             stored = txn.get(oldest_key)
-            if stored is None or U32.unpack(stored)[0] > day:
-                txn.put(oldest_key, U32.pack(day))
+            if stored is None or BIG_U32.unpack(stored)[0] > day:
+                txn.put(oldest_key, first_seen)
             self._lap_oldest[partition] = min(self._lap_oldest.get(partition, day), day)
         return fresh, len(events) - len(fresh)
 
     def sweep(self, store: StateStore, partition: int, today: int, budget: int, txn: Transaction) -> int:
         """Look at up to `budget` ids after this partition's cursor and delete the expired ones
         (in `txn`, so before `keep_new` of the same batch). Returns how many were deleted."""
-        oldest_key = partition_prefix(partition) + KIND_SEEN_OLDEST
+        oldest_key = seen_oldest_key(partition)
         stored = txn.get(oldest_key)
         oldest_kept = today - self.retention_days
-        if stored is None or U32.unpack(stored)[0] >= oldest_kept:
+        if stored is None or BIG_U32.unpack(stored)[0] >= oldest_kept:
             return 0  # nothing stored can have expired yet
-        prefix = partition_prefix(partition) + KIND_SEEN
+        prefix = seen_prefix(partition)
         start = self._cursor.get(partition, prefix)
         lap_oldest = self._lap_oldest.get(partition, today)
         looked = deleted = 0
@@ -143,7 +142,7 @@ class SeenIds:
         for key, value in store.scan(start, prefix_end(prefix)):
             last = key
             looked += 1
-            day = U32.unpack(value)[0]
+            day = BIG_U32.unpack(value)[0]
             if day < oldest_kept:
                 txn.delete(key)
                 deleted += 1
@@ -160,7 +159,7 @@ class SeenIds:
             # older than lap_oldest. Record that, and start the next lap.
             self._cursor[partition] = prefix
             self._lap_oldest[partition] = today
-            txn.put(oldest_key, U32.pack(lap_oldest))
+            txn.put(oldest_key, BIG_U32.pack(lap_oldest))
         return deleted
 
 
@@ -308,7 +307,7 @@ class ExactlyOnceConsumer:
                 self.processor.apply(partition, fresh, txn)
                 self._raise_watermark(partition, max(map(_event_seconds, fresh)), txn)
             next_offset = records[-1].offset + 1
-            txn.put(offset_key(partition, self.topic), I64.pack(next_offset))
+            txn.put(offset_key(partition, self.topic), BIG_I64.pack(next_offset))
             new_positions[partition] = next_offset
             self.stats.records += len(records)
             self.stats.applied += len(fresh)
@@ -339,10 +338,10 @@ class ExactlyOnceConsumer:
     def _raise_watermark(partition: int, event_time: int, txn: Transaction) -> None:
         if not event_time:
             return
-        key = partition_prefix(partition) + KIND_WATERMARK
+        key = watermark_key(partition)
         current = txn.get(key)
-        if current is None or I64.unpack(current)[0] < event_time:
-            txn.put(key, I64.pack(event_time))
+        if current is None or BIG_I64.unpack(current)[0] < event_time:
+            txn.put(key, BIG_I64.pack(event_time))
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):

@@ -1,20 +1,12 @@
-"""RocksDB state for the consumers: bounded memory, atomic commits of state plus offsets.
+"""The RocksDB store of a consuming service: bounded memory, atomic commits of state plus offsets.
 
-Layout rule shared by every service: each key starts with the Kafka partition it came from
-(2 bytes, big-endian), then a one-byte kind, then the service's own key. State of a partition is
-thus one contiguous key range, which is what lets partitions move between instances later.
-
-Kinds used by this module (services use other letters):
-  b"o" + topic              -> next offset to read (8 bytes)  consumer position
-  b"w"                      -> highest event time applied (8 bytes, seconds)
-  b"i" + event_id           -> first-seen day (4 bytes)       de-duplication
-  b"j"                      -> oldest first-seen day stored (4 bytes), gates the sweep
+Reads may come from any thread (gRPC handlers); writes come only from `Transaction.commit`.
+The key layout shared by every service is in `viewevents.state.keys`.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -30,18 +22,8 @@ from rocksdict import (
     WriteOptions,
 )
 
-U16 = struct.Struct(">H")
-U32 = struct.Struct(">I")
-I64 = struct.Struct(">q")
-
-KIND_OFFSET = b"o"
-KIND_WATERMARK = b"w"
-KIND_SEEN = b"i"
-KIND_SEEN_OLDEST = b"j"
-
-
-def partition_prefix(partition: int) -> bytes:
-    return U16.pack(partition)
+from viewevents.state.codecs import BIG_I64
+from viewevents.state.keys import offset_key, prefix_end, watermark_key
 
 
 def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
@@ -106,8 +88,9 @@ class StateStore:
     def scan_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         return self.scan(prefix, prefix_end(prefix))
 
-    def commit(self, batch: WriteBatch) -> None:
-        """Apply a write batch atomically: state and offsets land together or not at all."""
+    def write(self, batch: WriteBatch) -> None:
+        """Apply a write batch atomically (state and offsets land together or not at all); only
+        `Transaction.commit` calls this."""
         with self._commit_lock:
             self.db.write(batch, self._write_options)
 
@@ -121,64 +104,10 @@ class StateStore:
         """Next offset to read per partition, for those that have one."""
         parts = list(partitions)
         keys = [offset_key(p, topic) for p in parts]
-        return {p: I64.unpack(v)[0] for p, v in zip(parts, self.get_many(keys)) if v is not None}
+        return {p: BIG_I64.unpack(v)[0] for p, v in zip(parts, self.get_many(keys)) if v is not None}
 
     def watermark(self, partitions: Iterable[int]) -> int | None:
         """Highest event time (Unix seconds) applied over the given partitions."""
-        values = self.get_many([partition_prefix(p) + KIND_WATERMARK for p in partitions])
-        seen = [I64.unpack(v)[0] for v in values if v is not None]
+        values = self.get_many([watermark_key(p) for p in partitions])
+        seen = [BIG_I64.unpack(v)[0] for v in values if v is not None]
         return max(seen) if seen else None
-
-
-def offset_key(partition: int, topic: str) -> bytes:
-    return partition_prefix(partition) + KIND_OFFSET + topic.encode()
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key starting with `prefix`."""
-    trimmed = prefix.rstrip(b"\xff")
-    if not trimmed:
-        raise ValueError("prefix of only 0xff bytes has no end")
-    return trimmed[:-1] + bytes([trimmed[-1] + 1])
-
-
-class Transaction:
-    """The writes of one consumed batch, readable before they are committed.
-
-    Processors read through it (`get` sees their own pending writes first), so several events
-    touching one key within a batch combine in memory and reach RocksDB as one write.
-    """
-
-    def __init__(self, store: StateStore) -> None:
-        self.store = store
-        self.pending: dict[bytes, bytes | None] = {}
-
-    def get(self, key: bytes) -> bytes | None:
-        if key in self.pending:
-            return self.pending[key]
-        return self.store.get(key)
-
-    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        pending = self.pending
-        missing = [k for k in keys if k not in pending]
-        found = dict(zip(missing, self.store.get_many(missing)))
-        return [pending[k] if k in pending else found[k] for k in keys]
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self.pending[key] = value
-
-    def delete(self, key: bytes) -> None:
-        self.pending[key] = None
-
-    def to_write_batch(self) -> WriteBatch:
-        batch = WriteBatch(raw_mode=True)
-        for key, value in self.pending.items():
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        return batch
-
-    def commit(self) -> None:
-        self.store.commit(self.to_write_batch())
-        self.pending = {}
