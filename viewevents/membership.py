@@ -1,0 +1,148 @@
+"""Which instance owns which partition, at which address: carried by Kafka's group protocol.
+
+Every member of a consumer group sends, when it joins, a small claim in its member metadata:
+the address at which it answers queries, and the offsets its own RocksDB already holds for each
+partition. The group leader's assignor (this module, run inside the Kafka client) plans the
+assignment and writes the complete partition -> address map into every member's assignment, so
+after each rebalance every instance knows every owner: no extra coordination service, the way
+Kafka Streams spreads `application.server`.
+
+The plan is balanced (every member gets the floor or the ceiling of partitions / members) and
+state-aware: a partition goes first to the member whose store is furthest along in it (least to
+replay), so a restarted instance gets its own partitions back and a new one takes partitions
+with the least state to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.protocol import (
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
+
+log = logging.getLogger(__name__)
+
+ASSIGNOR_NAME = "viewevents-owners"
+ASSIGNOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a member tells the leader when it joins."""
+
+    address: str
+    stored_offsets: Mapping[int, int] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps({"address": self.address,
+                           "stored": {str(p): o for p, o in self.stored_offsets.items()}}
+                          ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Claim:
+        try:
+            value = json.loads(data or b"{}")
+            return cls(str(value.get("address", "")),
+                       {int(p): int(o) for p, o in value.get("stored", {}).items()})
+        except (ValueError, TypeError, AttributeError):
+            return cls("")  # a member of another version: owns partitions, address unknown
+
+
+def plan_assignment(partitions: Iterable[int], claims: Mapping[str, Claim]) -> dict[str, list[int]]:
+    """Balanced, state-aware assignment of `partitions` to the members of `claims`.
+
+    Partitions are placed in order of how much state their best candidate already holds, each
+    to the member with the most stored offsets for it that is still under its quota (ties by
+    member id, so every leader computes the same plan)."""
+    members = sorted(claims)
+    plan: dict[str, list[int]] = {m: [] for m in members}
+    if not members:
+        return plan
+    parts = sorted(set(partitions))
+    base, extra = divmod(len(parts), len(members))
+    # The members with most state overall may take the `extra` larger shares.
+    by_state = sorted(members, key=lambda m: (-sum(claims[m].stored_offsets.values()), m))
+    quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(by_state)}
+
+    def stored(member: str, partition: int) -> int:
+        return claims[member].stored_offsets.get(partition, -1)
+
+    order = sorted(parts, key=lambda p: (-max(stored(m, p) for m in members), p))
+    for partition in order:
+        candidates = [m for m in members if len(plan[m]) < quota[m]]
+        best = max(candidates, key=lambda m: (stored(m, partition), -members.index(m)))
+        plan[best].append(partition)
+    return {m: sorted(ps) for m, ps in plan.items()}
+
+
+def owners_of(plan: Mapping[str, list[int]], claims: Mapping[str, Claim]) -> dict[int, str]:
+    """partition -> address of its owner."""
+    return {p: claims[m].address for m, ps in plan.items() for p in ps}
+
+
+def encode_owners(owners: Mapping[int, str], generation_hint: int = 0) -> bytes:
+    return json.dumps({"owners": {str(p): a for p, a in owners.items()},
+                       "hint": generation_hint}).encode()
+
+
+def decode_owners(data: bytes) -> dict[int, str]:
+    try:
+        return {int(p): str(a) for p, a in json.loads(data or b"{}").get("owners", {}).items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+class OwnershipAssignor(AbstractPartitionAssignor):
+    """The group protocol's assignor: claims in, plan and the owners map out.
+
+    One instance per consumer (aiokafka calls it on the object it is given); `claim()` is
+    asked at every join so the stored offsets are current, and `on_owners` hears the map that
+    came with this member's assignment."""
+
+    def __init__(self, claim: Callable[[], Claim],
+                 on_owners: Callable[[dict[int, str]], None]) -> None:
+        self._claim = claim
+        self._on_owners = on_owners
+        self.owners: dict[int, str] = {}
+
+    @property
+    def name(self) -> str:
+        return ASSIGNOR_NAME
+
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        return ConsumerProtocolMemberMetadata(ASSIGNOR_VERSION, sorted(topics),
+                                              self._claim().encode())
+
+    def assign(self, cluster: ClusterMetadata,
+               members: Mapping[str, ConsumerProtocolMemberMetadata]
+               ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        claims = {m: Claim.decode(meta.user_data) for m, meta in members.items()}
+        topics = sorted({t for meta in members.values() for t in meta.subscription})
+        assignment: dict[str, ConsumerProtocolMemberAssignment] = {}
+        per_topic: dict[str, dict[str, list[int]]] = {}
+        owners: dict[int, str] = {}
+        for topic in topics:
+            partitions = cluster.partitions_for_topic(topic) or set()
+            plan = plan_assignment(partitions, claims)
+            per_topic[topic] = plan
+            owners.update(owners_of(plan, claims))  # services subscribe to one topic
+        data = encode_owners(owners)
+        for member in members:
+            assignment[member] = ConsumerProtocolMemberAssignment(
+                ASSIGNOR_VERSION,
+                [(topic, per_topic[topic][member]) for topic in topics if per_topic[topic][member]],
+                data)
+        log.info("assigned partitions: %s", {claims[m].address or m: [p for t in topics
+                                              for p in per_topic[t][m]] for m in members})
+        return assignment
+
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        self.owners = decode_owners(assignment.user_data)
+        self._on_owners(dict(self.owners))
