@@ -292,12 +292,13 @@ def phase(bootstrap: str, name: str, events: int, users: int, media: int, seed: 
             ("GetSimilarMedia", f'{{"media_id": "{{{{randomInt 1 {media + 1}}}}}", "limit": 10}}'),
             ("RecommendForUser", f'{{"user_id": "{{{{randomInt 1 {users + 1}}}}}", "limit": 10}}'),
         ):
-            result = ghz(service.address, label, data, calls * 2, clients)
-            if result is not None:
+            ghz_result = ghz(service.address, label, data, calls * 2, clients)
+            if ghz_result is not None:
                 out[f"{label} ghz x{clients} p50/p99 ms"] = (
-                    f"{result.get('p50_ms')} / {result.get('p99_ms')}" if "error" not in result
-                    else result["error"])
-                out[f"{label} ghz calls/s (errors)"] = f"{result.get('calls_per_s')} ({result.get('errors')})"
+                    f"{ghz_result.get('p50_ms')} / {ghz_result.get('p99_ms')}"
+                    if "error" not in ghz_result else ghz_result["error"])
+                out[f"{label} ghz calls/s (errors)"] = (
+                    f"{ghz_result.get('calls_per_s')} ({ghz_result.get('errors')})")
         out["peak RSS MB (whole run)"] = round(service.peak_rss_mb(), 1)
         out["state dir MB"] = round(sum(f.stat().st_size for f in service.state.rglob("*")
                                         if f.is_file()) / 2**20, 1)

@@ -209,7 +209,8 @@ async def _bench(config: settings.Config, records: list[tuple[bytes, bytes]], me
                     media_id=rng.choice(hot), start_time=ts(seconds=day),
                     end_time=ts(seconds=day + 86400), granularity=pb.GRANULARITY_MINUTE))
 
-            def top_call(metric: int) -> Callable[[random.Random], Awaitable[None]]:
+            def top_call(metric: pb.TopMediaMetric
+                         ) -> Callable[[random.Random], Awaitable[None]]:
                 async def call(rng: random.Random) -> None:
                     start = low + rng.randrange(max(1, high - low - 86400))
                     await stub.ListTopMedia(pb.ListTopMediaRequest(

@@ -153,7 +153,7 @@ def scan(source: Any, prefix: bytes, fill_cache: bool = True) -> Iterator[tuple[
     read = ReadOptions()
     read.set_iterate_upper_bound(prefix_end(prefix))
     if not fill_cache:
-        read.fill_cache(False)
+        read.fill_cache(False)  # type: ignore[call-arg]  # the stub omits the flag
     for key, value in source.items(from_key=prefix, read_opt=read):
         if not key.startswith(prefix):  # upper bound makes this unreachable; kept as a guard
             break
@@ -189,7 +189,7 @@ def partitions_in(store: StateStore) -> list[int]:
     start = b"\x00\x00"
     while True:
         first = next(iter(store.db.keys(from_key=start)), None)
-        if first is None or len(first) < 2:
+        if not isinstance(first, bytes) or len(first) < 2:
             return found
         partition = int.from_bytes(first[:2], "big")
         found.append(partition)

@@ -69,7 +69,7 @@ def pearson(
     with np.errstate(invalid="ignore", divide="ignore"):
         out = (n * d - float(s_i) * s_j) / np.sqrt(var_i * var_j)
     out[~((var_j > 0) & (var_i > 0))] = np.nan
-    return out
+    return np.asarray(out, np.float64)
 
 
 def apply_support(scores: np.ndarray, co: np.ndarray, support: Support) -> np.ndarray:

@@ -192,6 +192,7 @@ def merge_totals(rows: np.ndarray, totals: KeyedCounts, new_viewers: np.ndarray,
                  heartbeat_seconds: int) -> np.ndarray:
     """Stored totals rows (view_time, starts, stops, ends, uniques, first, last) plus a batch."""
     counts = totals.counts
+    assert totals.first is not None and totals.last is not None  # totals always carry them
     rows[:, 0] += counts[:, 1] * heartbeat_seconds
     rows[:, 1] += counts[:, 0]
     rows[:, 2] += counts[:, 2]
@@ -241,7 +242,7 @@ def merge_viewer_days(stored: Sequence[bytes | None], days: ViewerDays
     new_rows = np.flatnonzero(is_new_minute)
     minutes_added = _count_keys(media[new_rows], day[new_rows] + minute[new_rows] * MINUTE)
     hour = minute // 60
-    old_hours = old_bits.reshape(count, 24, 60).any(axis=2)
+    old_hours: np.ndarray = np.asarray(old_bits.reshape(count, 24, 60).any(axis=2))
     # One row per (viewer-day, hour) whose hour had no minute before: minute rows are sorted by
     # minute within a viewer-day, so the first row of each hour run stands for the hour.
     first_of_hour = np.ones(len(group), bool)
@@ -269,8 +270,8 @@ def locate(keys: Sequence[np.ndarray], within: Sequence[np.ndarray]) -> np.ndarr
     low = min(int(within[1].min()), int(keys[1].min()))
     span = max(int(within[1].max()), int(keys[1].max())) - low + 1
     def code(columns: Sequence[np.ndarray]) -> np.ndarray:
-        return np.searchsorted(media_codes, columns[0]) * span + (columns[1] - low)
-    return np.searchsorted(code(within), code(keys))
+        return np.asarray(np.searchsorted(media_codes, columns[0]) * span + (columns[1] - low))
+    return np.asarray(np.searchsorted(code(within), code(keys)), np.int64)
 
 
 def minute_mask(first_minute: int, end_minute: int) -> int:

@@ -110,7 +110,8 @@ def decode_totals(value: bytes) -> tuple[int, ...]:
 
 
 def decode_bucket(value: bytes) -> tuple[int, int, int, int, int]:
-    return _BUCKET.unpack(value)  # type: ignore[return-value]
+    view_time, starts, stops, ends, uniques = _BUCKET.unpack(value)
+    return view_time, starts, stops, ends, uniques
 
 
 def rows_from_values(values: Sequence[bytes | None], empty: bytes, width: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 __all__ = [
     "NOISE_KINDS",
@@ -220,7 +220,7 @@ def _open_out(path: str) -> tuple[BinaryIO, list[BinaryIO]]:
     raw = open(path, "wb")  # noqa: SIM115 - closed by the caller
     if path.endswith(".gz"):
         gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0)
-        return gz, [gz, raw]  # type: ignore[list-item]
+        return cast(BinaryIO, gz), [cast(BinaryIO, gz), raw]
     return raw, [raw]
 
 

@@ -44,7 +44,7 @@ async def abort_bad_request(
 
 def field_violations_of(error: grpc.RpcError) -> list[Violation]:
     """The google.rpc.BadRequest field violations carried by a client-side error, if any."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     found: list[Violation] = []
     for detail in status.details if status else []:
         bad_request = error_details_pb2.BadRequest()

@@ -22,7 +22,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str) -> None:
         self.service = service
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -44,7 +44,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, service: str, method: str, req
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
-        async def call(request_or_iterator, context):  # type: ignore[no-untyped-def]
+        async def call_unary(request_or_iterator, context):
             token = REQUEST_ID.set(request_id)
             started, failed = time.perf_counter(), None
             try:
@@ -57,31 +57,35 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, service: str, method: str, req
                 observe(started, context, failed)
                 REQUEST_ID.reset(token)
 
-        maker = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-    else:
-        inner_stream = handler.unary_stream or handler.stream_stream
+        unary_maker = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                       else grpc.stream_unary_rpc_method_handler)
+        return unary_maker(call_unary, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
 
-        async def call(request_or_iterator, context):  # type: ignore[no-untyped-def]
-            token = REQUEST_ID.set(request_id)
-            started, failed = time.perf_counter(), None
-            try:
-                responses = inner_stream(request_or_iterator, context)
-                if hasattr(responses, "__aiter__"):
-                    async for response in responses:
-                        yield response
-                else:
-                    for response in responses:
-                        yield response
-            except BaseException as error:
-                failed = error
-                raise
-            finally:
-                observe(started, context, failed)
-                REQUEST_ID.reset(token)
+    inner_stream = handler.unary_stream or handler.stream_stream
 
-        maker = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-    return maker(call, request_deserializer=handler.request_deserializer,
-                 response_serializer=handler.response_serializer)
+    async def call_stream(request_or_iterator, context):
+        token = REQUEST_ID.set(request_id)
+        started, failed = time.perf_counter(), None
+        try:
+            responses = inner_stream(request_or_iterator, context)
+            if hasattr(responses, "__aiter__"):
+                async for response in responses:
+                    yield response
+            else:
+                for response in responses:
+                    yield response
+        except BaseException as error:
+            failed = error
+            raise
+        finally:
+            observe(started, context, failed)
+            REQUEST_ID.reset(token)
+
+    stream_maker = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                    else grpc.stream_stream_rpc_method_handler)
+    return stream_maker(call_stream, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -91,7 +95,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
         self._protected = tuple(f"/{name}/" for name in protected_services)
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(self._protected):
             metadata = dict(handler_call_details.invocation_metadata or ())
             presented = str(metadata.get("authorization", "")).encode()
@@ -103,10 +107,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    async def refuse(request_or_iterator, context):  # type: ignore[no-untyped-def]
+    async def refuse(request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request_or_iterator, context):  # type: ignore[no-untyped-def]
+    async def refuse_stream(request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 from rocksdict import (
     BlockBasedIndexType,
@@ -77,7 +78,8 @@ class StateStore:
         return self.db.get(key)
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        return self.db.get(keys) if keys else []
+        # rocksdict's stubs do not know that a list of keys gives a list of values.
+        return cast(list[bytes | None], self.db.get(keys)) if keys else []  # type: ignore[arg-type]
 
     def scan(self, start: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Items with start <= key < end, in key order."""
