@@ -11,6 +11,7 @@ from ingest_service.settings import SETTINGS
 from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.kafka import ensure_topics, new_producer
+from viewevents.readiness import Readiness, watch_kafka
 from viewevents.v1 import ingest_service_pb2
 
 log = logging.getLogger("ingest_service")
@@ -25,20 +26,29 @@ async def serve(config: Config) -> None:
     await producer.start()
     partitions = {t: len(await producer.partitions_for(t)) for t in topics}
     log.info("writing to Kafka %s; topics %s", config.kafka_bootstrap, partitions)
+    # Health follows the broker: NOT_SERVING while a metadata request has failed for a while.
+    readiness = Readiness(True, "Kafka reachable")
+    watching = asyncio.create_task(watch_kafka(
+        producer.client.fetch_all_metadata,
+        lambda up: readiness.set(up, "Kafka reachable" if up else "Kafka unreachable")))
 
     async def stop_producer() -> None:
-        try:  # flushes whatever is still queued, but do not hang if Kafka is gone
-            await asyncio.wait_for(producer.stop(), config.producer_timeout_ms / 1000)
+        watching.cancel()
+        # Flush whatever is still queued, but exit promptly if Kafka is gone: by now every RPC
+        # has ended, so a record still queued belongs to an RPC that was not acknowledged.
+        bound = min(config.producer_timeout_ms / 1000, bootstrap.KAFKA_STEP_S)
+        try:
+            await asyncio.wait_for(producer.stop(), bound)
         except TimeoutError:
-            log.error("Kafka did not take the last batches within the timeout; they are lost, "
-                      "and their RPCs were not acknowledged")
+            log.error("Kafka did not take the last batches within %.0f s; they are lost, "
+                      "and their RPCs were not acknowledged", bound)
 
     endpoint = bootstrap.Endpoint(
         name="ingest", descriptor=SERVICE, address=config.ingest_address,
         metrics_port=config.ingest_metrics_port, token=config.ingest_token,
         max_request_bytes=config.max_request_bytes)
     await bootstrap.serve(config, endpoint, IngestServicer(config, producer, partitions),
-                          on_stop=stop_producer)
+                          readiness=readiness, on_stop=stop_producer)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

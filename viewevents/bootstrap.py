@@ -5,7 +5,12 @@
 latency metrics, optional bearer token, lenient request parsing, reflection, grpc.health.v1, TLS),
 exposes metrics, and on SIGTERM/SIGINT stops taking RPCs, lets in-flight ones finish and then
 runs the service's own shutdown. `serve_consumer` adds the consumer lifecycle of the services that
-fold the view topic into RocksDB: health is NOT_SERVING until the consumer has caught up.
+fold the view topic into RocksDB: health follows the consumer's readiness, both ways (NOT_SERVING
+while catching up after start or a rebalance, or while Kafka is unreachable).
+
+Shutdown is bounded whatever Kafka does: RPCs get `RPC_GRACE_S`, each Kafka step (the consumer
+loop's exit with its group commit, leaving the group, flushing the producer) at most
+`KAFKA_STEP_S`, and a process still alive `EXIT_WITHIN_S` after the signal exits anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.kafka import ensure_topics
 from viewevents.logs import setup_logging
 from viewevents.metrics import CONSUMER_LAG, ROCKSDB_BYTES, serve_metrics
+from viewevents.readiness import Readiness
 from viewevents.rpc.server import (
     add_service,
     bind,
@@ -39,6 +45,10 @@ from viewevents.rpc.server import (
 from viewevents.state.store import StateStore
 
 log = logging.getLogger(__name__)
+
+RPC_GRACE_S = 5.0  # in-flight RPCs may finish for this long after SIGTERM/SIGINT
+KAFKA_STEP_S = 3.0  # each Kafka step of shutdown is cut off after this
+EXIT_WITHIN_S = 14.0  # last resort: the process exits this long after the signal
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,10 @@ def main(prog: str, description: str | None, service_settings: Sequence[Setting]
 
 
 async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
-                serving: asyncio.Event | None = None,
+                readiness: Readiness | None = None,
                 on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serve `servicer` until SIGTERM/SIGINT. Health is SERVING at once, or once `serving` is
-    set; `on_stop` runs after the last RPC finished."""
+    """Serve `servicer` until SIGTERM/SIGINT. Health is SERVING at once, or follows
+    `readiness` both ways; `on_stop` runs after the last RPC finished and must bound its steps."""
     full_name = endpoint.descriptor.full_name
     server = new_server(endpoint.max_request_bytes, service=endpoint.name, token=endpoint.token,
                         protected_services=[full_name] if endpoint.token else ())
@@ -92,24 +102,34 @@ async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
     serve_metrics(endpoint.metrics_port, endpoint.name)
     await server.start()
 
-    async def mark_serving() -> None:
-        if serving is not None:
-            log.info("%s listening on %s (NOT_SERVING until caught up)", endpoint.name,
-                     endpoint.address)
-            await serving.wait()
-        await set_serving(health, [full_name], True)
-        log.info("%s SERVING on %s", endpoint.name, endpoint.address)
+    async def follow_readiness() -> None:
+        if readiness is None:
+            await set_serving(health, [full_name], True)
+            log.info("%s SERVING on %s", endpoint.name, endpoint.address)
+            return
+        log.info("%s listening on %s (NOT_SERVING until ready)", endpoint.name, endpoint.address)
+        shown: bool | None = None
+        while True:
+            change = readiness.next_change()  # before reading: no change slips in between
+            ready = readiness.ready
+            if ready != shown:
+                await set_serving(health, [full_name], ready)
+                log.info("%s %s on %s (%s)", endpoint.name,
+                         "SERVING" if ready else "NOT_SERVING", endpoint.address, readiness.reason)
+                shown = ready
+            await change.wait()
 
-    marking = asyncio.create_task(mark_serving())
+    following = asyncio.create_task(follow_readiness(), name=f"{endpoint.name}-health")
 
     async def stop() -> None:
-        marking.cancel()
+        following.cancel()
         if isinstance(servicer, Closeable):
             servicer.close()
         if on_stop is not None:
             await on_stop()
 
-    await serve_until_stopped(server, stop)
+    await serve_until_stopped(server, stop, grace_seconds=RPC_GRACE_S,
+                              exit_within_seconds=EXIT_WITHIN_S)
 
 
 async def serve_consumer(
@@ -141,14 +161,24 @@ async def serve_consumer(
              state_dir)
 
     async def stop_consumer() -> None:
+        """Let the loop finish its batch (one RocksDB write batch: all or nothing), within
+        KAFKA_STEP_S; past that, cancel it at its next await (a batch being written still
+        completes first); then leave the group (bounded) and close RocksDB."""
         await consumer.stop()
         try:
-            await consuming
+            await asyncio.wait_for(asyncio.shield(consuming), KAFKA_STEP_S)
+        except TimeoutError:
+            log.warning("consumer loop still busy after %.0f s; cancelling it", KAFKA_STEP_S)
+            consuming.cancel()
+            await asyncio.gather(consuming, return_exceptions=True)
+        except Exception:  # noqa: BLE001 - a crashed loop was logged by its done callback
+            pass
         finally:
-            await consumer.close()
+            await consumer.close(KAFKA_STEP_S)
             store.close()
 
-    await serve(config, endpoint, servicer, serving=consumer.caught_up, on_stop=stop_consumer)
+    await serve(config, endpoint, servicer, readiness=consumer.readiness,
+                on_stop=stop_consumer)
 
 
 def _stop_process_if_crashed(task: asyncio.Task[Any]) -> None:

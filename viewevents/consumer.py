@@ -5,7 +5,12 @@ and committed to RocksDB in ONE write batch together with the next offsets of it
 On start (and on every partition assignment) the consumer seeks to the offsets stored in
 RocksDB, so whatever point a crash hits, a batch's effect is applied exactly once: either its
 write batch landed (state and offsets) or it did not (and the batch is read again).
-Kafka's group offsets are committed too, after RocksDB, only so that lag tools can see them.
+Kafka's group offsets are committed too, after RocksDB, only so that lag tools can see them;
+that commit, and leaving the group on close, are bounded in time: RocksDB holds the truth.
+
+An instance answers only for the partitions it owns and says it is caught up only once each of
+them reached the end offset seen after the latest assignment (`CatchUp`); its readiness (what
+grpc.health.v1 says) also needs Kafka to be reachable (`viewevents.readiness`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +28,7 @@ from aiokafka.structs import ConsumerRecord
 from google.protobuf import timestamp_pb2
 
 from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED
+from viewevents.readiness import PROBE_TIMEOUT_S, Readiness, watch_kafka
 from viewevents.state.codecs import BIG_I64, BIG_U32
 from viewevents.state.keys import (
     offset_key,
@@ -40,6 +47,7 @@ ViewEvent = view_event_pb2.ViewEvent
 VALID_EVENT_TYPES = frozenset(range(1, 5))
 SECONDS_PER_DAY = 86_400
 MS_PER_DAY = SECONDS_PER_DAY * 1000
+KAFKA_CALL_TIMEOUT_S = PROBE_TIMEOUT_S  # a Kafka call inside the loop never blocks it longer
 
 
 class Processor(Protocol):
@@ -163,6 +171,68 @@ class SeenIds:
         return deleted
 
 
+class CatchUp:
+    """Which partitions this instance answers for, and whether it caught up on all of them.
+
+    Pure bookkeeping that the consumer drives. Every assignment or revocation starts over: the
+    newly assigned partitions may be far behind in this instance's store, and the answer must
+    not count partitions it no longer owns. Caught up means: at least one partition owned, the
+    end offsets read after the latest assignment known, and every owned partition's position
+    at or past its end offset.
+    """
+
+    def __init__(self) -> None:
+        self.assigned: frozenset[int] = frozenset()
+        self.positions: dict[int, int] = {}  # next offset to read, owned partitions only
+        self.targets: dict[int, int] | None = None  # end offsets seen after the assignment
+        self.generation = 0  # changes at every assignment/revocation; stale targets are dropped
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        gone = set(partitions)
+        self.assigned = self.assigned - gone
+        for partition in gone:
+            self.positions.pop(partition, None)
+        self._restart()
+
+    def assign(self, partitions: Iterable[int], stored: Mapping[int, int]) -> None:
+        """The group's new assignment (all owned partitions) and their offsets in the store."""
+        self.assigned = frozenset(partitions)
+        kept = {p: o for p, o in self.positions.items() if p in self.assigned}
+        self.positions.clear()
+        self.positions.update(kept)
+        self.positions.update({p: o for p, o in stored.items() if p in self.assigned})
+        self._restart()
+
+    def _restart(self) -> None:
+        self.targets = None
+        self.generation += 1
+
+    def missing_positions(self) -> list[int]:
+        return sorted(self.assigned - self.positions.keys())
+
+    def set_targets(self, generation: int, ends: Mapping[int, int]) -> bool:
+        """Record end offsets read during `generation`; refused when the assignment changed
+        since, or when they do not cover exactly the owned partitions."""
+        if generation != self.generation or not self.assigned or set(ends) != self.assigned:
+            return False
+        self.targets = dict(ends)
+        return True
+
+    def advance(self, positions: Mapping[int, int]) -> None:
+        """Positions after a committed batch (only owned partitions are given)."""
+        self.positions.update(positions)
+
+    @property
+    def caught_up(self) -> bool:
+        targets = self.targets
+        return bool(self.assigned) and targets is not None and all(
+            self.positions.get(p, -1) >= targets[p] for p in self.assigned)
+
+    def lag(self) -> int:
+        targets = self.targets or {}
+        return sum(max(0, end - self.positions.get(p, 0)) for p, end in targets.items())
+
+
 class ExactlyOnceConsumer:
     """Consumes the view-event topic into a `StateStore` through a `Processor`."""
 
@@ -188,10 +258,15 @@ class ExactlyOnceConsumer:
         self._consumed = EVENTS_CONSUMED.labels(metrics_name)
         self._applied = EVENTS_APPLIED.labels(metrics_name)
         self._duplicates = DUPLICATES.labels(metrics_name)
-        self.positions: dict[int, int] = {}
+        self.catch_up = CatchUp()
+        self.positions = self.catch_up.positions  # one dict: what `position()` reports
+        # Mirrors `catch_up.caught_up` for code that waits on it (e.g. the recommender warmer).
         self.caught_up = asyncio.Event()
-        self._catch_up_targets: dict[int, int] | None = None
+        self.kafka_reachable = True
+        # What health says: caught up on every owned partition and Kafka reachable.
+        self.readiness = Readiness()
         self._stop = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
         self._consumer_options = dict(
             bootstrap_servers=bootstrap,
             group_id=group_id,
@@ -218,12 +293,33 @@ class ExactlyOnceConsumer:
                         for p in parts],
             event_time_watermark=(timestamp_pb2.Timestamp(seconds=watermark)
                                   if watermark is not None else None),
-            caught_up=self.caught_up.is_set(),
+            caught_up=self.catch_up.caught_up,
         )
 
     def lag(self) -> int:
-        targets = self._catch_up_targets or {}
-        return sum(max(0, end - self.positions.get(p, 0)) for p, end in targets.items())
+        return self.catch_up.lag()
+
+    def _publish(self) -> None:
+        """Bring `caught_up` and `readiness` in line with the bookkeeping (after each change)."""
+        caught_up = self.catch_up.caught_up
+        if caught_up and not self.caught_up.is_set():
+            elapsed = time.monotonic() - self.stats.started
+            log.info("caught up on partitions %s: %d records applied in %.1f s since start",
+                     sorted(self.catch_up.assigned), self.stats.applied, elapsed)
+            self.caught_up.set()
+        elif not caught_up and self.caught_up.is_set():
+            self.caught_up.clear()
+        if not self.kafka_reachable:
+            self.readiness.set(False, "Kafka unreachable")
+        elif not caught_up:
+            self.readiness.set(False, "catching up" if self.catch_up.assigned
+                               else "no partition assigned")
+        else:
+            self.readiness.set(True, "caught up")
+
+    def _kafka_changed(self, reachable: bool) -> None:
+        self.kafka_reachable = reachable
+        self._publish()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -231,61 +327,98 @@ class ExactlyOnceConsumer:
         self._consumer = AIOKafkaConsumer(**self._consumer_options)
         await self._consumer.start()
         self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self))
+        self._watch = asyncio.create_task(watch_kafka(self._consumer.topics, self._kafka_changed),
+                                          name="kafka-watch")
 
     async def stop(self) -> None:
         self._stop.set()
 
-    async def close(self) -> None:
-        """Leave the group; call after `run` returned."""
-        await self._consumer.stop()
+    async def close(self, timeout: float = KAFKA_CALL_TIMEOUT_S) -> None:
+        """Leave the group, within `timeout` seconds; call after `run` returned. When Kafka does
+        not answer in time, the group hands the partitions on after the session timeout."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._consumer.stop(), timeout)
+        except TimeoutError:
+            log.warning("could not leave the consumer group within %.0f s (Kafka unreachable?); "
+                        "its partitions move on after the session timeout", timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this shutdown itself is being cancelled
+            # aiokafka 0.14's fetcher re-raises the cancellation of its own fetch task when it
+            # was in retry back-off (Kafka unreachable); nothing is left to clean up but sockets.
+            log.warning("Kafka consumer stopped with its fetcher interrupted (Kafka unreachable)")
 
     async def run(self) -> None:
-        """Consume until `stop()`; each batch is applied and committed before the next."""
+        """Consume until `stop()`; each batch is applied and committed before the next. Every
+        Kafka call here is bounded, so `stop()` takes effect within seconds whatever Kafka does."""
         last_group_commit = time.monotonic()
         while not self._stop.is_set():
             batches = await self._consumer.getmany(timeout_ms=200, max_records=self.batch_max)
             if batches:
                 async with self._apply_lock:
-                    await asyncio.to_thread(self.apply_batch, batches)
+                    # Only partitions owned now: a batch fetched before a revocation must not
+                    # move positions (or state) of a partition another member reads now.
+                    owned = {tp: records for tp, records in batches.items()
+                             if tp.partition in self.catch_up.assigned}
+                    if owned:
+                        await self._apply_in_thread(owned)
                 if time.monotonic() - last_group_commit > 2.0:
                     last_group_commit = time.monotonic()
                     await self._commit_group_offsets()
             await self._check_caught_up()
-        await self._commit_group_offsets()
+        await self._commit_group_offsets(timeout=1.0)  # on the way out: do not wait long
 
-    async def _commit_group_offsets(self) -> None:
+    async def _apply_in_thread(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """`apply_batch` in a worker thread. Cancelling the caller does not cut the batch short:
+        it waits for the thread, so the store is never closed under a write in progress."""
+        job = asyncio.ensure_future(asyncio.to_thread(self.apply_batch, batches))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            while not job.done():
+                try:
+                    await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    continue
+            raise
+
+    async def _commit_group_offsets(self, timeout: float = KAFKA_CALL_TIMEOUT_S) -> None:
         offsets = {TopicPartition(self.topic, p): o for p, o in self.positions.items()}
         if not offsets:
             return
         try:
-            await self._consumer.commit(offsets)
+            await asyncio.wait_for(self._consumer.commit(offsets), timeout)
         except Exception as error:  # noqa: BLE001 - informational only; RocksDB has the truth
             log.debug("group offset commit skipped: %r", error)
 
     async def _check_caught_up(self) -> None:
         try:
             await self._check_caught_up_once()
-        except IllegalStateError:
-            # A rebalance moved a partition away during the check: start over next round.
-            self._catch_up_targets = None
+        except (IllegalStateError, TimeoutError) as error:
+            # A rebalance moved a partition away during the check, or Kafka is slow: the next
+            # round starts over (a generation change makes stale end offsets be refused).
+            log.debug("catch-up check postponed: %r", error)
+        self._publish()
 
     async def _check_caught_up_once(self) -> None:
-        if self.caught_up.is_set():
+        catch_up = self.catch_up
+        if catch_up.caught_up or not catch_up.assigned:
             return
-        assigned = self._consumer.assignment()
-        if not assigned:
-            return
-        if self._catch_up_targets is None:
-            ends = await self._consumer.end_offsets(list(assigned))
-            self._catch_up_targets = {tp.partition: o for tp, o in ends.items()}
-            log.info("catching up to end offsets %s", self._catch_up_targets)
-        for tp in assigned:
-            if tp.partition not in self.positions:
-                self.positions[tp.partition] = await self._consumer.position(tp)
-        if all(self.positions.get(p, 0) >= end for p, end in self._catch_up_targets.items()):
-            elapsed = time.monotonic() - self.stats.started
-            log.info("caught up: %d records applied in %.1f s", self.stats.applied, elapsed)
-            self.caught_up.set()
+        generation = catch_up.generation
+        tps = [TopicPartition(self.topic, p) for p in sorted(catch_up.assigned)]
+        if catch_up.targets is None:
+            ends = await asyncio.wait_for(self._consumer.end_offsets(tps), KAFKA_CALL_TIMEOUT_S)
+            if catch_up.set_targets(generation, {tp.partition: o for tp, o in ends.items()}):
+                log.info("catching up to end offsets %s", catch_up.targets)
+        for partition in catch_up.missing_positions():
+            tp = TopicPartition(self.topic, partition)
+            offset = await asyncio.wait_for(self._consumer.position(tp), KAFKA_CALL_TIMEOUT_S)
+            if generation == catch_up.generation and partition not in catch_up.positions:
+                catch_up.positions[partition] = offset
 
     def apply_batch(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """Decode, de-duplicate, process and commit one Kafka batch. `run` calls it in a worker
@@ -314,7 +447,7 @@ class ExactlyOnceConsumer:
             self.stats.duplicates += duplicates
             self._duplicates.inc(duplicates)
         txn.commit()
-        self.positions.update(new_positions)
+        self.catch_up.advance(new_positions)
         self.stats.batches += 1
         self._consumed.inc(sum(len(r) for r in batches.values()))
         self._applied.inc(self.stats.applied - applied_before)
@@ -351,19 +484,23 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        async with self.owner._apply_lock:  # no batch is half-applied while partitions move
-            for tp in revoked:
-                self.owner.positions.pop(tp.partition, None)
+        owner = self.owner
+        async with owner._apply_lock:  # no batch is half-applied while partitions move
+            owner.catch_up.revoke(tp.partition for tp in revoked)
+            owner._publish()  # not caught up (and NOT_SERVING) until the new assignment is
+        if revoked:
+            log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         owner = self.owner
-        stored = owner.store.stored_offsets(owner.topic, [tp.partition for tp in assigned])
-        for tp in assigned:
-            if tp.partition in stored:
-                owner._consumer.seek(tp, stored[tp.partition])
-                owner.positions[tp.partition] = stored[tp.partition]
-            else:
-                await owner._consumer.seek_to_beginning(tp)
-        owner._catch_up_targets = None
+        async with owner._apply_lock:
+            stored = owner.store.stored_offsets(owner.topic, [tp.partition for tp in assigned])
+            for tp in assigned:
+                if tp.partition in stored:
+                    owner._consumer.seek(tp, stored[tp.partition])
+                else:
+                    await owner._consumer.seek_to_beginning(tp)
+            owner.catch_up.assign((tp.partition for tp in assigned), stored)
+            owner._publish()
         log.info("assigned partitions %s; resuming from stored offsets %s",
                  sorted(tp.partition for tp in assigned), stored)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
@@ -89,18 +91,40 @@ async def serve_until_stopped(
     server: grpc.aio.Server,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     grace_seconds: float = 10.0,
+    exit_within_seconds: float | None = None,
 ) -> None:
-    """Run until SIGINT/SIGTERM, then stop taking RPCs and let in-flight ones finish."""
+    """Run until SIGINT/SIGTERM, then stop taking RPCs, let in-flight ones finish within
+    `grace_seconds` and run `on_stop`.
+
+    `on_stop` must bound its own steps; as a last resort, when `exit_within_seconds` is set and
+    the process is still alive that long after the signal, it exits with status 70 (like
+    kill -9, which the stores are built to survive): a supervisor's stop must never hang.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if exit_within_seconds is not None:
+        _exit_after(exit_within_seconds)
     log.info("shutting down: finishing in-flight RPCs (grace %.0f s)", grace_seconds)
     await server.stop(grace_seconds)
     if on_stop is not None:
         await on_stop()
     log.info("stopped")
+
+
+def _exit_after(seconds: float) -> None:
+    """A daemon timer that ends the process if shutdown is still under way after `seconds`."""
+    def give_up() -> None:
+        log.critical("shutdown still under way after %.0f s; exiting now", seconds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(70)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 def add_service(server: grpc.aio.Server, service_descriptor: object, servicer: object) -> None:
