@@ -6,7 +6,8 @@
 #   deploy/kafka.sh status  exit 0 when the broker answers on its port
 # Settings (environment): KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (KAFKA_PORT+1),
 # KAFKA_HOME (<repo>/.cache/kafka: jars), KAFKA_DATA_DIR (<repo>/.data/kafka-<port>),
-# KAFKA_HEAP (512m), KAFKA_PARTITIONS (default partitions of new topics, 4).
+# KAFKA_HEAP (512m), KAFKA_PARTITIONS (default partitions of new topics, 4),
+# KAFKA_MESSAGE_MAX_BYTES (broker message.max.bytes, 8388608; Kafka's own default is 1048588).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +18,7 @@ libs=$home/libs
 data=${KAFKA_DATA_DIR:-$repo/.data/kafka-$port}
 heap=${KAFKA_HEAP:-512m}
 partitions=${KAFKA_PARTITIONS:-4}
+message_max_bytes=${KAFKA_MESSAGE_MAX_BYTES:-8388608}
 pidfile=$data/broker.pid
 logfile=$data/broker.log
 
@@ -60,7 +62,7 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
-message.max.bytes=8388608
+message.max.bytes=$message_max_bytes
 log.retention.hours=-1
 log.segment.bytes=268435456
 PROPS

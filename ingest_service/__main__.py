@@ -6,11 +6,12 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from ingest_service.producers import Producers
 from ingest_service.servicer import IngestServicer
 from ingest_service.settings import SETTINGS
 from viewevents import bootstrap
 from viewevents.config import Config
-from viewevents.kafka import ensure_topics, new_producer
+from viewevents.kafka import ensure_topics, new_producer, record_limit, topics_max_message_bytes
 from viewevents.readiness import Readiness, watch_kafka
 from viewevents.v1 import ingest_service_pb2
 
@@ -22,33 +23,38 @@ SERVICE = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"]
 async def serve(config: Config) -> None:
     topics = [config.view_topic, config.dead_letter_topic]
     await ensure_topics(config, topics)
-    producer = new_producer(config)
-    await producer.start()
+    max_message_bytes = await topics_max_message_bytes(config, topics)
+    if max_message_bytes is None:
+        max_message_bytes = config.fallback_max_message_bytes
+        log.warning("assuming max.message.bytes %d (VIEWEVENTS_FALLBACK_MAX_MESSAGE_BYTES)",
+                    max_message_bytes)
+    max_record_bytes = record_limit(max_message_bytes, config)
+    stop_bound = min(config.producer_timeout_ms / 1000, bootstrap.KAFKA_STEP_S)
+    producers = Producers(lambda: new_producer(config), stop_bound)
+    producer = await producers.start()
     partitions = {t: len(await producer.partitions_for(t)) for t in topics}
-    log.info("writing to Kafka %s; topics %s", config.kafka_bootstrap, partitions)
+    log.info("writing to Kafka %s; topics %s; records up to %d bytes (max.message.bytes %d)",
+             config.kafka_bootstrap, partitions, max_record_bytes, max_message_bytes)
     # Health follows the broker: NOT_SERVING while a metadata request has failed for a while.
     readiness = Readiness(True, "Kafka reachable")
     watching = asyncio.create_task(watch_kafka(
-        producer.client.fetch_all_metadata,
+        lambda: producers.current.client.fetch_all_metadata(),
         lambda up: readiness.set(up, "Kafka reachable" if up else "Kafka unreachable")))
 
     async def stop_producer() -> None:
         watching.cancel()
         # Flush whatever is still queued, but exit promptly if Kafka is gone: by now every RPC
         # has ended, so a record still queued belongs to an RPC that was not acknowledged.
-        bound = min(config.producer_timeout_ms / 1000, bootstrap.KAFKA_STEP_S)
-        try:
-            await asyncio.wait_for(producer.stop(), bound)
-        except TimeoutError:
+        if not await producers.stop():
             log.error("Kafka did not take the last batches within %.0f s; they are lost, "
-                      "and their RPCs were not acknowledged", bound)
+                      "and their RPCs were not acknowledged", stop_bound)
 
     endpoint = bootstrap.Endpoint(
         name="ingest", descriptor=SERVICE, address=config.ingest_address,
         metrics_port=config.ingest_metrics_port, token=config.ingest_token,
         max_request_bytes=config.max_request_bytes)
-    await bootstrap.serve(config, endpoint, IngestServicer(config, producer, partitions),
-                          readiness=readiness, on_stop=stop_producer)
+    servicer = IngestServicer(config, producers, partitions, max_record_bytes)
+    await bootstrap.serve(config, endpoint, servicer, readiness=readiness, on_stop=stop_producer)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

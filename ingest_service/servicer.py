@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -9,11 +10,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from google.protobuf import timestamp_pb2
 
-from ingest_service.validation import Limits, validate_event
+from ingest_service.producers import Producers
+from ingest_service.validation import (
+    Limits,
+    abbreviate,
+    dead_letter_copy,
+    validate_event,
+    validate_record_size,
+)
 from ingest_service.writer import PartitionedWriter
 from viewevents.config import Config
 from viewevents.kafka import REJECTED_EVENT_HEADERS, VIEW_EVENT_HEADERS, KeyPartitioner, user_key
@@ -23,6 +30,7 @@ from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
+CANCEL_GRACE_SECONDS = 0.01
 
 
 @dataclass
@@ -54,37 +62,77 @@ class _Writes:
 
 
 class IngestServicer:
-    """Implements viewevents.v1.IngestService."""
+    """Implements viewevents.v1.IngestService.
 
-    def __init__(self, config: Config, producer: AIOKafkaProducer, partitions: dict[str, int]) -> None:
+    A streaming RPC commits only by answering: whatever ends it earlier (cancel, deadline, idle
+    timeout, invalid request, Kafka failure) abandons it the same way: no more batches are
+    shipped, none is waited for, and no summary is given (see IngestService in the proto).
+    """
+
+    def __init__(self, config: Config, producers: Producers, partitions: dict[str, int],
+                 max_record_bytes: int) -> None:
         self._config = config
-        self._producer = producer
+        self._producers = producers
         self._limits = Limits(
             max_future_skew_seconds=config.max_future_skew_seconds,
             max_event_age_seconds=config.max_event_age_days * 86400,
+            max_event_id_bytes=config.max_event_id_bytes,
+            max_record_bytes=max_record_bytes,
         )
         self._partitioners = {topic: KeyPartitioner(n) for topic, n in partitions.items()}
 
     @contextlib.asynccontextmanager
     async def _writing(self, context: grpc.aio.ServicerContext) -> AsyncIterator[_Writes]:
         """This RPC's writers; if Kafka fails the RPC ends UNAVAILABLE (and never claims what
-        was not stored); on any failure pending batches are let go."""
+        was not stored), and a producer that failed for good is replaced; on any failure
+        pending batches are let go."""
         c = self._config
         timeout = c.producer_timeout_ms / 1000
+        producer = self._producers.current
         writes = _Writes(
-            PartitionedWriter(self._producer, c.view_topic, self._partitioners[c.view_topic],
+            PartitionedWriter(producer, c.view_topic, self._partitioners[c.view_topic],
                               VIEW_EVENT_HEADERS, c.max_inflight_batches, timeout),
-            PartitionedWriter(self._producer, c.dead_letter_topic,
+            PartitionedWriter(producer, c.dead_letter_topic,
                               self._partitioners[c.dead_letter_topic],
                               REJECTED_EVENT_HEADERS, c.max_inflight_batches, timeout))
         try:
             yield writes
         except KafkaError as error:
             writes.abandon()
+            if not isinstance(error, KafkaTimeoutError):  # a broken producer, not a slow Kafka
+                with contextlib.suppress(Exception):
+                    await self._producers.replace(producer, error)
             await self._unavailable(context, error)
         except BaseException:
             writes.abandon()
             raise
+
+    async def _requests(
+        self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.UploadRequest]:
+        """The client's requests; a stream idle too long ends DEADLINE_EXCEEDED, and one the
+        client cancelled (or whose deadline passed) raises CancelledError instead of looking
+        like a complete upload (grpc ends the iterator quietly in that case)."""
+        idle = self._config.upload_idle_timeout_seconds
+        iterator = aiter(request_iterator)
+        while True:
+            try:
+                request = await asyncio.wait_for(anext(iterator), idle)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                log.info("closing an upload stream idle for %g s", idle)
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no request for {idle:g} s (VIEWEVENTS_UPLOAD_IDLE_TIMEOUT_SECONDS): the "
+                    "stream is closed without a summary; events not acknowledged may or may not "
+                    "be stored, so re-send them (consumers drop duplicate event ids)")
+            yield request
+        # A client's cancel also ends the iterator; grpc cancels this task a moment later (when
+        # its poller next runs). Give it that moment, so a cancelled upload is not committed.
+        await asyncio.sleep(CANCEL_GRACE_SECONDS)
+        if context.cancelled() or context.done():
+            raise asyncio.CancelledError("the client cancelled the upload or its deadline passed")
 
     async def _ingest(
         self,
@@ -101,20 +149,26 @@ class IngestServicer:
         for offset, event in enumerate(events):
             violations = validate_event(event, now, limits)
             if not violations:
-                await writes.accepted.append(user_key(event.user_id), event.SerializeToString())
-                tally.accepted += 1
-                continue
+                key = user_key(event.user_id)
+                value = event.SerializeToString()
+                too_large = validate_record_size(len(key), len(value), limits)
+                if too_large is None:
+                    await writes.accepted.append(key, value)
+                    tally.accepted += 1
+                    continue
+                violations = [too_large]
             tally.rejected += 1
             for violation in violations:
                 EVENTS_REJECTED.labels(violation.field, violation.reason).inc()
             if len(tally.rejections) < max_reported:
                 tally.rejections.append(pb.Rejection(
-                    index=first_index + offset, event_id=event.event_id,
+                    index=first_index + offset, event_id=abbreviate(event.event_id),
                     field_violations=violations))
             rejected = view_event_pb2.RejectedEvent(
-                event=event, field_violations=violations, source=source,
+                event=dead_letter_copy(event, limits), field_violations=violations, source=source,
                 reject_time=timestamp_pb2.Timestamp(seconds=int(now)))
-            key = user_key(event.user_id) if event.user_id > 0 else event.event_id.encode()
+            key = (user_key(event.user_id) if event.user_id > 0
+                   else abbreviate(event.event_id).encode("utf-8", "surrogatepass"))
             await writes.dead_letters.append(key, rejected.SerializeToString())
         tally.received += len(events)
         EVENTS_RECEIVED.inc(len(events))
@@ -143,7 +197,7 @@ class IngestServicer:
         requests = 0
         started = time.monotonic()
         async with self._writing(context) as writes:
-            async for request in request_iterator:
+            async for request in self._requests(request_iterator, context):
                 await self._check_request(context, request, requests)
                 await self._ingest(request.events, tally.received, tally, writes, "Upload",
                                    self._config.max_rejections_reported)
@@ -162,7 +216,7 @@ class IngestServicer:
     ) -> AsyncIterator[pb.UploadAck]:
         request_index = 0
         async with self._writing(context) as writes:
-            async for request in request_iterator:
+            async for request in self._requests(request_iterator, context):
                 await self._check_request(context, request, request_index)
                 tally = _Tally()
                 await self._ingest(request.events, 0, tally, writes, "UploadStream",
@@ -192,7 +246,8 @@ class IngestServicer:
         if tally.accepted == 0:
             violations = [
                 view_event_pb2.FieldViolation(
-                    field=f"events[{r.index}].{v.field}", description=v.description, reason=v.reason)
+                    field=f"events[{r.index}]" + (f".{v.field}" if v.field else ""),
+                    description=v.description, reason=v.reason)
                 for r in tally.rejections for v in r.field_violations
             ]
             await abort_bad_request(

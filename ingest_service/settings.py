@@ -15,6 +15,13 @@ OWN_SETTINGS: tuple[Setting, ...] = (
             "Event times further than this in the future are rejected."),
     Setting("max_event_age_days", "VIEWEVENTS_MAX_EVENT_AGE_DAYS", 3650, int,
             "Event times older than this are rejected."),
+    Setting("max_event_id_bytes", "VIEWEVENTS_MAX_EVENT_ID_BYTES", 256, int,
+            "Longest event_id accepted, in UTF-8 bytes (longer: rejected, TOO_LONG)."),
+    Setting("fallback_max_message_bytes", "VIEWEVENTS_FALLBACK_MAX_MESSAGE_BYTES", 1_000_000, int,
+            "Kafka record-batch limit assumed when the topics' max.message.bytes cannot be read "
+            "at start-up (events that would not fit are rejected, TOO_LARGE)."),
+    Setting("upload_idle_timeout_seconds", "VIEWEVENTS_UPLOAD_IDLE_TIMEOUT_SECONDS", 60.0, float,
+            "An Upload/UploadStream that sends no request for this long ends DEADLINE_EXCEEDED."),
     Setting("max_rejections_reported", "VIEWEVENTS_MAX_REJECTIONS_REPORTED", 100, int,
             "How many rejections an UploadSummary lists (all are counted and dead-lettered)."),
     Setting("max_inflight_batches", "VIEWEVENTS_MAX_INFLIGHT_BATCHES", 64, int,

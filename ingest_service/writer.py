@@ -1,77 +1,67 @@
 """Writes records to Kafka in per-partition batches and knows when all are acknowledged.
 
 One writer serves one RPC, so "acknowledged" is exact per upload. Building batches ourselves
-(instead of one producer.send per event) keeps the per-event cost to a C-level append; the
-bound on unacknowledged batches is what turns Kafka's pace into gRPC back-pressure.
+(instead of one producer.send per event) keeps the per-event cost to a C-level append. The
+parts: `BatchBuilder` decides batches, `FlowController` bounds the unacknowledged ones (gRPC
+back-pressure), and this class ships batches through the producer and applies the ack deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 
+from ingest_service.batches import Batch, BatchBuilder
+from ingest_service.flow_control import FlowController
 from viewevents.kafka import KeyPartitioner
 from viewevents.metrics import RECORDS_PRODUCED
+
+_Shipped = tuple[asyncio.Future, int]  # the batch's acknowledgement and its record count
 
 
 class PartitionedWriter:
     def __init__(
         self,
-        producer: AIOKafkaProducer,
+        producer: Any,  # AIOKafkaProducer, or a fake with create_batch and send_batch
         topic: str,
         partitioner: KeyPartitioner,
         headers: Sequence[tuple[str, bytes]],
         max_inflight_batches: int,
         ack_timeout_seconds: float = 30.0,
     ) -> None:
-        self._producer = producer
+        self.producer = producer
         self._topic = topic
-        self._partitioner = partitioner
-        self._headers = list(headers)
-        self._max_inflight = max_inflight_batches
         self._ack_timeout = ack_timeout_seconds
-        self._open: dict[int, object] = {}
-        self._inflight: deque[tuple[asyncio.Future, int]] = deque()
+        self._batches = BatchBuilder(producer.create_batch, partitioner, headers)
+        self._flow: FlowController[_Shipped] = FlowController(max_inflight_batches, self._acknowledged)
         self.records = 0
         self._unacknowledged_records = 0
         self.end_offsets: dict[int, int] = {}  # partition -> offset past the last acked record
 
     async def append(self, key: bytes, value: bytes) -> None:
-        partition = self._partitioner(key)
-        batch = self._open.get(partition)
-        if batch is None:
-            batch = self._open[partition] = self._producer.create_batch()
-        if batch.append(timestamp=None, key=key, value=value, headers=self._headers) is None:
-            await self._ship(partition, batch)
-            batch = self._open[partition] = self._producer.create_batch()
-            if batch.append(timestamp=None, key=key, value=value, headers=self._headers) is None:
-                raise ValueError(f"a record of {len(value)} bytes does not fit in a Kafka batch")
+        full = self._batches.add(key, value)
+        if full is not None:
+            await self._ship(*full)
         self.records += 1
         self._unacknowledged_records += 1
 
-    async def _ship(self, partition: int, batch: object) -> None:
-        count = batch.record_count()  # type: ignore[attr-defined]
-        future = await self._producer.send_batch(batch, self._topic, partition=partition)
-        self._inflight.append((future, count))
-        while len(self._inflight) > self._max_inflight:
-            await self._acknowledged(self._inflight.popleft())
+    async def _ship(self, partition: int, batch: Batch) -> None:
+        await self._flow.acquire()
+        future = await self.producer.send_batch(batch, self._topic, partition=partition)
+        self._flow.release_later((future, batch.record_count()))
 
     async def flush(self) -> None:
         """Send the partly filled batches and wait until Kafka acknowledged every record."""
-        open_batches, self._open = self._open, {}
-        for partition, batch in open_batches.items():
-            if batch.record_count():  # type: ignore[attr-defined]
-                await self._ship(partition, batch)
-        while self._inflight:
-            await self._acknowledged(self._inflight.popleft())
+        for partition, batch in self._batches.drain():
+            await self._ship(partition, batch)
+        await self._flow.drain()
         RECORDS_PRODUCED.labels(self._topic).inc(self._unacknowledged_records)
         self._unacknowledged_records = 0
 
-    async def _acknowledged(self, shipped: tuple[asyncio.Future, int]) -> None:
+    async def _acknowledged(self, shipped: _Shipped) -> None:
         """Wait for one batch's acknowledgement, within the deadline.
 
         With idempotence on, aiokafka retries a batch forever rather than expire it; the RPC must
@@ -90,10 +80,9 @@ class PartitionedWriter:
 
     def abandon(self) -> None:
         """Forget pending work after a failure (their futures may still resolve; nobody waits)."""
-        self._open.clear()
-        for future, _ in self._inflight:
+        self._batches.clear()
+        for future, _ in self._flow.abandon():
             future.add_done_callback(_consume_exception)
-        self._inflight.clear()
 
 
 def _consume_exception(future: asyncio.Future) -> None:

@@ -12,7 +12,8 @@ import logging
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from viewevents.config import Config
@@ -51,6 +52,41 @@ class KeyPartitioner:
         return partition
 
 
+# A record batch (v2) has a 61-byte header; one record adds up to ~25 bytes of framing plus its
+# headers (our content-type header is under 100 bytes). Keep a generous margin below the limit.
+RECORD_BATCH_OVERHEAD = 512
+
+
+def producer_max_request_bytes(config: Config) -> int:
+    """The producer's max_request_size (see new_producer): no batch may exceed it either."""
+    return max(config.producer_batch_bytes * 2, 1 << 20)
+
+
+def record_limit(max_message_bytes: int, config: Config) -> int:
+    """Largest key + value of one record that a single-record batch can carry to the topic."""
+    return min(max_message_bytes, producer_max_request_bytes(config)) - RECORD_BATCH_OVERHEAD
+
+
+async def topics_max_message_bytes(config: Config, topics: list[str]) -> int | None:
+    """The smallest `max.message.bytes` of `topics` (the broker's message.max.bytes unless a
+    topic overrides it), read with DescribeConfigs; None when it cannot be read."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka_bootstrap)
+    try:
+        await admin.start()
+        responses = await admin.describe_configs([
+            ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None}) for t in topics])
+        limits = [int(entry[1])
+                  for response in responses
+                  for error_code, _, _, _, entries in response.resources if error_code == 0
+                  for entry in entries if entry[0] == "max.message.bytes" and entry[1]]
+        return min(limits) if len(limits) == len(topics) else None
+    except (KafkaError, OSError, ValueError, TypeError) as error:
+        log.warning("could not read max.message.bytes of %s: %r", topics, error)
+        return None
+    finally:
+        await admin.close()
+
+
 def new_producer(config: Config, **overrides: object) -> AIOKafkaProducer:
     """An idempotent producer that waits for all in-sync replicas (acks=all)."""
     options: dict[str, object] = dict(
@@ -59,7 +95,7 @@ def new_producer(config: Config, **overrides: object) -> AIOKafkaProducer:
         enable_idempotence=True,
         linger_ms=config.producer_linger_ms,
         max_batch_size=config.producer_batch_bytes,
-        max_request_size=max(config.producer_batch_bytes * 2, 1 << 20),
+        max_request_size=producer_max_request_bytes(config),
         request_timeout_ms=config.producer_timeout_ms,
         client_id="viewevents-ingest",
     )

@@ -14,6 +14,10 @@ from viewevents.v1 import view_event_pb2
 
 ViewEvent = view_event_pb2.ViewEvent
 DEFAULT_BATCH_SIZE = 2_000
+# Requests are cut by bytes too: half the ingest service's default limit (8 MiB), so that no
+# request the client builds is refused as a whole (RESOURCE_EXHAUSTED).
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+_FIELD_OVERHEAD = 6  # tag and length prefix of one event inside an UploadRequest
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -24,18 +28,32 @@ def batched_requests(
     events: Iterable[ViewEvent],
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> Iterator[ingest_pb.UploadRequest]:
-    """UploadRequests of up to `batch_size` events, built lazily (the upload is never held)."""
+    """UploadRequests of up to `batch_size` events and about `max_request_bytes`, built lazily
+    (the upload is never held). An event bigger than that alone still goes alone: callers
+    bound single events (event_files.MAX_EVENT_BYTES)."""
     batch: list[ViewEvent] = []
     sequence = 0
+    size = 0
     for event in events:
+        event_size = event.ByteSize() + _FIELD_OVERHEAD
+        if batch and size + event_size > max_request_bytes:
+            yield ingest_pb.UploadRequest(events=batch, sequence=sequence)
+            if on_batch:
+                on_batch(len(batch))
+            sequence += 1
+            batch = []
+            size = 0
         batch.append(event)
+        size += event_size
         if len(batch) >= batch_size:
             yield ingest_pb.UploadRequest(events=batch, sequence=sequence)
             if on_batch:
                 on_batch(len(batch))
             sequence += 1
             batch = []
+            size = 0
     if batch:
         yield ingest_pb.UploadRequest(events=batch, sequence=sequence)
         if on_batch:
@@ -119,7 +137,8 @@ def upload_resumable(
     source = iter(batched_requests(events, batch_size))
     pending: deque[ingest_pb.UploadRequest] = deque()
     lock = threading.Condition()
-    state = {"exhausted": False, "generation": 0}
+    state = {"exhausted": False, "generation": 0, "next_index": 0}
+    starts: dict[int, int] = {}  # sequence -> index in the upload of its first event
     totals = UploadTotals()
 
     def requests(generation: int) -> Iterator[ingest_pb.UploadRequest]:
@@ -137,6 +156,8 @@ def upload_resumable(
                     state["exhausted"] = True
                     return
                 pending.append(request)
+                starts[request.sequence] = state["next_index"]
+                state["next_index"] += len(request.events)
             yield request
 
     failures = 0
@@ -148,9 +169,10 @@ def upload_resumable(
             for ack in stub.UploadStream(requests(generation)):
                 with lock:
                     while pending and pending[0].sequence != ack.sequence:
-                        pending.popleft()  # acked in an earlier connection whose ack was lost
+                        starts.pop(pending.popleft().sequence, None)  # ack lost in a break
                     if pending:
                         pending.popleft()
+                    first_index = starts.pop(ack.sequence, ack.sequence * batch_size)
                     lock.notify_all()
                 failures = 0
                 totals.received += ack.received
@@ -161,7 +183,7 @@ def upload_resumable(
                     if len(totals.rejections) < max_rejections:
                         in_stream = ingest_pb.Rejection()
                         in_stream.CopyFrom(rejection)  # index within the request -> in the upload
-                        in_stream.index = ack.sequence * batch_size + rejection.index
+                        in_stream.index = first_index + rejection.index
                         totals.rejections.append(in_stream)
                 if on_ack:
                     on_ack(ack)

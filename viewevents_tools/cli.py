@@ -35,6 +35,7 @@ class _FileProblems:
         self.out = out
         self.not_events = 0
         self.client_rejected = 0
+        self.too_large = 0
         self.shown = 0
 
     def report(self, where: str, text: str) -> None:
@@ -52,6 +53,10 @@ def _events_of(paths: Sequence[str], index: LineIndex, problems: _FileProblems) 
             if parsed.error is not None:
                 problems.not_events += 1
                 problems.report(where, f"not an event: {parsed.error}")
+            elif any(v.reason == "TOO_LARGE" for v in parsed.violations):
+                problems.too_large += 1
+                problems.report(where, "skipped, too large: " + "; ".join(
+                    v.description for v in parsed.violations))
             elif parsed.violations:
                 problems.client_rejected += 1
                 problems.report(where, "rejected: " + "; ".join(
@@ -87,7 +92,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
     print(f"sent {summary.received} events in {summary.requests} requests: "
           f"{summary.accepted} accepted, {summary.rejected} rejected by the server "
           f"(kept on the dead-letter topic); {problems.client_rejected} lines rejected before "
-          f"sending, {problems.not_events} lines not events")
+          f"sending, {problems.not_events} lines not events, {problems.too_large} lines skipped "
+          f"as too large to upload")
     return 0
 
 
