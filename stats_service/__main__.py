@@ -18,7 +18,8 @@ async def serve(config: Config) -> None:
                     default_page_size=config.stats_default_page_size,
                     max_page_size=config.stats_max_page_size)
     endpoint = bootstrap.Endpoint(name="stats", descriptor=SERVICE, address=config.stats_address,
-                                  metrics_port=config.stats_metrics_port)
+                                  metrics_port=config.stats_metrics_port,
+                                  token=config.stats_token)
     await bootstrap.serve_consumer(
         config, endpoint, state_dir=config.stats_state_dir, group_id=config.stats_group,
         make_processor=lambda store: StatsProcessor(config.heartbeat_seconds,

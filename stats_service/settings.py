@@ -22,6 +22,9 @@ OWN_SETTINGS: tuple[Setting, ...] = (
             "Largest ListTopMedia limit."),
     Setting("heartbeat_seconds", "VIEWEVENTS_HEARTBEAT_SECONDS", 30, int,
             "View time credited per waypoint event."),
+    Setting("stats_token", "VIEWEVENTS_STATS_TOKEN", "", str,
+            "When set, StatsService calls need 'authorization: Bearer <token>' metadata "
+            "(health and reflection stay open)."),
     Setting("stats_metrics_port", "VIEWEVENTS_STATS_METRICS_PORT", 9102, int,
             "Prometheus metrics HTTP port of the stats service (0: off)."),
 )
