@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
-from stats_service.request_parsing import Limits
+from stats_service.request_parsing import Limits, page_token_secret
 from stats_service.servicer import SERVICE, StatsServicer
 from stats_service.settings import SETTINGS
 from viewevents import bootstrap
@@ -25,7 +25,8 @@ async def serve(config: Config) -> None:
         make_processor=lambda store: StatsProcessor(config.heartbeat_seconds,
                                                     config.stats_trend_retention_days),
         make_servicer=lambda store, consumer, processor: StatsServicer(
-            StatsReader(store), consumer, limits))
+            StatsReader(store), consumer, limits,
+            page_token_secret(config.stats_page_token_secret)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

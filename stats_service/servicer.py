@@ -47,10 +47,11 @@ class StatsServicer:
     """Implements viewevents.v1.StatsService over a StatsReader."""
 
     def __init__(self, reader: StatsReader, consumer: ExactlyOnceConsumer | Any,
-                 limits: Limits) -> None:
+                 limits: Limits, page_token_secret: bytes | None = None) -> None:
         self.reader = reader
         self.consumer = consumer
         self.limits = limits
+        self.page_token_secret = page_token_secret  # None: the process's random secret
 
     def _read_position(self) -> tuple[view_event_pb2.ConsumerPosition, list[int]]:
         """The position to report and the partitions to read: those this instance owns, or
@@ -114,7 +115,7 @@ class StatsServicer:
     async def ListTopMedia(self, request: pb.ListTopMediaRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListTopMediaResponse:
         await reject_unparseable(context, request)
-        query, violations = queries.parse_top(request, self.limits)
+        query, violations = queries.parse_top(request, self.limits, self.page_token_secret)
         if query is None:
             await abort_bad_request(context, "invalid ListTopMedia request", violations)
         assert query is not None
@@ -136,6 +137,6 @@ class StatsServicer:
         media = [pb.TopMedia(media_id=m, rank=query.offset + i + 1, view_time_seconds=values[m][0],
                              starts=values[m][1], unique_viewers=viewers.get(m, 0))
                  for i, m in enumerate(chosen)]
-        token = (queries.encode_page_token(query.fingerprint, following)
+        token = (queries.encode_page_token(query.fingerprint, following, self.page_token_secret)
                  if following is not None else "")
         return pb.ListTopMediaResponse(media=media, next_page_token=token)

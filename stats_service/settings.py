@@ -20,6 +20,10 @@ OWN_SETTINGS: tuple[Setting, ...] = (
             "ListTopMedia page size when limit is 0."),
     Setting("stats_max_page_size", "VIEWEVENTS_STATS_MAX_PAGE_SIZE", 1_000, int,
             "Largest ListTopMedia limit."),
+    Setting("stats_page_token_secret", "VIEWEVENTS_STATS_PAGE_TOKEN_SECRET", "", str,
+            "Key that signs ListTopMedia page tokens (HMAC-SHA256). Empty: a random key per "
+            "process, so tokens do not survive a restart or move between instances; set the "
+            "same secret on every instance behind one address."),
     Setting("heartbeat_seconds", "VIEWEVENTS_HEARTBEAT_SECONDS", 30, int,
             "View time credited per waypoint event."),
     Setting("stats_token", "VIEWEVENTS_STATS_TOKEN", "", str,
