@@ -16,7 +16,8 @@ from viewevents.config import Config
 async def serve(config: Config) -> None:
     limits = Limits(max_trend_buckets=config.stats_max_trend_buckets,
                     default_page_size=config.stats_default_page_size,
-                    max_page_size=config.stats_max_page_size)
+                    max_page_size=config.stats_max_page_size,
+                    max_concurrent_scans=config.stats_max_concurrent_scans)
     endpoint = bootstrap.Endpoint(name="stats", descriptor=SERVICE, address=config.stats_address,
                                   metrics_port=config.stats_metrics_port,
                                   token=config.stats_token)
@@ -25,7 +26,7 @@ async def serve(config: Config) -> None:
         make_processor=lambda store: StatsProcessor(config.heartbeat_seconds,
                                                     config.stats_trend_retention_days),
         make_servicer=lambda store, consumer, processor: StatsServicer(
-            StatsReader(store), consumer, limits,
+            StatsReader(store, config.stats_rank_chunk_rows), consumer, limits,
             page_token_secret(config.stats_page_token_secret)))
 
 

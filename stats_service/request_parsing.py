@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from google.protobuf import timestamp_pb2
 
 from stats_service.key_layout import DAY, HOUR, MINUTE
@@ -50,6 +51,7 @@ class Limits:
     max_trend_buckets: int = 10_000
     default_page_size: int = 10
     max_page_size: int = 1_000
+    max_concurrent_scans: int = 2  # trends and rankings running at once; others wait
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,39 @@ def rank(values: dict[int, tuple[int, int, int]], metric: int) -> list[int]:
     column = {pb.TOP_MEDIA_METRIC_VIEW_TIME: 0, pb.TOP_MEDIA_METRIC_STARTS: 1,
               pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2}[metric]
     return sorted(values, key=lambda m: (-values[m][column], m))
+
+
+METRIC_COLUMN = {pb.TOP_MEDIA_METRIC_VIEW_TIME: 0, pb.TOP_MEDIA_METRIC_STARTS: 1,
+                 pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2}
+
+
+class TopKeeper:
+    """The best `keep` media items of a ranking fed in chunks, in the order of `rank`: memory
+    is `keep` rows (32 bytes each) plus one chunk, whatever the number of media ranked."""
+
+    def __init__(self, metric: int, keep: int) -> None:
+        self.column = METRIC_COLUMN[metric]
+        self.keep = keep
+        self.media = np.zeros(0, np.int64)
+        self.values = np.zeros((0, 3), np.int64)
+        self.total = 0  # media items seen in all chunks
+
+    def add(self, media: np.ndarray, values: np.ndarray) -> None:
+        """A chunk: distinct media ids (no id in two chunks) and their (view_time, starts,
+        unique_viewers) rows."""
+        self.total += len(media)
+        media = np.concatenate([self.media, media])
+        values = np.concatenate([self.values, values])
+        order = np.lexsort((media, -values[:, self.column]))[:self.keep]
+        self.media, self.values = media[order], values[order]
+
+    def page(self, offset: int, limit: int
+             ) -> tuple[list[int], dict[int, tuple[int, int, int]], int | None]:
+        """One page (ids best first, their rows) and the offset of the next (None: last)."""
+        chosen = self.media[offset:offset + limit].tolist()
+        rows = [tuple(r) for r in self.values[offset:offset + limit].tolist()]
+        following = offset + limit
+        return chosen, dict(zip(chosen, rows)), (following if following < self.total else None)  # type: ignore[arg-type]
 
 
 def request_fingerprint(request: pb.ListTopMediaRequest, metric: int) -> str:
