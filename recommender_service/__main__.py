@@ -36,7 +36,7 @@ async def serve(config: Config) -> None:
 
     endpoint = bootstrap.Endpoint(
         name="recommender", descriptor=SERVICE, address=config.recommender_address,
-        metrics_port=config.recommender_metrics_port)
+        metrics_port=config.recommender_metrics_port, token=config.recommender_token)
     await bootstrap.serve_consumer(
         config, endpoint, state_dir=config.recommender_state_dir,
         group_id=config.recommender_group, make_processor=make_processor,

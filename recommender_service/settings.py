@@ -33,6 +33,9 @@ OWN_SETTINGS: tuple[Setting, ...] = (
     Setting("recommender_cache_ttl_seconds", "VIEWEVENTS_RECOMMENDER_CACHE_TTL_SECONDS", 1.0, float,
             "While events arrive, a cached list whose item did not change is reused this long; "
             "its answer carries the older position it was computed at."),
+    Setting("recommender_token", "VIEWEVENTS_RECOMMENDER_TOKEN", "", str,
+            "When set, RecommenderService calls need 'authorization: Bearer <token>' metadata "
+            "(health and reflection stay open)."),
     Setting("recommender_metrics_port", "VIEWEVENTS_RECOMMENDER_METRICS_PORT", 9103, int,
             "Prometheus metrics HTTP port of the recommender service (0: off)."),
 )

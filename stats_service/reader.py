@@ -8,16 +8,34 @@ the snapshot, so they are not used).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
 from stats_service import key_layout as k
 from stats_service.aggregation import minute_mask
 from stats_service.request_parsing import ceil_to, floor_to, tiles
-from viewevents.state.keys import partition_prefix
+from viewevents.state.keys import partition_prefix, prefix_end
 from viewevents.state.store import StateStore
+
+DEFAULT_CHUNK_ROWS = 20_000
+_NO_MEDIA = bytes(8)
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """One run of index rows sorted by the key bytes after `prefix` (media id, or media id
+    then user id): a day's or hour's ranking rows ("bucket"), an hour whose minutes in
+    [low, high) are summed ("minutes"), or a day's bitmaps ("presence")."""
+
+    prefix: bytes
+    kind: str
+    partition: int
+    start: int  # the bucket's (hour's, day's) start
+    low: int = 0
+    high: int = 0
 
 
 @dataclass
@@ -36,8 +54,9 @@ class Totals:
 class StatsReader:
     """Query-side access to a StateStore written by StatsProcessor."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
         self.store = store
+        self.chunk_rows = max(1, chunk_rows)  # about the most index rows a ranking holds
 
     def stored_partitions(self) -> list[int]:
         """Partitions that have any state, found with one seek per partition."""
@@ -116,31 +135,146 @@ class StatsReader:
     def range_counts(self, partitions: Sequence[int], start: int, end: int
                      ) -> dict[int, tuple[int, int]]:
         """Media -> (view_time, starts) over minute-aligned [start, end), for every media item
-        with an event there. Whole days, whole hours and the minutes at the ragged edges all
-        come from sequential scans of the bucket-major index rows (edge minutes from the
-        minute slots of the hour rows around them)."""
-        media_parts: list[np.ndarray] = []
-        value_parts: list[np.ndarray] = []
-        for size, low, high in tiles(start, end):
-            for p in partitions:
-                if size == k.MINUTE:
-                    found = self._minute_rows(p, low, high)
-                else:
-                    prefix = k.rank_prefix(p, size)
-                    found = self._rows(self.store.scan(prefix + k.biased(low),
-                                                       prefix + k.biased(high)))
-                if found is not None:
+        with an event there (all chunks gathered: for tests and small ranges)."""
+        return {m: (v, s) for media, values in self.range_chunks(partitions, start, end, False)
+                for m, v, s in zip(media.tolist(), values[:, 0].tolist(), values[:, 1].tolist())}
+
+    def range_viewers_all(self, partitions: Sequence[int], start: int, end: int
+                          ) -> dict[int, int]:
+        """Media -> exact distinct users over minute-aligned [start, end) (all chunks)."""
+        return {m: u for media, values in self.range_chunks(partitions, start, end, True)
+                for m, u in zip(media.tolist(), values[:, 2].tolist())}
+
+    def range_chunks(self, partitions: Sequence[int], start: int, end: int, viewers: bool
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every media item with an event in minute-aligned [start, end), in chunks of
+        ascending media ids: (media ids, rows of view_time, starts, unique viewers (0 unless
+        `viewers`)). Whole days, whole hours and the minutes at the ragged edges come from the
+        bucket-major index rows, merged across buckets by media id about `chunk_rows` rows at
+        a time, so memory does not grow with the number of media in the range."""
+        streams = self._count_streams(partitions, start, end)
+        presence = self._presence_streams(partitions, start, end) if viewers else []
+        for lo, hi, parts in self._merge(streams, _NO_MEDIA, None, 8):
+            media_parts, value_parts = [], []
+            for stream, items in parts:
+                found = (self._minute_items(stream, items) if stream.kind == "minutes"
+                         else self._rows(items))
+                if found is not None and len(found[0]):
                     media_parts.append(found[0])
                     value_parts.append(found[1])
-        if not media_parts:
-            return {}
-        media = np.concatenate(media_parts)
-        rows = np.concatenate(value_parts)
-        unique, index = np.unique(media, return_inverse=True)
-        view_time = np.bincount(index, weights=rows[:, 0], minlength=len(unique))
-        starts = np.bincount(index, weights=rows[:, 1], minlength=len(unique))
-        return {m: (int(v), int(s)) for m, v, s in zip(unique.tolist(), view_time.tolist(),
-                                                        starts.tolist())}
+            if not media_parts:
+                continue
+            media, index = np.unique(np.concatenate(media_parts), return_inverse=True)
+            rows = np.concatenate(value_parts)
+            values = np.zeros((len(media), 3), np.int64)
+            values[:, 0] = np.bincount(index, weights=rows[:, 0], minlength=len(media))
+            values[:, 1] = np.bincount(index, weights=rows[:, 1], minlength=len(media))
+            if presence:
+                self._add_viewers(presence, lo, hi, start, end, media, values)
+            yield media, values
+
+    def _merge(self, streams: Sequence[_Stream], lo: bytes, end: bytes | None, width: int
+               ) -> Iterator[tuple[bytes, bytes | None, list[tuple[_Stream, list]]]]:
+        """The streams' rows in chunks [lo, hi) of the `width` key bytes after their prefixes
+        (up to `end`, None: no end), each chunk complete in every stream and about
+        `chunk_rows` rows in all: a stream gives at most its share of rows, and when it has
+        more the chunk ends before its next row. Yields (lo, hi, [(stream, items)])."""
+        share = max(1, self.chunk_rows // max(1, len(streams)))
+        while streams:
+            hi = end
+            parts: list[tuple[_Stream, list]] = []
+            for stream in streams:
+                upper = prefix_end(stream.prefix) if hi is None else stream.prefix + hi
+                items = list(islice(self.store.scan(stream.prefix + lo, upper), share + 1))
+                if len(items) > share:
+                    hi = items[share][0][-width:]  # > lo: suffixes are unique in a stream
+                    items = items[:share]
+                parts.append((stream, items))
+            if hi is not None and hi != end:  # streams read before the chunk shrank
+                parts = [(s, [it for it in items if it[0][-width:] < hi]) for s, items in parts]
+            yield lo, hi, parts
+            if hi is None or hi == end:
+                return
+            lo = hi
+
+    def _count_streams(self, partitions: Sequence[int], start: int, end: int) -> list[_Stream]:
+        """The non-empty buckets of the range's tiles, one stream each (one seek per bucket;
+        minute runs read the hour index rows of the hours around them)."""
+        streams: list[_Stream] = []
+        for size, low, high in tiles(start, end):
+            step = k.HOUR if size == k.MINUTE else size
+            first, last = floor_to(low, step), ceil_to(high, step)
+            for p in partitions:
+                prefix = k.rank_prefix(p, step)
+                for bucket in self._buckets(prefix, first, last, step):
+                    if size == k.MINUTE:
+                        streams.append(_Stream(prefix + k.biased(bucket), "minutes", p, bucket,
+                                               max(low, bucket), min(high, bucket + k.HOUR)))
+                    else:
+                        streams.append(_Stream(prefix + k.biased(bucket), "bucket", p, bucket))
+        return streams
+
+    def _presence_streams(self, partitions: Sequence[int], start: int, end: int
+                          ) -> list[_Stream]:
+        first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
+        return [_Stream(k.presence_by_day_prefix(p) + k.biased(day), "presence", p, day)
+                for p in partitions
+                for day in self._buckets(k.presence_by_day_prefix(p), first_day, end_day, k.DAY)]
+
+    def _buckets(self, prefix: bytes, low: int, high: int, step: int) -> list[int]:
+        """Starts of the buckets in [low, high) with rows under prefix + biased(start)."""
+        found: list[int] = []
+        at = low
+        while at < high:
+            first = next(iter(self.store.scan(prefix + k.biased(at), prefix + k.biased(high))),
+                         None)
+            if first is None:
+                break
+            bucket = k.unbiased(first[0][len(prefix):len(prefix) + 8])
+            found.append(bucket)
+            at = bucket + step
+        return found
+
+    def _minute_items(self, stream: _Stream, items: list[tuple[bytes, bytes]]
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Sums of the minutes in [stream.low, stream.high) per media item of `items` (hour
+        index rows): one multi-get fetches their hour rows."""
+        if not items:
+            return None
+        row_keys = [partition_prefix(stream.partition) + k.KIND_BUCKET[k.HOUR] + key[-8:]
+                    + key[3:11] for key, _ in items]
+        rows = k.hour_rows_from_values(self.store.get_many(row_keys))
+        minute = stream.start + k.MINUTE * np.arange(60)
+        inside = (minute >= stream.low) & (minute < stream.high)
+        sums = (rows["minutes"].astype(np.int64) * inside[None, :, None]).sum(axis=1)
+        media = np.frombuffer(b"".join([key[-8:] for key, _ in items]), ">u8").astype(np.int64)
+        active = sums[:, 4] > 0
+        return media[active], sums[active]
+
+    def _add_viewers(self, streams: Sequence[_Stream], lo: bytes, hi: bytes | None,
+                     start: int, end: int, media: np.ndarray, values: np.ndarray) -> None:
+        """Add to values[:, 2] the distinct users of each media item in [lo, hi), from the
+        day-major bitmaps in (media, user) chunks: a (media, user) pair falls in exactly one
+        chunk, so the chunks' distinct counts add up exactly."""
+        end_key = None if hi is None else hi + _NO_MEDIA
+        for _, _, parts in self._merge(streams, lo + _NO_MEDIA, end_key, 16):
+            pairs = []
+            for stream, items in parts:
+                if not items:
+                    continue
+                keys = np.frombuffer(b"".join([key for key, _ in items]), np.uint8).reshape(
+                    len(items), -1)
+                days = np.full(len(items), stream.start, np.int64)
+                inside = _in_range(days, [v for _, v in items], start, end)
+                pairs.append(np.stack([_u64_column(keys, 11)[inside],
+                                       _u64_column(keys, 19)[inside]], axis=1))
+            if not pairs:
+                continue
+            unique = np.unique(np.concatenate(pairs), axis=0)
+            found, counts = np.unique(unique[:, 0], return_counts=True)
+            at = np.minimum(np.searchsorted(media, found), len(media) - 1)
+            known = media[at] == found
+            np.add.at(values[:, 2], at[known], counts[known])
 
     def _rows(self, items: Iterable[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray] | None:
         """(media ids, bucket rows) of index items whose key ends with the media id."""
@@ -151,53 +285,6 @@ class StatsReader:
         rows = np.frombuffer(b"".join([v for _, v in pairs]), "<i8").reshape(
             len(pairs), k.BUCKET_FIELDS)
         return media, rows
-
-    def _minute_rows(self, partition: int, low: int, high: int
-                     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Sums of the minutes in [low, high) per media item: the hour index names the items
-        active in the surrounding hours, one multi-get fetches their hour rows."""
-        prefix = k.rank_prefix(partition, k.HOUR)
-        index = [key for key, _ in self.store.scan(prefix + k.biased(floor_to(low, k.HOUR)),
-                                                   prefix + k.biased(ceil_to(high, k.HOUR)))]
-        if not index:
-            return None
-        row_keys = [partition_prefix(partition) + k.KIND_BUCKET[k.HOUR] + key[-8:] + key[3:11]
-                    for key in index]
-        values = self.store.get_many(row_keys)
-        rows = k.hour_rows_from_values(values)
-        keys = np.frombuffer(b"".join(index), np.uint8).reshape(len(index), -1)
-        hours = (_u64_column(keys, 3).astype(np.uint64) ^ np.uint64(k.BIAS)).astype(np.int64)
-        minute = hours[:, None] + k.MINUTE * np.arange(60)[None, :]
-        inside = (minute >= low) & (minute < high)
-        sums = (rows["minutes"].astype(np.int64) * inside[:, :, None]).sum(axis=1)
-        media = _u64_column(keys, 11)
-        active = sums[:, 4] > 0
-        return media[active], sums[active]
-
-    def range_viewers_all(self, partitions: Sequence[int], start: int, end: int
-                          ) -> dict[int, int]:
-        """Media -> exact distinct users over minute-aligned [start, end), from the
-        day-major bitmaps (cost: one row per viewer-day of the days the range touches)."""
-        media_parts: list[np.ndarray] = []
-        user_parts: list[np.ndarray] = []
-        first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
-        for p in partitions:
-            prefix = k.presence_by_day_prefix(p)
-            items = list(self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day)))
-            if not items:
-                continue
-            keys = np.frombuffer(b"".join([key for key, _ in items]), np.uint8).reshape(
-                len(items), -1)
-            day = _u64_column(keys, 3).astype(np.uint64) ^ np.uint64(k.BIAS)
-            inside = _in_range(day.astype(np.int64), [v for _, v in items], start, end)
-            media_parts.append(_u64_column(keys, 11)[inside])
-            user_parts.append(_u64_column(keys, 19)[inside])
-        if not media_parts:
-            return {}
-        media, user = np.concatenate(media_parts), np.concatenate(user_parts)
-        pairs = np.unique(np.stack([media, user], axis=1), axis=0)
-        found, counts = np.unique(pairs[:, 0], return_counts=True)
-        return dict(zip(found.tolist(), counts.tolist()))
 
     def range_viewers_of(self, partitions: Sequence[int], media_ids: Iterable[int], start: int,
                          end: int) -> dict[int, int]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from google.protobuf import timestamp_pb2
 
 from stats_service.key_layout import DAY, HOUR, MINUTE
@@ -30,8 +33,15 @@ METRICS = (pb.TOP_MEDIA_METRIC_VIEW_TIME, pb.TOP_MEDIA_METRIC_STARTS,
 # What google.protobuf.Timestamp can hold: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
 TIMESTAMP_MIN_SECONDS = -62_135_596_800
 TIMESTAMP_MAX_SECONDS = 253_402_300_799
-TOKEN_VERSION = 1
+TOKEN_VERSION = 2
 MAX_TOKEN_CHARS = 512
+# A page token is `body.mac`, both URL-safe base64 without padding: body is the JSON
+# {"v": version, "f": request fingerprint, "o": offset}, mac the first 16 bytes of its
+# HMAC-SHA256 under the deployment's secret.
+_MAC_BYTES = 16
+# Used when no stats_page_token_secret is configured: tokens then die with the process and do
+# not move between instances.
+PROCESS_SECRET = secrets.token_bytes(32)
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class Limits:
     max_trend_buckets: int = 10_000
     default_page_size: int = 10
     max_page_size: int = 1_000
+    max_concurrent_scans: int = 2  # trends and rankings running at once; others wait
 
 
 @dataclass(frozen=True)
@@ -153,8 +164,9 @@ def parse_trend(request: pb.GetMediaTrendRequest, limits: Limits
     return None, out
 
 
-def parse_top(request: pb.ListTopMediaRequest, limits: Limits
+def parse_top(request: pb.ListTopMediaRequest, limits: Limits, secret: bytes | None = None
               ) -> tuple[TopQuery | None, list[Violation]]:
+    """The query a request asks for; `secret` checks its page token (None: PROCESS_SECRET)."""
     out: list[Violation] = []
     metric = request.metric or pb.TOP_MEDIA_METRIC_VIEW_TIME
     if metric not in METRICS:
@@ -169,7 +181,7 @@ def parse_top(request: pb.ListTopMediaRequest, limits: Limits
     fingerprint = request_fingerprint(request, metric)
     offset = 0
     if request.page_token:
-        offset_or_error = decode_page_token(request.page_token, fingerprint)
+        offset_or_error = decode_page_token(request.page_token, fingerprint, secret)
         if isinstance(offset_or_error, Violation):
             out.append(offset_or_error)
         else:
@@ -193,6 +205,39 @@ def rank(values: dict[int, tuple[int, int, int]], metric: int) -> list[int]:
     return sorted(values, key=lambda m: (-values[m][column], m))
 
 
+METRIC_COLUMN = {pb.TOP_MEDIA_METRIC_VIEW_TIME: 0, pb.TOP_MEDIA_METRIC_STARTS: 1,
+                 pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2}
+
+
+class TopKeeper:
+    """The best `keep` media items of a ranking fed in chunks, in the order of `rank`: memory
+    is `keep` rows (32 bytes each) plus one chunk, whatever the number of media ranked."""
+
+    def __init__(self, metric: int, keep: int) -> None:
+        self.column = METRIC_COLUMN[metric]
+        self.keep = keep
+        self.media = np.zeros(0, np.int64)
+        self.values = np.zeros((0, 3), np.int64)
+        self.total = 0  # media items seen in all chunks
+
+    def add(self, media: np.ndarray, values: np.ndarray) -> None:
+        """A chunk: distinct media ids (no id in two chunks) and their (view_time, starts,
+        unique_viewers) rows."""
+        self.total += len(media)
+        media = np.concatenate([self.media, media])
+        values = np.concatenate([self.values, values])
+        order = np.lexsort((media, -values[:, self.column]))[:self.keep]
+        self.media, self.values = media[order], values[order]
+
+    def page(self, offset: int, limit: int
+             ) -> tuple[list[int], dict[int, tuple[int, int, int]], int | None]:
+        """One page (ids best first, their rows) and the offset of the next (None: last)."""
+        chosen = self.media[offset:offset + limit].tolist()
+        rows = [tuple(r) for r in self.values[offset:offset + limit].tolist()]
+        following = offset + limit
+        return chosen, dict(zip(chosen, rows)), (following if following < self.total else None)  # type: ignore[arg-type]
+
+
 def request_fingerprint(request: pb.ListTopMediaRequest, metric: int) -> str:
     """What a page token is bound to: every request field except limit and page_token
     (AIP-158 lets the page size change between pages)."""
@@ -201,30 +246,60 @@ def request_fingerprint(request: pb.ListTopMediaRequest, metric: int) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def encode_page_token(fingerprint: str, offset: int) -> str:
-    """Opaque to clients: URL-safe base64 of a small versioned JSON document."""
-    document = json.dumps({"v": TOKEN_VERSION, "f": fingerprint, "o": offset},
-                          separators=(",", ":"))
-    return base64.urlsafe_b64encode(document.encode()).decode().rstrip("=")
+def page_token_secret(configured: str) -> bytes:
+    """The key page tokens are signed with: the configured secret, else PROCESS_SECRET."""
+    return configured.encode() if configured else PROCESS_SECRET
 
 
-def decode_page_token(token: str, fingerprint: str) -> int | Violation:
-    """The offset a token stands for, or why it cannot be used with this request."""
+def _mac(secret: bytes, body: bytes) -> bytes:
+    return hmac.new(secret, body, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes | None:
+    """Decoded bytes, or None unless `text` is their one canonical spelling (so no two
+    tokens decode alike: base64's spare bits cannot be flipped unnoticed)."""
+    try:
+        data = base64.urlsafe_b64decode((text + "=" * (-len(text) % 4)).encode("ascii"))
+    except (ValueError, UnicodeError, binascii.Error):
+        return None
+    return data if _b64(data) == text else None
+
+
+def encode_page_token(fingerprint: str, offset: int, secret: bytes | None = None) -> str:
+    """Opaque to clients: the offset and the request it belongs to, signed, so that a client
+    can neither forge a token nor move one to another request or offset."""
+    body = json.dumps({"v": TOKEN_VERSION, "f": fingerprint, "o": offset},
+                      separators=(",", ":")).encode()
+    return _b64(body) + "." + _b64(_mac(PROCESS_SECRET if secret is None else secret, body))
+
+
+def decode_page_token(token: str, fingerprint: str, secret: bytes | None = None
+                      ) -> int | Violation:
+    """The offset a token stands for, or why it cannot be used with this request. The MAC is
+    checked (in constant time) before anything inside the token is believed."""
     bad = violation("page_token", "page_token is not a token this service issued",
                     "INVALID_PAGE_TOKEN")
-    if len(token) > MAX_TOKEN_CHARS:
+    if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
+        return bad
+    body_text, mac_text = token.split(".")
+    body, mac = _unb64(body_text), _unb64(mac_text)
+    if body is None or mac is None or len(mac) != _MAC_BYTES:
+        return bad
+    if not hmac.compare_digest(mac, _mac(PROCESS_SECRET if secret is None else secret, body)):
         return bad
     try:
-        padded = token + "=" * (-len(token) % 4)
-        document = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, UnicodeError, binascii.Error):
+        document = json.loads(body)
+    except ValueError:
         return bad
-    if not isinstance(document, dict) or document.get("v") != TOKEN_VERSION:
+    offset = document.get("o") if isinstance(document, dict) else None
+    if (document.get("v") != TOKEN_VERSION or not isinstance(offset, int)  # type: ignore[union-attr]
+            or isinstance(offset, bool) or offset < 0):
         return bad
-    offset = document.get("o")
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        return bad
-    if document.get("f") != fingerprint:
+    if not hmac.compare_digest(str(document.get("f")), fingerprint):  # type: ignore[union-attr]
         return violation("page_token", "page_token belongs to a request with other start_time, "
                                        "end_time or metric: repeat that request's fields",
                          "PAGE_TOKEN_MISMATCH")

@@ -47,10 +47,13 @@ class StatsServicer:
     """Implements viewevents.v1.StatsService over a StatsReader."""
 
     def __init__(self, reader: StatsReader, consumer: ExactlyOnceConsumer | Any,
-                 limits: Limits) -> None:
+                 limits: Limits, page_token_secret: bytes | None = None) -> None:
         self.reader = reader
         self.consumer = consumer
         self.limits = limits
+        self.page_token_secret = page_token_secret  # None: the process's random secret
+        # Scans (trends, rankings) hold memory while they run: a few at a time, others queue.
+        self._scans = asyncio.Semaphore(max(1, limits.max_concurrent_scans))
 
     def _read_position(self) -> tuple[view_event_pb2.ConsumerPosition, list[int]]:
         """The position to report and the partitions to read: those this instance owns, or
@@ -92,7 +95,8 @@ class StatsServicer:
         position, partitions = self._read_position()
         if self.reader.totals(partitions, query.media_id) is None:
             await self._not_found(context, query.media_id, position)
-        response = await asyncio.to_thread(self._trend, query, partitions)
+        async with self._scans:
+            response = await asyncio.to_thread(self._trend, query, partitions)
         response.position.CopyFrom(position)
         return response
 
@@ -114,28 +118,29 @@ class StatsServicer:
     async def ListTopMedia(self, request: pb.ListTopMediaRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListTopMediaResponse:
         await reject_unparseable(context, request)
-        query, violations = queries.parse_top(request, self.limits)
+        query, violations = queries.parse_top(request, self.limits, self.page_token_secret)
         if query is None:
             await abort_bad_request(context, "invalid ListTopMedia request", violations)
         assert query is not None
         position, partitions = self._read_position()
-        response = await asyncio.to_thread(self._top, query, partitions)
+        async with self._scans:
+            response = await asyncio.to_thread(self._top, query, partitions)
         response.position.CopyFrom(position)
         return response
 
     def _top(self, query: TopQuery, partitions: Sequence[int]) -> pb.ListTopMediaResponse:
-        counts = self.reader.range_counts(partitions, query.start, query.end)
+        """The ranking streamed chunk by chunk of media ids into the best offset + limit."""
         by_viewers = query.metric == pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS
-        viewers = (self.reader.range_viewers_all(partitions, query.start, query.end)
-                   if by_viewers else {})
-        values = {m: (vt, starts, viewers.get(m, 0)) for m, (vt, starts) in counts.items()}
-        chosen, following = queries.page(queries.rank(values, query.metric), query.offset,
-                                         query.limit)
-        if not by_viewers:
-            viewers = self.reader.range_viewers_of(partitions, chosen, query.start, query.end)
+        best = queries.TopKeeper(query.metric, query.offset + query.limit)
+        for media, values in self.reader.range_chunks(partitions, query.start, query.end,
+                                                      by_viewers):
+            best.add(media, values)
+        chosen, values, following = best.page(query.offset, query.limit)
+        viewers = ({m: values[m][2] for m in chosen} if by_viewers else
+                   self.reader.range_viewers_of(partitions, chosen, query.start, query.end))
         media = [pb.TopMedia(media_id=m, rank=query.offset + i + 1, view_time_seconds=values[m][0],
                              starts=values[m][1], unique_viewers=viewers.get(m, 0))
                  for i, m in enumerate(chosen)]
-        token = (queries.encode_page_token(query.fingerprint, following)
+        token = (queries.encode_page_token(query.fingerprint, following, self.page_token_secret)
                  if following is not None else "")
         return pb.ListTopMediaResponse(media=media, next_page_token=token)

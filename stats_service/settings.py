@@ -20,8 +20,21 @@ OWN_SETTINGS: tuple[Setting, ...] = (
             "ListTopMedia page size when limit is 0."),
     Setting("stats_max_page_size", "VIEWEVENTS_STATS_MAX_PAGE_SIZE", 1_000, int,
             "Largest ListTopMedia limit."),
+    Setting("stats_page_token_secret", "VIEWEVENTS_STATS_PAGE_TOKEN_SECRET", "", str,
+            "Key that signs ListTopMedia page tokens (HMAC-SHA256). Empty: a random key per "
+            "process, so tokens do not survive a restart or move between instances; set the "
+            "same secret on every instance behind one address."),
     Setting("heartbeat_seconds", "VIEWEVENTS_HEARTBEAT_SECONDS", 30, int,
             "View time credited per waypoint event."),
+    Setting("stats_max_concurrent_scans", "VIEWEVENTS_STATS_MAX_CONCURRENT_SCANS", 2, int,
+            "GetMediaTrend and ListTopMedia calls running at once (each holds a bounded amount "
+            "of memory); further calls wait their turn."),
+    Setting("stats_rank_chunk_rows", "VIEWEVENTS_STATS_RANK_CHUNK_ROWS", 20_000, int,
+            "About the most index rows one ListTopMedia holds at once: the ranking is merged "
+            "across buckets in chunks of media ids of about this many rows."),
+    Setting("stats_token", "VIEWEVENTS_STATS_TOKEN", "", str,
+            "When set, StatsService calls need 'authorization: Bearer <token>' metadata "
+            "(health and reflection stay open)."),
     Setting("stats_metrics_port", "VIEWEVENTS_STATS_METRICS_PORT", 9102, int,
             "Prometheus metrics HTTP port of the stats service (0: off)."),
 )

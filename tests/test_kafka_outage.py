@@ -22,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.support import REPO, ServiceProcess, free_port, test_config, unique_name
 from tests.test_ingest_integration import make_events
 from viewevents.kafka import KeyPartitioner
-from viewevents.state import KIND_SEEN, StateStore, partition_prefix
+from viewevents.state.keys import seen_prefix
+from viewevents.state.store import StateStore
 from viewevents.v1 import recommender_service_pb2 as rec_pb
 from viewevents.v1 import recommender_service_pb2_grpc as rec_grpc
 from viewevents.v1 import stats_service_pb2 as pb
@@ -134,7 +135,7 @@ def seen_ids_per_partition(state_dir: str, partitions: int) -> dict[int, int]:
     a store left half-written or still locked fails here)."""
     store = StateStore(state_dir)
     try:
-        return {p: sum(1 for _ in store.scan_prefix(partition_prefix(p) + KIND_SEEN))
+        return {p: sum(1 for _ in store.scan_prefix(seen_prefix(p)))
                 for p in range(partitions)}
     finally:
         store.close()

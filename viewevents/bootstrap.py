@@ -99,7 +99,7 @@ async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
     add_service(server, endpoint.descriptor, servicer)
     health = await enable_reflection_and_health(server, [full_name])
     bind(server, endpoint.address, config.tls_cert_file, config.tls_key_file)
-    serve_metrics(endpoint.metrics_port, endpoint.name)
+    serve_metrics(endpoint.metrics_port, endpoint.name, config.metrics_host)
     await server.start()
 
     async def follow_readiness() -> None:

@@ -34,7 +34,12 @@ def parse_bool(text: str) -> bool:
     return text.strip().lower() in {"1", "true", "yes", "on"}
 
 
-# Settings every service reads: Kafka, TLS, logs.
+METRICS_HOST = Setting(
+    "metrics_host", "VIEWEVENTS_METRICS_HOST", "127.0.0.1", str,
+    "Interface the Prometheus metrics HTTP port binds (it has no authentication): loopback by "
+    "default; 0.0.0.0 to let a scraper on another host (or a published container port) in.")
+
+# Settings every service reads: Kafka, TLS, logs, metrics interface.
 SHARED_SETTINGS: tuple[Setting, ...] = (
     # Kafka, shared by all services.
     Setting("kafka_bootstrap", "VIEWEVENTS_KAFKA_BOOTSTRAP", "127.0.0.1:9092", str,
@@ -51,6 +56,7 @@ SHARED_SETTINGS: tuple[Setting, ...] = (
             "PEM private key of the TLS certificate."),
     Setting("log_level", "VIEWEVENTS_LOG_LEVEL", "INFO", str, "Log level."),
     Setting("log_json", "VIEWEVENTS_LOG_JSON", False, parse_bool, "Log as JSON lines."),
+    METRICS_HOST,
 )
 
 # Settings of every service that consumes the view topic into RocksDB state.

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from viewevents.config import METRICS_HOST
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,13 @@ CONSUMER_LAG = Gauge("viewevents_consumer_lag_records", "Records behind the end 
 ROCKSDB_BYTES = Gauge("viewevents_rocksdb_size_bytes", "RocksDB SST plus memtable bytes.", ["service"])
 
 
-def serve_metrics(port: int, service: str) -> None:
-    """Expose /metrics on `port` (0: off)."""
-    if port:
-        start_http_server(port, addr="0.0.0.0")
-        log.info("%s metrics on http://0.0.0.0:%d/metrics", service, port)
+def serve_metrics(port: int, service: str, host: str | None = None) -> None:
+    """Expose /metrics on `host`:`port` (0: off). The endpoint has no authentication, so it
+    listens on loopback unless the operator opens it: `host` None means the `metrics_host`
+    setting as the environment gives it (VIEWEVENTS_METRICS_HOST, default 127.0.0.1)."""
+    if not port:
+        return
+    if host is None:
+        host = os.environ.get(METRICS_HOST.env, METRICS_HOST.default) or METRICS_HOST.default
+    start_http_server(port, addr=host)
+    log.info("%s metrics on http://%s:%d/metrics", service, host, port)

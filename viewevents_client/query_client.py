@@ -29,11 +29,13 @@ def timestamp(moment: datetime) -> Timestamp:
 
 
 class QueryClient:
-    """Stats and recommender queries over one channel each."""
+    """Stats and recommender queries over one channel each; each service may have its own
+    bearer token (VIEWEVENTS_STATS_TOKEN, VIEWEVENTS_RECOMMENDER_TOKEN on the server)."""
 
-    def __init__(self, stats_address: str, recommender_address: str, tls_ca: str | None = None) -> None:
-        self._stats_channel = open_channel(stats_address, tls_ca)
-        self._recommender_channel = open_channel(recommender_address, tls_ca)
+    def __init__(self, stats_address: str, recommender_address: str, tls_ca: str | None = None,
+                 stats_token: str | None = None, recommender_token: str | None = None) -> None:
+        self._stats_channel = open_channel(stats_address, tls_ca, stats_token)
+        self._recommender_channel = open_channel(recommender_address, tls_ca, recommender_token)
         self.stats = stats_grpc.StatsServiceStub(self._stats_channel)
         self.recommender = rec_grpc.RecommenderServiceStub(self._recommender_channel)
 

@@ -144,6 +144,11 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--stats-address", default=defaults.stats_address)
         parser.add_argument("--recommender-address", default=defaults.recommender_address)
         parser.add_argument("--tls-ca", help="CA certificate (PEM) when the services use TLS")
+        parser.add_argument("--stats-token", default=defaults.stats_token or None,
+                            help="bearer token of the stats service (env VIEWEVENTS_STATS_TOKEN)")
+        parser.add_argument("--recommender-token", default=defaults.recommender_token or None,
+                            help="bearer token of the recommender service "
+                                 "(env VIEWEVENTS_RECOMMENDER_TOKEN)")
         parser.add_argument("--json", action="store_true", help="print the response as JSON")
         parser.set_defaults(func=_run(handler))
         return parser
@@ -176,7 +181,8 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:
 
 def _run(handler: object):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace) -> int:
-        with QueryClient(args.stats_address, args.recommender_address, args.tls_ca) as client:
+        with QueryClient(args.stats_address, args.recommender_address, args.tls_ca,
+                         args.stats_token, args.recommender_token) as client:
             try:
                 handler(args, client)  # type: ignore[operator]
             except grpc.RpcError as error:
