@@ -78,6 +78,11 @@ def test_state_volumes_and_tls_files(name: str) -> None:
         state_dir = env[setting_env(state_setting)]
         assert state_dir in mounts, f"{name}: state dir {state_dir} is not on a volume"
         assert mounts[state_dir] in COMPOSE["volumes"], "state must be on a named volume"
+        # A fresh named volume takes the owner of the image's directory: the exact mount point
+        # must exist in the image, owned by the service user (else root-owned: PermissionError).
+        assert re.search(rf"mkdir -p [^\n]*{re.escape(state_dir)}(\s|$)", DOCKERFILE)
+        assert "chown -R viewevents:viewevents /var/lib/viewevents" in DOCKERFILE
+        assert state_dir.startswith("/var/lib/viewevents/")
     for tls_key in ("VIEWEVENTS_TLS_CERT_FILE", "VIEWEVENTS_TLS_KEY_FILE"):
         assert env[tls_key].startswith("/certs/") and "/certs" in mounts
     assert service["restart"] == "unless-stopped"
@@ -92,6 +97,16 @@ def test_kafka_is_official_kraft_and_matches_the_bootstrap() -> None:
     for name in SERVICES:
         bootstrap = env_of(name)["VIEWEVENTS_KAFKA_BOOTSTRAP"]
         assert f"PLAINTEXT://{bootstrap}" == advertised
+
+
+def test_dockerfile_has_no_volume_and_runs_as_10001() -> None:
+    assert not re.search(r"^\s*VOLUME\b", DOCKERFILE, re.MULTILINE), "VOLUME leaves anonymous volumes"
+    assert "--uid 10001 --gid 10001" in DOCKERFILE and "USER viewevents" in DOCKERFILE
+
+
+def test_kafka_image_volumes_are_not_left_behind() -> None:
+    # The image declares these as VOLUMEs; without a mount each `up` leaves anonymous volumes.
+    assert set(COMPOSE["services"]["kafka"]["tmpfs"]) == {"/etc/kafka/secrets", "/mnt/shared/config"}
 
 
 def test_ingest_requires_a_token_in_the_example() -> None:
