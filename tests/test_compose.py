@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,10 @@ import yaml
 from viewevents import config as settings
 
 REPO = Path(__file__).resolve().parent.parent
-COMPOSE = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+COMPOSE_TEXT = (REPO / "deploy" / "docker-compose.yml").read_text()
+COMPOSE = yaml.safe_load(COMPOSE_TEXT)
 DOCKERFILE = (REPO / "deploy" / "Dockerfile").read_text()
+ENTRYPOINT = REPO / "deploy" / "entrypoint.sh"
 ENV_NAMES = {s.env: s for s in settings.SETTINGS}
 
 # compose service -> (module, address setting, metrics port setting, state dir setting)
@@ -31,6 +35,13 @@ def env_of(name: str) -> dict[str, str]:
 
 def setting_env(name: str) -> str:
     return next(s.env for s in settings.SETTINGS if s.name == name)
+
+
+def mounts_of(name: str) -> dict[str, dict]:
+    """target -> long-syntax mount of a service (short syntax is not used in this file)."""
+    volumes = COMPOSE["services"][name].get("volumes", [])
+    assert all(isinstance(v, dict) for v in volumes), f"{name}: use the long volume syntax"
+    return {v["target"]: v for v in volumes}
 
 
 def test_every_product_service_is_there() -> None:
@@ -73,11 +84,12 @@ def test_state_volumes_and_tls_files(name: str) -> None:
     service = COMPOSE["services"][name]
     env = env_of(name)
     state_setting = SERVICES[name][3]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+    mounts = mounts_of(name)
     if state_setting:
         state_dir = env[setting_env(state_setting)]
         assert state_dir in mounts, f"{name}: state dir {state_dir} is not on a volume"
-        assert mounts[state_dir] in COMPOSE["volumes"], "state must be on a named volume"
+        assert mounts[state_dir]["type"] == "volume"
+        assert mounts[state_dir]["source"] in COMPOSE["volumes"], "state must be on a named volume"
         # A fresh named volume takes the owner of the image's directory: the exact mount point
         # must exist in the image, owned by the service user (else root-owned: PermissionError).
         assert re.search(rf"mkdir -p [^\n]*{re.escape(state_dir)}(\s|$)", DOCKERFILE)
@@ -85,6 +97,10 @@ def test_state_volumes_and_tls_files(name: str) -> None:
         assert state_dir.startswith("/var/lib/viewevents/")
     for tls_key in ("VIEWEVENTS_TLS_CERT_FILE", "VIEWEVENTS_TLS_KEY_FILE"):
         assert env[tls_key].startswith("/certs/") and "/certs" in mounts
+    certs = mounts["/certs"]
+    assert certs["type"] == "bind" and certs["read_only"] is True
+    # A missing certs directory must fail `up`, not be created empty by Docker.
+    assert certs["bind"]["create_host_path"] is False
     assert service["restart"] == "unless-stopped"
     assert service["depends_on"]["kafka"]["condition"] == "service_healthy"
 
@@ -102,6 +118,8 @@ def test_kafka_is_official_kraft_and_matches_the_bootstrap() -> None:
 def test_dockerfile_has_no_volume_and_runs_as_10001() -> None:
     assert not re.search(r"^\s*VOLUME\b", DOCKERFILE, re.MULTILINE), "VOLUME leaves anonymous volumes"
     assert "--uid 10001 --gid 10001" in DOCKERFILE and "USER viewevents" in DOCKERFILE
+    assert "COPY deploy/entrypoint.sh /usr/local/bin/viewevents-entrypoint" in DOCKERFILE
+    assert 'ENTRYPOINT ["viewevents-entrypoint"]' in DOCKERFILE
 
 
 def test_kafka_image_volumes_are_not_left_behind() -> None:
@@ -109,5 +127,24 @@ def test_kafka_image_volumes_are_not_left_behind() -> None:
     assert set(COMPOSE["services"]["kafka"]["tmpfs"]) == {"/etc/kafka/secrets", "/mnt/shared/config"}
 
 
-def test_ingest_requires_a_token_in_the_example() -> None:
-    assert re.fullmatch(r"\$\{VIEWEVENTS_INGEST_TOKEN:\?.+\}", env_of("ingest")["VIEWEVENTS_INGEST_TOKEN"])
+def test_no_variable_is_required_so_down_logs_ps_work_without_it() -> None:
+    assert ":?" not in COMPOSE_TEXT and not re.search(r"\$\{\w+\?", COMPOSE_TEXT)
+    assert env_of("ingest")["VIEWEVENTS_INGEST_TOKEN"] == "${VIEWEVENTS_INGEST_TOKEN:-}"
+
+
+def run_entrypoint(env: dict[str, str], *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(ENTRYPOINT), *command], env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=10)
+
+
+def test_entrypoint_refuses_an_open_ingest_and_missing_certs(tmp_path: Path) -> None:
+    refused = run_entrypoint({}, "python", "-m", "ingest_service")
+    assert refused.returncode == 78 and "VIEWEVENTS_INGEST_TOKEN is empty" in refused.stderr
+    ran = run_entrypoint({"VIEWEVENTS_INGEST_TOKEN": "t"}, "echo", "-m", "ingest_service")
+    assert ran.returncode == 0 and ran.stdout == "-m ingest_service\n"
+    assert run_entrypoint({}, "echo", "-m", "stats_service").returncode == 0  # no token needed
+    missing = run_entrypoint({"VIEWEVENTS_TLS_CERT_FILE": str(tmp_path / "server.pem"),
+                              "VIEWEVENTS_TLS_KEY_FILE": str(tmp_path / "server.key")},
+                             "echo", "stats_service")
+    assert missing.returncode == 78 and "server.pem is missing" in missing.stderr
+    assert "make-certs.sh" in missing.stderr
