@@ -15,11 +15,13 @@ fail() {
 for file in ${VIEWEVENTS_TLS_CERT_FILE:-} ${VIEWEVENTS_TLS_KEY_FILE:-}; do
   if [ ! -e "$file" ]; then
     fail "TLS file $file is missing (certificates not made yet?). On the Docker host, run" \
-      "deploy/make-certs.sh and start again; see docs/operations.md."
+      "deploy/init.sh (or deploy/make-certs.sh) and start again; see docs/operations.md."
   fi
   if [ ! -r "$file" ]; then
-    fail "TLS file $file is not readable by $(id) (mode $(ls -ln "$file" | cut -d' ' -f1));" \
-      "see docs/operations.md."
+    fail "TLS file $file is not readable by $(id) (mode $(ls -ln "$file" | cut -d' ' -f1))." \
+      "deploy/make-certs.sh makes the key readable by group VIEWEVENTS_CERTS_GID, which the" \
+      "compose file adds to the container; run deploy/init.sh to record that group in" \
+      "deploy/.env (rootless Docker: VIEWEVENTS_CERTS_GID=0); see docs/operations.md."
   fi
 done
 
@@ -28,7 +30,8 @@ case " $* " in
     case " $* " in *" --ingest-token"*) ;; *)
       if [ -z "${VIEWEVENTS_INGEST_TOKEN:-}" ]; then
         fail "VIEWEVENTS_INGEST_TOKEN is empty: refusing to run an ingest service open to" \
-          "anyone. Export VIEWEVENTS_INGEST_TOKEN on the Docker host, then up again."
+          "anyone. Run deploy/init.sh on the Docker host (it writes a token into deploy/.env)" \
+          "or export VIEWEVENTS_INGEST_TOKEN, then up again."
       fi
     esac
     ;;

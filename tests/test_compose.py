@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -101,6 +103,8 @@ def test_state_volumes_and_tls_files(name: str) -> None:
     assert certs["type"] == "bind" and certs["read_only"] is True
     # A missing certs directory must fail `up`, not be created empty by Docker.
     assert certs["bind"]["create_host_path"] is False
+    assert certs["source"] == "${VIEWEVENTS_CERTS_DIR:-./certs}"
+    assert service["group_add"] == ["${VIEWEVENTS_CERTS_GID:-10001}"], "server.key is 0640"
     assert service["restart"] == "unless-stopped"
     assert service["depends_on"]["kafka"]["condition"] == "service_healthy"
 
@@ -122,12 +126,18 @@ def test_dockerfile_has_no_volume_and_runs_as_10001() -> None:
     assert 'ENTRYPOINT ["viewevents-entrypoint"]' in DOCKERFILE
 
 
-def test_kafka_image_volumes_are_not_left_behind() -> None:
+def test_kafka_has_a_cluster_id_of_its_own() -> None:
+    kafka = COMPOSE["services"]["kafka"]
+    assert kafka["environment"]["CLUSTER_ID"] == "${KAFKA_CLUSTER_ID:-}"
+    script = kafka["command"][-1]
+    assert kafka["command"][:2] == ["/bin/sh", "-c"]
+    assert 'if [ -z "$$CLUSTER_ID" ]' in script and "deploy/init.sh" in script
+    assert script.rstrip().endswith("exec /etc/kafka/docker/run"), "the official image's CMD"
     # The image declares these as VOLUMEs; without a mount each `up` leaves anonymous volumes.
-    assert set(COMPOSE["services"]["kafka"]["tmpfs"]) == {"/etc/kafka/secrets", "/mnt/shared/config"}
+    assert set(kafka["tmpfs"]) == {"/etc/kafka/secrets", "/mnt/shared/config"}
 
 
-def test_no_variable_is_required_so_down_logs_ps_work_without_it() -> None:
+def test_no_variable_is_required_so_down_logs_ps_work_without_deploy_env() -> None:
     assert ":?" not in COMPOSE_TEXT and not re.search(r"\$\{\w+\?", COMPOSE_TEXT)
     assert env_of("ingest")["VIEWEVENTS_INGEST_TOKEN"] == "${VIEWEVENTS_INGEST_TOKEN:-}"
 
@@ -140,6 +150,7 @@ def run_entrypoint(env: dict[str, str], *command: str) -> subprocess.CompletedPr
 def test_entrypoint_refuses_an_open_ingest_and_missing_certs(tmp_path: Path) -> None:
     refused = run_entrypoint({}, "python", "-m", "ingest_service")
     assert refused.returncode == 78 and "VIEWEVENTS_INGEST_TOKEN is empty" in refused.stderr
+    assert "deploy/init.sh" in refused.stderr
     ran = run_entrypoint({"VIEWEVENTS_INGEST_TOKEN": "t"}, "echo", "-m", "ingest_service")
     assert ran.returncode == 0 and ran.stdout == "-m ingest_service\n"
     assert run_entrypoint({}, "echo", "-m", "stats_service").returncode == 0  # no token needed
@@ -147,4 +158,27 @@ def test_entrypoint_refuses_an_open_ingest_and_missing_certs(tmp_path: Path) -> 
                               "VIEWEVENTS_TLS_KEY_FILE": str(tmp_path / "server.key")},
                              "echo", "stats_service")
     assert missing.returncode == 78 and "server.pem is missing" in missing.stderr
-    assert "make-certs.sh" in missing.stderr
+    assert "deploy/init.sh" in missing.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_init_writes_certs_readable_by_the_container_and_a_stable_env(tmp_path: Path) -> None:
+    init = [str(REPO / "deploy" / "init.sh"), str(tmp_path)]
+    # The operator's umask must not matter (077 made the files unreadable to uid 10001 before).
+    subprocess.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", *init], check=True,
+                   capture_output=True, timeout=60)
+    certs = tmp_path / "certs"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in certs.iterdir()}
+    assert modes == {"ca.pem": 0o644, "server.pem": 0o644, "server.key": 0o640, "ca.key": 0o600}
+    assert stat.S_IMODE(certs.stat().st_mode) == 0o755
+    env = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
+    assert set(env) == {"VIEWEVENTS_INGEST_TOKEN", "KAFKA_CLUSTER_ID", "VIEWEVENTS_CERTS_GID",
+                        "VIEWEVENTS_CERTS_DIR"}
+    assert re.fullmatch(r"[0-9a-f]{64}", env["VIEWEVENTS_INGEST_TOKEN"])
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", env["KAFKA_CLUSTER_ID"])  # Kafka's base64 UUID
+    assert int(env["VIEWEVENTS_CERTS_GID"]) == (certs / "server.key").stat().st_gid
+    assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+    before = {p.name: p.read_bytes() for p in certs.iterdir()}
+    subprocess.run(init, check=True, capture_output=True, timeout=60)  # again: nothing changes
+    assert {p.name: p.read_bytes() for p in certs.iterdir()} == before
+    assert dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines()) == env
