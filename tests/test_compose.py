@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE_TEXT = (REPO / "deploy" / "docker-compose.yml").read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)
 DOCKERFILE = (REPO / "deploy" / "Dockerfile").read_text()
+DOCKERIGNORE = (REPO / ".dockerignore").read_text().split()
 ENTRYPOINT = REPO / "deploy" / "entrypoint.sh"
 ENV_NAMES = {s.env: s for s in settings.SETTINGS}
 
@@ -119,6 +120,16 @@ def test_kafka_is_official_kraft_and_matches_the_bootstrap() -> None:
         assert f"PLAINTEXT://{bootstrap}" == advertised
 
 
+def test_image_is_built_once_and_never_pulled() -> None:
+    services = {name: COMPOSE["services"][name] for name in SERVICES}
+    assert [name for name, s in services.items() if "build" in s] == ["ingest"]
+    assert {s["image"] for s in services.values()} == {"${VIEWEVENTS_IMAGE:-viewevents:local}"}
+    assert services["ingest"]["pull_policy"] == "build"
+    assert all(s["pull_policy"] == "never" for name, s in services.items() if name != "ingest")
+    build = services["ingest"]["build"]
+    assert build == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+
+
 def test_dockerfile_has_no_volume_and_runs_as_10001() -> None:
     assert not re.search(r"^\s*VOLUME\b", DOCKERFILE, re.MULTILINE), "VOLUME leaves anonymous volumes"
     assert "--uid 10001 --gid 10001" in DOCKERFILE and "USER viewevents" in DOCKERFILE
@@ -140,6 +151,15 @@ def test_kafka_has_a_cluster_id_of_its_own() -> None:
 def test_no_variable_is_required_so_down_logs_ps_work_without_deploy_env() -> None:
     assert ":?" not in COMPOSE_TEXT and not re.search(r"\$\{\w+\?", COMPOSE_TEXT)
     assert env_of("ingest")["VIEWEVENTS_INGEST_TOKEN"] == "${VIEWEVENTS_INGEST_TOKEN:-}"
+
+
+def test_dockerignore_keeps_secrets_and_generated_files_out() -> None:
+    for entry in ("deploy/certs", "**/.env", "**/*.key", ".venv", ".cache", ".data", "state",
+                  "bench-results", "viewevents/v1", ".git"):
+        assert entry in DOCKERIGNORE, entry
+    for needed in ("protos", "viewevents", "deploy", "README.md", "pyproject.toml", *(
+            m for m, *_ in SERVICES.values())):
+        assert needed not in DOCKERIGNORE, needed
 
 
 def run_entrypoint(env: dict[str, str], *command: str) -> subprocess.CompletedProcess[str]:
