@@ -11,7 +11,7 @@ PROTOS := $(wildcard protos/viewevents/v1/*.proto)
 STUBS := viewevents/v1/__init__.py
 export PATH := $(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install protos tools kafka-up kafka-down run demo test test-unit bench eval lint clean
+.PHONY: install protos tools kafka-up kafka-down run demo test test-unit bench eval lint clean compose-check
 
 install: $(VENV)/.installed $(STUBS) tools
 
@@ -64,6 +64,11 @@ bench: install kafka-up
 
 eval: install
 	$(PY) -m recommender_service.evaluate
+
+# The Docker deployment end to end, throw-away, on the engine `docker` talks to: build, healthy,
+# upload over TLS with a token, answers checked against the file, restart, down -v.
+compose-check: $(VENV)/.installed $(STUBS)
+	deploy/compose-check.sh
 
 lint: install
 	$(TOOLS)/buf lint protos
