@@ -57,7 +57,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-unit: install
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q tests/unit
 
 bench: install kafka-up
 	$(PY) -m benchmarks

@@ -20,8 +20,6 @@ from viewevents.v1 import ingest_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
-pytestmark = pytest.mark.integration
-
 NOW = int(time.time())
 
 # How each kind of broken event is made, and the violations the server must report for it.

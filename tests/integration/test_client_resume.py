@@ -6,14 +6,11 @@ import threading
 from pathlib import Path
 
 import grpc
-import pytest
 
+from tests.integration.test_ingest import make_events
 from tests.support import ServiceProcess, free_port, read_topic, test_config
-from tests.test_ingest_integration import make_events
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload_resumable
-
-pytestmark = pytest.mark.integration
 
 
 def test_upload_resumes_after_kill_and_restart(kafka_bootstrap: str, tmp_path: Path) -> None:

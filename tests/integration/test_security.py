@@ -17,8 +17,6 @@ from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import ingest_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
 
-pytestmark = pytest.mark.integration
-
 
 def make_ca_and_cert(folder: Path, name: str) -> tuple[Path, Path, Path]:
     """A throw-away CA and a server certificate for 127.0.0.1/localhost signed by it."""

@@ -7,15 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-import pytest
 
+from tests.integration.test_ingest import make_events
 from tests.support import ServiceProcess, free_port, test_config, unique_name
-from tests.test_ingest_integration import make_events
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
-
-pytestmark = pytest.mark.integration
 
 
 def wait_applied(address: str, positions: dict[int, int], timeout: float = 90) -> None:

@@ -30,8 +30,6 @@ from viewevents.v1 import view_event_pb2
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 from viewevents_tools import settings_catalogue as settings
 
-pytestmark = pytest.mark.integration
-
 HEARTBEAT = 30
 SIZES = {pb.GRANULARITY_MINUTE: 60, pb.GRANULARITY_HOUR: 3600, pb.GRANULARITY_DAY: 86400}
 

@@ -16,20 +16,17 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from recommender_service import key_layout as keys
+from tests.e2e.test_recommender_e2e import accepted_events
 from tests.support import ServiceProcess, free_port, test_config, unique_name
-from tests.test_recommender_e2e import accepted_events
-from tests.test_recommender_unit import BruteForce
+from tests.unit.recommender_service.test_recommender import BruteForce
 from viewevents.state import StateStore
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
 from viewevents_client import event_files as legacy
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 from viewevents_tools import generator as gen
-
-pytestmark = pytest.mark.integration
 
 KILLS = 4
 EVENTS = 300_000

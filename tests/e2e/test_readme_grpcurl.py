@@ -13,12 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.integration.test_grpcurl import GRPCURL
 from tests.support import REPO, ServiceProcess, free_port, test_config
-from tests.test_grpcurl import GRPCURL
 from viewevents.v1 import stats_service_pb2 as stats_pb
 from viewevents.v1 import stats_service_pb2_grpc as stats_grpc
-
-pytestmark = pytest.mark.integration
 
 DEFAULTS = {"ingest": "127.0.0.1:50051", "stats": "127.0.0.1:50052", "recommender": "127.0.0.1:50053"}
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import queue
 import signal
 import subprocess
@@ -14,10 +12,8 @@ from pathlib import Path
 from typing import IO
 
 import psutil
-import pytest
 
 from tests.support import REPO, config_env, free_port, port_open, test_config
-from viewevents.logs import REQUEST_ID, _JsonFormatter, _RequestIdFilter
 
 
 def stack_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
@@ -95,7 +91,6 @@ def all_gone(processes: list[psutil.Process], timeout: float = 30) -> bool:
     return not alive
 
 
-@pytest.mark.integration
 def test_runner_starts_all_three_and_ctrl_c_stops_them(kafka_bootstrap: str, tmp_path: Path) -> None:
     env = stack_env(kafka_bootstrap, tmp_path)
     runner, output = start_runner(env, "--start-kafka")
@@ -118,7 +113,6 @@ def test_runner_starts_all_three_and_ctrl_c_stops_them(kafka_bootstrap: str, tmp
     assert port_open(int(kafka_bootstrap.rsplit(":", 1)[1])), "the runner stopped a broker it did not start"
 
 
-@pytest.mark.integration
 def test_runner_ctrl_c_during_start_up_stops_every_service(kafka_bootstrap: str, tmp_path: Path) -> None:
     env = stack_env(kafka_bootstrap, tmp_path)
     runner, output = start_runner(env)
@@ -129,7 +123,6 @@ def test_runner_ctrl_c_during_start_up_stops_every_service(kafka_bootstrap: str,
     assert all_gone(children), "services outlived the runner"
 
 
-@pytest.mark.integration
 def test_runner_killed_with_sigkill_takes_its_services_along(kafka_bootstrap: str, tmp_path: Path) -> None:
     env = stack_env(kafka_bootstrap, tmp_path)
     runner, output = start_runner(env)
@@ -139,7 +132,6 @@ def test_runner_killed_with_sigkill_takes_its_services_along(kafka_bootstrap: st
     assert all_gone(children), "services outlived a runner killed with SIGKILL"
 
 
-@pytest.mark.integration
 def test_demo_shows_the_whole_product(kafka_bootstrap: str, tmp_path: Path) -> None:
     env = stack_env(kafka_bootstrap, tmp_path)
     result = subprocess.run([sys.executable, "-m", "viewevents_tools.demo", "--events", "30000"], cwd=REPO,
@@ -151,14 +143,3 @@ def test_demo_shows_the_whole_product(kafka_bootstrap: str, tmp_path: Path) -> N
         assert heading in out, out
     assert "both consumers applied the upload" in out
 
-
-def test_json_logs_carry_service_and_request_id() -> None:
-    record = logging.LogRecord("viewevents.test", logging.INFO, __file__, 1, "hello %s", ("world",), None)
-    token = REQUEST_ID.set("abc123")
-    try:
-        _RequestIdFilter().filter(record)
-    finally:
-        REQUEST_ID.reset(token)
-    entry = json.loads(_JsonFormatter("stats").format(record))
-    assert entry["service"] == "stats" and entry["request_id"] == "abc123"
-    assert entry["message"] == "hello world" and entry["level"] == "INFO"

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from tests.support import REPO
 from viewevents_tools.settings_catalogue import markdown_table
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_operations_page_lists_every_setting_with_its_default() -> None:

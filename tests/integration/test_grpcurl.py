@@ -7,12 +7,8 @@ import shutil
 import subprocess
 import time
 
-import pytest
-
 from tests.support import REPO, ServiceProcess, read_topic
 from viewevents.v1 import view_event_pb2 as ve
-
-pytestmark = pytest.mark.integration
 
 GRPCURL = shutil.which("grpcurl") or str(REPO / ".cache" / "go" / "bin" / "grpcurl")
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support import REPO
 from viewevents_tools import settings_catalogue as settings
 
-REPO = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
 DOCKERFILE = (REPO / "deploy" / "Dockerfile").read_text()
 ENV_NAMES = {s.env: s for s in settings.ALL_SETTINGS}

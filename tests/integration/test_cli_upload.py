@@ -13,19 +13,8 @@ import pytest
 
 from tests.support import REPO, ServiceProcess, read_topic
 from viewevents.v1 import view_event_pb2 as ve
-from viewevents_client.uploads import LineIndex
 
 
-def test_line_index_maps_stream_positions_back_to_lines() -> None:
-    index = LineIndex()
-    lines = [("a", 1), ("a", 2), ("a", 5), ("a", 6), ("a", 7), ("b", 1), ("b", 3)]
-    for path, line in lines:
-        index.add(path, line)
-    assert [index.locate(i) for i in range(len(lines))] == lines
-    assert len(index._runs) == 4  # memory grows with interruptions, not with events
-
-
-@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["Upload", "UploadStream"])
 def test_upload_reports_problems_by_file_and_line(ingest: ServiceProcess, tmp_path: Path, mode: str) -> None:
     now = int(time.time())
@@ -73,7 +62,6 @@ def uploads_so_far(mode: str) -> int:
     return 1 if mode == "Upload" else 2
 
 
-@pytest.mark.integration
 def test_dead_letters_command_shows_rejections(ingest: ServiceProcess) -> None:
     """Runs after the uploads above: their server-side rejections are on the topic."""
     result = subprocess.run(

@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
-from tests.support import ServiceProcess, unique_name
-from tests.test_stats_e2e import (
+from tests.e2e.test_stats_e2e import (
     Expected,
     accepted,
     check_all_totals,
@@ -27,11 +25,10 @@ from tests.test_stats_e2e import (
     services,
     wait_until_applied,
 )
+from tests.support import ServiceProcess, unique_name
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
-
-pytestmark = pytest.mark.integration
 
 KILLS = 4
 

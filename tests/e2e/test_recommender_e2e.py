@@ -20,7 +20,7 @@ import pytest
 from ingest_service.validation import Limits, validate_event
 from recommender_service.similarity import Metric
 from tests.support import ServiceProcess, free_port, test_config, unique_name
-from tests.test_recommender_unit import BruteForce, assert_same_ranking
+from tests.unit.recommender_service.test_recommender import BruteForce, assert_same_ranking
 from viewevents.rpc.errors import field_violations_of
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
@@ -28,8 +28,6 @@ from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client import event_files as legacy
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 from viewevents_tools import generator as gen
-
-pytestmark = pytest.mark.integration
 
 SEED, USERS, MEDIA, GROUPS, EVENTS = 7, 2_000, 200, 10, 80_000
 METRICS = {Metric.COSINE: pb.SIMILARITY_METRIC_COSINE, Metric.PEARSON: pb.SIMILARITY_METRIC_PEARSON}
