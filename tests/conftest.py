@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import (
-    RUNNING,
-    TEST_KAFKA_PORT,
-    ServiceProcess,
-    ensure_broker,
-    free_port,
-    stop_broker,
-    test_config,
-)
+from tests.support.broker import ensure_broker, stop_broker
+from tests.support.configs import TEST_KAFKA_PORT, free_port, test_config
+from tests.support.processes import RUNNING, ServiceProcess
 
 TESTS = Path(__file__).resolve().parent
 NEEDS_BROKER = (TESTS / "integration", TESTS / "e2e")

@@ -10,13 +10,13 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
-from tests.integration.test_grpcurl import GRPCURL
-from tests.support import REPO, ServiceProcess, free_port, test_config
-from viewevents.v1 import stats_service_pb2 as stats_pb
-from viewevents.v1 import stats_service_pb2_grpc as stats_grpc
+from tests.support.broker import end_offsets
+from tests.support.configs import REPO, free_port, test_config
+from tests.support.grpcurl import GRPCURL
+from tests.support.positions import recommender_position, stats_position, wait_applied
+from tests.support.processes import ServiceProcess
 
 DEFAULTS = {"ingest": "127.0.0.1:50051", "stats": "127.0.0.1:50052", "recommender": "127.0.0.1:50053"}
 
@@ -45,7 +45,8 @@ def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     for service in services:
         service.wait_serving()
     yield {"ingest": config.ingest_address, "stats": config.stats_address,
-           "recommender": config.recommender_address, "stats_metrics": str(config.stats_metrics_port)}
+           "recommender": config.recommender_address, "stats_metrics": str(config.stats_metrics_port),
+           "bootstrap": kafka_bootstrap, "view_topic": config.view_topic}
     for service in services:
         service.stop()
 
@@ -70,21 +71,6 @@ def expected_from_examples() -> dict[str, object]:
             "top3": ranking[:3], "uploaded": len(events) - 1}
 
 
-def wait_until_applied(address: str, positions: list[dict], timeout: float = 60) -> None:
-    wanted = {int(p.get("partition", 0)): int(p["offset"]) for p in positions}
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = stats_grpc.StatsServiceStub(channel)
-        while time.monotonic() < deadline:
-            reply = stub.ListTopMedia(stats_pb.ListTopMediaRequest(
-                start_time={"seconds": 0}, end_time={"seconds": 1}, limit=1))
-            at = {p.partition: p.offset for p in reply.position.partitions}
-            if all(at.get(p, 0) >= o for p, o in wanted.items()):
-                return
-            time.sleep(0.2)
-    raise TimeoutError("stats did not apply the upload")
-
-
 def test_every_readme_command(stack: dict[str, str]) -> None:
     expected = expected_from_examples()
     outputs: dict[str, list[str]] = defaultdict(list)
@@ -94,8 +80,12 @@ def test_every_readme_command(stack: dict[str, str]) -> None:
             command = command.replace(default, stack[name])
         command = command.replace("grpcurl ", f"{GRPCURL} ", 1)
         if "GetMediaStats" in command and upload_positions:
-            wait_until_applied(stack["stats"], upload_positions)
-            time.sleep(1.0)  # the recommender consumes in parallel; its answers are checked below
+            # Both consumers apply everything sent so far (the upload and what followed it) in
+            # parallel; the recommender's answers are checked below.
+            wanted = end_offsets(stack["bootstrap"], stack["view_topic"])
+            assert sum(wanted.values()) >= sum(int(p["offset"]) for p in upload_positions)
+            wait_applied(stack["stats"], stats_position, wanted, timeout=60)
+            wait_applied(stack["recommender"], recommender_position, wanted, timeout=60)
         result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{command}\n{result.stderr}"
         found = re.search(r"(\w+Service/\w+|Health/\w+)|\b(list)$|(describe \S+)$", command)

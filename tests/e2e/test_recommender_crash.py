@@ -18,29 +18,16 @@ from pathlib import Path
 import grpc
 
 from recommender_service import key_layout as keys
-from tests.e2e.test_recommender_e2e import accepted_events
-from tests.support import ServiceProcess, free_port, test_config, unique_name
-from tests.unit.recommender_service.test_recommender import BruteForce
+from tests.support.configs import free_port, test_config, unique_name
+from tests.support.data import accepted_events, generated_events
+from tests.support.oracles import BruteForce
+from tests.support.positions import applied_records, recommender_position, wait_applied
+from tests.support.processes import ServiceProcess
 from viewevents.state import StateStore
-from viewevents.v1 import recommender_service_pb2 as pb
-from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
-from viewevents_client import event_files as legacy
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
-from viewevents_tools import generator as gen
 
 KILLS = 4
 EVENTS = 300_000
-
-
-def applied(address: str) -> int | None:
-    """Records applied so far (sum of the answer's position), None if the service is down."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = pb_grpc.RecommenderServiceStub(channel).RecommendForUser(
-                pb.RecommendForUserRequest(user_id=1), timeout=5)
-        return sum(p.offset for p in reply.position.partitions)
-    except grpc.RpcError:
-        return None
 
 
 def resumed_from(log: Path) -> int | None:
@@ -52,9 +39,8 @@ def resumed_from(log: Path) -> int | None:
 
 
 def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    gen.generate(str(path), EVENTS, seed=21, users=3_000, media=300, groups=10, noise=0.02)
-    events = [p.event for _, p in legacy.iter_file(str(path)) if p.event is not None]
+    events = generated_events(tmp_path / "events.jsonl", EVENTS, 21, users=3_000, media=300,
+                              groups=10, noise=0.02)
     config = test_config(
         kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
         recommender_address=f"127.0.0.1:{free_port()}", consume_batch_max=4_000,
@@ -83,7 +69,7 @@ def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_p
         seen_at_kill: list[int | None] = []
         for kill in range(KILLS):
             time.sleep(rng.uniform(1.0, 2.5))
-            seen_at_kill.append(applied(config.recommender_address))
+            seen_at_kill.append(applied_records(config.recommender_address, recommender_position))
             service.kill()
             restarted = config.replace(recommender_group=unique_name("rec-crash"))
             service = ServiceProcess("recommender_service", restarted, config.recommender_address,
@@ -95,10 +81,7 @@ def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_p
         resumed = [resumed_from(tmp_path / f"rec-{k + 1}.log") for k in range(KILLS)]
         partial = [n for n in resumed + seen_at_kill if n is not None and 0 < n < total]
         assert partial, f"no kill hit a service mid-stream: {resumed}, {seen_at_kill} of {total}"
-        deadline = time.monotonic() + 180
-        while (applied(config.recommender_address) or 0) < total:
-            assert time.monotonic() < deadline, service.tail()
-            time.sleep(0.3)
+        wait_applied(config.recommender_address, recommender_position, total, timeout=180)
     finally:
         stopped = service.stop()
         ingest.stop()

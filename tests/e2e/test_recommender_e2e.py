@@ -9,7 +9,6 @@ ingest_service.validation, not by the recommender).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,37 +16,20 @@ import grpc
 import numpy as np
 import pytest
 
-from ingest_service.validation import Limits, validate_event
 from recommender_service.similarity import Metric
-from tests.support import ServiceProcess, free_port, test_config, unique_name
-from tests.unit.recommender_service.test_recommender import BruteForce, assert_same_ranking
+from tests.support.configs import free_port, test_config, unique_name
+from tests.support.data import accepted_events, generated_events
+from tests.support.oracles import BruteForce, assert_same_ranking
+from tests.support.positions import recommender_position, wait_applied
+from tests.support.processes import ServiceProcess
 from viewevents.rpc.errors import field_violations_of
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
-from viewevents.v1 import view_event_pb2 as ve
-from viewevents_client import event_files as legacy
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 from viewevents_tools import generator as gen
 
 SEED, USERS, MEDIA, GROUPS, EVENTS = 7, 2_000, 200, 10, 80_000
 METRICS = {Metric.COSINE: pb.SIMILARITY_METRIC_COSINE, Metric.PEARSON: pb.SIMILARITY_METRIC_PEARSON}
-
-
-def accepted_events(events: list[ve.ViewEvent]) -> list[ve.ViewEvent]:
-    now = time.time()
-    return [e for e in events if not validate_event(e, now, Limits())]
-
-
-def wait_applied(stub: pb_grpc.RecommenderServiceStub, records: int, timeout: float = 120) -> ve.ConsumerPosition:
-    """Until the answers' position covers `records` records of the (fresh) view topic."""
-    deadline = time.monotonic() + timeout
-    while True:
-        position = stub.RecommendForUser(pb.RecommendForUserRequest(user_id=1), timeout=5).position
-        if sum(p.offset for p in position.partitions) >= records:
-            return position
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"position {position} never reached {records} records")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +47,16 @@ def deployment(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -
         ingest.wait_serving()
         recommender.wait_serving()
         path = base / "events.jsonl"
-        gen.generate(str(path), EVENTS, seed=SEED, users=USERS, media=MEDIA, groups=GROUPS, noise=0.02)
-        events = [p.event for _, p in legacy.iter_file(str(path)) if p.event is not None]
+        events = generated_events(path, EVENTS, SEED, users=USERS, media=MEDIA, groups=GROUPS,
+                                  noise=0.02)
         with grpc.insecure_channel(ingest.address, options=CHANNEL_OPTIONS) as channel:
             summary = upload(channel, events, batch_size=5_000, timeout=120)
         kept = accepted_events(events)
         assert summary.accepted == len(kept) and summary.rejected == len(events) - len(kept)
         assert len({e.event_id for e in kept}) < len(kept)  # duplicates really were sent
+        wait_applied(recommender.address, recommender_position, summary.accepted)
         with grpc.insecure_channel(recommender.address) as channel:
             stub = pb_grpc.RecommenderServiceStub(channel)
-            wait_applied(stub, summary.accepted)
             yield {"stub": stub, "truth": BruteForce(kept), "recommender": recommender}
     finally:
         recommender.stop()

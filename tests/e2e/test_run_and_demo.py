@@ -13,7 +13,8 @@ from typing import IO
 
 import psutil
 
-from tests.support import REPO, config_env, free_port, port_open, test_config
+from tests.support.configs import REPO, config_env, free_port, port_open, test_config
+from tests.support.waits import wait_for
 
 
 def stack_env(kafka_bootstrap: str, tmp_path: Path) -> dict[str, str]:
@@ -75,13 +76,12 @@ def start_runner(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str]
 
 
 def service_children(runner: subprocess.Popen[str], count: int, timeout: float = 30) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def started() -> list[psutil.Process]:
         children = [c for c in psutil.Process(runner.pid).children() if "-m" in c.cmdline()]
-        if len(children) >= count:
-            return children
-        time.sleep(0.05)
-    raise TimeoutError(f"runner did not start {count} services in {timeout} s")
+        return children if len(children) >= count else []
+
+    return wait_for(started, timeout, interval=0.05,
+                    message=f"runner did not start {count} services")
 
 
 def all_gone(processes: list[psutil.Process], timeout: float = 30) -> bool:

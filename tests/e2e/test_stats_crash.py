@@ -16,16 +16,12 @@ from pathlib import Path
 
 import grpc
 
-from tests.e2e.test_stats_e2e import (
-    Expected,
-    accepted,
-    check_all_totals,
-    end_offsets,
-    generated_events,
-    services,
-    wait_until_applied,
-)
-from tests.support import ServiceProcess, unique_name
+from tests.support.broker import end_offsets
+from tests.support.configs import unique_name
+from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
+from tests.support.oracles import Expected, check_all_totals
+from tests.support.positions import applied_records, stats_position, wait_applied
+from tests.support.processes import ServiceProcess, ingest_and_stats
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
@@ -33,22 +29,10 @@ from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 KILLS = 4
 
 
-def _applied(address: str) -> int | None:
-    """Records applied so far (sum of positions), or None if the service does not answer."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = pb_grpc.StatsServiceStub(channel).ListTopMedia(
-                pb.ListTopMediaRequest(start_time={"seconds": 0}, end_time={"seconds": 1},
-                                       limit=1), timeout=2)
-        return sum(p.offset for p in reply.position.partitions)
-    except grpc.RpcError:
-        return None
-
-
 def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap: str,
                                                                  tmp_path: Path) -> None:
-    events = generated_events(tmp_path / "views.jsonl", 320_000, seed=33)
-    config, ingest, stats = services(tmp_path, kafka_bootstrap)
+    events = generated_events(tmp_path / "views.jsonl", 320_000, seed=33, **STATS_FILE)
+    config, ingest, stats = ingest_and_stats(tmp_path, kafka_bootstrap)
     ingest.start()
     stats.start()
     result: dict[str, object] = {}
@@ -69,7 +53,7 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap
         seen_at_kill: list[int | None] = []
         for kill in range(KILLS):
             time.sleep(rng.uniform(1.0, 2.0))
-            seen_at_kill.append(_applied(config.stats_address))
+            seen_at_kill.append(applied_records(config.stats_address, stats_position))
             stats.kill()
             restarted = config.replace(stats_group=unique_name("stats-crash"))
             stats = ServiceProcess("stats_service", restarted, config.stats_address,
@@ -82,11 +66,11 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap
         # The kills hit a service that had applied part of the stream, not an idle one.
         partial = [n for n in seen_at_kill if n is not None and 0 < n < summary.accepted]  # type: ignore[attr-defined]
         assert partial, seen_at_kill
-        good = accepted(events, config)
+        good = first_copies(accepted_events(events, config))
         expected = Expected(good)
+        wait_applied(config.stats_address, stats_position, targets, timeout=180)
         with grpc.insecure_channel(config.stats_address, options=CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.StatsServiceStub(channel)
-            wait_until_applied(stub, targets, good[0].media_id, timeout=180)
             check_all_totals(stub, expected)
             low = min(r[3] for r in expected.rows)
             high = max(r[3] for r in expected.rows)

@@ -3,178 +3,38 @@
 Every media item's totals, a sample of trends at each granularity and complete top-N rankings
 (each metric, every page) are compared with a brute-force count over the same file, computed
 here from the parsed lines with the ingest service's validation and first-copy-wins
-de-duplication. Helpers are shared with the crash test.
+de-duplication (tests/support: data and oracles, shared with the crash test).
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
-import time
-from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from google.protobuf import timestamp_pb2
 
-from ingest_service.validation import Limits, validate_event
-from tests.support import ServiceProcess, free_port, test_config
+from tests.support.broker import end_offsets
+from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
+from tests.support.oracles import Expected, check_all_totals
+from tests.support.positions import stats_position, wait_applied
+from tests.support.processes import ingest_and_stats
 from viewevents.rpc.errors import field_violations_of
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
-from viewevents.v1 import view_event_pb2
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
-from viewevents_tools import settings_catalogue as settings
 
-HEARTBEAT = 30
 SIZES = {pb.GRANULARITY_MINUTE: 60, pb.GRANULARITY_HOUR: 3600, pb.GRANULARITY_DAY: 86400}
-
-
-def generated_events(path: Path, count: int, seed: int, days: float = 3.0
-                     ) -> list[view_event_pb2.ViewEvent]:
-    """A noisy legacy file from viewevents_tools.generator, parsed as the CLI would: lines that cannot be
-    represented are dropped client-side; the rest go to the ingest service, invalid or not."""
-    from viewevents_client.event_files import iter_file
-    from viewevents_tools.generator import generate
-
-    generate(str(path), count, seed=seed, noise=0.05, days=days, users=5_000, media=800)
-    return [parsed.event for _, parsed in iter_file(str(path)) if parsed.event is not None]
-
-
-def accepted(events: Iterable[view_event_pb2.ViewEvent], config: settings.Config
-             ) -> list[view_event_pb2.ViewEvent]:
-    """What the stats service must count: valid by the ingest rules, first copy of an id."""
-    limits = Limits(config.max_future_skew_seconds, config.max_event_age_days * 86400)
-    now = time.time()
-    seen: set[str] = set()
-    out = []
-    for event in events:
-        if validate_event(event, now, limits) or event.event_id in seen:
-            continue
-        seen.add(event.event_id)
-        out.append(event)
-    return out
-
-
-class Expected:
-    """Brute-force answers over accepted events (no retention cut-off: the default)."""
-
-    def __init__(self, events: list[view_event_pb2.ViewEvent]) -> None:
-        self.rows = [(e.media_id, e.user_id, e.event_type, e.event_time.seconds) for e in events]
-        self.by_media: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
-        for row in self.rows:
-            self.by_media[row[0]].append(row)
-
-    def totals(self, media: int) -> tuple:
-        rows = self.by_media[media]
-        starts = sum(r[2] == 1 for r in rows)
-        ends = sum(r[2] == 4 for r in rows)
-        view_time = HEARTBEAT * sum(r[2] == 2 for r in rows)
-        viewers = len({r[1] for r in rows})
-        return (view_time, starts, sum(r[2] == 3 for r in rows), ends, viewers,
-                ends / starts if starts else 0.0, view_time / viewers,
-                min(r[3] for r in rows), max(r[3] for r in rows))
-
-    def trend(self, media: int, size: int, start: int, end: int) -> tuple[list[tuple], int]:
-        buckets: dict[int, list] = {}
-        users = set()
-        for _, user, kind, seconds in self.by_media[media]:
-            if start <= seconds < end:
-                b = buckets.setdefault(seconds - seconds % size, [0, 0, 0, 0, set()])
-                b[0] += HEARTBEAT * (kind == 2)
-                b[1] += kind == 1
-                b[2] += kind == 3
-                b[3] += kind == 4
-                b[4].add(user)
-                users.add(user)
-        return [(s, *b[:4], len(b[4])) for s, b in sorted(buckets.items())], len(users)
-
-    def top(self, start: int, end: int, metric: int) -> list[tuple]:
-        acc: dict[int, list] = defaultdict(lambda: [0, 0, set()])
-        for media, user, kind, seconds in self.rows:
-            if start <= seconds < end:
-                acc[media][0] += HEARTBEAT * (kind == 2)
-                acc[media][1] += kind == 1
-                acc[media][2].add(user)
-        column = {pb.TOP_MEDIA_METRIC_VIEW_TIME: 0, pb.TOP_MEDIA_METRIC_STARTS: 1,
-                  pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2}[metric]
-        values = {m: (v, s, len(u)) for m, (v, s, u) in acc.items()}
-        order = sorted(values, key=lambda m: (-values[m][column], m))
-        return [(m, i + 1, *values[m]) for i, m in enumerate(order)]
-
-
-async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    partitions = [p["partition"] for p in described[0]["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
-        return {tp.partition: offset for tp, offset in ends.items()}
-    finally:
-        await consumer.stop()
-
-
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    return asyncio.run(_end_offsets(bootstrap, topic))
-
-
-def wait_until_applied(stub: pb_grpc.StatsServiceStub, targets: dict[int, int], probe_media: int,
-                       timeout: float = 120.0) -> view_event_pb2.ConsumerPosition:
-    """The freshness protocol: poll until every partition's position reaches the end offsets
-    observed after the upload."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = stub.GetMediaStats(pb.GetMediaStatsRequest(media_id=probe_media),
-                                      timeout=5).position
-            offsets = {p.partition: p.offset for p in last.partitions}
-            if all(offsets.get(p, 0) >= end for p, end in targets.items()):
-                return last
-        except grpc.RpcError as error:
-            if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                raise
-        time.sleep(0.2)
-    raise TimeoutError(f"stats service did not reach {targets}; last position {last}")
-
-
-def check_all_totals(stub: pb_grpc.StatsServiceStub, expected: Expected) -> None:
-    for media in sorted(expected.by_media):
-        s = stub.GetMediaStats(pb.GetMediaStatsRequest(media_id=media), timeout=10).stats
-        got = (s.view_time_seconds, s.starts, s.stops, s.ends, s.unique_viewers,
-               s.completion_rate, s.average_view_time_seconds_per_viewer,
-               s.first_event_time.seconds, s.last_event_time.seconds)
-        assert got == pytest.approx(expected.totals(media)), media
 
 
 def _ts(seconds: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds)
 
 
-def services(tmp_path: Path, bootstrap: str, **overrides: object
-             ) -> tuple[settings.Config, ServiceProcess, ServiceProcess]:
-    config = test_config(bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                         stats_address=f"127.0.0.1:{free_port()}",
-                         stats_state_dir=str(tmp_path / "stats-state"), **overrides)
-    ingest = ServiceProcess("ingest_service", config, config.ingest_address,
-                            tmp_path / "ingest.log")
-    stats = ServiceProcess("stats_service", config, config.stats_address, tmp_path / "stats.log")
-    return config, ingest, stats
-
-
 def test_stats_match_brute_force(kafka_bootstrap: str, tmp_path: Path) -> None:
-    events = generated_events(tmp_path / "views.jsonl", 150_000, seed=21)
-    config, ingest, stats = services(tmp_path, kafka_bootstrap)
+    events = generated_events(tmp_path / "views.jsonl", 150_000, seed=21, **STATS_FILE)
+    config, ingest, stats = ingest_and_stats(tmp_path, kafka_bootstrap)
     ingest.start()
     stats.start()
     try:
@@ -182,15 +42,15 @@ def test_stats_match_brute_force(kafka_bootstrap: str, tmp_path: Path) -> None:
         stats.wait_serving()
         with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
             summary = upload(channel, events, batch_size=5_000, timeout=300)
-        good = accepted(events, config)
+        good = first_copies(accepted_events(events, config))
         assert summary.received == len(events) and summary.rejected > 0
         assert len(good) < summary.accepted  # duplicates were sent and must be dropped
         expected = Expected(good)
         targets = end_offsets(kafka_bootstrap, config.view_topic)
         assert sum(targets.values()) == summary.accepted
+        position = wait_applied(config.stats_address, stats_position, targets)
         with grpc.insecure_channel(config.stats_address, options=CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.StatsServiceStub(channel)
-            position = wait_until_applied(stub, targets, good[0].media_id)
             assert position.caught_up
             assert position.event_time_watermark.seconds == max(r[3] for r in expected.rows)
             check_all_totals(stub, expected)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, ServiceProcess, read_topic
+from tests.support.broker import read_topic
+from tests.support.configs import REPO
+from tests.support.processes import ServiceProcess
 from viewevents.v1 import view_event_pb2 as ve
 
 

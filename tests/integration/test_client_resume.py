@@ -7,8 +7,10 @@ from pathlib import Path
 
 import grpc
 
-from tests.integration.test_ingest import make_events
-from tests.support import ServiceProcess, free_port, read_topic, test_config
+from tests.support.broker import read_topic
+from tests.support.configs import free_port, test_config
+from tests.support.data import make_events
+from tests.support.processes import ServiceProcess
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload_resumable
 

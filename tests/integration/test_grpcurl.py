@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 
-from tests.support import REPO, ServiceProcess, read_topic
+from tests.support.broker import read_topic
+from tests.support.grpcurl import grpcurl
+from tests.support.processes import ServiceProcess
 from viewevents.v1 import view_event_pb2 as ve
-
-GRPCURL = shutil.which("grpcurl") or str(REPO / ".cache" / "go" / "bin" / "grpcurl")
-
-
-def grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([GRPCURL, "-plaintext", *args], input=stdin, capture_output=True,
-                          text=True, timeout=60)
 
 
 def test_list_and_describe_through_reflection(ingest: ServiceProcess) -> None:

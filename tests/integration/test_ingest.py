@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -12,52 +11,16 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tests.support import ServiceProcess, free_port, read_topic, test_config
+from tests.support.broker import broker_env, kafka_sh, read_topic
+from tests.support.configs import free_port, test_config
+from tests.support.data import NOW, make_events
+from tests.support.processes import ServiceProcess
 from viewevents.kafka import KeyPartitioner
 from viewevents.rpc.errors import field_violations_of
 from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import ingest_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
-
-NOW = int(time.time())
-
-# How each kind of broken event is made, and the violations the server must report for it.
-BREAKERS = {
-    "no_id": (lambda e: e.ClearField("event_id"), {("event_id", "REQUIRED")}),
-    "neg_media": (lambda e: setattr(e, "media_id", -e.media_id), {("media_id", "NOT_POSITIVE")}),
-    "zero_user": (lambda e: e.ClearField("user_id"), {("user_id", "REQUIRED")}),
-    "no_type": (lambda e: e.ClearField("event_type"), {("event_type", "REQUIRED")}),
-    "bad_type": (lambda e: setattr(e, "event_type", 42), {("event_type", "UNKNOWN_VALUE")}),
-    "no_time": (lambda e: e.ClearField("event_time"), {("event_time", "REQUIRED")}),
-    "future": (lambda e: e.event_time.FromSeconds(NOW + 86400), {("event_time", "IN_FUTURE")}),
-}
-
-
-def make_events(count: int, seed: int, bad_share: float = 0.05) -> tuple[list[ve.ViewEvent], list[tuple[ve.ViewEvent, set]]]:
-    """`count` events in stream order; returns them and, for the broken ones, the expected
-    violations (decided here, independently of the service's validation code)."""
-    rng = random.Random(seed)
-    events: list[ve.ViewEvent] = []
-    valid: list[ve.ViewEvent] = []
-    broken: list[tuple[ve.ViewEvent, set]] = []
-    for n in range(count):
-        event = ve.ViewEvent(
-            event_id=f"{seed}-{n}", media_id=rng.randint(1, 500), user_id=rng.randint(1, 5000),
-            event_type=rng.choice([1, 2, 2, 2, 3, 4]),
-            event_time=Timestamp(seconds=NOW - rng.randint(0, 30 * 86400), nanos=rng.randint(0, 999_999_999)))
-        if rng.random() < bad_share:
-            kind = rng.choice(sorted(BREAKERS))
-            breaker, expected = BREAKERS[kind]
-            breaker(event)
-            broken.append((event, expected))
-        else:
-            if valid and rng.random() < 0.01:
-                event = ve.ViewEvent()
-                event.CopyFrom(rng.choice(valid[-100:]))  # re-sent: may appear twice in Kafka
-            valid.append(event)
-        events.append(event)
-    return events, broken
 
 
 @pytest.fixture(scope="module")
@@ -205,21 +168,15 @@ def test_upload_stream_acks_each_request_once_durable(ingest: ServiceProcess, ch
 
 def test_kafka_down_means_unavailable_and_no_summary(tmp_path: Path) -> None:
     """A broker of its own, stopped under the service: the client must get UNAVAILABLE."""
-    import os
-    import subprocess
-
-    from tests.support import REPO
-
     port = free_port()
-    env = dict(os.environ, KAFKA_PORT=str(port), KAFKA_CONTROLLER_PORT=str(free_port()),
-               KAFKA_DATA_DIR=str(tmp_path / "kafka"))
-    subprocess.run([str(REPO / "deploy" / "kafka.sh"), "start"], env=env, check=True)
+    env = broker_env(port, tmp_path / "kafka", controller_port=free_port())
+    kafka_sh("start", env)
     try:
         config = test_config(f"127.0.0.1:{port}", ingest_address=f"127.0.0.1:{free_port()}",
                              producer_timeout_ms=4_000)
         service = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "log").start()
         service.wait_serving()
-        subprocess.run([str(REPO / "deploy" / "kafka.sh"), "stop"], env=env, check=True)
+        kafka_sh("stop", env)
         events, _ = make_events(2_000, seed=51, bad_share=0)
         with grpc.insecure_channel(service.address) as ch:
             with pytest.raises(grpc.RpcError) as failure:
@@ -230,7 +187,7 @@ def test_kafka_down_means_unavailable_and_no_summary(tmp_path: Path) -> None:
         service.stop()
         assert time.monotonic() - started < 20, "shutdown must not hang when Kafka is gone"
     finally:
-        subprocess.run([str(REPO / "deploy" / "kafka.sh"), "stop"], env=env, check=False)
+        kafka_sh("stop", env, check=False)
 
 
 def test_sigterm_lets_an_inflight_upload_finish(kafka_bootstrap: str, tmp_path: Path) -> None:

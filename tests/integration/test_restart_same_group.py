@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
 import grpc
 
-from tests.integration.test_ingest import make_events
-from tests.support import ServiceProcess, free_port, test_config, unique_name
+from tests.support.configs import free_port, test_config, unique_name
+from tests.support.data import make_events
+from tests.support.positions import stats_position, wait_applied
+from tests.support.processes import ServiceProcess
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
-
-
-def wait_applied(address: str, positions: dict[int, int], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.StatsServiceStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.ListTopMedia(pb.ListTopMediaRequest(
-                    start_time={"seconds": 0}, end_time={"seconds": 60}, limit=1), timeout=5)
-                at = {p.partition: p.offset for p in reply.position.partitions}
-                if all(at.get(p, 0) >= o for p, o in positions.items()):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"not applied: {positions}")
 
 
 def test_kill_and_restart_in_the_same_group_counts_everything_once(kafka_bootstrap: str, tmp_path: Path) -> None:
@@ -44,12 +28,14 @@ def test_kill_and_restart_in_the_same_group_counts_everything_once(kafka_bootstr
     second, _ = make_events(20_000, seed=82, bad_share=0)
     with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
         summary = upload(channel, iter(first))
-        wait_applied(config.stats_address, {p.partition: p.offset for p in summary.positions})
+        wait_applied(config.stats_address, stats_position,
+                     {p.partition: p.offset for p in summary.positions}, timeout=90)
         stats.kill()
         stats = ServiceProcess("stats_service", config, config.stats_address, tmp_path / "s1.log").start()
         summary = upload(channel, iter(second + first[:5_000]))  # with a re-sent slice
     stats.wait_serving(timeout=120)
-    wait_applied(config.stats_address, {p.partition: p.offset for p in summary.positions})
+    wait_applied(config.stats_address, stats_position,
+                 {p.partition: p.offset for p in summary.positions}, timeout=90)
 
     unique = {e.event_id: e for e in first + second}.values()
     starts = Counter(e.media_id for e in unique if e.event_type == 1)

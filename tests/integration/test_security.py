@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import ServiceProcess, free_port, test_config
+from tests.support.configs import free_port, test_config
+from tests.support.processes import ServiceProcess
 from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import ingest_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
@@ -49,16 +49,8 @@ def test_tls_and_bearer_token(kafka_bootstrap: str, tmp_path: Path) -> None:
     service = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "log").start()
     try:
         good = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
-        deadline = time.monotonic() + 60
         with grpc.secure_channel(config.ingest_address, good) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:  # health stays open without a token (for probes)
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        break
-                except grpc.RpcError:
-                    assert time.monotonic() < deadline, service.tail()
-                    time.sleep(0.2)
+            service.wait_serving(60, channel)  # health stays open without a token (for probes)
             stub = pb_grpc.IngestServiceStub(channel)
             with pytest.raises(grpc.RpcError) as missing:
                 stub.Publish(one_event())

@@ -1,6 +1,6 @@
 """Recommender maths and state without Kafka, against a brute-force numpy user x item matrix.
 
-The brute force never uses the service's code: it builds the dense matrix of waypoints per
+The brute force (tests/support/oracles.py) never uses the service's code: it builds the dense matrix of waypoints per
 (user, item) from the raw events (first copy of each event id), then takes cosine from W^T W and
 Pearson from np.corrcoef over every user seen (missing = 0). The service side runs the real
 processor and query engine in-process (evaluation.offline_recommender), batch by batch.
@@ -8,9 +8,7 @@ processor and query engine in-process (evaluation.offline_recommender), batch by
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,95 +20,9 @@ from recommender_service import key_layout as keys
 from recommender_service.servicer import validate_recommend, validate_similar
 from recommender_service.settings import RecommenderSettings
 from recommender_service.similarity import Metric
+from tests.support.oracles import BruteForce, assert_same_ranking
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import view_event_pb2 as ve
-
-REL = 1e-9
-ABS = 1e-12  # float64 noise of a correlation near 0 (both sides round N*D - S_i*S_j)
-
-
-class BruteForce:
-    """Similarities from the full user x item matrix, recomputed from scratch."""
-
-    def __init__(self, events: Iterable[ve.ViewEvent]) -> None:
-        first: dict[str, ve.ViewEvent] = {}
-        for event in events:
-            first.setdefault(event.event_id, event)
-        self.users = sorted({e.user_id for e in first.values()})
-        self.items = sorted({e.media_id for e in first.values()})
-        self.col = {m: k for k, m in enumerate(self.items)}
-        row = {u: k for k, u in enumerate(self.users)}
-        self.w = np.zeros((len(self.users), len(self.items)))
-        for event in first.values():
-            if event.event_type == ve.EVENT_TYPE_WAYPOINT:
-                self.w[row[event.user_id], self.col[event.media_id]] += 1
-        self.row = row
-        watched = (self.w > 0).astype(np.float64)
-        self.d = self.w.T @ self.w
-        self.c = watched.T @ watched
-        norms = np.sqrt((self.w * self.w).sum(axis=0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.cos = self.d / np.outer(norms, norms)
-            self.pearson = np.corrcoef(self.w, rowvar=False) if len(self.users) > 1 else None
-
-    @property
-    def n_users(self) -> int:
-        return len(self.users)
-
-    def item_stats(self) -> dict[int, tuple[int, int, int]]:
-        return {m: (int(self.w[:, k].sum()), int((self.w[:, k] ** 2).sum()),
-                    int((self.w[:, k] > 0).sum())) for m, k in self.col.items()}
-
-    def pairs(self) -> dict[tuple[int, int], tuple[int, int]]:
-        out = {}
-        for a, i in enumerate(self.items):
-            for b in np.flatnonzero(self.c[a] > 0):
-                if b != a:
-                    out[(i, self.items[b])] = (int(self.d[a, b]), int(self.c[a, b]))
-        return out
-
-    def scores(self, item: int, metric: Metric, min_co: int = 1, shrinkage: float = 0.0) -> dict[int, tuple[float, int]]:
-        """{neighbour: (score, co-viewers)} for every neighbour with enough support."""
-        a = self.col[item]
-        matrix = self.cos if metric is Metric.COSINE else self.pearson
-        out = {}
-        for b, j in enumerate(self.items):
-            co = int(self.c[a, b])
-            if b == a or co < max(1, min_co):
-                continue
-            score = float(matrix[a, b])
-            if math.isnan(score):
-                continue
-            if shrinkage > 0:
-                score *= co / (co + shrinkage)
-            out[j] = (score, co)
-        return out
-
-
-def close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=REL, abs_tol=ABS)
-
-
-def assert_same_ranking(ids: list[int], scores: list[float], co: list[int],
-                        expected: dict[int, tuple[float, int]], limit: int) -> None:
-    """Scores and co-viewers match; the order is by score, exact ties by media id; and the
-    returned set is the brute-force top `limit` (up to ties at the cut)."""
-    for media, score, viewers in zip(ids, scores, co):
-        assert media in expected, f"{media} should not be listed"
-        assert close(score, expected[media][0]), (media, score, expected[media][0])
-        assert viewers == expected[media][1], (media, viewers, expected[media][1])
-    for a, b in zip(ids, ids[1:]):
-        sa, sb = expected[a][0], expected[b][0]
-        assert sa > sb or (close(sa, sb) and a < b), f"{a} ({sa!r}) ranked before {b} ({sb!r})"
-    want = sorted(expected, key=lambda m: (-expected[m][0], m))[:limit]
-    assert len(ids) == len(want)
-    for got, exp in zip(ids, want):
-        assert got == exp or close(expected[got][0], expected[exp][0]), (got, exp)
-    if len(expected) > len(ids) and ids:
-        cut = expected[ids[-1]][0]
-        for media, (score, _) in expected.items():
-            if media not in ids:
-                assert score < cut or close(score, cut), f"{media} ({score}) missing above the cut"
 
 
 def random_events(seed: int, users: int, items: int, count: int, dup_share: float = 0.03) -> list[ve.ViewEvent]:
