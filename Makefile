@@ -70,7 +70,7 @@ test: install $(TOOLS)/grpcurl
 	$(PY) -m pytest -q
 
 test-unit: install
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q tests/unit
 
 bench: install tools kafka-up
 	$(PY) -m benchmarks

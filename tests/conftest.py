@@ -1,4 +1,8 @@
-"""Fixtures: the real local Kafka broker (started once per session unless running)."""
+"""Fixtures: the real local Kafka broker (started once per session unless running).
+
+Every test under tests/integration and tests/e2e is marked `integration` by its directory, so
+`pytest -m "not integration"` and `pytest tests/unit` select the same unit tests.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import (
-    RUNNING,
-    TEST_KAFKA_PORT,
-    ServiceProcess,
-    ensure_broker,
-    free_port,
-    stop_broker,
-    test_config,
-)
+from tests.support.broker import ensure_broker, stop_broker
+from tests.support.configs import TEST_KAFKA_PORT, free_port, test_config
+from tests.support.processes import RUNNING, ServiceProcess
+
+TESTS = Path(__file__).resolve().parent
+NEEDS_BROKER = (TESTS / "integration", TESTS / "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark by directory: a test's place says what it needs, not a line each module repeats."""
+    for item in items:
+        if any(Path(item.path).is_relative_to(folder) for folder in NEEDS_BROKER):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

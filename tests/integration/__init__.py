@@ -1,0 +1,1 @@
+"""One service as a real process plus the real Kafka broker (marked `integration`)."""

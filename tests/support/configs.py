@@ -1,0 +1,50 @@
+"""Configurations for services under test: fresh topic names, free ports, child environments."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+from viewevents_tools import settings_catalogue as settings
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_KAFKA_PORT = int(os.environ.get("VIEWEVENTS_TEST_KAFKA_PORT", "19092"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def test_config(bootstrap: str, **overrides: object) -> settings.Config:
+    """A configuration with fresh topic names, so tests never see each other's events."""
+    base = settings.load(env={})
+    values: dict[str, object] = dict(
+        kafka_bootstrap=bootstrap,
+        view_topic=unique_name("view-events"),
+        dead_letter_topic=unique_name("dead-letter"),
+        ingest_metrics_port=0, stats_metrics_port=0, recommender_metrics_port=0,
+    )
+    values.update(overrides)
+    return base.replace(**values)
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+def config_env(config: settings.Config) -> dict[str, str]:
+    """The environment variables that make a service subprocess use `config`."""
+    return settings.to_environment(config)

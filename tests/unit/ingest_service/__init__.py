@@ -1,0 +1,1 @@
+"""Unit tests of the `ingest_service` package."""

@@ -1,0 +1,1 @@
+"""Unit tests of the `viewevents_client` package."""
