@@ -11,11 +11,7 @@ PROTOS := $(wildcard protos/viewevents/v1/*.proto)
 STUBS := viewevents/v1/__init__.py
 export PATH := $(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-<<<<<<< HEAD
-.PHONY: install protos tools constraints kafka-up kafka-down run demo test test-unit bench eval lint clean
-=======
-.PHONY: install protos tools kafka-up kafka-down run demo test test-unit bench eval lint clean compose-check
->>>>>>> deploy-fixes
+.PHONY: install protos tools constraints kafka-up kafka-down run demo test test-unit bench eval lint clean compose-check
 
 # The virtualenv (within the versions of constraints.txt) and the generated stubs.
 install: $(VENV)/.installed $(STUBS)
@@ -78,17 +74,13 @@ bench: install tools kafka-up
 eval: install
 	$(PY) -m evaluation.recommender
 
-<<<<<<< HEAD
-# The protos (buf, STANDARD rules), Python lint and formatting (ruff), types (mypy).
-lint: install $(TOOLS)/buf
-=======
 # The Docker deployment end to end, throw-away, on the engine `docker` talks to: build, healthy,
 # upload over TLS with a token, answers checked against the file, restart, down -v.
-compose-check: $(VENV)/.installed $(STUBS)
+compose-check: install
 	deploy/compose-check.sh
 
-lint: install
->>>>>>> deploy-fixes
+# The protos (buf, STANDARD rules), Python lint and formatting (ruff), types (mypy).
+lint: install $(TOOLS)/buf
 	$(TOOLS)/buf lint protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
