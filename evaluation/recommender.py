@@ -26,8 +26,8 @@ from recommender_service import similarity as sim
 from recommender_service.query_engine import QueryEngine
 from recommender_service.settings import RecommenderSettings
 from viewevents.v1 import view_event_pb2 as ve
-from viewevents_client import event_files as legacy
-from viewevents_tools import generator as gen
+from viewevents_client import event_files
+from viewevents_tools import generator
 
 K = 10
 
@@ -148,14 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--max-users", type=int, default=0, help="evaluate a sample (0 = all)")
     args = parser.parse_args(argv)
-    from recommender_service import settings as local
+    from recommender_service import settings as recommender_settings
 
-    defaults = local.from_config()
+    defaults = recommender_settings.from_config()
     started = time.monotonic()
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as data:
-        gen.generate(data.name, args.events, seed=args.seed, users=args.users, media=args.media,
+        generator.generate(data.name, args.events, seed=args.seed, users=args.users, media=args.media,
                      groups=args.groups, noise=0.0)
-        events = [p.event for _, p in legacy.iter_file(data.name) if p.event is not None]
+        events = [p.event for _, p in event_files.iter_file(data.name) if p.event is not None]
     print(f"leave-one-out on {len(events):,} generated events: {args.users:,} users, "
           f"{args.media:,} media, {args.groups} planted groups, seed {args.seed}")
     scores = evaluate(events, default_configs(defaults), args.max_users, progress=True)

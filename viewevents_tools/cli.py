@@ -98,9 +98,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
-    from viewevents_tools import generator as gen
+    from viewevents_tools import generator
 
-    return gen.run(args)
+    return generator.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,10 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bearer token (env VIEWEVENTS_INGEST_TOKEN)")
     up.set_defaults(func=cmd_upload)
 
-    from viewevents_tools import generator as gen
+    from viewevents_tools import generator
 
     generate = commands.add_parser("gen", help="write a synthetic, seeded data set (legacy format)")
-    gen.add_arguments(generate)
+    generator.add_arguments(generate)
     generate.set_defaults(func=cmd_gen)
 
     from viewevents_tools import dead_letters

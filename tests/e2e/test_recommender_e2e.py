@@ -26,7 +26,7 @@ from viewevents.rpc.errors import field_violations_of
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
-from viewevents_tools import generator as gen
+from viewevents_tools import generator
 
 SEED, USERS, MEDIA, GROUPS, EVENTS = 7, 2_000, 200, 10, 80_000
 METRICS = {Metric.COSINE: pb.SIMILARITY_METRIC_COSINE, Metric.PEARSON: pb.SIMILARITY_METRIC_PEARSON}
@@ -93,8 +93,8 @@ def test_top_ten_are_mostly_from_the_planted_group(deployment: dict) -> None:
     shares = []
     for item in popular:
         reply = stub.GetSimilarMedia(pb.GetSimilarMediaRequest(media_id=item, limit=10))
-        group = gen.media_group(item, SEED, MEDIA, GROUPS)
-        same = [gen.media_group(s.media_id, SEED, MEDIA, GROUPS) == group for s in reply.similar_media]
+        group = generator.media_group(item, SEED, MEDIA, GROUPS)
+        same = [generator.media_group(s.media_id, SEED, MEDIA, GROUPS) == group for s in reply.similar_media]
         shares.append(sum(same) / len(same))
     assert np.mean(shares) >= 0.7, shares
     assert np.median(shares) >= 0.7, shares

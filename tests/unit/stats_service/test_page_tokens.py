@@ -11,20 +11,20 @@ import hashlib
 import json
 import string
 
-from stats_service import request_parsing as queries
+from stats_service import request_parsing
 from viewevents.v1 import stats_service_pb2 as pb
 
-LIMITS = queries.Limits()
+LIMITS = request_parsing.Limits()
 FIELDS = dict(start_time={"seconds": 1_767_225_600}, end_time={"seconds": 1_767_232_800},
               metric=pb.TOP_MEDIA_METRIC_STARTS)
 ALPHABET = string.ascii_letters + string.digits + "-_."
 
 
 def parse(token: str, secret: bytes | None = None, **changes: object
-          ) -> tuple[queries.TopQuery | None, set[tuple[str, str]]]:
+          ) -> tuple[request_parsing.TopQuery | None, set[tuple[str, str]]]:
     request = pb.ListTopMediaRequest(**{**FIELDS, **changes}, page_token=token)
-    query, violations = queries.parse_top(request, LIMITS, secret) if secret else \
-        queries.parse_top(request, LIMITS)
+    query, violations = request_parsing.parse_top(request, LIMITS, secret) if secret else \
+        request_parsing.parse_top(request, LIMITS)
     return query, {(v.field, v.reason) for v in violations}
 
 
@@ -33,8 +33,8 @@ def issued(offset: int, secret: bytes | None = None) -> str:
     first, _ = parse("")
     assert first is not None
     if secret is None:
-        return queries.encode_page_token(first.fingerprint, offset)
-    return queries.encode_page_token(first.fingerprint, offset, secret)
+        return request_parsing.encode_page_token(first.fingerprint, offset)
+    return request_parsing.encode_page_token(first.fingerprint, offset, secret)
 
 
 def b64(data: bytes) -> str:

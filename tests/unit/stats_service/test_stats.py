@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
-from stats_service import request_parsing as queries
+from stats_service import request_parsing
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
 from tests.support.stats_state import BASE, HEARTBEAT, Brute, load, partition, random_events
@@ -40,12 +40,12 @@ def check_everything(reader: StatsReader, brute: Brute, parts: list[int], rng: r
     for _ in range(40):
         size = rng.choice(list(SIZES.values()))
         media = rng.choice(list(brute.totals))
-        start = queries.floor_to(rng.randint(low, high), size)
+        start = request_parsing.floor_to(rng.randint(low, high), size)
         end = start + size * rng.randint(1, 200 if size == 60 else 30)
         assert reader.trend(parts, media, size, start, end) == brute.trend(media, size, start, end)
         assert reader.viewers(parts, media, start, end) == brute.viewers(media, start, end)
     for _ in range(25):
-        start = queries.floor_to(rng.randint(low, high), 60)
+        start = request_parsing.floor_to(rng.randint(low, high), 60)
         end = start + 60 * rng.choice([1, 59, 61, 600, 1439, 1441, 3000, 4 * 1440 + 7])
         expected = brute.top(start, end)
         counts = reader.range_counts(parts, start, end)
@@ -143,7 +143,7 @@ def test_tiles_cover_the_range_exactly_with_coarse_buckets(seed: int) -> None:
     for _ in range(300):
         start = BASE + 60 * rng.randint(-3000, 3000)
         end = start + 60 * rng.randint(0, 6 * 1440)
-        runs = queries.tiles(start, end)
+        runs = request_parsing.tiles(start, end)
         covered = []
         for size, low, high in runs:
             assert low % size == 0 and high % size == 0 and low < high
@@ -164,11 +164,11 @@ def _reasons(violations: list) -> set[tuple[str, str]]:
     return {(v.field, v.reason) for v in violations}
 
 
-LIMITS = queries.Limits(max_trend_buckets=100, default_page_size=10, max_page_size=50)
+LIMITS = request_parsing.Limits(max_trend_buckets=100, default_page_size=10, max_page_size=50)
 
 
 def test_trend_arguments() -> None:
-    ok, bad = queries.parse_trend(pb.GetMediaTrendRequest(
+    ok, bad = request_parsing.parse_trend(pb.GetMediaTrendRequest(
         media_id=3, start_time=_ts(BASE + 61), end_time=_ts(BASE + 3600, 5),
         granularity=pb.GRANULARITY_MINUTE), LIMITS)
     assert not bad and ok is not None
@@ -191,37 +191,37 @@ def test_trend_arguments() -> None:
          {("end_time", "OUT_OF_RANGE")}),
     ]
     for fields, expected in cases:
-        parsed, violations = queries.parse_trend(pb.GetMediaTrendRequest(**fields), LIMITS)
+        parsed, violations = request_parsing.parse_trend(pb.GetMediaTrendRequest(**fields), LIMITS)
         assert parsed is None and _reasons(violations) == expected, fields
-    exactly_max, bad = queries.parse_trend(pb.GetMediaTrendRequest(
+    exactly_max, bad = request_parsing.parse_trend(pb.GetMediaTrendRequest(
         media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE + 100 * 60)), LIMITS)
     assert exactly_max is not None and not bad
 
 
 def test_top_arguments_and_page_tokens() -> None:
     base = dict(start_time=_ts(BASE + 30), end_time=_ts(BASE + 7200))
-    first, bad = queries.parse_top(pb.ListTopMediaRequest(**base), LIMITS)
+    first, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base), LIMITS)
     assert first is not None and not bad
     assert (first.start, first.end, first.limit, first.offset, first.metric) == (
         BASE, BASE + 7200, 10, 0, pb.TOP_MEDIA_METRIC_VIEW_TIME)
-    token = queries.encode_page_token(first.fingerprint, 20)
-    again, bad = queries.parse_top(pb.ListTopMediaRequest(**base, page_token=token, limit=7,
+    token = request_parsing.encode_page_token(first.fingerprint, 20)
+    again, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, page_token=token, limit=7,
                                                           metric=1), LIMITS)
     assert again is not None and again.offset == 20 and again.limit == 7  # limit may change
     for change in (dict(metric=2), dict(end_time=_ts(BASE + 7201)), dict(start_time=_ts(BASE))):
-        parsed, bad = queries.parse_top(pb.ListTopMediaRequest(**{**base, **change},
+        parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**{**base, **change},
                                                                page_token=token), LIMITS)
         assert parsed is None and _reasons(bad) == {("page_token", "PAGE_TOKEN_MISMATCH")}
     for junk in ("x", "!!!", "e30", token[:-3], "A" * 600,
-                 queries.encode_page_token(first.fingerprint, 0).replace("o", "p")):
-        parsed, bad = queries.parse_top(pb.ListTopMediaRequest(**base, page_token=junk), LIMITS)
+                 request_parsing.encode_page_token(first.fingerprint, 0).replace("o", "p")):
+        parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, page_token=junk), LIMITS)
         assert parsed is None and ("page_token", "INVALID_PAGE_TOKEN") in _reasons(bad), junk
     for limit, reason in ((-1, "OUT_OF_RANGE"), (51, "OUT_OF_RANGE")):
-        parsed, bad = queries.parse_top(pb.ListTopMediaRequest(**base, limit=limit), LIMITS)
+        parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, limit=limit), LIMITS)
         assert parsed is None and _reasons(bad) == {("limit", reason)}
-    parsed, bad = queries.parse_top(pb.ListTopMediaRequest(**base, metric=8), LIMITS)
+    parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, metric=8), LIMITS)
     assert parsed is None and _reasons(bad) == {("metric", "UNKNOWN_VALUE")}
-    parsed, bad = queries.parse_top(pb.ListTopMediaRequest(start_time=_ts(BASE + 5),
+    parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(start_time=_ts(BASE + 5),
                                                            end_time=_ts(BASE)), LIMITS)
     assert parsed is None and _reasons(bad) == {("end_time", "INVALID_RANGE")}
 
@@ -231,11 +231,11 @@ def test_rank_and_pages_are_total_and_stable() -> None:
     values = {m: (rng.randint(0, 5) * 30, rng.randint(0, 3), rng.randint(0, 4)) for m in
               rng.sample(range(1, 500), 120)}
     for metric, column in ((1, 0), (2, 1), (3, 2)):
-        ranked = queries.rank(values, metric)
+        ranked = request_parsing.rank(values, metric)
         expected = sorted(values, key=lambda m: (-values[m][column], m))
         assert ranked == expected
         seen, offset = [], 0
         while offset is not None:
-            chunk, offset = queries.page(ranked, offset, 13)
+            chunk, offset = request_parsing.page(ranked, offset, 13)
             seen += chunk
         assert seen == expected

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from stats_service import request_parsing as queries
+from stats_service import request_parsing
 from stats_service.reader import StatsReader
 from stats_service.servicer import StatsServicer
 from tests.support.stats_state import Brute, load, partition, random_events
@@ -45,9 +45,9 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def ranges(span: tuple[int, int], rng: random.Random, count: int) -> list[tuple[int, int]]:
     low, high = span
-    out = [(queries.floor_to(low, 60), queries.ceil_to(high, 60))]
+    out = [(request_parsing.floor_to(low, 60), request_parsing.ceil_to(high, 60))]
     for _ in range(count):
-        start = queries.floor_to(rng.randint(low, high), 60)
+        start = request_parsing.floor_to(rng.randint(low, high), 60)
         out.append((start, start + 60 * rng.choice([1, 61, 600, 1441, 3000, 4 * 1440 + 7])))
     return out
 
@@ -71,7 +71,7 @@ def test_tiny_chunks_give_the_brute_force_figures(state: Any, chunk_rows: int) -
 def test_every_page_of_every_ranking_matches_brute_force(state: Any, chunk_rows: int) -> None:
     store, brute, span = state
     servicer = StatsServicer(StatsReader(store, chunk_rows=chunk_rows), _Consumer(),
-                             queries.Limits())
+                             request_parsing.Limits())
     for start, end in ranges(span, random.Random(5), 4):
         expected = brute.top(start, end)
         for metric, column in ((1, 0), (2, 1), (3, 2)):
@@ -79,24 +79,24 @@ def test_every_page_of_every_ranking_matches_brute_force(state: Any, chunk_rows:
             got: list[tuple[int, int, int, int, int]] = []
             offset: int | None = 0
             while offset is not None:
-                query = queries.TopQuery(start, end, metric, 7, offset, "00" * 8)
+                query = request_parsing.TopQuery(start, end, metric, 7, offset, "00" * 8)
                 reply = servicer._top(query, PARTS)
                 got += [(t.rank, t.media_id, t.view_time_seconds, t.starts, t.unique_viewers)
                         for t in reply.media]
-                offset = (queries.decode_page_token(reply.next_page_token, "00" * 8)
+                offset = (request_parsing.decode_page_token(reply.next_page_token, "00" * 8)
                           if reply.next_page_token else None)
-                assert not isinstance(offset, type(queries.violation("", "", "")))
+                assert not isinstance(offset, type(request_parsing.violation("", "", "")))
             assert got == [(i + 1, m, *expected[m]) for i, m in enumerate(order)]
 
 
 def test_at_most_max_concurrent_scans_run_at_once(state: Any) -> None:
     store, _, _ = state
-    servicer = StatsServicer(StatsReader(store), _Consumer(), queries.Limits(
+    servicer = StatsServicer(StatsReader(store), _Consumer(), request_parsing.Limits(
         max_concurrent_scans=2))
     lock, release = threading.Lock(), threading.Event()
     running = {"now": 0, "most": 0}
 
-    def blocked_top(query: queries.TopQuery, partitions: list[int]) -> pb.ListTopMediaResponse:
+    def blocked_top(query: request_parsing.TopQuery, partitions: list[int]) -> pb.ListTopMediaResponse:
         with lock:
             running["now"] += 1
             running["most"] = max(running["most"], running["now"])

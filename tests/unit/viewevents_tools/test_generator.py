@@ -19,7 +19,7 @@ import pytest
 
 from viewevents.v1 import view_event_pb2 as pb
 from viewevents_client.event_files import parse_line
-from viewevents_tools import generator as gen
+from viewevents_tools import generator
 from viewevents_tools.generator import GenStats, generate, media_group, media_length, user_groups
 
 ALL_KEYS = {"EventId", "MediaId", "UserId", "Timestamp", "DateTime", "EventType"}
@@ -146,7 +146,7 @@ def test_sessions_are_well_formed(clean_file: tuple[Path, GenStats]) -> None:
     assert sessions == stats.sessions
     assert ends > 0 and stops > 0
     assert min(waypoint_counts) == 1 and max(waypoint_counts) >= 60, "heavy-tailed lengths"
-    assert max(waypoint_counts) <= gen.MAX_WAYPOINTS
+    assert max(waypoint_counts) <= generator.MAX_WAYPOINTS
 
 
 def test_time_span_and_rough_order(clean_file: tuple[Path, GenStats]) -> None:
@@ -272,7 +272,7 @@ def test_noise_kinds_are_what_they_claim(noisy_file: tuple[Path, GenStats]) -> N
     kinds = classify(read_lines(path))
     assert kinds.pop("clean") == stats.events
     assert dict(kinds) == {k: v for k, v in stats.noise.items() if v}
-    assert set(kinds) == set(gen.NOISE_KINDS), "every kind occurs at 10% noise"
+    assert set(kinds) == set(generator.NOISE_KINDS), "every kind occurs at 10% noise"
 
 
 def test_noise_share_roughly_as_configured(noisy_file: tuple[Path, GenStats]) -> None:
@@ -356,7 +356,7 @@ def test_validation() -> None:
 
 def test_cli_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.jsonl.gz"
-    rc = gen.main(
+    rc = generator.main(
         [
             str(out),
             "--events",
@@ -386,7 +386,7 @@ def test_cli_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     first = min(e.event_time.seconds for e in events if e)
     assert datetime.fromtimestamp(first, UTC) >= datetime(2024, 6, 1, tzinfo=UTC)
     assert "3000 lines" in capsys.readouterr().err
-    assert gen.main(["-", "--events", "1", "--noise", "2"]) == 2
+    assert generator.main(["-", "--events", "1", "--noise", "2"]) == 2
 
 
 def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
