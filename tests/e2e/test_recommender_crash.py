@@ -10,10 +10,7 @@ spares Kafka's session timeout before a killed member's partitions are handed on
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
-
-import grpc
 
 from recommender_service import key_layout as keys
 from tests.support.configs import free_port, test_config, unique_name
@@ -21,9 +18,9 @@ from tests.support.data import accepted_events, generated_events
 from tests.support.oracles import BruteForce
 from tests.support.positions import applied_records, recommender_position, wait_applied
 from tests.support.processes import ServiceProcess
+from tests.support.uploads import PartedUpload
 from tests.support.waits import wait_for
 from viewevents.state.store import StateStore
-from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 KILLS = 4
 EVENTS = 300_000
@@ -49,33 +46,10 @@ def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_p
     ingest = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "ingest.log").start()
     service = ServiceProcess("recommender_service", config, config.recommender_address,
                              tmp_path / "rec-0.log").start()
-    result: dict[str, object] = {}
-    stopped: int | None = None
-
-    # The upload goes in KILLS + 1 parts; part k + 1 starts only after kill k, so every kill
-    # lands while the service is applying and later parts are still to come (placed by
-    # progress, not by timing).
-    gate = threading.Semaphore(0)
-    part_size = -(-len(events) // (KILLS + 1))
-
-    def run_upload() -> None:
-        accepted = 0
-        try:
-            with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
-                for part in range(KILLS + 1):
-                    if part:
-                        gate.acquire()
-                    chunk = events[part * part_size:(part + 1) * part_size]
-                    accepted += upload(channel, chunk, batch_size=4_000, timeout=600).accepted
-            result["accepted"] = accepted
-        except Exception as error:  # noqa: BLE001 - reported by the main thread
-            result["error"] = error
-
     try:
         ingest.wait_serving()
         service.wait_serving()
-        uploader = threading.Thread(target=run_upload, daemon=True)
-        uploader.start()
+        uploader = PartedUpload(config.ingest_address, events, KILLS + 1, 4_000).start()
         seen_at_kill: list[int | None] = []
         last = 0
         for kill in range(KILLS):
@@ -90,10 +64,8 @@ def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_p
             restarted = config.replace(recommender_group=unique_name("rec-crash"))
             service = ServiceProcess("recommender_service", restarted, config.recommender_address,
                                      tmp_path / f"rec-{kill + 1}.log").start()
-            gate.release()
-        uploader.join(600)
-        assert "error" not in result, result.get("error")
-        total = int(result["accepted"])  # type: ignore[call-overload]
+            uploader.release()
+        total = uploader.finish()
         # The kills hit a service that had applied part of the stream, not an idle one.
         resumed = [resumed_from(tmp_path / f"rec-{k + 1}.log") for k in range(KILLS)]
         partial = [n for n in resumed + seen_at_kill if n is not None and 0 < n < total]

@@ -9,7 +9,6 @@ a killed member's partitions are handed on.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import grpc
@@ -20,10 +19,11 @@ from tests.support.data import STATS_FILE, accepted_events, first_copies, genera
 from tests.support.oracles import Expected, check_all_totals
 from tests.support.positions import applied_records, stats_position, wait_applied
 from tests.support.processes import ServiceProcess, ingest_and_stats
+from tests.support.uploads import PartedUpload
 from tests.support.waits import wait_for
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
-from viewevents_client.uploads import CHANNEL_OPTIONS, upload
+from viewevents_client.uploads import CHANNEL_OPTIONS
 
 KILLS = 4
 
@@ -34,32 +34,10 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap
     config, ingest, stats = ingest_and_stats(tmp_path, kafka_bootstrap)
     ingest.start()
     stats.start()
-    result: dict[str, object] = {}
-
-    # The upload goes in KILLS + 1 parts; part k + 1 starts only after kill k, so every kill
-    # lands while the service is applying and later parts are still to come (placed by
-    # progress, not by timing).
-    gate = threading.Semaphore(0)
-    part_size = -(-len(events) // (KILLS + 1))
-
-    def run_upload() -> None:
-        accepted = 0
-        try:
-            with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
-                for part in range(KILLS + 1):
-                    if part:
-                        gate.acquire()
-                    chunk = events[part * part_size:(part + 1) * part_size]
-                    accepted += upload(channel, chunk, batch_size=5_000, timeout=600).accepted
-            result["accepted"] = accepted
-        except Exception as error:  # noqa: BLE001 - reported by the main thread
-            result["error"] = error
-
     try:
         ingest.wait_serving()
         stats.wait_serving()
-        uploader = threading.Thread(target=run_upload, daemon=True)
-        uploader.start()
+        uploader = PartedUpload(config.ingest_address, events, KILLS + 1, 5_000).start()
         seen_at_kill: list[int | None] = []
         last = 0
         for kill in range(KILLS):
@@ -73,10 +51,8 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap
             restarted = config.replace(stats_group=unique_name("stats-crash"))
             stats = ServiceProcess("stats_service", restarted, config.stats_address,
                                    tmp_path / f"stats-{kill + 1}.log").start()
-            gate.release()
-        uploader.join(600)
-        assert "error" not in result, result.get("error")
-        total = int(result["accepted"])  # type: ignore[call-overload]
+            uploader.release()
+        total = uploader.finish()
         targets = end_offsets(kafka_bootstrap, config.view_topic)
         assert sum(targets.values()) == total
         # The kills hit a service that had applied part of the stream, not an idle one.
