@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,7 +71,7 @@ class Closeable(Protocol):
 
 
 def main(prog: str, description: str | None, service_settings: Sequence[Setting],
-         serve_service: Callable[[Config], Awaitable[None]],
+         serve_service: Callable[[Config], Coroutine[Any, Any, None]],
          argv: Sequence[str] | None = None) -> None:
     """The `main()` of every service: flags and environment, logging, then `serve_service`."""
     parser = argparse.ArgumentParser(prog=prog, description=description)

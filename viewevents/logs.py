@@ -68,7 +68,7 @@ class RepeatFilter(logging.Filter):
             return False
         self._last[key] = now
         held = self._held.pop(key, 0)
-        if held:
+        if held and last is not None:
             record.msg = (f"{record.getMessage()} (and {held} more like it in the last "
                           f"{now - last:.0f} s)")
             record.args = ()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from google.protobuf import json_format
 
@@ -427,22 +427,22 @@ def _parse_json_line(line: str | bytes) -> ParsedLine:
     return ParsedLine(None, [], f"no ViewEvent keys in the JSON object (its keys: {keys})", "")
 
 
-def open_lines(path: str) -> io.BufferedIOBase:
+def open_lines(path: str) -> BinaryIO:
     """Binary reader for path ("-" is stdin); gzip is recognised by its magic bytes, not name."""
     if path == "-":
-        raw: io.BufferedIOBase = sys.stdin.buffer
+        raw: BinaryIO = sys.stdin.buffer
     else:
         raw = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
-    head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+    head = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
     if head == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
     return raw
 
 
 def iter_file(path: str) -> Iterator[tuple[int, ParsedLine]]:
     """Stream (1-based line number, parsed line) from a file, .gz or not; blank lines skipped."""
     f = open_lines(path)
-    inner = f.fileobj if isinstance(f, gzip.GzipFile) else None
+    inner = cast(BinaryIO, f.fileobj) if isinstance(f, gzip.GzipFile) else None
     try:
         for number, line in enumerate(f, 1):
             if line.isspace():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 import grpc
 from tqdm import tqdm
@@ -31,7 +32,7 @@ MAX_PROBLEMS_SHOWN = 20
 class _FileProblems:
     """Counts and shows (the first few) lines that could not be sent."""
 
-    def __init__(self, out: object) -> None:
+    def __init__(self, out: TextIO) -> None:
         self.out = out
         self.not_events = 0
         self.client_rejected = 0
@@ -40,9 +41,9 @@ class _FileProblems:
 
     def report(self, where: str, text: str) -> None:
         if self.shown < MAX_PROBLEMS_SHOWN:
-            print(f"{where}: {text}", file=self.out)  # type: ignore[arg-type]
+            print(f"{where}: {text}", file=self.out)
         elif self.shown == MAX_PROBLEMS_SHOWN:
-            print("... (further problems counted, not shown)", file=self.out)  # type: ignore[arg-type]
+            print("... (further problems counted, not shown)", file=self.out)
         self.shown += 1
 
 

@@ -99,7 +99,8 @@ def plot_png(path: str, times: list[datetime], values: list[int], title: str) ->
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(10, 4))
-    axes.bar(times, values, width=(times[1] - times[0]) * 0.9 if len(times) > 1 else 0.01)
+    width = (times[1] - times[0]) * 0.9 if len(times) > 1 else timedelta(minutes=1)
+    axes.bar(times, values, width=width)  # type: ignore[arg-type]  # matplotlib takes dates
     axes.set_title(title)
     axes.set_ylabel(title.split(":")[1].split(" per ")[0].strip())
     figure.autofmt_xdate()
@@ -179,7 +180,7 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=10)
 
 
-def _run(handler: object):  # type: ignore[no-untyped-def]
+def _run(handler: object):
     def run(args: argparse.Namespace) -> int:
         with QueryClient(args.stats_address, args.recommender_address, args.tls_ca,
                          args.stats_token, args.recommender_token) as client:
