@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tests.support import REPO, ServiceProcess, free_port, read_topic, test_config
 from tests.support.data import make_events
+from tests.support.waits import wait_for
 from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import ingest_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
@@ -116,8 +117,9 @@ def test_an_idle_upload_stream_is_closed(ingest: ServiceProcess) -> None:
 @pytest.mark.parametrize("failure", ["cancel", "deadline", "invalid"])
 def test_a_stream_ended_without_summary_commits_nothing_more(
         ingest: ServiceProcess, failure: str) -> None:
-    """Whatever ends an Upload early, events not yet shipped to Kafka are not stored later,
-    and re-sending with the same ids gets every event stored (the documented contract)."""
+    """Whatever ends an Upload early, events not yet shipped to Kafka are not stored later
+    (a cancel may race with the end of the stream: all or nothing of the one request), and
+    re-sending with the same ids gets every event stored (the documented contract)."""
     ids = [f"{failure}-{n}" for n in range(10)]  # one small request: nothing is shipped early
     received_before = _received(ingest)
     sent = threading.Event()
@@ -136,7 +138,8 @@ def test_a_stream_ended_without_summary_commits_nothing_more(
         assert sent.wait(10)
         if failure == "cancel":
             before = received_before
-            assert _wait_until(lambda: _received(ingest) >= before + 10), "server got the events"
+            wait_for(lambda: _received(ingest) >= before + 10, timeout=30, interval=0.05,
+                     message="the server did not receive the events")
             call.cancel()
         try:
             with pytest.raises((grpc.RpcError, grpc.FutureCancelledError)):
@@ -146,7 +149,13 @@ def test_a_stream_ended_without_summary_commits_nothing_more(
         stored_before_retry = _stored_ids(ingest, ids)
         summary = upload(channel, iter([_event(i, user=n + 1) for n, i in enumerate(ids)]),
                          timeout=30)
-    assert stored_before_retry == set(), f"{failure}: an abandoned upload was committed"
+    if failure == "cancel":
+        # gRPC may end the server's request stream before it reports the cancel, so a cancelled
+        # stream may have stored any prefix of what it sent (the documented contract); here the
+        # one request is all or nothing, and the retry below must still store each id.
+        assert stored_before_retry in (set(), set(ids)), stored_before_retry
+    else:
+        assert stored_before_retry == set(), f"{failure}: an abandoned upload was committed"
     assert summary.accepted == 10
     assert _stored_ids(ingest, ids) == set(ids)
 
@@ -160,15 +169,6 @@ def _received(ingest: ServiceProcess) -> float:
             if line.startswith("viewevents_events_received_total "):
                 return float(line.split()[1])
     return 0.0
-
-
-def _wait_until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _stored_ids(ingest: ServiceProcess, ids: list[str]) -> set[str]:
