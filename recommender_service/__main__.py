@@ -12,6 +12,7 @@ from recommender_service.settings import SETTINGS, from_config
 from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.consumer import ExactlyOnceConsumer, Processor
+from viewevents.membership import advertised_address
 from viewevents.state.store import StateStore
 from viewevents.v1 import recommender_service_pb2
 
@@ -36,7 +37,9 @@ async def serve(config: Config) -> None:
 
     endpoint = bootstrap.Endpoint(
         name="recommender", descriptor=SERVICE, address=config.recommender_address,
-        metrics_port=config.recommender_metrics_port, token=config.recommender_token)
+        metrics_port=config.recommender_metrics_port, token=config.recommender_token,
+        advertised_address=advertised_address(config.recommender_address,
+                                              config.recommender_advertised_address))
     await bootstrap.serve_consumer(
         config, endpoint, state_dir=config.recommender_state_dir,
         group_id=config.recommender_group, make_processor=make_processor,

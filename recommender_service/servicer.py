@@ -11,7 +11,12 @@ from google.protobuf import timestamp_pb2
 from recommender_service.query_engine import QueryEngine, UnknownItem
 from recommender_service.similarity import Metric
 from recommender_service.view import Stamp
-from viewevents.rpc.errors import Unparseable, abort_bad_request, reject_unparseable
+from viewevents.rpc.errors import (
+    Unparseable,
+    abort_bad_request,
+    abort_unavailable,
+    reject_unparseable,
+)
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
@@ -97,6 +102,20 @@ class RecommenderServicer:
         """Called by the bootstrap on shutdown: stops the engine's cache warmer."""
         self.engine.stop_warmer()
 
+    async def _require_every_partition(self, context: grpc.aio.ServicerContext) -> None:
+        """UNAVAILABLE (with RetryInfo) unless this instance owns every partition: with several
+        instances in the group its state covers part of the users, and the fan-out that would
+        complete its answers is not built yet, so it refuses rather than answer partially."""
+        owns_all = getattr(self.consumer, "owns_all", None)
+        if owns_all is None or owns_all():
+            return
+        owners = dict(getattr(self.consumer, "owners", {}))
+        mine = sorted(self.consumer.positions) if self.consumer is not None else []
+        await abort_unavailable(context, (
+            "this recommender instance does not own every partition (owns "
+            f"{mine or 'none'} of {sorted(owners) or 'an unknown set'}); run one instance per "
+            "consumer group until the recommender's fan-out exists"))
+
     async def GetSimilarMedia(
         self, request: pb.GetSimilarMediaRequest | Unparseable, context: grpc.aio.ServicerContext
     ) -> pb.GetSimilarMediaResponse:
@@ -105,6 +124,7 @@ class RecommenderServicer:
         violations = validate_similar(request, self.max_limit)
         if violations:
             await abort_bad_request(context, "invalid GetSimilarMedia request", violations)
+        await self._require_every_partition(context)
         try:
             ranked, stamp = self.engine.similar(
                 request.media_id, _METRICS[request.metric], request.limit or DEFAULT_LIMIT)
@@ -128,6 +148,7 @@ class RecommenderServicer:
         violations = validate_recommend(request, self.max_limit)
         if violations:
             await abort_bad_request(context, "invalid RecommendForUser request", violations)
+        await self._require_every_partition(context)
         result = self.engine.recommend(request.user_id, request.limit or DEFAULT_LIMIT)
         return pb.RecommendForUserResponse(
             recommendations=[pb.Recommendation(media_id=m, score=s)

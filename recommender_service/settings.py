@@ -9,7 +9,11 @@ from viewevents.config import CONSUMER_SETTINGS, SHARED_SETTINGS, Setting
 
 OWN_SETTINGS: tuple[Setting, ...] = (
     Setting("recommender_address", "VIEWEVENTS_RECOMMENDER_ADDRESS", "127.0.0.1:50053", str,
-            "Address the recommender service listens on."),
+            "Address the recommender service listens on (bind address)."),
+    Setting("recommender_advertised_address", "VIEWEVENTS_RECOMMENDER_ADVERTISED_ADDRESS", "",
+            str, "Address other recommender instances use to reach this one (sent to the "
+            "consumer group). Empty: the bind address, or this host's name with the bind port "
+            "when the bind host is 0.0.0.0 or [::]."),
     Setting("recommender_state_dir", "VIEWEVENTS_RECOMMENDER_STATE_DIR", "state/recommender", str,
             "RocksDB directory of the recommender service."),
     Setting("recommender_group", "VIEWEVENTS_RECOMMENDER_GROUP", "viewevents-recommender", str,

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
 from stats_service.request_parsing import Limits, page_token_secret
 from stats_service.servicer import SERVICE, StatsServicer
 from stats_service.settings import SETTINGS
-from viewevents import bootstrap
+from viewevents import bootstrap, scatter
 from viewevents.config import Config
+from viewevents.membership import advertised_address
+
+log = logging.getLogger("stats_service")
+
+
+def peers_for(config: Config) -> scatter.Peers:
+    """Channels to the other instances: TLS when this one serves TLS (peers are verified
+    against this instance's own certificate file, so every instance needs a certificate from
+    the chain in that file, e.g. one shared certificate or a CA bundle appended to it)."""
+    if config.tls_cert_file:
+        return scatter.Peers(scatter.tls_peer_channel(Path(config.tls_cert_file).read_bytes()))
+    return scatter.Peers()
 
 
 async def serve(config: Config) -> None:
@@ -18,16 +32,23 @@ async def serve(config: Config) -> None:
                     default_page_size=config.stats_default_page_size,
                     max_page_size=config.stats_max_page_size,
                     max_concurrent_scans=config.stats_max_concurrent_scans)
+    advertised = advertised_address(config.stats_address, config.stats_advertised_address)
     endpoint = bootstrap.Endpoint(name="stats", descriptor=SERVICE, address=config.stats_address,
                                   metrics_port=config.stats_metrics_port,
-                                  token=config.stats_token)
+                                  token=config.stats_token, advertised_address=advertised)
+    if not config.stats_page_token_secret:
+        log.warning("no stats_page_token_secret: ListTopMedia page tokens are valid only on this "
+                    "instance; set the same secret on every instance behind one address")
+    peer_metadata = ([("authorization", f"Bearer {config.stats_token}")]
+                     if config.stats_token else [])
     await bootstrap.serve_consumer(
         config, endpoint, state_dir=config.stats_state_dir, group_id=config.stats_group,
         make_processor=lambda store: StatsProcessor(config.heartbeat_seconds,
                                                     config.stats_trend_retention_days),
         make_servicer=lambda store, consumer, processor: StatsServicer(
             StatsReader(store, config.stats_rank_chunk_rows), consumer, limits,
-            page_token_secret(config.stats_page_token_secret)))
+            page_token_secret(config.stats_page_token_secret), peers=peers_for(config),
+            peer_metadata=peer_metadata))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,6 +1,15 @@
-"""gRPC handlers of viewevents.v1.StatsService: check arguments, read RocksDB, answer.
+"""gRPC handlers of viewevents.v1.StatsService: check arguments, gather, answer.
 
-Every answer carries the consumer position read *before* the state, so the state read is at
+Any instance answers completely: it asks the owner of every partition (itself included) for
+its partial answer over those partitions (`viewevents.scatter`) and merges them
+(`stats_service.merging`); an instance reads its own RocksDB only for partitions it owns and
+has caught up on, never for stale partitions left in its store. When a partition cannot be
+answered for, the call fails with UNAVAILABLE and RetryInfo: never a partial answer. A call
+carrying `x-viewevents-partitions` comes from another instance and is answered from exactly
+those local partitions (UNAVAILABLE when this instance does not own or has not caught up on
+one of them).
+
+Every partial carries the consumer position read *before* the state, so the state read is at
 least as fresh as the position says. GetMediaStats is a handful of point reads and runs on the
 event loop; trends and rankings scan ranges and run in a worker thread so that a long scan
 does not hold up the cheap calls.
@@ -10,23 +19,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from stats_service import request_parsing as queries
+from stats_service.merging import merge_buckets, merge_totals
 from stats_service.reader import StatsReader, Totals
 from stats_service.request_parsing import Limits, TopQuery, TrendQuery
+from viewevents import scatter
 from viewevents.consumer import ExactlyOnceConsumer
-from viewevents.rpc.errors import abort_bad_request, reject_unparseable
+from viewevents.rpc.errors import abort_bad_request, abort_unavailable, reject_unparseable
 from viewevents.v1 import stats_service_pb2 as pb
+from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["StatsService"]
+T = TypeVar("T")
+Position = view_event_pb2.ConsumerPosition
+TrendPart = tuple[dict[int, list[int]], int, bool]  # buckets, unique viewers, media known
+
+
+def totals_of(stats: pb.MediaStats) -> Totals:
+    return Totals(view_time=stats.view_time_seconds, starts=stats.starts, stops=stats.stops,
+                  ends=stats.ends, uniques=stats.unique_viewers,
+                  first=stats.first_event_time.seconds, last=stats.last_event_time.seconds)
 
 
 def _ts(seconds: int) -> timestamp_pb2.Timestamp:
@@ -44,31 +65,114 @@ def media_stats(media_id: int, totals: Totals) -> pb.MediaStats:
 
 
 class StatsServicer:
-    """Implements viewevents.v1.StatsService over a StatsReader."""
+    """Implements viewevents.v1.StatsService over a StatsReader and the partition owners."""
 
     def __init__(self, reader: StatsReader, consumer: ExactlyOnceConsumer | Any,
-                 limits: Limits, page_token_secret: bytes | None = None) -> None:
+                 limits: Limits, page_token_secret: bytes | None = None, *,
+                 peers: scatter.Peers | None = None,
+                 peer_metadata: Sequence[tuple[str, str]] = (),
+                 fanout_timeout: float = scatter.DEFAULT_TIMEOUT_S) -> None:
         self.reader = reader
         self.consumer = consumer
         self.limits = limits
         self.page_token_secret = page_token_secret  # None: the process's random secret
+        self.peers = peers or scatter.Peers()
+        self.peer_metadata = list(peer_metadata)  # e.g. the bearer token peers expect
+        self.fanout_timeout = fanout_timeout
         # Scans (trends, rankings) hold memory while they run: a few at a time, others queue.
         self._scans = asyncio.Semaphore(max(1, limits.max_concurrent_scans))
 
-    def _read_position(self) -> tuple[view_event_pb2.ConsumerPosition, list[int]]:
-        """The position to report and the partitions to read: those this instance owns, or
-        (before the first assignment) every partition in the store."""
-        position = self.consumer.position()
-        partitions = [p.partition for p in position.partitions]
-        return position, partitions or self.reader.stored_partitions()
+    # --- who answers for which partition ------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        return str(getattr(self.consumer, "address", "") or "local")
+
+    def _owners(self) -> dict[int, str]:
+        """partition -> owner address. A consumer outside any group (embedded use: tests,
+        benchmarks) owns the partitions of its position."""
+        owners = getattr(self.consumer, "owners", None)
+        if owners is None:
+            return {p.partition: self.address for p in self.consumer.position().partitions}
+        return dict(owners)
+
+    def _answerable(self) -> frozenset[int]:
+        """Local partitions that may be read: owned and caught up since the latest assignment."""
+        answerable = getattr(self.consumer, "answerable", None)
+        if answerable is None:
+            return frozenset(p.partition for p in self.consumer.position().partitions)
+        return frozenset(answerable())
+
+    def _local_position(self, partitions: Sequence[int]) -> Position:
+        """The position of `partitions` (read before the state they answer from)."""
+        wanted = set(partitions)
+        full = self.consumer.position()
+        watermark = self.reader.store.watermark(partitions) if partitions else None
+        position = Position(partitions=[p for p in full.partitions if p.partition in wanted],
+                            caught_up=True)
+        if watermark is not None:
+            position.event_time_watermark.seconds = watermark
+        return position
+
+    def _check_local(self, partitions: Sequence[int]) -> None:
+        missing = sorted(set(partitions) - self._answerable())
+        if missing:
+            raise scatter.OwnerUnavailable(
+                f"instance {self.address} does not own or has not caught up on partitions "
+                f"{scatter.format_partitions(missing)}")
+
+    async def _gather(self, context: grpc.aio.ServicerContext, method: str,
+                      local: Callable[[list[int]], Awaitable[T]],
+                      remote: Callable[[pb_grpc.StatsServiceStub, list[int], Sequence[tuple[str, str]],
+                                        float], Awaitable[T]]) -> list[T]:
+        """Every partition's partial answer: read locally for this instance's partitions, asked
+        of their owners for the others; aborts with UNAVAILABLE and RetryInfo when any is
+        missing. A call from a peer is answered from exactly the partitions it names."""
+        try:
+            asked = scatter.requested_partitions(context.invocation_metadata())
+        except ValueError as error:
+            await abort_bad_request(context, str(error), [queries.violation(
+                scatter.PARTITIONS_KEY, str(error), "INVALID_METADATA")])
+        await _answered_by(context, self.address)
+        if asked is not None:
+            try:
+                self._check_local(asked)
+            except scatter.OwnerUnavailable as error:
+                await abort_unavailable(context, str(error))
+            log.debug("%s for a peer from partitions %s", method, asked)
+            return [await local(asked)]
+        remaining = context.time_remaining()
+        timeout = self.fanout_timeout if remaining is None else max(
+            0.05, min(self.fanout_timeout, remaining - 0.05))
+
+        async def ask(address: str, partitions: list[int]) -> T:
+            if address == self.address:
+                self._check_local(partitions)
+                return await local(partitions)
+            metadata = [(scatter.PARTITIONS_KEY, scatter.format_partitions(partitions)),
+                        *self.peer_metadata]
+            stub = pb_grpc.StatsServiceStub(self.peers.channel(address))
+            return await remote(stub, partitions, metadata, timeout)
+
+        try:
+            partials = await scatter.gather(self._owners(), ask, timeout=timeout,
+                                            service="stats")
+        except scatter.Incomplete as incomplete:
+            log.info("%s UNAVAILABLE: %s", method, incomplete)
+            await abort_unavailable(context, str(incomplete))
+        log.debug("%s answered by %s from %s", method, self.address,
+                  {p.address: scatter.format_partitions(p.partitions) for p in partials})
+        return [p.result for p in partials]
 
     async def _not_found(self, context: grpc.aio.ServicerContext, media_id: int,
-                         position: view_event_pb2.ConsumerPosition) -> None:
+                         position: Position) -> None:
         offsets = ", ".join(f"{p.partition}:{p.offset}" for p in position.partitions)
         await context.abort(
             grpc.StatusCode.NOT_FOUND,
             f"media item {media_id} has no events (consumer at offsets [{offsets}], "
             f"caught_up={position.caught_up})")
+
+    # --- GetMediaStats ----------------------------------------------------------------------
 
     async def GetMediaStats(self, request: pb.GetMediaStatsRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetMediaStatsResponse:
@@ -77,13 +181,32 @@ class StatsServicer:
         queries.check_media_id(request.media_id, violations)
         if violations:
             await abort_bad_request(context, "invalid GetMediaStats request", violations)
-        position, partitions = self._read_position()
-        totals = self.reader.totals(partitions, request.media_id)
+
+        async def local(partitions: list[int]) -> tuple[Totals | None, Position]:
+            position = self._local_position(partitions)
+            return self.reader.totals(partitions, request.media_id), position
+
+        async def remote(stub: pb_grpc.StatsServiceStub, partitions: list[int],
+                         metadata: Sequence[tuple[str, str]], timeout: float
+                         ) -> tuple[Totals | None, Position]:
+            reply = await stub.GetMediaStats(request, metadata=metadata, timeout=timeout)
+            return (totals_of(reply.stats) if reply.HasField("stats") else None), reply.position
+
+        parts = await self._gather(context, "GetMediaStats", local, remote)
+        position = scatter.merge_positions([p for _, p in parts])
+        totals = merge_totals(t for t, _ in parts)
+        if scatter.requested_partitions(context.invocation_metadata()) is not None:
+            # A peer's partial: no stats field when these partitions have no events for it.
+            return pb.GetMediaStatsResponse(
+                stats=media_stats(request.media_id, totals) if totals else None,
+                position=position)
         if totals is None:
             await self._not_found(context, request.media_id, position)
         assert totals is not None
         return pb.GetMediaStatsResponse(stats=media_stats(request.media_id, totals),
                                         position=position)
+
+    # --- GetMediaTrend ----------------------------------------------------------------------
 
     async def GetMediaTrend(self, request: pb.GetMediaTrendRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetMediaTrendResponse:
@@ -92,16 +215,53 @@ class StatsServicer:
         if query is None:
             await abort_bad_request(context, "invalid GetMediaTrend request", violations)
         assert query is not None
-        position, partitions = self._read_position()
-        if self.reader.totals(partitions, query.media_id) is None:
+
+        async def local(partitions: list[int]) -> tuple[TrendPart, Position]:
+            position = self._local_position(partitions)
+            if self.reader.totals(partitions, query.media_id) is None:
+                return ({}, 0, False), position
+            async with self._scans:
+                part = await asyncio.to_thread(self._trend_part, query, partitions)
+            return part, position
+
+        async def remote(stub: pb_grpc.StatsServiceStub, partitions: list[int],
+                         metadata: Sequence[tuple[str, str]], timeout: float
+                         ) -> tuple[TrendPart, Position]:
+            reply = await stub.GetMediaTrend(request, metadata=metadata, timeout=timeout)
+            buckets = {b.start_time.seconds: [b.view_time_seconds, b.starts, b.stops, b.ends,
+                                              b.unique_viewers] for b in reply.buckets}
+            # A peer says media_id 0 when its partitions have no events for the item.
+            return (buckets, reply.unique_viewers, reply.media_id != 0), reply.position
+
+        parts = await self._gather(context, "GetMediaTrend", local, remote)
+        position = scatter.merge_positions([p for _, p in parts])
+        known = any(part[2] for part, _ in parts)
+        peer = scatter.requested_partitions(context.invocation_metadata()) is not None
+        if not known and not peer:
             await self._not_found(context, query.media_id, position)
-        async with self._scans:
-            response = await asyncio.to_thread(self._trend, query, partitions)
+        buckets = merge_buckets(part[0] for part, _ in parts)
+        viewers = sum(part[1] for part, _ in parts)  # a user lives in one partition
+        if peer:
+            query = TrendQuery(query.media_id, query.size, query.start, query.end, False)
+        response = self._trend_response(query, buckets, viewers)
+        if peer and not known:
+            response.media_id = 0
         response.position.CopyFrom(position)
         return response
 
-    def _trend(self, query: TrendQuery, partitions: Sequence[int]) -> pb.GetMediaTrendResponse:
+    def _trend_part(self, query: TrendQuery, partitions: Sequence[int]
+                    ) -> tuple[dict[int, list[int]], int, bool]:
         found = self.reader.trend(partitions, query.media_id, query.size, query.start, query.end)
+        viewers = self.reader.viewers(partitions, query.media_id, query.start, query.end)
+        return found, viewers, True
+
+    def _trend(self, query: TrendQuery, partitions: Sequence[int]) -> pb.GetMediaTrendResponse:
+        found, viewers, _ = self._trend_part(query, partitions)
+        return self._trend_response(query, found, viewers)
+
+    @staticmethod
+    def _trend_response(query: TrendQuery, found: dict[int, list[int]], viewers: int
+                        ) -> pb.GetMediaTrendResponse:
         starts = (queries.empty_bucket_starts(query.start, query.end, query.size)
                   if query.include_empty else sorted(found))
         buckets = []
@@ -111,18 +271,32 @@ class StatsServicer:
                 start_time=_ts(start), view_time_seconds=row[0], starts=row[1], stops=row[2],
                 ends=row[3], unique_viewers=row[4]))
         granularity = {v: g for g, v in queries.GRANULARITY_SECONDS.items()}[query.size]
-        viewers = self.reader.viewers(partitions, query.media_id, query.start, query.end)
         return pb.GetMediaTrendResponse(media_id=query.media_id, granularity=granularity,
                                         buckets=buckets, unique_viewers=viewers)
 
+    # --- ListTopMedia -----------------------------------------------------------------------
+
     async def ListTopMedia(self, request: pb.ListTopMediaRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListTopMediaResponse:
+        """Answered only by an instance that owns and has caught up on every partition:
+        merging per-instance top lists is not exact, and gathering every owner's partial sums
+        is not built yet, so other instances answer UNAVAILABLE rather than a partial ranking."""
         await reject_unparseable(context, request)
         query, violations = queries.parse_top(request, self.limits, self.page_token_secret)
         if query is None:
             await abort_bad_request(context, "invalid ListTopMedia request", violations)
         assert query is not None
-        position, partitions = self._read_position()
+        await _answered_by(context, self.address)
+        owners = self._owners()
+        ready = self._answerable()
+        if not owners or not set(owners) <= ready:
+            elsewhere = sorted(set(owners) - ready)
+            await abort_unavailable(context, (
+                f"ListTopMedia needs an instance that owns every partition; {self.address} "
+                f"does not own or has not caught up on partitions "
+                f"{scatter.format_partitions(elsewhere) or '(none assigned yet)'}"))
+        partitions = sorted(owners)
+        position = self._local_position(partitions)
         async with self._scans:
             response = await asyncio.to_thread(self._top, query, partitions)
         response.position.CopyFrom(position)
@@ -144,3 +318,11 @@ class StatsServicer:
         token = (queries.encode_page_token(query.fingerprint, following, self.page_token_secret)
                  if following is not None else "")
         return pb.ListTopMediaResponse(media=media, next_page_token=token)
+
+
+async def _answered_by(context: grpc.aio.ServicerContext, address: str) -> None:
+    """Tell the caller which instance answered (initial metadata), for operators and tests."""
+    try:
+        await context.send_initial_metadata(((scatter.ANSWERED_BY_KEY, address),))
+    except Exception:  # noqa: BLE001 - metadata already sent, or a test's bare context
+        pass

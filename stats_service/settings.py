@@ -6,7 +6,11 @@ from viewevents.config import CONSUMER_SETTINGS, SHARED_SETTINGS, Setting
 
 OWN_SETTINGS: tuple[Setting, ...] = (
     Setting("stats_address", "VIEWEVENTS_STATS_ADDRESS", "127.0.0.1:50052", str,
-            "Address the stats service listens on."),
+            "Address the stats service listens on (bind address)."),
+    Setting("stats_advertised_address", "VIEWEVENTS_STATS_ADVERTISED_ADDRESS", "", str,
+            "Address other stats instances use to reach this one (sent to the consumer group). "
+            "Empty: the bind address, or this host's name with the bind port when the bind "
+            "host is 0.0.0.0 or [::]. Set it behind NAT or in containers."),
     Setting("stats_state_dir", "VIEWEVENTS_STATS_STATE_DIR", "state/stats", str,
             "RocksDB directory of the stats service."),
     Setting("stats_group", "VIEWEVENTS_STATS_GROUP", "viewevents-stats", str,

@@ -61,6 +61,9 @@ class Endpoint:
     metrics_port: int = 0
     token: str = ""  # when set, the service's methods need 'authorization: Bearer <token>'
     max_request_bytes: int = 8 * 1024 * 1024
+    # Where other instances reach this one (consuming services: sent to the group with every
+    # join); empty: the bind address (see viewevents.membership.advertised_address).
+    advertised_address: str = ""
 
 
 @runtime_checkable
@@ -150,15 +153,16 @@ async def serve_consumer(
         bootstrap=config.kafka_bootstrap, topic=config.view_topic, group_id=group_id,
         store=store, processor=processor, batch_max=config.consume_batch_max,
         dedupe_retention_days=config.dedupe_retention_days,
-        client_id=f"viewevents-{endpoint.name}", metrics_name=endpoint.name)
+        client_id=f"viewevents-{endpoint.name}", metrics_name=endpoint.name,
+        advertised_address=endpoint.advertised_address or endpoint.address)
     servicer = make_servicer(store, consumer, processor)
     CONSUMER_LAG.labels(endpoint.name).set_function(consumer.lag)
     ROCKSDB_BYTES.labels(endpoint.name).set_function(store.size_bytes)
     await consumer.start()
     consuming = asyncio.create_task(consumer.run(), name=f"{endpoint.name}-consumer")
     consuming.add_done_callback(_stop_process_if_crashed)
-    log.info("%s consuming %s in group %s; state %s", endpoint.name, config.view_topic, group_id,
-             state_dir)
+    log.info("%s consuming %s in group %s; state %s; advertised to the group as %s",
+             endpoint.name, config.view_topic, group_id, state_dir, consumer.address)
 
     async def stop_consumer() -> None:
         """Let the loop finish its batch (one RocksDB write batch: all or nothing), within

@@ -27,7 +27,8 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from google.protobuf import timestamp_pb2
 
-from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED
+from viewevents.membership import Claim, OwnershipAssignor
+from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED, PARTITION_OWNER
 from viewevents.readiness import PROBE_TIMEOUT_S, Readiness, watch_kafka
 from viewevents.state.codecs import BIG_I64, BIG_U32
 from viewevents.state.keys import (
@@ -222,6 +223,14 @@ class CatchUp:
         """Positions after a committed batch (only owned partitions are given)."""
         self.positions.update(positions)
 
+    def caught_up_partitions(self) -> frozenset[int]:
+        """Owned partitions at or past their end offset read after the latest assignment:
+        the only ones this instance may answer from (the others are still being replayed)."""
+        targets = self.targets
+        if targets is None:
+            return frozenset()
+        return frozenset(p for p in self.assigned if self.positions.get(p, -1) >= targets[p])
+
     @property
     def caught_up(self) -> bool:
         targets = self.targets
@@ -248,8 +257,13 @@ class ExactlyOnceConsumer:
         dedupe_retention_days: int = 30,
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
+        advertised_address: str = "",
     ) -> None:
         self.topic = topic
+        self.address = advertised_address  # where other instances reach this one's queries
+        self.metrics_name = metrics_name
+        # partition -> query address of its owner, from the group's latest assignment.
+        self.owners: dict[int, str] = {}
         self.store = store
         self.processor = processor
         self.batch_max = batch_max
@@ -278,6 +292,8 @@ class ExactlyOnceConsumer:
             session_timeout_ms=10_000,  # a killed instance's partitions move on after 10 s
             heartbeat_interval_ms=3_000,
             max_poll_interval_ms=300_000,
+            # Claims (address, stored offsets) in, a state-aware plan and the owners map out.
+            partition_assignment_strategy=(OwnershipAssignor(self._claim, self._owners_changed),),
         )
         self._consumer: AIOKafkaConsumer | None = None  # made in start(), inside the event loop
         self._apply_lock = asyncio.Lock()
@@ -298,6 +314,41 @@ class ExactlyOnceConsumer:
 
     def lag(self) -> int:
         return self.catch_up.lag()
+
+    # --- ownership (viewevents.membership) -----------------------------------------------------
+
+    def _claim(self) -> Claim:
+        """What this member tells the group leader at every join: its address, and how far
+        its store is in each partition (so partitions go back to the state that holds them)."""
+        known = self._consumer.partitions_for_topic(self.topic) if self._consumer else None
+        partitions = set(known or ()) | set(self.catch_up.assigned)
+        return Claim(self.address, self.store.stored_offsets(self.topic, sorted(partitions)))
+
+    def _owners_changed(self, owners: dict[int, str]) -> None:
+        """The partition -> address map that came with this member's assignment."""
+        if owners == self.owners:
+            return
+        for partition, address in self.owners.items():
+            if owners.get(partition) != address:
+                try:
+                    PARTITION_OWNER.remove(self.metrics_name, str(partition), address)
+                except KeyError:
+                    pass
+        for partition, address in owners.items():
+            PARTITION_OWNER.labels(self.metrics_name, str(partition), address).set(1)
+        moved = {p: f"{self.owners.get(p, '-')} -> {a}" for p, a in sorted(owners.items())
+                 if self.owners.get(p) != a}
+        log.info("partition owners (I am %s): %s; changed: %s", self.address or "?",
+                 dict(sorted(owners.items())), moved)
+        self.owners = owners
+
+    def answerable(self) -> frozenset[int]:
+        """Partitions this instance may answer from now: owned and caught up."""
+        return self.catch_up.caught_up_partitions()
+
+    def owns_all(self) -> bool:
+        """This instance owns every partition of the topic (as far as the group said)."""
+        return bool(self.owners) and set(self.owners) <= self.catch_up.assigned
 
     def _publish(self) -> None:
         """Bring `caught_up` and `readiness` in line with the bookkeeping (after each change)."""

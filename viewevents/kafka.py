@@ -87,6 +87,22 @@ async def topics_max_message_bytes(config: Config, topics: list[str]) -> int | N
         await admin.close()
 
 
+async def _warn_on_finite_retention(admin: AIOKafkaAdminClient, topic: str) -> None:
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})])
+        values = [entry[1] for response in responses
+                  for error_code, _, _, _, entries in response.resources if error_code == 0
+                  for entry in entries if entry[0] == "retention.ms"]
+    except (KafkaError, OSError, ValueError, TypeError) as error:
+        log.warning("could not read retention.ms of %s: %r", topic, error)
+        return
+    if values and values[0] is not None and int(values[0]) >= 0:
+        log.warning("topic %s has retention.ms=%s: an instance that takes over a partition "
+                    "replays it from offset 0 and would miss deleted records; set "
+                    "retention.ms=-1 (docs/operations.md)", topic, values[0])
+
+
 def new_producer(config: Config, **overrides: object) -> AIOKafkaProducer:
     """An idempotent producer that waits for all in-sync replicas (acks=all)."""
     options: dict[str, object] = dict(
@@ -103,8 +119,15 @@ def new_producer(config: Config, **overrides: object) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
+# A new owner of a partition rebuilds its state by replaying the partition from offset 0
+# (docs/architecture.md, "Scaling out"), so the view topic must keep every record.
+VIEW_TOPIC_CONFIGS = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
 async def ensure_topics(config: Config, topics: list[str], partitions: int | None = None) -> None:
-    """Create the topics if missing (idempotent; safe when several instances start at once)."""
+    """Create the topics if missing (idempotent; safe when several instances start at once).
+    The view topic gets unlimited retention; an existing one with a finite retention is
+    reported, since an instance that takes over a partition replays it from the beginning."""
     admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka_bootstrap)
     await admin.start()
     try:
@@ -114,7 +137,9 @@ async def ensure_topics(config: Config, topics: list[str], partitions: int | Non
             count = partitions or config.topic_partitions
             try:
                 await admin.create_topics(
-                    [NewTopic(name=t, num_partitions=count, replication_factor=1) for t in missing]
+                    [NewTopic(name=t, num_partitions=count, replication_factor=1,
+                              topic_configs=VIEW_TOPIC_CONFIGS if t == config.view_topic else {})
+                     for t in missing]
                 )
                 log.info("created topics %s with %d partitions", missing, count)
             except TopicAlreadyExistsError:
@@ -122,7 +147,9 @@ async def ensure_topics(config: Config, topics: list[str], partitions: int | Non
         for _ in range(50):  # metadata of new topics reaches the broker cache shortly after
             described = await admin.describe_topics(topics)
             if all(d.get("partitions") for d in described):
-                return
+                break
             await asyncio.sleep(0.1)
+        if config.view_topic in topics:
+            await _warn_on_finite_retention(admin, config.view_topic)
     finally:
         await admin.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -146,3 +147,18 @@ class OwnershipAssignor(AbstractPartitionAssignor):
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
         self.owners = decode_owners(assignment.user_data)
         self._on_owners(dict(self.owners))
+
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
+def advertised_address(bind: str, configured: str = "", hostname: str | None = None) -> str:
+    """The address other instances use to reach this one: `configured` when set, else the
+    bind address when its host is concrete, else this host's name with the bind port (a
+    wildcard bind such as 0.0.0.0 or [::] is not an address anyone can dial)."""
+    if configured:
+        return configured
+    host, _, port = bind.rpartition(":")
+    if host not in WILDCARD_HOSTS:
+        return bind
+    return f"{hostname if hostname is not None else socket.gethostname()}:{port}"

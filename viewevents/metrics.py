@@ -26,6 +26,12 @@ EVENTS_APPLIED = Counter("viewevents_events_applied_total", "New valid events ap
 DUPLICATES = Counter("viewevents_duplicate_events_total", "Events dropped as duplicate ids.", ["service"])
 CONSUMER_LAG = Gauge("viewevents_consumer_lag_records", "Records behind the end offsets seen at assignment.",
                      ["service"])
+PARTITION_OWNER = Gauge("viewevents_partition_owner", "1 per partition for the query address of "
+                        "its owner, as this instance last heard from the consumer group.",
+                        ["service", "partition", "address"])
+FANOUT_CALLS = Counter("viewevents_fanout_calls_total", "Calls this instance made to a partition "
+                       "owner (itself included) to answer a query, by owner and outcome.",
+                       ["service", "owner", "outcome"])
 ROCKSDB_BYTES = Gauge("viewevents_rocksdb_size_bytes", "RocksDB SST plus memtable bytes.", ["service"])
 
 

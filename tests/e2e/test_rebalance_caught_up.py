@@ -1,6 +1,9 @@
 """Two stats instances in one consumer group: while the second joins and leaves, every answer of
-the first that says caught_up=true is exact for the partitions it lists, and its health is
-NOT_SERVING while a new assignment is being caught up.
+the first that says caught_up=true lists every partition (it asks the other instance for the
+partitions it does not own) and is exact, and its health is NOT_SERVING while a new assignment
+is being caught up. Which instance owns which partition is probed with the peer header
+(`x-viewevents-partitions`), which an instance answers only for partitions it owns and has
+caught up on.
 
 Expected values are computed here from the uploaded events, split by partition with Kafka's
 default partitioner on the record key (the user id), independently of the services' code.
@@ -96,6 +99,23 @@ def position(address: str, media: int) -> tuple[frozenset[int], dict[int, int], 
     return frozenset(offsets), offsets, reply.position.caught_up
 
 
+def owned(address: str, media: int) -> frozenset[int]:
+    """The partitions the instance answers for from its own state (owned and caught up)."""
+    found = set()
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.StatsServiceStub(channel)
+        for partition in ALL:
+            try:
+                stub.GetMediaStats(pb.GetMediaStatsRequest(media_id=media), timeout=5,
+                                   metadata=[("x-viewevents-partitions", str(partition))])
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                continue
+            found.add(partition)
+    return frozenset(found)
+
+
 def wait_for(condition, what: str, timeout: float = 120) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,16 +167,17 @@ def test_answers_cover_exactly_the_caught_up_partitions_through_rebalances(
         b.wait_serving()
 
         def split() -> bool:
-            mine, _, caught_a = position(a.address, media[0])
-            theirs, _, caught_b = position(b.address, media[0])
-            return caught_a and caught_b and mine | theirs == ALL and not mine & theirs
+            mine, theirs = owned(a.address, media[0]), owned(b.address, media[0])
+            return bool(mine) and bool(theirs) and mine | theirs == ALL and not mine & theirs
         wait_for(split, "A and B own disjoint halves and are caught up")
-        mine = position(a.address, media[0])[0]
+        mine = owned(a.address, media[0])
         # New events while B owns part of the topic: A's copy of B's partitions falls behind.
         poller.phase = None
         ends = send(make_events(30_000, seed=402, bad_share=0)[0])
-        wait_for(lambda: all(position(a.address, media[0])[1].get(p, -1) >= ends[p] for p in mine),
-                 "A applied its partitions")
+        # A's answers now cover B's partitions too (asked of B): wait until both applied.
+        wait_for(lambda: all(position(a.address, media[0])[1].get(p, -1) >= ends[p] for p in ALL),
+                 "A's answers reached the new end offsets on every partition")
+        assert mine
         truths[2] = truth
         poller.phase = 2
     finally:
@@ -171,7 +192,8 @@ def test_answers_cover_exactly_the_caught_up_partitions_through_rebalances(
              for phase, parts, m, got in poller.answers if got != truths[phase].totals(m, parts)]
     assert not wrong, f"{len(wrong)} caught_up answers not exact for their partitions: {wrong[:5]}"
     listed = {parts for _, parts, _, _ in poller.answers}
-    assert ALL in listed and any(len(parts) < PARTITIONS for parts in listed), listed
+    assert listed == {ALL}, listed  # complete answers only, whoever owned what
+    assert {phase for phase, _, _, _ in poller.answers} == {1, 2}
     assert health_pb2.HealthCheckResponse.NOT_SERVING in poller.health, \
         "health never left SERVING through two rebalances"
     with grpc.insecure_channel(a.address) as channel:

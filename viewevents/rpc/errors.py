@@ -1,5 +1,6 @@
 """Errors in the gRPC rich error model (AIP-193): INVALID_ARGUMENT with google.rpc.BadRequest
-field violations, and requests whose bytes do not parse, answered the same way."""
+field violations, requests whose bytes do not parse answered the same way, and UNAVAILABLE with
+google.rpc.RetryInfo when part of the data is out of reach for a moment (never a partial answer)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -40,6 +41,36 @@ async def abort_bad_request(
     """Abort the RPC with INVALID_ARGUMENT and the field violations (AIP-193)."""
     await context.abort_with_status(bad_request_status(message, violations))
     raise AssertionError("unreachable")  # abort_with_status always raises
+
+
+DEFAULT_RETRY_SECONDS = 1.0
+
+
+def unavailable_status(message: str, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> grpc.Status:
+    """UNAVAILABLE carrying google.rpc.RetryInfo: the caller should retry after the delay."""
+    detail = any_pb2.Any()
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(retry_seconds * 1e9))
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[detail]))
+
+
+async def abort_unavailable(context: grpc.aio.ServicerContext, message: str,
+                            retry_seconds: float = DEFAULT_RETRY_SECONDS) -> NoReturn:
+    """Abort the RPC with UNAVAILABLE and a RetryInfo detail."""
+    await context.abort_with_status(unavailable_status(message, retry_seconds))
+    raise AssertionError("unreachable")  # abort_with_status always raises
+
+
+def retry_delay_of(error: grpc.RpcError) -> float | None:
+    """The google.rpc.RetryInfo delay (seconds) of a client-side error, if it carries one."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else []:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
 
 
 def field_violations_of(error: grpc.RpcError) -> list[Violation]:

@@ -1,0 +1,291 @@
+"""Several stats instances in one consumer group: any instance answers completely and exactly.
+
+Three instances split an 8-partition topic; each answers every GetMediaStats and GetMediaTrend
+for every media item exactly as brute force over the uploaded file, and as a single instance in
+a group of its own. One instance is killed with kill -9 while a second upload flows: every
+answer of the others is then complete and sound (at least what its position promises, never
+more than everything uploaded) or UNAVAILABLE with google.rpc.RetryInfo, and after the
+rebalance every answer is exact again. An instance that owns no partition (more instances than
+partitions) answers exactly by asking the owners.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+
+from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
+from tests.support.broker import end_offsets, read_topic
+from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
+from tests.support.oracles import HEARTBEAT, Expected, check_all_totals
+from viewevents.rpc.errors import retry_delay_of
+from viewevents.v1 import stats_service_pb2 as pb
+from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
+from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
+
+PARTITIONS = 8
+ANSWERED_BY = "x-viewevents-answered-by"
+
+
+def _ts(seconds: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
+def stats_answer(address: str, media: int) -> pb.GetMediaStatsResponse:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.StatsServiceStub(channel).GetMediaStats(
+            pb.GetMediaStatsRequest(media_id=media), timeout=10)
+
+
+def applied_all(address: str, media: int, targets: dict[int, int]) -> bool:
+    """A complete answer whose position reached `targets` on every partition."""
+    try:
+        position = stats_answer(address, media).position
+    except grpc.RpcError as error:
+        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+            return False
+        raise
+    offsets = {p.partition: p.offset for p in position.partitions}
+    return set(offsets) == set(targets) and all(offsets[p] >= o for p, o in targets.items())
+
+
+def trends(address: str, media_ids: list[int], start: int, end: int) -> dict[int, tuple]:
+    """Day buckets over the whole span and the span's unique viewers, per media item."""
+    out = {}
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.StatsServiceStub(channel)
+        for media in media_ids:
+            reply = stub.GetMediaTrend(pb.GetMediaTrendRequest(
+                media_id=media, start_time=_ts(start), end_time=_ts(end),
+                granularity=pb.GRANULARITY_DAY), timeout=30)
+            assert len(reply.position.partitions) == PARTITIONS
+            out[media] = ([(b.start_time.seconds, b.view_time_seconds, b.starts, b.stops, b.ends,
+                            b.unique_viewers) for b in reply.buckets], reply.unique_viewers)
+    return out
+
+
+def hour_trends(address: str, media_ids: list[int], start: int, end: int) -> dict[int, tuple]:
+    out = {}
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.StatsServiceStub(channel)
+        for media in media_ids:
+            reply = stub.GetMediaTrend(pb.GetMediaTrendRequest(
+                media_id=media, start_time=_ts(start), end_time=_ts(end),
+                granularity=pb.GRANULARITY_HOUR), timeout=30)
+            out[media] = ([(b.start_time.seconds, b.view_time_seconds, b.starts, b.stops, b.ends,
+                            b.unique_viewers) for b in reply.buckets], reply.unique_viewers)
+    return out
+
+
+class Group:
+    """Stats instances (one consumer group, own state each) and an ingest service."""
+
+    def __init__(self, tmp_path: Path, bootstrap: str, partitions: int) -> None:
+        self.tmp_path = tmp_path
+        self.config = test_config(bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
+                                  stats_group=unique_name("scale"), topic_partitions=partitions,
+                                  stats_page_token_secret="shared-secret")
+        self.ingest = ServiceProcess("ingest_service", self.config, self.config.ingest_address,
+                                     tmp_path / "ingest.log")
+        self.stats: list[ServiceProcess] = []
+
+    def add(self, name: str, group: str | None = None) -> ServiceProcess:
+        config = self.config.replace(stats_address=f"127.0.0.1:{free_port()}",
+                                     stats_state_dir=str(self.tmp_path / name),
+                                     stats_group=group or self.config.stats_group)
+        process = ServiceProcess("stats_service", config, config.stats_address,
+                                 self.tmp_path / f"{name}.log").start()
+        self.stats.append(process)
+        return process
+
+    def send(self, events: list[ve.ViewEvent]) -> None:
+        with grpc.insecure_channel(self.config.ingest_address, options=CHANNEL_OPTIONS) as channel:
+            upload(channel, iter(events), batch_size=2_000, timeout=300)
+
+    def stop(self) -> None:
+        for process in self.stats:
+            process.stop()
+        self.ingest.stop()
+
+
+class Bounds:
+    """Brute force per partition: what an answer whose position lists offsets must at least
+    hold (every first copy below those offsets) and may at most hold (everything)."""
+
+    def __init__(self, records: list[tuple[int, int, ve.ViewEvent]]) -> None:
+        # media -> [(partition, offset, event)], first copies only, in offset order.
+        self.by_media: dict[int, list[tuple[int, int, ve.ViewEvent]]] = defaultdict(list)
+        seen: set[str] = set()
+        for partition, offset, event in sorted(records, key=lambda r: (r[0], r[1])):
+            if event.event_id not in seen:
+                seen.add(event.event_id)
+                self.by_media[event.media_id].append((partition, offset, event))
+
+    def totals(self, media: int, offsets: dict[int, int] | None) -> tuple[int, int, int]:
+        rows = [e for p, o, e in self.by_media[media] if offsets is None or o < offsets.get(p, 0)]
+        return (sum(e.event_type == 1 for e in rows), HEARTBEAT * sum(e.event_type == 2 for e in rows),
+                len({e.user_id for e in rows}))
+
+
+class Poller(threading.Thread):
+    """Asks one instance for a few media items again and again; keeps every outcome."""
+
+    def __init__(self, address: str, media: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.address = address
+        self.media = media
+        self.answers: list[tuple[int, dict[int, int], tuple[int, int, int]]] = []
+        self.unavailable: list[tuple[str, float | None]] = []
+        self.other_errors: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = pb_grpc.StatsServiceStub(channel)
+            while not self.done.is_set():
+                for media in self.media:
+                    try:
+                        reply = stub.GetMediaStats(pb.GetMediaStatsRequest(media_id=media),
+                                                   timeout=20)
+                    except grpc.RpcError as error:
+                        if error.code() == grpc.StatusCode.UNAVAILABLE:
+                            self.unavailable.append((error.details() or "", retry_delay_of(error)))
+                        else:
+                            self.other_errors.append(f"{error.code()}: {error.details()}")
+                        continue
+                    s = reply.stats
+                    self.answers.append((media, {p.partition: p.offset
+                                                 for p in reply.position.partitions},
+                                         (s.starts, s.view_time_seconds, s.unique_viewers)))
+                self.done.wait(0.05)
+
+
+def read_back(bootstrap: str, topic: str) -> list[tuple[int, int, ve.ViewEvent]]:
+    return [(r.partition, r.offset, ve.ViewEvent.FromString(r.value))
+            for r in read_topic(bootstrap, topic)]
+
+
+@pytest.fixture
+def group(tmp_path: Path, kafka_bootstrap: str) -> Iterator[Group]:
+    made = Group(tmp_path, kafka_bootstrap, PARTITIONS)
+    yield made
+    made.stop()
+
+
+def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
+        group: Group, kafka_bootstrap: str, tmp_path: Path) -> None:
+    events = generated_events(tmp_path / "views.jsonl", 40_000, seed=77, **STATS_FILE)
+    first, second = events[:24_000], events[24_000:]
+    group.ingest.start()
+    a, b, c = group.add("a"), group.add("b"), group.add("c")
+    single = group.add("single", group=unique_name("single"))
+    group.ingest.wait_serving()
+    group.send(first)
+    good = first_copies(accepted_events(first, group.config))
+    expected = Expected(good)
+    targets = end_offsets(kafka_bootstrap, group.config.view_topic)
+    assert len(targets) == PARTITIONS
+    probe = max(expected.by_media, key=lambda m: len(expected.by_media[m]))
+    for process in (a, b, c, single):
+        wait_for(lambda p=process: applied_all(p.address, probe, targets), 180,
+                 message=lambda p=process: f"{p.address} not complete: {p.tail()}")
+
+    # Each group member owns part of the topic, and answers for all of it.
+    media_ids = sorted(expected.by_media)
+    low = min(r[3] for r in expected.rows) - 86_400
+    high = max(r[3] for r in expected.rows) + 86_400
+    reference = trends(single.address, media_ids, low, high)
+    for process in (a, b, c):
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.StatsServiceStub(channel)
+            check_all_totals(stub, expected)
+            reply, call = stub.GetMediaStats.with_call(pb.GetMediaStatsRequest(media_id=probe))
+            assert dict(call.initial_metadata()).get(ANSWERED_BY) == process.address
+            assert [p.partition for p in reply.position.partitions] == list(range(PARTITIONS))
+        got = trends(process.address, media_ids, low, high)
+        assert got == reference
+        for media in media_ids:
+            buckets, viewers = expected.trend(media, 86_400, low - low % 86_400,
+                                              -(-high // 86_400) * 86_400)
+            assert got[media] == (buckets, viewers), media
+        sample = media_ids[:: max(1, len(media_ids) // 15)]
+        assert hour_trends(process.address, sample, low, high) == hour_trends(
+            single.address, sample, low, high)
+        for media in media_ids:
+            assert stats_answer(process.address, media).stats == stats_answer(
+                single.address, media).stats
+
+    # kill -9 one member while a second upload flows.
+    watched = sorted(expected.by_media, key=lambda m: -len(expected.by_media[m]))[:4]
+    pollers = [Poller(a.address, watched), Poller(c.address, watched)]
+    for poller in pollers:
+        poller.start()
+    sender = threading.Thread(target=group.send, args=(second,), daemon=True)
+    sender.start()
+    wait_for(lambda: sum(end_offsets(kafka_bootstrap, group.config.view_topic).values())
+             > sum(targets.values()) + 2_000, 120, message="second upload under way")
+    b.kill()
+    sender.join(300)
+    assert not sender.is_alive()
+    everything = first_copies(accepted_events(events, group.config))
+    final = end_offsets(kafka_bootstrap, group.config.view_topic)
+    for process in (a, c, single):
+        wait_for(lambda p=process: applied_all(p.address, probe, final), 180,
+                 message=lambda p=process: f"{p.address} not complete after the kill: {p.tail()}")
+    for poller in pollers:
+        poller.done.set()
+        poller.join(30)
+
+    bounds = Bounds(read_back(kafka_bootstrap, group.config.view_topic))
+    answers = [x for poller in pollers for x in poller.answers]
+    unavailable = [x for poller in pollers for x in poller.unavailable]
+    assert not [e for poller in pollers for e in poller.other_errors]
+    partial = [(m, offsets) for m, offsets, _ in answers if set(offsets) != set(range(PARTITIONS))]
+    assert not partial, f"answers not covering every partition: {partial[:3]}"
+    unsound = [(m, offsets, got, bounds.totals(m, offsets), bounds.totals(m, None))
+               for m, offsets, got in answers
+               if not all(lo <= g <= hi for g, lo, hi in zip(
+                   got, bounds.totals(m, offsets), bounds.totals(m, None)))]
+    assert not unsound, f"{len(unsound)} answers outside their position's bounds: {unsound[:3]}"
+    assert unavailable, "the kill left no gap: no UNAVAILABLE answer was seen"
+    assert all(delay is not None and delay > 0 for _, delay in unavailable), unavailable[:3]
+    assert answers
+
+    # After the rebalance and catch-up: exact again, on every survivor.
+    expected = Expected(everything)
+    for process in (a, c):
+        with grpc.insecure_channel(process.address) as channel:
+            check_all_totals(pb_grpc.StatsServiceStub(channel), expected)
+        assert trends(process.address, watched, low, high) == trends(
+            single.address, watched, low, high)
+
+
+def test_an_instance_that_owns_no_partition_answers_by_asking_the_owners(
+        tmp_path: Path, kafka_bootstrap: str) -> None:
+    group = Group(tmp_path, kafka_bootstrap, 2)
+    try:
+        group.ingest.start()
+        members = [group.add(name) for name in ("x", "y", "z")]
+        group.ingest.wait_serving()
+        events = generated_events(tmp_path / "small.jsonl", 6_000, seed=5, **STATS_FILE)
+        group.send(events)
+        expected = Expected(first_copies(accepted_events(events, group.config)))
+        targets = end_offsets(kafka_bootstrap, group.config.view_topic)
+        probe = max(expected.by_media, key=lambda m: len(expected.by_media[m]))
+        for process in members:
+            wait_for(lambda p=process: applied_all(p.address, probe, targets), 180,
+                     message=lambda p=process: f"{p.address} not complete: {p.tail()}")
+        idle = [p for p in members if "assigned partitions []" in p.log_path.read_text()]
+        assert idle, "no instance was left without a partition"
+        for process in members:
+            with grpc.insecure_channel(process.address) as channel:
+                check_all_totals(pb_grpc.StatsServiceStub(channel), expected)
+    finally:
+        group.stop()
