@@ -75,6 +75,38 @@ def u64(value: int) -> bytes:
     return BIG_U64.pack(value)
 
 
+# --- reading keys back ----------------------------------------------------------------------
+# After the partition (2 bytes) and the kind (1 byte), keys hold 8-byte big-endian columns.
+
+COLUMN_START = 3
+COLUMN_BYTES = 8
+
+
+def column_offset(index: int) -> int:
+    """Byte offset of a key's `index`-th 8-byte column (0: the first after the kind)."""
+    return COLUMN_START + COLUMN_BYTES * index
+
+
+def last_column(key: bytes) -> bytes:
+    """The key's last 8-byte column: a bucket row's start, a ranking row's media id."""
+    return key[-COLUMN_BYTES:]
+
+
+def key_columns(keys: Sequence[bytes], index: int) -> np.ndarray:
+    """The `index`-th column of equally long keys as int64 (ids; biased times stay biased)."""
+    matrix = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1)
+    start = column_offset(index)
+    column = np.ascontiguousarray(matrix[:, start:start + COLUMN_BYTES]).view(">u8")[:, 0]
+    return column.astype(np.int64)
+
+
+def hour_row_key_of_rank_key(partition: int, rank_key: bytes) -> bytes:
+    """The media-major hour row (H media hour) behind an hour ranking row (h hour media)."""
+    start = column_offset(0)
+    hour = rank_key[start:start + COLUMN_BYTES]
+    return partition_prefix(partition) + KIND_BUCKET[HOUR] + last_column(rank_key) + hour
+
+
 # --- single keys (queries) ------------------------------------------------------------------
 
 

@@ -94,7 +94,7 @@ class StatsReader:
                 prefix = k.bucket_prefix(p, k.DAY, media_id)
                 for key, value in self.store.scan(prefix + k.biased(start),
                                                   prefix + k.biased(end)):
-                    _add(buckets, k.unbiased(key[-8:]), k.decode_bucket(value))
+                    _add(buckets, k.unbiased(k.last_column(key)), k.decode_bucket(value))
                 continue
             prefix = k.bucket_prefix(p, k.HOUR, media_id)
             items = list(self.store.scan(prefix + k.biased(floor_to(start, k.HOUR)),
@@ -102,7 +102,7 @@ class StatsReader:
             if not items:
                 continue
             rows = np.frombuffer(b"".join([v for _, v in items]), k.HOUR_ROW)
-            hours = [k.unbiased(key[-8:]) for key, _ in items]
+            hours = [k.unbiased(k.last_column(key)) for key, _ in items]
             if size == k.HOUR:
                 for hour, row in zip(hours, rows["hour"].tolist()):
                     _add(buckets, hour, row)
@@ -123,11 +123,10 @@ class StatsReader:
             items = list(self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day)))
             if not items:
                 continue
-            keys = np.frombuffer(b"".join([key for key, _ in items]), np.uint8).reshape(
-                len(items), -1)
-            day = _u64_column(keys, 11).astype(np.uint64) ^ np.uint64(k.BIAS)
+            keys = [key for key, _ in items]  # P media day user
+            day = k.key_columns(keys, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
             inside = _in_range(day.astype(np.int64), [v for _, v in items], start, end)
-            users.append(_u64_column(keys, 19)[inside])
+            users.append(k.key_columns(keys, 2)[inside])
         return len(np.unique(np.concatenate(users))) if users else 0
 
     # --- every media item in a range (ListTopMedia) -------------------------------------------
@@ -241,13 +240,12 @@ class StatsReader:
         index rows): one multi-get fetches their hour rows."""
         if not items:
             return None
-        row_keys = [partition_prefix(stream.partition) + k.KIND_BUCKET[k.HOUR] + key[-8:]
-                    + key[3:11] for key, _ in items]
+        row_keys = [k.hour_row_key_of_rank_key(stream.partition, key) for key, _ in items]
         rows = k.hour_rows_from_values(self.store.get_many(row_keys))
         minute = stream.start + k.MINUTE * np.arange(60)
         inside = (minute >= stream.low) & (minute < stream.high)
         sums = (rows["minutes"].astype(np.int64) * inside[None, :, None]).sum(axis=1)
-        media = np.frombuffer(b"".join([key[-8:] for key, _ in items]), ">u8").astype(np.int64)
+        media = k.key_columns([key for key, _ in items], 1)  # h hour media
         active = sums[:, 4] > 0
         return media[active], sums[active]
 
@@ -262,12 +260,11 @@ class StatsReader:
             for stream, items in parts:
                 if not items:
                     continue
-                keys = np.frombuffer(b"".join([key for key, _ in items]), np.uint8).reshape(
-                    len(items), -1)
+                keys = [key for key, _ in items]  # Q day media user
                 days = np.full(len(items), stream.start, np.int64)
                 inside = _in_range(days, [v for _, v in items], start, end)
-                pairs.append(np.stack([_u64_column(keys, 11)[inside],
-                                       _u64_column(keys, 19)[inside]], axis=1))
+                pairs.append(np.stack([k.key_columns(keys, 1)[inside],
+                                       k.key_columns(keys, 2)[inside]], axis=1))
             if not pairs:
                 continue
             unique = np.unique(np.concatenate(pairs), axis=0)
@@ -281,7 +278,7 @@ class StatsReader:
         pairs = list(items)
         if not pairs:
             return None
-        media = np.frombuffer(b"".join([key[-8:] for key, _ in pairs]), ">u8").astype(np.int64)
+        media = k.key_columns([key for key, _ in pairs], 1)  # h hour media, d day media
         rows = np.frombuffer(b"".join([v for _, v in pairs]), "<i8").reshape(
             len(pairs), k.BUCKET_FIELDS)
         return media, rows
@@ -298,11 +295,6 @@ def _add(buckets: dict[int, list[int]], start: int, row: Sequence[int]) -> None:
     else:
         for i in range(k.BUCKET_FIELDS):
             have[i] += row[i]
-
-
-def _u64_column(keys: np.ndarray, offset: int) -> np.ndarray:
-    """The big-endian 8-byte field at `offset` of fixed-length keys, as int64."""
-    return np.ascontiguousarray(keys[:, offset:offset + 8]).view(">u8")[:, 0].astype(np.int64)
 
 
 def _in_range(days: np.ndarray, bitmaps: list[bytes], start: int, end: int) -> np.ndarray:

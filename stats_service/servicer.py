@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from stats_service import request_parsing as queries
+from stats_service import request_parsing
 from stats_service.merging import merge_buckets, merge_totals
 from stats_service.reader import StatsReader, Totals
 from stats_service.request_parsing import Limits, TopQuery, TrendQuery
@@ -131,7 +131,7 @@ class StatsServicer:
         try:
             asked = scatter.requested_partitions(context.invocation_metadata())
         except ValueError as error:
-            await abort_bad_request(context, str(error), [queries.violation(
+            await abort_bad_request(context, str(error), [request_parsing.violation(
                 scatter.PARTITIONS_KEY, str(error), "INVALID_METADATA")])
         await _answered_by(context, self.address)
         if asked is not None:
@@ -178,7 +178,7 @@ class StatsServicer:
                             context: grpc.aio.ServicerContext) -> pb.GetMediaStatsResponse:
         await reject_unparseable(context, request)
         violations: list[view_event_pb2.FieldViolation] = []
-        queries.check_media_id(request.media_id, violations)
+        request_parsing.check_media_id(request.media_id, violations)
         if violations:
             await abort_bad_request(context, "invalid GetMediaStats request", violations)
 
@@ -211,7 +211,7 @@ class StatsServicer:
     async def GetMediaTrend(self, request: pb.GetMediaTrendRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetMediaTrendResponse:
         await reject_unparseable(context, request)
-        query, violations = queries.parse_trend(request, self.limits)
+        query, violations = request_parsing.parse_trend(request, self.limits)
         if query is None:
             await abort_bad_request(context, "invalid GetMediaTrend request", violations)
         assert query is not None
@@ -262,7 +262,7 @@ class StatsServicer:
     @staticmethod
     def _trend_response(query: TrendQuery, found: dict[int, list[int]], viewers: int
                         ) -> pb.GetMediaTrendResponse:
-        starts = (queries.empty_bucket_starts(query.start, query.end, query.size)
+        starts = (request_parsing.empty_bucket_starts(query.start, query.end, query.size)
                   if query.include_empty else sorted(found))
         buckets = []
         for start in starts:
@@ -270,7 +270,7 @@ class StatsServicer:
             buckets.append(pb.TrendBucket(
                 start_time=_ts(start), view_time_seconds=row[0], starts=row[1], stops=row[2],
                 ends=row[3], unique_viewers=row[4]))
-        granularity = {v: g for g, v in queries.GRANULARITY_SECONDS.items()}[query.size]
+        granularity = {v: g for g, v in request_parsing.GRANULARITY_SECONDS.items()}[query.size]
         return pb.GetMediaTrendResponse(media_id=query.media_id, granularity=granularity,
                                         buckets=buckets, unique_viewers=viewers)
 
@@ -282,7 +282,7 @@ class StatsServicer:
         merging per-instance top lists is not exact, and gathering every owner's partial sums
         is not built yet, so other instances answer UNAVAILABLE rather than a partial ranking."""
         await reject_unparseable(context, request)
-        query, violations = queries.parse_top(request, self.limits, self.page_token_secret)
+        query, violations = request_parsing.parse_top(request, self.limits, self.page_token_secret)
         if query is None:
             await abort_bad_request(context, "invalid ListTopMedia request", violations)
         assert query is not None
@@ -305,7 +305,7 @@ class StatsServicer:
     def _top(self, query: TopQuery, partitions: Sequence[int]) -> pb.ListTopMediaResponse:
         """The ranking streamed chunk by chunk of media ids into the best offset + limit."""
         by_viewers = query.metric == pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS
-        best = queries.TopKeeper(query.metric, query.offset + query.limit)
+        best = request_parsing.TopKeeper(query.metric, query.offset + query.limit)
         for media, values in self.reader.range_chunks(partitions, query.start, query.end,
                                                       by_viewers):
             best.add(media, values)
@@ -315,7 +315,7 @@ class StatsServicer:
         media = [pb.TopMedia(media_id=m, rank=query.offset + i + 1, view_time_seconds=values[m][0],
                              starts=values[m][1], unique_viewers=viewers.get(m, 0))
                  for i, m in enumerate(chosen)]
-        token = (queries.encode_page_token(query.fingerprint, following, self.page_token_secret)
+        token = (request_parsing.encode_page_token(query.fingerprint, following, self.page_token_secret)
                  if following is not None else "")
         return pb.ListTopMediaResponse(media=media, next_page_token=token)
 
