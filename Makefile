@@ -11,7 +11,7 @@ PROTOS := $(wildcard protos/viewevents/v1/*.proto)
 STUBS := viewevents/v1/__init__.py
 export PATH := $(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install protos tools constraints kafka-up kafka-down run demo test test-unit bench eval lint clean compose-check
+.PHONY: install protos tools constraints kafka-up kafka-down run demo test test-unit bench profile eval lint clean compose-check
 
 # The virtualenv (within the versions of constraints.txt) and the generated stubs.
 install: $(VENV)/.installed $(STUBS)
@@ -70,6 +70,11 @@ test-unit: install
 
 bench: install tools kafka-up
 	$(PY) -m benchmarks
+
+# py-spy on each service under its bench section; prints the top frames (PROFILE_ARGS: e.g.
+# --only stats --stats-events 500000). Needs root or CAP_SYS_PTRACE.
+profile: install kafka-up
+	$(PY) -m benchmarks.profile $(PROFILE_ARGS)
 
 eval: install
 	$(PY) -m evaluation.recommender

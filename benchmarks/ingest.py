@@ -34,7 +34,7 @@ def synthetic_requests(events: int, batch_size: int, seed: int = 7) -> list[byte
     for start in tqdm(range(0, events, batch_size), desc="prepare", unit=" batches", leave=False):
         batch = [
             ve.ViewEvent(event_id=f"bench-{seed}-{n}", media_id=rng.randint(1, 10_000),
-                         user_id=rng.randint(1, 200_000), event_type=ve.EventType(rng.choice((1, 2, 2, 2, 2, 3, 4))),
+                         user_id=rng.randint(1, 200_000), event_type=rng.choice((1, 2, 2, 2, 2, 3, 4)),
                          event_time=Timestamp(seconds=now - rng.randint(0, 7 * 86400)))
             for n in range(start, min(start + batch_size, events))
         ]

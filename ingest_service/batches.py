@@ -37,7 +37,10 @@ class BatchBuilder:
     def add(self, key: bytes, value: bytes) -> tuple[int, Batch] | None:
         """Append one record; when its partition's batch was full, that batch is returned (to be
         shipped) and the record starts a new one."""
-        partition = self._partitioner(key)
+        return self.add_to(self._partitioner(key), key, value)
+
+    def add_to(self, partition: int, key: bytes, value: bytes) -> tuple[int, Batch] | None:
+        """`add` with the partition already known (computed for a whole request at once)."""
         batch = self._open.get(partition)
         if batch is None:
             batch = self._open[partition] = self._new_batch()

@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from google.protobuf import timestamp_pb2
 
+from ingest_service.columns import surely_valid
 from ingest_service.producers import Producers
 from ingest_service.validation import (
     Limits,
@@ -30,6 +32,7 @@ from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
+_serialize = view_event_pb2.ViewEvent.SerializeToString
 CANCEL_GRACE_SECONDS = 0.01
 
 
@@ -143,20 +146,37 @@ class IngestServicer:
         source: str,
         max_reported: int,
     ) -> None:
-        """Validate a batch, append valid events to the view topic and the rest to the DLQ."""
+        """Validate a batch, append valid events to the view topic and the rest to the DLQ.
+
+        The common case (every event valid) costs a few array passes and C-level maps per
+        request; only events the vectorized pre-check cannot vouch for are validated one by one.
+        """
         now = time.time()
         limits = self._limits
-        for offset, event in enumerate(events):
-            violations = validate_event(event, now, limits)
-            if not violations:
-                key = user_key(event.user_id)
-                value = event.SerializeToString()
-                too_large = validate_record_size(len(key), len(value), limits)
-                if too_large is None:
-                    await writes.accepted.append(key, value)
-                    tally.accepted += 1
-                    continue
-                violations = [too_large]
+        surely, users = surely_valid(events, now, limits)
+        keys = [str(user).encode() for user in users.tolist()]  # = user_key(user_id)
+        values = list(map(_serialize, events))
+        problems: dict[int, list[view_event_pb2.FieldViolation]] = {}
+        for index in np.flatnonzero(~surely).tolist():
+            violations = validate_event(events[index], now, limits)
+            if violations:
+                problems[index] = violations
+        sizes = (np.fromiter(map(len, keys), np.int64, len(keys))
+                 + np.fromiter(map(len, values), np.int64, len(values)))
+        for index in np.flatnonzero(sizes > limits.max_record_bytes).tolist():
+            if index not in problems:
+                too_large = validate_record_size(len(keys[index]), len(values[index]), limits)
+                assert too_large is not None
+                problems[index] = [too_large]
+        if problems:
+            kept = [i for i in range(len(events)) if i not in problems]
+            keys = [keys[i] for i in kept]
+            values = [values[i] for i in kept]
+        await writes.accepted.append_many(keys, values)
+        tally.accepted += len(keys)
+        for offset in sorted(problems):
+            event = events[offset]
+            violations = problems[offset]
             tally.rejected += 1
             for violation in violations:
                 EVENTS_REJECTED.labels(violation.field, violation.reason).inc()

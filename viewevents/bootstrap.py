@@ -42,7 +42,7 @@ from viewevents.rpc.server import (
     serve_until_stopped,
     set_serving,
 )
-from viewevents.state.store import StateStore
+from viewevents.state.store import StateStore, memory_split
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ async def serve_consumer(
 ) -> None:
     """Open the RocksDB store, join the consumer group and serve; on stop finish the batch in
     progress, leave the group and close RocksDB."""
-    store = StateStore(state_dir, config.rocksdb_cache_mb, config.rocksdb_write_buffer_mb)
+    store = StateStore(state_dir, *memory_split(config.memory_budget_mb, config.rocksdb_cache_mb,
+                                                config.rocksdb_write_buffer_mb))
     processor = make_processor(store)
     await ensure_topics(config, [config.view_topic, config.dead_letter_topic])
     consumer = ExactlyOnceConsumer(

@@ -65,10 +65,14 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
             "Most records applied in one RocksDB write batch."),
     Setting("dedupe_retention_days", "VIEWEVENTS_DEDUPE_RETENTION_DAYS", 30, int,
             "How long consumers remember an event id to drop its duplicates."),
-    Setting("rocksdb_cache_mb", "VIEWEVENTS_ROCKSDB_CACHE_MB", 128, int,
-            "RocksDB block cache size (MiB): bounds read memory."),
-    Setting("rocksdb_write_buffer_mb", "VIEWEVENTS_ROCKSDB_WRITE_BUFFER_MB", 32, int,
-            "RocksDB memtable size (MiB); at most 3 are kept."),
+    Setting("memory_budget_mb", "VIEWEVENTS_MEMORY_BUDGET_MB", 200, int,
+            "Memory the service is sized for (MiB): RocksDB gets a quarter as block cache and "
+            "up to 3 memtables of a tenth each; the rest is left to the process and its batch."),
+    Setting("rocksdb_cache_mb", "VIEWEVENTS_ROCKSDB_CACHE_MB", 0, int,
+            "RocksDB block cache size (MiB), overriding the budget's share (0: from the budget)."),
+    Setting("rocksdb_write_buffer_mb", "VIEWEVENTS_ROCKSDB_WRITE_BUFFER_MB", 0, int,
+            "RocksDB memtable size (MiB; at most 3 are kept), overriding the budget's share "
+            "(0: from the budget)."),
 )
 
 class Config:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError
 from aiokafka.structs import ConsumerRecord
@@ -41,6 +42,7 @@ from viewevents.state.keys import (
 from viewevents.state.store import StateStore
 from viewevents.state.transaction import Transaction
 from viewevents.v1 import view_event_pb2
+from viewevents.wire import decode_view_events
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,11 @@ KAFKA_CALL_TIMEOUT_S = PROBE_TIMEOUT_S  # a Kafka call inside the loop never blo
 
 
 class Processor(Protocol):
-    """A service's domain logic: fold a partition's new events into its state."""
+    """A service's domain logic: fold a partition's new events into its state.
+
+    A processor may also offer `apply_decoded(partition, batch: EventBatch, txn)`, which the
+    consumer then calls instead of `apply`: the same events as arrays, no message objects.
+    """
 
     def apply(self, partition: int, events: list[ViewEvent], txn: Transaction) -> None:
         """Add the effect of `events` (valid, de-duplicated, in offset order) to `txn`."""
@@ -74,8 +80,30 @@ class ConsumerStats:
     started: float = field(default_factory=time.monotonic)
 
 
-def _event_seconds(event: ViewEvent) -> int:
-    return event.event_time.seconds
+@dataclass
+class EventBatch:
+    """Decoded events of one partition batch as parallel columns, in offset order, with the
+    records' serialized values (to build messages for processors that want them)."""
+
+    event_id: list[bytes]
+    media_id: np.ndarray
+    user_id: np.ndarray
+    event_type: np.ndarray
+    seconds: np.ndarray
+    values: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> EventBatch:
+        index = np.asarray(rows, np.int64)
+        listed = index.tolist()
+        return EventBatch([self.event_id[i] for i in listed], self.media_id[index],
+                          self.user_id[index], self.event_type[index], self.seconds[index],
+                          [self.values[i] for i in listed])
+
+    def messages(self) -> list[ViewEvent]:
+        return list(map(ViewEvent.FromString, self.values))
 
 
 def is_applicable(event: ViewEvent) -> bool:
@@ -111,19 +139,24 @@ class SeenIds:
     ) -> tuple[list[ViewEvent], int]:
         """The events not seen before (first copy wins, offset order kept), and how many were
         duplicates; the new ids are remembered as first seen on `day` (days since 1970)."""
+        rows = self.keep_new_ids(partition, [e.event_id.encode() for e in events], day, txn)
+        return [events[i] for i in rows], len(events) - len(rows)
+
+    def keep_new_ids(self, partition: int, ids: list[bytes], day: int, txn: Transaction
+                     ) -> list[int]:
+        """`keep_new` on the events' ids (UTF-8): the rows to keep, in offset order."""
         prefix = seen_prefix(partition)
-        first: dict[str, ViewEvent] = {}
+        first: dict[bytes, int] = {}
         keep_first = first.setdefault
-        for event in events:
-            keep_first(event.event_id, event)
-        ids = list(first)
-        keys = [prefix + event_id.encode() for event_id in ids]
+        for row, event_id in enumerate(ids):
+            keep_first(event_id, row)
+        keys = [prefix + event_id for event_id in first]
         retention = self.retention_days
-        fresh: list[ViewEvent] = []
+        fresh: list[int] = []
         new_keys: list[bytes] = []
-        for event_id, key, seen in zip(ids, keys, txn.get_many(keys)):
+        for row, key, seen in zip(first.values(), keys, txn.get_many(keys)):
             if seen is None or day - BIG_U32.unpack(seen)[0] > retention:
-                fresh.append(first[event_id])
+                fresh.append(row)
                 new_keys.append(key)
         if new_keys:
             first_seen = BIG_U32.pack(day)
@@ -133,7 +166,7 @@ class SeenIds:
             if stored is None or BIG_U32.unpack(stored)[0] > day:
                 txn.put(oldest_key, first_seen)
             self._lap_oldest[partition] = min(self._lap_oldest.get(partition, day), day)
-        return fresh, len(events) - len(fresh)
+        return fresh
 
     def sweep(self, store: StateStore, partition: int, today: int, budget: int, txn: Transaction) -> int:
         """Look at up to `budget` ids after this partition's cursor and delete the expired ones
@@ -486,10 +519,16 @@ class ExactlyOnceConsumer:
             # day-granular de-duplication memory.
             day = records[-1].timestamp // MS_PER_DAY
             self.seen.sweep(self.store, partition, day, self.seen.sweep_factor * len(records), txn)
-            fresh, duplicates = self.seen.keep_new(partition, events, day, txn)
-            if fresh:
-                self.processor.apply(partition, fresh, txn)
-                self._raise_watermark(partition, max(map(_event_seconds, fresh)), txn)
+            rows = self.seen.keep_new_ids(partition, events.event_id, day, txn)
+            duplicates = len(events) - len(rows)
+            fresh = events.take(rows) if duplicates else events
+            if len(fresh):
+                apply_decoded = getattr(self.processor, "apply_decoded", None)
+                if apply_decoded is not None:
+                    apply_decoded(partition, fresh, txn)
+                else:
+                    self.processor.apply(partition, fresh.messages(), txn)
+                self._raise_watermark(partition, int(fresh.seconds.max()), txn)
             next_offset = records[-1].offset + 1
             txn.put(offset_key(partition, self.topic), BIG_I64.pack(next_offset))
             new_positions[partition] = next_offset
@@ -504,19 +543,34 @@ class ExactlyOnceConsumer:
         self._applied.inc(self.stats.applied - applied_before)
         self.processor.committed()
 
-    def _decode(self, records: list[ConsumerRecord]) -> list[ViewEvent]:
-        """The records that are applicable ViewEvents, in offset order (the hot loop)."""
-        parse = ViewEvent.FromString
-        events: list[ViewEvent] = []
-        append = events.append
-        for record in records:
+    def _decode(self, records: list[ConsumerRecord]) -> EventBatch:
+        """The records that are applicable ViewEvents, in offset order (the hot loop): decoded
+        as columns for the whole batch; only records in an unusual encoding are parsed by
+        protobuf one at a time (and those it cannot parse are counted and skipped)."""
+        values = [record.value for record in records]
+        columns = decode_view_events(values)
+        decoded = columns.fast.copy()
+        event_ids = columns.event_id
+        for row in np.flatnonzero(~columns.fast).tolist():
             try:
-                append(parse(record.value))
+                event = ViewEvent.FromString(values[row])
             except Exception:  # noqa: BLE001 - a foreign record must not stop the consumer
                 self.stats.undecodable += 1
-        applicable = [e for e in events if is_applicable(e)]
-        self.stats.invalid += len(events) - len(applicable)
-        return applicable
+                continue
+            decoded[row] = True
+            event_ids[row] = event.event_id.encode()
+            columns.media_id[row] = event.media_id
+            columns.user_id[row] = event.user_id
+            columns.event_type[row] = event.event_type
+            columns.has_time[row] = event.HasField("event_time")
+            columns.seconds[row] = event.event_time.seconds
+        applicable = (decoded & (np.fromiter(map(len, event_ids), np.int64, len(event_ids)) > 0)
+                      & (columns.media_id > 0) & (columns.user_id > 0)
+                      & (columns.event_type >= 1) & (columns.event_type <= 4) & columns.has_time)
+        self.stats.invalid += int(decoded.sum() - applicable.sum())
+        batch = EventBatch(event_ids, columns.media_id, columns.user_id, columns.event_type,
+                           columns.seconds, values)
+        return batch if applicable.all() else batch.take(np.flatnonzero(applicable))
 
     @staticmethod
     def _raise_watermark(partition: int, event_time: int, txn: Transaction) -> None:

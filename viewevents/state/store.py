@@ -26,6 +26,22 @@ from rocksdict import (
 from viewevents.state.codecs import BIG_I64
 from viewevents.state.keys import offset_key, prefix_end, watermark_key
 
+CACHE_SHARE = 0.25  # of the memory budget: the block cache (index and filter blocks included)
+WRITE_BUFFER_SHARE = 0.10  # of the budget, per memtable; at most 3 exist (30 %)
+MAX_WRITE_BUFFERS = 3
+
+
+def memory_split(budget_mb: int, cache_mb: int = 0, write_buffer_mb: int = 0) -> tuple[int, int]:
+    """(block cache MiB, memtable MiB) for a service sized to `budget_mb`.
+
+    RocksDB's share is 25 % cache + 3 x 10 % memtables = 55 % at most; the other 45 % is left to
+    what RocksDB does not account: the interpreter and libraries (about 80 MiB), Kafka fetch
+    buffers and the batch in flight. Explicit sizes (non-zero) override the budget's shares.
+    """
+    cache = cache_mb or max(8, int(budget_mb * CACHE_SHARE))
+    write_buffer = write_buffer_mb or max(4, int(budget_mb * WRITE_BUFFER_SHARE))
+    return cache, write_buffer
+
 
 def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
     """Options whose memory does not grow with the data: a fixed block cache (index and filter
@@ -33,7 +49,7 @@ def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     options.set_write_buffer_size(write_buffer_mb * 1024 * 1024)
-    options.set_max_write_buffer_number(3)
+    options.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
     options.set_max_open_files(512)
     options.increase_parallelism(2)
     options.set_compression_type(DBCompressionType.lz4())
@@ -64,7 +80,7 @@ class StateStore:
     Reads may come from any thread (gRPC handlers); writes come only from `commit`.
     """
 
-    def __init__(self, path: str, cache_mb: int = 128, write_buffer_mb: int = 32) -> None:
+    def __init__(self, path: str, cache_mb: int = 50, write_buffer_mb: int = 20) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.db = Rdict(path, bounded_options(cache_mb, write_buffer_mb))
