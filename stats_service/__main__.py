@@ -9,7 +9,7 @@ from pathlib import Path
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
 from stats_service.request_parsing import Limits, page_token_secret
-from stats_service.servicer import SERVICE, StatsServicer
+from stats_service.servicer import PARTITION_SERVICE, SERVICE, StatsServicer
 from stats_service.settings import SETTINGS
 from viewevents import bootstrap, scatter
 from viewevents.config import Config
@@ -35,7 +35,8 @@ async def serve(config: Config) -> None:
     advertised = advertised_address(config.stats_address, config.stats_advertised_address)
     endpoint = bootstrap.Endpoint(name="stats", descriptor=SERVICE, address=config.stats_address,
                                   metrics_port=config.stats_metrics_port,
-                                  token=config.stats_token, advertised_address=advertised)
+                                  token=config.stats_token, advertised_address=advertised,
+                                  extra=(PARTITION_SERVICE,))
     if not config.stats_page_token_secret:
         log.warning("no stats_page_token_secret: ListTopMedia page tokens are valid only on this "
                     "instance; set the same secret on every instance behind one address")

@@ -193,6 +193,25 @@ def parse_top(request: pb.ListTopMediaRequest, limits: Limits, secret: bytes | N
     return TopQuery(start, end, metric, limit, offset, fingerprint), out
 
 
+def check_partials(request: object) -> list[Violation]:
+    """What is wrong with a StreamMediaPartialsRequest (another instance's): a minute-aligned
+    range, at least one partition, no negative partition, positive media ids."""
+    out: list[Violation] = []
+    if check_range(request, out):
+        for name in ("start_time", "end_time"):
+            ts = getattr(request, name)
+            if ts.nanos or ts.seconds % MINUTE:
+                out.append(violation(name, f"{name} must be a whole minute", "NOT_MINUTE_ALIGNED"))
+    partitions = list(request.partitions)  # type: ignore[attr-defined]
+    if not partitions:
+        out.append(violation("partitions", "partitions is required", "REQUIRED"))
+    elif min(partitions) < 0:
+        out.append(violation("partitions", "partitions must not be negative", "NEGATIVE"))
+    if any(m <= 0 for m in request.media_ids):  # type: ignore[attr-defined]
+        out.append(violation("media_ids", "media_ids must be positive", "NOT_POSITIVE"))
+    return out
+
+
 # --- ranking and pages --------------------------------------------------------------------------
 
 

@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf import timestamp_pb2
 
 from stats_service import request_parsing
-from stats_service.merging import merge_buckets, merge_totals
+from stats_service.merging import Chunk, merge_buckets, merge_by_media, merge_totals
 from stats_service.reader import StatsReader, Totals
 from stats_service.request_parsing import Limits, TopQuery, TrendQuery
 from viewevents import scatter
 from viewevents.consumer import ExactlyOnceConsumer
 from viewevents.rpc.errors import abort_bad_request, abort_unavailable, reject_unparseable
+from viewevents.v1 import stats_partition_service_pb2 as ppb
+from viewevents.v1 import stats_partition_service_pb2_grpc as ppb_grpc
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2
@@ -39,6 +42,8 @@ from viewevents.v1 import view_event_pb2
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["StatsService"]
+# Internal, between instances; served next to SERVICE behind the same token.
+PARTITION_SERVICE = ppb.DESCRIPTOR.services_by_name["StatsPartitionService"]
 T = TypeVar("T")
 Position = view_event_pb2.ConsumerPosition
 TrendPart = tuple[dict[int, list[int]], int, bool]  # buckets, unique viewers, media known
@@ -278,46 +283,212 @@ class StatsServicer:
 
     async def ListTopMedia(self, request: pb.ListTopMediaRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListTopMediaResponse:
-        """Answered only by an instance that owns and has caught up on every partition:
-        merging per-instance top lists is not exact, and gathering every owner's partial sums
-        is not built yet, so other instances answer UNAVAILABLE rather than a partial ranking."""
+        """Exact over every partition whichever instance answers: each owner streams its
+        per-media partial sums of the range in media id order (StreamMediaPartials; this
+        instance reads its own partitions directly), the streams are merged by media id into a
+        running top-(offset + limit). Per-owner top lists would not do: an item can be below
+        every owner's k and above the global k. Any owner missing: UNAVAILABLE, no ranking."""
         await reject_unparseable(context, request)
         query, violations = request_parsing.parse_top(request, self.limits, self.page_token_secret)
         if query is None:
             await abort_bad_request(context, "invalid ListTopMedia request", violations)
         assert query is not None
         await _answered_by(context, self.address)
-        owners = self._owners()
-        ready = self._answerable()
-        if not owners or not set(owners) <= ready:
-            elsewhere = sorted(set(owners) - ready)
-            await abort_unavailable(context, (
-                f"ListTopMedia needs an instance that owns every partition; {self.address} "
-                f"does not own or has not caught up on partitions "
-                f"{scatter.format_partitions(elsewhere) or '(none assigned yet)'}"))
-        partitions = sorted(owners)
-        position = self._local_position(partitions)
-        async with self._scans:
-            response = await asyncio.to_thread(self._top, query, partitions)
-        response.position.CopyFrom(position)
-        return response
+        try:
+            return await self._top(query, context.time_remaining())
+        except scatter.Incomplete as incomplete:
+            log.info("ListTopMedia UNAVAILABLE: %s", incomplete)
+            await abort_unavailable(context, str(incomplete))
 
-    def _top(self, query: TopQuery, partitions: Sequence[int]) -> pb.ListTopMediaResponse:
-        """The ranking streamed chunk by chunk of media ids into the best offset + limit."""
+    async def _top(self, query: TopQuery, deadline: float | None) -> pb.ListTopMediaResponse:
+        """One page of the ranking over every partition, or `scatter.Incomplete`."""
         by_viewers = query.metric == pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS
-        best = request_parsing.TopKeeper(query.metric, query.offset + query.limit)
-        for media, values in self.reader.range_chunks(partitions, query.start, query.end,
-                                                      by_viewers):
-            best.add(media, values)
-        chosen, values, following = best.page(query.offset, query.limit)
-        viewers = ({m: values[m][2] for m in chosen} if by_viewers else
-                   self.reader.range_viewers_of(partitions, chosen, query.start, query.end))
+        calls: list[grpc.aio.Call] = []
+        try:
+            opened = await scatter.gather(
+                self._owners(), lambda address, partitions: self._open_partials(
+                    address, partitions, query.start, query.end, by_viewers, deadline, calls),
+                timeout=self._step_timeout(deadline), service="stats")
+            best = request_parsing.TopKeeper(query.metric, query.offset + query.limit)
+            await self._rank(best, [p.result[1] for p in opened])
+            chosen, values, following = best.page(query.offset, query.limit)
+            viewers = ({m: values[m][2] for m in chosen} if by_viewers or not chosen else
+                       await self._page_viewers(chosen, query.start, query.end, deadline, calls))
+        finally:
+            for call in calls:
+                call.cancel()
         media = [pb.TopMedia(media_id=m, rank=query.offset + i + 1, view_time_seconds=values[m][0],
                              starts=values[m][1], unique_viewers=viewers.get(m, 0))
                  for i, m in enumerate(chosen)]
-        token = (request_parsing.encode_page_token(query.fingerprint, following, self.page_token_secret)
+        token = (request_parsing.encode_page_token(query.fingerprint, following,
+                                                   self.page_token_secret)
                  if following is not None else "")
-        return pb.ListTopMediaResponse(media=media, next_page_token=token)
+        return pb.ListTopMediaResponse(
+            media=media, next_page_token=token,
+            position=scatter.merge_positions([p.result[0] for p in opened]))
+
+    async def _rank(self, best: request_parsing.TopKeeper,
+                    streams: Sequence[AsyncIterator[Chunk]]) -> None:
+        """Feed the merged streams to `best`, about `chunk_rows` media at a time (the keeper
+        re-sorts its rows on every add)."""
+        batch: list[Chunk] = []
+        held = 0
+        async for media, values in merge_by_media(streams):
+            batch.append((media, values))
+            held += len(media)
+            if held >= self.reader.chunk_rows:
+                best.add(np.concatenate([m for m, _ in batch]), np.concatenate([v for _, v in batch]))
+                batch, held = [], 0
+        if batch:
+            best.add(np.concatenate([m for m, _ in batch]), np.concatenate([v for _, v in batch]))
+
+    def _step_timeout(self, deadline: float | None) -> float:
+        """How long one owner may take to start answering, or between two batches."""
+        return self.fanout_timeout if deadline is None else max(
+            0.05, min(self.fanout_timeout, deadline - 0.05))
+
+    async def _open_partials(self, address: str, partitions: list[int], start: int, end: int,
+                             viewers: bool, deadline: float | None, calls: list[grpc.aio.Call]
+                             ) -> tuple[Position, AsyncIterator[Chunk]]:
+        """One owner's position and its stream of partial sums (guarded: a failure names its
+        partitions). This instance's partitions are read directly, others' asked for."""
+        if address == self.address:
+            self._check_local(partitions)
+            position = self._local_position(partitions)
+            return position, self._local_chunks(partitions, start, end, viewers)
+        call = self._partials_call(address, partitions, start, end, viewers, (), deadline)
+        calls.append(call)
+        first = await call.read()
+        if first is grpc.aio.EOF:
+            raise scatter.OwnerUnavailable("the stream ended without a position")
+        position = Position()
+        position.CopyFrom(first.position)
+
+        async def chunks() -> AsyncIterator[Chunk]:
+            reply = first
+            while reply is not grpc.aio.EOF:
+                if reply.media_ids:
+                    yield chunk_of(reply)
+                reply = await call.read()
+
+        return position, scatter.guard_stream(address, partitions, chunks(),
+                                              self._step_timeout(deadline))
+
+    def _partials_call(self, address: str, partitions: Sequence[int], start: int, end: int,
+                       viewers: bool, media_ids: Sequence[int], deadline: float | None
+                       ) -> Any:
+        request = ppb.StreamMediaPartialsRequest(
+            start_time=_ts(start), end_time=_ts(end), partitions=partitions,
+            include_unique_viewers=viewers, media_ids=media_ids)
+        stub = ppb_grpc.StatsPartitionServiceStub(self.peers.channel(address))
+        return stub.StreamMediaPartials(request, metadata=self.peer_metadata,
+                                        timeout=None if deadline is None else max(0.05, deadline))
+
+    async def _local_chunks(self, partitions: Sequence[int], start: int, end: int,
+                            viewers: bool) -> AsyncIterator[Chunk]:
+        """This instance's partial sums, one reader chunk at a time in a worker thread; a scan
+        slot is held per chunk, not per stream, so that instances streaming to each other
+        never wait on each other's slots."""
+        chunks = self.reader.range_chunks(partitions, start, end, viewers)
+        try:
+            while True:
+                async with self._scans:
+                    chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            try:
+                chunks.close()
+            except ValueError:  # cancelled while a worker thread still runs it: it ends there
+                pass
+
+    async def _page_viewers(self, chosen: list[int], start: int, end: int,
+                            deadline: float | None, calls: list[grpc.aio.Call]
+                            ) -> dict[int, int]:
+        """Distinct viewers of the page's items over every partition (they add: a user lives
+        in one partition), when the ranking was by another metric."""
+        ids = sorted(chosen)
+
+        async def ask(address: str, partitions: list[int]) -> dict[int, int]:
+            if address == self.address:
+                self._check_local(partitions)
+                async with self._scans:
+                    return await asyncio.to_thread(self.reader.range_viewers_of, partitions, ids,
+                                                   start, end)
+            call = self._partials_call(address, partitions, start, end, True, ids, deadline)
+            calls.append(call)
+            found: dict[int, int] = {}
+            async for reply in call:
+                found.update(zip(reply.media_ids, reply.unique_viewers))
+            return found
+
+        parts = await scatter.gather(self._owners(), ask, timeout=(
+            self.fanout_timeout if deadline is None else max(0.05, deadline - 0.05)),
+            service="stats")
+        return {m: sum(p.result.get(m, 0) for p in parts) for m in ids}
+
+    # --- StatsPartitionService (internal, between instances) ------------------------------------
+
+    async def StreamMediaPartials(self, request: ppb.StreamMediaPartialsRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> AsyncIterator[ppb.StreamMediaPartialsResponse]:
+        """Partial sums from exactly the named local partitions, in batches of PARTIAL_BATCH
+        media; the position (read before the state) on the first batch. Memory: one reader
+        chunk; gRPC flow control holds the reading back when the asker is slower."""
+        await reject_unparseable(context, request)
+        violations = request_parsing.check_partials(request)
+        if violations:
+            await abort_bad_request(context, "invalid StreamMediaPartials request", violations)
+        await _answered_by(context, self.address)
+        partitions = sorted(set(request.partitions))
+        try:
+            self._check_local(partitions)
+        except scatter.OwnerUnavailable as error:
+            await abort_unavailable(context, str(error))
+        position = self._local_position(partitions)
+        start, end = request.start_time.seconds, request.end_time.seconds
+        if request.media_ids:
+            ids = sorted(set(request.media_ids))
+            async with self._scans:
+                found = await asyncio.to_thread(self.reader.range_viewers_of, partitions, ids,
+                                                start, end)
+            yield ppb.StreamMediaPartialsResponse(
+                media_ids=ids, unique_viewers=[found[m] for m in ids], position=position)
+            return
+        sent = False
+        async for media, values in self._local_chunks(partitions, start, end,
+                                                      request.include_unique_viewers):
+            for reply in partial_batches(media, values, PARTIAL_BATCH):
+                if not sent:
+                    reply.position.CopyFrom(position)
+                    sent = True
+                yield reply
+        if not sent:
+            yield ppb.StreamMediaPartialsResponse(position=position)
+
+
+PARTIAL_BATCH = 1_000  # media per StreamMediaPartials message: small per-message overhead
+
+
+def partial_batches(media: np.ndarray, values: np.ndarray, size: int
+                    ) -> Iterator[ppb.StreamMediaPartialsResponse]:
+    """A chunk of partial sums as messages of at most `size` media each."""
+    for at in range(0, len(media), size):
+        rows = values[at:at + size]
+        yield ppb.StreamMediaPartialsResponse(
+            media_ids=media[at:at + size].tolist(), view_time_seconds=rows[:, 0].tolist(),
+            starts=rows[:, 1].tolist(), unique_viewers=rows[:, 2].tolist())
+
+
+def chunk_of(reply: ppb.StreamMediaPartialsResponse) -> Chunk:
+    """A message's partial sums as a merge chunk (ascending ids, rows of three columns)."""
+    media = np.asarray(reply.media_ids, np.int64)
+    values = np.zeros((len(media), 3), np.int64)
+    values[:, 0] = reply.view_time_seconds
+    values[:, 1] = reply.starts
+    values[:, 2] = reply.unique_viewers
+    return media, values
 
 
 async def _answered_by(context: grpc.aio.ServicerContext, address: str) -> None:

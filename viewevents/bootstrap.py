@@ -64,6 +64,9 @@ class Endpoint:
     # Where other instances reach this one (consuming services: sent to the group with every
     # join); empty: the bind address (see viewevents.membership.advertised_address).
     advertised_address: str = ""
+    # Further proto services the same servicer implements (e.g. an internal service between
+    # instances): registered, listed by reflection and behind the same token as `descriptor`.
+    extra: tuple[ServiceDescriptor, ...] = ()
 
 
 @runtime_checkable
@@ -96,18 +99,20 @@ async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
                 on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve `servicer` until SIGTERM/SIGINT. Health is SERVING at once, or follows
     `readiness` both ways; `on_stop` runs after the last RPC finished and must bound its steps."""
-    full_name = endpoint.descriptor.full_name
+    descriptors = [endpoint.descriptor, *endpoint.extra]
+    names = [d.full_name for d in descriptors]
     server = new_server(endpoint.max_request_bytes, service=endpoint.name, token=endpoint.token,
-                        protected_services=[full_name] if endpoint.token else ())
-    add_service(server, endpoint.descriptor, servicer)
-    health = await enable_reflection_and_health(server, [full_name])
+                        protected_services=names if endpoint.token else ())
+    for descriptor in descriptors:
+        add_service(server, descriptor, servicer)
+    health = await enable_reflection_and_health(server, names)
     bind(server, endpoint.address, config.tls_cert_file, config.tls_key_file)
     serve_metrics(endpoint.metrics_port, endpoint.name, config.metrics_host)
     await server.start()
 
     async def follow_readiness() -> None:
         if readiness is None:
-            await set_serving(health, [full_name], True)
+            await set_serving(health, names, True)
             log.info("%s SERVING on %s", endpoint.name, endpoint.address)
             return
         log.info("%s listening on %s (NOT_SERVING until ready)", endpoint.name, endpoint.address)
@@ -116,7 +121,7 @@ async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
             change = readiness.next_change()  # before reading: no change slips in between
             ready = readiness.ready
             if ready != shown:
-                await set_serving(health, [full_name], ready)
+                await set_serving(health, names, ready)
                 log.info("%s %s on %s (%s)", endpoint.name,
                          "SERVING" if ready else "NOT_SERVING", endpoint.address, readiness.reason)
                 shown = ready

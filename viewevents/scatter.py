@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -136,7 +136,27 @@ async def gather(owners: Mapping[int, str],
     return partials
 
 
+async def guard_stream(address: str, partitions: Sequence[int], stream: AsyncIterator[T],
+                       idle_timeout: float | None = None) -> AsyncIterator[T]:
+    """`stream`'s items; an owner's stream that fails, or stays silent for `idle_timeout`
+    seconds between items, raises `Incomplete` naming its partitions (a query streaming
+    partials from several owners has no complete answer without every stream)."""
+    while True:
+        try:
+            item = await asyncio.wait_for(anext(stream), idle_timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure of the owner means "missing"
+            reason = _reason(address, error, idle_timeout or 0.0)
+            raise Incomplete({p: reason for p in partitions}) from error
+        yield item
+
+
 def _reason(address: str, error: BaseException, timeout: float) -> str:
+    if isinstance(error, Incomplete):
+        return f"owner {address}: {error}"
     if isinstance(error, TimeoutError):
         return f"owner {address} did not answer within {timeout:.1f} s"
     if isinstance(error, grpc.aio.AioRpcError):

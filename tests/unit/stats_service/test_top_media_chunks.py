@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from stats_service import request_parsing
@@ -80,7 +82,7 @@ def test_every_page_of_every_ranking_matches_brute_force(state: Any, chunk_rows:
             offset: int | None = 0
             while offset is not None:
                 query = request_parsing.TopQuery(start, end, metric, 7, offset, "00" * 8)
-                reply = servicer._top(query, PARTS)
+                reply = asyncio.run(servicer._top(query, None))
                 got += [(t.rank, t.media_id, t.view_time_seconds, t.starts, t.unique_viewers)
                         for t in reply.media]
                 offset = (request_parsing.decode_page_token(reply.next_page_token, "00" * 8)
@@ -96,21 +98,25 @@ def test_at_most_max_concurrent_scans_run_at_once(state: Any) -> None:
     lock, release = threading.Lock(), threading.Event()
     running = {"now": 0, "most": 0}
 
-    def blocked_top(query: request_parsing.TopQuery, partitions: list[int]) -> pb.ListTopMediaResponse:
+    def blocked_chunks(partitions: list[int], start: int, end: int, viewers: bool
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with lock:
             running["now"] += 1
             running["most"] = max(running["most"], running["now"])
         release.wait(60)
         with lock:
             running["now"] -= 1
-        return pb.ListTopMediaResponse()
+        yield np.array([1], np.int64), np.array([[1, 1, 1]], np.int64)
 
-    servicer._top = blocked_top  # type: ignore[method-assign]
+    servicer.reader.range_chunks = blocked_chunks  # type: ignore[method-assign]
     request = pb.ListTopMediaRequest(start_time={"seconds": 0}, end_time={"seconds": 60})
 
     class Context:
         async def abort(self, code: Any, details: str) -> None:
             raise AssertionError(details)
+
+        def time_remaining(self) -> None:
+            return None
 
     async def scenario() -> None:
         calls = [asyncio.create_task(servicer.ListTopMedia(request, Context()))  # type: ignore[arg-type]
