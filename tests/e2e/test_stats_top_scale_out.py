@@ -1,0 +1,172 @@
+"""ListTopMedia across several stats instances: any instance ranks every partition exactly.
+
+Three instances split an 8-partition topic (a fourth runs alone in its own group). After a
+noisy upload, every instance answers ListTopMedia for every metric over several ranges (the
+whole span with minute-unaligned edges, one day, one hour, unaligned edges inside a day)
+exactly as brute force over the uploaded file and as the single instance, with the pages
+walked to the end through a different instance for each consecutive page (page tokens are
+signed with the shared secret).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+
+from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
+from tests.support.broker import end_offsets
+from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
+from tests.support.oracles import Expected
+from viewevents.v1 import stats_service_pb2 as pb
+from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
+from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
+
+PARTITIONS = 8
+ANSWERED_BY = "x-viewevents-answered-by"
+METRICS = (pb.TOP_MEDIA_METRIC_VIEW_TIME, pb.TOP_MEDIA_METRIC_STARTS,
+           pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS)
+DAY, HOUR, MINUTE = 86_400, 3_600, 60
+
+
+def _ts(seconds: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
+class Cluster:
+    """An ingest service and stats instances (own state each) on one topic."""
+
+    def __init__(self, tmp_path: Path, bootstrap: str) -> None:
+        self.tmp_path = tmp_path
+        self.config = test_config(bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
+                                  stats_group=unique_name("top"), topic_partitions=PARTITIONS,
+                                  stats_page_token_secret="shared-secret")
+        self.ingest = ServiceProcess("ingest_service", self.config, self.config.ingest_address,
+                                     tmp_path / "ingest.log")
+        self.stats: list[ServiceProcess] = []
+
+    def add(self, name: str, group: str | None = None) -> ServiceProcess:
+        config = self.config.replace(stats_address=f"127.0.0.1:{free_port()}",
+                                     stats_state_dir=str(self.tmp_path / name),
+                                     stats_group=group or self.config.stats_group)
+        process = ServiceProcess("stats_service", config, config.stats_address,
+                                 self.tmp_path / f"{name}.log").start()
+        self.stats.append(process)
+        return process
+
+    def send(self, events: list[ve.ViewEvent]) -> None:
+        with grpc.insecure_channel(self.config.ingest_address, options=CHANNEL_OPTIONS) as channel:
+            upload(channel, iter(events), batch_size=2_000, timeout=300)
+
+    def stop(self) -> None:
+        for process in self.stats:
+            process.stop()
+        self.ingest.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, kafka_bootstrap: str) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, kafka_bootstrap)
+    yield made
+    made.stop()
+
+
+def request(start: int, end: int, metric: int, limit: int, token: str = ""
+            ) -> pb.ListTopMediaRequest:
+    return pb.ListTopMediaRequest(start_time=_ts(start), end_time=_ts(end), metric=metric,
+                                  limit=limit, page_token=token)
+
+
+def caught_up(address: str, start: int, end: int, targets: dict[int, int]) -> bool:
+    """A complete ranking whose position reached `targets` on every partition."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.StatsServiceStub(channel).ListTopMedia(
+                request(start, end, METRICS[0], 1), timeout=30)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return False
+        raise
+    offsets = {p.partition: p.offset for p in reply.position.partitions}
+    return set(offsets) == set(targets) and all(offsets[p] >= o for p, o in targets.items())
+
+
+def walk(stubs: list[tuple[str, pb_grpc.StatsServiceStub]], start: int, end: int, metric: int,
+         limit: int, first: int) -> list[tuple]:
+    """Every page, page i asked of instance (first + i) mod n; checks who answered."""
+    got: list[tuple] = []
+    token = ""
+    page = 0
+    while True:
+        address, stub = stubs[(first + page) % len(stubs)]
+        reply, call = stub.ListTopMedia.with_call(request(start, end, metric, limit, token),
+                                                  timeout=60)
+        assert dict(call.initial_metadata()).get(ANSWERED_BY) == address
+        assert [p.partition for p in reply.position.partitions] == list(range(PARTITIONS))
+        assert len(reply.media) <= limit
+        got += [(t.media_id, t.rank, t.view_time_seconds, t.starts, t.unique_viewers)
+                for t in reply.media]
+        token = reply.next_page_token
+        page += 1
+        if not token:
+            return got
+
+
+def test_every_instance_ranks_every_partition_exactly_page_after_page(
+        cluster: Cluster, kafka_bootstrap: str, tmp_path: Path) -> None:
+    events = generated_events(tmp_path / "views.jsonl", 30_000, seed=91, **STATS_FILE)
+    cluster.ingest.start()
+    members = [cluster.add("a"), cluster.add("b"), cluster.add("c")]
+    single = cluster.add("single", group=unique_name("single"))
+    cluster.ingest.wait_serving()
+    cluster.send(events)
+    expected = Expected(first_copies(accepted_events(events, cluster.config)))
+    targets = end_offsets(kafka_bootstrap, cluster.config.view_topic)
+    assert len(targets) == PARTITIONS
+    low = min(r[3] for r in expected.rows)
+    high = max(r[3] for r in expected.rows) + 1
+    for process in (*members, single):
+        wait_for(lambda p=process: caught_up(p.address, low, high, targets), 180,
+                 message=lambda p=process: f"{p.address} not complete: {p.tail()}")
+
+    busiest_day = max(range(low // DAY * DAY, high, DAY),
+                      key=lambda d: sum(d <= r[3] < d + DAY for r in expected.rows))
+    ranges = [
+        (low - 37, high + 1_234),  # the whole span, minute-unaligned edges
+        (busiest_day, busiest_day + DAY),  # one whole day
+        (busiest_day + 13 * HOUR, busiest_day + 14 * HOUR),  # one hour
+        (busiest_day + 5 * HOUR + 17 * MINUTE + 13, busiest_day + 9 * HOUR + 41),  # ragged
+    ]
+    everyone = [*members, single]
+    channels = [grpc.insecure_channel(p.address) for p in everyone]
+    try:
+        stubs = [(p.address, pb_grpc.StatsServiceStub(c)) for p, c in zip(everyone, channels)]
+        for number, (start, end) in enumerate(ranges):
+            rounded = (start // MINUTE * MINUTE, -(-end // MINUTE) * MINUTE)
+            for metric in METRICS:
+                want = [(m, rank, v, s, u)
+                        for m, rank, v, s, u in expected.top(*rounded, metric)]
+                assert want, (start, end)
+                limit = max(1, len(want) // 5 + number)  # about five pages, odd sizes
+                alone = walk(stubs[3:], start, end, metric, limit, 0)
+                assert alone == want, (number, metric)
+                for first in range(len(stubs)):  # each instance serves a first page
+                    assert walk(stubs, start, end, metric, limit, first) == want, (
+                        number, metric, first)
+
+        # One figure for the report: the whole span by view time, 10 items, a few times.
+        for name, (_, stub) in (("group member", stubs[0]), ("single", stubs[3])):
+            took = []
+            for _ in range(5):
+                began = time.monotonic()
+                stub.ListTopMedia(request(*ranges[0], METRICS[0], 10), timeout=60)
+                took.append(time.monotonic() - began)
+            print(f"ListTopMedia whole span via {name}: median {1000 * sorted(took)[2]:.0f} ms")
+    finally:
+        for channel in channels:
+            channel.close()
