@@ -399,7 +399,7 @@ class StatsServicer:
                 yield chunk
         finally:
             try:
-                chunks.close()
+                getattr(chunks, "close", lambda: None)()  # a generator: release its scans
             except ValueError:  # cancelled while a worker thread still runs it: it ends there
                 pass
 

@@ -17,11 +17,14 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
 from tests.support.broker import end_offsets
 from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
 from tests.support.oracles import Expected
+from viewevents.v1 import stats_partition_service_pb2 as ppb
+from viewevents.v1 import stats_partition_service_pb2_grpc as ppb_grpc
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
@@ -158,6 +161,24 @@ def test_every_instance_ranks_every_partition_exactly_page_after_page(
                 for first in range(len(stubs)):  # each instance serves a first page
                     assert walk(stubs, start, end, metric, limit, first) == want, (
                         number, metric, first)
+
+        # The internal service: listed by reflection, strict about its input, and answered
+        # only from partitions the instance owns and has caught up on.
+        with grpc.insecure_channel(members[0].address) as channel:
+            listed = next(iter(reflection_pb2_grpc.ServerReflectionStub(channel)
+                               .ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+                                   list_services="")]), timeout=10)))
+            assert "viewevents.v1.StatsPartitionService" in {
+                s.name for s in listed.list_services_response.service}
+            partials = ppb_grpc.StatsPartitionServiceStub(channel)
+            for bad, code in ((dict(partitions=[]), grpc.StatusCode.INVALID_ARGUMENT),
+                              (dict(partitions=list(range(PARTITIONS))),
+                               grpc.StatusCode.UNAVAILABLE)):
+                with pytest.raises(grpc.RpcError) as raised:
+                    list(partials.StreamMediaPartials(ppb.StreamMediaPartialsRequest(
+                        start_time=_ts(low // MINUTE * MINUTE),
+                        end_time=_ts(high // MINUTE * MINUTE), **bad), timeout=30))
+                assert raised.value.code() == code, raised.value.details()
 
         # One figure for the report: the whole span by view time, 10 items, a few times.
         for name, (_, stub) in (("group member", stubs[0]), ("single", stubs[3])):
