@@ -7,10 +7,10 @@ How it runs (all on its own broker and services, see drills.stack):
 * A generated noisy file (viewevents_tools.generator, cached under .data/drills/) is uploaded
   with the resumable client (UploadStream, re-sending unacknowledged batches after a break) in
   a thread. The upload is cut in kills + 1 parts (one resumable upload each); part k + 1 is
-  released once kill k happened, so every kill lands mid-upload whatever the machine's speed
+  released once kill k recovered, so every kill lands mid-upload whatever the machine's speed
   (placed by progress, not time).
 * Kill k waits until every component is SERVING and the acknowledged upload is half-way
-  through part k, then kill -9s its victim (a seeded shuffle of the service kills, spread at
+  through part k (released after the previous recovery, so the upload is running), then kill -9s its victim (a seeded shuffle of the service kills, spread at
   random over ingest, stats and recommender, and the broker kills), restarts it on the same
   ports, data and consumer group, and times kill -> SERVING again (for the broker: until it
   answers and all three services are SERVING).
@@ -231,17 +231,18 @@ def main(argv: list[str] | None = None) -> int:
             killed_at, acked_at_kill = time.monotonic(), upload.acked
             if victim == "broker":
                 drill.broker.kill()
-                upload.release((k + 2) * part_size)
                 drill.broker.start()
                 stack.wait_until(drill.all_serving, args.recovery_timeout,
                                  "all services SERVING after the broker restart")
             else:
                 service = drill.services[victim]
                 service.kill()
-                upload.release((k + 2) * part_size)
                 service.spawn()
                 service.wait_serving(args.recovery_timeout)
             recoveries[victim].append(time.monotonic() - killed_at)
+            # The next part only after the recovery: the next kill then lands half-way through
+            # a part, on a running upload, however long this recovery took.
+            upload.release((k + 2) * part_size)
             tqdm.write(f"kill {k + 1}/{len(schedule)}: {victim} at {acked_at_kill:,} acked "
                        f"events, SERVING again after {recoveries[victim][-1]:.1f} s")
         upload.release(None)
