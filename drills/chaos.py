@@ -10,8 +10,9 @@ How it runs (all on its own broker and services, see drills.stack):
   released once kill k recovered, so every kill lands mid-upload whatever the machine's speed
   (placed by progress, not time).
 * Kill k waits until every component is SERVING and the acknowledged upload is half-way
-  through part k (released after the previous recovery, so the upload is running), then kill -9s its victim (a seeded shuffle of the service kills, spread at
-  random over ingest, stats and recommender, and the broker kills), restarts it on the same
+  through part k (released after the previous recovery, so the upload is running), then
+  kill -9s its victim (a seeded shuffle of the service kills, spread at random over ingest,
+  stats and recommender, and the broker kills), restarts it on the same
   ports, data and consumer group, and times kill -> SERVING again (for the broker: until it
   answers and all three services are SERVING).
 * After the upload and the kills: wait until both consumers applied the topic's end offsets,
@@ -58,8 +59,9 @@ def event_file(events: int, seed: int, users: int, media: int, noise: float) -> 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        generate(str(partial), events, seed=seed, users=users, media=media, noise=noise,
-                 progress=True)
+        generate(
+            str(partial), events, seed=seed, users=users, media=media, noise=noise, progress=True
+        )
         partial.rename(path)
     return path
 
@@ -71,8 +73,9 @@ class GatedUpload:
     the kill loop released it and part p - 1 is acknowledged in full. Gating between parts,
     not inside the request stream, keeps the client's own window logic untouched."""
 
-    def __init__(self, path: Path, address: str, part_size: int, batch_size: int,
-                 total_lines: int) -> None:
+    def __init__(
+        self, path: Path, address: str, part_size: int, batch_size: int, total_lines: int
+    ) -> None:
         self.path = path
         self.address = address
         self.batch_size = batch_size
@@ -85,8 +88,9 @@ class GatedUpload:
         self.totals = UploadTotals()
         self.error: BaseException | None = None
         self.done = threading.Event()
-        self.bar = tqdm(total=total_lines, desc="upload (acked)", unit="ev", unit_scale=True,
-                        smoothing=0.05)
+        self.bar = tqdm(
+            total=total_lines, desc="upload (acked)", unit="ev", unit_scale=True, smoothing=0.05
+        )
         self.thread = threading.Thread(target=self._run, name="upload", daemon=True)
 
     @property
@@ -120,9 +124,12 @@ class GatedUpload:
                 self._sent = self._acked_batches = 0
                 totals = upload_resumable(
                     lambda: grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS),
-                    self._part(source), batch_size=self.batch_size, window=16,
+                    self._part(source),
+                    batch_size=self.batch_size,
+                    window=16,
                     max_attempts=60,  # consecutive failures without progress: ~15 min
-                    on_ack=self._on_ack)
+                    on_ack=self._on_ack,
+                )
                 for name in ("received", "accepted", "rejected", "requests", "reconnects"):
                     setattr(self.totals, name, getattr(self.totals, name) + getattr(totals, name))
                 sent = self._sent
@@ -139,6 +146,7 @@ class GatedUpload:
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """The topic's end offsets, read from the broker itself."""
+
     async def read() -> dict[int, int]:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
         await consumer.start()
@@ -151,6 +159,7 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
             return {tp.partition: offset for tp, offset in ends.items()}
         finally:
             await consumer.stop()
+
     return asyncio.run(read())
 
 
@@ -160,11 +169,15 @@ def position(name: str, address: str) -> dict[int, int] | None:
         with grpc.insecure_channel(address) as channel:
             if name == "stats":
                 reply = stats_grpc.StatsServiceStub(channel).ListTopMedia(
-                    stats_pb.ListTopMediaRequest(start_time={"seconds": 0},
-                                                 end_time={"seconds": 60}, limit=1), timeout=5)
+                    stats_pb.ListTopMediaRequest(
+                        start_time={"seconds": 0}, end_time={"seconds": 60}, limit=1
+                    ),
+                    timeout=5,
+                )
             else:
                 reply = rec_grpc.RecommenderServiceStub(channel).RecommendForUser(
-                    rec_pb.RecommendForUserRequest(user_id=1), timeout=5)
+                    rec_pb.RecommendForUserRequest(user_id=1), timeout=5
+                )
             return {p.partition: p.offset for p in reply.position.partitions}
     except grpc.RpcError:
         return None
@@ -174,8 +187,10 @@ def wait_applied(name: str, address: str, targets: dict[int, int], timeout: floa
     def covered() -> bool:
         got = position(name, address)
         return got is not None and all(got.get(p, 0) >= end for p, end in targets.items())
-    stack.wait_until(covered, timeout, f"{name} applied {sum(targets.values())} records",
-                     interval=1.0)
+
+    stack.wait_until(
+        covered, timeout, f"{name} applied {sum(targets.values())} records", interval=1.0
+    )
 
 
 def kill_schedule(service_kills: int, broker_kills: int, seed: int) -> list[str]:
@@ -186,8 +201,11 @@ def kill_schedule(service_kills: int, broker_kills: int, seed: int) -> list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drills.chaos", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m drills.chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--events", type=int, default=3_000_000, help="lines of the file")
     parser.add_argument("--service-kills", type=int, default=30)
     parser.add_argument("--broker-kills", type=int, default=2)
@@ -196,10 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--media", type=int, default=2_000)
     parser.add_argument("--noise", type=float, default=0.02)
     parser.add_argument("--batch-size", type=int, default=2_000)
-    parser.add_argument("--recovery-timeout", type=float, default=300.0,
-                        help="seconds a component may take from kill to SERVING")
-    parser.add_argument("--no-pairs", action="store_true",
-                        help="compare only the recommender's item statistics")
+    parser.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a component may take from kill to SERVING",
+    )
+    parser.add_argument(
+        "--no-pairs", action="store_true", help="compare only the recommender's item statistics"
+    )
     parser.add_argument("--keep", action="store_true", help="keep broker data and state")
     args = parser.parse_args(argv)
 
@@ -217,23 +240,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         drill.start()
         part_size = -(-args.events // (len(schedule) + 1))
-        upload = GatedUpload(path, drill.config.ingest_address, part_size, args.batch_size,
-                             args.events)
+        upload = GatedUpload(
+            path, drill.config.ingest_address, part_size, args.batch_size, args.events
+        )
         upload.thread.start()
         for k, victim in enumerate(schedule):
             mark = k * part_size + part_size // 2
-            stack.wait_until(lambda mark=mark: upload.error is not None or (
-                upload.acked >= mark and drill.all_serving() and drill.broker.alive()),
-                args.recovery_timeout, f"kill {k + 1}: upload at {mark} and all SERVING",
-                interval=0.1)
+
+            def ready(mark: int = mark, upload: GatedUpload = upload) -> bool:
+                return upload.error is not None or (
+                    upload.acked >= mark and drill.all_serving() and drill.broker.alive()
+                )
+
+            stack.wait_until(
+                ready,
+                args.recovery_timeout,
+                f"kill {k + 1}: upload at {mark} and all SERVING",
+                interval=0.1,
+            )
             if upload.error is not None:
                 raise RuntimeError(f"upload failed: {upload.error!r}")
             killed_at, acked_at_kill = time.monotonic(), upload.acked
             if victim == "broker":
                 drill.broker.kill()
                 drill.broker.start()
-                stack.wait_until(drill.all_serving, args.recovery_timeout,
-                                 "all services SERVING after the broker restart")
+                stack.wait_until(
+                    drill.all_serving,
+                    args.recovery_timeout,
+                    "all services SERVING after the broker restart",
+                )
             else:
                 service = drill.services[victim]
                 service.kill()
@@ -243,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             # The next part only after the recovery: the next kill then lands half-way through
             # a part, on a running upload, however long this recovery took.
             upload.release((k + 2) * part_size)
-            tqdm.write(f"kill {k + 1}/{len(schedule)}: {victim} at {acked_at_kill:,} acked "
-                       f"events, SERVING again after {recoveries[victim][-1]:.1f} s")
+            tqdm.write(
+                f"kill {k + 1}/{len(schedule)}: {victim} at {acked_at_kill:,} acked "
+                f"events, SERVING again after {recoveries[victim][-1]:.1f} s"
+            )
         upload.release(None)
         stack.wait_until(upload.done.is_set, 3600, "upload finished", interval=0.5)
         if upload.error is not None:
@@ -254,13 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         truth = brute_force(str(path), drill.config, limit)
         for name in ("stats", "recommender"):
             wait_applied(name, getattr(drill.config, f"{name}_address"), ends, 1800)
-        verdicts.append(checks.check_stats(drill.config.stats_address, truth,
-                                           drill.config.heartbeat_seconds))
+        verdicts.append(
+            checks.check_stats(drill.config.stats_address, truth, drill.config.heartbeat_seconds)
+        )
         code = drill.services["recommender"].stop()
         if code != 0:
             problems.append(f"recommender exited {code} on SIGTERM")
-        verdicts.append(checks.check_recommender(Path(drill.config.recommender_state_dir), truth,
-                                                 check_pairs=not args.no_pairs))
+        verdicts.append(
+            checks.check_recommender(
+                Path(drill.config.recommender_state_dir), truth, check_pairs=not args.no_pairs
+            )
+        )
     except BaseException as error:
         problems.append(f"drill aborted: {error!r}")
         keep = True  # the evidence stays for a look
@@ -277,12 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if passed else 1
 
 
-def print_report(schedule: list[str], recoveries: dict[str, list[float]],
-                 upload: GatedUpload | None, verdicts: list[checks.Verdict], problems: list[str],
-                 elapsed: float, args: argparse.Namespace) -> None:
+def print_report(
+    schedule: list[str],
+    recoveries: dict[str, list[float]],
+    upload: GatedUpload | None,
+    verdicts: list[checks.Verdict],
+    problems: list[str],
+    elapsed: float,
+    args: argparse.Namespace,
+) -> None:
     done = sum(len(v) for v in recoveries.values())
-    print(f"\n== chaos: {args.events:,} lines, seed {args.seed}, {done}/{len(schedule)} kills, "
-          f"{elapsed / 60:.1f} min ==")
+    print(
+        f"\n== chaos: {args.events:,} lines, seed {args.seed}, {done}/{len(schedule)} kills, "
+        f"{elapsed / 60:.1f} min =="
+    )
     print(f"{'component':<12} {'kills':>5} {'longest recovery':>17} {'median':>8}")
     for name, times in recoveries.items():
         ordered = sorted(times)
@@ -291,15 +340,21 @@ def print_report(schedule: list[str], recoveries: dict[str, list[float]],
         print(f"{name:<12} {len(times):>5} {longest:>17} {median:>8}")
     if upload is not None:
         t = upload.totals
-        print(f"\nupload: {t.received:,} events acknowledged by ingest ({t.accepted:,} accepted, "
-              f"{t.rejected:,} rejected; re-sent batches included), {t.reconnects} reconnects, "
-              f"{t.requests:,} batches")
+        print(
+            f"\nupload: {t.received:,} events acknowledged by ingest ({t.accepted:,} accepted, "
+            f"{t.rejected:,} rejected; re-sent batches included), {t.reconnects} reconnects, "
+            f"{t.requests:,} batches"
+        )
     if verdicts:
-        print(f"\n{'consumer':<12} {'must count':>11} {'counted':>11} {'lost':>6} "
-              f"{'double':>7} {'other stats off':>16}")
+        print(
+            f"\n{'consumer':<12} {'must count':>11} {'counted':>11} {'lost':>6} "
+            f"{'double':>7} {'other stats off':>16}"
+        )
         for v in verdicts:
-            print(f"{v.component:<12} {v.expected:>11,} {v.counted:>11,} {v.lost:>6,} "
-                  f"{v.double:>7,} {v.mismatches:>16,}")
+            print(
+                f"{v.component:<12} {v.expected:>11,} {v.counted:>11,} {v.lost:>6,} "
+                f"{v.double:>7,} {v.mismatches:>16,}"
+            )
         for v in verdicts:
             for note in v.notes:
                 print(f"  {v.component}: {note}")

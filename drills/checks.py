@@ -66,8 +66,9 @@ def check_stats(address: str, truth: Truth, heartbeat_seconds: int) -> Verdict:
         for media in range(1, highest + 1):
             want = truth.media.get(media)
             try:
-                got = stub.GetMediaStats(stats_pb.GetMediaStatsRequest(media_id=media),
-                                         timeout=30).stats
+                got = stub.GetMediaStats(
+                    stats_pb.GetMediaStatsRequest(media_id=media), timeout=30
+                ).stats
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -75,22 +76,30 @@ def check_stats(address: str, truth: Truth, heartbeat_seconds: int) -> Verdict:
             if want is None and got is None:
                 continue
             w = (want.starts, want.waypoints, want.stops, want.ends) if want else (0, 0, 0, 0)
-            g = ((got.starts, got.view_time_seconds // heartbeat_seconds, got.stops, got.ends)
-                 if got is not None else (0, 0, 0, 0))
+            g = (
+                (got.starts, got.view_time_seconds // heartbeat_seconds, got.stops, got.ends)
+                if got is not None
+                else (0, 0, 0, 0)
+            )
             for a, b in zip(w, g):
                 verdict.add(a, b)
             if w != g:
                 verdict.remark(f"media {media}: (starts, waypoints, stops, ends) {g} != {w}")
             if want is not None and got is not None:
                 if got.unique_viewers != viewers[media]:
-                    verdict.note(f"media {media}: unique viewers {got.unique_viewers} != "
-                                 f"{viewers[media]}")
+                    verdict.note(
+                        f"media {media}: unique viewers {got.unique_viewers} != {viewers[media]}"
+                    )
                 if (got.first_event_time.seconds, got.last_event_time.seconds) != (
-                        want.first, want.last):
+                    want.first,
+                    want.last,
+                ):
                     verdict.note(f"media {media}: event-time range differs")
                 if got.view_time_seconds % heartbeat_seconds:
-                    verdict.note(f"media {media}: view time {got.view_time_seconds} s is not "
-                                 f"a whole number of waypoints")
+                    verdict.note(
+                        f"media {media}: view time {got.view_time_seconds} s is not "
+                        f"a whole number of waypoints"
+                    )
     return verdict
 
 
@@ -120,8 +129,9 @@ def check_recommender(state_dir: Path, truth: Truth, check_pairs: bool = True) -
     return verdict
 
 
-def _check_pairs(store: StateStore, partitions: list[int], truth: Truth, verdict: Verdict,
-                 media_ids: set[int]) -> None:
+def _check_pairs(
+    store: StateStore, partitions: list[int], truth: Truth, verdict: Verdict, media_ids: set[int]
+) -> None:
     size = max(media_ids, default=0) + 1
     if size > MAX_DENSE_MEDIA:
         verdict.remark(f"pair check skipped: media ids up to {size - 1}")
@@ -157,5 +167,7 @@ def _check_pairs(store: StateStore, partitions: list[int], truth: Truth, verdict
         below = int((got < want).sum())
         above = int((got > want).sum())
         if below or above:
-            verdict.note(f"{name}: {below} pairs below, {above} above the brute force "
-                         f"(of {int((want > 0).sum())})")
+            verdict.note(
+                f"{name}: {below} pairs below, {above} above the brute force "
+                f"(of {int((want > 0).sum())})"
+            )

@@ -21,8 +21,12 @@ from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.event_files import iter_file
 from viewevents_tools import settings_catalogue as settings
 
-START, WAYPOINT, STOP, END = (ve.EVENT_TYPE_STREAM_START, ve.EVENT_TYPE_WAYPOINT,
-                              ve.EVENT_TYPE_STREAM_STOP, ve.EVENT_TYPE_STREAM_END)
+START, WAYPOINT, STOP, END = (
+    ve.EVENT_TYPE_STREAM_START,
+    ve.EVENT_TYPE_WAYPOINT,
+    ve.EVENT_TYPE_STREAM_STOP,
+    ve.EVENT_TYPE_STREAM_END,
+)
 # Pair statistics are kept as dense media x media matrices: only for media ids up to this.
 MAX_DENSE_MEDIA = 20_000
 
@@ -100,17 +104,20 @@ class Truth:
         return d, c
 
 
-def brute_force(path: str, config: settings.Config, limit: int | None = None,
-                progress: bool = True) -> Truth:
+def brute_force(
+    path: str, config: settings.Config, limit: int | None = None, progress: bool = True
+) -> Truth:
     """Totals of the valid first copies among the first `limit` uploaded events (all if None)."""
-    limits = Limits(config.max_future_skew_seconds, config.max_event_age_days * 86400,
-                    config.max_event_id_bytes)
+    limits = Limits(
+        config.max_future_skew_seconds, config.max_event_age_days * 86400, config.max_event_id_bytes
+    )
     now = time.time()
     truth = Truth()
     seen: set[int] = set()
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(desc="brute force", unit="ev", unit_scale=True, smoothing=0.1)
     media, windows = truth.media, truth.windows
     for event in uploaded_events(path):

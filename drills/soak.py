@@ -32,15 +32,19 @@ from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.query_client import QueryClient
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
-EVENT_TYPES = [ve.EVENT_TYPE_STREAM_START] + [ve.EVENT_TYPE_WAYPOINT] * 8 + [
-    ve.EVENT_TYPE_STREAM_STOP, ve.EVENT_TYPE_STREAM_END]
+EVENT_TYPES = (
+    [ve.EVENT_TYPE_STREAM_START]
+    + [ve.EVENT_TYPE_WAYPOINT] * 8
+    + [ve.EVENT_TYPE_STREAM_STOP, ve.EVENT_TYPE_STREAM_END]
+)
 
 
 class Load:
     """The upload and query loops, and their counters."""
 
-    def __init__(self, drill: stack.Stack, rate: float, batch_size: int, users: int, media: int,
-                 seed: int) -> None:
+    def __init__(
+        self, drill: stack.Stack, rate: float, batch_size: int, users: int, media: int, seed: int
+    ) -> None:
         self.drill = drill
         self.rate = rate
         self.batch_size = batch_size
@@ -56,7 +60,8 @@ class Load:
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._upload_loop, name="upload", daemon=True)] + [
             threading.Thread(target=self._query_loop, args=(k,), name=f"query-{k}", daemon=True)
-            for k in range(2)]
+            for k in range(2)
+        ]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -74,17 +79,23 @@ class Load:
         for n in range(first, first + self.batch_size):
             media = min(self.media, int(self.media ** rng.random()))
             seconds = now - rng.random() * 2 * 86400
-            events.append(ve.ViewEvent(
-                event_id=f"soak-{self.seed}-{n}", media_id=media,
-                user_id=rng.randint(1, self.users), event_type=rng.choice(EVENT_TYPES),
-                event_time=Timestamp(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))))
+            events.append(
+                ve.ViewEvent(
+                    event_id=f"soak-{self.seed}-{n}",
+                    media_id=media,
+                    user_id=rng.randint(1, self.users),
+                    event_type=rng.choice(EVENT_TYPES),
+                    event_time=Timestamp(seconds=int(seconds), nanos=int(seconds % 1 * 1e9)),
+                )
+            )
         return events
 
     def _upload_loop(self) -> None:
         rng = random.Random(self.seed)
         began = time.monotonic()
-        with grpc.insecure_channel(self.drill.config.ingest_address,
-                                   options=CHANNEL_OPTIONS) as channel:
+        with grpc.insecure_channel(
+            self.drill.config.ingest_address, options=CHANNEL_OPTIONS
+        ) as channel:
             while not self.stop.is_set():
                 try:
                     upload(channel, self._batch(rng, self.uploaded), self.batch_size, timeout=60)
@@ -139,12 +150,19 @@ def rss_mb(pid: int | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drills.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m drills.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--minutes", type=int, default=10)
     parser.add_argument("--warmup-minutes", type=int, default=2)
-    parser.add_argument("--tolerance", type=float, default=0.15,
-                        help="largest RSS growth after the warm-up (0.15 = 15 %%)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.15,
+        help="largest RSS growth after the warm-up (0.15 = 15 %%)",
+    )
     parser.add_argument("--rate", type=float, default=3_000, help="events uploaded per second")
     parser.add_argument("--batch-size", type=int, default=2_000)
     parser.add_argument("--users", type=int, default=20_000)
@@ -156,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--minutes must exceed --warmup-minutes")
 
     workdir = stack.run_dir("soak")
-    print(f"soak drill: {args.minutes} min at {args.rate:.0f} events/s, work dir {workdir}",
-          flush=True)
+    print(
+        f"soak drill: {args.minutes} min at {args.rate:.0f} events/s, work dir {workdir}",
+        flush=True,
+    )
     drill = stack.Stack(workdir)
     names = list(drill.services)
     samples: dict[str, list[float | None]] = {name: [] for name in (*names, "broker")}
@@ -168,25 +188,37 @@ def main(argv: list[str] | None = None) -> int:
         drill.start()
         load = Load(drill, args.rate, args.batch_size, args.users, args.media, args.seed)
         load.start()
-        print(f"{'minute':>6} {'uploaded':>11} {'queries':>9} {'errors':>6} "
-              + " ".join(f"{n + ' MiB':>15}" for n in (*names, "broker")), flush=True)
+        print(
+            f"{'minute':>6} {'uploaded':>11} {'queries':>9} {'errors':>6} "
+            + " ".join(f"{n + ' MiB':>15}" for n in (*names, "broker")),
+            flush=True,
+        )
         began = time.monotonic()
-        bar = tqdm(total=args.minutes * 60, desc="soak", unit="s", leave=False,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}")
+        bar = tqdm(
+            total=args.minutes * 60,
+            desc="soak",
+            unit="s",
+            leave=False,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}",
+        )
         for minute in range(1, args.minutes + 1):
             tick = began + 60 * minute
             while (left := tick - time.monotonic()) > 0:
                 load.stop.wait(min(left, 2.0))  # the cadence of the table, not a wait for state
                 bar.n = min(time.monotonic() - began, bar.total)
-                bar.set_postfix_str(f"{load.uploaded / max(1.0, bar.n):,.0f} ev/s, "
-                                    f"{load.queries / max(1.0, bar.n):,.0f} q/s")
+                bar.set_postfix_str(
+                    f"{load.uploaded / max(1.0, bar.n):,.0f} ev/s, "
+                    f"{load.queries / max(1.0, bar.n):,.0f} q/s"
+                )
             pids = {n: drill.services[n].pid for n in names}
             pids["broker"] = drill.broker.pid()
             for name, pid in pids.items():
                 samples[name].append(rss_mb(pid))
             errors = sum(load.query_errors.values()) + sum(load.upload_errors.values())
-            tqdm.write(f"{minute:>6} {load.uploaded:>11,} {load.queries:>9,} {errors:>6} "
-                       + " ".join(f"{_mb(samples[n][-1]):>15}" for n in (*names, "broker")))
+            tqdm.write(
+                f"{minute:>6} {load.uploaded:>11,} {load.queries:>9,} {errors:>6} "
+                + " ".join(f"{_mb(samples[n][-1]):>15}" for n in (*names, "broker"))
+            )
             for name in names:
                 if not drill.services[name].serving():
                     problems.append(f"{name} not SERVING at minute {minute}")
@@ -209,14 +241,21 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def report(samples: dict[str, list[float | None]], names: list[str], load: Load | None,
-           problems: list[str], args: argparse.Namespace) -> int:
+def report(
+    samples: dict[str, list[float | None]],
+    names: list[str],
+    load: Load | None,
+    problems: list[str],
+    args: argparse.Namespace,
+) -> int:
     print(f"\n== soak: {args.minutes} min, {args.rate:.0f} events/s asked ==")
     if load is not None:
-        print(f"uploaded {load.uploaded:,} events ({load.uploaded / (args.minutes * 60):,.0f}/s), "
-              f"{load.queries:,} queries ({load.queries / (args.minutes * 60):,.0f}/s), "
-              f"{load.not_found:,} NOT_FOUND; errors: upload {dict(load.upload_errors)}, "
-              f"queries {dict(load.query_errors)}")
+        print(
+            f"uploaded {load.uploaded:,} events ({load.uploaded / (args.minutes * 60):,.0f}/s), "
+            f"{load.queries:,} queries ({load.queries / (args.minutes * 60):,.0f}/s), "
+            f"{load.not_found:,} NOT_FOUND; errors: upload {dict(load.upload_errors)}, "
+            f"queries {dict(load.query_errors)}"
+        )
         if load.query_errors or load.upload_errors:
             problems.append("RPC errors (see above)")
     w = args.warmup_minutes
@@ -226,14 +265,15 @@ def report(samples: dict[str, list[float | None]], names: list[str], load: Load 
         if len(series) <= w or series[w - 1] is None or any(v is None for v in series[w:]):
             problems.append(f"{name}: no RSS for every minute (died?)")
             continue
-        base = float(series[w - 1])  # type: ignore[arg-type]
-        peak = max(float(v) for v in series[w:])  # type: ignore[arg-type]
+        base = float(series[w - 1] or 0.0)
+        peak = max(float(v or 0.0) for v in series[w:])
         growth = peak / base - 1
         flag = "" if growth <= args.tolerance else "  > tolerance"
         print(f"{name:<12} {base:>14,.0f} {peak:>10,.0f} {growth:>6.1%}{flag}")
         if growth > args.tolerance:
-            problems.append(f"{name}: RSS grew {growth:.1%} after the warm-up "
-                            f"(tolerance {args.tolerance:.0%})")
+            problems.append(
+                f"{name}: RSS grew {growth:.1%} after the warm-up (tolerance {args.tolerance:.0%})"
+            )
     for problem in problems:
         print(f"problem: {problem}")
     print("PASS: memory flat after the warm-up" if not problems else "FAIL")

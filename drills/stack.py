@@ -38,8 +38,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.2) -> Any:
+def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2
+) -> Any:
     """Poll `condition` until it returns something truthy (returned); TimeoutError after
     `timeout` seconds. Drills wait for conditions, never for fixed times."""
     deadline = time.monotonic() + timeout
@@ -75,9 +76,12 @@ class Broker:
         return self.data_dir / "broker.pid"
 
     def _env(self) -> dict[str, str]:
-        return dict(os.environ, KAFKA_PORT=str(self.port),
-                    KAFKA_CONTROLLER_PORT=str(self.controller_port),
-                    KAFKA_DATA_DIR=str(self.data_dir))
+        return dict(
+            os.environ,
+            KAFKA_PORT=str(self.port),
+            KAFKA_CONTROLLER_PORT=str(self.controller_port),
+            KAFKA_DATA_DIR=str(self.data_dir),
+        )
 
     def start(self) -> None:
         """Start (or restart on the same data) and wait until it answers (kafka.sh waits)."""
@@ -85,8 +89,13 @@ class Broker:
             raise RuntimeError(f"port {self.port} is taken; the drill needs its own broker")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir / "kafka-sh.log", "ab") as log:
-            subprocess.run([str(KAFKA_SH), "start"], env=self._env(), check=True,
-                           stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                [str(KAFKA_SH), "start"],
+                env=self._env(),
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def pid(self) -> int | None:
         try:
@@ -109,16 +118,22 @@ class Broker:
         if pid is None:
             raise RuntimeError("no broker pid to kill")
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not self.alive() and not port_open(self.port), timeout,
-                   f"broker pid {pid} gone")
+        wait_until(
+            lambda: not self.alive() and not port_open(self.port), timeout, f"broker pid {pid} gone"
+        )
 
     def stop(self) -> None:
         """Stop it (kafka.sh stop: SIGTERM, then SIGKILL after 30 s), by its own pidfile only."""
         if self.pid() is None:
             return
         with open(self.data_dir / "kafka-sh.log", "ab") as log:
-            subprocess.run([str(KAFKA_SH), "stop"], env=self._env(), check=False,
-                           stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                [str(KAFKA_SH), "stop"],
+                env=self._env(),
+                check=False,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
 
 @dataclass
@@ -147,9 +162,12 @@ class Service:
     def wait_serving(self, timeout: float) -> None:
         def check() -> bool:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
-                                   f"see {self.log_dir}/{self.name}-{self.incarnation}.log")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}; "
+                    f"see {self.log_dir}/{self.name}-{self.incarnation}.log"
+                )
             return self.serving()
+
         wait_until(check, timeout, f"{self.name} SERVING")
 
     def kill(self) -> None:
@@ -171,8 +189,11 @@ class Service:
         return None if self.process is None else self.process.pid
 
 
-SERVICE_MODULES = {"ingest": "ingest_service", "stats": "stats_service",
-                   "recommender": "recommender_service"}
+SERVICE_MODULES = {
+    "ingest": "ingest_service",
+    "stats": "stats_service",
+    "recommender": "recommender_service",
+}
 
 
 class Stack:
@@ -185,22 +206,29 @@ class Stack:
         run = uuid.uuid4().hex[:8]
         values: dict[str, Any] = dict(
             kafka_bootstrap=self.broker.bootstrap,
-            view_topic=f"drill-view-events-{run}", dead_letter_topic=f"drill-dead-letter-{run}",
-            ingest_address=f"127.0.0.1:{free_port()}", stats_address=f"127.0.0.1:{free_port()}",
+            view_topic=f"drill-view-events-{run}",
+            dead_letter_topic=f"drill-dead-letter-{run}",
+            ingest_address=f"127.0.0.1:{free_port()}",
+            stats_address=f"127.0.0.1:{free_port()}",
             recommender_address=f"127.0.0.1:{free_port()}",
             stats_state_dir=str(workdir / "state" / "stats"),
             recommender_state_dir=str(workdir / "state" / "recommender"),
-            stats_group=f"drill-stats-{run}", recommender_group=f"drill-recommender-{run}",
-            ingest_metrics_port=0, stats_metrics_port=0, recommender_metrics_port=0)
+            stats_group=f"drill-stats-{run}",
+            recommender_group=f"drill-recommender-{run}",
+            ingest_metrics_port=0,
+            stats_metrics_port=0,
+            recommender_metrics_port=0,
+        )
         values.update(overrides)
         # env={}: the developer's VIEWEVENTS_* variables must not point the drill at their stack.
         self.config = settings.load(env={}).replace(**values)
         env = settings.to_environment(self.config)
         logs = workdir / "logs"
         logs.mkdir(exist_ok=True)
-        self.services = {name: Service(name, module, getattr(self.config, f"{name}_address"),
-                                       env, logs)
-                         for name, module in SERVICE_MODULES.items()}
+        self.services = {
+            name: Service(name, module, getattr(self.config, f"{name}_address"), env, logs)
+            for name, module in SERVICE_MODULES.items()
+        }
         self._previous_sigterm: Any = None
 
     def start(self, timeout: float = 180.0) -> None:
