@@ -259,6 +259,12 @@ def report(
         if load.query_errors or load.upload_errors:
             problems.append("RPC errors (see above)")
     w = args.warmup_minutes
+    if load is not None:
+        config = load.drill.config
+        print(
+            f"RocksDB bounds of each consuming service: block cache {config.rocksdb_cache_mb} MiB"
+            f" + up to 3 x {config.rocksdb_write_buffer_mb} MiB memtables"
+        )
     print(f"{'service':<12} {'RSS at min ' + str(w):>14} {'max after':>10} {'growth':>7}")
     for name in names:
         series = samples[name]
