@@ -144,23 +144,24 @@ class GatedUpload:
             self.bar.close()
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    """The topic's end offsets, read from the broker itself."""
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    """The topic's end offsets, read from the broker itself (the ingest service created the
+    topic with `partitions` partitions). Never empty: an empty target would make the wait for
+    the consumers vacuous."""
 
     async def read() -> dict[int, int]:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
-                await consumer.topics()  # refresh metadata once
-                partitions = consumer.partitions_for_topic(topic) or set()
-            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
             return {tp.partition: offset for tp, offset in ends.items()}
         finally:
             await consumer.stop()
 
-    return asyncio.run(read())
+    ends = asyncio.run(read())
+    if len(ends) != partitions or not sum(ends.values()):
+        raise RuntimeError(f"end offsets of {topic}: {ends}")
+    return ends
 
 
 def position(name: str, address: str) -> dict[int, int] | None:
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     verdicts: list[checks.Verdict] = []
     upload: GatedUpload | None = None
+    records: int | None = None  # in the view topic at the end
     keep = args.keep
     try:
         drill.start()
@@ -287,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         if upload.error is not None:
             problems.append(f"upload failed: {upload.error!r}")
         limit = None if upload.error is None else upload.acked
-        ends = end_offsets(drill.broker.bootstrap, drill.config.view_topic)
+        ends = end_offsets(
+            drill.broker.bootstrap, drill.config.view_topic, drill.config.topic_partitions
+        )
+        records = sum(ends.values())
         truth = brute_force(str(path), drill.config, limit)
         for name in ("stats", "recommender"):
             wait_applied(name, getattr(drill.config, f"{name}_address"), ends, 1800)
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         drill.close(remove_data=not keep)
         elapsed = time.monotonic() - began
-        print_report(schedule, recoveries, upload, verdicts, problems, elapsed, args)
+        print_report(schedule, recoveries, upload, records, verdicts, problems, elapsed, args)
         if keep:
             print(f"kept: {workdir}")
     passed = not problems and len(verdicts) == 2 and all(v.passed for v in verdicts)
@@ -322,6 +327,7 @@ def print_report(
     schedule: list[str],
     recoveries: dict[str, list[float]],
     upload: GatedUpload | None,
+    records: int | None,
     verdicts: list[checks.Verdict],
     problems: list[str],
     elapsed: float,
@@ -342,9 +348,13 @@ def print_report(
         t = upload.totals
         print(
             f"\nupload: {t.received:,} events acknowledged by ingest ({t.accepted:,} accepted, "
-            f"{t.rejected:,} rejected; re-sent batches included), {t.reconnects} reconnects, "
-            f"{t.requests:,} batches"
+            f"{t.rejected:,} rejected), {t.requests:,} batches, {t.reconnects} reconnects"
         )
+        if records is not None:
+            print(
+                f"view topic: {records:,} records, {records - t.accepted:,} more than accepted "
+                "(copies written before a break and re-sent; consumers drop them by event id)"
+            )
     if verdicts:
         print(
             f"\n{'consumer':<12} {'must count':>11} {'counted':>11} {'lost':>6} "
