@@ -11,7 +11,7 @@ PROTOS := $(wildcard protos/viewevents/v1/*.proto)
 STUBS := viewevents/v1/__init__.py
 export PATH := $(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install protos tools constraints kafka-up kafka-down run demo test test-unit bench profile eval lint clean compose-check
+.PHONY: install protos tools constraints kafka-up kafka-down run demo test test-unit bench profile eval lint clean compose-check chaos soak
 
 # The virtualenv (within the versions of constraints.txt) and the generated stubs.
 install: $(VENV)/.installed $(STUBS)
@@ -78,6 +78,14 @@ profile: install kafka-up
 
 eval: install
 	$(PY) -m evaluation.recommender
+
+# Fault drills, outside `make test`: each starts its own broker and services on free ports (data
+# under .data/drills/), prints a table and exits non-zero when the bar is missed. Flags: ARGS="...".
+chaos: install
+	$(PY) -m drills.chaos $(ARGS)
+
+soak: install
+	$(PY) -m drills.soak $(ARGS)
 
 # The Docker deployment end to end, throw-away, on the engine `docker` talks to: build, healthy,
 # upload over TLS with a token, answers checked against the file, restart, down -v.

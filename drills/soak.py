@@ -1,0 +1,295 @@
+"""`make soak`: upload and query continuously; each service's memory must stay flat.
+
+    python -m drills.soak [--minutes 10] [--rate 3000] [--warmup-minutes 2] [--tolerance 0.15]
+
+On its own broker and services (drills.stack): one thread uploads generated batches (fresh event
+ids, so the state keeps growing like production's) at `--rate` events/s through the client's
+Upload, two threads call every query RPC in turn (GetMediaStats, GetMediaTrend, ListTopMedia,
+GetSimilarMedia, RecommendForUser) with random ids. Every minute a row gives each process's
+resident memory (RSS). At the end: each service's highest RSS after the warm-up is compared
+with its RSS at the end of the warm-up; more than `--tolerance` growth, a service that died, or
+a query failing with anything but NOT_FOUND exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import psutil
+from google.protobuf.timestamp_pb2 import Timestamp
+from tqdm import tqdm
+
+from drills import stack
+from viewevents.v1 import view_event_pb2 as ve
+from viewevents_client.query_client import QueryClient
+from viewevents_client.uploads import CHANNEL_OPTIONS, upload
+
+EVENT_TYPES = (
+    [ve.EVENT_TYPE_STREAM_START]
+    + [ve.EVENT_TYPE_WAYPOINT] * 8
+    + [ve.EVENT_TYPE_STREAM_STOP, ve.EVENT_TYPE_STREAM_END]
+)
+
+
+class Load:
+    """The upload and query loops, and their counters."""
+
+    def __init__(
+        self, drill: stack.Stack, rate: float, batch_size: int, users: int, media: int, seed: int
+    ) -> None:
+        self.drill = drill
+        self.rate = rate
+        self.batch_size = batch_size
+        self.users = users
+        self.media = media
+        self.seed = seed
+        self.stop = threading.Event()
+        self.uploaded = 0
+        self.upload_errors: Counter[str] = Counter()
+        self.queries = 0
+        self.query_errors: Counter[str] = Counter()
+        self.not_found = 0
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._upload_loop, name="upload", daemon=True)] + [
+            threading.Thread(target=self._query_loop, args=(k,), name=f"query-{k}", daemon=True)
+            for k in range(2)
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self, timeout: float = 60.0) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def _batch(self, rng: random.Random, first: int) -> list[ve.ViewEvent]:
+        """Fresh events: media by a 1/rank popularity, times within the last two days."""
+        now = time.time()
+        events = []
+        for n in range(first, first + self.batch_size):
+            media = min(self.media, int(self.media ** rng.random()))
+            seconds = now - rng.random() * 2 * 86400
+            events.append(
+                ve.ViewEvent(
+                    event_id=f"soak-{self.seed}-{n}",
+                    media_id=media,
+                    user_id=rng.randint(1, self.users),
+                    event_type=rng.choice(EVENT_TYPES),
+                    event_time=Timestamp(seconds=int(seconds), nanos=int(seconds % 1 * 1e9)),
+                )
+            )
+        return events
+
+    def _upload_loop(self) -> None:
+        rng = random.Random(self.seed)
+        began = time.monotonic()
+        with grpc.insecure_channel(
+            self.drill.config.ingest_address, options=CHANNEL_OPTIONS
+        ) as channel:
+            while not self.stop.is_set():
+                try:
+                    upload(channel, self._batch(rng, self.uploaded), self.batch_size, timeout=60)
+                    self.uploaded += self.batch_size
+                except grpc.RpcError as error:
+                    self.upload_errors[error.code().name] += 1
+                # Pace to `rate`: wait until this many events are due (or the soak ends).
+                self.stop.wait(max(0.0, began + self.uploaded / self.rate - time.monotonic()))
+
+    def _query_loop(self, k: int) -> None:
+        rng = random.Random(self.seed * 100 + k)
+        config = self.drill.config
+        with QueryClient(config.stats_address, config.recommender_address) as client:
+            calls: list[Callable[[], object]] = [
+                lambda: client.media_stats(self._media(rng)),
+                lambda: client.media_trend(self._media(rng), *self._day(), "hour"),
+                lambda: client.top_media(*self._day(), "view-time", 10),
+                lambda: client.similar_media(self._media(rng), 10),
+                lambda: client.recommend(rng.randint(1, self.users), 10),
+            ]
+            turn = 0
+            while not self.stop.is_set():
+                try:
+                    calls[turn % len(calls)]()
+                except grpc.RpcError as error:
+                    if error.code() == grpc.StatusCode.NOT_FOUND:
+                        with self._lock:
+                            self.not_found += 1
+                    else:
+                        with self._lock:
+                            self.query_errors[error.code().name] += 1
+                with self._lock:
+                    self.queries += 1
+                turn += 1
+
+    def _media(self, rng: random.Random) -> int:
+        return min(self.media, int(self.media ** rng.random()))
+
+    @staticmethod
+    def _day() -> tuple[datetime, datetime]:
+        end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        return end - timedelta(days=1), end
+
+
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m drills.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--minutes", type=int, default=10)
+    parser.add_argument("--warmup-minutes", type=int, default=2)
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.15,
+        help="largest RSS growth after the warm-up (0.15 = 15 %%)",
+    )
+    parser.add_argument("--rate", type=float, default=3_000, help="events uploaded per second")
+    parser.add_argument("--batch-size", type=int, default=2_000)
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--media", type=int, default=2_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep", action="store_true", help="keep broker data and state")
+    args = parser.parse_args(argv)
+    if args.minutes <= args.warmup_minutes:
+        parser.error("--minutes must exceed --warmup-minutes")
+
+    workdir = stack.run_dir("soak")
+    print(
+        f"soak drill: {args.minutes} min at {args.rate:.0f} events/s, work dir {workdir}",
+        flush=True,
+    )
+    drill = stack.Stack(workdir)
+    names = list(drill.services)
+    samples: dict[str, list[float | None]] = {name: [] for name in (*names, "broker")}
+    problems: list[str] = []
+    keep = args.keep
+    load: Load | None = None
+    try:
+        drill.start()
+        load = Load(drill, args.rate, args.batch_size, args.users, args.media, args.seed)
+        load.start()
+        print(
+            f"{'minute':>6} {'uploaded':>11} {'queries':>9} {'errors':>6} "
+            + " ".join(f"{n + ' MiB':>15}" for n in (*names, "broker")),
+            flush=True,
+        )
+        began = time.monotonic()
+        bar = tqdm(
+            total=args.minutes * 60,
+            desc="soak",
+            unit="s",
+            leave=False,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}",
+        )
+        for minute in range(1, args.minutes + 1):
+            tick = began + 60 * minute
+            while (left := tick - time.monotonic()) > 0:
+                load.stop.wait(min(left, 2.0))  # the cadence of the table, not a wait for state
+                bar.n = min(time.monotonic() - began, bar.total)
+                bar.set_postfix_str(
+                    f"{load.uploaded / max(1.0, bar.n):,.0f} ev/s, "
+                    f"{load.queries / max(1.0, bar.n):,.0f} q/s"
+                )
+            pids = {n: drill.services[n].pid for n in names}
+            pids["broker"] = drill.broker.pid()
+            for name, pid in pids.items():
+                samples[name].append(rss_mb(pid))
+            errors = sum(load.query_errors.values()) + sum(load.upload_errors.values())
+            tqdm.write(
+                f"{minute:>6} {load.uploaded:>11,} {load.queries:>9,} {errors:>6} "
+                + " ".join(f"{_mb(samples[n][-1]):>15}" for n in (*names, "broker"))
+            )
+            for name in names:
+                process = drill.services[name].process
+                if process is None or process.poll() is not None:
+                    problems.append(f"{name} exited before minute {minute}")
+                elif not drill.services[name].serving():
+                    # On a loaded machine a health check can miss its 1 s deadline: say so, but
+                    # only a dead process fails the soak (its log says why it stopped serving).
+                    tqdm.write(f"       {name}: no SERVING answer within 1 s at minute {minute}")
+        bar.close()
+    except BaseException as error:
+        problems.append(f"drill aborted: {error!r}")
+        keep = True
+        if not isinstance(error, Exception):
+            raise
+    finally:
+        if load is not None:
+            load.join()
+        drill.close(remove_data=not keep)
+        if keep:
+            print(f"kept: {workdir}")
+    return report(samples, names, load, problems, args)
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def report(
+    samples: dict[str, list[float | None]],
+    names: list[str],
+    load: Load | None,
+    problems: list[str],
+    args: argparse.Namespace,
+) -> int:
+    print(f"\n== soak: {args.minutes} min, {args.rate:.0f} events/s asked ==")
+    if load is not None:
+        print(
+            f"uploaded {load.uploaded:,} events ({load.uploaded / (args.minutes * 60):,.0f}/s), "
+            f"{load.queries:,} queries ({load.queries / (args.minutes * 60):,.0f}/s), "
+            f"{load.not_found:,} NOT_FOUND; errors: upload {dict(load.upload_errors)}, "
+            f"queries {dict(load.query_errors)}"
+        )
+        if load.query_errors or load.upload_errors:
+            problems.append("RPC errors (see above)")
+    w = args.warmup_minutes
+    if load is not None:
+        config = load.drill.config
+        print(
+            f"RocksDB bounds of each consuming service: block cache {config.rocksdb_cache_mb} MiB"
+            f" + up to 3 x {config.rocksdb_write_buffer_mb} MiB memtables"
+        )
+    print(f"{'service':<12} {'RSS at min ' + str(w):>14} {'max after':>10} {'growth':>7}")
+    for name in names:
+        series = samples[name]
+        if len(series) <= w or series[w - 1] is None or any(v is None for v in series[w:]):
+            problems.append(f"{name}: no RSS for every minute (died?)")
+            continue
+        base = float(series[w - 1] or 0.0)
+        peak = max(float(v or 0.0) for v in series[w:])
+        growth = peak / base - 1
+        flag = "" if growth <= args.tolerance else "  > tolerance"
+        print(f"{name:<12} {base:>14,.0f} {peak:>10,.0f} {growth:>6.1%}{flag}")
+        if growth > args.tolerance:
+            problems.append(
+                f"{name}: RSS grew {growth:.1%} after the warm-up (tolerance {args.tolerance:.0%})"
+            )
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("PASS: memory flat after the warm-up" if not problems else "FAIL")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
