@@ -180,14 +180,15 @@ def test_an_instance_with_no_partition_answers_exactly(
     try:
         for name in ("a", "b", "c"):
             made.add(name)
-        for process in [made.ingest, *made.instances]:
-            process.wait_serving()
+        made.ingest.wait_serving()  # an instance with no partition never reports SERVING
         truth = made.upload(10_000, SEED + 1)
         targets = end_offsets(kafka_bootstrap, made.config.view_topic)
         probe = sample_items(truth, 6)[0]
         for process in made.instances:
             wait_for(lambda p=process: complete(p.address, probe, targets), 180,
                      message=lambda p=process: f"{p.address} not complete:\n{p.tail()}")
+        idle = [p for p in made.instances if "assigned partitions []" in p.log_path.read_text()]
+        assert idle, "no instance was left without a partition"
         for item in sample_items(truth, 10):
             for metric, wire in METRICS.items():
                 replies = [similar(p.address, item, wire) for p in made.instances]
