@@ -37,7 +37,7 @@ from recommender_service.similarity import Metric, Ranked
 from recommender_service.view import View
 from viewevents import scatter
 from viewevents.kafka import KeyPartitioner, user_key
-from viewevents.rpc.errors import abort_unavailable
+from viewevents.rpc.errors import Unparseable, abort_unavailable, reject_unparseable
 from viewevents.v1 import recommender_partition_service_pb2 as ppb
 from viewevents.v1 import recommender_partition_service_pb2_grpc as ppb_grpc
 from viewevents.v1 import view_event_pb2
@@ -280,8 +280,10 @@ class PartitionServicer:
             await abort_unavailable(context, str(error))
         return ownership
 
-    async def GetItemPartials(self, request: ppb.GetItemPartialsRequest,
+    async def GetItemPartials(self, request: ppb.GetItemPartialsRequest | Unparseable,
                               context: grpc.aio.ServicerContext) -> ppb.GetItemPartialsResponse:
+        await reject_unparseable(context, request)
+        assert isinstance(request, ppb.GetItemPartialsRequest)
         ownership = await self._check(list(request.partitions), context)
         view = ownership.source()
         part = await asyncio.to_thread(partials.read, view, list(request.partitions),
@@ -289,8 +291,10 @@ class PartitionServicer:
                                        request.all_items)
         return to_message(part)
 
-    async def GetUserWindow(self, request: ppb.GetUserWindowRequest,
+    async def GetUserWindow(self, request: ppb.GetUserWindowRequest | Unparseable,
                             context: grpc.aio.ServicerContext) -> ppb.GetUserWindowResponse:
+        await reject_unparseable(context, request)
+        assert isinstance(request, ppb.GetUserWindowRequest)
         ownership = await self._check(list(request.partitions), context)
         view = ownership.source()
         parts = sorted(request.partitions)

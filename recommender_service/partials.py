@@ -109,8 +109,8 @@ def _from_snapshot(snapshot: object, partitions: Sequence[int],
     for partition in partitions:
         if wanted is None:
             prefix = keys.partition_prefix(partition) + keys.KIND_ITEM
-            for key, value in keys.scan(snapshot, prefix, False):
-                add(keys.BIG_U64.unpack_from(key, len(prefix))[0], value)
+            for key, record in keys.scan(snapshot, prefix, False):
+                add(keys.BIG_U64.unpack_from(key, len(prefix))[0], record)
             continue
         for media in wanted.tolist():
             value = keys.snapshot_get(snapshot, keys.item_key(partition, media))
