@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from recommender_service.fanout import PARTITION_SERVICE, Fanout, Ownership, PartitionServicer
+from recommender_service.fanout import PARTITION_SERVICE, Fanout, Ownership
 from recommender_service.processor import RecommenderProcessor
 from recommender_service.query_engine import QueryEngine
 from recommender_service.servicer import RecommenderServicer
@@ -33,7 +33,6 @@ async def serve(config: Config) -> None:
              if config.tls_cert_file else scatter.Peers())
     peer_metadata = ([("authorization", f"Bearer {config.recommender_token}")]
                      if config.recommender_token else [])
-    partition_servicer = PartitionServicer()
 
     def make_processor(store: StateStore) -> Processor:
         return RecommenderProcessor(store, config.view_topic, options)
@@ -44,7 +43,6 @@ async def serve(config: Config) -> None:
         engine = QueryEngine(lambda: processor.view, options)
         engine.start_warmer(consumer.caught_up.is_set)
         ownership = Ownership(lambda: processor.view, consumer)
-        partition_servicer.bind(ownership)
         return RecommenderServicer(engine, consumer,
                                    Fanout(ownership, options, peers, peer_metadata))
 
@@ -53,7 +51,7 @@ async def serve(config: Config) -> None:
         metrics_port=config.recommender_metrics_port, token=config.recommender_token,
         advertised_address=advertised_address(config.recommender_address,
                                               config.recommender_advertised_address),
-        extra=[(PARTITION_SERVICE, partition_servicer)])
+        extra=(PARTITION_SERVICE,))
     await bootstrap.serve_consumer(
         config, endpoint, state_dir=config.recommender_state_dir,
         group_id=config.recommender_group, make_processor=make_processor,

@@ -256,22 +256,14 @@ class Fanout:
 
 
 class PartitionServicer:
-    """Implements viewevents.v1.RecommenderPartitionService (internal, instance to instance).
+    """Implements viewevents.v1.RecommenderPartitionService (internal, instance to instance);
+    `RecommenderServicer` serves its methods next to the public ones."""
 
-    Created before the consumer exists (the bootstrap registers it with the endpoint); `bind`
-    gives it the view and the ownership once they do."""
-
-    def __init__(self) -> None:
-        self.ownership: Ownership | None = None
-
-    def bind(self, ownership: Ownership) -> None:
+    def __init__(self, ownership: Ownership) -> None:
         self.ownership = ownership
 
     async def _check(self, parts: Sequence[int], context: grpc.aio.ServicerContext) -> Ownership:
         ownership = self.ownership
-        if ownership is None:
-            await abort_unavailable(context, "instance starting")
-        assert ownership is not None
         if not parts:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "partitions are required")
         try:

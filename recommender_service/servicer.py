@@ -13,7 +13,7 @@ from typing import Protocol
 import grpc
 from google.protobuf import timestamp_pb2
 
-from recommender_service.fanout import Fanout
+from recommender_service.fanout import Fanout, PartitionServicer
 from recommender_service.query_engine import QueryEngine, UnknownItem
 from recommender_service.similarity import Metric
 from recommender_service.view import Stamp
@@ -24,6 +24,7 @@ from viewevents.rpc.errors import (
     abort_unavailable,
     reject_unparseable,
 )
+from viewevents.v1 import recommender_partition_service_pb2 as ppb
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
@@ -98,13 +99,15 @@ def position_message(stamp: Stamp, consumer: PositionSource | None) -> view_even
 
 
 class RecommenderServicer:
-    """Implements viewevents.v1.RecommenderService."""
+    """Implements viewevents.v1.RecommenderService and, with a fan-out, the internal
+    viewevents.v1.RecommenderPartitionService its peers call (served at the same address)."""
 
     def __init__(self, engine: QueryEngine, consumer: PositionSource | None,
                  fanout: Fanout | None = None) -> None:
         self.engine = engine
         self.consumer = consumer
         self.fanout = fanout
+        self.partitions = PartitionServicer(fanout.ownership) if fanout is not None else None
         self.max_limit = engine.settings.max_limit
 
     def close(self) -> None:
@@ -185,3 +188,19 @@ class RecommenderServicer:
             fallback=fallback,
             position=position,
         )
+
+    # --- internal: viewevents.v1.RecommenderPartitionService ----------------------------------
+
+    async def GetItemPartials(self, request: ppb.GetItemPartialsRequest | Unparseable,
+                              context: grpc.aio.ServicerContext) -> ppb.GetItemPartialsResponse:
+        if self.partitions is None:
+            await abort_unavailable(context, "this instance does not serve partials")
+        assert self.partitions is not None
+        return await self.partitions.GetItemPartials(request, context)
+
+    async def GetUserWindow(self, request: ppb.GetUserWindowRequest | Unparseable,
+                            context: grpc.aio.ServicerContext) -> ppb.GetUserWindowResponse:
+        if self.partitions is None:
+            await abort_unavailable(context, "this instance does not serve partials")
+        assert self.partitions is not None
+        return await self.partitions.GetUserWindow(request, context)
