@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
+from recommender_service.fanout import PARTITION_SERVICE, Fanout, Ownership
 from recommender_service.processor import RecommenderProcessor
 from recommender_service.query_engine import QueryEngine
 from recommender_service.servicer import RecommenderServicer
 from recommender_service.settings import SETTINGS, from_config
-from viewevents import bootstrap
+from viewevents import bootstrap, scatter
 from viewevents.config import Config
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.membership import advertised_address
@@ -25,6 +27,13 @@ async def serve(config: Config) -> None:
     options = from_config(config)
     log.info("recommender settings: %s", options)
 
+    # Channels to the other instances: TLS when this one serves TLS (peers verified against
+    # this instance's own certificate file, as the stats service does).
+    peers = (scatter.Peers(scatter.tls_peer_channel(Path(config.tls_cert_file).read_bytes()))
+             if config.tls_cert_file else scatter.Peers())
+    peer_metadata = ([("authorization", f"Bearer {config.recommender_token}")]
+                     if config.recommender_token else [])
+
     def make_processor(store: StateStore) -> Processor:
         return RecommenderProcessor(store, config.view_topic, options)
 
@@ -33,13 +42,16 @@ async def serve(config: Config) -> None:
         assert isinstance(processor, RecommenderProcessor)
         engine = QueryEngine(lambda: processor.view, options)
         engine.start_warmer(consumer.caught_up.is_set)
-        return RecommenderServicer(engine, consumer)
+        ownership = Ownership(lambda: processor.view, consumer)
+        return RecommenderServicer(engine, consumer,
+                                   Fanout(ownership, options, peers, peer_metadata))
 
     endpoint = bootstrap.Endpoint(
         name="recommender", descriptor=SERVICE, address=config.recommender_address,
         metrics_port=config.recommender_metrics_port, token=config.recommender_token,
         advertised_address=advertised_address(config.recommender_address,
-                                              config.recommender_advertised_address))
+                                              config.recommender_advertised_address),
+        extra=(PARTITION_SERVICE,))
     await bootstrap.serve_consumer(
         config, endpoint, state_dir=config.recommender_state_dir,
         group_id=config.recommender_group, make_processor=make_processor,

@@ -16,8 +16,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,22 @@ class UserHistory:
     media: list[int]
     weights: list[int]
     watched: np.ndarray
+
+
+def window_of(snapshot: Any, partitions: Iterable[int], user: int) -> UserHistory | None:
+    """The user's window from the first of `partitions` that has the user; None if none."""
+    for partition in partitions:
+        value = keys.snapshot_get(snapshot, keys.user_key(partition, user))
+        if value is None:
+            continue
+        media, weights, has_evicted = keys.decode_window(value)
+        watched = list(media)
+        if has_evicted:
+            prefix = keys.evicted_prefix(partition, user)
+            watched += [keys.BIG_U64.unpack_from(k, len(prefix))[0]
+                        for k, _ in keys.scan(snapshot, prefix)]
+        return UserHistory(list(media), list(weights), np.asarray(watched, dtype=np.int64))
+    return None
 
 
 @dataclass(frozen=True)
@@ -151,19 +168,7 @@ class QueryEngine:
 
     def history(self, view: View, user: int) -> UserHistory | None:
         """The user's window from the view's snapshot; None for a user never seen."""
-        snapshot = view.snapshot
-        for partition in self._probe_order(view.partitions, user):
-            value = keys.snapshot_get(snapshot, keys.user_key(partition, user))
-            if value is None:
-                continue
-            media, weights, has_evicted = keys.decode_window(value)
-            watched = list(media)
-            if has_evicted:
-                prefix = keys.evicted_prefix(partition, user)
-                watched += [keys.BIG_U64.unpack_from(k, len(prefix))[0]
-                            for k, _ in keys.scan(snapshot, prefix)]
-            return UserHistory(list(media), list(weights), np.asarray(watched, dtype=np.int64))
-        return None
+        return window_of(view.snapshot, self._probe_order(view.partitions, user), user)
 
     def _probe_order(self, partitions: tuple[int, ...], user: int) -> list[int]:
         """The partition the Kafka partitioner sends the user to first, then the others (the

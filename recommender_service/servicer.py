@@ -1,4 +1,9 @@
-"""gRPC handlers of viewevents.v1.RecommenderService: validate, query, convert to protobuf."""
+"""gRPC handlers of viewevents.v1.RecommenderService: validate, query, convert to protobuf.
+
+An instance that owns every partition answers from its own state (and `QueryEngine`'s cache).
+Any other instance answers completely through `Fanout`, which gathers every owner's partial
+sums; when some partition cannot be answered for, UNAVAILABLE with RetryInfo naming it.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,18 @@ from typing import Protocol
 import grpc
 from google.protobuf import timestamp_pb2
 
+from recommender_service.fanout import Fanout, PartitionServicer
 from recommender_service.query_engine import QueryEngine, UnknownItem
 from recommender_service.similarity import Metric
 from recommender_service.view import Stamp
+from viewevents import scatter
 from viewevents.rpc.errors import (
     Unparseable,
     abort_bad_request,
     abort_unavailable,
     reject_unparseable,
 )
+from viewevents.v1 import recommender_partition_service_pb2 as ppb
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
@@ -91,30 +99,34 @@ def position_message(stamp: Stamp, consumer: PositionSource | None) -> view_even
 
 
 class RecommenderServicer:
-    """Implements viewevents.v1.RecommenderService."""
+    """Implements viewevents.v1.RecommenderService and, with a fan-out, the internal
+    viewevents.v1.RecommenderPartitionService its peers call (served at the same address)."""
 
-    def __init__(self, engine: QueryEngine, consumer: PositionSource | None) -> None:
+    def __init__(self, engine: QueryEngine, consumer: PositionSource | None,
+                 fanout: Fanout | None = None) -> None:
         self.engine = engine
         self.consumer = consumer
+        self.fanout = fanout
+        self.partitions = PartitionServicer(fanout.ownership) if fanout is not None else None
         self.max_limit = engine.settings.max_limit
 
     def close(self) -> None:
         """Called by the bootstrap on shutdown: stops the engine's cache warmer."""
         self.engine.stop_warmer()
 
-    async def _require_every_partition(self, context: grpc.aio.ServicerContext) -> None:
-        """UNAVAILABLE (with RetryInfo) unless this instance owns every partition: with several
-        instances in the group its state covers part of the users, and the fan-out that would
-        complete its answers is not built yet, so it refuses rather than answer partially."""
+    def _owns_all(self) -> bool:
         owns_all = getattr(self.consumer, "owns_all", None)
-        if owns_all is None or owns_all():
-            return
+        return owns_all is None or bool(owns_all())
+
+    async def _require_every_partition(self, context: grpc.aio.ServicerContext) -> None:
+        """UNAVAILABLE (with RetryInfo) unless this instance owns every partition; only
+        reached when there is no fan-out to complete its answers."""
         owners = dict(getattr(self.consumer, "owners", {}))
         mine = sorted(self.consumer.positions) if self.consumer is not None else []
         await abort_unavailable(context, (
             "this recommender instance does not own every partition (owns "
-            f"{mine or 'none'} of {sorted(owners) or 'an unknown set'}); run one instance per "
-            "consumer group until the recommender's fan-out exists"))
+            f"{mine or 'none'} of {sorted(owners) or 'an unknown set'}) and cannot ask the "
+            "other owners"))
 
     async def GetSimilarMedia(
         self, request: pb.GetSimilarMediaRequest | Unparseable, context: grpc.aio.ServicerContext
@@ -124,20 +136,28 @@ class RecommenderServicer:
         violations = validate_similar(request, self.max_limit)
         if violations:
             await abort_bad_request(context, "invalid GetSimilarMedia request", violations)
-        await self._require_every_partition(context)
+        metric, limit = _METRICS[request.metric], request.limit or DEFAULT_LIMIT
         try:
-            ranked, stamp = self.engine.similar(
-                request.media_id, _METRICS[request.metric], request.limit or DEFAULT_LIMIT)
+            if self._owns_all():
+                ranked, stamp = self.engine.similar(request.media_id, metric, limit)
+                position = position_message(stamp, self.consumer)
+            elif self.fanout is None:
+                await self._require_every_partition(context)
+            else:
+                ranked, position = await self.fanout.similar(request.media_id, metric, limit)
         except UnknownItem:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"media {request.media_id} is unknown: no event for it was applied")
+        except scatter.Incomplete as incomplete:
+            log.info("GetSimilarMedia UNAVAILABLE: %s", incomplete)
+            await abort_unavailable(context, str(incomplete))
         return pb.GetSimilarMediaResponse(
             similar_media=[
                 pb.SimilarMedia(media_id=m, score=s, co_viewers=c)
                 for m, s, c in zip(ranked.ids.tolist(), ranked.scores.tolist(),
                                    ranked.co_viewers.tolist())
             ],
-            position=position_message(stamp, self.consumer),
+            position=position,
         )
 
     async def RecommendForUser(
@@ -148,11 +168,39 @@ class RecommenderServicer:
         violations = validate_recommend(request, self.max_limit)
         if violations:
             await abort_bad_request(context, "invalid RecommendForUser request", violations)
-        await self._require_every_partition(context)
-        result = self.engine.recommend(request.user_id, request.limit or DEFAULT_LIMIT)
+        limit = request.limit or DEFAULT_LIMIT
+        if self._owns_all():
+            result = self.engine.recommend(request.user_id, limit)
+            ids, scores, fallback = result.ids, result.scores, result.fallback
+            position = position_message(result.stamp, self.consumer)
+        elif self.fanout is None:
+            await self._require_every_partition(context)
+        else:
+            try:
+                ids, scores, fallback, position = await self.fanout.recommend(
+                    request.user_id, limit)
+            except scatter.Incomplete as incomplete:
+                log.info("RecommendForUser UNAVAILABLE: %s", incomplete)
+                await abort_unavailable(context, str(incomplete))
         return pb.RecommendForUserResponse(
             recommendations=[pb.Recommendation(media_id=m, score=s)
-                             for m, s in zip(result.ids.tolist(), result.scores.tolist())],
-            fallback=result.fallback,
-            position=position_message(result.stamp, self.consumer),
+                             for m, s in zip(ids.tolist(), scores.tolist())],
+            fallback=fallback,
+            position=position,
         )
+
+    # --- internal: viewevents.v1.RecommenderPartitionService ----------------------------------
+
+    async def GetItemPartials(self, request: ppb.GetItemPartialsRequest | Unparseable,
+                              context: grpc.aio.ServicerContext) -> ppb.GetItemPartialsResponse:
+        if self.partitions is None:
+            await abort_unavailable(context, "this instance does not serve partials")
+        assert self.partitions is not None
+        return await self.partitions.GetItemPartials(request, context)
+
+    async def GetUserWindow(self, request: ppb.GetUserWindowRequest | Unparseable,
+                            context: grpc.aio.ServicerContext) -> ppb.GetUserWindowResponse:
+        if self.partitions is None:
+            await abort_unavailable(context, "this instance does not serve partials")
+        assert self.partitions is not None
+        return await self.partitions.GetUserWindow(request, context)

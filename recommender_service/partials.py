@@ -1,0 +1,166 @@
+"""Per-partition partial sums for one item, read from local state, added up and scored.
+
+Every statistic is a sum over users and a user lives in one partition, so the sums over a set
+of partitions add exactly: an instance that owns only some partitions reads its part here, the
+other owners' parts arrive over RecommenderPartitionService, and `add` + `score` give exactly
+what one instance holding every partition computes (`QueryEngine.compute`).
+
+Reading: when the view's item table covers exactly the asked partitions (the usual case) the
+item sums come from it; otherwise (the store still holds partitions this instance owned before
+a rebalance) they are point reads per asked partition from the view's snapshot. The neighbour
+row is scanned from the snapshot as `QueryEngine.compute` does, and as there, row entries of
+items the snapshot does not know yet (rocksdict iterators read current data) are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from recommender_service import key_layout as keys
+from recommender_service import similarity as sim
+from recommender_service.similarity import Metric, Ranked
+from recommender_service.view import View
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class ItemSums:
+    """S, Q, n of items over some partitions; ids ascending and unique."""
+
+    ids: np.ndarray
+    s: np.ndarray
+    q: np.ndarray
+    n: np.ndarray
+
+    @classmethod
+    def empty(cls) -> ItemSums:
+        return cls(_EMPTY, _EMPTY, _EMPTY, _EMPTY)
+
+    def has(self, media: int) -> bool:
+        k = int(np.searchsorted(self.ids, media))
+        return k < len(self.ids) and int(self.ids[k]) == media
+
+
+@dataclass(frozen=True)
+class ItemPartials:
+    """One owner's part of an item query: aggregated row, item sums, users, and the offsets
+    and watermark of the state they were read from."""
+
+    row: np.ndarray  # keys.ROW entries, one per neighbour, ascending j
+    items: ItemSums
+    users: int
+    offsets: dict[int, int]
+    watermark: int | None
+
+
+def read(view: View, partitions: Sequence[int], media: int = 0,
+         item_ids: Iterable[int] = (), all_items: bool = False) -> ItemPartials:
+    """This instance's partials over `partitions` (which it must own and have caught up on)."""
+    parts = sorted(set(partitions))
+    snapshot = view.snapshot
+    row = (keys.aggregate_row(keys.read_row(snapshot, parts, media)) if media
+           else np.zeros(0, dtype=keys.ROW))
+    wanted = np.unique(np.concatenate((
+        np.asarray([media] if media else [], dtype=np.int64), row["j"].astype(np.int64),
+        np.fromiter(item_ids, dtype=np.int64))))
+    if set(view.partitions) == set(parts):
+        items = _from_table(view, None if all_items else wanted)
+        users = view.users
+    else:
+        items = _from_snapshot(snapshot, parts, None if all_items else wanted)
+        users = sum(keys.decode_counts(keys.snapshot_get(snapshot, keys.counts_key(p)))
+                    for p in parts)
+    if len(row):
+        row = row[np.isin(row["j"], items.ids)]  # neighbours newer than the snapshot: later
+    offsets = {p: view.stamp.offsets[p] for p in parts if p in view.stamp.offsets}
+    watermark: int | None = None
+    for partition in parts:
+        mark = keys.snapshot_get(snapshot, keys.watermark_key_of(partition))
+        if mark is not None:
+            seconds = keys.decode_offset(mark)
+            watermark = seconds if watermark is None else max(watermark, seconds)
+    return ItemPartials(row, items, int(users), offsets, watermark)
+
+
+def _from_table(view: View, wanted: np.ndarray | None) -> ItemSums:
+    if wanted is None:
+        return ItemSums(view.ids, view.s, view.q, view.n)
+    where = view.positions_of(wanted)
+    where = where[where >= 0]
+    return ItemSums(view.ids[where], view.s[where], view.q[where], view.n[where])
+
+
+def _from_snapshot(snapshot: object, partitions: Sequence[int],
+                   wanted: np.ndarray | None) -> ItemSums:
+    """Item sums over `partitions` from the snapshot's item records."""
+    found: dict[int, list[int]] = {}
+
+    def add(media: int, value: bytes) -> None:
+        record = keys.ItemRecord.decode(value)
+        acc = found.setdefault(media, [0, 0, 0])
+        acc[0] += record.s
+        acc[1] += record.q
+        acc[2] += record.n
+
+    for partition in partitions:
+        if wanted is None:
+            prefix = keys.partition_prefix(partition) + keys.KIND_ITEM
+            for key, record in keys.scan(snapshot, prefix, False):
+                add(keys.BIG_U64.unpack_from(key, len(prefix))[0], record)
+            continue
+        for media in wanted.tolist():
+            value = keys.snapshot_get(snapshot, keys.item_key(partition, media))
+            if value is not None:
+                add(media, value)
+    ids = np.array(sorted(found), dtype=np.int64)
+    values = np.array([found[m] for m in ids.tolist()], dtype=np.int64).reshape(-1, 3)
+    return ItemSums(ids, values[:, 0].copy(), values[:, 1].copy(), values[:, 2].copy())
+
+
+# --- adding up -----------------------------------------------------------------------------
+
+def add_items(parts: Sequence[ItemSums]) -> ItemSums:
+    """Item sums of disjoint partition sets added up (exact int64)."""
+    ids = np.concatenate([p.ids for p in parts]) if parts else _EMPTY
+    if len(ids) == 0:
+        return ItemSums.empty()
+    unique, inverse = np.unique(ids, return_inverse=True)
+    out = [np.zeros(len(unique), dtype=np.int64) for _ in range(3)]
+    for k, name in enumerate(("s", "q", "n")):
+        np.add.at(out[k], inverse, np.concatenate([getattr(p, name) for p in parts]))
+    return ItemSums(unique, out[0], out[1], out[2])
+
+
+def add_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Neighbour rows of disjoint partition sets added up per neighbour (exact int64)."""
+    if not rows:
+        return np.zeros(0, dtype=keys.ROW)
+    return keys.aggregate_row(np.concatenate(rows))
+
+
+def score(media: int, row: np.ndarray, items: ItemSums, users: int, metric: Metric,
+          support: sim.Support, limit: int) -> Ranked:
+    """The item's ranked neighbours from complete sums, as `QueryEngine.compute` ranks them:
+    neighbours with no co-viewer left are none, unknown neighbours are skipped."""
+    k = int(np.searchsorted(items.ids, media))
+    if not items.has(media):
+        return Ranked.empty()
+    row = row[row["c"] > 0]
+    where = np.searchsorted(items.ids, row["j"])
+    inside = where < len(items.ids)
+    inside[inside] = items.ids[where[inside]] == row["j"][inside]
+    row, where = row[inside], where[inside]
+    if len(row) == 0:
+        return Ranked.empty()
+    return sim.similar(row["j"].astype(np.int64), row["d"].astype(np.int64),
+                       row["c"].astype(np.int64), (int(items.s[k]), int(items.q[k])),
+                       items.s[where], items.q[where], users, metric, support, limit)
+
+
+def popularity(items: ItemSums) -> np.ndarray:
+    """Item indices, most watched first, as `View.popular_order`."""
+    return np.lexsort((items.ids, -items.s, -items.n))

@@ -1,0 +1,136 @@
+"""The recommender's fan-out adds per-partition partials into exactly the single-instance answer.
+
+One RocksDB holds every partition (OfflineRecommender); the fan-out is told that three
+"instances" own parts of them, and the other owners are stubs that answer from the same store
+over exactly the partitions asked (through the protobuf messages, as a peer would). Its answers
+must equal the single instance's, and brute force's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from evaluation.offline_recommender import OfflineRecommender
+from recommender_service import partials
+from recommender_service.fanout import Fanout, Ownership, to_message
+from recommender_service.query_engine import UnknownItem, window_of
+from recommender_service.settings import RecommenderSettings
+from recommender_service.similarity import Metric
+from tests.support.oracles import BruteForce, assert_same_ranking
+from viewevents import scatter
+from viewevents.v1 import recommender_partition_service_pb2 as ppb
+from viewevents.v1 import view_event_pb2 as ve
+
+OWNERS = {0: "a", 1: "a", 2: "b", 3: "c"}
+
+
+def events(seed: int, users: int, items: int, count: int) -> list[ve.ViewEvent]:
+    rng = random.Random(seed)
+    weights = [1.0 / (k + 1) for k in range(items)]
+    out: list[ve.ViewEvent] = []
+    while len(out) < count:
+        user, media = rng.randint(1, users), rng.choices(range(1, items + 1), weights)[0]
+        kinds = [ve.EVENT_TYPE_STREAM_START] + [ve.EVENT_TYPE_WAYPOINT] * rng.choice([0, 1, 2, 5])
+        for kind in kinds + [ve.EVENT_TYPE_STREAM_END]:
+            out.append(ve.ViewEvent(event_id=f"{seed}-{len(out)}", media_id=media, user_id=user,
+                                    event_type=kind,
+                                    event_time=Timestamp(seconds=1_700_000_000 + len(out))))
+    return out
+
+
+class PeerStub:
+    """A peer that answers from the shared store over exactly the partitions asked."""
+
+    def __init__(self, rec: OfflineRecommender, address: str, down: bool = False) -> None:
+        self.rec, self.address, self.down = rec, address, down
+
+    async def GetItemPartials(self, request: ppb.GetItemPartialsRequest, **_: Any
+                              ) -> ppb.GetItemPartialsResponse:
+        if self.down:
+            raise scatter.OwnerUnavailable("down")
+        assert {OWNERS[p] for p in request.partitions} == {self.address}
+        return to_message(partials.read(self.rec.processor.view, list(request.partitions),
+                                        request.media_id, list(request.item_ids),
+                                        request.all_items))
+
+    async def GetUserWindow(self, request: ppb.GetUserWindowRequest, **_: Any
+                            ) -> ppb.GetUserWindowResponse:
+        assert {OWNERS[p] for p in request.partitions} == {self.address}
+        found = window_of(self.rec.processor.view.snapshot, sorted(request.partitions),
+                          request.user_id)
+        if found is None:
+            return ppb.GetUserWindowResponse(found=False)
+        return ppb.GetUserWindowResponse(found=True, media_ids=found.media, weights=found.weights,
+                                         watched_media_ids=found.watched.tolist())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    settings = RecommenderSettings(history_cap=10_000, min_co_viewers=1, shrinkage=0.0,
+                                   max_limit=100, row_max_deltas=3, cache_ttl_seconds=0.0,
+                                   user_items=50)
+    feed = events(4, 150, 60, 6_000)
+    rec = OfflineRecommender(str(tmp_path_factory.mktemp("fanout") / "state"), settings,
+                             partitions=4, batch_max=300)
+    rec.feed(feed)
+    consumer = SimpleNamespace(address="a", owners=dict(OWNERS),
+                               answerable=lambda: frozenset({0, 1}))
+    fanout = Fanout(Ownership(lambda: rec.processor.view, consumer), settings)
+    stubs = {a: PeerStub(rec, a) for a in ("b", "c")}
+    fanout._stub = lambda address: stubs[address]  # type: ignore[method-assign,assignment,return-value]
+    yield rec, fanout, stubs, BruteForce(feed)
+    rec.close()
+
+
+def test_similar_equals_the_single_instance_and_brute_force(setup: Any) -> None:
+    rec, fanout, _, truth = setup
+    for item in truth.items[:40]:
+        for metric in Metric:
+            got, position = asyncio.run(fanout.similar(int(item), metric, 25))
+            want, _ = rec.engine.similar(int(item), metric, 25)
+            assert got.ids.tolist() == want.ids.tolist()
+            assert got.scores.tolist() == want.scores.tolist()
+            assert got.co_viewers.tolist() == want.co_viewers.tolist()
+            assert_same_ranking(got.ids.tolist(), got.scores.tolist(), got.co_viewers.tolist(),
+                                truth.scores(int(item), metric), 25)
+            assert [p.partition for p in position.partitions] == [0, 1, 2, 3]
+
+
+def test_recommend_equals_the_single_instance(setup: Any) -> None:
+    rec, fanout, _, truth = setup
+    for user in [int(u) for u in truth.users[:30]] + [10**12]:
+        ids, scores, fallback, _ = asyncio.run(fanout.recommend(user, 10))
+        want = rec.engine.recommend(user, 10)
+        assert (ids.tolist(), scores.tolist(), fallback) == (
+            want.ids.tolist(), want.scores.tolist(), want.fallback)
+
+
+def test_unknown_item_and_a_missing_owner(setup: Any) -> None:
+    _, fanout, stubs, truth = setup
+    with pytest.raises(UnknownItem):
+        asyncio.run(fanout.similar(10**12, Metric.COSINE, 5))
+    stubs["c"].down = True
+    try:
+        with pytest.raises(scatter.Incomplete) as failure:
+            asyncio.run(fanout.similar(int(truth.items[0]), Metric.COSINE, 5))
+        assert list(failure.value.missing) == [3]
+    finally:
+        stubs["c"].down = False
+
+
+def test_partials_add_up_to_the_whole(setup: Any) -> None:
+    rec, _, _, _ = setup
+    view = rec.processor.view
+    whole = partials.read(view, [0, 1, 2, 3], all_items=True)  # the in-memory table
+    parts = [partials.read(view, ps, all_items=True) for ps in ([0], [1, 2], [3])]  # RocksDB
+    summed = partials.add_items([p.items for p in parts])
+    for name in ("ids", "s", "q", "n"):
+        assert np.array_equal(getattr(summed, name), getattr(whole.items, name))
+    assert sum(p.users for p in parts) == whole.users == view.users
