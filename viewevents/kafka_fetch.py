@@ -171,7 +171,8 @@ def _drain(tp: TopicPartition, result: FetchResult, budget: int) -> FetchedRecor
             position = batch.next_offset
             continue
         record = None
-        if batch.base_offset >= position:
+        # Legacy (v0/v1) batches have no base offset: their records are filtered one by one.
+        if getattr(batch, "base_offset", -1) >= position:
             for record in batch:
                 add_value(record.value)
                 add_offset(record.offset)
