@@ -268,7 +268,7 @@ def phase(bootstrap: str, name: str, events: int, users: int, media: int, seed: 
         seconds = serving - started
         out["catch-up s (process start to SERVING)"] = round(seconds, 1)
         out["events/s (process start to SERVING)"] = round(produced / seconds)
-        logged = service.wait_log(r"caught up: (\d+) records applied in ([\d.]+) s", 10)
+        logged = service.wait_log(r"caught up[^:\n]*: (\d+) records applied in ([\d.]+) s", 10)
         if logged:
             out["events/s (consumer, from its log)"] = round(int(logged.group(1)) / float(logged.group(2)))
         out["peak RSS MB (catch-up)"] = round(service.peak_rss_mb(), 1)

@@ -26,10 +26,11 @@ from recommender_service.batch_plan import (
     outside_lookups,
     plan_windows,
 )
-from recommender_service.incremental import combine_batch, pair_deltas
+from recommender_service.incremental import combine_batch, combine_columns, pair_deltas
 from recommender_service.key_layout import ItemRecord
 from recommender_service.settings import RecommenderSettings
 from recommender_service.view import Stamp, View
+from viewevents.consumer import EventBatch
 from viewevents.state.store import StateStore
 from viewevents.state.transaction import Transaction
 from viewevents.v1 import view_event_pb2
@@ -108,6 +109,15 @@ class RecommenderProcessor:
         """Fold one partition's new events into `txn`; the in-memory table follows in
         committed(), only once RocksDB has the batch."""
         per_user, items_seen = combine_batch(events)
+        self._fold(partition, per_user, items_seen, len(events), txn)
+
+    def apply_decoded(self, partition: int, batch: EventBatch, txn: Transaction) -> None:
+        """`apply` of the consumer's decoded columns: no ViewEvent message per event."""
+        per_user, items_seen = combine_columns(batch.user_id, batch.media_id, batch.event_type)
+        self._fold(partition, per_user, items_seen, len(batch), txn)
+
+    def _fold(self, partition: int, per_user: dict[int, dict[int, int]], items_seen: set[int],
+              events: int, txn: Transaction) -> None:
         plan = self._plan_windows(partition, per_user, txn)
         for user in plan.seen_only:
             txn.put(keys.user_key(partition, user), b"")
@@ -123,7 +133,7 @@ class RecommenderProcessor:
             txn.put(counts, keys.encode_counts(keys.decode_counts(txn.get(counts))
                                                + plan.new_users))
             self._pending.new_users += plan.new_users
-        self.stats.events += len(events)
+        self.stats.events += events
 
     def _plan_windows(self, partition: int, per_user: dict[int, dict[int, int]],
                       txn: Transaction) -> WindowPlan:

@@ -28,6 +28,7 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from google.protobuf import timestamp_pb2
 
+from viewevents.kafka_fetch import BulkFetch, FetchedRecords
 from viewevents.membership import Claim, OwnershipAssignor
 from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED, PARTITION_OWNER
 from viewevents.readiness import PROBE_TIMEOUT_S, Readiness, watch_kafka
@@ -329,6 +330,7 @@ class ExactlyOnceConsumer:
             partition_assignment_strategy=(OwnershipAssignor(self._claim, self._owners_changed),),
         )
         self._consumer: AIOKafkaConsumer | None = None  # made in start(), inside the event loop
+        self._fetch: BulkFetch | None = None  # reads self._consumer's fetched batches in bulk
         self._apply_lock = asyncio.Lock()
 
     # --- positions and freshness ----------------------------------------------------------------
@@ -410,6 +412,7 @@ class ExactlyOnceConsumer:
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(**self._consumer_options)
         await self._consumer.start()
+        self._fetch = BulkFetch(self._consumer)
         self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self))
         self._watch = asyncio.create_task(watch_kafka(self._consumer.topics, self._kafka_changed),
                                           name="kafka-watch")
@@ -441,7 +444,7 @@ class ExactlyOnceConsumer:
         Kafka call here is bounded, so `stop()` takes effect within seconds whatever Kafka does."""
         last_group_commit = time.monotonic()
         while not self._stop.is_set():
-            batches = await self._consumer.getmany(timeout_ms=200, max_records=self.batch_max)
+            batches = await self._fetch.getmany(timeout_ms=200, max_records=self.batch_max)
             if batches:
                 async with self._apply_lock:
                     # Only partitions owned now: a batch fetched before a revocation must not
@@ -456,10 +459,10 @@ class ExactlyOnceConsumer:
             await self._check_caught_up()
         await self._commit_group_offsets(timeout=1.0)  # on the way out: do not wait long
 
-    async def _apply_in_thread(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        """`apply_batch` in a worker thread. Cancelling the caller does not cut the batch short:
+    async def _apply_in_thread(self, batches: dict[TopicPartition, FetchedRecords]) -> None:
+        """`apply_fetched` in a worker thread. Cancelling the caller does not cut the batch short:
         it waits for the thread, so the store is never closed under a write in progress."""
-        job = asyncio.ensure_future(asyncio.to_thread(self.apply_batch, batches))
+        job = asyncio.ensure_future(asyncio.to_thread(self.apply_fetched, batches))
         try:
             await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -505,19 +508,29 @@ class ExactlyOnceConsumer:
                 catch_up.positions[partition] = offset
 
     def apply_batch(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """`apply_fetched` for records as the public getmany returns them (in-process drivers
+        such as the offline evaluation and tests build those)."""
+        self.apply_fetched({tp: FetchedRecords.from_consumer_records(records)
+                            for tp, records in batches.items() if records})
+
+    def apply_fetched(self, batches: Mapping[TopicPartition, FetchedRecords]) -> None:
         """Decode, de-duplicate, process and commit one Kafka batch. `run` calls it in a worker
-        thread for every fetch; in-process drivers (offline evaluation, tests) call it directly."""
+        thread for every fetch. A partition whose fetch held only skipped records (transaction
+        markers) still gets its next offset stored."""
         txn = Transaction(self.store)
         applied_before = self.stats.applied
         new_positions: dict[int, int] = {}
         for tp, records in batches.items():
-            if not records:
-                continue
             partition = tp.partition
-            events = self._decode(records)
+            next_offset = records.next_offset
+            if not len(records):
+                txn.put(offset_key(partition, self.topic), BIG_I64.pack(next_offset))
+                new_positions[partition] = next_offset
+                continue
+            events = self._decode(records.values)
             # A batch spans seconds, so its last record time stands for all of them in the
             # day-granular de-duplication memory.
-            day = records[-1].timestamp // MS_PER_DAY
+            day = records.last_timestamp // MS_PER_DAY
             self.seen.sweep(self.store, partition, day, self.seen.sweep_factor * len(records), txn)
             rows = self.seen.keep_new_ids(partition, events.event_id, day, txn)
             duplicates = len(events) - len(rows)
@@ -529,7 +542,6 @@ class ExactlyOnceConsumer:
                 else:
                     self.processor.apply(partition, fresh.messages(), txn)
                 self._raise_watermark(partition, int(fresh.seconds.max()), txn)
-            next_offset = records[-1].offset + 1
             txn.put(offset_key(partition, self.topic), BIG_I64.pack(next_offset))
             new_positions[partition] = next_offset
             self.stats.records += len(records)
@@ -543,11 +555,10 @@ class ExactlyOnceConsumer:
         self._applied.inc(self.stats.applied - applied_before)
         self.processor.committed()
 
-    def _decode(self, records: list[ConsumerRecord]) -> EventBatch:
+    def _decode(self, values: list[bytes]) -> EventBatch:
         """The records that are applicable ViewEvents, in offset order (the hot loop): decoded
         as columns for the whole batch; only records in an unusual encoding are parsed by
         protobuf one at a time (and those it cannot parse are counted and skipped)."""
-        values = [record.value for record in records]
         columns = decode_view_events(values)
         decoded = columns.fast.copy()
         event_ids = columns.event_id

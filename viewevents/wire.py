@@ -40,16 +40,22 @@ class ViewEventColumns:
 
 
 def _varints(buf: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values (as uint64) and byte lengths of the varints starting at `at`; length 0 when a
-    varint is longer than 10 bytes (invalid)."""
-    window = buf[at[:, None] + np.arange(10)]  # (n, 10)
-    more = window >= 0x80
-    ends_here = ~more
-    length = np.where(ends_here.any(axis=1), ends_here.argmax(axis=1) + 1, 0)
-    used = np.arange(10) < length[:, None]
-    parts = (window & 0x7F).astype(np.uint64) << (np.arange(10, dtype=np.uint64) * np.uint64(7))
-    with np.errstate(over="ignore"):
-        value = np.where(used, parts, np.uint64(0)).sum(axis=1, dtype=np.uint64)
+    """Values (as uint64) and byte lengths of the varints starting at `at`; length 0 (and
+    value 0) when a varint is longer than 10 bytes (invalid). One array pass per byte position,
+    only over the varints still going on: fields here take 1 to 5 bytes, rarely all 10."""
+    count = len(at)
+    value = np.zeros(count, np.uint64)
+    length = np.zeros(count, np.int64)
+    going = np.arange(count)
+    for k in range(10):
+        byte = buf[at[going] + k]
+        value[going] |= (byte & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+        ended = byte < 0x80
+        length[going[ended]] = k + 1
+        going = going[~ended]
+        if not len(going):
+            break
+    value[going] = 0
     return value, length
 
 
@@ -107,30 +113,24 @@ def decode_view_events(values: Sequence[bytes]) -> ViewEventColumns:
     lengths = np.fromiter(map(len, values), np.int64, count)
     ends = np.cumsum(lengths)
     starts = ends - lengths
-    buf = np.frombuffer(b"".join(values) + bytes(_PAD), np.uint8)
+    raw = b"".join(values)
+    buf = np.frombuffer(raw + bytes(_PAD), np.uint8)
     ok, top = _scan(buf, starts, ends, _VIEW_EVENT)
     id_present, id_offset, id_length = top[1]
     time_present, time_offset, time_length = top[5]
     time_start = time_offset.astype(np.int64)
     time_ok, inner = _scan(buf, time_start, time_start + time_length, _TIMESTAMP)
     ok &= time_ok | ~time_present
-    # Strings must be valid UTF-8 for protobuf; ASCII certainly is, anything else goes the slow way.
-    if count:
-        non_ascii = np.zeros(count, bool)
-        id_rows = np.flatnonzero(id_present & ok)
-        if len(id_rows):
-            offsets = id_offset[id_rows].astype(np.int64)
-            sizes = id_length[id_rows]
-            byte_row = np.repeat(np.arange(len(id_rows)), sizes)
-            index = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-            high = buf[np.repeat(offsets, sizes) + index] >= 0x80
-            non_ascii[id_rows] = np.bincount(byte_row[high], minlength=len(id_rows)) > 0
-        ok &= ~non_ascii
-    raw = buf.tobytes()
     take = (ok & id_present).tolist()
     offsets_list = id_offset.astype(np.int64).tolist()
     sizes_list = id_length.tolist()
     event_id = [raw[o:o + s] if t else b"" for t, o, s in zip(take, offsets_list, sizes_list)]
+    # Strings must be valid UTF-8 for protobuf; ASCII certainly is, anything else goes the slow way.
+    non_ascii = np.flatnonzero(~np.fromiter(map(bytes.isascii, event_id), bool, count))
+    if len(non_ascii):
+        ok[non_ascii] = False
+        for row in non_ascii.tolist():
+            event_id[row] = b""
 
     def signed(values: np.ndarray) -> np.ndarray:
         return values.view(np.int64)
