@@ -21,9 +21,14 @@ from viewevents_tools.processes import REPO
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=1_000_000, help="events for the ingest upload")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--events", type=int, default=1_000_000, help="events for the ingest upload"
+    )
     parser.add_argument("--stats-events", type=int, default=2_000_000)
     parser.add_argument("--recommender-events", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=5_000)
@@ -43,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         results["stats"] = stats.run_bench(config.kafka_bootstrap, events=args.stats_events)
         _print_section("stats", results["stats"])
     if "recommender" in only:
-        results["recommender"] = recommender.run_bench(config.kafka_bootstrap,
-                                                       events=args.recommender_events)
+        results["recommender"] = recommender.run_bench(
+            config.kafka_bootstrap, events=args.recommender_events
+        )
         _print_section("recommender", results["recommender"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

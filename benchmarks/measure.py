@@ -32,8 +32,9 @@ class PeakRss:
     def _run(self, interval: float) -> None:
         while not self._stop.is_set():
             try:
-                self.peak_bytes = max(self.peak_bytes, self._kernel_peak()
-                                      or self.process.memory_info().rss)
+                self.peak_bytes = max(
+                    self.peak_bytes, self._kernel_peak() or self.process.memory_info().rss
+                )
             except (psutil.Error, OSError):
                 return
             time.sleep(interval)

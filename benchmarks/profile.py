@@ -31,8 +31,11 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / ".data" / "profile"
-SERVICES = {"ingest": "ingest_service", "stats": "stats_service",
-            "recommender": "recommender_service"}
+SERVICES = {
+    "ingest": "ingest_service",
+    "stats": "stats_service",
+    "recommender": "recommender_service",
+}
 CAUGHT_UP = re.compile(rb"caught up")
 _LINE = re.compile(r" \(([^():]+):\d+\)$")  # "func (path.py:123)" -> fold the line number
 
@@ -68,7 +71,7 @@ def _fold(frame: str) -> str:
         return frame
     path = found.group(1)
     short = "/".join(path.split("/")[-2:])
-    return f"{frame[:found.start()]} ({short})"
+    return f"{frame[: found.start()]} ({short})"
 
 
 def format_top(own: Counter[str], inclusive: Counter[str], total: int, top: int) -> str:
@@ -108,14 +111,28 @@ def profile(section: str, bench_args: list[str], rate: int, top: int) -> str:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     OUT.mkdir(parents=True, exist_ok=True)
     raw = OUT / f"{section}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-    bench = psutil.Popen([sys.executable, "-m", "benchmarks", "--only", section, *bench_args],
-                         cwd=REPO)
+    bench = psutil.Popen(
+        [sys.executable, "-m", "benchmarks", "--only", section, *bench_args], cwd=REPO
+    )
     service = _find_service(bench, SERVICES[section], timeout=3600)
     log = _log_of(service)
     start = log.stat().st_size if log is not None else 0
-    spy = subprocess.Popen([py_spy, "record", "--pid", str(service.pid), "--format", "raw",
-                            "--rate", str(rate), "--output", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    spy = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(service.pid),
+            "--format",
+            "raw",
+            "--rate",
+            str(rate),
+            "--output",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     while spy.poll() is None:
         if section != "ingest" and log is not None:
             with open(log, "rb") as text:
@@ -127,21 +144,34 @@ def profile(section: str, bench_args: list[str], rate: int, top: int) -> str:
     spy.wait()
     bench.wait()
     if not raw.exists():
-        raise RuntimeError(f"py-spy wrote nothing: {spy.stderr.read().decode() if spy.stderr else ''}")
+        raise RuntimeError(
+            f"py-spy wrote nothing: {spy.stderr.read().decode() if spy.stderr else ''}"
+        )
     own, inclusive, total = parse_raw(raw.read_text().splitlines())
-    return f"\n== profile of {SERVICES[section]} ({raw}) ==\n" + format_top(own, inclusive, total, top)
+    return f"\n== profile of {SERVICES[section]} ({raw}) ==\n" + format_top(
+        own, inclusive, total, top
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=sorted(SERVICES), action="append",
-                        help="section(s) to profile, one after the other (default: all)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--only",
+        choices=sorted(SERVICES),
+        action="append",
+        help="section(s) to profile, one after the other (default: all)",
+    )
     parser.add_argument("--rate", type=int, default=100, help="samples per second")
     parser.add_argument("--top", type=int, default=10)
     args, bench_args = parser.parse_known_args(argv)
-    reports = [profile(section, bench_args, args.rate, args.top)
-               for section in args.only or ["ingest", "stats", "recommender"]]
+    reports = [
+        profile(section, bench_args, args.rate, args.top)
+        for section in args.only or ["ingest", "stats", "recommender"]
+    ]
     print("\n".join(reports))
 
 

@@ -56,9 +56,14 @@ def data_file(events: int, users: int, media: int, seed: int) -> Path:
     WORKDIR.mkdir(parents=True, exist_ok=True)
     path = WORKDIR / f"recommender-{events}-{users}-{media}-{seed}.jsonl"
     if not path.exists():
-        print(f"generating {events:,} lines ({users:,} users, {media:,} media) into {path}", flush=True)
+        print(
+            f"generating {events:,} lines ({users:,} users, {media:,} media) into {path}",
+            flush=True,
+        )
         partial = path.with_suffix(".partial")
-        generate(str(partial), events, seed=seed, users=users, media=media, noise=0.02, progress=True)
+        generate(
+            str(partial), events, seed=seed, users=users, media=media, noise=0.02, progress=True
+        )
         partial.rename(path)
     return path
 
@@ -75,12 +80,20 @@ def records(path: Path) -> Iterator[tuple[bytes, bytes]]:
             yield user_key(event.user_id), event.SerializeToString()
 
 
-async def prefill(bootstrap: str, topic: str, source: Iterator[tuple[bytes, bytes]], total: int) -> tuple[int, float]:
+async def prefill(
+    bootstrap: str, topic: str, source: Iterator[tuple[bytes, bytes]], total: int
+) -> tuple[int, float]:
     """Produce records in large per-partition batches; (records, seconds)."""
     config = settings.load(env={}).replace(kafka_bootstrap=bootstrap)
     await ensure_topics(config, [topic])
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                max_batch_size=1 << 20, max_request_size=4 << 20, linger_ms=20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        max_batch_size=1 << 20,
+        max_request_size=4 << 20,
+        linger_ms=20,
+    )
     await producer.start()
     count = 0
     started = time.perf_counter()
@@ -102,11 +115,16 @@ async def prefill(bootstrap: str, topic: str, source: Iterator[tuple[bytes, byte
 
         for key, value in source:
             partition = partitioner(key)
-            if open_batches[partition].append(key=key, value=value, timestamp=None,
-                                              headers=VIEW_EVENT_HEADERS) is None:
+            if (
+                open_batches[partition].append(
+                    key=key, value=value, timestamp=None, headers=VIEW_EVENT_HEADERS
+                )
+                is None
+            ):
                 await send(partition)
-                open_batches[partition].append(key=key, value=value, timestamp=None,
-                                               headers=VIEW_EVENT_HEADERS)
+                open_batches[partition].append(
+                    key=key, value=value, timestamp=None, headers=VIEW_EVENT_HEADERS
+                )
             count += 1
         for partition in partitions:
             if open_batches[partition].record_count():
@@ -128,9 +146,13 @@ class Service:
         self.log_path = WORKDIR / f"{name}.log"
         self.log_path.unlink(missing_ok=True)
         values: dict[str, Any] = dict(
-            kafka_bootstrap=bootstrap, view_topic=topic, dead_letter_topic=f"{topic}-dlq",
-            recommender_address=self.address, recommender_state_dir=str(self.state),
-            recommender_group=f"bench-{uuid.uuid4().hex[:8]}")
+            kafka_bootstrap=bootstrap,
+            view_topic=topic,
+            dead_letter_topic=f"{topic}-dlq",
+            recommender_address=self.address,
+            recommender_state_dir=str(self.state),
+            recommender_group=f"bench-{uuid.uuid4().hex[:8]}",
+        )
         known = {s.name for s in settings.ALL_SETTINGS}
         if "recommender_metrics_port" in known:
             values["recommender_metrics_port"] = 0
@@ -144,8 +166,13 @@ class Service:
     def start(self) -> float:
         started = time.perf_counter()
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen([sys.executable, "-m", "recommender_service"], env=self.env,
-                                        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "recommender_service"],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.rss = PeakRss(self.process.pid)
         return started
 
@@ -197,7 +224,9 @@ class Service:
 Request = Callable[[pb_grpc.RecommenderServiceStub, random.Random], Awaitable[Any]]
 
 
-async def latency(address: str, name: str, calls: int, clients: int, request: Request) -> dict[str, float]:
+async def latency(
+    address: str, name: str, calls: int, clients: int, request: Request
+) -> dict[str, float]:
     """p50/p99 (ms) and calls/s of `calls` calls from `clients` concurrent asyncio clients,
     each on its own channel."""
     samples: list[float] = []
@@ -228,9 +257,12 @@ async def latency(address: str, name: str, calls: int, clients: int, request: Re
     elapsed = time.perf_counter() - started
     bar.close()
     samples.sort()
-    return {"p50_ms": round(1000 * samples[len(samples) // 2], 2),
-            "p99_ms": round(1000 * samples[int(0.99 * (len(samples) - 1))], 2),
-            "calls_per_s": round(len(samples) / elapsed), "errors": errors}
+    return {
+        "p50_ms": round(1000 * samples[len(samples) // 2], 2),
+        "p99_ms": round(1000 * samples[int(0.99 * (len(samples) - 1))], 2),
+        "calls_per_s": round(len(samples) / elapsed),
+        "errors": errors,
+    }
 
 
 def ghz(address: str, method: str, data: str, calls: int, clients: int) -> dict[str, float] | None:
@@ -238,30 +270,65 @@ def ghz(address: str, method: str, data: str, calls: int, clients: int) -> dict[
     if not GHZ.exists():
         return None
     output = subprocess.run(
-        [str(GHZ), "--insecure", "--proto", str(REPO / "protos/viewevents/v1/recommender_service.proto"),
-         "--import-paths", str(REPO / "protos"), "--call", f"viewevents.v1.RecommenderService/{method}",
-         "-d", data,
-         "-c", str(clients), "-n", str(calls), "--format", "json", address],
-        capture_output=True, text=True, timeout=600)
+        [
+            str(GHZ),
+            "--insecure",
+            "--proto",
+            str(REPO / "protos/viewevents/v1/recommender_service.proto"),
+            "--import-paths",
+            str(REPO / "protos"),
+            "--call",
+            f"viewevents.v1.RecommenderService/{method}",
+            "-d",
+            data,
+            "-c",
+            str(clients),
+            "-n",
+            str(calls),
+            "--format",
+            "json",
+            address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if output.returncode != 0:
         return {"error": output.stderr.strip()[:200]}  # type: ignore[dict-item]
     report = json.loads(output.stdout)
-    percentiles = {p["percentage"]: p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
+    percentiles = {
+        p["percentage"]: p["latency"] / 1e6 for p in report.get("latencyDistribution") or []
+    }
     errors = sum(v for k, v in (report.get("statusCodeDistribution") or {}).items() if k != "OK")
-    return {"p50_ms": round(percentiles.get(50, float("nan")), 2),
-            "p99_ms": round(percentiles.get(99, float("nan")), 2),
-            "calls_per_s": round(report.get("rps", 0)), "errors": errors}
+    return {
+        "p50_ms": round(percentiles.get(50, float("nan")), 2),
+        "p99_ms": round(percentiles.get(99, float("nan")), 2),
+        "calls_per_s": round(report.get("rps", 0)),
+        "errors": errors,
+    }
 
 
-def phase(bootstrap: str, name: str, events: int, users: int, media: int, seed: int,
-          clients: int, calls: int, env_extra: dict[str, str]) -> dict[str, Any]:
+def phase(
+    bootstrap: str,
+    name: str,
+    events: int,
+    users: int,
+    media: int,
+    seed: int,
+    clients: int,
+    calls: int,
+    env_extra: dict[str, str],
+) -> dict[str, Any]:
     """Prefill, consume from process start to caught-up, then latency under load."""
     path = data_file(events, users, media, seed)
     topic = f"bench-rec-{name}-{uuid.uuid4().hex[:8]}"
     produced, produce_seconds = asyncio.run(prefill(bootstrap, topic, records(path), events))
     service = Service(bootstrap, topic, f"recommender-{name}", env_extra)
-    out: dict[str, Any] = {"users x media": f"{users:,} x {media:,}", "events in topic": produced,
-                           "prefill events/s": round(produced / produce_seconds)}
+    out: dict[str, Any] = {
+        "users x media": f"{users:,} x {media:,}",
+        "events in topic": produced,
+        "prefill events/s": round(produced / produce_seconds),
+    }
     started = service.start()
     try:
         serving = service.wait_caught_up(produced)
@@ -270,27 +337,36 @@ def phase(bootstrap: str, name: str, events: int, users: int, media: int, seed: 
         out["events/s (process start to SERVING)"] = round(produced / seconds)
         logged = service.wait_log(r"caught up[^:\n]*: (\d+) records applied in ([\d.]+) s", 10)
         if logged:
-            out["events/s (consumer, from its log)"] = round(int(logged.group(1)) / float(logged.group(2)))
+            out["events/s (consumer, from its log)"] = round(
+                int(logged.group(1)) / float(logged.group(2))
+            )
         out["peak RSS MB (catch-up)"] = round(service.peak_rss_mb(), 1)
         warm = service.wait_log(r"cache warm for version \d+: (\d+) items in ([\d.]+) s", 600)
         out["cache warm-up"] = f"{warm.group(1)} items in {warm.group(2)} s" if warm else "not seen"
         metrics = [pb.SIMILARITY_METRIC_COSINE, pb.SIMILARITY_METRIC_PEARSON]
 
         async def similar(stub: pb_grpc.RecommenderServiceStub, rng: random.Random) -> Any:
-            return await stub.GetSimilarMedia(pb.GetSimilarMediaRequest(
-                media_id=rng.randint(1, media), limit=10, metric=rng.choice(metrics)), timeout=10)
+            return await stub.GetSimilarMedia(
+                pb.GetSimilarMediaRequest(
+                    media_id=rng.randint(1, media), limit=10, metric=rng.choice(metrics)
+                ),
+                timeout=10,
+            )
 
         async def recommend(stub: pb_grpc.RecommenderServiceStub, rng: random.Random) -> Any:
-            return await stub.RecommendForUser(pb.RecommendForUserRequest(
-                user_id=rng.randint(1, users), limit=10), timeout=10)
+            return await stub.RecommendForUser(
+                pb.RecommendForUserRequest(user_id=rng.randint(1, users), limit=10), timeout=10
+            )
 
         for label, call in (("GetSimilarMedia", similar), ("RecommendForUser", recommend)):
             for concurrency in sorted({1, clients}):
                 result = asyncio.run(latency(service.address, label, calls, concurrency, call))
                 out[f"{label} python x{concurrency} p50/p99 ms"] = (
-                    f"{result['p50_ms']} / {result['p99_ms']}")
+                    f"{result['p50_ms']} / {result['p99_ms']}"
+                )
                 out[f"{label} python x{concurrency} calls/s (errors)"] = (
-                    f"{result['calls_per_s']} ({result['errors']})")
+                    f"{result['calls_per_s']} ({result['errors']})"
+                )
         for label, data in (
             ("GetSimilarMedia", f'{{"media_id": "{{{{randomInt 1 {media + 1}}}}}", "limit": 10}}'),
             ("RecommendForUser", f'{{"user_id": "{{{{randomInt 1 {users + 1}}}}}", "limit": 10}}'),
@@ -299,12 +375,16 @@ def phase(bootstrap: str, name: str, events: int, users: int, media: int, seed: 
             if ghz_result is not None:
                 out[f"{label} ghz x{clients} p50/p99 ms"] = (
                     f"{ghz_result.get('p50_ms')} / {ghz_result.get('p99_ms')}"
-                    if "error" not in ghz_result else ghz_result["error"])
+                    if "error" not in ghz_result
+                    else ghz_result["error"]
+                )
                 out[f"{label} ghz calls/s (errors)"] = (
-                    f"{ghz_result.get('calls_per_s')} ({ghz_result.get('errors')})")
+                    f"{ghz_result.get('calls_per_s')} ({ghz_result.get('errors')})"
+                )
         out["peak RSS MB (whole run)"] = round(service.peak_rss_mb(), 1)
-        out["state dir MB"] = round(sum(f.stat().st_size for f in service.state.rglob("*")
-                                        if f.is_file()) / 2**20, 1)
+        out["state dir MB"] = round(
+            sum(f.stat().st_size for f in service.state.rglob("*") if f.is_file()) / 2**20, 1
+        )
     finally:
         service.stop()
     return out
@@ -329,23 +409,37 @@ def run_bench(
     """Both phases; a flat dict of readable measurements (printed by benchmarks.ingest).
     `env_extra` adds environment variables for the service (e.g. a larger RocksDB cache)."""
     env_extra = {"VIEWEVENTS_LOG_LEVEL": "INFO", **(env_extra or {})}
-    results: dict[str, Any] = {"settings": str(local_settings.from_config()),
-                               "service environment": " ".join(
-                                   f"{k}={v}" for k, v in sorted(env_extra.items()))}
+    results: dict[str, Any] = {
+        "settings": str(local_settings.from_config()),
+        "service environment": " ".join(f"{k}={v}" for k, v in sorted(env_extra.items())),
+    }
     if stream:
-        for key, value in phase(bootstrap, "stream", events, users, media, seed, clients, calls,
-                                env_extra).items():
+        for key, value in phase(
+            bootstrap, "stream", events, users, media, seed, clients, calls, env_extra
+        ).items():
             results[f"[{events // 1000}k] {key}"] = value
     if scale:
-        for key, value in phase(bootstrap, "scale", scale_events, scale_users, scale_media, seed,
-                                clients, calls, env_extra).items():
+        for key, value in phase(
+            bootstrap,
+            "scale",
+            scale_events,
+            scale_users,
+            scale_media,
+            seed,
+            clients,
+            calls,
+            env_extra,
+        ).items():
             results[f"[scale] {key}"] = value
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks.recommender", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.recommender",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--media", type=int, default=2_000)
@@ -353,17 +447,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--no-scale", action="store_true", help="skip the 200k x 10k phase")
     parser.add_argument("--only-scale", action="store_true", help="skip the first phase")
-    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra environment for the service, e.g. VIEWEVENTS_ROCKSDB_CACHE_MB=512")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the service, e.g. VIEWEVENTS_ROCKSDB_CACHE_MB=512",
+    )
     parser.add_argument("--scale-events", type=int, default=6_000_000)
     parser.add_argument("--json", help="also write the results to this file")
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
     config = settings.load(args)
-    results = run_bench(config.kafka_bootstrap, args.events, users=args.users, media=args.media,
-                        clients=args.clients, calls=args.calls, stream=not args.only_scale,
-                        scale=not args.no_scale, scale_events=args.scale_events,
-                        env_extra=dict(item.split("=", 1) for item in args.service_env))
+    results = run_bench(
+        config.kafka_bootstrap,
+        args.events,
+        users=args.users,
+        media=args.media,
+        clients=args.clients,
+        calls=args.calls,
+        stream=not args.only_scale,
+        scale=not args.no_scale,
+        scale_events=args.scale_events,
+        env_extra=dict(item.split("=", 1) for item in args.service_env),
+    )
     width = max(len(k) for k in results)
     print("\n== recommender ==")
     for key, value in results.items():

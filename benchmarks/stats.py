@@ -42,7 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 WORKDIR = REPO / ".data" / "bench"
 
 
-def prepare_records(events: int, seed: int) -> tuple[list[tuple[bytes, bytes]], list[int], int, int]:
+def prepare_records(
+    events: int, seed: int
+) -> tuple[list[tuple[bytes, bytes]], list[int], int, int]:
     """(key, value) records of the valid events of a generated file, the media ids seen, and
     the event-time span; built before any timing starts."""
     from viewevents_client.event_files import iter_file
@@ -58,8 +60,14 @@ def prepare_records(events: int, seed: int) -> tuple[list[tuple[bytes, bytes]], 
     records: list[tuple[bytes, bytes]] = []
     media: set[int] = set()
     low, high = 2**62, -(2**62)
-    for _, parsed in tqdm(iter_file(str(path)), total=events, desc="parse", unit=" lines",
-                          unit_scale=True, leave=False):
+    for _, parsed in tqdm(
+        iter_file(str(path)),
+        total=events,
+        desc="parse",
+        unit=" lines",
+        unit_scale=True,
+        leave=False,
+    ):
         event = parsed.event
         if event is None or validate_event(event, now, limits):
             continue
@@ -73,9 +81,14 @@ def prepare_records(events: int, seed: int) -> tuple[list[tuple[bytes, bytes]], 
 async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -> float:
     """Write the records in large per-partition batches; returns records/s."""
     await ensure_topics(config, [config.view_topic, config.dead_letter_topic])
-    producer = AIOKafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all",
-                                enable_idempotence=True, max_batch_size=1 << 20,
-                                max_request_size=4 << 20, linger_ms=20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=config.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        max_batch_size=1 << 20,
+        max_request_size=4 << 20,
+        linger_ms=20,
+    )
     await producer.start()
     try:
         partitions = sorted(await producer.partitions_for(config.view_topic))
@@ -87,10 +100,13 @@ async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -
         for key, value in records:
             partition = partitioner(key)
             batch = batches[partition]
-            if batch.append(key=key, value=value, timestamp=None,
-                            headers=VIEW_EVENT_HEADERS) is None:
-                pending.append(await producer.send_batch(batch, config.view_topic,
-                                                         partition=partition))
+            if (
+                batch.append(key=key, value=value, timestamp=None, headers=VIEW_EVENT_HEADERS)
+                is None
+            ):
+                pending.append(
+                    await producer.send_batch(batch, config.view_topic, partition=partition)
+                )
                 bar.update(batch.record_count())
                 batch = batches[partition] = producer.create_batch()
                 batch.append(key=key, value=value, timestamp=None, headers=VIEW_EVENT_HEADERS)
@@ -99,8 +115,9 @@ async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -
                     pending.clear()
         for partition, batch in batches.items():
             if batch.record_count():
-                pending.append(await producer.send_batch(batch, config.view_topic,
-                                                         partition=partition))
+                pending.append(
+                    await producer.send_batch(batch, config.view_topic, partition=partition)
+                )
                 bar.update(batch.record_count())
         await asyncio.gather(*pending)
         bar.close()
@@ -111,15 +128,21 @@ async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -
 
 async def _position(stub: pb_grpc.StatsServiceStub) -> pb.ListTopMediaResponse | None:
     try:
-        return await stub.ListTopMedia(pb.ListTopMediaRequest(
-            start_time=timestamp_pb2.Timestamp(seconds=0),
-            end_time=timestamp_pb2.Timestamp(seconds=60), limit=1), timeout=5)
+        return await stub.ListTopMedia(
+            pb.ListTopMediaRequest(
+                start_time=timestamp_pb2.Timestamp(seconds=0),
+                end_time=timestamp_pb2.Timestamp(seconds=60),
+                limit=1,
+            ),
+            timeout=5,
+        )
     except grpc.aio.AioRpcError:
         return None
 
 
-async def wait_caught_up(stub: pb_grpc.StatsServiceStub, total: int,
-                         process: subprocess.Popen) -> float:
+async def wait_caught_up(
+    stub: pb_grpc.StatsServiceStub, total: int, process: subprocess.Popen
+) -> float:
     """Seconds from now until the service reports caught_up, with a progress bar of the
     records it has applied."""
     started = time.perf_counter()
@@ -137,8 +160,9 @@ async def wait_caught_up(stub: pb_grpc.StatsServiceStub, total: int,
         await asyncio.sleep(0.1)
 
 
-async def latency(name: str, call: Callable[[random.Random], Awaitable[Any]], calls: int,
-                  concurrency: int) -> dict[str, float]:
+async def latency(
+    name: str, call: Callable[[random.Random], Awaitable[Any]], calls: int, concurrency: int
+) -> dict[str, float]:
     """p50/p99 (ms) and throughput of `calls` calls made by `concurrency` async clients."""
     samples: list[float] = []
     per_client = calls // concurrency
@@ -157,26 +181,42 @@ async def latency(name: str, call: Callable[[random.Random], Awaitable[Any]], ca
     elapsed = time.perf_counter() - started
     bar.close()
     samples.sort()
-    return {"p50_ms": round(1000 * statistics.median(samples), 2),
-            "p99_ms": round(1000 * samples[int(0.99 * (len(samples) - 1))], 2),
-            "calls_per_s": round(len(samples) / elapsed)}
+    return {
+        "p50_ms": round(1000 * statistics.median(samples), 2),
+        "p99_ms": round(1000 * samples[int(0.99 * (len(samples) - 1))], 2),
+        "calls_per_s": round(len(samples) / elapsed),
+    }
 
 
 def _applied_from_log(log_path: Path) -> tuple[int, float] | None:
     """The consumer's own count: 'caught up: N records applied in S s'."""
-    found = re.findall(r"caught up[^:\n]*: (\d+) records applied in ([\d.]+) s", log_path.read_text())
+    found = re.findall(
+        r"caught up[^:\n]*: (\d+) records applied in ([\d.]+) s", log_path.read_text()
+    )
     return (int(found[-1][0]), float(found[-1][1])) if found else None
 
 
-async def _bench(config: settings.Config, records: list[tuple[bytes, bytes]], media: list[int],
-                 low: int, high: int, calls: int, concurrency: int) -> dict[str, Any]:
+async def _bench(
+    config: settings.Config,
+    records: list[tuple[bytes, bytes]],
+    media: list[int],
+    low: int,
+    high: int,
+    calls: int,
+    concurrency: int,
+) -> dict[str, Any]:
     result: dict[str, Any] = {"events_in_topic": len(records), "media_items": len(media)}
     result["prefill_events_per_s"] = round(await produce(config, records))
     log_path = WORKDIR / f"stats-service-{uuid.uuid4().hex[:8]}.log"
 
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "stats_service"], env=settings.to_environment(config),
-                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stats_service"],
+        env=settings.to_environment(config),
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
     rss = PeakRss(process.pid)
     try:
         async with grpc.aio.insecure_channel(config.stats_address) as channel:
@@ -209,32 +249,47 @@ async def _bench(config: settings.Config, records: list[tuple[bytes, bytes]], me
 
             async def trend_call(rng: random.Random) -> None:
                 day = low - low % 86400 + 86400 * rng.randrange(days)
-                await stub.GetMediaTrend(pb.GetMediaTrendRequest(
-                    media_id=rng.choice(hot), start_time=ts(seconds=day),
-                    end_time=ts(seconds=day + 86400), granularity=pb.GRANULARITY_MINUTE))
+                await stub.GetMediaTrend(
+                    pb.GetMediaTrendRequest(
+                        media_id=rng.choice(hot),
+                        start_time=ts(seconds=day),
+                        end_time=ts(seconds=day + 86400),
+                        granularity=pb.GRANULARITY_MINUTE,
+                    )
+                )
 
-            def top_call(metric: pb.TopMediaMetric
-                         ) -> Callable[[random.Random], Awaitable[None]]:
+            def top_call(metric: pb.TopMediaMetric) -> Callable[[random.Random], Awaitable[None]]:
                 async def call(rng: random.Random) -> None:
                     start = low + rng.randrange(max(1, high - low - 86400))
-                    await stub.ListTopMedia(pb.ListTopMediaRequest(
-                        start_time=ts(seconds=start), end_time=ts(seconds=start + 86400),
-                        metric=metric, limit=10))
+                    await stub.ListTopMedia(
+                        pb.ListTopMediaRequest(
+                            start_time=ts(seconds=start),
+                            end_time=ts(seconds=start + 86400),
+                            metric=metric,
+                            limit=10,
+                        )
+                    )
+
                 return call
 
-            result["GetMediaStats"] = await latency("GetMediaStats", stats_call, calls,
-                                                    concurrency)
+            result["GetMediaStats"] = await latency("GetMediaStats", stats_call, calls, concurrency)
             result["GetMediaTrend (1 day, minutes)"] = await latency(
-                "GetMediaTrend", trend_call, calls // 4, concurrency)
+                "GetMediaTrend", trend_call, calls // 4, concurrency
+            )
             result["ListTopMedia (1 day, view time)"] = await latency(
-                "ListTopMedia", top_call(pb.TOP_MEDIA_METRIC_VIEW_TIME), calls // 20, concurrency)
+                "ListTopMedia", top_call(pb.TOP_MEDIA_METRIC_VIEW_TIME), calls // 20, concurrency
+            )
             result["ListTopMedia (1 day, unique viewers)"] = await latency(
-                "ListTopMedia uniques", top_call(pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS),
-                calls // 40, concurrency)
+                "ListTopMedia uniques",
+                top_call(pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS),
+                calls // 40,
+                concurrency,
+            )
         result["peak_rss_mb"] = round(rss.peak_mb())
         state = Path(config.stats_state_dir)
-        result["state_dir_mb"] = round(sum(f.stat().st_size for f in state.rglob("*")
-                                           if f.is_file()) / 2**20)
+        result["state_dir_mb"] = round(
+            sum(f.stat().st_size for f in state.rglob("*") if f.is_file()) / 2**20
+        )
         result["service_log"] = str(log_path)
     finally:
         rss.stop()
@@ -246,17 +301,26 @@ async def _bench(config: settings.Config, records: list[tuple[bytes, bytes]], me
     return result
 
 
-def run_bench(bootstrap: str, events: int = 2_000_000, *, calls: int = 4_000,
-              concurrency: int = 8, seed: int = 1) -> dict[str, Any]:
+def run_bench(
+    bootstrap: str,
+    events: int = 2_000_000,
+    *,
+    calls: int = 4_000,
+    concurrency: int = 8,
+    seed: int = 1,
+) -> dict[str, Any]:
     """Run the whole benchmark against the broker at `bootstrap`; returns the measurements."""
     records, media, low, high = prepare_records(events, seed)
     run_id = uuid.uuid4().hex[:8]
     base = settings.load(env={})
     overrides: dict[str, Any] = dict(
-        kafka_bootstrap=bootstrap, view_topic=f"bench-stats-{run_id}",
-        dead_letter_topic=f"bench-stats-dlq-{run_id}", stats_group=f"bench-stats-{run_id}",
+        kafka_bootstrap=bootstrap,
+        view_topic=f"bench-stats-{run_id}",
+        dead_letter_topic=f"bench-stats-dlq-{run_id}",
+        stats_group=f"bench-stats-{run_id}",
         stats_address=f"127.0.0.1:{free_port()}",
-        stats_state_dir=str(WORKDIR / f"stats-state-{run_id}"))
+        stats_state_dir=str(WORKDIR / f"stats-state-{run_id}"),
+    )
     if hasattr(base, "stats_metrics_port"):
         overrides["stats_metrics_port"] = 0
     config = base.replace(**overrides)
@@ -280,16 +344,18 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks.stats", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.stats",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--events", type=int, default=2_000_000)
     parser.add_argument("--calls", type=int, default=4_000)
     parser.add_argument("--concurrency", type=int, default=8)
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
     config = settings.load(args)
-    run_bench(config.kafka_bootstrap, args.events, calls=args.calls,
-              concurrency=args.concurrency)
+    run_bench(config.kafka_bootstrap, args.events, calls=args.calls, concurrency=args.concurrency)
 
 
 if __name__ == "__main__":

@@ -49,18 +49,26 @@ def build(state_dir: Path, media_count: int, seed: int = 7) -> int:
     starts = BASE + rng.integers(0, DAYS * 86_400 - 600, len(sessions))
     # start, two waypoints, end: one session is 4 events a minute apart
     kinds = np.tile(np.array([1, 2, 2, 4]), len(sessions))
-    rows = np.stack([np.repeat(sessions, 4), np.repeat(users, 4), kinds,
-                     np.repeat(starts, 4) + np.tile(np.arange(4) * 60, len(sessions))], axis=1)
+    rows = np.stack(
+        [
+            np.repeat(sessions, 4),
+            np.repeat(users, 4),
+            kinds,
+            np.repeat(starts, 4) + np.tile(np.arange(4) * 60, len(sessions)),
+        ],
+        axis=1,
+    )
     processor = StatsProcessor(30, 0)
     store = StateStore(str(state_dir))
     for partition in range(PARTITIONS):
         mine = rows[rows[:, 1] % PARTITIONS == partition]
         mine = mine[np.argsort(mine[:, 3], kind="stable")]
         for low in range(0, len(mine), 20_000):
-            chunk = mine[low:low + 20_000]
+            chunk = mine[low : low + 20_000]
             txn = Transaction(store)
-            processor.apply_columns(partition, Columns(chunk[:, 0], chunk[:, 1], chunk[:, 2],
-                                                       chunk[:, 3]), txn)
+            processor.apply_columns(
+                partition, Columns(chunk[:, 0], chunk[:, 1], chunk[:, 2], chunk[:, 3]), txn
+            )
             txn.commit()
     store.close()
     return len(rows)
@@ -70,8 +78,9 @@ class _Consumer:
     """The consumer as the servicer sees it: a position owning every partition."""
 
     def position(self) -> view_event_pb2.ConsumerPosition:
-        return view_event_pb2.ConsumerPosition(partitions=[
-            view_event_pb2.PartitionOffset(partition=p) for p in range(PARTITIONS)])
+        return view_event_pb2.ConsumerPosition(
+            partitions=[view_event_pb2.PartitionOffset(partition=p) for p in range(PARTITIONS)]
+        )
 
 
 class _Context:
@@ -83,30 +92,41 @@ def run_queries(state_dir: Path, metric: int, concurrent: int, servicer_options:
     """In this (fresh) process: `concurrent` ListTopMedia at once over the whole data set."""
     store = StateStore(str(state_dir))
     servicer = StatsServicer(StatsReader(store), _Consumer(), Limits(), **servicer_options)
-    request = pb.ListTopMediaRequest(start_time={"seconds": BASE},
-                                     end_time={"seconds": BASE + DAYS * 86_400}, metric=metric,
-                                     limit=100)
+    request = pb.ListTopMediaRequest(
+        start_time={"seconds": BASE},
+        end_time={"seconds": BASE + DAYS * 86_400},
+        metric=pb.TopMediaMetric.Name(metric),  # enum names are accepted
+        limit=100,
+    )
     before = psutil.Process().memory_info().rss
 
     async def many() -> list[pb.ListTopMediaResponse]:
-        return await asyncio.gather(*(servicer.ListTopMedia(request, _Context())  # type: ignore[arg-type]
-                                      for _ in range(concurrent)))
+        return await asyncio.gather(
+            *(servicer.ListTopMedia(request, _Context()) for _ in range(concurrent))
+        )
 
     started = time.perf_counter()
     replies = asyncio.run(many())
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     store.close()
-    return {"metric": pb.TopMediaMetric.Name(metric), "concurrent": concurrent,
-            "rss_before_mb": round(before / 2**20, 1), "peak_rss_mb": round(peak / 2**20, 1),
-            "seconds": round(seconds, 2), "first": replies[0].media[0].media_id,
-            "returned": len(replies[0].media)}
+    return {
+        "metric": pb.TopMediaMetric.Name(metric),
+        "concurrent": concurrent,
+        "rss_before_mb": round(before / 2**20, 1),
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "seconds": round(seconds, 2),
+        "first": replies[0].media[0].media_id,
+        "returned": len(replies[0].media),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.top_media_memory",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.top_media_memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--media", type=int, default=300_000)
     parser.add_argument("--state", default=".data/bench/top-media-memory")
     parser.add_argument("--rebuild", action="store_true")
@@ -122,14 +142,28 @@ def main(argv: list[str] | None = None) -> None:
         state.mkdir(parents=True)
         started = time.perf_counter()
         events = build(state, args.media)
-        print(f"built {events:,} events on {args.media:,} media in "
-              f"{time.perf_counter() - started:.0f} s: {state}", flush=True)
+        print(
+            f"built {events:,} events on {args.media:,} media in "
+            f"{time.perf_counter() - started:.0f} s: {state}",
+            flush=True,
+        )
     for metric in (pb.TOP_MEDIA_METRIC_VIEW_TIME, pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS):
         for concurrent in (1, 8):
             job = json.dumps({"metric": metric, "concurrent": concurrent, "options": {}})
-            done = subprocess.run([sys.executable, "-m", "benchmarks.top_media_memory",
-                                   "--state", str(state), "--child", job],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.top_media_memory",
+                    "--state",
+                    str(state),
+                    "--child",
+                    job,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             print(done.stdout.strip(), flush=True)
 
 

@@ -46,10 +46,16 @@ def gen(path: Path, seed: int = 7) -> None:
             kinds.append(rng.choice(["streamstop", "streamend"]))
             for kind in kinds:
                 at += timedelta(seconds=HEARTBEAT_SECONDS)
-                lines.append({"EventId": f"check-{user}-{media}-{len(lines)}", "MediaId": media,
-                              "UserId": user, "EventType": kind,
-                              "Timestamp": int(at.timestamp()),
-                              "DateTime": at.strftime("%Y-%m-%dT%H:%M:%SZ")})
+                lines.append(
+                    {
+                        "EventId": f"check-{user}-{media}-{len(lines)}",
+                        "MediaId": media,
+                        "UserId": user,
+                        "EventType": kind,
+                        "Timestamp": int(at.timestamp()),
+                        "DateTime": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                )
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -67,9 +73,16 @@ def expectations(path: Path) -> tuple[int, dict[int, dict[str, int]], dict[int, 
         viewers[media].add(user)
         if kind == "waypoint":
             w[user][media] += 1
-    stats = {m: {"starts": c["streamstart"], "stops": c["streamstop"], "ends": c["streamend"],
-                 "viewTimeSeconds": c["waypoint"] * HEARTBEAT_SECONDS,
-                 "uniqueViewers": len(viewers[m])} for m, c in totals.items()}
+    stats = {
+        m: {
+            "starts": c["streamstart"],
+            "stops": c["streamstop"],
+            "ends": c["streamend"],
+            "viewTimeSeconds": c["waypoint"] * HEARTBEAT_SECONDS,
+            "uniqueViewers": len(viewers[m]),
+        }
+        for m, c in totals.items()
+    }
     return events, stats, {u: dict(c) for u, c in w.items()}
 
 
@@ -95,30 +108,43 @@ class Client:
         self.args = args
 
     def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.args.viewevents, *argv], capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            [self.args.viewevents, *argv], capture_output=True, text=True, timeout=120
+        )
 
     def query(self, *argv: str) -> dict | None:
-        done = self.run(*argv, "--stats-address", self.args.stats,
-                        "--recommender-address", self.args.recommender,
-                        "--tls-ca", self.args.ca, "--json")
+        done = self.run(
+            *argv,
+            "--stats-address",
+            self.args.stats,
+            "--recommender-address",
+            self.args.recommender,
+            "--tls-ca",
+            self.args.ca,
+            "--json",
+        )
         return json.loads(done.stdout) if done.returncode == 0 else None
 
     def stats(self, media: int) -> dict[str, int]:
         reply = self.query("stats", str(media)) or {}
         s = reply.get("stats", {})
-        return {k: int(s.get(k, 0)) for k in ("starts", "stops", "ends", "viewTimeSeconds",
-                                               "uniqueViewers")}
+        return {
+            k: int(s.get(k, 0))
+            for k in ("starts", "stops", "ends", "viewTimeSeconds", "uniqueViewers")
+        }
 
     def similar(self, media: int) -> list[tuple[int, int, float]]:
         reply = self.query("similar", str(media), "--limit", "20") or {}
-        return [(int(m["mediaId"]), int(m.get("coViewers", 0)), float(m.get("score", 0.0)))
-                for m in reply.get("similarMedia", [])]
+        return [
+            (int(m["mediaId"]), int(m.get("coViewers", 0)), float(m.get("score", 0.0)))
+            for m in reply.get("similarMedia", [])
+        ]
 
 
 def same_similar(got: list[tuple[int, int, float]], want: list[tuple[int, int, float]]) -> bool:
     return [g[:2] for g in got] == [x[:2] for x in want] and all(
-        abs(g[2] - x[2]) < 1e-9 for g, x in zip(got, want))
+        abs(g[2] - x[2]) < 1e-9 for g, x in zip(got, want)
+    )
 
 
 def until(produce, good, timeout: float):  # type: ignore[no-untyped-def]
@@ -147,45 +173,86 @@ def verify(args: argparse.Namespace) -> int:
     ok = True
 
     # The token is required: the same upload without it must be refused.
-    denied = client.run("upload", args.file, "--address", args.ingest, "--tls-ca", args.ca,
-                        "--token", "", "--no-progress")
+    denied = client.run(
+        "upload",
+        args.file,
+        "--address",
+        args.ingest,
+        "--tls-ca",
+        args.ca,
+        "--token",
+        "",
+        "--no-progress",
+    )
     refusal = re.search(r"UNAUTHENTICATED[^:]*: [^:]*", denied.stderr)
-    ok &= row(denied.returncode != 0 and refusal is not None, "upload without the token is refused",
-              refusal.group(0) if refusal else (denied.stdout + denied.stderr).strip()[-70:])
+    ok &= row(
+        denied.returncode != 0 and refusal is not None,
+        "upload without the token is refused",
+        refusal.group(0) if refusal else (denied.stdout + denied.stderr).strip()[-70:],
+    )
 
-    up = client.run("upload", args.file, "--address", args.ingest, "--tls-ca", args.ca,
-                    "--token", args.token, "--no-progress")
+    up = client.run(
+        "upload",
+        args.file,
+        "--address",
+        args.ingest,
+        "--tls-ca",
+        args.ca,
+        "--token",
+        args.token,
+        "--no-progress",
+    )
     summary = (up.stdout.strip().splitlines() or [up.stderr.strip()])[-1]
     accepted = f"sent {events} events" in summary and f"{events} accepted, 0 rejected" in summary
-    ok &= row(up.returncode == 0 and accepted, "upload over TLS with the bearer token",
-              f"{events} events in the file: " + (
-                  f"{events} accepted, 0 rejected" if accepted else summary[:70]))
+    ok &= row(
+        up.returncode == 0 and accepted,
+        "upload over TLS with the bearer token",
+        f"{events} events in the file: "
+        + (f"{events} accepted, 0 rejected" if accepted else summary[:70]),
+    )
     if not ok:
         print(up.stdout + up.stderr, file=sys.stderr)
         return 1
 
     want = stats[media]
     got = until(lambda: client.stats(media), lambda s: s == want, args.timeout)
-    ok &= row(got == want, f"stats GetMediaStats({media})",
-              f"starts {got['starts']}/{want['starts']}, viewers {got['uniqueViewers']}/"
-              f"{want['uniqueViewers']}, view time {got['viewTimeSeconds']}/"
-              f"{want['viewTimeSeconds']} s (got/from file)")
+    ok &= row(
+        got == want,
+        f"stats GetMediaStats({media})",
+        f"starts {got['starts']}/{want['starts']}, viewers {got['uniqueViewers']}/"
+        f"{want['uniqueViewers']}, view time {got['viewTimeSeconds']}/"
+        f"{want['viewTimeSeconds']} s (got/from file)",
+    )
     others = {m: client.stats(m) for m in stats if m != media}
     wrong = [m for m in others if others[m] != stats[m]]
-    ok &= row(not wrong, f"stats of the other {len(others)} media",
-              "all equal to the file's counts" if not wrong else f"differ: {wrong}")
+    ok &= row(
+        not wrong,
+        f"stats of the other {len(others)} media",
+        "all equal to the file's counts" if not wrong else f"differ: {wrong}",
+    )
 
     want_similar = similar_expected(w, media)
-    got_similar = until(lambda: client.similar(media), lambda s: same_similar(s, want_similar),
-                        args.timeout)
-    ok &= row(bool(want_similar) and same_similar(got_similar, want_similar),
-              f"recommender GetSimilarMedia({media})",
-              f"{len(got_similar)} items; top {fmt_similar(got_similar[:1])}"
-              + ("" if same_similar(got_similar, want_similar)
-                 else f"; expected {fmt_similar(want_similar)}"))
-    Path(args.answers).write_text(json.dumps({
-        "stats": {m: client.stats(m) for m in stats},
-        "similar": {m: client.similar(m) for m in stats}}))
+    got_similar = until(
+        lambda: client.similar(media), lambda s: same_similar(s, want_similar), args.timeout
+    )
+    ok &= row(
+        bool(want_similar) and same_similar(got_similar, want_similar),
+        f"recommender GetSimilarMedia({media})",
+        f"{len(got_similar)} items; top {fmt_similar(got_similar[:1])}"
+        + (
+            ""
+            if same_similar(got_similar, want_similar)
+            else f"; expected {fmt_similar(want_similar)}"
+        ),
+    )
+    Path(args.answers).write_text(
+        json.dumps(
+            {
+                "stats": {m: client.stats(m) for m in stats},
+                "similar": {m: client.similar(m) for m in stats},
+            }
+        )
+    )
     return 0 if ok else 1
 
 
@@ -193,8 +260,11 @@ def consumed(address: str) -> int:
     """viewevents_events_consumed_total of a service (records it read from Kafka since start)."""
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith("viewevents_events_consumed_total{"))
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("viewevents_events_consumed_total{")
+    )
 
 
 def again(args: argparse.Namespace) -> int:
@@ -206,20 +276,30 @@ def again(args: argparse.Namespace) -> int:
     similar = {m: [list(x) for x in client.similar(int(m))] for m in before["similar"]}
     same = stats == before["stats"] and all(
         same_similar([tuple(x) for x in similar[m]], [tuple(x) for x in before["similar"][m]])
-        for m in similar)
+        for m in similar
+    )
     nonempty = all(s["starts"] for s in stats.values())
-    replayed = {"stats": consumed(args.stats_metrics),
-                "recommender": consumed(args.recommender_metrics)}
-    return 0 if row(same and nonempty and not any(replayed.values()),
-                    "state kept across down + up",
-                    ("same answers for all " if same else "answers DIFFER for some of the ")
-                    + f"{len(stats)} media; records re-read from Kafka: "
-                    + ", ".join(f"{k} {v}" for k, v in replayed.items())) else 1
+    replayed = {
+        "stats": consumed(args.stats_metrics),
+        "recommender": consumed(args.recommender_metrics),
+    }
+    return (
+        0
+        if row(
+            same and nonempty and not any(replayed.values()),
+            "state kept across down + up",
+            ("same answers for all " if same else "answers DIFFER for some of the ")
+            + f"{len(stats)} media; records re-read from Kafka: "
+            + ", ".join(f"{k} {v}" for k, v in replayed.items()),
+        )
+        else 1
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("gen").add_argument("file")
     for name in ("verify", "again"):

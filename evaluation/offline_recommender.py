@@ -46,8 +46,14 @@ class OfflineRecommender:
         self.engine = QueryEngine(lambda: self.processor.view, settings)
         # The service's own consume step, fed records built here instead of fetched from Kafka.
         self.consumer = ExactlyOnceConsumer(
-            bootstrap="in-process", topic=topic, group_id="in-process", store=self.store,
-            processor=self.processor, batch_max=batch_max, metrics_name="offline")
+            bootstrap="in-process",
+            topic=topic,
+            group_id="in-process",
+            store=self.store,
+            processor=self.processor,
+            batch_max=batch_max,
+            metrics_name="offline",
+        )
         self.offsets: dict[int, int] = self.store.stored_offsets(topic, range(partitions))
 
     def close(self) -> None:
@@ -82,8 +88,21 @@ class OfflineRecommender:
             partition = self.partitioner(key)
             offset = self.offsets.get(partition, 0)
             self.offsets[partition] = offset + 1
-            by_partition[partition].append(ConsumerRecord(
-                self.topic, partition, offset, now_ms, 0, key, event.SerializeToString(),
-                None, len(key), 0, []))
-        self.consumer.apply_batch({TopicPartition(self.topic, p): records
-                                   for p, records in sorted(by_partition.items())})
+            by_partition[partition].append(
+                ConsumerRecord(
+                    self.topic,
+                    partition,
+                    offset,
+                    now_ms,
+                    0,
+                    key,
+                    event.SerializeToString(),
+                    None,
+                    len(key),
+                    0,
+                    [],
+                )
+            )
+        self.consumer.apply_batch(
+            {TopicPartition(self.topic, p): records for p, records in sorted(by_partition.items())}
+        )

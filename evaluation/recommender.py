@@ -80,7 +80,9 @@ def split(events: Iterable[ve.ViewEvent]) -> tuple[list[ve.ViewEvent], dict[int,
 
 
 def evaluate(
-    events: list[ve.ViewEvent], configs: dict[str, RecommenderSettings], max_users: int = 0,
+    events: list[ve.ViewEvent],
+    configs: dict[str, RecommenderSettings],
+    max_users: int = 0,
     progress: bool = False,
 ) -> list[Score]:
     training, hidden = split(events)
@@ -107,6 +109,7 @@ def evaluate(
             iterator: Iterable[int] = users
             if progress:
                 from tqdm import tqdm
+
                 iterator = tqdm(users, desc=name, unit="user", leave=False)
             for user in iterator:
                 result = engine.recommend(user, K)
@@ -118,10 +121,14 @@ def evaluate(
 
 def table(scores: list[Score]) -> str:
     width = max(len(s.name) for s in scores)
-    lines = [f"{'method':<{width}} {'users':>7} {'hit-rate@10':>12} {'NDCG@10':>9} {'fallbacks':>10}"]
+    lines = [
+        f"{'method':<{width}} {'users':>7} {'hit-rate@10':>12} {'NDCG@10':>9} {'fallbacks':>10}"
+    ]
     for s in scores:
-        lines.append(f"{s.name:<{width}} {s.users:>7} {s.hit_rate:>12.4f} {s.ndcg_at_k:>9.4f} "
-                     f"{s.fallbacks:>10}")
+        lines.append(
+            f"{s.name:<{width}} {s.users:>7} {s.hit_rate:>12.4f} {s.ndcg_at_k:>9.4f} "
+            f"{s.fallbacks:>10}"
+        )
     return "\n".join(lines)
 
 
@@ -129,18 +136,24 @@ def default_configs(defaults: RecommenderSettings) -> dict[str, RecommenderSetti
     """The service defaults plus the support variants the default was chosen among."""
     from dataclasses import replace
 
-    out = {f"item-item cosine (defaults: min co-viewers {defaults.min_co_viewers}, "
-           f"shrinkage {defaults.shrinkage:g})": defaults}
+    out = {
+        f"item-item cosine (defaults: min co-viewers {defaults.min_co_viewers}, "
+        f"shrinkage {defaults.shrinkage:g})": defaults
+    }
     for min_co, shrink in [(1, 0.0), (2, 0.0), (3, 0.0), (1, 5.0), (2, 10.0), (2, 20.0)]:
         if (min_co, shrink) != (defaults.min_co_viewers, defaults.shrinkage):
             out[f"  min co-viewers {min_co}, shrinkage {shrink:g}"] = replace(
-                defaults, min_co_viewers=min_co, shrinkage=shrink)
+                defaults, min_co_viewers=min_co, shrinkage=shrink
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="evaluation.recommender", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="evaluation.recommender",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--events", type=int, default=1_000_000, help="generated lines")
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--media", type=int, default=2_000)
@@ -153,11 +166,20 @@ def main(argv: list[str] | None = None) -> None:
     defaults = recommender_settings.from_config()
     started = time.monotonic()
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as data:
-        generator.generate(data.name, args.events, seed=args.seed, users=args.users, media=args.media,
-                     groups=args.groups, noise=0.0)
+        generator.generate(
+            data.name,
+            args.events,
+            seed=args.seed,
+            users=args.users,
+            media=args.media,
+            groups=args.groups,
+            noise=0.0,
+        )
         events = [p.event for _, p in event_files.iter_file(data.name) if p.event is not None]
-    print(f"leave-one-out on {len(events):,} generated events: {args.users:,} users, "
-          f"{args.media:,} media, {args.groups} planted groups, seed {args.seed}")
+    print(
+        f"leave-one-out on {len(events):,} generated events: {args.users:,} users, "
+        f"{args.media:,} media, {args.groups} planted groups, seed {args.seed}"
+    )
     scores = evaluate(events, default_configs(defaults), args.max_users, progress=True)
     print(table(scores))
     print(f"({time.monotonic() - started:.0f} s)")

@@ -26,33 +26,50 @@ async def serve(config: Config) -> None:
     max_message_bytes = await topics_max_message_bytes(config, topics)
     if max_message_bytes is None:
         max_message_bytes = config.fallback_max_message_bytes
-        log.warning("assuming max.message.bytes %d (VIEWEVENTS_FALLBACK_MAX_MESSAGE_BYTES)",
-                    max_message_bytes)
+        log.warning(
+            "assuming max.message.bytes %d (VIEWEVENTS_FALLBACK_MAX_MESSAGE_BYTES)",
+            max_message_bytes,
+        )
     max_record_bytes = record_limit(max_message_bytes, config)
     stop_bound = min(config.producer_timeout_ms / 1000, bootstrap.KAFKA_STEP_S)
     producers = Producers(lambda: new_producer(config), stop_bound)
     producer = await producers.start()
     partitions = {t: len(await producer.partitions_for(t)) for t in topics}
-    log.info("writing to Kafka %s; topics %s; records up to %d bytes (max.message.bytes %d)",
-             config.kafka_bootstrap, partitions, max_record_bytes, max_message_bytes)
+    log.info(
+        "writing to Kafka %s; topics %s; records up to %d bytes (max.message.bytes %d)",
+        config.kafka_bootstrap,
+        partitions,
+        max_record_bytes,
+        max_message_bytes,
+    )
     # Health follows the broker: NOT_SERVING while a metadata request has failed for a while.
     readiness = Readiness(True, "Kafka reachable")
-    watching = asyncio.create_task(watch_kafka(
-        lambda: producers.current.client.fetch_all_metadata(),
-        lambda up: readiness.set(up, "Kafka reachable" if up else "Kafka unreachable")))
+    watching = asyncio.create_task(
+        watch_kafka(
+            lambda: producers.current.client.fetch_all_metadata(),
+            lambda up: readiness.set(up, "Kafka reachable" if up else "Kafka unreachable"),
+        )
+    )
 
     async def stop_producer() -> None:
         watching.cancel()
         # Flush whatever is still queued, but exit promptly if Kafka is gone: by now every RPC
         # has ended, so a record still queued belongs to an RPC that was not acknowledged.
         if not await producers.stop():
-            log.error("Kafka did not take the last batches within %.0f s; they are lost, "
-                      "and their RPCs were not acknowledged", stop_bound)
+            log.error(
+                "Kafka did not take the last batches within %.0f s; they are lost, "
+                "and their RPCs were not acknowledged",
+                stop_bound,
+            )
 
     endpoint = bootstrap.Endpoint(
-        name="ingest", descriptor=SERVICE, address=config.ingest_address,
-        metrics_port=config.ingest_metrics_port, token=config.ingest_token,
-        max_request_bytes=config.max_request_bytes)
+        name="ingest",
+        descriptor=SERVICE,
+        address=config.ingest_address,
+        metrics_port=config.ingest_metrics_port,
+        token=config.ingest_token,
+        max_request_bytes=config.max_request_bytes,
+    )
     servicer = IngestServicer(config, producers, partitions, max_record_bytes)
     await bootstrap.serve(config, endpoint, servicer, readiness=readiness, on_stop=stop_producer)
 

@@ -14,8 +14,14 @@ from typing import Protocol
 class Batch(Protocol):
     """What aiokafka's BatchBuilder offers and this module needs."""
 
-    def append(self, *, timestamp: float | None, key: bytes | None, value: bytes | None,
-               headers: Sequence[tuple[str, bytes]]) -> object | None: ...
+    def append(
+        self,
+        *,
+        timestamp: float | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> object | None: ...
 
     def record_count(self) -> int: ...
 
@@ -27,8 +33,12 @@ class RecordTooLarge(ValueError):
 class BatchBuilder:
     """Open batches per partition; `add` returns the batch it just filled, if any."""
 
-    def __init__(self, new_batch: Callable[[], Batch], partitioner: Callable[[bytes], int],
-                 headers: Sequence[tuple[str, bytes]]) -> None:
+    def __init__(
+        self,
+        new_batch: Callable[[], Batch],
+        partitioner: Callable[[bytes], int],
+        headers: Sequence[tuple[str, bytes]],
+    ) -> None:
         self._new_batch = new_batch
         self._partitioner = partitioner
         self._headers = list(headers)

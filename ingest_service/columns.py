@@ -30,8 +30,9 @@ _NANOS = operator.attrgetter("nanos")
 _MARGIN_SECONDS = 2.0
 
 
-def surely_valid(events: Sequence[object], now_seconds: float, limits: Limits
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def surely_valid(
+    events: Sequence[object], now_seconds: float, limits: Limits
+) -> tuple[np.ndarray, np.ndarray]:
     """(mask, user_ids): mask[i] means events[i] has no violation; False means "check it one by
     one" (it may still be valid). user_ids are the events' user ids as int64."""
     count = len(events)
@@ -45,9 +46,14 @@ def surely_valid(events: Sequence[object], now_seconds: float, limits: Limits
     nanos = np.fromiter(map(_NANOS, times), np.int64, count)
     instant = seconds + nanos / 1e9
     mask = (
-        (id_chars > 0) & (id_chars * 4 <= limits.max_event_id_bytes)  # any UTF-8 fits then
-        & (media > 0) & (users > 0) & np.isin(kinds, _KNOWN_TYPES) & has_time
-        & (nanos >= 0) & (nanos < 1_000_000_000)
+        (id_chars > 0)
+        & (id_chars * 4 <= limits.max_event_id_bytes)  # any UTF-8 fits then
+        & (media > 0)
+        & (users > 0)
+        & np.isin(kinds, _KNOWN_TYPES)
+        & has_time
+        & (nanos >= 0)
+        & (nanos < 1_000_000_000)
         & (instant < now_seconds + limits.max_future_skew_seconds - _MARGIN_SECONDS)
         & (instant > now_seconds - limits.max_event_age_seconds + _MARGIN_SECONDS)
     )

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 class Producers:
     """Holds the current producer; `replace` swaps a failed one exactly once."""
 
-    def __init__(self, factory: Callable[[], AIOKafkaProducer], stop_timeout_seconds: float) -> None:
+    def __init__(
+        self, factory: Callable[[], AIOKafkaProducer], stop_timeout_seconds: float
+    ) -> None:
         self._factory = factory
         self._stop_timeout = stop_timeout_seconds
         self._current: AIOKafkaProducer | None = None

@@ -72,8 +72,13 @@ class IngestServicer:
     shipped, none is waited for, and no summary is given (see IngestService in the proto).
     """
 
-    def __init__(self, config: Config, producers: Producers, partitions: dict[str, int],
-                 max_record_bytes: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        producers: Producers,
+        partitions: dict[str, int],
+        max_record_bytes: int,
+    ) -> None:
         self._config = config
         self._producers = producers
         self._limits = Limits(
@@ -93,11 +98,23 @@ class IngestServicer:
         timeout = c.producer_timeout_ms / 1000
         producer = self._producers.current
         writes = _Writes(
-            PartitionedWriter(producer, c.view_topic, self._partitioners[c.view_topic],
-                              VIEW_EVENT_HEADERS, c.max_inflight_batches, timeout),
-            PartitionedWriter(producer, c.dead_letter_topic,
-                              self._partitioners[c.dead_letter_topic],
-                              REJECTED_EVENT_HEADERS, c.max_inflight_batches, timeout))
+            PartitionedWriter(
+                producer,
+                c.view_topic,
+                self._partitioners[c.view_topic],
+                VIEW_EVENT_HEADERS,
+                c.max_inflight_batches,
+                timeout,
+            ),
+            PartitionedWriter(
+                producer,
+                c.dead_letter_topic,
+                self._partitioners[c.dead_letter_topic],
+                REJECTED_EVENT_HEADERS,
+                c.max_inflight_batches,
+                timeout,
+            ),
+        )
         try:
             yield writes
         except KafkaError as error:
@@ -129,7 +146,8 @@ class IngestServicer:
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"no request for {idle:g} s (VIEWEVENTS_UPLOAD_IDLE_TIMEOUT_SECONDS): the "
                     "stream is closed without a summary; events not acknowledged may or may not "
-                    "be stored, so re-send them (consumers drop duplicate event ids)")
+                    "be stored, so re-send them (consumers drop duplicate event ids)",
+                )
             yield request
         # A client's cancel also ends the iterator; grpc cancels this task a moment later (when
         # its poller next runs). Give it that moment, so a cancelled upload is not committed.
@@ -161,8 +179,9 @@ class IngestServicer:
             violations = validate_event(events[index], now, limits)
             if violations:
                 problems[index] = violations
-        sizes = (np.fromiter(map(len, keys), np.int64, len(keys))
-                 + np.fromiter(map(len, values), np.int64, len(values)))
+        sizes = np.fromiter(map(len, keys), np.int64, len(keys)) + np.fromiter(
+            map(len, values), np.int64, len(values)
+        )
         for index in np.flatnonzero(sizes > limits.max_record_bytes).tolist():
             if index not in problems:
                 too_large = validate_record_size(len(keys[index]), len(values[index]), limits)
@@ -181,19 +200,31 @@ class IngestServicer:
             for violation in violations:
                 EVENTS_REJECTED.labels(violation.field, violation.reason).inc()
             if len(tally.rejections) < max_reported:
-                tally.rejections.append(pb.Rejection(
-                    index=first_index + offset, event_id=abbreviate(event.event_id),
-                    field_violations=violations))
+                tally.rejections.append(
+                    pb.Rejection(
+                        index=first_index + offset,
+                        event_id=abbreviate(event.event_id),
+                        field_violations=violations,
+                    )
+                )
             rejected = view_event_pb2.RejectedEvent(
-                event=dead_letter_copy(event, limits), field_violations=violations, source=source,
-                reject_time=timestamp_pb2.Timestamp(seconds=int(now)))
-            key = (user_key(event.user_id) if event.user_id > 0
-                   else abbreviate(event.event_id).encode("utf-8", "surrogatepass"))
+                event=dead_letter_copy(event, limits),
+                field_violations=violations,
+                source=source,
+                reject_time=timestamp_pb2.Timestamp(seconds=int(now)),
+            )
+            key = (
+                user_key(event.user_id)
+                if event.user_id > 0
+                else abbreviate(event.event_id).encode("utf-8", "surrogatepass")
+            )
             await writes.dead_letters.append(key, rejected.SerializeToString())
         tally.received += len(events)
         EVENTS_RECEIVED.inc(len(events))
 
-    async def _check_request(self, context: grpc.aio.ServicerContext, request: object, number: int) -> None:
+    async def _check_request(
+        self, context: grpc.aio.ServicerContext, request: object, number: int
+    ) -> None:
         await reject_unparseable(context, request)
         count = len(request.events)  # type: ignore[attr-defined]
         limit = self._config.max_events_per_request
@@ -201,14 +232,16 @@ class IngestServicer:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request {number} has {count} events; at most {limit} per request are accepted "
-                f"(VIEWEVENTS_MAX_EVENTS_PER_REQUEST): split it into smaller batches")
+                f"(VIEWEVENTS_MAX_EVENTS_PER_REQUEST): split it into smaller batches",
+            )
 
     async def _unavailable(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         log.error("Kafka write failed: %r", error)
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             f"Kafka did not acknowledge the events ({type(error).__name__}: {error}); "
-            "no summary was produced, so retry the upload (consumers drop duplicate event ids)")
+            "no summary was produced, so retry the upload (consumers drop duplicate event ids)",
+        )
 
     async def Upload(
         self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
@@ -219,17 +252,34 @@ class IngestServicer:
         async with self._writing(context) as writes:
             async for request in self._requests(request_iterator, context):
                 await self._check_request(context, request, requests)
-                await self._ingest(request.events, tally.received, tally, writes, "Upload",
-                                   self._config.max_rejections_reported)
+                await self._ingest(
+                    request.events,
+                    tally.received,
+                    tally,
+                    writes,
+                    "Upload",
+                    self._config.max_rejections_reported,
+                )
                 requests += 1
             await writes.flush(tally)
         elapsed = time.monotonic() - started
-        log.info("Upload: %d events in %d requests, %d accepted, %d rejected, %.1f s (%.0f events/s)",
-                 tally.received, requests, tally.accepted, tally.rejected, elapsed,
-                 tally.received / elapsed if elapsed else 0.0)
-        return pb.UploadSummary(received=tally.received, accepted=tally.accepted,
-                                rejected=tally.rejected, rejections=tally.rejections,
-                                requests=requests, positions=_positions(writes.accepted))
+        log.info(
+            "Upload: %d events in %d requests, %d accepted, %d rejected, %.1f s (%.0f events/s)",
+            tally.received,
+            requests,
+            tally.accepted,
+            tally.rejected,
+            elapsed,
+            tally.received / elapsed if elapsed else 0.0,
+        )
+        return pb.UploadSummary(
+            received=tally.received,
+            accepted=tally.accepted,
+            rejected=tally.rejected,
+            rejections=tally.rejections,
+            requests=requests,
+            positions=_positions(writes.accepted),
+        )
 
     async def UploadStream(
         self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
@@ -239,13 +289,19 @@ class IngestServicer:
             async for request in self._requests(request_iterator, context):
                 await self._check_request(context, request, request_index)
                 tally = _Tally()
-                await self._ingest(request.events, 0, tally, writes, "UploadStream",
-                                   len(request.events))
+                await self._ingest(
+                    request.events, 0, tally, writes, "UploadStream", len(request.events)
+                )
                 await writes.flush(tally)
-                yield pb.UploadAck(sequence=request.sequence, request_index=request_index,
-                                   received=tally.received, accepted=tally.accepted,
-                                   rejected=tally.rejected, rejections=tally.rejections,
-                                   positions=_positions(writes.accepted))
+                yield pb.UploadAck(
+                    sequence=request.sequence,
+                    request_index=request_index,
+                    received=tally.received,
+                    accepted=tally.accepted,
+                    rejected=tally.rejected,
+                    rejections=tally.rejections,
+                    positions=_positions(writes.accepted),
+                )
                 writes.accepted.end_offsets.clear()
                 request_index += 1
 
@@ -255,9 +311,17 @@ class IngestServicer:
         await reject_unparseable(context, request)
         assert isinstance(request, pb.PublishRequest)
         if not request.events:
-            await abort_bad_request(context, "the request has no events", [
-                view_event_pb2.FieldViolation(field="events", reason="REQUIRED",
-                                              description="events must hold at least one event")])
+            await abort_bad_request(
+                context,
+                "the request has no events",
+                [
+                    view_event_pb2.FieldViolation(
+                        field="events",
+                        reason="REQUIRED",
+                        description="events must hold at least one event",
+                    )
+                ],
+            )
         await self._check_request(context, request, 0)
         tally = _Tally()
         async with self._writing(context) as writes:
@@ -267,16 +331,27 @@ class IngestServicer:
             violations = [
                 view_event_pb2.FieldViolation(
                     field=f"events[{r.index}]" + (f".{v.field}" if v.field else ""),
-                    description=v.description, reason=v.reason)
-                for r in tally.rejections for v in r.field_violations
+                    description=v.description,
+                    reason=v.reason,
+                )
+                for r in tally.rejections
+                for v in r.field_violations
             ]
             await abort_bad_request(
-                context, f"none of the {tally.received} events is valid (kept on the dead-letter "
-                "topic)", violations)
-        return pb.PublishResponse(accepted=tally.accepted, rejected=tally.rejected,
-                                  rejections=tally.rejections, positions=_positions(writes.accepted))
+                context,
+                f"none of the {tally.received} events is valid (kept on the dead-letter topic)",
+                violations,
+            )
+        return pb.PublishResponse(
+            accepted=tally.accepted,
+            rejected=tally.rejected,
+            rejections=tally.rejections,
+            positions=_positions(writes.accepted),
+        )
 
 
 def _positions(writer: PartitionedWriter) -> list[view_event_pb2.PartitionOffset]:
-    return [view_event_pb2.PartitionOffset(partition=p, offset=o)
-            for p, o in sorted(writer.end_offsets.items())]
+    return [
+        view_event_pb2.PartitionOffset(partition=p, offset=o)
+        for p, o in sorted(writer.end_offsets.items())
+    ]

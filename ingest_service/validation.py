@@ -46,9 +46,11 @@ def validate_record_size(key_bytes: int, value_bytes: int, limits: Limits) -> Fi
     if size <= limits.max_record_bytes:
         return None
     return FieldViolation(
-        field="", reason="TOO_LARGE",
+        field="",
+        reason="TOO_LARGE",
         description=f"the encoded event is {size} bytes; at most {limits.max_record_bytes} fit "
-                    "in one Kafka record (the topic's max.message.bytes)")
+        "in one Kafka record (the topic's max.message.bytes)",
+    )
 
 
 def dead_letter_copy(event: ViewEvent, limits: Limits) -> ViewEvent:
@@ -71,40 +73,61 @@ def validate_event(event: ViewEvent, now_seconds: float, limits: Limits) -> list
     elif len(event_id) * 4 > limits.max_event_id_bytes:  # else short enough whatever it holds
         size = utf8_length(event_id)
         if size > limits.max_event_id_bytes:
-            violations.append(_violation(
-                "event_id", f"is {size} bytes ({abbreviate(event_id)!r}); at most "
-                f"{limits.max_event_id_bytes} bytes (UTF-8)", "TOO_LONG"))
+            violations.append(
+                _violation(
+                    "event_id",
+                    f"is {size} bytes ({abbreviate(event_id)!r}); at most "
+                    f"{limits.max_event_id_bytes} bytes (UTF-8)",
+                    "TOO_LONG",
+                )
+            )
     if event.media_id <= 0:
         violations.append(_positive("media_id", event.media_id))
     if event.user_id <= 0:
         violations.append(_positive("user_id", event.user_id))
     event_type = event.event_type
     if event_type == 0:
-        violations.append(_violation(
-            "event_type", "is required (EVENT_TYPE_UNSPECIFIED is not an event type)", "REQUIRED"))
+        violations.append(
+            _violation(
+                "event_type",
+                "is required (EVENT_TYPE_UNSPECIFIED is not an event type)",
+                "REQUIRED",
+            )
+        )
     elif event_type not in KNOWN_EVENT_TYPES:
-        violations.append(_violation(
-            "event_type", f"has unknown value {event_type}", "UNKNOWN_VALUE"))
+        violations.append(
+            _violation("event_type", f"has unknown value {event_type}", "UNKNOWN_VALUE")
+        )
     if not event.HasField("event_time"):
         violations.append(_violation("event_time", "is required", "REQUIRED"))
     elif not 0 <= event.event_time.nanos < 1_000_000_000:
-        violations.append(_violation(
-            "event_time", f"has nanos {event.event_time.nanos}; they must be 0 to 999,999,999",
-            "OUT_OF_RANGE"))
+        violations.append(
+            _violation(
+                "event_time",
+                f"has nanos {event.event_time.nanos}; they must be 0 to 999,999,999",
+                "OUT_OF_RANGE",
+            )
+        )
     else:
         seconds = event.event_time.seconds + event.event_time.nanos / 1e9
         if seconds > now_seconds + limits.max_future_skew_seconds:
-            violations.append(_violation(
-                "event_time",
-                f"is {seconds - now_seconds:.0f} s in the future; at most "
-                f"{limits.max_future_skew_seconds} s ahead of the server clock is accepted",
-                "IN_FUTURE"))
+            violations.append(
+                _violation(
+                    "event_time",
+                    f"is {seconds - now_seconds:.0f} s in the future; at most "
+                    f"{limits.max_future_skew_seconds} s ahead of the server clock is accepted",
+                    "IN_FUTURE",
+                )
+            )
         elif seconds < now_seconds - limits.max_event_age_seconds:
-            violations.append(_violation(
-                "event_time",
-                f"is {(now_seconds - seconds) / 86400:.0f} days old; at most "
-                f"{limits.max_event_age_seconds // 86400} days is accepted",
-                "TOO_OLD"))
+            violations.append(
+                _violation(
+                    "event_time",
+                    f"is {(now_seconds - seconds) / 86400:.0f} days old; at most "
+                    f"{limits.max_event_age_seconds // 86400} days is accepted",
+                    "TOO_OLD",
+                )
+            )
     return violations
 
 

@@ -38,7 +38,9 @@ class PartitionedWriter:
         self._ack_timeout = ack_timeout_seconds
         self._partitioner = partitioner
         self._batches = BatchBuilder(producer.create_batch, partitioner, headers)
-        self._flow: FlowController[_Shipped] = FlowController(max_inflight_batches, self._acknowledged)
+        self._flow: FlowController[_Shipped] = FlowController(
+            max_inflight_batches, self._acknowledged
+        )
         self.records = 0
         self._unacknowledged_records = 0
         self.end_offsets: dict[int, int] = {}  # partition -> offset past the last acked record
@@ -93,7 +95,8 @@ class PartitionedWriter:
             metadata = await asyncio.wait_for(future, self._ack_timeout)
         except TimeoutError:
             raise KafkaTimeoutError(
-                f"no acknowledgement within {self._ack_timeout:.0f} s") from None
+                f"no acknowledgement within {self._ack_timeout:.0f} s"
+            ) from None
         end = metadata.offset + count  # metadata.offset is the batch's base offset
         if end > self.end_offsets.get(metadata.partition, -1):
             self.end_offsets[metadata.partition] = end

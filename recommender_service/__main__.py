@@ -29,33 +29,50 @@ async def serve(config: Config) -> None:
 
     # Channels to the other instances: TLS when this one serves TLS (peers verified against
     # this instance's own certificate file, as the stats service does).
-    peers = (scatter.Peers(scatter.tls_peer_channel(Path(config.tls_cert_file).read_bytes()))
-             if config.tls_cert_file else scatter.Peers())
-    peer_metadata = ([("authorization", f"Bearer {config.recommender_token}")]
-                     if config.recommender_token else [])
+    peers = (
+        scatter.Peers(scatter.tls_peer_channel(Path(config.tls_cert_file).read_bytes()))
+        if config.tls_cert_file
+        else scatter.Peers()
+    )
+    peer_metadata = (
+        [("authorization", f"Bearer {config.recommender_token}")]
+        if config.recommender_token
+        else []
+    )
 
     def make_processor(store: StateStore) -> Processor:
         return RecommenderProcessor(store, config.view_topic, options)
 
-    def make_servicer(store: StateStore, consumer: ExactlyOnceConsumer,
-                      processor: Processor) -> RecommenderServicer:
+    def make_servicer(
+        store: StateStore, consumer: ExactlyOnceConsumer, processor: Processor
+    ) -> RecommenderServicer:
         assert isinstance(processor, RecommenderProcessor)
         engine = QueryEngine(lambda: processor.view, options)
         engine.start_warmer(consumer.caught_up.is_set)
         ownership = Ownership(lambda: processor.view, consumer)
-        return RecommenderServicer(engine, consumer,
-                                   Fanout(ownership, options, peers, peer_metadata))
+        return RecommenderServicer(
+            engine, consumer, Fanout(ownership, options, peers, peer_metadata)
+        )
 
     endpoint = bootstrap.Endpoint(
-        name="recommender", descriptor=SERVICE, address=config.recommender_address,
-        metrics_port=config.recommender_metrics_port, token=config.recommender_token,
-        advertised_address=advertised_address(config.recommender_address,
-                                              config.recommender_advertised_address),
-        extra=(PARTITION_SERVICE,))
+        name="recommender",
+        descriptor=SERVICE,
+        address=config.recommender_address,
+        metrics_port=config.recommender_metrics_port,
+        token=config.recommender_token,
+        advertised_address=advertised_address(
+            config.recommender_address, config.recommender_advertised_address
+        ),
+        extra=(PARTITION_SERVICE,),
+    )
     await bootstrap.serve_consumer(
-        config, endpoint, state_dir=config.recommender_state_dir,
-        group_id=config.recommender_group, make_processor=make_processor,
-        make_servicer=make_servicer)
+        config,
+        endpoint,
+        state_dir=config.recommender_state_dir,
+        group_id=config.recommender_group,
+        make_processor=make_processor,
+        make_servicer=make_servicer,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

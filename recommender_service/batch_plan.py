@@ -20,8 +20,9 @@ Window = tuple[tuple[int, ...], tuple[int, ...], bool]
 """A stored window: media most recent first, their view times, whether items fell out of it."""
 
 
-def outside_lookups(per_user: dict[int, dict[int, int]],
-                    windows: dict[int, Window | None]) -> list[tuple[int, int]]:
+def outside_lookups(
+    per_user: dict[int, dict[int, int]], windows: dict[int, Window | None]
+) -> list[tuple[int, int]]:
     """(user, media) pairs whose earlier view time may be stored outside the user's window:
     raised items not in a window that has lost items before."""
     lookups: list[tuple[int, int]] = []
@@ -51,8 +52,12 @@ class WindowPlan:
     """The updated windows end to end, for `pair_deltas`."""
 
 
-def plan_windows(per_user: dict[int, dict[int, int]], windows: dict[int, Window | None],
-                 outside: dict[tuple[int, int], int], cap: int) -> WindowPlan:
+def plan_windows(
+    per_user: dict[int, dict[int, int]],
+    windows: dict[int, Window | None],
+    outside: dict[tuple[int, int], int],
+    cap: int,
+) -> WindowPlan:
     """Move each user's raised items to the front of their window and account for the change.
 
     `windows` holds every batch user's stored window (None: a user never seen), `outside` the
@@ -71,12 +76,10 @@ def plan_windows(per_user: dict[int, dict[int, int]], windows: dict[int, Window 
         elif not added:
             continue
         media, w, has_evicted = window
-        mine = ({m: outside[(user, m)] for m in added if (user, m) in outside}
-                if has_evicted else {})
+        mine = {m: outside[(user, m)] for m in added if (user, m) in outside} if has_evicted else {}
         update = update_window(media, w, added, mine, cap)
         plan.evicted.extend((user, item, value) for item, value in update.evicted)
-        plan.windows.append((user, update.media, update.new,
-                             has_evicted or bool(update.evicted)))
+        plan.windows.append((user, update.media, update.new, has_evicted or bool(update.evicted)))
         for item, old, new in update.changes:
             acc = deltas.get(item)
             if acc is None:
@@ -103,7 +106,8 @@ def add_row_chunk(record: ItemRecord, entries: int, max_deltas: int) -> bool:
     record.deltas += 1
     record.delta_entries += entries
     return record.deltas > max_deltas or record.delta_entries >= max(
-        record.base_entries // 2, COMPACT_MIN_ENTRIES)
+        record.base_entries // 2, COMPACT_MIN_ENTRIES
+    )
 
 
 def compacted(record: ItemRecord, base_entries: int) -> None:

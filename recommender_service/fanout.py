@@ -77,12 +77,18 @@ class Ownership:
         if missing:
             raise scatter.OwnerUnavailable(
                 f"instance {self.address} does not own or has not caught up on partitions "
-                f"{scatter.format_partitions(missing)}")
+                f"{scatter.format_partitions(missing)}"
+            )
 
 
 def _position(offsets: dict[int, int], watermark: int | None) -> Position:
-    position = Position(partitions=[view_event_pb2.PartitionOffset(partition=p, offset=o)
-                                    for p, o in sorted(offsets.items())], caught_up=True)
+    position = Position(
+        partitions=[
+            view_event_pb2.PartitionOffset(partition=p, offset=o)
+            for p, o in sorted(offsets.items())
+        ],
+        caught_up=True,
+    )
     if watermark is not None:
         position.event_time_watermark.seconds = watermark
     return position
@@ -90,11 +96,16 @@ def _position(offsets: dict[int, int], watermark: int | None) -> Position:
 
 def to_message(part: ItemPartials) -> ppb.GetItemPartialsResponse:
     return ppb.GetItemPartialsResponse(
-        row_media_ids=part.row["j"].tolist(), row_dot_products=part.row["d"].tolist(),
-        row_co_viewers=part.row["c"].tolist(), item_media_ids=part.items.ids.tolist(),
-        item_view_time_sums=part.items.s.tolist(), item_view_time_squares=part.items.q.tolist(),
-        item_viewers=part.items.n.tolist(), users=part.users,
-        position=_position(part.offsets, part.watermark))
+        row_media_ids=part.row["j"].tolist(),
+        row_dot_products=part.row["d"].tolist(),
+        row_co_viewers=part.row["c"].tolist(),
+        item_media_ids=part.items.ids.tolist(),
+        item_view_time_sums=part.items.s.tolist(),
+        item_view_time_squares=part.items.q.tolist(),
+        item_viewers=part.items.n.tolist(),
+        users=part.users,
+        position=_position(part.offsets, part.watermark),
+    )
 
 
 def from_message(reply: ppb.GetItemPartialsResponse) -> tuple[ItemPartials, Position]:
@@ -102,9 +113,17 @@ def from_message(reply: ppb.GetItemPartialsResponse) -> tuple[ItemPartials, Posi
     row["j"] = np.asarray(reply.row_media_ids, dtype=np.int64)
     row["d"] = np.asarray(reply.row_dot_products, dtype=np.int64)
     row["c"] = np.asarray(reply.row_co_viewers, dtype=np.int64)
-    items = ItemSums(*(np.asarray(column, dtype=np.int64) for column in (
-        reply.item_media_ids, reply.item_view_time_sums, reply.item_view_time_squares,
-        reply.item_viewers)))
+    items = ItemSums(
+        *(
+            np.asarray(column, dtype=np.int64)
+            for column in (
+                reply.item_media_ids,
+                reply.item_view_time_sums,
+                reply.item_view_time_squares,
+                reply.item_viewers,
+            )
+        )
+    )
     return ItemPartials(row, items, reply.users, {}, None), reply.position
 
 
@@ -121,10 +140,14 @@ class Gathered:
 class Fanout:
     """The asking side: complete answers gathered from every partition's owner."""
 
-    def __init__(self, ownership: Ownership, settings: RecommenderSettings,
-                 peers: scatter.Peers | None = None,
-                 peer_metadata: Sequence[tuple[str, str]] = (),
-                 timeout: float = scatter.DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        ownership: Ownership,
+        settings: RecommenderSettings,
+        peers: scatter.Peers | None = None,
+        peer_metadata: Sequence[tuple[str, str]] = (),
+        timeout: float = scatter.DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.ownership = ownership
         self.settings = settings
         self.support = sim.Support(settings.min_co_viewers, settings.shrinkage)
@@ -135,9 +158,13 @@ class Fanout:
     def _stub(self, address: str) -> ppb_grpc.RecommenderPartitionServiceStub:
         return ppb_grpc.RecommenderPartitionServiceStub(self.peers.channel(address))
 
-    async def _items(self, owners: dict[int, str], media: int = 0,
-                     item_ids: dict[str, list[int]] | None = None,
-                     all_items: bool = False) -> list[scatter.Partial[tuple[ItemPartials, Position]]]:
+    async def _items(
+        self,
+        owners: dict[int, str],
+        media: int = 0,
+        item_ids: dict[str, list[int]] | None = None,
+        all_items: bool = False,
+    ) -> list[scatter.Partial[tuple[ItemPartials, Position]]]:
         """Every owner's partials (for the partitions `owners` gives it)."""
 
         async def ask(address: str, parts: list[int]) -> tuple[ItemPartials, Position]:
@@ -145,13 +172,14 @@ class Fanout:
             if address == self.ownership.address:
                 self.ownership.check_local(parts)
                 view = self.ownership.source()
-                part = await asyncio.to_thread(partials.read, view, parts, media, extra,
-                                               all_items)
+                part = await asyncio.to_thread(partials.read, view, parts, media, extra, all_items)
                 return part, _position(part.offsets, part.watermark)
-            request = ppb.GetItemPartialsRequest(partitions=parts, media_id=media,
-                                                 item_ids=extra, all_items=all_items)
+            request = ppb.GetItemPartialsRequest(
+                partitions=parts, media_id=media, item_ids=extra, all_items=all_items
+            )
             reply = await self._stub(address).GetItemPartials(
-                request, metadata=self.peer_metadata, timeout=self.timeout)
+                request, metadata=self.peer_metadata, timeout=self.timeout
+            )
             return from_message(reply)
 
         return await scatter.gather(owners, ask, timeout=self.timeout, service="recommender")
@@ -170,41 +198,65 @@ class Fanout:
                 missing[partial.address] = lacking.tolist()
         sums = [p.result[0].items for p in first]
         if missing:  # sums of neighbours seen only in other owners' rows, same owners
-            again = {p: partial.address for partial in first if partial.address in missing
-                     for p in partial.partitions}
+            again = {
+                p: partial.address
+                for partial in first
+                if partial.address in missing
+                for p in partial.partitions
+            }
             second = await self._items(again, 0, missing)
             sums += [p.result[0].items for p in second]
-        return Gathered(row, partials.add_items(sums), sum(p.result[0].users for p in first),
-                        [p.result[1] for p in first])
+        return Gathered(
+            row,
+            partials.add_items(sums),
+            sum(p.result[0].users for p in first),
+            [p.result[1] for p in first],
+        )
 
     async def similar(self, media: int, metric: Metric, limit: int) -> tuple[Ranked, Position]:
         gathered = await self.gather_item(media)
         if not gathered.items.has(media):
             raise UnknownItem(media)
-        ranked = partials.score(media, gathered.row, gathered.items, gathered.users, metric,
-                                self.support, min(limit, self.settings.max_limit))
+        ranked = partials.score(
+            media,
+            gathered.row,
+            gathered.items,
+            gathered.users,
+            metric,
+            self.support,
+            min(limit, self.settings.max_limit),
+        )
         return ranked, scatter.merge_positions(gathered.positions)
 
-    async def _window(self, owners: dict[int, str], parts: list[int], user_id: int
-                      ) -> list[scatter.Partial[tuple[UserHistory | None, Position]]]:
+    async def _window(
+        self, owners: dict[int, str], parts: list[int], user_id: int
+    ) -> list[scatter.Partial[tuple[UserHistory | None, Position]]]:
 
         async def ask(address: str, asked: list[int]) -> tuple[UserHistory | None, Position]:
             if address == self.ownership.address:
                 self.ownership.check_local(asked)
                 view = self.ownership.source()
                 part = partials.read(view, asked)  # cheap: no row, no items
-                return (window_of(view.snapshot, asked, user_id),
-                        _position(part.offsets, part.watermark))
+                return (
+                    window_of(view.snapshot, asked, user_id),
+                    _position(part.offsets, part.watermark),
+                )
             reply = await self._stub(address).GetUserWindow(
                 ppb.GetUserWindowRequest(partitions=asked, user_id=user_id),
-                metadata=self.peer_metadata, timeout=self.timeout)
+                metadata=self.peer_metadata,
+                timeout=self.timeout,
+            )
             if not reply.found:
                 return None, reply.position
-            return UserHistory(list(reply.media_ids), list(reply.weights),
-                               np.asarray(reply.watched_media_ids, dtype=np.int64)), reply.position
+            return UserHistory(
+                list(reply.media_ids),
+                list(reply.weights),
+                np.asarray(reply.watched_media_ids, dtype=np.int64),
+            ), reply.position
 
-        return await scatter.gather(owners, ask, timeout=self.timeout, service="recommender",
-                                    partitions=parts)
+        return await scatter.gather(
+            owners, ask, timeout=self.timeout, service="recommender", partitions=parts
+        )
 
     async def history(self, user: int) -> tuple[UserHistory | None, list[Position]]:
         """The user's window from the owner of the user's partition (then, as the single
@@ -226,8 +278,9 @@ class Fanout:
         hits = sorted((min(p.partitions), p.result[0]) for p in rest if p.result[0] is not None)
         return (hits[0][1] if hits else None), positions
 
-    async def recommend(self, user: int, limit: int
-                        ) -> tuple[np.ndarray, np.ndarray, bool, Position]:
+    async def recommend(
+        self, user: int, limit: int
+    ) -> tuple[np.ndarray, np.ndarray, bool, Position]:
         """(ids, scores, fallback, position) as `QueryEngine.recommend` answers."""
         history, positions = await self.history(user)
         if history is not None and history.media:
@@ -239,9 +292,17 @@ class Fanout:
                 positions += found.positions
                 if not found.items.has(media):
                     continue
-                lists.append(partials.score(media, found.row, found.items, found.users,
-                                            Metric.COSINE, self.support,
-                                            self.settings.max_limit))
+                lists.append(
+                    partials.score(
+                        media,
+                        found.row,
+                        found.items,
+                        found.users,
+                        Metric.COSINE,
+                        self.support,
+                        self.settings.max_limit,
+                    )
+                )
                 weights.append(float(weight))
             ids, scores = sim.recommend(lists, weights, history.watched, limit)
             if len(ids):
@@ -250,8 +311,9 @@ class Fanout:
         every = await self._items(self.ownership.owners(), all_items=True)
         items = partials.add_items([p.result[0].items for p in every])
         positions += [p.result[1] for p in every]
-        ids, scores = sim.most_watched(partials.popularity(items), items.ids, items.n, watched,
-                                       limit)
+        ids, scores = sim.most_watched(
+            partials.popularity(items), items.ids, items.n, watched, limit
+        )
         return ids, scores, True, scatter.merge_positions(positions)
 
 
@@ -272,19 +334,26 @@ class PartitionServicer:
             await abort_unavailable(context, str(error))
         return ownership
 
-    async def GetItemPartials(self, request: ppb.GetItemPartialsRequest | Unparseable,
-                              context: grpc.aio.ServicerContext) -> ppb.GetItemPartialsResponse:
+    async def GetItemPartials(
+        self, request: ppb.GetItemPartialsRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> ppb.GetItemPartialsResponse:
         await reject_unparseable(context, request)
         assert isinstance(request, ppb.GetItemPartialsRequest)
         ownership = await self._check(list(request.partitions), context)
         view = ownership.source()
-        part = await asyncio.to_thread(partials.read, view, list(request.partitions),
-                                       request.media_id, list(request.item_ids),
-                                       request.all_items)
+        part = await asyncio.to_thread(
+            partials.read,
+            view,
+            list(request.partitions),
+            request.media_id,
+            list(request.item_ids),
+            request.all_items,
+        )
         return to_message(part)
 
-    async def GetUserWindow(self, request: ppb.GetUserWindowRequest | Unparseable,
-                            context: grpc.aio.ServicerContext) -> ppb.GetUserWindowResponse:
+    async def GetUserWindow(
+        self, request: ppb.GetUserWindowRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> ppb.GetUserWindowResponse:
         await reject_unparseable(context, request)
         assert isinstance(request, ppb.GetUserWindowRequest)
         ownership = await self._check(list(request.partitions), context)
@@ -295,6 +364,10 @@ class PartitionServicer:
         position = _position(stamp.offsets, stamp.watermark)
         if found is None:
             return ppb.GetUserWindowResponse(found=False, position=position)
-        return ppb.GetUserWindowResponse(found=True, media_ids=found.media, weights=found.weights,
-                                         watched_media_ids=found.watched.tolist(),
-                                         position=position)
+        return ppb.GetUserWindowResponse(
+            found=True,
+            media_ids=found.media,
+            weights=found.weights,
+            watched_media_ids=found.watched.tolist(),
+            position=position,
+        )

@@ -23,7 +23,9 @@ from viewevents.v1 import view_event_pb2
 WAYPOINT = view_event_pb2.EVENT_TYPE_WAYPOINT
 
 
-def combine_batch(events: Iterable[view_event_pb2.ViewEvent]) -> tuple[dict[int, dict[int, int]], set[int]]:
+def combine_batch(
+    events: Iterable[view_event_pb2.ViewEvent],
+) -> tuple[dict[int, dict[int, int]], set[int]]:
     """Per user, the waypoints added per item (dict order = order of each item's last waypoint),
     and every item the batch mentions. Other event types add no view time; they only make the
     user "seen" (counted in N) and the item known."""
@@ -42,8 +44,9 @@ def combine_batch(events: Iterable[view_event_pb2.ViewEvent]) -> tuple[dict[int,
     return per_user, items
 
 
-def combine_columns(user_id: np.ndarray, media_id: np.ndarray, event_type: np.ndarray
-                    ) -> tuple[dict[int, dict[int, int]], set[int]]:
+def combine_columns(
+    user_id: np.ndarray, media_id: np.ndarray, event_type: np.ndarray
+) -> tuple[dict[int, dict[int, int]], set[int]]:
     """`combine_batch` of events given as columns (in offset order), without a message each:
     the same dicts in the same orders. Users keep the order of their first event; a user's
     items are inserted in the order of their last waypoint, which is what popping and
@@ -56,12 +59,14 @@ def combine_columns(user_id: np.ndarray, media_id: np.ndarray, event_type: np.nd
         order = np.lexsort((rows, media_id[rows], user_id[rows]))  # by user, item, offset
         rows = rows[order]
         user, media = user_id[rows], media_id[rows]
-        last = np.flatnonzero(np.append((user[1:] != user[:-1]) | (media[1:] != media[:-1]),
-                                        True))  # the last waypoint of each (user, item)
+        last = np.flatnonzero(
+            np.append((user[1:] != user[:-1]) | (media[1:] != media[:-1]), True)
+        )  # the last waypoint of each (user, item)
         counts = np.diff(np.append(-1, last))
         by_time = np.argsort(rows[last], kind="stable")
-        for u, m, count in zip(user[last][by_time].tolist(), media[last][by_time].tolist(),
-                               counts[by_time].tolist()):
+        for u, m, count in zip(
+            user[last][by_time].tolist(), media[last][by_time].tolist(), counts[by_time].tolist()
+        ):
             per_user[u][m] = count
     return per_user, items
 

@@ -145,6 +145,7 @@ def aggregate_row(entries: np.ndarray) -> np.ndarray:
 
 # --- reading ----------------------------------------------------------------------------------
 
+
 def scan(source: Any, prefix: bytes, fill_cache: bool = True) -> Iterator[tuple[bytes, bytes]]:
     """Items under `prefix` of a Rdict or a rocksdict Snapshot, in key order. One-off reads of
     whole rows pass fill_cache=False so they do not evict the hot point-lookup blocks."""
@@ -221,7 +222,9 @@ def read_row(source: Any, partitions: Iterable[int], media: int) -> np.ndarray:
     return decode_row(chunks)
 
 
-def stored_pairs(store: StateStore, partitions: Iterable[int]) -> dict[tuple[int, int], tuple[int, int]]:
+def stored_pairs(
+    store: StateStore, partitions: Iterable[int]
+) -> dict[tuple[int, int], tuple[int, int]]:
     """Every stored pair statistic {(i, j): (D_ij, c_ij)} summed over partitions (tests, tools)."""
     totals: dict[tuple[int, int], list[int]] = {}
     for partition in partitions:
@@ -248,7 +251,9 @@ def stored_pairs(store: StateStore, partitions: Iterable[int]) -> dict[tuple[int
     return {k: (v[0], v[1]) for k, v in totals.items()}
 
 
-def stored_items(store: StateStore, partitions: Iterable[int]) -> tuple[int, dict[int, tuple[int, int, int]]]:
+def stored_items(
+    store: StateStore, partitions: Iterable[int]
+) -> tuple[int, dict[int, tuple[int, int, int]]]:
     """(N, {media: (S, Q, n)}) summed over partitions, straight from RocksDB (tests, tools)."""
     total_users = 0
     items: dict[int, list[int]] = {}

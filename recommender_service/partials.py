@@ -57,23 +57,38 @@ class ItemPartials:
     watermark: int | None
 
 
-def read(view: View, partitions: Sequence[int], media: int = 0,
-         item_ids: Iterable[int] = (), all_items: bool = False) -> ItemPartials:
+def read(
+    view: View,
+    partitions: Sequence[int],
+    media: int = 0,
+    item_ids: Iterable[int] = (),
+    all_items: bool = False,
+) -> ItemPartials:
     """This instance's partials over `partitions` (which it must own and have caught up on)."""
     parts = sorted(set(partitions))
     snapshot = view.snapshot
-    row = (keys.aggregate_row(keys.read_row(snapshot, parts, media)) if media
-           else np.zeros(0, dtype=keys.ROW))
-    wanted = np.unique(np.concatenate((
-        np.asarray([media] if media else [], dtype=np.int64), row["j"].astype(np.int64),
-        np.fromiter(item_ids, dtype=np.int64))))
+    row = (
+        keys.aggregate_row(keys.read_row(snapshot, parts, media))
+        if media
+        else np.zeros(0, dtype=keys.ROW)
+    )
+    wanted = np.unique(
+        np.concatenate(
+            (
+                np.asarray([media] if media else [], dtype=np.int64),
+                row["j"].astype(np.int64),
+                np.fromiter(item_ids, dtype=np.int64),
+            )
+        )
+    )
     if set(view.partitions) == set(parts):
         items = _from_table(view, None if all_items else wanted)
         users = view.users
     else:
         items = _from_snapshot(snapshot, parts, None if all_items else wanted)
-        users = sum(keys.decode_counts(keys.snapshot_get(snapshot, keys.counts_key(p)))
-                    for p in parts)
+        users = sum(
+            keys.decode_counts(keys.snapshot_get(snapshot, keys.counts_key(p))) for p in parts
+        )
     if len(row):
         row = row[np.isin(row["j"], items.ids)]  # neighbours newer than the snapshot: later
     offsets = {p: view.stamp.offsets[p] for p in parts if p in view.stamp.offsets}
@@ -94,8 +109,9 @@ def _from_table(view: View, wanted: np.ndarray | None) -> ItemSums:
     return ItemSums(view.ids[where], view.s[where], view.q[where], view.n[where])
 
 
-def _from_snapshot(snapshot: object, partitions: Sequence[int],
-                   wanted: np.ndarray | None) -> ItemSums:
+def _from_snapshot(
+    snapshot: object, partitions: Sequence[int], wanted: np.ndarray | None
+) -> ItemSums:
     """Item sums over `partitions` from the snapshot's item records."""
     found: dict[int, list[int]] = {}
 
@@ -123,6 +139,7 @@ def _from_snapshot(snapshot: object, partitions: Sequence[int],
 
 # --- adding up -----------------------------------------------------------------------------
 
+
 def add_items(parts: Sequence[ItemSums]) -> ItemSums:
     """Item sums of disjoint partition sets added up (exact int64)."""
     ids = np.concatenate([p.ids for p in parts]) if parts else _EMPTY
@@ -142,8 +159,15 @@ def add_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
     return keys.aggregate_row(np.concatenate(rows))
 
 
-def score(media: int, row: np.ndarray, items: ItemSums, users: int, metric: Metric,
-          support: sim.Support, limit: int) -> Ranked:
+def score(
+    media: int,
+    row: np.ndarray,
+    items: ItemSums,
+    users: int,
+    metric: Metric,
+    support: sim.Support,
+    limit: int,
+) -> Ranked:
     """The item's ranked neighbours from complete sums, as `QueryEngine.compute` ranks them:
     neighbours with no co-viewer left are none, unknown neighbours are skipped."""
     k = int(np.searchsorted(items.ids, media))
@@ -156,9 +180,18 @@ def score(media: int, row: np.ndarray, items: ItemSums, users: int, metric: Metr
     row, where = row[inside], where[inside]
     if len(row) == 0:
         return Ranked.empty()
-    return sim.similar(row["j"].astype(np.int64), row["d"].astype(np.int64),
-                       row["c"].astype(np.int64), (int(items.s[k]), int(items.q[k])),
-                       items.s[where], items.q[where], users, metric, support, limit)
+    return sim.similar(
+        row["j"].astype(np.int64),
+        row["d"].astype(np.int64),
+        row["c"].astype(np.int64),
+        (int(items.s[k]), int(items.q[k])),
+        items.s[where],
+        items.q[where],
+        users,
+        metric,
+        support,
+        limit,
+    )
 
 
 def popularity(items: ItemSums) -> np.ndarray:

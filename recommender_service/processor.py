@@ -37,6 +37,7 @@ from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class _Pending:
     """What the current (uncommitted) consumer batch changes in the in-memory item table."""
@@ -86,8 +87,12 @@ class RecommenderProcessor:
         partitions = tuple(keys.partitions_in(self.store))
         users, items = keys.stored_items(self.store, partitions)
         snapshot = self.store.db.snapshot()
-        view = View.initial(items, users, partitions, snapshot, self._stamp(0, partitions, snapshot))
-        log.info("loaded %d items, %d users over partitions %s", len(items), users, list(partitions))
+        view = View.initial(
+            items, users, partitions, snapshot, self._stamp(0, partitions, snapshot)
+        )
+        log.info(
+            "loaded %d items, %d users over partitions %s", len(items), users, list(partitions)
+        )
         return view
 
     def _stamp(self, version: int, partitions: tuple[int, ...], snapshot: object) -> Stamp:
@@ -105,7 +110,9 @@ class RecommenderProcessor:
 
     # --- Processor protocol ------------------------------------------------------------------
 
-    def apply(self, partition: int, events: list[view_event_pb2.ViewEvent], txn: Transaction) -> None:
+    def apply(
+        self, partition: int, events: list[view_event_pb2.ViewEvent], txn: Transaction
+    ) -> None:
         """Fold one partition's new events into `txn`; the in-memory table follows in
         committed(), only once RocksDB has the batch."""
         per_user, items_seen = combine_batch(events)
@@ -116,8 +123,14 @@ class RecommenderProcessor:
         per_user, items_seen = combine_columns(batch.user_id, batch.media_id, batch.event_type)
         self._fold(partition, per_user, items_seen, len(batch), txn)
 
-    def _fold(self, partition: int, per_user: dict[int, dict[int, int]], items_seen: set[int],
-              events: int, txn: Transaction) -> None:
+    def _fold(
+        self,
+        partition: int,
+        per_user: dict[int, dict[int, int]],
+        items_seen: set[int],
+        events: int,
+        txn: Transaction,
+    ) -> None:
         plan = self._plan_windows(partition, per_user, txn)
         for user in plan.seen_only:
             txn.put(keys.user_key(partition, user), b"")
@@ -126,17 +139,20 @@ class RecommenderProcessor:
         for user, media, w, has_evicted in plan.windows:
             txn.put(keys.user_key(partition, user), keys.encode_window(media, w, has_evicted))
         rows = pair_deltas(plan.flat)
-        self._apply_items(partition, items_seen.union(x for x, _ in rows), plan.item_deltas,
-                          rows, txn)
+        self._apply_items(
+            partition, items_seen.union(x for x, _ in rows), plan.item_deltas, rows, txn
+        )
         if plan.new_users:
             counts = keys.counts_key(partition)
-            txn.put(counts, keys.encode_counts(keys.decode_counts(txn.get(counts))
-                                               + plan.new_users))
+            txn.put(
+                counts, keys.encode_counts(keys.decode_counts(txn.get(counts)) + plan.new_users)
+            )
             self._pending.new_users += plan.new_users
         self.stats.events += events
 
-    def _plan_windows(self, partition: int, per_user: dict[int, dict[int, int]],
-                      txn: Transaction) -> WindowPlan:
+    def _plan_windows(
+        self, partition: int, per_user: dict[int, dict[int, int]], txn: Transaction
+    ) -> WindowPlan:
         """Read the batch users' windows and their view times stored outside, then plan."""
         users = list(per_user)
         values = txn.get_many([keys.user_key(partition, u) for u in users])
@@ -151,13 +167,21 @@ class RecommenderProcessor:
                     txn.delete(key)  # back in the window (re-written if evicted again)
         return plan_windows(per_user, windows, outside, self.settings.history_cap)
 
-    def _apply_items(self, partition: int, items: set[int], item_deltas: dict[int, list[int]],
-                     rows: list[tuple[int, np.ndarray]], txn: Transaction) -> None:
+    def _apply_items(
+        self,
+        partition: int,
+        items: set[int],
+        item_deltas: dict[int, list[int]],
+        rows: list[tuple[int, np.ndarray]],
+        txn: Transaction,
+    ) -> None:
         """Item sums and neighbour-row chunks of the batch; rows due are compacted."""
         item_ids = list(items)
         item_keys = [keys.item_key(partition, m) for m in item_ids]
-        records = {item: ItemRecord.decode(value) if value is not None else ItemRecord()
-                   for item, value in zip(item_ids, txn.get_many(item_keys))}
+        records = {
+            item: ItemRecord.decode(value) if value is not None else ItemRecord()
+            for item, value in zip(item_ids, txn.get_many(item_keys))
+        }
         add_item_deltas(records, item_deltas)
         pending = self._pending
         for item, delta in item_deltas.items():
@@ -177,8 +201,9 @@ class RecommenderProcessor:
             pending.deltas.setdefault(item, [0, 0, 0])  # known from now on, even with no views
         pending.changed.update(items)
 
-    def _compact(self, partition: int, item: int, record: ItemRecord, entries: np.ndarray,
-                 txn: Transaction) -> None:
+    def _compact(
+        self, partition: int, item: int, record: ItemRecord, entries: np.ndarray, txn: Transaction
+    ) -> None:
         """Merge the committed base and deltas with this batch's delta into a new base."""
         prefix = keys.row_prefix(partition, item)
         chunks = [value for _, value in keys.scan(self.store.db, prefix, fill_cache=False)]
@@ -196,8 +221,9 @@ class RecommenderProcessor:
         version = self._view.version + 1
         stamp = self._stamp(version, partitions, snapshot)
         # One attribute assignment publishes the view to the query threads.
-        self._view = self._view.advanced(pending.deltas, pending.changed, pending.new_users,
-                                         partitions, snapshot, stamp)
+        self._view = self._view.advanced(
+            pending.deltas, pending.changed, pending.new_users, partitions, snapshot, stamp
+        )
         self.stats.batches += 1
         self.stats.pair_entries += pending.pairs
         self.stats.compactions += pending.compactions

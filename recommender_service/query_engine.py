@@ -65,8 +65,9 @@ def window_of(snapshot: Any, partitions: Iterable[int], user: int) -> UserHistor
         watched = list(media)
         if has_evicted:
             prefix = keys.evicted_prefix(partition, user)
-            watched += [keys.BIG_U64.unpack_from(k, len(prefix))[0]
-                        for k, _ in keys.scan(snapshot, prefix)]
+            watched += [
+                keys.BIG_U64.unpack_from(k, len(prefix))[0] for k, _ in keys.scan(snapshot, prefix)
+            ]
         return UserHistory(list(media), list(weights), np.asarray(watched, dtype=np.int64))
     return None
 
@@ -159,8 +160,18 @@ class QueryEngine:
         co = co.astype(np.int64)
         item = (int(view.s[pos]), int(view.q[pos]))
         return {
-            metric: sim.similar(view.ids[found], d, co, item, view.s[found], view.q[found],
-                                view.users, metric, self.support, self.settings.max_limit)
+            metric: sim.similar(
+                view.ids[found],
+                d,
+                co,
+                item,
+                view.s[found],
+                view.q[found],
+                view.users,
+                metric,
+                self.support,
+                self.settings.max_limit,
+            )
             for metric in Metric
         }
 
@@ -209,8 +220,9 @@ class QueryEngine:
 
     def start_warmer(self, ready: Callable[[], bool]) -> None:
         """Warm the cache in a daemon thread once `ready()` (caught up) is true."""
-        self._warmer = threading.Thread(target=self._warm_loop, args=(ready,), daemon=True,
-                                        name="recommender-warmer")
+        self._warmer = threading.Thread(
+            target=self._warm_loop, args=(ready,), daemon=True, name="recommender-warmer"
+        )
         self._warmer.start()
 
     def stop_warmer(self) -> None:
@@ -233,9 +245,12 @@ class QueryEngine:
                 if self.warm(view, abort_if_newer=warmed >= 0):
                     warmed = view.version
                     self.warm_passes += 1
-                    log.info("cache warm for version %d: %d items in %.1f s", view.version,
-                             min(len(view.ids), self.settings.cache_items),
-                             time.monotonic() - started)
+                    log.info(
+                        "cache warm for version %d: %d items in %.1f s",
+                        view.version,
+                        min(len(view.ids), self.settings.cache_items),
+                        time.monotonic() - started,
+                    )
             except Exception:  # noqa: BLE001 - warming is an optimisation; never kill the service
                 log.exception("cache warming failed")
 

@@ -53,26 +53,37 @@ def _positive(field: str, value: int) -> list[Violation]:
         return []
     if value == 0:
         return [Violation(field=field, description=f"{field} is required", reason="REQUIRED")]
-    return [Violation(field=field, description=f"{field} must be positive, got {value}",
-                      reason="NOT_POSITIVE")]
+    return [
+        Violation(
+            field=field, description=f"{field} must be positive, got {value}", reason="NOT_POSITIVE"
+        )
+    ]
 
 
 def _limit(value: int, max_limit: int) -> list[Violation]:
     if 0 <= value <= max_limit:
         return []
-    return [Violation(field="limit", reason="OUT_OF_RANGE",
-                      description=f"limit must be 0 (meaning {DEFAULT_LIMIT}) to {max_limit}, "
-                                  f"got {value}")]
+    return [
+        Violation(
+            field="limit",
+            reason="OUT_OF_RANGE",
+            description=f"limit must be 0 (meaning {DEFAULT_LIMIT}) to {max_limit}, got {value}",
+        )
+    ]
 
 
 def validate_similar(request: pb.GetSimilarMediaRequest, max_limit: int) -> list[Violation]:
     """Every problem of a GetSimilarMedia request (empty when valid)."""
     violations = _positive("media_id", request.media_id) + _limit(request.limit, max_limit)
     if request.metric not in _METRICS:
-        violations.append(Violation(
-            field="metric", reason="UNKNOWN_VALUE",
-            description=f"metric has unknown value {request.metric}; use "
-                        "SIMILARITY_METRIC_COSINE or SIMILARITY_METRIC_PEARSON"))
+        violations.append(
+            Violation(
+                field="metric",
+                reason="UNKNOWN_VALUE",
+                description=f"metric has unknown value {request.metric}; use "
+                "SIMILARITY_METRIC_COSINE or SIMILARITY_METRIC_PEARSON",
+            )
+        )
     return violations
 
 
@@ -81,7 +92,9 @@ def validate_recommend(request: pb.RecommendForUserRequest, max_limit: int) -> l
     return _positive("user_id", request.user_id) + _limit(request.limit, max_limit)
 
 
-def position_message(stamp: Stamp, consumer: PositionSource | None) -> view_event_pb2.ConsumerPosition:
+def position_message(
+    stamp: Stamp, consumer: PositionSource | None
+) -> view_event_pb2.ConsumerPosition:
     """The position of the state an answer was computed from.
 
     Offsets come from the same RocksDB snapshot as the answer; partitions assigned to this
@@ -90,10 +103,15 @@ def position_message(stamp: Stamp, consumer: PositionSource | None) -> view_even
     partitions = sorted(set(live) or set(stamp.offsets))
     caught_up = bool(consumer.caught_up.is_set()) if consumer is not None else True  # type: ignore[attr-defined]
     return view_event_pb2.ConsumerPosition(
-        partitions=[view_event_pb2.PartitionOffset(
-            partition=p, offset=stamp.offsets.get(p, live.get(p, 0))) for p in partitions],
-        event_time_watermark=(timestamp_pb2.Timestamp(seconds=stamp.watermark)
-                              if stamp.watermark is not None else None),
+        partitions=[
+            view_event_pb2.PartitionOffset(partition=p, offset=stamp.offsets.get(p, live.get(p, 0)))
+            for p in partitions
+        ],
+        event_time_watermark=(
+            timestamp_pb2.Timestamp(seconds=stamp.watermark)
+            if stamp.watermark is not None
+            else None
+        ),
         caught_up=caught_up,
     )
 
@@ -102,8 +120,9 @@ class RecommenderServicer:
     """Implements viewevents.v1.RecommenderService and, with a fan-out, the internal
     viewevents.v1.RecommenderPartitionService its peers call (served at the same address)."""
 
-    def __init__(self, engine: QueryEngine, consumer: PositionSource | None,
-                 fanout: Fanout | None = None) -> None:
+    def __init__(
+        self, engine: QueryEngine, consumer: PositionSource | None, fanout: Fanout | None = None
+    ) -> None:
         self.engine = engine
         self.consumer = consumer
         self.fanout = fanout
@@ -123,10 +142,14 @@ class RecommenderServicer:
         reached when there is no fan-out to complete its answers."""
         owners = dict(getattr(self.consumer, "owners", {}))
         mine = sorted(self.consumer.positions) if self.consumer is not None else []
-        await abort_unavailable(context, (
-            "this recommender instance does not own every partition (owns "
-            f"{mine or 'none'} of {sorted(owners) or 'an unknown set'}) and cannot ask the "
-            "other owners"))
+        await abort_unavailable(
+            context,
+            (
+                "this recommender instance does not own every partition (owns "
+                f"{mine or 'none'} of {sorted(owners) or 'an unknown set'}) and cannot ask the "
+                "other owners"
+            ),
+        )
 
     async def GetSimilarMedia(
         self, request: pb.GetSimilarMediaRequest | Unparseable, context: grpc.aio.ServicerContext
@@ -146,16 +169,19 @@ class RecommenderServicer:
             else:
                 ranked, position = await self.fanout.similar(request.media_id, metric, limit)
         except UnknownItem:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"media {request.media_id} is unknown: no event for it was applied")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"media {request.media_id} is unknown: no event for it was applied",
+            )
         except scatter.Incomplete as incomplete:
             log.info("GetSimilarMedia UNAVAILABLE: %s", incomplete)
             await abort_unavailable(context, str(incomplete))
         return pb.GetSimilarMediaResponse(
             similar_media=[
                 pb.SimilarMedia(media_id=m, score=s, co_viewers=c)
-                for m, s, c in zip(ranked.ids.tolist(), ranked.scores.tolist(),
-                                   ranked.co_viewers.tolist())
+                for m, s, c in zip(
+                    ranked.ids.tolist(), ranked.scores.tolist(), ranked.co_viewers.tolist()
+                )
             ],
             position=position,
         )
@@ -178,28 +204,33 @@ class RecommenderServicer:
         else:
             try:
                 ids, scores, fallback, position = await self.fanout.recommend(
-                    request.user_id, limit)
+                    request.user_id, limit
+                )
             except scatter.Incomplete as incomplete:
                 log.info("RecommendForUser UNAVAILABLE: %s", incomplete)
                 await abort_unavailable(context, str(incomplete))
         return pb.RecommendForUserResponse(
-            recommendations=[pb.Recommendation(media_id=m, score=s)
-                             for m, s in zip(ids.tolist(), scores.tolist())],
+            recommendations=[
+                pb.Recommendation(media_id=m, score=s)
+                for m, s in zip(ids.tolist(), scores.tolist())
+            ],
             fallback=fallback,
             position=position,
         )
 
     # --- internal: viewevents.v1.RecommenderPartitionService ----------------------------------
 
-    async def GetItemPartials(self, request: ppb.GetItemPartialsRequest | Unparseable,
-                              context: grpc.aio.ServicerContext) -> ppb.GetItemPartialsResponse:
+    async def GetItemPartials(
+        self, request: ppb.GetItemPartialsRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> ppb.GetItemPartialsResponse:
         if self.partitions is None:
             await abort_unavailable(context, "this instance does not serve partials")
         assert self.partitions is not None
         return await self.partitions.GetItemPartials(request, context)
 
-    async def GetUserWindow(self, request: ppb.GetUserWindowRequest | Unparseable,
-                            context: grpc.aio.ServicerContext) -> ppb.GetUserWindowResponse:
+    async def GetUserWindow(
+        self, request: ppb.GetUserWindowRequest | Unparseable, context: grpc.aio.ServicerContext
+    ) -> ppb.GetUserWindowResponse:
         if self.partitions is None:
             await abort_unavailable(context, "this instance does not serve partials")
         assert self.partitions is not None

@@ -8,40 +8,110 @@ from viewevents import config as shared
 from viewevents.config import CONSUMER_SETTINGS, SHARED_SETTINGS, Setting
 
 OWN_SETTINGS: tuple[Setting, ...] = (
-    Setting("recommender_address", "VIEWEVENTS_RECOMMENDER_ADDRESS", "127.0.0.1:50053", str,
-            "Address the recommender service listens on (bind address)."),
-    Setting("recommender_advertised_address", "VIEWEVENTS_RECOMMENDER_ADVERTISED_ADDRESS", "",
-            str, "Address other recommender instances use to reach this one (sent to the "
-            "consumer group). Empty: the bind address, or this host's name with the bind port "
-            "when the bind host is 0.0.0.0 or [::]."),
-    Setting("recommender_state_dir", "VIEWEVENTS_RECOMMENDER_STATE_DIR", "state/recommender", str,
-            "RocksDB directory of the recommender service."),
-    Setting("recommender_group", "VIEWEVENTS_RECOMMENDER_GROUP", "viewevents-recommender", str,
-            "Kafka consumer group of the recommender service."),
-    Setting("recommender_history_cap", "VIEWEVENTS_RECOMMENDER_HISTORY_CAP", 200, int,
-            "Most recent items per user whose pairs are updated; older ones keep exact item "
-            "sums but their pairs stop being updated (scores become approximate)."),
-    Setting("recommender_min_co_viewers", "VIEWEVENTS_RECOMMENDER_MIN_CO_VIEWERS", 2, int,
-            "Similar items need at least this many co-viewers (1 = any co-viewer)."),
-    Setting("recommender_shrinkage", "VIEWEVENTS_RECOMMENDER_SHRINKAGE", 0.0, float,
-            "Scores are multiplied by c / (c + shrinkage), c = co-viewers; 0 = off."),
-    Setting("recommender_max_limit", "VIEWEVENTS_RECOMMENDER_MAX_LIMIT", 100, int,
-            "Largest `limit` accepted by GetSimilarMedia and RecommendForUser."),
-    Setting("recommender_user_items", "VIEWEVENTS_RECOMMENDER_USER_ITEMS", 50, int,
-            "Most recent items of a user whose neighbour lists score RecommendForUser."),
-    Setting("recommender_row_max_deltas", "VIEWEVENTS_RECOMMENDER_ROW_MAX_DELTAS", 32, int,
-            "Most batch delta chunks per item row and partition before they are compacted into "
-            "its base (bounds the chunks a query reads)."),
-    Setting("recommender_cache_items", "VIEWEVENTS_RECOMMENDER_CACHE_ITEMS", 20_000, int,
-            "Items whose ranked neighbour lists are kept in memory (LRU; ~5 kB each)."),
-    Setting("recommender_cache_ttl_seconds", "VIEWEVENTS_RECOMMENDER_CACHE_TTL_SECONDS", 1.0, float,
-            "While events arrive, a cached list whose item did not change is reused this long; "
-            "its answer carries the older position it was computed at."),
-    Setting("recommender_token", "VIEWEVENTS_RECOMMENDER_TOKEN", "", str,
-            "When set, RecommenderService calls need 'authorization: Bearer <token>' metadata "
-            "(health and reflection stay open)."),
-    Setting("recommender_metrics_port", "VIEWEVENTS_RECOMMENDER_METRICS_PORT", 9103, int,
-            "Prometheus metrics HTTP port of the recommender service (0: off)."),
+    Setting(
+        "recommender_address",
+        "VIEWEVENTS_RECOMMENDER_ADDRESS",
+        "127.0.0.1:50053",
+        str,
+        "Address the recommender service listens on (bind address).",
+    ),
+    Setting(
+        "recommender_advertised_address",
+        "VIEWEVENTS_RECOMMENDER_ADVERTISED_ADDRESS",
+        "",
+        str,
+        "Address other recommender instances use to reach this one (sent to the "
+        "consumer group). Empty: the bind address, or this host's name with the bind port "
+        "when the bind host is 0.0.0.0 or [::].",
+    ),
+    Setting(
+        "recommender_state_dir",
+        "VIEWEVENTS_RECOMMENDER_STATE_DIR",
+        "state/recommender",
+        str,
+        "RocksDB directory of the recommender service.",
+    ),
+    Setting(
+        "recommender_group",
+        "VIEWEVENTS_RECOMMENDER_GROUP",
+        "viewevents-recommender",
+        str,
+        "Kafka consumer group of the recommender service.",
+    ),
+    Setting(
+        "recommender_history_cap",
+        "VIEWEVENTS_RECOMMENDER_HISTORY_CAP",
+        200,
+        int,
+        "Most recent items per user whose pairs are updated; older ones keep exact item "
+        "sums but their pairs stop being updated (scores become approximate).",
+    ),
+    Setting(
+        "recommender_min_co_viewers",
+        "VIEWEVENTS_RECOMMENDER_MIN_CO_VIEWERS",
+        2,
+        int,
+        "Similar items need at least this many co-viewers (1 = any co-viewer).",
+    ),
+    Setting(
+        "recommender_shrinkage",
+        "VIEWEVENTS_RECOMMENDER_SHRINKAGE",
+        0.0,
+        float,
+        "Scores are multiplied by c / (c + shrinkage), c = co-viewers; 0 = off.",
+    ),
+    Setting(
+        "recommender_max_limit",
+        "VIEWEVENTS_RECOMMENDER_MAX_LIMIT",
+        100,
+        int,
+        "Largest `limit` accepted by GetSimilarMedia and RecommendForUser.",
+    ),
+    Setting(
+        "recommender_user_items",
+        "VIEWEVENTS_RECOMMENDER_USER_ITEMS",
+        50,
+        int,
+        "Most recent items of a user whose neighbour lists score RecommendForUser.",
+    ),
+    Setting(
+        "recommender_row_max_deltas",
+        "VIEWEVENTS_RECOMMENDER_ROW_MAX_DELTAS",
+        32,
+        int,
+        "Most batch delta chunks per item row and partition before they are compacted into "
+        "its base (bounds the chunks a query reads).",
+    ),
+    Setting(
+        "recommender_cache_items",
+        "VIEWEVENTS_RECOMMENDER_CACHE_ITEMS",
+        20_000,
+        int,
+        "Items whose ranked neighbour lists are kept in memory (LRU; ~5 kB each).",
+    ),
+    Setting(
+        "recommender_cache_ttl_seconds",
+        "VIEWEVENTS_RECOMMENDER_CACHE_TTL_SECONDS",
+        1.0,
+        float,
+        "While events arrive, a cached list whose item did not change is reused this long; "
+        "its answer carries the older position it was computed at.",
+    ),
+    Setting(
+        "recommender_token",
+        "VIEWEVENTS_RECOMMENDER_TOKEN",
+        "",
+        str,
+        "When set, RecommenderService calls need 'authorization: Bearer <token>' metadata "
+        "(health and reflection stay open).",
+    ),
+    Setting(
+        "recommender_metrics_port",
+        "VIEWEVENTS_RECOMMENDER_METRICS_PORT",
+        9103,
+        int,
+        "Prometheus metrics HTTP port of the recommender service (0: off).",
+    ),
 )
 
 SETTINGS = SHARED_SETTINGS + CONSUMER_SETTINGS + OWN_SETTINGS
@@ -76,6 +146,9 @@ class RecommenderSettings:
 def from_config(config: shared.Config | None = None) -> RecommenderSettings:
     """The recommender's settings out of the shared configuration (flags, environment, defaults)."""
     config = shared.load(SETTINGS) if config is None else config
-    return RecommenderSettings(**{
-        name: getattr(config, f"recommender_{name}")
-        for name in RecommenderSettings.__dataclass_fields__})
+    return RecommenderSettings(
+        **{
+            name: getattr(config, f"recommender_{name}")
+            for name in RecommenderSettings.__dataclass_fields__
+        }
+    )

@@ -34,12 +34,12 @@ class View:
     """Item table and snapshot as of one commit. Treat as read-only once published."""
 
     version: int
-    ids: np.ndarray      # sorted media ids (int64)
-    s: np.ndarray        # S_i, heartbeats (int64)
-    q: np.ndarray        # Q_i, heartbeats^2 (int64)
-    n: np.ndarray        # n_i, viewers (int64)
+    ids: np.ndarray  # sorted media ids (int64)
+    s: np.ndarray  # S_i, heartbeats (int64)
+    q: np.ndarray  # Q_i, heartbeats^2 (int64)
+    n: np.ndarray  # n_i, viewers (int64)
     changed: np.ndarray  # version at which the item's own row or statistics last changed
-    users: int           # N
+    users: int  # N
     partitions: tuple[int, ...]
     snapshot: Any
     stamp: Stamp
@@ -91,9 +91,17 @@ class View:
         ids = np.array(sorted(items), dtype=np.int64)
         values = np.array([items[m] for m in ids.tolist()], dtype=np.int64).reshape(-1, 3)
         return cls(
-            version=stamp.version, ids=ids, s=values[:, 0].copy(), q=values[:, 1].copy(),
-            n=values[:, 2].copy(), changed=np.zeros(len(ids), dtype=np.int64), users=users,
-            partitions=partitions, snapshot=snapshot, stamp=stamp)
+            version=stamp.version,
+            ids=ids,
+            s=values[:, 0].copy(),
+            q=values[:, 1].copy(),
+            n=values[:, 2].copy(),
+            changed=np.zeros(len(ids), dtype=np.int64),
+            users=users,
+            partitions=partitions,
+            snapshot=snapshot,
+            stamp=stamp,
+        )
 
     def advanced(
         self,
@@ -135,5 +143,14 @@ class View:
                 changed = changed.copy()
             changed[np.searchsorted(ids, marks)] = stamp.version
         return View(
-            version=stamp.version, ids=ids, s=s, q=q, n=n, changed=changed,
-            users=self.users + new_users, partitions=partitions, snapshot=snapshot, stamp=stamp)
+            version=stamp.version,
+            ids=ids,
+            s=s,
+            q=q,
+            n=n,
+            changed=changed,
+            users=self.users + new_users,
+            partitions=partitions,
+            snapshot=snapshot,
+            stamp=stamp,
+        )

@@ -28,28 +28,47 @@ def peers_for(config: Config) -> scatter.Peers:
 
 
 async def serve(config: Config) -> None:
-    limits = Limits(max_trend_buckets=config.stats_max_trend_buckets,
-                    default_page_size=config.stats_default_page_size,
-                    max_page_size=config.stats_max_page_size,
-                    max_concurrent_scans=config.stats_max_concurrent_scans)
+    limits = Limits(
+        max_trend_buckets=config.stats_max_trend_buckets,
+        default_page_size=config.stats_default_page_size,
+        max_page_size=config.stats_max_page_size,
+        max_concurrent_scans=config.stats_max_concurrent_scans,
+    )
     advertised = advertised_address(config.stats_address, config.stats_advertised_address)
-    endpoint = bootstrap.Endpoint(name="stats", descriptor=SERVICE, address=config.stats_address,
-                                  metrics_port=config.stats_metrics_port,
-                                  token=config.stats_token, advertised_address=advertised,
-                                  extra=(PARTITION_SERVICE,))
+    endpoint = bootstrap.Endpoint(
+        name="stats",
+        descriptor=SERVICE,
+        address=config.stats_address,
+        metrics_port=config.stats_metrics_port,
+        token=config.stats_token,
+        advertised_address=advertised,
+        extra=(PARTITION_SERVICE,),
+    )
     if not config.stats_page_token_secret:
-        log.warning("no stats_page_token_secret: ListTopMedia page tokens are valid only on this "
-                    "instance; set the same secret on every instance behind one address")
-    peer_metadata = ([("authorization", f"Bearer {config.stats_token}")]
-                     if config.stats_token else [])
+        log.warning(
+            "no stats_page_token_secret: ListTopMedia page tokens are valid only on this "
+            "instance; set the same secret on every instance behind one address"
+        )
+    peer_metadata = (
+        [("authorization", f"Bearer {config.stats_token}")] if config.stats_token else []
+    )
     await bootstrap.serve_consumer(
-        config, endpoint, state_dir=config.stats_state_dir, group_id=config.stats_group,
-        make_processor=lambda store: StatsProcessor(config.heartbeat_seconds,
-                                                    config.stats_trend_retention_days),
+        config,
+        endpoint,
+        state_dir=config.stats_state_dir,
+        group_id=config.stats_group,
+        make_processor=lambda store: StatsProcessor(
+            config.heartbeat_seconds, config.stats_trend_retention_days
+        ),
         make_servicer=lambda store, consumer, processor: StatsServicer(
-            StatsReader(store, config.stats_rank_chunk_rows), consumer, limits,
-            page_token_secret(config.stats_page_token_secret), peers=peers_for(config),
-            peer_metadata=peer_metadata))
+            StatsReader(store, config.stats_rank_chunk_rows),
+            consumer,
+            limits,
+            page_token_secret(config.stats_page_token_secret),
+            peers=peers_for(config),
+            peer_metadata=peer_metadata,
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

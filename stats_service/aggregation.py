@@ -28,8 +28,10 @@ START, WAYPOINT, STOP, END = 1, 2, 3, 4
 BUCKET_SIZES = (MINUTE, HOUR, DAY)
 _EMPTY_BITMAP = bytes(BITMAP_BYTES)
 _NO_TIME = np.iinfo(np.int64).min
-_FIELDS = tuple(operator.attrgetter(name)
-                for name in ("media_id", "user_id", "event_type", "event_time.seconds"))
+_FIELDS = tuple(
+    operator.attrgetter(name)
+    for name in ("media_id", "user_id", "event_type", "event_time.seconds")
+)
 
 
 @dataclass
@@ -110,8 +112,11 @@ def group_by(columns: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.
     if count == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    order = np.lexsort(tuple(reversed(columns))) if len(columns) > 1 else np.argsort(
-        columns[0], kind="stable")
+    order = (
+        np.lexsort(tuple(reversed(columns)))
+        if len(columns) > 1
+        else np.argsort(columns[0], kind="stable")
+    )
     change = np.zeros(count, bool)
     change[0] = True
     for column in columns:
@@ -128,8 +133,9 @@ def _count_kinds(group: np.ndarray, kinds: np.ndarray, groups: int) -> np.ndarra
     return flat.reshape(groups, 4).astype(np.int64)
 
 
-def keyed_counts(columns: Sequence[np.ndarray], kinds: np.ndarray,
-                 seconds: np.ndarray | None = None) -> KeyedCounts:
+def keyed_counts(
+    columns: Sequence[np.ndarray], kinds: np.ndarray, seconds: np.ndarray | None = None
+) -> KeyedCounts:
     order, starts, group = group_by(columns)
     keys = [c[order][starts] for c in columns]
     counts = _count_kinds(group, kinds[order], len(starts))
@@ -141,8 +147,9 @@ def keyed_counts(columns: Sequence[np.ndarray], kinds: np.ndarray,
     return KeyedCounts(keys, counts, first, last)
 
 
-def retention_mask(seconds: np.ndarray, stored_watermark: int | None,
-                   retention_seconds: int) -> tuple[np.ndarray, int]:
+def retention_mask(
+    seconds: np.ndarray, stored_watermark: int | None, retention_seconds: int
+) -> tuple[np.ndarray, int]:
     """Which events land in trend buckets: those no older than `retention_seconds` before the
     highest event time seen earlier in the partition (offset order, so the answer does not
     depend on how the stream was cut into batches). Also the new running maximum."""
@@ -173,7 +180,9 @@ def viewer_days(media: np.ndarray, user: np.ndarray, seconds: np.ndarray) -> Vie
     return ViewerDays(m[first], d[first], u[first], np.cumsum(new_day) - 1, minutes)
 
 
-def aggregate(columns: Columns, stored_watermark: int | None, retention_seconds: int) -> BatchAggregate:
+def aggregate(
+    columns: Columns, stored_watermark: int | None, retention_seconds: int
+) -> BatchAggregate:
     """Group one partition batch (valid, de-duplicated events in offset order)."""
     media, user, kinds, seconds = columns.media, columns.user, columns.kind, columns.seconds
     totals = keyed_counts([media], kinds, seconds)
@@ -184,12 +193,20 @@ def aggregate(columns: Columns, stored_watermark: int | None, retention_seconds:
     if not keep.all():
         media, user, kinds, seconds = media[keep], user[keep], kinds[keep], seconds[keep]
     buckets = {size: keyed_counts([media, seconds // size * size], kinds) for size in BUCKET_SIZES}
-    return BatchAggregate(totals, viewers, viewer_media_index, buckets,
-                          viewer_days(media, user, seconds), watermark, int(keep.sum()))
+    return BatchAggregate(
+        totals,
+        viewers,
+        viewer_media_index,
+        buckets,
+        viewer_days(media, user, seconds),
+        watermark,
+        int(keep.sum()),
+    )
 
 
-def merge_totals(rows: np.ndarray, totals: KeyedCounts, new_viewers: np.ndarray,
-                 heartbeat_seconds: int) -> np.ndarray:
+def merge_totals(
+    rows: np.ndarray, totals: KeyedCounts, new_viewers: np.ndarray, heartbeat_seconds: int
+) -> np.ndarray:
     """Stored totals rows (view_time, starts, stops, ends, uniques, first, last) plus a batch."""
     counts = totals.counts
     assert totals.first is not None and totals.last is not None  # totals always carry them
@@ -203,8 +220,9 @@ def merge_totals(rows: np.ndarray, totals: KeyedCounts, new_viewers: np.ndarray,
     return rows
 
 
-def merge_buckets(rows: np.ndarray, buckets: KeyedCounts, new_viewers: KeyedCounts,
-                  heartbeat_seconds: int) -> np.ndarray:
+def merge_buckets(
+    rows: np.ndarray, buckets: KeyedCounts, new_viewers: KeyedCounts, heartbeat_seconds: int
+) -> np.ndarray:
     """Stored bucket rows (view_time, starts, stops, ends, uniques) plus a batch."""
     counts = buckets.counts
     rows[:, 0] += counts[:, 1] * heartbeat_seconds
@@ -216,8 +234,9 @@ def merge_buckets(rows: np.ndarray, buckets: KeyedCounts, new_viewers: KeyedCoun
     return rows
 
 
-def merge_viewer_days(stored: Sequence[bytes | None], days: ViewerDays
-                      ) -> tuple[np.ndarray, list[bytes], dict[int, KeyedCounts]]:
+def merge_viewer_days(
+    stored: Sequence[bytes | None], days: ViewerDays
+) -> tuple[np.ndarray, list[bytes], dict[int, KeyedCounts]]:
     """Combine a batch's viewer-days with their stored minute bitmaps (vectorized).
 
     Returns the indexes of viewer-days whose bitmap changed, their new stored values, and per
@@ -226,8 +245,9 @@ def merge_viewer_days(stored: Sequence[bytes | None], days: ViewerDays
     """
     count = len(days)
     present = np.array([v is not None for v in stored], bool)
-    old = np.frombuffer(b"".join([v if v is not None else _EMPTY_BITMAP for v in stored]),
-                        np.uint8).reshape(count, BITMAP_BYTES)
+    old = np.frombuffer(
+        b"".join([v if v is not None else _EMPTY_BITMAP for v in stored]), np.uint8
+    ).reshape(count, BITMAP_BYTES)
     old_bits = np.unpackbits(old, axis=1, bitorder="little").astype(bool)
     group, minute = days.group, days.minute
     is_new_minute = ~old_bits[group, minute]
@@ -269,8 +289,10 @@ def locate(keys: Sequence[np.ndarray], within: Sequence[np.ndarray]) -> np.ndarr
     media_codes = np.unique(within[0])
     low = min(int(within[1].min()), int(keys[1].min()))
     span = max(int(within[1].max()), int(keys[1].max())) - low + 1
+
     def code(columns: Sequence[np.ndarray]) -> np.ndarray:
         return np.asarray(np.searchsorted(media_codes, columns[0]) * span + (columns[1] - low))
+
     return np.asarray(np.searchsorted(code(within), code(keys)), np.int64)
 
 

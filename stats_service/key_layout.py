@@ -42,8 +42,16 @@ MINUTE, HOUR, DAY = 60, 3600, 86_400
 KIND_BUCKET = {HOUR: b"H", DAY: b"D"}
 KIND_RANK = {HOUR: b"h", DAY: b"d"}
 
-check_service_kinds({KIND_TOTALS, KIND_VIEWER, KIND_PRESENCE, KIND_PRESENCE_BY_DAY,
-                     *KIND_BUCKET.values(), *KIND_RANK.values()})
+check_service_kinds(
+    {
+        KIND_TOTALS,
+        KIND_VIEWER,
+        KIND_PRESENCE,
+        KIND_PRESENCE_BY_DAY,
+        *KIND_BUCKET.values(),
+        *KIND_RANK.values(),
+    }
+)
 
 BIAS = 1 << 63
 MINUTES_PER_DAY = 1440
@@ -96,14 +104,14 @@ def key_columns(keys: Sequence[bytes], index: int) -> np.ndarray:
     """The `index`-th column of equally long keys as int64 (ids; biased times stay biased)."""
     matrix = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1)
     start = column_offset(index)
-    column = np.ascontiguousarray(matrix[:, start:start + COLUMN_BYTES]).view(">u8")[:, 0]
+    column = np.ascontiguousarray(matrix[:, start : start + COLUMN_BYTES]).view(">u8")[:, 0]
     return column.astype(np.int64)
 
 
 def hour_row_key_of_rank_key(partition: int, rank_key: bytes) -> bytes:
     """The media-major hour row (H media hour) behind an hour ranking row (h hour media)."""
     start = column_offset(0)
-    hour = rank_key[start:start + COLUMN_BYTES]
+    hour = rank_key[start : start + COLUMN_BYTES]
     return partition_prefix(partition) + KIND_BUCKET[HOUR] + last_column(rank_key) + hour
 
 
@@ -176,7 +184,9 @@ def values_from_rows(rows: np.ndarray) -> list[bytes]:
 # --- many keys at once (the consumer's hot path) --------------------------------------------
 
 
-def pack_keys(prefix: bytes, columns: Sequence[np.ndarray], biased_columns: Sequence[bool]) -> list[bytes]:
+def pack_keys(
+    prefix: bytes, columns: Sequence[np.ndarray], biased_columns: Sequence[bool]
+) -> list[bytes]:
     """prefix + each column as 8 big-endian bytes (biased when flagged), for every row at once."""
     count = len(columns[0]) if columns else 0
     if count == 0:

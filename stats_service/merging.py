@@ -24,10 +24,15 @@ def merge_totals(parts: Iterable[Totals | None]) -> Totals | None:
     found = [t for t in parts if t is not None]
     if not found:
         return None
-    return Totals(view_time=sum(t.view_time for t in found), starts=sum(t.starts for t in found),
-                  stops=sum(t.stops for t in found), ends=sum(t.ends for t in found),
-                  uniques=sum(t.uniques for t in found), first=min(t.first for t in found),
-                  last=max(t.last for t in found))
+    return Totals(
+        view_time=sum(t.view_time for t in found),
+        starts=sum(t.starts for t in found),
+        stops=sum(t.stops for t in found),
+        ends=sum(t.ends for t in found),
+        uniques=sum(t.uniques for t in found),
+        first=min(t.first for t in found),
+        last=max(t.last for t in found),
+    )
 
 
 def merge_buckets(parts: Iterable[Mapping[int, Sequence[int]]]) -> dict[int, list[int]]:
@@ -54,8 +59,7 @@ async def merge_by_media(streams: Sequence[AsyncIterator[Chunk]]) -> AsyncIterat
     live = list(range(len(streams)))
     while True:
         need = [i for i in live if pending[i] is None]
-        got = await asyncio.gather(*(anext(streams[i], None) for i in need),
-                                   return_exceptions=True)
+        got = await asyncio.gather(*(anext(streams[i], None) for i in need), return_exceptions=True)
         for i, chunk in zip(need, got):
             if isinstance(chunk, BaseException):
                 raise chunk

@@ -45,8 +45,11 @@ class StatsProcessor:
     def apply_decoded(self, partition: int, batch: EventBatch, txn: Transaction) -> None:
         """`apply` on the consumer's decoded columns: no per-event Python work at all."""
         if len(batch):
-            self.apply_columns(partition, Columns(batch.media_id, batch.user_id,
-                                                  batch.event_type, batch.seconds), txn)
+            self.apply_columns(
+                partition,
+                Columns(batch.media_id, batch.user_id, batch.event_type, batch.seconds),
+                txn,
+            )
 
     def committed(self) -> None:
         """Nothing is cached, so nothing to refresh."""
@@ -55,8 +58,9 @@ class StatsProcessor:
         prefix = partition_prefix(partition)
         # The framework's watermark (highest event time applied) is the retention cut-off too.
         stored = txn.get(watermark_key(partition))
-        batch = aggregate(columns, None if stored is None else BIG_I64.unpack(stored)[0],
-                          self.retention_seconds)
+        batch = aggregate(
+            columns, None if stored is None else BIG_I64.unpack(stored)[0], self.retention_seconds
+        )
         txn.put(watermark_key(partition), BIG_I64.pack(batch.watermark))
         self.events_outside_retention += len(columns) - batch.trended
 
@@ -73,14 +77,16 @@ class StatsProcessor:
 
         # Viewer-day bitmaps give the exact new viewers of each minute, hour and day bucket.
         days = batch.viewer_days
-        presence_keys = k.pack_keys(prefix + k.KIND_PRESENCE, [days.media, days.day, days.user],
-                                    (False, True, False))
-        changed, bitmaps, new_bucket_viewers = merge_viewer_days(
-            txn.get_many(presence_keys), days)
+        presence_keys = k.pack_keys(
+            prefix + k.KIND_PRESENCE, [days.media, days.day, days.user], (False, True, False)
+        )
+        changed, bitmaps, new_bucket_viewers = merge_viewer_days(txn.get_many(presence_keys), days)
         if len(changed):
-            by_day_keys = k.pack_keys(prefix + k.KIND_PRESENCE_BY_DAY,
-                                      [days.day[changed], days.media[changed], days.user[changed]],
-                                      (True, False, False))
+            by_day_keys = k.pack_keys(
+                prefix + k.KIND_PRESENCE_BY_DAY,
+                [days.day[changed], days.media[changed], days.user[changed]],
+                (True, False, False),
+            )
             txn.put_many(zip([presence_keys[i] for i in changed.tolist()], bitmaps))
             txn.put_many(zip(by_day_keys, bitmaps))
 
@@ -93,9 +99,12 @@ class StatsProcessor:
             rows = k.hour_rows_from_values(txn.get_many(hour_keys))
             merge_buckets(rows["hour"], hours, new_bucket_viewers[k.HOUR], self.heartbeat_seconds)
             minutes = batch.buckets[k.MINUTE]
-            minute_rows = merge_buckets(np.zeros((len(minutes), k.BUCKET_FIELDS), np.int64),
-                                        minutes, new_bucket_viewers[k.MINUTE],
-                                        self.heartbeat_seconds)
+            minute_rows = merge_buckets(
+                np.zeros((len(minutes), k.BUCKET_FIELDS), np.int64),
+                minutes,
+                new_bucket_viewers[k.MINUTE],
+                self.heartbeat_seconds,
+            )
             minute_media, minute_start = minutes.keys
             hour_of_minute = minute_start // k.HOUR * k.HOUR
             row = locate([minute_media, hour_of_minute], hours.keys)
@@ -106,8 +115,9 @@ class StatsProcessor:
             rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.HOUR], [start, media], (True, False))
             txn.put_many(zip(rank_keys, k.values_from_rows(rows["hour"])))
 
-    def _write_days(self, prefix: bytes, days: KeyedCounts, new_viewers: KeyedCounts,
-                    txn: Transaction) -> None:
+    def _write_days(
+        self, prefix: bytes, days: KeyedCounts, new_viewers: KeyedCounts, txn: Transaction
+    ) -> None:
         if not len(days):
             return
         media, start = days.keys

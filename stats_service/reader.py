@@ -80,25 +80,33 @@ class StatsReader:
         if not rows:
             return None
         return Totals(
-            view_time=sum(r[0] for r in rows), starts=sum(r[1] for r in rows),
-            stops=sum(r[2] for r in rows), ends=sum(r[3] for r in rows),
-            uniques=sum(r[4] for r in rows), first=min(r[5] for r in rows),
-            last=max(r[6] for r in rows))
+            view_time=sum(r[0] for r in rows),
+            starts=sum(r[1] for r in rows),
+            stops=sum(r[2] for r in rows),
+            ends=sum(r[3] for r in rows),
+            uniques=sum(r[4] for r in rows),
+            first=min(r[5] for r in rows),
+            last=max(r[6] for r in rows),
+        )
 
-    def trend(self, partitions: Sequence[int], media_id: int, size: int, start: int, end: int
-              ) -> dict[int, list[int]]:
+    def trend(
+        self, partitions: Sequence[int], media_id: int, size: int, start: int, end: int
+    ) -> dict[int, list[int]]:
         """Bucket start -> [view_time, starts, stops, ends, uniques] for [start, end)."""
         buckets: dict[int, list[int]] = {}
         for p in partitions:
             if size == k.DAY:
                 prefix = k.bucket_prefix(p, k.DAY, media_id)
-                for key, value in self.store.scan(prefix + k.biased(start),
-                                                  prefix + k.biased(end)):
+                for key, value in self.store.scan(prefix + k.biased(start), prefix + k.biased(end)):
                     _add(buckets, k.unbiased(k.last_column(key)), k.decode_bucket(value))
                 continue
             prefix = k.bucket_prefix(p, k.HOUR, media_id)
-            items = list(self.store.scan(prefix + k.biased(floor_to(start, k.HOUR)),
-                                         prefix + k.biased(ceil_to(end, k.HOUR))))
+            items = list(
+                self.store.scan(
+                    prefix + k.biased(floor_to(start, k.HOUR)),
+                    prefix + k.biased(ceil_to(end, k.HOUR)),
+                )
+            )
             if not items:
                 continue
             rows = np.frombuffer(b"".join([v for _, v in items]), k.HOUR_ROW)
@@ -131,21 +139,28 @@ class StatsReader:
 
     # --- every media item in a range (ListTopMedia) -------------------------------------------
 
-    def range_counts(self, partitions: Sequence[int], start: int, end: int
-                     ) -> dict[int, tuple[int, int]]:
+    def range_counts(
+        self, partitions: Sequence[int], start: int, end: int
+    ) -> dict[int, tuple[int, int]]:
         """Media -> (view_time, starts) over minute-aligned [start, end), for every media item
         with an event there (all chunks gathered: for tests and small ranges)."""
-        return {m: (v, s) for media, values in self.range_chunks(partitions, start, end, False)
-                for m, v, s in zip(media.tolist(), values[:, 0].tolist(), values[:, 1].tolist())}
+        return {
+            m: (v, s)
+            for media, values in self.range_chunks(partitions, start, end, False)
+            for m, v, s in zip(media.tolist(), values[:, 0].tolist(), values[:, 1].tolist())
+        }
 
-    def range_viewers_all(self, partitions: Sequence[int], start: int, end: int
-                          ) -> dict[int, int]:
+    def range_viewers_all(self, partitions: Sequence[int], start: int, end: int) -> dict[int, int]:
         """Media -> exact distinct users over minute-aligned [start, end) (all chunks)."""
-        return {m: u for media, values in self.range_chunks(partitions, start, end, True)
-                for m, u in zip(media.tolist(), values[:, 2].tolist())}
+        return {
+            m: u
+            for media, values in self.range_chunks(partitions, start, end, True)
+            for m, u in zip(media.tolist(), values[:, 2].tolist())
+        }
 
-    def range_chunks(self, partitions: Sequence[int], start: int, end: int, viewers: bool
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def range_chunks(
+        self, partitions: Sequence[int], start: int, end: int, viewers: bool
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every media item with an event in minute-aligned [start, end), in chunks of
         ascending media ids: (media ids, rows of view_time, starts, unique viewers (0 unless
         `viewers`)). Whole days, whole hours and the minutes at the ragged edges come from the
@@ -156,8 +171,11 @@ class StatsReader:
         for lo, hi, parts in self._merge(streams, _NO_MEDIA, None, 8):
             media_parts, value_parts = [], []
             for stream, items in parts:
-                found = (self._minute_items(stream, items) if stream.kind == "minutes"
-                         else self._rows(items))
+                found = (
+                    self._minute_items(stream, items)
+                    if stream.kind == "minutes"
+                    else self._rows(items)
+                )
                 if found is not None and len(found[0]):
                     media_parts.append(found[0])
                     value_parts.append(found[1])
@@ -172,8 +190,9 @@ class StatsReader:
                 self._add_viewers(presence, lo, hi, start, end, media, values)
             yield media, values
 
-    def _merge(self, streams: Sequence[_Stream], lo: bytes, end: bytes | None, width: int
-               ) -> Iterator[tuple[bytes, bytes | None, list[tuple[_Stream, list]]]]:
+    def _merge(
+        self, streams: Sequence[_Stream], lo: bytes, end: bytes | None, width: int
+    ) -> Iterator[tuple[bytes, bytes | None, list[tuple[_Stream, list]]]]:
         """The streams' rows in chunks [lo, hi) of the `width` key bytes after their prefixes
         (up to `end`, None: no end), each chunk complete in every stream and about
         `chunk_rows` rows in all: a stream gives at most its share of rows, and when it has
@@ -207,35 +226,46 @@ class StatsReader:
                 prefix = k.rank_prefix(p, step)
                 for bucket in self._buckets(prefix, first, last, step):
                     if size == k.MINUTE:
-                        streams.append(_Stream(prefix + k.biased(bucket), "minutes", p, bucket,
-                                               max(low, bucket), min(high, bucket + k.HOUR)))
+                        streams.append(
+                            _Stream(
+                                prefix + k.biased(bucket),
+                                "minutes",
+                                p,
+                                bucket,
+                                max(low, bucket),
+                                min(high, bucket + k.HOUR),
+                            )
+                        )
                     else:
                         streams.append(_Stream(prefix + k.biased(bucket), "bucket", p, bucket))
         return streams
 
-    def _presence_streams(self, partitions: Sequence[int], start: int, end: int
-                          ) -> list[_Stream]:
+    def _presence_streams(self, partitions: Sequence[int], start: int, end: int) -> list[_Stream]:
         first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
-        return [_Stream(k.presence_by_day_prefix(p) + k.biased(day), "presence", p, day)
-                for p in partitions
-                for day in self._buckets(k.presence_by_day_prefix(p), first_day, end_day, k.DAY)]
+        return [
+            _Stream(k.presence_by_day_prefix(p) + k.biased(day), "presence", p, day)
+            for p in partitions
+            for day in self._buckets(k.presence_by_day_prefix(p), first_day, end_day, k.DAY)
+        ]
 
     def _buckets(self, prefix: bytes, low: int, high: int, step: int) -> list[int]:
         """Starts of the buckets in [low, high) with rows under prefix + biased(start)."""
         found: list[int] = []
         at = low
         while at < high:
-            first = next(iter(self.store.scan(prefix + k.biased(at), prefix + k.biased(high))),
-                         None)
+            first = next(
+                iter(self.store.scan(prefix + k.biased(at), prefix + k.biased(high))), None
+            )
             if first is None:
                 break
-            bucket = k.unbiased(first[0][len(prefix):len(prefix) + 8])
+            bucket = k.unbiased(first[0][len(prefix) : len(prefix) + 8])
             found.append(bucket)
             at = bucket + step
         return found
 
-    def _minute_items(self, stream: _Stream, items: list[tuple[bytes, bytes]]
-                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    def _minute_items(
+        self, stream: _Stream, items: list[tuple[bytes, bytes]]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """Sums of the minutes in [stream.low, stream.high) per media item of `items` (hour
         index rows): one multi-get fetches their hour rows."""
         if not items:
@@ -249,8 +279,16 @@ class StatsReader:
         active = sums[:, 4] > 0
         return media[active], sums[active]
 
-    def _add_viewers(self, streams: Sequence[_Stream], lo: bytes, hi: bytes | None,
-                     start: int, end: int, media: np.ndarray, values: np.ndarray) -> None:
+    def _add_viewers(
+        self,
+        streams: Sequence[_Stream],
+        lo: bytes,
+        hi: bytes | None,
+        start: int,
+        end: int,
+        media: np.ndarray,
+        values: np.ndarray,
+    ) -> None:
         """Add to values[:, 2] the distinct users of each media item in [lo, hi), from the
         day-major bitmaps in (media, user) chunks: a (media, user) pair falls in exactly one
         chunk, so the chunks' distinct counts add up exactly."""
@@ -263,8 +301,11 @@ class StatsReader:
                 keys = [key for key, _ in items]  # Q day media user
                 days = np.full(len(items), stream.start, np.int64)
                 inside = _in_range(days, [v for _, v in items], start, end)
-                pairs.append(np.stack([k.key_columns(keys, 1)[inside],
-                                       k.key_columns(keys, 2)[inside]], axis=1))
+                pairs.append(
+                    np.stack(
+                        [k.key_columns(keys, 1)[inside], k.key_columns(keys, 2)[inside]], axis=1
+                    )
+                )
             if not pairs:
                 continue
             unique = np.unique(np.concatenate(pairs), axis=0)
@@ -280,11 +321,13 @@ class StatsReader:
             return None
         media = k.key_columns([key for key, _ in pairs], 1)  # h hour media, d day media
         rows = np.frombuffer(b"".join([v for _, v in pairs]), "<i8").reshape(
-            len(pairs), k.BUCKET_FIELDS)
+            len(pairs), k.BUCKET_FIELDS
+        )
         return media, rows
 
-    def range_viewers_of(self, partitions: Sequence[int], media_ids: Iterable[int], start: int,
-                         end: int) -> dict[int, int]:
+    def range_viewers_of(
+        self, partitions: Sequence[int], media_ids: Iterable[int], start: int, end: int
+    ) -> dict[int, int]:
         return {m: self.viewers(partitions, m, start, end) for m in media_ids}
 
 
@@ -306,7 +349,8 @@ def _in_range(days: np.ndarray, bitmaps: list[bytes], start: int, end: int) -> n
         mask = _day_mask(day, start, end) or 0
         mask_bytes = np.frombuffer(mask.to_bytes(k.BITMAP_BYTES, "little"), np.uint8)
         bits = np.frombuffer(b"".join([bitmaps[i] for i in rows.tolist()]), np.uint8).reshape(
-            len(rows), k.BITMAP_BYTES)
+            len(rows), k.BITMAP_BYTES
+        )
         inside[rows] = (bits & mask_bytes).any(axis=1)
     return inside
 
@@ -316,4 +360,3 @@ def _day_mask(day: int, start: int, end: int) -> int | None:
     if start <= day and day + k.DAY <= end:
         return None
     return minute_mask((start - day) // k.MINUTE, (end - day) // k.MINUTE)
-

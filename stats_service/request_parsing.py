@@ -28,8 +28,11 @@ GRANULARITY_SECONDS = {
     pb.GRANULARITY_HOUR: HOUR,
     pb.GRANULARITY_DAY: DAY,
 }
-METRICS = (pb.TOP_MEDIA_METRIC_VIEW_TIME, pb.TOP_MEDIA_METRIC_STARTS,
-           pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS)
+METRICS = (
+    pb.TOP_MEDIA_METRIC_VIEW_TIME,
+    pb.TOP_MEDIA_METRIC_STARTS,
+    pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS,
+)
 # What google.protobuf.Timestamp can hold: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
 TIMESTAMP_MIN_SECONDS = -62_135_596_800
 TIMESTAMP_MAX_SECONDS = 253_402_300_799
@@ -93,8 +96,9 @@ def ceil_seconds(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds + (1 if ts.nanos > 0 else 0)
 
 
-def tiles(start: int, end: int, sizes: Sequence[int] = (DAY, HOUR, MINUTE)
-          ) -> list[tuple[int, int, int]]:
+def tiles(
+    start: int, end: int, sizes: Sequence[int] = (DAY, HOUR, MINUTE)
+) -> list[tuple[int, int, int]]:
     """Cover minute-aligned [start, end) with the fewest buckets: whole days in the middle,
     whole hours and then minutes at the ragged edges. Returns (size, first start, end) runs."""
     if start >= end or not sizes:
@@ -124,10 +128,17 @@ def check_range(request: object, out: list[Violation]) -> bool:
             ok = False
             continue
         ts = getattr(request, name)
-        if not (TIMESTAMP_MIN_SECONDS <= ts.seconds <= TIMESTAMP_MAX_SECONDS
-                and 0 <= ts.nanos < 1_000_000_000):
-            out.append(violation(name, f"{name} is not a valid timestamp "
-                                       "(0001-01-01 to 9999-12-31 UTC)", "OUT_OF_RANGE"))
+        if not (
+            TIMESTAMP_MIN_SECONDS <= ts.seconds <= TIMESTAMP_MAX_SECONDS
+            and 0 <= ts.nanos < 1_000_000_000
+        ):
+            out.append(
+                violation(
+                    name,
+                    f"{name} is not a valid timestamp (0001-01-01 to 9999-12-31 UTC)",
+                    "OUT_OF_RANGE",
+                )
+            )
             ok = False
     if ok:
         start, end = request.start_time, request.end_time  # type: ignore[attr-defined]
@@ -137,46 +148,68 @@ def check_range(request: object, out: list[Violation]) -> bool:
     return ok
 
 
-def parse_trend(request: pb.GetMediaTrendRequest, limits: Limits
-                ) -> tuple[TrendQuery | None, list[Violation]]:
+def parse_trend(
+    request: pb.GetMediaTrendRequest, limits: Limits
+) -> tuple[TrendQuery | None, list[Violation]]:
     out: list[Violation] = []
     check_media_id(request.media_id, out)
     size = GRANULARITY_SECONDS.get(request.granularity)
     if size is None:
         if request.granularity == pb.GRANULARITY_UNSPECIFIED:
-            out.append(violation("granularity", "granularity is required (MINUTE, HOUR or DAY)",
-                                 "REQUIRED"))
+            out.append(
+                violation(
+                    "granularity", "granularity is required (MINUTE, HOUR or DAY)", "REQUIRED"
+                )
+            )
         else:
-            out.append(violation("granularity", f"granularity has unknown value "
-                                                f"{request.granularity}", "UNKNOWN_VALUE"))
+            out.append(
+                violation(
+                    "granularity",
+                    f"granularity has unknown value {request.granularity}",
+                    "UNKNOWN_VALUE",
+                )
+            )
     if check_range(request, out) and size is not None:
         start = floor_to(request.start_time.seconds, size)
         end = ceil_to(ceil_seconds(request.end_time), size)
         buckets = (end - start) // size
         if buckets > limits.max_trend_buckets:
-            out.append(violation(
-                "end_time", f"the range holds {buckets} buckets at this granularity; at most "
-                            f"{limits.max_trend_buckets} are returned: narrow the range or use a "
-                            "coarser granularity", "TOO_MANY_BUCKETS"))
+            out.append(
+                violation(
+                    "end_time",
+                    f"the range holds {buckets} buckets at this granularity; at most "
+                    f"{limits.max_trend_buckets} are returned: narrow the range or use a "
+                    "coarser granularity",
+                    "TOO_MANY_BUCKETS",
+                )
+            )
         if not out:
-            return TrendQuery(request.media_id, size, start, end,
-                              request.include_empty_buckets), out
+            return TrendQuery(
+                request.media_id, size, start, end, request.include_empty_buckets
+            ), out
     return None, out
 
 
-def parse_top(request: pb.ListTopMediaRequest, limits: Limits, secret: bytes | None = None
-              ) -> tuple[TopQuery | None, list[Violation]]:
+def parse_top(
+    request: pb.ListTopMediaRequest, limits: Limits, secret: bytes | None = None
+) -> tuple[TopQuery | None, list[Violation]]:
     """The query a request asks for; `secret` checks its page token (None: PROCESS_SECRET)."""
     out: list[Violation] = []
     metric = request.metric or pb.TOP_MEDIA_METRIC_VIEW_TIME
     if metric not in METRICS:
-        out.append(violation("metric", f"metric has unknown value {request.metric}",
-                             "UNKNOWN_VALUE"))
+        out.append(
+            violation("metric", f"metric has unknown value {request.metric}", "UNKNOWN_VALUE")
+        )
     limit = request.limit or limits.default_page_size
     if not 1 <= limit <= limits.max_page_size:
-        out.append(violation("limit", f"limit must be 0 (default {limits.default_page_size}) or "
-                                      f"1 to {limits.max_page_size}, got {request.limit}",
-                             "OUT_OF_RANGE"))
+        out.append(
+            violation(
+                "limit",
+                f"limit must be 0 (default {limits.default_page_size}) or "
+                f"1 to {limits.max_page_size}, got {request.limit}",
+                "OUT_OF_RANGE",
+            )
+        )
     range_ok = check_range(request, out)
     fingerprint = request_fingerprint(request, metric)
     offset = 0
@@ -219,13 +252,20 @@ def rank(values: dict[int, tuple[int, int, int]], metric: int) -> list[int]:
     """Media ids best first by the metric's column of (view_time, starts, unique_viewers);
     ties by media id ascending, so pages are stable. Every media item with an event in the
     range is ranked, including those whose metric is 0."""
-    column = {pb.TOP_MEDIA_METRIC_VIEW_TIME: 0, pb.TOP_MEDIA_METRIC_STARTS: 1,
-              pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2}[metric]
+    columns: dict[int, int] = {
+        pb.TOP_MEDIA_METRIC_VIEW_TIME: 0,
+        pb.TOP_MEDIA_METRIC_STARTS: 1,
+        pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2,
+    }
+    column = columns[metric]
     return sorted(values, key=lambda m: (-values[m][column], m))
 
 
-METRIC_COLUMN = {pb.TOP_MEDIA_METRIC_VIEW_TIME: 0, pb.TOP_MEDIA_METRIC_STARTS: 1,
-                 pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2}
+METRIC_COLUMN: dict[int, int] = {
+    pb.TOP_MEDIA_METRIC_VIEW_TIME: 0,
+    pb.TOP_MEDIA_METRIC_STARTS: 1,
+    pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2,
+}
 
 
 class TopKeeper:
@@ -245,23 +285,29 @@ class TopKeeper:
         self.total += len(media)
         media = np.concatenate([self.media, media])
         values = np.concatenate([self.values, values])
-        order = np.lexsort((media, -values[:, self.column]))[:self.keep]
+        order = np.lexsort((media, -values[:, self.column]))[: self.keep]
         self.media, self.values = media[order], values[order]
 
-    def page(self, offset: int, limit: int
-             ) -> tuple[list[int], dict[int, tuple[int, int, int]], int | None]:
+    def page(
+        self, offset: int, limit: int
+    ) -> tuple[list[int], dict[int, tuple[int, int, int]], int | None]:
         """One page (ids best first, their rows) and the offset of the next (None: last)."""
-        chosen = self.media[offset:offset + limit].tolist()
-        rows = [tuple(r) for r in self.values[offset:offset + limit].tolist()]
+        chosen = self.media[offset : offset + limit].tolist()
+        rows = [tuple(r) for r in self.values[offset : offset + limit].tolist()]
         following = offset + limit
-        return chosen, dict(zip(chosen, rows)), (following if following < self.total else None)  # type: ignore[arg-type]
+        return chosen, dict(zip(chosen, rows)), (following if following < self.total else None)
 
 
 def request_fingerprint(request: pb.ListTopMediaRequest, metric: int) -> str:
     """What a page token is bound to: every request field except limit and page_token
     (AIP-158 lets the page size change between pages)."""
-    parts = (request.start_time.seconds, request.start_time.nanos, request.end_time.seconds,
-             request.end_time.nanos, metric)
+    parts = (
+        request.start_time.seconds,
+        request.start_time.nanos,
+        request.end_time.seconds,
+        request.end_time.nanos,
+        metric,
+    )
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -291,17 +337,18 @@ def _unb64(text: str) -> bytes | None:
 def encode_page_token(fingerprint: str, offset: int, secret: bytes | None = None) -> str:
     """Opaque to clients: the offset and the request it belongs to, signed, so that a client
     can neither forge a token nor move one to another request or offset."""
-    body = json.dumps({"v": TOKEN_VERSION, "f": fingerprint, "o": offset},
-                      separators=(",", ":")).encode()
+    body = json.dumps(
+        {"v": TOKEN_VERSION, "f": fingerprint, "o": offset}, separators=(",", ":")
+    ).encode()
     return _b64(body) + "." + _b64(_mac(PROCESS_SECRET if secret is None else secret, body))
 
 
-def decode_page_token(token: str, fingerprint: str, secret: bytes | None = None
-                      ) -> int | Violation:
+def decode_page_token(token: str, fingerprint: str, secret: bytes | None = None) -> int | Violation:
     """The offset a token stands for, or why it cannot be used with this request. The MAC is
     checked (in constant time) before anything inside the token is believed."""
-    bad = violation("page_token", "page_token is not a token this service issued",
-                    "INVALID_PAGE_TOKEN")
+    bad = violation(
+        "page_token", "page_token is not a token this service issued", "INVALID_PAGE_TOKEN"
+    )
     if len(token) > MAX_TOKEN_CHARS or token.count(".") != 1:
         return bad
     body_text, mac_text = token.split(".")
@@ -315,19 +362,26 @@ def decode_page_token(token: str, fingerprint: str, secret: bytes | None = None
     except ValueError:
         return bad
     offset = document.get("o") if isinstance(document, dict) else None
-    if (document.get("v") != TOKEN_VERSION or not isinstance(offset, int)  # type: ignore[union-attr]
-            or isinstance(offset, bool) or offset < 0):
+    if (
+        document.get("v") != TOKEN_VERSION
+        or not isinstance(offset, int)
+        or isinstance(offset, bool)
+        or offset < 0
+    ):
         return bad
-    if not hmac.compare_digest(str(document.get("f")), fingerprint):  # type: ignore[union-attr]
-        return violation("page_token", "page_token belongs to a request with other start_time, "
-                                       "end_time or metric: repeat that request's fields",
-                         "PAGE_TOKEN_MISMATCH")
+    if not hmac.compare_digest(str(document.get("f")), fingerprint):
+        return violation(
+            "page_token",
+            "page_token belongs to a request with other start_time, "
+            "end_time or metric: repeat that request's fields",
+            "PAGE_TOKEN_MISMATCH",
+        )
     return offset
 
 
 def page(ranked: Sequence[int], offset: int, limit: int) -> tuple[list[int], int | None]:
     """One page of a ranking and the offset of the next page (None on the last)."""
-    chosen = list(ranked[offset:offset + limit])
+    chosen = list(ranked[offset : offset + limit])
     following = offset + limit
     return chosen, (following if following < len(ranked) else None)
 

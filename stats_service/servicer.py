@@ -50,9 +50,15 @@ TrendPart = tuple[dict[int, list[int]], int, bool]  # buckets, unique viewers, m
 
 
 def totals_of(stats: pb.MediaStats) -> Totals:
-    return Totals(view_time=stats.view_time_seconds, starts=stats.starts, stops=stats.stops,
-                  ends=stats.ends, uniques=stats.unique_viewers,
-                  first=stats.first_event_time.seconds, last=stats.last_event_time.seconds)
+    return Totals(
+        view_time=stats.view_time_seconds,
+        starts=stats.starts,
+        stops=stats.stops,
+        ends=stats.ends,
+        uniques=stats.unique_viewers,
+        first=stats.first_event_time.seconds,
+        last=stats.last_event_time.seconds,
+    )
 
 
 def _ts(seconds: int) -> timestamp_pb2.Timestamp:
@@ -61,22 +67,35 @@ def _ts(seconds: int) -> timestamp_pb2.Timestamp:
 
 def media_stats(media_id: int, totals: Totals) -> pb.MediaStats:
     return pb.MediaStats(
-        media_id=media_id, view_time_seconds=totals.view_time, starts=totals.starts,
-        stops=totals.stops, ends=totals.ends, unique_viewers=totals.uniques,
+        media_id=media_id,
+        view_time_seconds=totals.view_time,
+        starts=totals.starts,
+        stops=totals.stops,
+        ends=totals.ends,
+        unique_viewers=totals.uniques,
         completion_rate=totals.ends / totals.starts if totals.starts else 0.0,
         average_view_time_seconds_per_viewer=(
-            totals.view_time / totals.uniques if totals.uniques else 0.0),
-        first_event_time=_ts(totals.first), last_event_time=_ts(totals.last))
+            totals.view_time / totals.uniques if totals.uniques else 0.0
+        ),
+        first_event_time=_ts(totals.first),
+        last_event_time=_ts(totals.last),
+    )
 
 
 class StatsServicer:
     """Implements viewevents.v1.StatsService over a StatsReader and the partition owners."""
 
-    def __init__(self, reader: StatsReader, consumer: ExactlyOnceConsumer | Any,
-                 limits: Limits, page_token_secret: bytes | None = None, *,
-                 peers: scatter.Peers | None = None,
-                 peer_metadata: Sequence[tuple[str, str]] = (),
-                 fanout_timeout: float = scatter.DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        reader: StatsReader,
+        consumer: ExactlyOnceConsumer | Any,
+        limits: Limits,
+        page_token_secret: bytes | None = None,
+        *,
+        peers: scatter.Peers | None = None,
+        peer_metadata: Sequence[tuple[str, str]] = (),
+        fanout_timeout: float = scatter.DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.reader = reader
         self.consumer = consumer
         self.limits = limits
@@ -113,8 +132,9 @@ class StatsServicer:
         wanted = set(partitions)
         full = self.consumer.position()
         watermark = self.reader.store.watermark(partitions) if partitions else None
-        position = Position(partitions=[p for p in full.partitions if p.partition in wanted],
-                            caught_up=True)
+        position = Position(
+            partitions=[p for p in full.partitions if p.partition in wanted], caught_up=True
+        )
         if watermark is not None:
             position.event_time_watermark.seconds = watermark
         return position
@@ -124,20 +144,29 @@ class StatsServicer:
         if missing:
             raise scatter.OwnerUnavailable(
                 f"instance {self.address} does not own or has not caught up on partitions "
-                f"{scatter.format_partitions(missing)}")
+                f"{scatter.format_partitions(missing)}"
+            )
 
-    async def _gather(self, context: grpc.aio.ServicerContext, method: str,
-                      local: Callable[[list[int]], Awaitable[T]],
-                      remote: Callable[[pb_grpc.StatsServiceStub, list[int], Sequence[tuple[str, str]],
-                                        float], Awaitable[T]]) -> list[T]:
+    async def _gather(
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        local: Callable[[list[int]], Awaitable[T]],
+        remote: Callable[
+            [pb_grpc.StatsServiceStub, list[int], Sequence[tuple[str, str]], float], Awaitable[T]
+        ],
+    ) -> list[T]:
         """Every partition's partial answer: read locally for this instance's partitions, asked
         of their owners for the others; aborts with UNAVAILABLE and RetryInfo when any is
         missing. A call from a peer is answered from exactly the partitions it names."""
         try:
             asked = scatter.requested_partitions(context.invocation_metadata())
         except ValueError as error:
-            await abort_bad_request(context, str(error), [request_parsing.violation(
-                scatter.PARTITIONS_KEY, str(error), "INVALID_METADATA")])
+            await abort_bad_request(
+                context,
+                str(error),
+                [request_parsing.violation(scatter.PARTITIONS_KEY, str(error), "INVALID_METADATA")],
+            )
         await _answered_by(context, self.address)
         if asked is not None:
             try:
@@ -147,40 +176,51 @@ class StatsServicer:
             log.debug("%s for a peer from partitions %s", method, asked)
             return [await local(asked)]
         remaining = context.time_remaining()
-        timeout = self.fanout_timeout if remaining is None else max(
-            0.05, min(self.fanout_timeout, remaining - 0.05))
+        timeout = (
+            self.fanout_timeout
+            if remaining is None
+            else max(0.05, min(self.fanout_timeout, remaining - 0.05))
+        )
 
         async def ask(address: str, partitions: list[int]) -> T:
             if address == self.address:
                 self._check_local(partitions)
                 return await local(partitions)
-            metadata = [(scatter.PARTITIONS_KEY, scatter.format_partitions(partitions)),
-                        *self.peer_metadata]
+            metadata = [
+                (scatter.PARTITIONS_KEY, scatter.format_partitions(partitions)),
+                *self.peer_metadata,
+            ]
             stub = pb_grpc.StatsServiceStub(self.peers.channel(address))
             return await remote(stub, partitions, metadata, timeout)
 
         try:
-            partials = await scatter.gather(self._owners(), ask, timeout=timeout,
-                                            service="stats")
+            partials = await scatter.gather(self._owners(), ask, timeout=timeout, service="stats")
         except scatter.Incomplete as incomplete:
             log.info("%s UNAVAILABLE: %s", method, incomplete)
             await abort_unavailable(context, str(incomplete))
-        log.debug("%s answered by %s from %s", method, self.address,
-                  {p.address: scatter.format_partitions(p.partitions) for p in partials})
+        log.debug(
+            "%s answered by %s from %s",
+            method,
+            self.address,
+            {p.address: scatter.format_partitions(p.partitions) for p in partials},
+        )
         return [p.result for p in partials]
 
-    async def _not_found(self, context: grpc.aio.ServicerContext, media_id: int,
-                         position: Position) -> None:
+    async def _not_found(
+        self, context: grpc.aio.ServicerContext, media_id: int, position: Position
+    ) -> None:
         offsets = ", ".join(f"{p.partition}:{p.offset}" for p in position.partitions)
         await context.abort(
             grpc.StatusCode.NOT_FOUND,
             f"media item {media_id} has no events (consumer at offsets [{offsets}], "
-            f"caught_up={position.caught_up})")
+            f"caught_up={position.caught_up})",
+        )
 
     # --- GetMediaStats ----------------------------------------------------------------------
 
-    async def GetMediaStats(self, request: pb.GetMediaStatsRequest,
-                            context: grpc.aio.ServicerContext) -> pb.GetMediaStatsResponse:
+    async def GetMediaStats(
+        self, request: pb.GetMediaStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetMediaStatsResponse:
         await reject_unparseable(context, request)
         violations: list[view_event_pb2.FieldViolation] = []
         request_parsing.check_media_id(request.media_id, violations)
@@ -191,9 +231,12 @@ class StatsServicer:
             position = self._local_position(partitions)
             return self.reader.totals(partitions, request.media_id), position
 
-        async def remote(stub: pb_grpc.StatsServiceStub, partitions: list[int],
-                         metadata: Sequence[tuple[str, str]], timeout: float
-                         ) -> tuple[Totals | None, Position]:
+        async def remote(
+            stub: pb_grpc.StatsServiceStub,
+            partitions: list[int],
+            metadata: Sequence[tuple[str, str]],
+            timeout: float,
+        ) -> tuple[Totals | None, Position]:
             reply = await stub.GetMediaStats(request, metadata=metadata, timeout=timeout)
             return (totals_of(reply.stats) if reply.HasField("stats") else None), reply.position
 
@@ -203,38 +246,52 @@ class StatsServicer:
         if scatter.requested_partitions(context.invocation_metadata()) is not None:
             # A peer's partial: no stats field when these partitions have no events for it.
             return pb.GetMediaStatsResponse(
-                stats=media_stats(request.media_id, totals) if totals else None,
-                position=position)
+                stats=media_stats(request.media_id, totals) if totals else None, position=position
+            )
         if totals is None:
             await self._not_found(context, request.media_id, position)
         assert totals is not None
-        return pb.GetMediaStatsResponse(stats=media_stats(request.media_id, totals),
-                                        position=position)
+        return pb.GetMediaStatsResponse(
+            stats=media_stats(request.media_id, totals), position=position
+        )
 
     # --- GetMediaTrend ----------------------------------------------------------------------
 
-    async def GetMediaTrend(self, request: pb.GetMediaTrendRequest,
-                            context: grpc.aio.ServicerContext) -> pb.GetMediaTrendResponse:
+    async def GetMediaTrend(
+        self, request: pb.GetMediaTrendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetMediaTrendResponse:
         await reject_unparseable(context, request)
         query, violations = request_parsing.parse_trend(request, self.limits)
         if query is None:
             await abort_bad_request(context, "invalid GetMediaTrend request", violations)
         assert query is not None
+        trend: TrendQuery = query  # narrowed, for the closures below
 
         async def local(partitions: list[int]) -> tuple[TrendPart, Position]:
             position = self._local_position(partitions)
-            if self.reader.totals(partitions, query.media_id) is None:
+            if self.reader.totals(partitions, trend.media_id) is None:
                 return ({}, 0, False), position
             async with self._scans:
-                part = await asyncio.to_thread(self._trend_part, query, partitions)
+                part = await asyncio.to_thread(self._trend_part, trend, partitions)
             return part, position
 
-        async def remote(stub: pb_grpc.StatsServiceStub, partitions: list[int],
-                         metadata: Sequence[tuple[str, str]], timeout: float
-                         ) -> tuple[TrendPart, Position]:
+        async def remote(
+            stub: pb_grpc.StatsServiceStub,
+            partitions: list[int],
+            metadata: Sequence[tuple[str, str]],
+            timeout: float,
+        ) -> tuple[TrendPart, Position]:
             reply = await stub.GetMediaTrend(request, metadata=metadata, timeout=timeout)
-            buckets = {b.start_time.seconds: [b.view_time_seconds, b.starts, b.stops, b.ends,
-                                              b.unique_viewers] for b in reply.buckets}
+            buckets = {
+                b.start_time.seconds: [
+                    b.view_time_seconds,
+                    b.starts,
+                    b.stops,
+                    b.ends,
+                    b.unique_viewers,
+                ]
+                for b in reply.buckets
+            }
             # A peer says media_id 0 when its partitions have no events for the item.
             return (buckets, reply.unique_viewers, reply.media_id != 0), reply.position
 
@@ -254,8 +311,9 @@ class StatsServicer:
         response.position.CopyFrom(position)
         return response
 
-    def _trend_part(self, query: TrendQuery, partitions: Sequence[int]
-                    ) -> tuple[dict[int, list[int]], int, bool]:
+    def _trend_part(
+        self, query: TrendQuery, partitions: Sequence[int]
+    ) -> tuple[dict[int, list[int]], int, bool]:
         found = self.reader.trend(partitions, query.media_id, query.size, query.start, query.end)
         viewers = self.reader.viewers(partitions, query.media_id, query.start, query.end)
         return found, viewers, True
@@ -265,24 +323,40 @@ class StatsServicer:
         return self._trend_response(query, found, viewers)
 
     @staticmethod
-    def _trend_response(query: TrendQuery, found: dict[int, list[int]], viewers: int
-                        ) -> pb.GetMediaTrendResponse:
-        starts = (request_parsing.empty_bucket_starts(query.start, query.end, query.size)
-                  if query.include_empty else sorted(found))
+    def _trend_response(
+        query: TrendQuery, found: dict[int, list[int]], viewers: int
+    ) -> pb.GetMediaTrendResponse:
+        starts = (
+            request_parsing.empty_bucket_starts(query.start, query.end, query.size)
+            if query.include_empty
+            else sorted(found)
+        )
         buckets = []
         for start in starts:
             row = found.get(start, (0, 0, 0, 0, 0))
-            buckets.append(pb.TrendBucket(
-                start_time=_ts(start), view_time_seconds=row[0], starts=row[1], stops=row[2],
-                ends=row[3], unique_viewers=row[4]))
+            buckets.append(
+                pb.TrendBucket(
+                    start_time=_ts(start),
+                    view_time_seconds=row[0],
+                    starts=row[1],
+                    stops=row[2],
+                    ends=row[3],
+                    unique_viewers=row[4],
+                )
+            )
         granularity = {v: g for g, v in request_parsing.GRANULARITY_SECONDS.items()}[query.size]
-        return pb.GetMediaTrendResponse(media_id=query.media_id, granularity=granularity,
-                                        buckets=buckets, unique_viewers=viewers)
+        return pb.GetMediaTrendResponse(
+            media_id=query.media_id,
+            granularity=granularity,
+            buckets=buckets,
+            unique_viewers=viewers,
+        )
 
     # --- ListTopMedia -----------------------------------------------------------------------
 
-    async def ListTopMedia(self, request: pb.ListTopMediaRequest,
-                           context: grpc.aio.ServicerContext) -> pb.ListTopMediaResponse:
+    async def ListTopMedia(
+        self, request: pb.ListTopMediaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTopMediaResponse:
         """Exact over every partition whichever instance answers: each owner streams its
         per-media partial sums of the range in media id order (StreamMediaPartials; this
         instance reads its own partitions directly), the streams are merged by media id into a
@@ -306,29 +380,48 @@ class StatsServicer:
         calls: list[grpc.aio.Call] = []
         try:
             opened = await scatter.gather(
-                self._owners(), lambda address, partitions: self._open_partials(
-                    address, partitions, query.start, query.end, by_viewers, deadline, calls),
-                timeout=self._step_timeout(deadline), service="stats")
+                self._owners(),
+                lambda address, partitions: self._open_partials(
+                    address, partitions, query.start, query.end, by_viewers, deadline, calls
+                ),
+                timeout=self._step_timeout(deadline),
+                service="stats",
+            )
             best = request_parsing.TopKeeper(query.metric, query.offset + query.limit)
             await self._rank(best, [p.result[1] for p in opened])
             chosen, values, following = best.page(query.offset, query.limit)
-            viewers = ({m: values[m][2] for m in chosen} if by_viewers or not chosen else
-                       await self._page_viewers(chosen, query.start, query.end, deadline, calls))
+            viewers = (
+                {m: values[m][2] for m in chosen}
+                if by_viewers or not chosen
+                else await self._page_viewers(chosen, query.start, query.end, deadline, calls)
+            )
         finally:
             for call in calls:
                 call.cancel()
-        media = [pb.TopMedia(media_id=m, rank=query.offset + i + 1, view_time_seconds=values[m][0],
-                             starts=values[m][1], unique_viewers=viewers.get(m, 0))
-                 for i, m in enumerate(chosen)]
-        token = (request_parsing.encode_page_token(query.fingerprint, following,
-                                                   self.page_token_secret)
-                 if following is not None else "")
+        media = [
+            pb.TopMedia(
+                media_id=m,
+                rank=query.offset + i + 1,
+                view_time_seconds=values[m][0],
+                starts=values[m][1],
+                unique_viewers=viewers.get(m, 0),
+            )
+            for i, m in enumerate(chosen)
+        ]
+        token = (
+            request_parsing.encode_page_token(query.fingerprint, following, self.page_token_secret)
+            if following is not None
+            else ""
+        )
         return pb.ListTopMediaResponse(
-            media=media, next_page_token=token,
-            position=scatter.merge_positions([p.result[0] for p in opened]))
+            media=media,
+            next_page_token=token,
+            position=scatter.merge_positions([p.result[0] for p in opened]),
+        )
 
-    async def _rank(self, best: request_parsing.TopKeeper,
-                    streams: Sequence[AsyncIterator[Chunk]]) -> None:
+    async def _rank(
+        self, best: request_parsing.TopKeeper, streams: Sequence[AsyncIterator[Chunk]]
+    ) -> None:
         """Feed the merged streams to `best`, about `chunk_rows` media at a time (the keeper
         re-sorts its rows on every add)."""
         batch: list[Chunk] = []
@@ -337,19 +430,31 @@ class StatsServicer:
             batch.append((media, values))
             held += len(media)
             if held >= self.reader.chunk_rows:
-                best.add(np.concatenate([m for m, _ in batch]), np.concatenate([v for _, v in batch]))
+                best.add(
+                    np.concatenate([m for m, _ in batch]), np.concatenate([v for _, v in batch])
+                )
                 batch, held = [], 0
         if batch:
             best.add(np.concatenate([m for m, _ in batch]), np.concatenate([v for _, v in batch]))
 
     def _step_timeout(self, deadline: float | None) -> float:
         """How long one owner may take to start answering, or between two batches."""
-        return self.fanout_timeout if deadline is None else max(
-            0.05, min(self.fanout_timeout, deadline - 0.05))
+        return (
+            self.fanout_timeout
+            if deadline is None
+            else max(0.05, min(self.fanout_timeout, deadline - 0.05))
+        )
 
-    async def _open_partials(self, address: str, partitions: list[int], start: int, end: int,
-                             viewers: bool, deadline: float | None, calls: list[grpc.aio.Call]
-                             ) -> tuple[Position, AsyncIterator[Chunk]]:
+    async def _open_partials(
+        self,
+        address: str,
+        partitions: list[int],
+        start: int,
+        end: int,
+        viewers: bool,
+        deadline: float | None,
+        calls: list[grpc.aio.Call],
+    ) -> tuple[Position, AsyncIterator[Chunk]]:
         """One owner's position and its stream of partial sums (guarded: a failure names its
         partitions). This instance's partitions are read directly, others' asked for."""
         if address == self.address:
@@ -371,21 +476,37 @@ class StatsServicer:
                     yield chunk_of(reply)
                 reply = await call.read()
 
-        return position, scatter.guard_stream(address, partitions, chunks(),
-                                              self._step_timeout(deadline))
+        return position, scatter.guard_stream(
+            address, partitions, chunks(), self._step_timeout(deadline)
+        )
 
-    def _partials_call(self, address: str, partitions: Sequence[int], start: int, end: int,
-                       viewers: bool, media_ids: Sequence[int], deadline: float | None
-                       ) -> Any:
+    def _partials_call(
+        self,
+        address: str,
+        partitions: Sequence[int],
+        start: int,
+        end: int,
+        viewers: bool,
+        media_ids: Sequence[int],
+        deadline: float | None,
+    ) -> Any:
         request = ppb.StreamMediaPartialsRequest(
-            start_time=_ts(start), end_time=_ts(end), partitions=partitions,
-            include_unique_viewers=viewers, media_ids=media_ids)
+            start_time=_ts(start),
+            end_time=_ts(end),
+            partitions=partitions,
+            include_unique_viewers=viewers,
+            media_ids=media_ids,
+        )
         stub = ppb_grpc.StatsPartitionServiceStub(self.peers.channel(address))
-        return stub.StreamMediaPartials(request, metadata=self.peer_metadata,
-                                        timeout=None if deadline is None else max(0.05, deadline))
+        return stub.StreamMediaPartials(
+            request,
+            metadata=self.peer_metadata,
+            timeout=None if deadline is None else max(0.05, deadline),
+        )
 
-    async def _local_chunks(self, partitions: Sequence[int], start: int, end: int,
-                            viewers: bool) -> AsyncIterator[Chunk]:
+    async def _local_chunks(
+        self, partitions: Sequence[int], start: int, end: int, viewers: bool
+    ) -> AsyncIterator[Chunk]:
         """This instance's partial sums, one reader chunk at a time in a worker thread; a scan
         slot is held per chunk, not per stream, so that instances streaming to each other
         never wait on each other's slots."""
@@ -403,9 +524,14 @@ class StatsServicer:
             except ValueError:  # cancelled while a worker thread still runs it: it ends there
                 pass
 
-    async def _page_viewers(self, chosen: list[int], start: int, end: int,
-                            deadline: float | None, calls: list[grpc.aio.Call]
-                            ) -> dict[int, int]:
+    async def _page_viewers(
+        self,
+        chosen: list[int],
+        start: int,
+        end: int,
+        deadline: float | None,
+        calls: list[grpc.aio.Call],
+    ) -> dict[int, int]:
         """Distinct viewers of the page's items over every partition (they add: a user lives
         in one partition), when the ranking was by another metric."""
         ids = sorted(chosen)
@@ -414,8 +540,9 @@ class StatsServicer:
             if address == self.address:
                 self._check_local(partitions)
                 async with self._scans:
-                    return await asyncio.to_thread(self.reader.range_viewers_of, partitions, ids,
-                                                   start, end)
+                    return await asyncio.to_thread(
+                        self.reader.range_viewers_of, partitions, ids, start, end
+                    )
             call = self._partials_call(address, partitions, start, end, True, ids, deadline)
             calls.append(call)
             found: dict[int, int] = {}
@@ -423,16 +550,19 @@ class StatsServicer:
                 found.update(zip(reply.media_ids, reply.unique_viewers))
             return found
 
-        parts = await scatter.gather(self._owners(), ask, timeout=(
-            self.fanout_timeout if deadline is None else max(0.05, deadline - 0.05)),
-            service="stats")
+        parts = await scatter.gather(
+            self._owners(),
+            ask,
+            timeout=(self.fanout_timeout if deadline is None else max(0.05, deadline - 0.05)),
+            service="stats",
+        )
         return {m: sum(p.result.get(m, 0) for p in parts) for m in ids}
 
     # --- StatsPartitionService (internal, between instances) ------------------------------------
 
-    async def StreamMediaPartials(self, request: ppb.StreamMediaPartialsRequest,
-                                  context: grpc.aio.ServicerContext
-                                  ) -> AsyncIterator[ppb.StreamMediaPartialsResponse]:
+    async def StreamMediaPartials(
+        self, request: ppb.StreamMediaPartialsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ppb.StreamMediaPartialsResponse]:
         """Partial sums from exactly the named local partitions, in batches of PARTIAL_BATCH
         media; the position (read before the state) on the first batch. Memory: one reader
         chunk; gRPC flow control holds the reading back when the asker is slower."""
@@ -451,14 +581,17 @@ class StatsServicer:
         if request.media_ids:
             ids = sorted(set(request.media_ids))
             async with self._scans:
-                found = await asyncio.to_thread(self.reader.range_viewers_of, partitions, ids,
-                                                start, end)
+                found = await asyncio.to_thread(
+                    self.reader.range_viewers_of, partitions, ids, start, end
+                )
             yield ppb.StreamMediaPartialsResponse(
-                media_ids=ids, unique_viewers=[found[m] for m in ids], position=position)
+                media_ids=ids, unique_viewers=[found[m] for m in ids], position=position
+            )
             return
         sent = False
-        async for media, values in self._local_chunks(partitions, start, end,
-                                                      request.include_unique_viewers):
+        async for media, values in self._local_chunks(
+            partitions, start, end, request.include_unique_viewers
+        ):
             for reply in partial_batches(media, values, PARTIAL_BATCH):
                 if not sent:
                     reply.position.CopyFrom(position)
@@ -471,14 +604,18 @@ class StatsServicer:
 PARTIAL_BATCH = 1_000  # media per StreamMediaPartials message: small per-message overhead
 
 
-def partial_batches(media: np.ndarray, values: np.ndarray, size: int
-                    ) -> Iterator[ppb.StreamMediaPartialsResponse]:
+def partial_batches(
+    media: np.ndarray, values: np.ndarray, size: int
+) -> Iterator[ppb.StreamMediaPartialsResponse]:
     """A chunk of partial sums as messages of at most `size` media each."""
     for at in range(0, len(media), size):
-        rows = values[at:at + size]
+        rows = values[at : at + size]
         yield ppb.StreamMediaPartialsResponse(
-            media_ids=media[at:at + size].tolist(), view_time_seconds=rows[:, 0].tolist(),
-            starts=rows[:, 1].tolist(), unique_viewers=rows[:, 2].tolist())
+            media_ids=media[at : at + size].tolist(),
+            view_time_seconds=rows[:, 0].tolist(),
+            starts=rows[:, 1].tolist(),
+            unique_viewers=rows[:, 2].tolist(),
+        )
 
 
 def chunk_of(reply: ppb.StreamMediaPartialsResponse) -> Chunk:

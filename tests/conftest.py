@@ -48,7 +48,9 @@ def service_log(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ingest(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+def ingest(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
     """An ingest service with default settings and fresh topics, shared by a test module."""
     config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}")
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"

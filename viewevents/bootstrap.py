@@ -76,9 +76,13 @@ class Closeable(Protocol):
     def close(self) -> None: ...
 
 
-def main(prog: str, description: str | None, service_settings: Sequence[Setting],
-         serve_service: Callable[[Config], Coroutine[Any, Any, None]],
-         argv: Sequence[str] | None = None) -> None:
+def main(
+    prog: str,
+    description: str | None,
+    service_settings: Sequence[Setting],
+    serve_service: Callable[[Config], Coroutine[Any, Any, None]],
+    argv: Sequence[str] | None = None,
+) -> None:
     """The `main()` of every service: flags and environment, logging, then `serve_service`."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     settings.add_flags(parser, service_settings)
@@ -94,15 +98,24 @@ def main(prog: str, description: str | None, service_settings: Sequence[Setting]
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
-                readiness: Readiness | None = None,
-                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+async def serve(
+    config: Config,
+    endpoint: Endpoint,
+    servicer: object,
+    *,
+    readiness: Readiness | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Serve `servicer` until SIGTERM/SIGINT. Health is SERVING at once, or follows
     `readiness` both ways; `on_stop` runs after the last RPC finished and must bound its steps."""
     descriptors = [endpoint.descriptor, *endpoint.extra]
     names = [d.full_name for d in descriptors]
-    server = new_server(endpoint.max_request_bytes, service=endpoint.name, token=endpoint.token,
-                        protected_services=names if endpoint.token else ())
+    server = new_server(
+        endpoint.max_request_bytes,
+        service=endpoint.name,
+        token=endpoint.token,
+        protected_services=names if endpoint.token else (),
+    )
     for descriptor in descriptors:
         add_service(server, descriptor, servicer)
     health = await enable_reflection_and_health(server, names)
@@ -122,8 +135,13 @@ async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
             ready = readiness.ready
             if ready != shown:
                 await set_serving(health, names, ready)
-                log.info("%s %s on %s (%s)", endpoint.name,
-                         "SERVING" if ready else "NOT_SERVING", endpoint.address, readiness.reason)
+                log.info(
+                    "%s %s on %s (%s)",
+                    endpoint.name,
+                    "SERVING" if ready else "NOT_SERVING",
+                    endpoint.address,
+                    readiness.reason,
+                )
                 shown = ready
             await change.wait()
 
@@ -136,8 +154,9 @@ async def serve(config: Config, endpoint: Endpoint, servicer: object, *,
         if on_stop is not None:
             await on_stop()
 
-    await serve_until_stopped(server, stop, grace_seconds=RPC_GRACE_S,
-                              exit_within_seconds=EXIT_WITHIN_S)
+    await serve_until_stopped(
+        server, stop, grace_seconds=RPC_GRACE_S, exit_within_seconds=EXIT_WITHIN_S
+    )
 
 
 async def serve_consumer(
@@ -151,24 +170,40 @@ async def serve_consumer(
 ) -> None:
     """Open the RocksDB store, join the consumer group and serve; on stop finish the batch in
     progress, leave the group and close RocksDB."""
-    store = StateStore(state_dir, *memory_split(config.memory_budget_mb, config.rocksdb_cache_mb,
-                                                config.rocksdb_write_buffer_mb))
+    store = StateStore(
+        state_dir,
+        *memory_split(
+            config.memory_budget_mb, config.rocksdb_cache_mb, config.rocksdb_write_buffer_mb
+        ),
+    )
     processor = make_processor(store)
     await ensure_topics(config, [config.view_topic, config.dead_letter_topic])
     consumer = ExactlyOnceConsumer(
-        bootstrap=config.kafka_bootstrap, topic=config.view_topic, group_id=group_id,
-        store=store, processor=processor, batch_max=config.consume_batch_max,
+        bootstrap=config.kafka_bootstrap,
+        topic=config.view_topic,
+        group_id=group_id,
+        store=store,
+        processor=processor,
+        batch_max=config.consume_batch_max,
         dedupe_retention_days=config.dedupe_retention_days,
-        client_id=f"viewevents-{endpoint.name}", metrics_name=endpoint.name,
-        advertised_address=endpoint.advertised_address or endpoint.address)
+        client_id=f"viewevents-{endpoint.name}",
+        metrics_name=endpoint.name,
+        advertised_address=endpoint.advertised_address or endpoint.address,
+    )
     servicer = make_servicer(store, consumer, processor)
     CONSUMER_LAG.labels(endpoint.name).set_function(consumer.lag)
     ROCKSDB_BYTES.labels(endpoint.name).set_function(store.size_bytes)
     await consumer.start()
     consuming = asyncio.create_task(consumer.run(), name=f"{endpoint.name}-consumer")
     consuming.add_done_callback(_stop_process_if_crashed)
-    log.info("%s consuming %s in group %s; state %s; advertised to the group as %s",
-             endpoint.name, config.view_topic, group_id, state_dir, consumer.address)
+    log.info(
+        "%s consuming %s in group %s; state %s; advertised to the group as %s",
+        endpoint.name,
+        config.view_topic,
+        group_id,
+        state_dir,
+        consumer.address,
+    )
 
     async def stop_consumer() -> None:
         """Let the loop finish its batch (one RocksDB write batch: all or nothing), within
@@ -187,8 +222,7 @@ async def serve_consumer(
             await consumer.close(KAFKA_STEP_S)
             store.close()
 
-    await serve(config, endpoint, servicer, readiness=consumer.readiness,
-                on_stop=stop_consumer)
+    await serve(config, endpoint, servicer, readiness=consumer.readiness, on_stop=stop_consumer)
 
 
 def _stop_process_if_crashed(task: asyncio.Task[Any]) -> None:

@@ -35,25 +35,59 @@ def parse_bool(text: str) -> bool:
 
 
 METRICS_HOST = Setting(
-    "metrics_host", "VIEWEVENTS_METRICS_HOST", "127.0.0.1", str,
+    "metrics_host",
+    "VIEWEVENTS_METRICS_HOST",
+    "127.0.0.1",
+    str,
     "Interface the Prometheus metrics HTTP port binds (it has no authentication): loopback by "
-    "default; 0.0.0.0 to let a scraper on another host (or a published container port) in.")
+    "default; 0.0.0.0 to let a scraper on another host (or a published container port) in.",
+)
 
 # Settings every service reads: Kafka, TLS, logs, metrics interface.
 SHARED_SETTINGS: tuple[Setting, ...] = (
     # Kafka, shared by all services.
-    Setting("kafka_bootstrap", "VIEWEVENTS_KAFKA_BOOTSTRAP", "127.0.0.1:9092", str,
-            "Kafka bootstrap servers (host:port[,host:port])."),
-    Setting("view_topic", "VIEWEVENTS_VIEW_TOPIC", "view-events", str,
-            "Topic of accepted view events (key: user_id as decimal text; value: ViewEvent)."),
-    Setting("dead_letter_topic", "VIEWEVENTS_DEAD_LETTER_TOPIC", "view-events-dead-letter", str,
-            "Topic of rejected events with their reasons (value: RejectedEvent)."),
-    Setting("topic_partitions", "VIEWEVENTS_TOPIC_PARTITIONS", 4, int,
-            "Partitions of the topics when the ingest service creates them."),
-    Setting("tls_cert_file", "VIEWEVENTS_TLS_CERT_FILE", "", str,
-            "PEM certificate chain: when set (with the key), every gRPC port serves TLS only."),
-    Setting("tls_key_file", "VIEWEVENTS_TLS_KEY_FILE", "", str,
-            "PEM private key of the TLS certificate."),
+    Setting(
+        "kafka_bootstrap",
+        "VIEWEVENTS_KAFKA_BOOTSTRAP",
+        "127.0.0.1:9092",
+        str,
+        "Kafka bootstrap servers (host:port[,host:port]).",
+    ),
+    Setting(
+        "view_topic",
+        "VIEWEVENTS_VIEW_TOPIC",
+        "view-events",
+        str,
+        "Topic of accepted view events (key: user_id as decimal text; value: ViewEvent).",
+    ),
+    Setting(
+        "dead_letter_topic",
+        "VIEWEVENTS_DEAD_LETTER_TOPIC",
+        "view-events-dead-letter",
+        str,
+        "Topic of rejected events with their reasons (value: RejectedEvent).",
+    ),
+    Setting(
+        "topic_partitions",
+        "VIEWEVENTS_TOPIC_PARTITIONS",
+        4,
+        int,
+        "Partitions of the topics when the ingest service creates them.",
+    ),
+    Setting(
+        "tls_cert_file",
+        "VIEWEVENTS_TLS_CERT_FILE",
+        "",
+        str,
+        "PEM certificate chain: when set (with the key), every gRPC port serves TLS only.",
+    ),
+    Setting(
+        "tls_key_file",
+        "VIEWEVENTS_TLS_KEY_FILE",
+        "",
+        str,
+        "PEM private key of the TLS certificate.",
+    ),
     Setting("log_level", "VIEWEVENTS_LOG_LEVEL", "INFO", str, "Log level."),
     Setting("log_json", "VIEWEVENTS_LOG_JSON", False, parse_bool, "Log as JSON lines."),
     METRICS_HOST,
@@ -61,19 +95,45 @@ SHARED_SETTINGS: tuple[Setting, ...] = (
 
 # Settings of every service that consumes the view topic into RocksDB state.
 CONSUMER_SETTINGS: tuple[Setting, ...] = (
-    Setting("consume_batch_max", "VIEWEVENTS_CONSUME_BATCH_MAX", 20_000, int,
-            "Most records applied in one RocksDB write batch."),
-    Setting("dedupe_retention_days", "VIEWEVENTS_DEDUPE_RETENTION_DAYS", 30, int,
-            "How long consumers remember an event id to drop its duplicates."),
-    Setting("memory_budget_mb", "VIEWEVENTS_MEMORY_BUDGET_MB", 200, int,
-            "Memory the service is sized for (MiB): RocksDB gets a quarter as block cache and "
-            "up to 3 memtables of a tenth each; the rest is left to the process and its batch."),
-    Setting("rocksdb_cache_mb", "VIEWEVENTS_ROCKSDB_CACHE_MB", 0, int,
-            "RocksDB block cache size (MiB), overriding the budget's share (0: from the budget)."),
-    Setting("rocksdb_write_buffer_mb", "VIEWEVENTS_ROCKSDB_WRITE_BUFFER_MB", 0, int,
-            "RocksDB memtable size (MiB; at most 3 are kept), overriding the budget's share "
-            "(0: from the budget)."),
+    Setting(
+        "consume_batch_max",
+        "VIEWEVENTS_CONSUME_BATCH_MAX",
+        20_000,
+        int,
+        "Most records applied in one RocksDB write batch.",
+    ),
+    Setting(
+        "dedupe_retention_days",
+        "VIEWEVENTS_DEDUPE_RETENTION_DAYS",
+        30,
+        int,
+        "How long consumers remember an event id to drop its duplicates.",
+    ),
+    Setting(
+        "memory_budget_mb",
+        "VIEWEVENTS_MEMORY_BUDGET_MB",
+        200,
+        int,
+        "Memory the service is sized for (MiB): RocksDB gets a quarter as block cache and "
+        "up to 3 memtables of a tenth each; the rest is left to the process and its batch.",
+    ),
+    Setting(
+        "rocksdb_cache_mb",
+        "VIEWEVENTS_ROCKSDB_CACHE_MB",
+        0,
+        int,
+        "RocksDB block cache size (MiB), overriding the budget's share (0: from the budget).",
+    ),
+    Setting(
+        "rocksdb_write_buffer_mb",
+        "VIEWEVENTS_ROCKSDB_WRITE_BUFFER_MB",
+        0,
+        int,
+        "RocksDB memtable size (MiB; at most 3 are kept), overriding the budget's share "
+        "(0: from the budget).",
+    ),
 )
+
 
 class Config:
     """Resolved settings; attribute access by setting name (config.kafka_bootstrap)."""
@@ -106,18 +166,26 @@ def add_flags(parser: argparse.ArgumentParser, settings: Sequence[Setting]) -> N
     """Add one flag per setting; the default shown is the environment's value if set."""
     for setting in settings:
         parser.add_argument(
-            setting.flag, dest=setting.name, default=None, type=setting.kind,
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            type=setting.kind,
             help=f"{setting.help} Env {setting.env}; default {setting.default!r}.",
         )
 
 
-def load(settings: Sequence[Setting], args: argparse.Namespace | None = None,
-         env: Mapping[str, str] | None = None) -> Config:
+def load(
+    settings: Sequence[Setting],
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
     """Resolve `settings`: flag, else environment variable, else default."""
     env = os.environ if env is None else env
     names = [s.name for s in settings]
     if len(set(names)) != len(names):
-        raise ValueError(f"settings declared twice: {sorted(n for n in names if names.count(n) > 1)}")
+        raise ValueError(
+            f"settings declared twice: {sorted(n for n in names if names.count(n) > 1)}"
+        )
     values: dict[str, Any] = {}
     for setting in settings:
         flag_value = getattr(args, setting.name, None) if args is not None else None

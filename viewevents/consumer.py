@@ -99,9 +99,14 @@ class EventBatch:
     def take(self, rows: Sequence[int] | np.ndarray) -> EventBatch:
         index = np.asarray(rows, np.int64)
         listed = index.tolist()
-        return EventBatch([self.event_id[i] for i in listed], self.media_id[index],
-                          self.user_id[index], self.event_type[index], self.seconds[index],
-                          [self.values[i] for i in listed])
+        return EventBatch(
+            [self.event_id[i] for i in listed],
+            self.media_id[index],
+            self.user_id[index],
+            self.event_type[index],
+            self.seconds[index],
+            [self.values[i] for i in listed],
+        )
 
     def messages(self) -> list[ViewEvent]:
         return list(map(ViewEvent.FromString, self.values))
@@ -110,8 +115,11 @@ class EventBatch:
 def is_applicable(event: ViewEvent) -> bool:
     """The ingest service validated events already; this guards against other producers."""
     return bool(
-        event.event_id and event.media_id > 0 and event.user_id > 0
-        and event.event_type in VALID_EVENT_TYPES and event.HasField("event_time")
+        event.event_id
+        and event.media_id > 0
+        and event.user_id > 0
+        and event.event_type in VALID_EVENT_TYPES
+        and event.HasField("event_time")
     )
 
 
@@ -143,8 +151,9 @@ class SeenIds:
         rows = self.keep_new_ids(partition, [e.event_id.encode() for e in events], day, txn)
         return [events[i] for i in rows], len(events) - len(rows)
 
-    def keep_new_ids(self, partition: int, ids: list[bytes], day: int, txn: Transaction
-                     ) -> list[int]:
+    def keep_new_ids(
+        self, partition: int, ids: list[bytes], day: int, txn: Transaction
+    ) -> list[int]:
         """`keep_new` on the events' ids (UTF-8): the rows to keep, in offset order."""
         prefix = seen_prefix(partition)
         first: dict[bytes, int] = {}
@@ -169,7 +178,9 @@ class SeenIds:
             self._lap_oldest[partition] = min(self._lap_oldest.get(partition, day), day)
         return fresh
 
-    def sweep(self, store: StateStore, partition: int, today: int, budget: int, txn: Transaction) -> int:
+    def sweep(
+        self, store: StateStore, partition: int, today: int, budget: int, txn: Transaction
+    ) -> int:
         """Look at up to `budget` ids after this partition's cursor and delete the expired ones
         (in `txn`, so before `keep_new` of the same batch). Returns how many were deleted."""
         oldest_key = seen_oldest_key(partition)
@@ -268,8 +279,11 @@ class CatchUp:
     @property
     def caught_up(self) -> bool:
         targets = self.targets
-        return bool(self.assigned) and targets is not None and all(
-            self.positions.get(p, -1) >= targets[p] for p in self.assigned)
+        return (
+            bool(self.assigned)
+            and targets is not None
+            and all(self.positions.get(p, -1) >= targets[p] for p in self.assigned)
+        )
 
     def lag(self) -> int:
         targets = self.targets or {}
@@ -335,15 +349,23 @@ class ExactlyOnceConsumer:
 
     # --- positions and freshness ----------------------------------------------------------------
 
+    @property
+    def _kafka(self) -> AIOKafkaConsumer:
+        """The Kafka consumer, made in start()."""
+        assert self._consumer is not None, "start() first"
+        return self._consumer
+
     def position(self) -> view_event_pb2.ConsumerPosition:
         """The ConsumerPosition message that query responses carry."""
         parts = sorted(self.positions)
         watermark = self.store.watermark(parts) if parts else None
         return view_event_pb2.ConsumerPosition(
-            partitions=[view_event_pb2.PartitionOffset(partition=p, offset=self.positions[p])
-                        for p in parts],
-            event_time_watermark=(timestamp_pb2.Timestamp(seconds=watermark)
-                                  if watermark is not None else None),
+            partitions=[
+                view_event_pb2.PartitionOffset(partition=p, offset=self.positions[p]) for p in parts
+            ],
+            event_time_watermark=(
+                timestamp_pb2.Timestamp(seconds=watermark) if watermark is not None else None
+            ),
             caught_up=self.catch_up.caught_up,
         )
 
@@ -371,10 +393,17 @@ class ExactlyOnceConsumer:
                     pass
         for partition, address in owners.items():
             PARTITION_OWNER.labels(self.metrics_name, str(partition), address).set(1)
-        moved = {p: f"{self.owners.get(p, '-')} -> {a}" for p, a in sorted(owners.items())
-                 if self.owners.get(p) != a}
-        log.info("partition owners (I am %s): %s; changed: %s", self.address or "?",
-                 dict(sorted(owners.items())), moved)
+        moved = {
+            p: f"{self.owners.get(p, '-')} -> {a}"
+            for p, a in sorted(owners.items())
+            if self.owners.get(p) != a
+        }
+        log.info(
+            "partition owners (I am %s): %s; changed: %s",
+            self.address or "?",
+            dict(sorted(owners.items())),
+            moved,
+        )
         self.owners = owners
 
     def answerable(self) -> frozenset[int]:
@@ -390,16 +419,21 @@ class ExactlyOnceConsumer:
         caught_up = self.catch_up.caught_up
         if caught_up and not self.caught_up.is_set():
             elapsed = time.monotonic() - self.stats.started
-            log.info("caught up on partitions %s: %d records applied in %.1f s since start",
-                     sorted(self.catch_up.assigned), self.stats.applied, elapsed)
+            log.info(
+                "caught up on partitions %s: %d records applied in %.1f s since start",
+                sorted(self.catch_up.assigned),
+                self.stats.applied,
+                elapsed,
+            )
             self.caught_up.set()
         elif not caught_up and self.caught_up.is_set():
             self.caught_up.clear()
         if not self.kafka_reachable:
             self.readiness.set(False, "Kafka unreachable")
         elif not caught_up:
-            self.readiness.set(False, "catching up" if self.catch_up.assigned
-                               else "no partition assigned")
+            self.readiness.set(
+                False, "catching up" if self.catch_up.assigned else "no partition assigned"
+            )
         else:
             self.readiness.set(True, "caught up")
 
@@ -414,8 +448,9 @@ class ExactlyOnceConsumer:
         await self._consumer.start()
         self._fetch = BulkFetch(self._consumer)
         self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self))
-        self._watch = asyncio.create_task(watch_kafka(self._consumer.topics, self._kafka_changed),
-                                          name="kafka-watch")
+        self._watch = asyncio.create_task(
+            watch_kafka(self._consumer.topics, self._kafka_changed), name="kafka-watch"
+        )
 
     async def stop(self) -> None:
         self._stop.set()
@@ -427,10 +462,13 @@ class ExactlyOnceConsumer:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
         try:
-            await asyncio.wait_for(self._consumer.stop(), timeout)
+            await asyncio.wait_for(self._kafka.stop(), timeout)
         except TimeoutError:
-            log.warning("could not leave the consumer group within %.0f s (Kafka unreachable?); "
-                        "its partitions move on after the session timeout", timeout)
+            log.warning(
+                "could not leave the consumer group within %.0f s (Kafka unreachable?); "
+                "its partitions move on after the session timeout",
+                timeout,
+            )
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -444,13 +482,17 @@ class ExactlyOnceConsumer:
         Kafka call here is bounded, so `stop()` takes effect within seconds whatever Kafka does."""
         last_group_commit = time.monotonic()
         while not self._stop.is_set():
+            assert self._fetch is not None, "start() first"
             batches = await self._fetch.getmany(timeout_ms=200, max_records=self.batch_max)
             if batches:
                 async with self._apply_lock:
                     # Only partitions owned now: a batch fetched before a revocation must not
                     # move positions (or state) of a partition another member reads now.
-                    owned = {tp: records for tp, records in batches.items()
-                             if tp.partition in self.catch_up.assigned}
+                    owned = {
+                        tp: records
+                        for tp, records in batches.items()
+                        if tp.partition in self.catch_up.assigned
+                    }
                     if owned:
                         await self._apply_in_thread(owned)
                 if time.monotonic() - last_group_commit > 2.0:
@@ -478,7 +520,7 @@ class ExactlyOnceConsumer:
         if not offsets:
             return
         try:
-            await asyncio.wait_for(self._consumer.commit(offsets), timeout)
+            await asyncio.wait_for(self._kafka.commit(offsets), timeout)
         except Exception as error:  # noqa: BLE001 - informational only; RocksDB has the truth
             log.debug("group offset commit skipped: %r", error)
 
@@ -498,20 +540,25 @@ class ExactlyOnceConsumer:
         generation = catch_up.generation
         tps = [TopicPartition(self.topic, p) for p in sorted(catch_up.assigned)]
         if catch_up.targets is None:
-            ends = await asyncio.wait_for(self._consumer.end_offsets(tps), KAFKA_CALL_TIMEOUT_S)
+            ends = await asyncio.wait_for(self._kafka.end_offsets(tps), KAFKA_CALL_TIMEOUT_S)
             if catch_up.set_targets(generation, {tp.partition: o for tp, o in ends.items()}):
                 log.info("catching up to end offsets %s", catch_up.targets)
         for partition in catch_up.missing_positions():
             tp = TopicPartition(self.topic, partition)
-            offset = await asyncio.wait_for(self._consumer.position(tp), KAFKA_CALL_TIMEOUT_S)
+            offset = await asyncio.wait_for(self._kafka.position(tp), KAFKA_CALL_TIMEOUT_S)
             if generation == catch_up.generation and partition not in catch_up.positions:
                 catch_up.positions[partition] = offset
 
     def apply_batch(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """`apply_fetched` for records as the public getmany returns them (in-process drivers
         such as the offline evaluation and tests build those)."""
-        self.apply_fetched({tp: FetchedRecords.from_consumer_records(records)
-                            for tp, records in batches.items() if records})
+        self.apply_fetched(
+            {
+                tp: FetchedRecords.from_consumer_records(records)
+                for tp, records in batches.items()
+                if records
+            }
+        )
 
     def apply_fetched(self, batches: Mapping[TopicPartition, FetchedRecords]) -> None:
         """Decode, de-duplicate, process and commit one Kafka batch. `run` calls it in a worker
@@ -555,10 +602,12 @@ class ExactlyOnceConsumer:
         self._applied.inc(self.stats.applied - applied_before)
         self.processor.committed()
 
-    def _decode(self, values: list[bytes]) -> EventBatch:
+    def _decode(self, raw_values: Sequence[bytes | None]) -> EventBatch:
         """The records that are applicable ViewEvents, in offset order (the hot loop): decoded
         as columns for the whole batch; only records in an unusual encoding are parsed by
-        protobuf one at a time (and those it cannot parse are counted and skipped)."""
+        protobuf one at a time (and those it cannot parse are counted and skipped). A record
+        without a value (a tombstone from another producer) reads as an empty, invalid event."""
+        values = [b"" if value is None else value for value in raw_values]
         columns = decode_view_events(values)
         decoded = columns.fast.copy()
         event_ids = columns.event_id
@@ -575,12 +624,24 @@ class ExactlyOnceConsumer:
             columns.event_type[row] = event.event_type
             columns.has_time[row] = event.HasField("event_time")
             columns.seconds[row] = event.event_time.seconds
-        applicable = (decoded & (np.fromiter(map(len, event_ids), np.int64, len(event_ids)) > 0)
-                      & (columns.media_id > 0) & (columns.user_id > 0)
-                      & (columns.event_type >= 1) & (columns.event_type <= 4) & columns.has_time)
+        applicable = (
+            decoded
+            & (np.fromiter(map(len, event_ids), np.int64, len(event_ids)) > 0)
+            & (columns.media_id > 0)
+            & (columns.user_id > 0)
+            & (columns.event_type >= 1)
+            & (columns.event_type <= 4)
+            & columns.has_time
+        )
         self.stats.invalid += int(decoded.sum() - applicable.sum())
-        batch = EventBatch(event_ids, columns.media_id, columns.user_id, columns.event_type,
-                           columns.seconds, values)
+        batch = EventBatch(
+            event_ids,
+            columns.media_id,
+            columns.user_id,
+            columns.event_type,
+            columns.seconds,
+            values,
+        )
         return batch if applicable.all() else batch.take(np.flatnonzero(applicable))
 
     @staticmethod
@@ -613,10 +674,13 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
             stored = owner.store.stored_offsets(owner.topic, [tp.partition for tp in assigned])
             for tp in assigned:
                 if tp.partition in stored:
-                    owner._consumer.seek(tp, stored[tp.partition])
+                    owner._kafka.seek(tp, stored[tp.partition])
                 else:
-                    await owner._consumer.seek_to_beginning(tp)
+                    await owner._kafka.seek_to_beginning(tp)
             owner.catch_up.assign((tp.partition for tp in assigned), stored)
             owner._publish()
-        log.info("assigned partitions %s; resuming from stored offsets %s",
-                 sorted(tp.partition for tp in assigned), stored)
+        log.info(
+            "assigned partitions %s; resuming from stored offsets %s",
+            sorted(tp.partition for tp in assigned),
+            stored,
+        )

@@ -20,7 +20,9 @@ from viewevents.config import Config
 
 log = logging.getLogger(__name__)
 
-VIEW_EVENT_HEADERS = [("content-type", b"application/x-protobuf; messageType=viewevents.v1.ViewEvent")]
+VIEW_EVENT_HEADERS = [
+    ("content-type", b"application/x-protobuf; messageType=viewevents.v1.ViewEvent")
+]
 REJECTED_EVENT_HEADERS = [
     ("content-type", b"application/x-protobuf; messageType=viewevents.v1.RejectedEvent")
 ]
@@ -73,12 +75,20 @@ async def topics_max_message_bytes(config: Config, topics: list[str]) -> int | N
     admin = AIOKafkaAdminClient(bootstrap_servers=config.kafka_bootstrap)
     try:
         await admin.start()
-        responses = await admin.describe_configs([
-            ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None}) for t in topics])
-        limits = [int(entry[1])
-                  for response in responses
-                  for error_code, _, _, _, entries in response.resources if error_code == 0
-                  for entry in entries if entry[0] == "max.message.bytes" and entry[1]]
+        responses = await admin.describe_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None})
+                for t in topics
+            ]
+        )
+        limits = [
+            int(entry[1])
+            for response in responses
+            for error_code, _, _, _, entries in response.resources
+            if error_code == 0
+            for entry in entries
+            if entry[0] == "max.message.bytes" and entry[1]
+        ]
         return min(limits) if len(limits) == len(topics) else None
     except (KafkaError, OSError, ValueError, TypeError) as error:
         log.warning("could not read max.message.bytes of %s: %r", topics, error)
@@ -90,17 +100,27 @@ async def topics_max_message_bytes(config: Config, topics: list[str]) -> int | N
 async def _warn_on_finite_retention(admin: AIOKafkaAdminClient, topic: str) -> None:
     try:
         responses = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})])
-        values = [entry[1] for response in responses
-                  for error_code, _, _, _, entries in response.resources if error_code == 0
-                  for entry in entries if entry[0] == "retention.ms"]
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})]
+        )
+        values = [
+            entry[1]
+            for response in responses
+            for error_code, _, _, _, entries in response.resources
+            if error_code == 0
+            for entry in entries
+            if entry[0] == "retention.ms"
+        ]
     except (KafkaError, OSError, ValueError, TypeError) as error:
         log.warning("could not read retention.ms of %s: %r", topic, error)
         return
     if values and values[0] is not None and int(values[0]) >= 0:
-        log.warning("topic %s has retention.ms=%s: an instance that takes over a partition "
-                    "replays it from offset 0 and would miss deleted records; set "
-                    "retention.ms=-1 (docs/operations.md)", topic, values[0])
+        log.warning(
+            "topic %s has retention.ms=%s: an instance that takes over a partition "
+            "replays it from offset 0 and would miss deleted records; set "
+            "retention.ms=-1 (docs/operations.md)",
+            topic,
+            values[0],
+        )
 
 
 def new_producer(config: Config, **overrides: object) -> AIOKafkaProducer:
@@ -137,9 +157,15 @@ async def ensure_topics(config: Config, topics: list[str], partitions: int | Non
             count = partitions or config.topic_partitions
             try:
                 await admin.create_topics(
-                    [NewTopic(name=t, num_partitions=count, replication_factor=1,
-                              topic_configs=VIEW_TOPIC_CONFIGS if t == config.view_topic else {})
-                     for t in missing]
+                    [
+                        NewTopic(
+                            name=t,
+                            num_partitions=count,
+                            replication_factor=1,
+                            topic_configs=VIEW_TOPIC_CONFIGS if t == config.view_topic else {},
+                        )
+                        for t in missing
+                    ]
                 )
                 log.info("created topics %s with %d partitions", missing, count)
             except TopicAlreadyExistsError:

@@ -60,8 +60,9 @@ class FetchedRecords:
     def from_consumer_records(cls, records: Sequence[ConsumerRecord]) -> FetchedRecords:
         """The same view of a public getmany result (or of records built by hand)."""
         last = records[-1]
-        return cls([r.offset for r in records], [r.value for r in records], last.timestamp,
-                   last.offset + 1)
+        return cls(
+            [r.offset for r in records], [r.value for r in records], last.timestamp, last.offset + 1
+        )
 
 
 class BulkFetch:
@@ -74,25 +75,34 @@ class BulkFetch:
         if problem is None:
             log.info("bulk Kafka fetch on (aiokafka %s)", aiokafka.__version__)
         else:
-            log.warning("bulk Kafka fetch off, using the public getmany (aiokafka %s, written "
-                        "for %s): %s", aiokafka.__version__, WRITTEN_FOR_AIOKAFKA, problem)
+            log.warning(
+                "bulk Kafka fetch off, using the public getmany (aiokafka %s, written for %s): %s",
+                aiokafka.__version__,
+                WRITTEN_FOR_AIOKAFKA,
+                problem,
+            )
 
-    async def getmany(self, timeout_ms: int, max_records: int
-                      ) -> dict[TopicPartition, FetchedRecords]:
+    async def getmany(
+        self, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, FetchedRecords]:
         """Records fetched so far (waiting up to `timeout_ms` for some), about `max_records`."""
         consumer = self._consumer
         if not self.bulk:
             batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-            return {tp: FetchedRecords.from_consumer_records(records)
-                    for tp, records in batches.items() if records}
+            return {
+                tp: FetchedRecords.from_consumer_records(records)
+                for tp, records in batches.items()
+                if records
+            }
         if consumer._closed:
             raise ConsumerStoppedError()
         consumer._coordinator.check_errors()
         with consumer._subscription.fetch_context():
             return await self._fetched(timeout_ms / 1000, max_records)
 
-    async def _fetched(self, timeout: float, max_records: int
-                       ) -> dict[TopicPartition, FetchedRecords]:
+    async def _fetched(
+        self, timeout: float, max_records: int
+    ) -> dict[TopicPartition, FetchedRecords]:
         """`Fetcher.fetched_records` (0.14.0) with `_drain` in place of `FetchResult.getall`."""
         fetcher = self._consumer._fetcher
         pending_results: dict[TopicPartition, Any] = fetcher._records
@@ -199,20 +209,42 @@ def _unsupported(consumer: AIOKafkaConsumer) -> str | None:
         fetcher = consumer._fetcher
         needed = {
             "consumer": (consumer, ("_closed", "_coordinator", "_subscription", "_fetcher")),
-            "fetcher": (fetcher, ("_records", "_notify", "_wait_consume_future",
-                                  "_create_fetch_waiter", "_subscriptions", "_closed")),
+            "fetcher": (
+                fetcher,
+                (
+                    "_records",
+                    "_notify",
+                    "_wait_consume_future",
+                    "_create_fetch_waiter",
+                    "_subscriptions",
+                    "_closed",
+                ),
+            ),
         }
         if consumer._key_deserializer is not None or consumer._value_deserializer is not None:
             return "deserializers are set (values must stay bytes)"
-        probe = PartitionRecords(TopicPartition("probe", 0), MemoryRecords(b""), [], 0, None,
-                                 None, True, READ_COMMITTED)
-        needed["PartitionRecords"] = (probe, (
-            "_records", "next_fetch_offset", "_check_crcs", "_isolation_level",
-            "_aborted_producers", "_consume_aborted_up_to", "_contains_abort_marker"))
-        result = FetchResult(TopicPartition("probe", 0), assignment=None,
-                             partition_records=probe, backoff=0)
-        needed["FetchResult"] = (result, ("_partition_records", "check_assignment",
-                                          "_update_position", "has_more"))
+        probe = PartitionRecords(
+            TopicPartition("probe", 0), MemoryRecords(b""), [], 0, None, None, True, READ_COMMITTED
+        )
+        needed["PartitionRecords"] = (
+            probe,
+            (
+                "_records",
+                "next_fetch_offset",
+                "_check_crcs",
+                "_isolation_level",
+                "_aborted_producers",
+                "_consume_aborted_up_to",
+                "_contains_abort_marker",
+            ),
+        )
+        result = FetchResult(
+            TopicPartition("probe", 0), assignment=None, partition_records=probe, backoff=0
+        )
+        needed["FetchResult"] = (
+            result,
+            ("_partition_records", "check_assignment", "_update_position", "has_more"),
+        )
         for name, (thing, attributes) in needed.items():
             missing = [a for a in attributes if not hasattr(thing, a)]
             if missing:

@@ -48,8 +48,12 @@ class RepeatFilter(logging.Filter):
     per-request logs of the services keep every line.
     """
 
-    def __init__(self, interval: float = 30.0, prefixes: tuple[str, ...] = ("aiokafka",),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        interval: float = 30.0,
+        prefixes: tuple[str, ...] = ("aiokafka",),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.interval = interval
         self.prefixes = prefixes
@@ -69,8 +73,9 @@ class RepeatFilter(logging.Filter):
         self._last[key] = now
         held = self._held.pop(key, 0)
         if held and last is not None:
-            record.msg = (f"{record.getMessage()} (and {held} more like it in the last "
-                          f"{now - last:.0f} s)")
+            record.msg = (
+                f"{record.getMessage()} (and {held} more like it in the last {now - last:.0f} s)"
+            )
             record.args = ()
         return True
 
@@ -82,9 +87,12 @@ def setup_logging(service: str, level: str = "INFO", as_json: bool = False) -> N
     else:
         handler.setFormatter(
             logging.Formatter(
-                f"%(asctime)s {service} %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+                f"%(asctime)s {service} %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+            )
         )
     handler.addFilter(_RequestIdFilter())
     handler.addFilter(RepeatFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    logging.getLogger("aiokafka").setLevel(
+        max(logging.WARNING, logging.getLevelName(level.upper()))
+    )

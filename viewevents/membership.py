@@ -42,16 +42,18 @@ class Claim:
     stored_offsets: Mapping[int, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return json.dumps({"address": self.address,
-                           "stored": {str(p): o for p, o in self.stored_offsets.items()}}
-                          ).encode()
+        return json.dumps(
+            {"address": self.address, "stored": {str(p): o for p, o in self.stored_offsets.items()}}
+        ).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Claim:
         try:
             value = json.loads(data or b"{}")
-            return cls(str(value.get("address", "")),
-                       {int(p): int(o) for p, o in value.get("stored", {}).items()})
+            return cls(
+                str(value.get("address", "")),
+                {int(p): int(o) for p, o in value.get("stored", {}).items()},
+            )
         except (ValueError, TypeError, AttributeError):
             return cls("")  # a member of another version: owns partitions, address unknown
 
@@ -89,8 +91,9 @@ def owners_of(plan: Mapping[str, list[int]], claims: Mapping[str, Claim]) -> dic
 
 
 def encode_owners(owners: Mapping[int, str], generation_hint: int = 0) -> bytes:
-    return json.dumps({"owners": {str(p): a for p, a in owners.items()},
-                       "hint": generation_hint}).encode()
+    return json.dumps(
+        {"owners": {str(p): a for p, a in owners.items()}, "hint": generation_hint}
+    ).encode()
 
 
 def decode_owners(data: bytes) -> dict[int, str]:
@@ -107,8 +110,9 @@ class OwnershipAssignor(AbstractPartitionAssignor):
     asked at every join so the stored offsets are current, and `on_owners` hears the map that
     came with this member's assignment."""
 
-    def __init__(self, claim: Callable[[], Claim],
-                 on_owners: Callable[[dict[int, str]], None]) -> None:
+    def __init__(
+        self, claim: Callable[[], Claim], on_owners: Callable[[dict[int, str]], None]
+    ) -> None:
         self._claim = claim
         self._on_owners = on_owners
         self.owners: dict[int, str] = {}
@@ -118,12 +122,13 @@ class OwnershipAssignor(AbstractPartitionAssignor):
         return ASSIGNOR_NAME
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        return ConsumerProtocolMemberMetadata(ASSIGNOR_VERSION, sorted(topics),
-                                              self._claim().encode())
+        return ConsumerProtocolMemberMetadata(
+            ASSIGNOR_VERSION, sorted(topics), self._claim().encode()
+        )
 
-    def assign(self, cluster: ClusterMetadata,
-               members: Mapping[str, ConsumerProtocolMemberMetadata]
-               ) -> dict[str, ConsumerProtocolMemberAssignment]:
+    def assign(
+        self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
         claims = {m: Claim.decode(meta.user_data) for m, meta in members.items()}
         topics = sorted({t for meta in members.values() for t in meta.subscription})
         assignment: dict[str, ConsumerProtocolMemberAssignment] = {}
@@ -139,9 +144,12 @@ class OwnershipAssignor(AbstractPartitionAssignor):
             assignment[member] = ConsumerProtocolMemberAssignment(
                 ASSIGNOR_VERSION,
                 [(topic, per_topic[topic][member]) for topic in topics if per_topic[topic][member]],
-                data)
-        log.info("assigned partitions: %s", {claims[m].address or m: [p for t in topics
-                                              for p in per_topic[t][m]] for m in members})
+                data,
+            )
+        log.info(
+            "assigned partitions: %s",
+            {claims[m].address or m: [p for t in topics for p in per_topic[t][m]] for m in members},
+        )
         return assignment
 
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:

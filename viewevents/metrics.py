@@ -12,27 +12,72 @@ from viewevents.config import METRICS_HOST
 log = logging.getLogger(__name__)
 
 RPC_SECONDS = Histogram(
-    "viewevents_rpc_duration_seconds", "gRPC handler time, by method and status code.",
+    "viewevents_rpc_duration_seconds",
+    "gRPC handler time, by method and status code.",
     ["service", "method", "code"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
-EVENTS_RECEIVED = Counter("viewevents_events_received_total", "Events received by the ingest service.")
-EVENTS_ACCEPTED = Counter("viewevents_events_accepted_total", "Events valid and acknowledged by Kafka.")
-EVENTS_REJECTED = Counter("viewevents_events_rejected_total", "Events rejected, by violation reason "
-                          "(an event with several violations counts under each).", ["field", "reason"])
-RECORDS_PRODUCED = Counter("viewevents_records_produced_total", "Records acknowledged by Kafka.", ["topic"])
-EVENTS_CONSUMED = Counter("viewevents_events_consumed_total", "Records read from Kafka by a consumer.",
-                          ["service"])
-EVENTS_APPLIED = Counter("viewevents_events_applied_total", "New valid events applied to state.", ["service"])
-DUPLICATES = Counter("viewevents_duplicate_events_total", "Events dropped as duplicate ids.", ["service"])
-CONSUMER_LAG = Gauge("viewevents_consumer_lag_records", "Records behind the end offsets seen at assignment.",
-                     ["service"])
-PARTITION_OWNER = Gauge("viewevents_partition_owner", "1 per partition for the query address of "
-                        "its owner, as this instance last heard from the consumer group.",
-                        ["service", "partition", "address"])
-FANOUT_CALLS = Counter("viewevents_fanout_calls_total", "Calls this instance made to a partition "
-                       "owner (itself included) to answer a query, by owner and outcome.",
-                       ["service", "owner", "outcome"])
-ROCKSDB_BYTES = Gauge("viewevents_rocksdb_size_bytes", "RocksDB SST plus memtable bytes.", ["service"])
+    buckets=(
+        0.0005,
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.02,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+        30,
+        60,
+        300,
+    ),
+)
+EVENTS_RECEIVED = Counter(
+    "viewevents_events_received_total", "Events received by the ingest service."
+)
+EVENTS_ACCEPTED = Counter(
+    "viewevents_events_accepted_total", "Events valid and acknowledged by Kafka."
+)
+EVENTS_REJECTED = Counter(
+    "viewevents_events_rejected_total",
+    "Events rejected, by violation reason (an event with several violations counts under each).",
+    ["field", "reason"],
+)
+RECORDS_PRODUCED = Counter(
+    "viewevents_records_produced_total", "Records acknowledged by Kafka.", ["topic"]
+)
+EVENTS_CONSUMED = Counter(
+    "viewevents_events_consumed_total", "Records read from Kafka by a consumer.", ["service"]
+)
+EVENTS_APPLIED = Counter(
+    "viewevents_events_applied_total", "New valid events applied to state.", ["service"]
+)
+DUPLICATES = Counter(
+    "viewevents_duplicate_events_total", "Events dropped as duplicate ids.", ["service"]
+)
+CONSUMER_LAG = Gauge(
+    "viewevents_consumer_lag_records",
+    "Records behind the end offsets seen at assignment.",
+    ["service"],
+)
+PARTITION_OWNER = Gauge(
+    "viewevents_partition_owner",
+    "1 per partition for the query address of "
+    "its owner, as this instance last heard from the consumer group.",
+    ["service", "partition", "address"],
+)
+FANOUT_CALLS = Counter(
+    "viewevents_fanout_calls_total",
+    "Calls this instance made to a partition "
+    "owner (itself included) to answer a query, by owner and outcome.",
+    ["service", "owner", "outcome"],
+)
+ROCKSDB_BYTES = Gauge(
+    "viewevents_rocksdb_size_bytes", "RocksDB SST plus memtable bytes.", ["service"]
+)
 
 
 def serve_metrics(port: int, service: str, host: str | None = None) -> None:

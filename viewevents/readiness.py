@@ -71,10 +71,13 @@ class Reachability:
         return False
 
 
-async def watch_kafka(probe: Callable[[], Awaitable[object]],
-                      on_change: Callable[[bool], None],
-                      interval: float = PROBE_INTERVAL_S, timeout: float = PROBE_TIMEOUT_S,
-                      grace: float = OUTAGE_AFTER_S) -> None:
+async def watch_kafka(
+    probe: Callable[[], Awaitable[object]],
+    on_change: Callable[[bool], None],
+    interval: float = PROBE_INTERVAL_S,
+    timeout: float = PROBE_TIMEOUT_S,
+    grace: float = OUTAGE_AFTER_S,
+) -> None:
     """Probe Kafka every `interval` seconds until cancelled; call `on_change(reachable)` when
     the verdict changes. Logs one line per change, however long the outage."""
     state = Reachability(grace)
@@ -95,8 +98,11 @@ async def watch_kafka(probe: Callable[[], Awaitable[object]],
                 log.warning("Kafka reachable again after %.0f s", down)
                 first_error = None
             else:
-                log.error("Kafka unreachable for %.0f s (%r); health NOT_SERVING until it is back",
-                          state.grace, first_error)
+                log.error(
+                    "Kafka unreachable for %.0f s (%r); health NOT_SERVING until it is back",
+                    state.grace,
+                    first_error,
+                )
             on_change(state.reachable)
         elif ok:
             first_error = None

@@ -51,8 +51,9 @@ class Incomplete(Exception):
             reasons: dict[str, list[int]] = {}
             for partition, reason in self.missing.items():
                 reasons.setdefault(reason, []).append(partition)
-            text = "; ".join(f"partitions {format_partitions(ps)}: {reason}"
-                             for reason, ps in reasons.items())
+            text = "; ".join(
+                f"partitions {format_partitions(ps)}: {reason}" for reason, ps in reasons.items()
+            )
         super().__init__(f"no complete answer now, retry: {text}")
 
 
@@ -85,8 +86,9 @@ def requested_partitions(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
     return None
 
 
-def by_owner(owners: Mapping[int, str], partitions: Iterable[int]
-             ) -> tuple[dict[str, list[int]], list[int]]:
+def by_owner(
+    owners: Mapping[int, str], partitions: Iterable[int]
+) -> tuple[dict[str, list[int]], list[int]]:
     """The partitions grouped by owner address, and those that have no known owner."""
     grouped: dict[str, list[int]] = {}
     orphans: list[int] = []
@@ -99,10 +101,14 @@ def by_owner(owners: Mapping[int, str], partitions: Iterable[int]
     return grouped, orphans
 
 
-async def gather(owners: Mapping[int, str],
-                 ask: Callable[[str, list[int]], Awaitable[T]],
-                 *, timeout: float = DEFAULT_TIMEOUT_S, service: str = "",
-                 partitions: Iterable[int] | None = None) -> list[Partial[T]]:
+async def gather(
+    owners: Mapping[int, str],
+    ask: Callable[[str, list[int]], Awaitable[T]],
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    service: str = "",
+    partitions: Iterable[int] | None = None,
+) -> list[Partial[T]]:
     """Ask every owner, concurrently, for its partitions (all of `owners` unless `partitions`
     says which); the partials, or `Incomplete` naming every partition not answered for."""
     wanted = set(owners) if partitions is None else set(partitions)
@@ -115,8 +121,8 @@ async def gather(owners: Mapping[int, str],
     addresses = sorted(grouped)
     started = time.monotonic()
     outcomes = await asyncio.gather(
-        *(asyncio.wait_for(ask(a, grouped[a]), timeout) for a in addresses),
-        return_exceptions=True)
+        *(asyncio.wait_for(ask(a, grouped[a]), timeout) for a in addresses), return_exceptions=True
+    )
     partials: list[Partial[T]] = []
     for address, outcome in zip(addresses, outcomes):
         if isinstance(outcome, BaseException):
@@ -128,16 +134,23 @@ async def gather(owners: Mapping[int, str],
         else:
             partials.append(Partial(address, tuple(grouped[address]), outcome))
             FANOUT_CALLS.labels(service, address, "ok").inc()
-    log.debug("asked %s in %.1f ms; missing %s",
-              {a: format_partitions(grouped[a]) for a in addresses},
-              1000 * (time.monotonic() - started), missing or "none")
+    log.debug(
+        "asked %s in %.1f ms; missing %s",
+        {a: format_partitions(grouped[a]) for a in addresses},
+        1000 * (time.monotonic() - started),
+        missing or "none",
+    )
     if missing:
         raise Incomplete(missing)
     return partials
 
 
-async def guard_stream(address: str, partitions: Sequence[int], stream: AsyncIterator[T],
-                       idle_timeout: float | None = None) -> AsyncIterator[T]:
+async def guard_stream(
+    address: str,
+    partitions: Sequence[int],
+    stream: AsyncIterator[T],
+    idle_timeout: float | None = None,
+) -> AsyncIterator[T]:
     """`stream`'s items; an owner's stream that fails, or stays silent for `idle_timeout`
     seconds between items, raises `Incomplete` naming its partitions (a query streaming
     partials from several owners has no complete answer without every stream)."""
@@ -166,8 +179,9 @@ def _reason(address: str, error: BaseException, timeout: float) -> str:
     return f"owner {address}: {error!r}"
 
 
-def merge_positions(positions: Sequence[view_event_pb2.ConsumerPosition]
-                    ) -> view_event_pb2.ConsumerPosition:
+def merge_positions(
+    positions: Sequence[view_event_pb2.ConsumerPosition],
+) -> view_event_pb2.ConsumerPosition:
     """One position for an answer built from partials: every partition each partial read (at
     its offset), the highest event-time watermark, caught up when every partial was."""
     offsets: dict[int, int] = {}
@@ -177,9 +191,12 @@ def merge_positions(positions: Sequence[view_event_pb2.ConsumerPosition]
         if position.HasField("event_time_watermark"):
             watermarks.append(position.event_time_watermark.seconds)
     merged = view_event_pb2.ConsumerPosition(
-        partitions=[view_event_pb2.PartitionOffset(partition=p, offset=o)
-                    for p, o in sorted(offsets.items())],
-        caught_up=bool(positions) and all(p.caught_up for p in positions))
+        partitions=[
+            view_event_pb2.PartitionOffset(partition=p, offset=o)
+            for p, o in sorted(offsets.items())
+        ],
+        caught_up=bool(positions) and all(p.caught_up for p in positions),
+    )
     if watermarks:
         merged.event_time_watermark.seconds = max(watermarks)
     return merged
@@ -188,9 +205,11 @@ def merge_positions(positions: Sequence[view_event_pb2.ConsumerPosition]
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 # A restarted owner at the same address must be reachable within a retry or two, not after
 # gRPC's default reconnect back-off (up to two minutes).
-PEER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
-                        ("grpc.min_reconnect_backoff_ms", 200),
-                        ("grpc.max_reconnect_backoff_ms", 2_000)]
+PEER_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 
 
 def insecure_peer_channel(address: str) -> grpc.aio.Channel:
@@ -200,8 +219,9 @@ def insecure_peer_channel(address: str) -> grpc.aio.Channel:
 def tls_peer_channel(root_certificates: bytes) -> ChannelFactory:
     """Channels that verify peers against `root_certificates` (PEM)."""
     credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    return lambda address: grpc.aio.secure_channel(address, credentials,
-                                                   options=PEER_CHANNEL_OPTIONS)
+    return lambda address: grpc.aio.secure_channel(
+        address, credentials, options=PEER_CHANNEL_OPTIONS
+    )
 
 
 class Peers:

@@ -59,8 +59,9 @@ def _varints(buf: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return value, length
 
 
-def _scan(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, spec: dict[int, int]
-          ) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+def _scan(
+    buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, spec: dict[int, int]
+) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Scan messages buf[starts:ends] whose fields are in `spec` (number -> wire type).
 
     Returns (ok, fields): fields[number] = (present, value, length) where value is the varint,
@@ -70,8 +71,10 @@ def _scan(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, spec: dict[int,
     ok = np.ones(count, bool)
     pos = starts.astype(np.int64).copy()
     last_field = np.zeros(count, np.int64)
-    fields = {number: (np.zeros(count, bool), np.zeros(count, np.uint64), np.zeros(count, np.int64))
-              for number in spec}
+    fields = {
+        number: (np.zeros(count, bool), np.zeros(count, np.uint64), np.zeros(count, np.int64))
+        for number in spec
+    }
     for _ in range(len(spec) + 1):
         active = np.flatnonzero(ok & (pos < ends))
         if len(active) == 0:
@@ -124,7 +127,7 @@ def decode_view_events(values: Sequence[bytes]) -> ViewEventColumns:
     take = (ok & id_present).tolist()
     offsets_list = id_offset.astype(np.int64).tolist()
     sizes_list = id_length.tolist()
-    event_id = [raw[o:o + s] if t else b"" for t, o, s in zip(take, offsets_list, sizes_list)]
+    event_id = [raw[o : o + s] if t else b"" for t, o, s in zip(take, offsets_list, sizes_list)]
     # Strings must be valid UTF-8 for protobuf; ASCII certainly is, anything else goes the slow way.
     non_ascii = np.flatnonzero(~np.fromiter(map(bytes.isascii, event_id), bool, count))
     if len(non_ascii):
@@ -137,10 +140,13 @@ def decode_view_events(values: Sequence[bytes]) -> ViewEventColumns:
 
     keep = ok.astype(np.int64)
     return ViewEventColumns(
-        fast=ok, event_id=event_id,
-        media_id=signed(top[2][1]) * keep, user_id=signed(top[3][1]) * keep,
+        fast=ok,
+        event_id=event_id,
+        media_id=signed(top[2][1]) * keep,
+        user_id=signed(top[3][1]) * keep,
         # event_type is int32 and nanos int32: protobuf keeps the low 32 bits of the varint.
         event_type=signed(top[4][1]).astype(np.int32).astype(np.int64) * keep,
         has_time=time_present & ok,
         seconds=signed(inner[1][1]) * keep * time_present,
-        nanos=signed(inner[2][1]).astype(np.int32).astype(np.int64) * keep * time_present)
+        nanos=signed(inner[2][1]).astype(np.int32).astype(np.int64) * keep * time_present,
+    )

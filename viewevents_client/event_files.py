@@ -405,10 +405,20 @@ def parse_line(line: str | bytes) -> ParsedLine:
     if parsed.event is not None and len(line) > MAX_EVENT_BYTES:
         size = parsed.event.ByteSize()
         if size > MAX_EVENT_BYTES:
-            return ParsedLine(None, [_violation(
-                "event", "TOO_LARGE", f"the event encodes to {size} bytes; at most "
-                f"{MAX_EVENT_BYTES} can be uploaded (event id {_short(parsed.event_id[:64])}"
-                f"{'...' if len(parsed.event_id) > 64 else ''})")], None, parsed.event_id[:64])
+            return ParsedLine(
+                None,
+                [
+                    _violation(
+                        "event",
+                        "TOO_LARGE",
+                        f"the event encodes to {size} bytes; at most "
+                        f"{MAX_EVENT_BYTES} can be uploaded (event id {_short(parsed.event_id[:64])}"
+                        f"{'...' if len(parsed.event_id) > 64 else ''})",
+                    )
+                ],
+                None,
+                parsed.event_id[:64],
+            )
     return parsed
 
 

@@ -108,8 +108,14 @@ class UploadTotals:
     rejections: list[ingest_pb.Rejection] = field(default_factory=list)  # index: in the upload
 
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 
 
 def upload_resumable(
@@ -205,8 +211,12 @@ def upload_resumable(
             channel.close()
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor,
-                   grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds `authorization: Bearer <token>` to every call (works with and without TLS)."""
 
     def __init__(self, token: str) -> None:
@@ -214,9 +224,18 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInter
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = list(details.metadata or []) + [self._header]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _CallDetails(
-            details.method, details.timeout, metadata, details.credentials,
-            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+        return (
+            details._replace(metadata=metadata)
+            if hasattr(details, "_replace")
+            else _CallDetails(
+                details.method,
+                details.timeout,
+                metadata,
+                details.credentials,
+                getattr(details, "wait_for_ready", None),
+                getattr(details, "compression", None),
+            )
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
@@ -234,8 +253,10 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInter
 from collections import namedtuple  # noqa: E402 - only for the call-details shim above
 
 
-class _CallDetails(namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
-                   grpc.ClientCallDetails):
+class _CallDetails(
+    namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+    grpc.ClientCallDetails,
+):
     pass
 
 
@@ -260,6 +281,7 @@ def upload_file(
     Lines that are not events, or cannot be represented, are skipped (the CLI reports them)."""
     from viewevents_client.event_files import iter_file
 
-    events = (parsed.event for path in paths for _, parsed in iter_file(path)
-              if parsed.event is not None)
+    events = (
+        parsed.event for path in paths for _, parsed in iter_file(path) if parsed.event is not None
+    )
     return upload_resumable(connect, events, batch_size, **options)  # type: ignore[arg-type]

@@ -1,8 +1,8 @@
 """`viewevents`: upload view-event files, generate synthetic data, query the services.
 
-    viewevents upload FILE... [--address HOST:PORT] [--batch-size N] [--resumable]
-    viewevents gen OUT --events N [--seed S] ...
-    viewevents stats MEDIA | trend MEDIA | top | similar MEDIA | recommend USER  [--json]
+viewevents upload FILE... [--address HOST:PORT] [--batch-size N] [--resumable]
+viewevents gen OUT --events N [--seed S] ...
+viewevents stats MEDIA | trend MEDIA | top | similar MEDIA | recommend USER  [--json]
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class _FileProblems:
         self.shown += 1
 
 
-def _events_of(paths: Sequence[str], index: LineIndex, problems: _FileProblems) -> Iterator[ViewEvent]:
+def _events_of(
+    paths: Sequence[str], index: LineIndex, problems: _FileProblems
+) -> Iterator[ViewEvent]:
     for path in paths:
         for line_number, parsed in iter_file(path):
             where = f"{path}:{line_number}"
@@ -56,12 +58,15 @@ def _events_of(paths: Sequence[str], index: LineIndex, problems: _FileProblems) 
                 problems.report(where, f"not an event: {parsed.error}")
             elif any(v.reason == "TOO_LARGE" for v in parsed.violations):
                 problems.too_large += 1
-                problems.report(where, "skipped, too large: " + "; ".join(
-                    v.description for v in parsed.violations))
+                problems.report(
+                    where,
+                    "skipped, too large: " + "; ".join(v.description for v in parsed.violations),
+                )
             elif parsed.violations:
                 problems.client_rejected += 1
-                problems.report(where, "rejected: " + "; ".join(
-                    v.description for v in parsed.violations))
+                problems.report(
+                    where, "rejected: " + "; ".join(v.description for v in parsed.violations)
+                )
             elif parsed.event is not None:
                 index.add(path, line_number)
                 yield parsed.event
@@ -70,14 +75,23 @@ def _events_of(paths: Sequence[str], index: LineIndex, problems: _FileProblems) 
 def cmd_upload(args: argparse.Namespace) -> int:
     index = LineIndex()
     problems = _FileProblems(sys.stderr)
-    bar = tqdm(unit=" events", unit_scale=True, desc="upload", disable=args.no_progress,
-               smoothing=0.1, dynamic_ncols=True)
+    bar = tqdm(
+        unit=" events",
+        unit_scale=True,
+        desc="upload",
+        disable=args.no_progress,
+        smoothing=0.1,
+        dynamic_ncols=True,
+    )
     events = _events_of(args.files, index, problems)
     try:
         if args.resumable:
             summary = upload_resumable(
-                lambda: open_channel(args.address, args.tls_ca, args.token), events,
-                args.batch_size, on_ack=lambda ack: bar.update(ack.received))
+                lambda: open_channel(args.address, args.tls_ca, args.token),
+                events,
+                args.batch_size,
+                on_ack=lambda ack: bar.update(ack.received),
+            )
         else:
             with open_channel(args.address, args.tls_ca, args.token) as channel:
                 summary = upload(channel, events, args.batch_size, on_batch=bar.update)
@@ -88,13 +102,18 @@ def cmd_upload(args: argparse.Namespace) -> int:
     bar.close()
     for rejection in summary.rejections:
         path, line = index.locate(rejection.index)
-        problems.report(f"{path}:{line}", "rejected by the server: " + "; ".join(
-            v.description for v in rejection.field_violations))
-    print(f"sent {summary.received} events in {summary.requests} requests: "
-          f"{summary.accepted} accepted, {summary.rejected} rejected by the server "
-          f"(kept on the dead-letter topic); {problems.client_rejected} lines rejected before "
-          f"sending, {problems.not_events} lines not events, {problems.too_large} lines skipped "
-          f"as too large to upload")
+        problems.report(
+            f"{path}:{line}",
+            "rejected by the server: "
+            + "; ".join(v.description for v in rejection.field_violations),
+        )
+    print(
+        f"sent {summary.received} events in {summary.requests} requests: "
+        f"{summary.accepted} accepted, {summary.rejected} rejected by the server "
+        f"(kept on the dead-letter topic); {problems.client_rejected} lines rejected before "
+        f"sending, {problems.not_events} lines not events, {problems.too_large} lines skipped "
+        f"as too large to upload"
+    )
     return 0
 
 
@@ -105,22 +124,34 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="viewevents", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="viewevents", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = settings.load()
 
-    up = commands.add_parser("upload", help="stream event files (JSON lines, .gz ok) to the ingest service")
+    up = commands.add_parser(
+        "upload", help="stream event files (JSON lines, .gz ok) to the ingest service"
+    )
     up.add_argument("files", nargs="+", metavar="FILE")
-    up.add_argument("--address", default=defaults.ingest_address,
-                    help="ingest service address (env VIEWEVENTS_INGEST_ADDRESS)")
+    up.add_argument(
+        "--address",
+        default=defaults.ingest_address,
+        help="ingest service address (env VIEWEVENTS_INGEST_ADDRESS)",
+    )
     up.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="events per request")
     up.add_argument("--no-progress", action="store_true", help="no progress bar")
-    up.add_argument("--resumable", action="store_true",
-                    help="use UploadStream: acks per batch, reconnects and resumes after failures")
+    up.add_argument(
+        "--resumable",
+        action="store_true",
+        help="use UploadStream: acks per batch, reconnects and resumes after failures",
+    )
     up.add_argument("--tls-ca", help="CA certificate (PEM) when the service uses TLS")
-    up.add_argument("--token", default=defaults.ingest_token or None,
-                    help="bearer token (env VIEWEVENTS_INGEST_TOKEN)")
+    up.add_argument(
+        "--token",
+        default=defaults.ingest_token or None,
+        help="bearer token (env VIEWEVENTS_INGEST_TOKEN)",
+    )
     up.set_defaults(func=cmd_upload)
 
     from viewevents_tools import generator
@@ -131,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from viewevents_tools import dead_letters
 
-    dead = commands.add_parser("dead-letters", help="show rejected events and why (dead-letter topic)")
+    dead = commands.add_parser(
+        "dead-letters", help="show rejected events and why (dead-letter topic)"
+    )
     dead_letters.add_arguments(dead)
     dead.set_defaults(func=dead_letters.run)
 

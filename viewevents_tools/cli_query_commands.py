@@ -26,11 +26,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Columns aligned; numbers right, text left."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], (int, float)) for row in rows) if rows else False
-               for i in range(len(headers))]
+    numeric = [
+        all(isinstance(row[i], (int, float)) for row in rows) if rows else False
+        for i in range(len(headers))
+    ]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+        return "  ".join(
+            v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)
+        ).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
@@ -68,28 +72,66 @@ def cmd_stats(args: argparse.Namespace, client: QueryClient) -> None:
     if args.json:
         return _emit_json(reply)
     s = reply.stats
-    print(table(["media", "view time (s)", "starts", "stops", "ends", "viewers", "completion",
-                 "avg s/viewer", "first event", "last event"],
-                [[str(s.media_id), s.view_time_seconds, s.starts, s.stops, s.ends, s.unique_viewers,
-                  s.completion_rate, s.average_view_time_seconds_per_viewer,
-                  _time(s.first_event_time), _time(s.last_event_time)]]))
+    print(
+        table(
+            [
+                "media",
+                "view time (s)",
+                "starts",
+                "stops",
+                "ends",
+                "viewers",
+                "completion",
+                "avg s/viewer",
+                "first event",
+                "last event",
+            ],
+            [
+                [
+                    str(s.media_id),
+                    s.view_time_seconds,
+                    s.starts,
+                    s.stops,
+                    s.ends,
+                    s.unique_viewers,
+                    s.completion_rate,
+                    s.average_view_time_seconds_per_viewer,
+                    _time(s.first_event_time),
+                    _time(s.last_event_time),
+                ]
+            ],
+        )
+    )
 
 
 def cmd_trend(args: argparse.Namespace, client: QueryClient) -> None:
-    reply = client.media_trend(args.media_id, parse_time(args.start), parse_time(args.end),
-                               args.granularity, args.include_empty)
+    reply = client.media_trend(
+        args.media_id,
+        parse_time(args.start),
+        parse_time(args.end),
+        args.granularity,
+        args.include_empty,
+    )
     if args.json:
         return _emit_json(reply)
     values = [getattr(b, args.metric) for b in reply.buckets]
     if args.plot:
-        plot_png(args.plot, [b.start_time.ToDatetime() for b in reply.buckets], values,
-                 f"media {args.media_id}: {args.metric} per {args.granularity}")
+        plot_png(
+            args.plot,
+            [b.start_time.ToDatetime() for b in reply.buckets],
+            values,
+            f"media {args.media_id}: {args.metric} per {args.granularity}",
+        )
         print(f"wrote {args.plot}")
     peak = max(values, default=0) or 1
-    print(f"media {args.media_id}, {args.metric} per {args.granularity} "
-          f"({len(reply.buckets)} buckets, {reply.unique_viewers:,} viewers in range)")
+    print(
+        f"media {args.media_id}, {args.metric} per {args.granularity} "
+        f"({len(reply.buckets)} buckets, {reply.unique_viewers:,} viewers in range)"
+    )
     for bucket, value in zip(reply.buckets, values):
-        print(f"{_time(bucket.start_time)}  {value:>10,}  {BAR * max(1 if value else 0, round(40 * value / peak))}")
+        print(
+            f"{_time(bucket.start_time)}  {value:>10,}  {BAR * max(1 if value else 0, round(40 * value / peak))}"
+        )
 
 
 def plot_png(path: str, times: list[datetime], values: list[int], title: str) -> None:
@@ -110,12 +152,20 @@ def plot_png(path: str, times: list[datetime], values: list[int], title: str) ->
 
 
 def cmd_top(args: argparse.Namespace, client: QueryClient) -> None:
-    reply = client.top_media(parse_time(args.start), parse_time(args.end), args.metric, args.limit,
-                             args.page_token)
+    reply = client.top_media(
+        parse_time(args.start), parse_time(args.end), args.metric, args.limit, args.page_token
+    )
     if args.json:
         return _emit_json(reply)
-    print(table(["rank", "media", "view time (s)", "starts", "viewers"],
-                [[m.rank, str(m.media_id), m.view_time_seconds, m.starts, m.unique_viewers] for m in reply.media]))
+    print(
+        table(
+            ["rank", "media", "view time (s)", "starts", "viewers"],
+            [
+                [m.rank, str(m.media_id), m.view_time_seconds, m.starts, m.unique_viewers]
+                for m in reply.media
+            ],
+        )
+    )
     if reply.next_page_token:
         print(f"next page: --page-token {reply.next_page_token}")
 
@@ -124,8 +174,12 @@ def cmd_similar(args: argparse.Namespace, client: QueryClient) -> None:
     reply = client.similar_media(args.media_id, args.limit, args.metric)
     if args.json:
         return _emit_json(reply)
-    print(table(["media", args.metric, "co-viewers"],
-                [[str(m.media_id), m.score, m.co_viewers] for m in reply.similar_media]))
+    print(
+        table(
+            ["media", args.metric, "co-viewers"],
+            [[str(m.media_id), m.score, m.co_viewers] for m in reply.similar_media],
+        )
+    )
 
 
 def cmd_recommend(args: argparse.Namespace, client: QueryClient) -> None:
@@ -145,11 +199,16 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--stats-address", default=defaults.stats_address)
         parser.add_argument("--recommender-address", default=defaults.recommender_address)
         parser.add_argument("--tls-ca", help="CA certificate (PEM) when the services use TLS")
-        parser.add_argument("--stats-token", default=defaults.stats_token or None,
-                            help="bearer token of the stats service (env VIEWEVENTS_STATS_TOKEN)")
-        parser.add_argument("--recommender-token", default=defaults.recommender_token or None,
-                            help="bearer token of the recommender service "
-                                 "(env VIEWEVENTS_RECOMMENDER_TOKEN)")
+        parser.add_argument(
+            "--stats-token",
+            default=defaults.stats_token or None,
+            help="bearer token of the stats service (env VIEWEVENTS_STATS_TOKEN)",
+        )
+        parser.add_argument(
+            "--recommender-token",
+            default=defaults.recommender_token or None,
+            help="bearer token of the recommender service (env VIEWEVENTS_RECOMMENDER_TOKEN)",
+        )
         parser.add_argument("--json", action="store_true", help="print the response as JSON")
         parser.set_defaults(func=_run(handler))
         return parser
@@ -161,8 +220,11 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--start", default="-24h", help="ISO 8601 or relative (-24h, -7d); default -24h")
     p.add_argument("--end", default="now")
     p.add_argument("--granularity", choices=sorted(GRANULARITIES), default="hour")
-    p.add_argument("--metric", default="view_time_seconds",
-                   choices=["view_time_seconds", "starts", "stops", "ends", "unique_viewers"])
+    p.add_argument(
+        "--metric",
+        default="view_time_seconds",
+        choices=["view_time_seconds", "starts", "stops", "ends", "unique_viewers"],
+    )
     p.add_argument("--include-empty", action="store_true")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG chart")
     p = command("top", "the most watched media in a time range", cmd_top)
@@ -182,8 +244,13 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:
 
 def _run(handler: object):
     def run(args: argparse.Namespace) -> int:
-        with QueryClient(args.stats_address, args.recommender_address, args.tls_ca,
-                         args.stats_token, args.recommender_token) as client:
+        with QueryClient(
+            args.stats_address,
+            args.recommender_address,
+            args.tls_ca,
+            args.stats_token,
+            args.recommender_token,
+        ) as client:
             try:
                 handler(args, client)  # type: ignore[operator]
             except grpc.RpcError as error:

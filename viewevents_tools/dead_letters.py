@@ -14,10 +14,17 @@ from viewevents.v1 import view_event_pb2
 from viewevents_tools import settings_catalogue as settings
 
 
-async def iter_rejected(bootstrap: str, topic: str, limit: int) -> AsyncIterator[view_event_pb2.RejectedEvent]:
+async def iter_rejected(
+    bootstrap: str, topic: str, limit: int
+) -> AsyncIterator[view_event_pb2.RejectedEvent]:
     """The first `limit` rejected events of the topic (from the beginning, all partitions)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     try:
         seen = 0
@@ -35,7 +42,9 @@ async def iter_rejected(bootstrap: str, topic: str, limit: int) -> AsyncIterator
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = settings.load()
-    parser.add_argument("--bootstrap", default=defaults.kafka_bootstrap, help="Kafka bootstrap servers")
+    parser.add_argument(
+        "--bootstrap", default=defaults.kafka_bootstrap, help="Kafka bootstrap servers"
+    )
     parser.add_argument("--topic", default=defaults.dead_letter_topic)
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -30,6 +30,7 @@ SERVICES = (
     ("recommender_service", "recommender_address"),
 )
 
+
 def _kafka_port(bootstrap: str) -> str:
     first = bootstrap.split(",")[0]
     return str(urlsplit(f"//{first}").port or 9092)
@@ -50,8 +51,11 @@ class DevStack:
     def start_kafka(self) -> None:
         env = dict(os.environ, KAFKA_PORT=_kafka_port(self.config.kafka_bootstrap))
         if subprocess.run([str(KAFKA_SCRIPT), "status"], env=env).returncode == 0:
-            print(f"reusing the broker already answering at {self.config.kafka_bootstrap}; "
-                  "it is left running on exit", flush=True)
+            print(
+                f"reusing the broker already answering at {self.config.kafka_bootstrap}; "
+                "it is left running on exit",
+                flush=True,
+            )
             return
         self.started_kafka = True  # set first: a Ctrl-C mid-start still stops what started
         subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
@@ -86,8 +90,10 @@ class DevStack:
             state = "exited" if process.poll() is not None else health_status(address)
             print(f"  {module:<22} {address:<18} {state}")
         print(f"\nTry:  grpcurl -plaintext {self.config.ingest_address} list")
-        print("      viewevents gen /tmp/events.jsonl --events 100000 && "
-              "viewevents upload /tmp/events.jsonl")
+        print(
+            "      viewevents gen /tmp/events.jsonl --events 100000 && "
+            "viewevents upload /tmp/events.jsonl"
+        )
         print("Ctrl-C stops everything.\n", flush=True)
 
     def watch(self) -> None:
@@ -115,10 +121,15 @@ class DevStack:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m viewevents_tools.dev_stack", description=__doc__)
-    parser.add_argument("--start-kafka", action="store_true",
-                        help="start the local broker (deploy/kafka.sh) unless one answers; "
-                             "stop it on exit only if this run started it")
+    parser = argparse.ArgumentParser(
+        prog="python -m viewevents_tools.dev_stack", description=__doc__
+    )
+    parser.add_argument(
+        "--start-kafka",
+        action="store_true",
+        help="start the local broker (deploy/kafka.sh) unless one answers; "
+        "stop it on exit only if this run started it",
+    )
     args = parser.parse_args(argv)
     stack = DevStack(settings.load())
     # Before anything starts: a Ctrl-C at any moment from here on stops what was started.

@@ -28,30 +28,38 @@ def _die_with(parent_pid: int) -> None:
         os._exit(1)
 
 
-def spawn_service(module: str, env: Mapping[str, str] | None = None,
-                  output: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+def spawn_service(
+    module: str, env: Mapping[str, str] | None = None, output: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
     """`python -m module` in its own session (a terminal's Ctrl-C reaches only the parent, which
     stops each child once), dying with the parent even if the parent is killed with SIGKILL."""
     parent = os.getpid()
-    return subprocess.Popen([sys.executable, "-m", module], cwd=REPO,
-                            env=None if env is None else dict(env), stdout=output,
-                            stderr=subprocess.STDOUT if output is not None else None,
-                            start_new_session=True, preexec_fn=lambda: _die_with(parent))
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=REPO,
+        env=None if env is None else dict(env),
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
+        start_new_session=True,
+        preexec_fn=lambda: _die_with(parent),
+    )
 
 
 def health_status(address: str, timeout: float = 1.0) -> str:
     """The overall grpc.health.v1 status name, or NOT_LISTENING."""
     try:
         with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                              timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError:
         return "NOT_LISTENING"
 
 
-def wait_serving(process: subprocess.Popen[bytes], address: str, timeout: float = 120.0,
-                 what: str = "service") -> None:
+def wait_serving(
+    process: subprocess.Popen[bytes], address: str, timeout: float = 120.0, what: str = "service"
+) -> None:
     """Until the service's health says SERVING; raises if it exits or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -63,8 +71,9 @@ def wait_serving(process: subprocess.Popen[bytes], address: str, timeout: float 
     raise TimeoutError(f"{what} not SERVING after {timeout:.0f} s")
 
 
-def start_service(module: str, env: Mapping[str, str], address: str, log_path: Path,
-                  timeout: float = 120.0) -> subprocess.Popen[bytes]:
+def start_service(
+    module: str, env: Mapping[str, str], address: str, log_path: Path, timeout: float = 120.0
+) -> subprocess.Popen[bytes]:
     """Start `python -m module` (output to `log_path`) and wait until it is SERVING."""
     with open(log_path, "ab") as log:
         process = spawn_service(module, env, log)

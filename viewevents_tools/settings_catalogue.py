@@ -14,8 +14,12 @@ from viewevents import config
 from viewevents.config import Config, Setting
 
 ALL_SETTINGS: tuple[Setting, ...] = (
-    config.SHARED_SETTINGS + config.CONSUMER_SETTINGS + ingest.OWN_SETTINGS + stats.OWN_SETTINGS
-    + recommender.OWN_SETTINGS)
+    config.SHARED_SETTINGS
+    + config.CONSUMER_SETTINGS
+    + ingest.OWN_SETTINGS
+    + stats.OWN_SETTINGS
+    + recommender.OWN_SETTINGS
+)
 _BY_NAME = {s.name: s for s in ALL_SETTINGS}
 
 

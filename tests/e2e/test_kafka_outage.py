@@ -35,8 +35,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 EXIT_BOUND_S = 15.0
 PROBLEM_LINE = re.compile(r" (WARNING|ERROR|CRITICAL) ")
-MODULES = {"ingest": "ingest_service", "stats": "stats_service",
-           "recommender": "recommender_service"}
+MODULES = {
+    "ingest": "ingest_service",
+    "stats": "stats_service",
+    "recommender": "recommender_service",
+}
 
 
 class OwnBroker:
@@ -44,8 +47,12 @@ class OwnBroker:
 
     def __init__(self, data_dir: Path) -> None:
         self.port = free_port()
-        self.env = dict(os.environ, KAFKA_PORT=str(self.port),
-                        KAFKA_CONTROLLER_PORT=str(free_port()), KAFKA_DATA_DIR=str(data_dir))
+        self.env = dict(
+            os.environ,
+            KAFKA_PORT=str(self.port),
+            KAFKA_CONTROLLER_PORT=str(free_port()),
+            KAFKA_DATA_DIR=str(data_dir),
+        )
 
     @property
     def bootstrap(self) -> str:
@@ -73,7 +80,8 @@ def health(address: str) -> int | None:
     try:
         with grpc.insecure_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=2)
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
         return reply.status
     except grpc.RpcError:
         return None
@@ -101,10 +109,17 @@ def line_count(service: ServiceProcess) -> int:
 
 
 def start_all(config: settings.Config, tmp_path: Path, run: int) -> dict[str, ServiceProcess]:
-    addresses = {"ingest": config.ingest_address, "stats": config.stats_address,
-                 "recommender": config.recommender_address}
-    return {name: ServiceProcess(MODULES[name], config, addresses[name],
-                                 tmp_path / f"{name}-{run}.log").start() for name in MODULES}
+    addresses = {
+        "ingest": config.ingest_address,
+        "stats": config.stats_address,
+        "recommender": config.recommender_address,
+    }
+    return {
+        name: ServiceProcess(
+            MODULES[name], config, addresses[name], tmp_path / f"{name}-{run}.log"
+        ).start()
+        for name in MODULES
+    }
 
 
 def sigterm_and_time(service: ServiceProcess) -> tuple[float, int | None]:
@@ -133,20 +148,23 @@ def seen_ids_per_partition(state_dir: str, partitions: int) -> dict[int, int]:
     a store left half-written or still locked fails here)."""
     store = StateStore(state_dir)
     try:
-        return {p: sum(1 for _ in store.scan_prefix(seen_prefix(p)))
-                for p in range(partitions)}
+        return {p: sum(1 for _ in store.scan_prefix(seen_prefix(p))) for p in range(partitions)}
     finally:
         store.close()
 
 
 def configuration(broker: OwnBroker, tmp_path: Path) -> settings.Config:
     return test_config(
-        broker.bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
+        broker.bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
         stats_address=f"127.0.0.1:{free_port()}",
         recommender_address=f"127.0.0.1:{free_port()}",
-        stats_state_dir=str(tmp_path / "stats"), recommender_state_dir=str(tmp_path / "rec"),
-        stats_group=unique_name("stats"), recommender_group=unique_name("rec"),
-        producer_timeout_ms=4_000)
+        stats_state_dir=str(tmp_path / "stats"),
+        recommender_state_dir=str(tmp_path / "rec"),
+        stats_group=unique_name("stats"),
+        recommender_group=unique_name("rec"),
+        producer_timeout_ms=4_000,
+    )
 
 
 def upload_and_wait(config: settings.Config, events: list) -> dict[int, int]:
@@ -156,20 +174,32 @@ def upload_and_wait(config: settings.Config, events: list) -> dict[int, int]:
         summary = upload(channel, iter(events), timeout=120)
     targets = {p.partition: p.offset for p in summary.positions}
     deadline = time.monotonic() + 120
-    with grpc.insecure_channel(config.stats_address) as stats_channel, \
-            grpc.insecure_channel(config.recommender_address) as rec_channel:
+    with (
+        grpc.insecure_channel(config.stats_address) as stats_channel,
+        grpc.insecure_channel(config.recommender_address) as rec_channel,
+    ):
         stats = pb_grpc.StatsServiceStub(stats_channel)
         rec = rec_grpc.RecommenderServiceStub(rec_channel)
         while True:
             try:
                 positions = [
-                    stats.ListTopMedia(pb.ListTopMediaRequest(
-                        start_time={"seconds": 0}, end_time={"seconds": 1}, limit=1),
-                        timeout=5).position,
-                    rec.RecommendForUser(rec_pb.RecommendForUserRequest(
-                        user_id=events[0].user_id), timeout=5).position]
-                if all(all({p.partition: p.offset for p in position.partitions}.get(p, 0) >= o
-                           for p, o in targets.items()) for position in positions):
+                    stats.ListTopMedia(
+                        pb.ListTopMediaRequest(
+                            start_time={"seconds": 0}, end_time={"seconds": 1}, limit=1
+                        ),
+                        timeout=5,
+                    ).position,
+                    rec.RecommendForUser(
+                        rec_pb.RecommendForUserRequest(user_id=events[0].user_id), timeout=5
+                    ).position,
+                ]
+                if all(
+                    all(
+                        {p.partition: p.offset for p in position.partitions}.get(p, 0) >= o
+                        for p, o in targets.items()
+                    )
+                    for position in positions
+                ):
                     return targets
             except grpc.RpcError:
                 pass
@@ -178,7 +208,8 @@ def upload_and_wait(config: settings.Config, events: list) -> dict[int, int]:
 
 
 def test_outage_turns_health_not_serving_and_back_with_few_log_lines(
-        broker: OwnBroker, tmp_path: Path) -> None:
+    broker: OwnBroker, tmp_path: Path
+) -> None:
     config = configuration(broker, tmp_path)
     services = start_all(config, tmp_path, 0)
     for service in services.values():
@@ -200,15 +231,17 @@ def test_outage_turns_health_not_serving_and_back_with_few_log_lines(
         wait_health(service.address, SERVING, timeout=90)
 
     for name, lines in noise.items():
-        assert len(lines) < 20, f"{name} logged {len(lines)} problem lines in 15 s:\n" + \
-            "\n".join(lines[:40])
+        assert len(lines) < 20, f"{name} logged {len(lines)} problem lines in 15 s:\n" + "\n".join(
+            lines[:40]
+        )
     assert all(seconds < 20 for seconds in took.values()), took
     for service in services.values():
         assert sigterm_and_time(service)[1] == 0
 
 
 def test_sigterm_with_kafka_down_exits_promptly_and_restart_counts_once(
-        broker: OwnBroker, tmp_path: Path) -> None:
+    broker: OwnBroker, tmp_path: Path
+) -> None:
     config = configuration(broker, tmp_path)
     services = start_all(config, tmp_path, 0)
     for service in services.values():
@@ -217,8 +250,9 @@ def test_sigterm_with_kafka_down_exits_promptly_and_restart_counts_once(
     targets = upload_and_wait(config, events)
     partitions = len(targets)
     partitioner = KeyPartitioner(partitions)
-    by_partition = Counter(partitioner(str(e.user_id).encode()) for e in
-                           {e.event_id: e for e in events}.values())
+    by_partition = Counter(
+        partitioner(str(e.user_id).encode()) for e in {e.event_id: e for e in events}.values()
+    )
 
     broker.stop()
     exits = {name: sigterm_and_time(s) for name, s in services.items()}
@@ -229,7 +263,8 @@ def test_sigterm_with_kafka_down_exits_promptly_and_restart_counts_once(
     # doubled batch would show), computed from the uploaded events here.
     for state_dir in (config.stats_state_dir, config.recommender_state_dir):
         assert seen_ids_per_partition(state_dir, partitions) == dict(by_partition) | {
-            p: 0 for p in range(partitions) if p not in by_partition}, state_dir
+            p: 0 for p in range(partitions) if p not in by_partition
+        }, state_dir
 
     broker.start()
     services = start_all(config, tmp_path, 1)

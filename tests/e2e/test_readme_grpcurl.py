@@ -18,7 +18,11 @@ from tests.support.grpcurl import GRPCURL
 from tests.support.positions import recommender_position, stats_position, wait_applied
 from tests.support.processes import ServiceProcess
 
-DEFAULTS = {"ingest": "127.0.0.1:50051", "stats": "127.0.0.1:50052", "recommender": "127.0.0.1:50053"}
+DEFAULTS = {
+    "ingest": "127.0.0.1:50051",
+    "stats": "127.0.0.1:50052",
+    "recommender": "127.0.0.1:50053",
+}
 
 
 def readme_commands() -> list[str]:
@@ -30,33 +34,61 @@ def readme_commands() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def stack(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     folder = tmp_path_factory.mktemp("readme")
-    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                         stats_address=f"127.0.0.1:{free_port()}",
-                         recommender_address=f"127.0.0.1:{free_port()}",
-                         stats_state_dir=str(folder / "stats"), recommender_state_dir=str(folder / "rec"),
-                         stats_group=f"readme-stats-{time.time_ns()}",
-                         recommender_group=f"readme-rec-{time.time_ns()}",
-                         stats_metrics_port=free_port())
-    services = [ServiceProcess(module, config, getattr(config, f"{name}_address"), folder / f"{name}.log").start()
-                for name, module in (("ingest", "ingest_service"), ("stats", "stats_service"),
-                                     ("recommender", "recommender_service"))]
+    config = test_config(
+        kafka_bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
+        stats_address=f"127.0.0.1:{free_port()}",
+        recommender_address=f"127.0.0.1:{free_port()}",
+        stats_state_dir=str(folder / "stats"),
+        recommender_state_dir=str(folder / "rec"),
+        stats_group=f"readme-stats-{time.time_ns()}",
+        recommender_group=f"readme-rec-{time.time_ns()}",
+        stats_metrics_port=free_port(),
+    )
+    services = [
+        ServiceProcess(
+            module, config, getattr(config, f"{name}_address"), folder / f"{name}.log"
+        ).start()
+        for name, module in (
+            ("ingest", "ingest_service"),
+            ("stats", "stats_service"),
+            ("recommender", "recommender_service"),
+        )
+    ]
     for service in services:
         service.wait_serving()
-    yield {"ingest": config.ingest_address, "stats": config.stats_address,
-           "recommender": config.recommender_address, "stats_metrics": str(config.stats_metrics_port),
-           "bootstrap": kafka_bootstrap, "view_topic": config.view_topic}
+    yield {
+        "ingest": config.ingest_address,
+        "stats": config.stats_address,
+        "recommender": config.recommender_address,
+        "stats_metrics": str(config.stats_metrics_port),
+        "bootstrap": kafka_bootstrap,
+        "view_topic": config.view_topic,
+    }
     for service in services:
         service.stop()
 
 
 def expected_from_examples() -> dict[str, object]:
     """Brute force over docs/examples/upload-requests.jsonl plus the README's Publish event."""
-    events = [e for line in (REPO / "docs/examples/upload-requests.jsonl").read_text().splitlines()
-              for e in json.loads(line)["events"]]
-    events.append({"eventId": "readme-publish-1", "mediaId": "10", "userId": "47",
-                   "eventType": "EVENT_TYPE_STREAM_START", "eventTime": "2026-11-28T13:00:00Z"})
+    events = [
+        e
+        for line in (REPO / "docs/examples/upload-requests.jsonl").read_text().splitlines()
+        for e in json.loads(line)["events"]
+    ]
+    events.append(
+        {
+            "eventId": "readme-publish-1",
+            "mediaId": "10",
+            "userId": "47",
+            "eventType": "EVENT_TYPE_STREAM_START",
+            "eventTime": "2026-11-28T13:00:00Z",
+        }
+    )
     unique = {e["eventId"]: e for e in events}.values()
     viewers: dict[int, set[int]] = defaultdict(set)
     waypoints: dict[int, int] = defaultdict(int)
@@ -67,8 +99,13 @@ def expected_from_examples() -> dict[str, object]:
             waypoints[int(e["mediaId"])] += 1
             waypoint_minutes[int(e["mediaId"])].add(e["eventTime"][:16])
     ranking = sorted(viewers, key=lambda m: (-len(viewers[m]), m))
-    return {"viewers": viewers, "waypoints": waypoints, "waypoint_minutes": waypoint_minutes,
-            "top3": ranking[:3], "uploaded": len(events) - 1}
+    return {
+        "viewers": viewers,
+        "waypoints": waypoints,
+        "waypoint_minutes": waypoint_minutes,
+        "top3": ranking[:3],
+        "uploaded": len(events) - 1,
+    }
 
 
 def test_every_readme_command(stack: dict[str, str]) -> None:
@@ -86,7 +123,9 @@ def test_every_readme_command(stack: dict[str, str]) -> None:
             assert sum(wanted.values()) >= sum(int(p["offset"]) for p in upload_positions)
             wait_applied(stack["stats"], stats_position, wanted, timeout=60)
             wait_applied(stack["recommender"], recommender_position, wanted, timeout=60)
-        result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, f"{command}\n{result.stderr}"
         found = re.search(r"(\w+Service/\w+|Health/\w+)|\b(list)$|(describe \S+)$", command)
         assert found, command
@@ -102,14 +141,22 @@ def test_every_readme_command(stack: dict[str, str]) -> None:
     upload = json.loads(outputs["IngestService/Upload"][0])
     assert int(upload["accepted"]) == expected["uploaded"] and "rejected" not in upload
     assert json.loads(outputs["IngestService/Publish"][0])["accepted"] == "1"
-    acks = [json.loads(chunk) for chunk in re.split(r"(?<=\})\n(?=\{)", outputs["IngestService/UploadStream"][0].strip())]
+    acks = [
+        json.loads(chunk)
+        for chunk in re.split(r"(?<=\})\n(?=\{)", outputs["IngestService/UploadStream"][0].strip())
+    ]
     assert [int(a.get("request_index", 0)) for a in acks] == list(range(6))
 
     stats = json.loads(outputs["StatsService/GetMediaStats"][0])["stats"]
-    assert int(stats["unique_viewers"]) == len(expected["viewers"][7])  # re-sent events counted once
+    assert int(stats["unique_viewers"]) == len(
+        expected["viewers"][7]
+    )  # re-sent events counted once
     assert int(stats["view_time_seconds"]) == 30 * expected["waypoints"][7]
     trend = json.loads(outputs["StatsService/GetMediaTrend"][0])
-    assert sum(int(b.get("view_time_seconds", 0)) for b in trend["buckets"]) == 30 * expected["waypoints"][7]
+    assert (
+        sum(int(b.get("view_time_seconds", 0)) for b in trend["buckets"])
+        == 30 * expected["waypoints"][7]
+    )
     top = json.loads(outputs["StatsService/ListTopMedia"][0])
     assert [int(m["media_id"]) for m in top["media"]] == expected["top3"]
 
@@ -125,9 +172,22 @@ def test_every_readme_command(stack: dict[str, str]) -> None:
 def viewevents_cli(stack: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     import sys
 
-    return subprocess.run([sys.executable, "-m", "viewevents_tools.cli", *args, "--stats-address", stack["stats"],
-                           "--recommender-address", stack["recommender"]],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "viewevents_tools.cli",
+            *args,
+            "--stats-address",
+            stack["stats"],
+            "--recommender-address",
+            stack["recommender"],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli_queries_after_the_readme_upload(stack: dict[str, str], tmp_path: Path) -> None:
@@ -138,19 +198,45 @@ def test_cli_queries_after_the_readme_upload(stack: dict[str, str], tmp_path: Pa
     assert int(json.loads(as_json.stdout)["stats"]["uniqueViewers"]) == len(expected["viewers"][7])
     as_table = viewevents_cli(stack, "stats", "7")
     assert as_table.stdout.splitlines()[0].split()[:3] == ["media", "view", "time"]
-    assert as_table.stdout.splitlines()[2].split()[:2] == ["7", f"{30 * expected['waypoints'][7]:,}"]
+    assert as_table.stdout.splitlines()[2].split()[:2] == [
+        "7",
+        f"{30 * expected['waypoints'][7]:,}",
+    ]
 
     png = tmp_path / "trend.png"
-    trend = viewevents_cli(stack, "trend", "7", "--start", "2026-11-28T12:00:00Z", "--end",
-                           "2026-11-28T13:00:00Z", "--granularity", "minute", "--plot", str(png))
+    trend = viewevents_cli(
+        stack,
+        "trend",
+        "7",
+        "--start",
+        "2026-11-28T12:00:00Z",
+        "--end",
+        "2026-11-28T13:00:00Z",
+        "--granularity",
+        "minute",
+        "--plot",
+        str(png),
+    )
     assert trend.returncode == 0, trend.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bars = [line for line in trend.stdout.splitlines() if "\u2588" in line]
     assert len(bars) == len(expected["waypoint_minutes"][7])
-    assert [line[:16] for line in bars] == sorted(m.replace("T", " ") for m in expected["waypoint_minutes"][7])
+    assert [line[:16] for line in bars] == sorted(
+        m.replace("T", " ") for m in expected["waypoint_minutes"][7]
+    )
 
-    top = viewevents_cli(stack, "top", "--start", "2026-11-28T00:00:00Z", "--end", "2026-11-29T00:00:00Z",
-                         "--metric", "unique-viewers", "--limit", "2")
+    top = viewevents_cli(
+        stack,
+        "top",
+        "--start",
+        "2026-11-28T00:00:00Z",
+        "--end",
+        "2026-11-29T00:00:00Z",
+        "--metric",
+        "unique-viewers",
+        "--limit",
+        "2",
+    )
     rows = top.stdout.splitlines()[2:4]
     assert [int(r.split()[1]) for r in rows] == expected["top3"][:2]
     assert "next page: --page-token" in top.stdout
@@ -169,10 +255,17 @@ def test_cli_queries_after_the_readme_upload(stack: dict[str, str], tmp_path: Pa
 def test_consumer_metrics_are_exported(stack: dict[str, str]) -> None:
     import urllib.request
 
-    page = urllib.request.urlopen(f"http://127.0.0.1:{stack['stats_metrics']}/metrics", timeout=5).read().decode()
+    page = (
+        urllib.request.urlopen(f"http://127.0.0.1:{stack['stats_metrics']}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
     applied = re.search(r'viewevents_events_applied_total\{service="stats"\} ([0-9.e+]+)', page)
     # every distinct event once: the upload plus the published event (the re-sent copies are duplicates)
     assert applied and float(applied.group(1)) == expected_from_examples()["uploaded"] + 1
     assert re.search(r'viewevents_duplicate_events_total\{service="stats"\} ([1-9][0-9.e+]*)', page)
-    assert 'viewevents_rpc_duration_seconds_count{code="OK",method="GetMediaStats",service="stats"}' in page
+    assert (
+        'viewevents_rpc_duration_seconds_count{code="OK",method="GetMediaStats",service="stats"}'
+        in page
+    )
     assert re.search(r'viewevents_rocksdb_size_bytes\{service="stats"\} [1-9]', page)

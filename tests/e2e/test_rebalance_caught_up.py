@@ -42,10 +42,16 @@ class Truth:
         self.events.update((e.event_id, e) for e in events)
 
     def totals(self, media: int, partitions: frozenset[int]) -> tuple[int, int, int]:
-        rows = [e for e in self.events.values()
-                if e.media_id == media and self.partitioner(user_key(e.user_id)) in partitions]
-        return (sum(e.event_type == 1 for e in rows), HEARTBEAT * sum(e.event_type == 2 for e in rows),
-                len({e.user_id for e in rows}))
+        rows = [
+            e
+            for e in self.events.values()
+            if e.media_id == media and self.partitioner(user_key(e.user_id)) in partitions
+        ]
+        return (
+            sum(e.event_type == 1 for e in rows),
+            HEARTBEAT * sum(e.event_type == 2 for e in rows),
+            len({e.user_id for e in rows}),
+        )
 
     def media_in_every_partition(self, count: int) -> list[int]:
         seen: dict[int, set[int]] = defaultdict(set)
@@ -77,15 +83,24 @@ class Poller(threading.Thread):
             health = health_pb2_grpc.HealthStub(channel)
             while not self.done.is_set():
                 try:
-                    self.health.append(health.Check(health_pb2.HealthCheckRequest(), timeout=2).status)
+                    self.health.append(
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    )
                     for media in self.media:
                         phase = self.phase
-                        reply = stats.GetMediaStats(pb.GetMediaStatsRequest(media_id=media), timeout=2)
+                        reply = stats.GetMediaStats(
+                            pb.GetMediaStatsRequest(media_id=media), timeout=2
+                        )
                         if reply.position.caught_up and phase is not None and phase == self.phase:
                             s = reply.stats
-                            self.answers.append((
-                                phase, frozenset(p.partition for p in reply.position.partitions),
-                                media, (s.starts, s.view_time_seconds, s.unique_viewers)))
+                            self.answers.append(
+                                (
+                                    phase,
+                                    frozenset(p.partition for p in reply.position.partitions),
+                                    media,
+                                    (s.starts, s.view_time_seconds, s.unique_viewers),
+                                )
+                            )
                 except grpc.RpcError:
                     pass
                 time.sleep(0.02)
@@ -94,7 +109,8 @@ class Poller(threading.Thread):
 def position(address: str, media: int) -> tuple[frozenset[int], dict[int, int], bool]:
     with grpc.insecure_channel(address) as channel:
         reply = pb_grpc.StatsServiceStub(channel).GetMediaStats(
-            pb.GetMediaStatsRequest(media_id=media), timeout=5)
+            pb.GetMediaStatsRequest(media_id=media), timeout=5
+        )
     offsets = {p.partition: p.offset for p in reply.position.partitions}
     return frozenset(offsets), offsets, reply.position.caught_up
 
@@ -106,8 +122,11 @@ def owned(address: str, media: int) -> frozenset[int]:
         stub = pb_grpc.StatsServiceStub(channel)
         for partition in ALL:
             try:
-                stub.GetMediaStats(pb.GetMediaStatsRequest(media_id=media), timeout=5,
-                                   metadata=[("x-viewevents-partitions", str(partition))])
+                stub.GetMediaStats(
+                    pb.GetMediaStatsRequest(media_id=media),
+                    timeout=5,
+                    metadata=[("x-viewevents-partitions", str(partition))],
+                )
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -129,16 +148,24 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:  # noqa: ANN00
 
 
 def test_answers_cover_exactly_the_caught_up_partitions_through_rebalances(
-        kafka_bootstrap: str, tmp_path: Path) -> None:
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     group = unique_name("rebalance")
-    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                         stats_group=group, topic_partitions=PARTITIONS)
-    first = config.replace(stats_address=f"127.0.0.1:{free_port()}",
-                           stats_state_dir=str(tmp_path / "a"))
-    second = config.replace(stats_address=f"127.0.0.1:{free_port()}",
-                            stats_state_dir=str(tmp_path / "b"))
-    ingest = ServiceProcess("ingest_service", config, config.ingest_address,
-                            tmp_path / "ingest.log").start()
+    config = test_config(
+        kafka_bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
+        stats_group=group,
+        topic_partitions=PARTITIONS,
+    )
+    first = config.replace(
+        stats_address=f"127.0.0.1:{free_port()}", stats_state_dir=str(tmp_path / "a")
+    )
+    second = config.replace(
+        stats_address=f"127.0.0.1:{free_port()}", stats_state_dir=str(tmp_path / "b")
+    )
+    ingest = ServiceProcess(
+        "ingest_service", config, config.ingest_address, tmp_path / "ingest.log"
+    ).start()
     a = ServiceProcess("stats_service", first, first.stats_address, tmp_path / "a.log").start()
     ingest.wait_serving()
     a.wait_serving()
@@ -169,14 +196,17 @@ def test_answers_cover_exactly_the_caught_up_partitions_through_rebalances(
         def split() -> bool:
             mine, theirs = owned(a.address, media[0]), owned(b.address, media[0])
             return bool(mine) and bool(theirs) and mine | theirs == ALL and not mine & theirs
+
         wait_for(split, "A and B own disjoint halves and are caught up")
         mine = owned(a.address, media[0])
         # New events while B owns part of the topic: A's copy of B's partitions falls behind.
         poller.phase = None
         ends = send(make_events(30_000, seed=402, bad_share=0)[0])
         # A's answers now cover B's partitions too (asked of B): wait until both applied.
-        wait_for(lambda: all(position(a.address, media[0])[1].get(p, -1) >= ends[p] for p in ALL),
-                 "A's answers reached the new end offsets on every partition")
+        wait_for(
+            lambda: all(position(a.address, media[0])[1].get(p, -1) >= ends[p] for p in ALL),
+            "A's answers reached the new end offsets on every partition",
+        )
         assert mine
         truths[2] = truth
         poller.phase = 2
@@ -188,14 +218,18 @@ def test_answers_cover_exactly_the_caught_up_partitions_through_rebalances(
     poller.done.set()
     poller.join(10)
 
-    wrong = [(phase, parts, m, got, truths[phase].totals(m, parts))
-             for phase, parts, m, got in poller.answers if got != truths[phase].totals(m, parts)]
+    wrong = [
+        (phase, parts, m, got, truths[phase].totals(m, parts))
+        for phase, parts, m, got in poller.answers
+        if got != truths[phase].totals(m, parts)
+    ]
     assert not wrong, f"{len(wrong)} caught_up answers not exact for their partitions: {wrong[:5]}"
     listed = {parts for _, parts, _, _ in poller.answers}
     assert listed == {ALL}, listed  # complete answers only, whoever owned what
     assert {phase for phase, _, _, _ in poller.answers} == {1, 2}
-    assert health_pb2.HealthCheckResponse.NOT_SERVING in poller.health, \
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in poller.health, (
         "health never left SERVING through two rebalances"
+    )
     with grpc.insecure_channel(a.address) as channel:
         stub = pb_grpc.StatsServiceStub(channel)
         for m in sorted({e.media_id for e in truth.events.values()}):

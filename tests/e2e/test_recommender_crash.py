@@ -35,17 +35,25 @@ def resumed_from(log: Path) -> int | None:
 
 
 def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_path: Path) -> None:
-    events = generated_events(tmp_path / "events.jsonl", EVENTS, 21, users=3_000, media=300,
-                              groups=10, noise=0.02)
+    events = generated_events(
+        tmp_path / "events.jsonl", EVENTS, 21, users=3_000, media=300, groups=10, noise=0.02
+    )
     config = test_config(
-        kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-        recommender_address=f"127.0.0.1:{free_port()}", consume_batch_max=4_000,
-        recommender_state_dir=str(tmp_path / "state"), recommender_group=unique_name("rec"),
+        kafka_bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
+        recommender_address=f"127.0.0.1:{free_port()}",
+        consume_batch_max=4_000,
+        recommender_state_dir=str(tmp_path / "state"),
+        recommender_group=unique_name("rec"),
         recommender_history_cap=100_000,
-        recommender_row_max_deltas=4)  # compactions get killed too
-    ingest = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "ingest.log").start()
-    service = ServiceProcess("recommender_service", config, config.recommender_address,
-                             tmp_path / "rec-0.log").start()
+        recommender_row_max_deltas=4,
+    )  # compactions get killed too
+    ingest = ServiceProcess(
+        "ingest_service", config, config.ingest_address, tmp_path / "ingest.log"
+    ).start()
+    service = ServiceProcess(
+        "recommender_service", config, config.recommender_address, tmp_path / "rec-0.log"
+    ).start()
     try:
         ingest.wait_serving()
         service.wait_serving()
@@ -55,15 +63,24 @@ def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_p
         for kill in range(KILLS):
             # Kill once this incarnation has applied records beyond the previous kill.
             last = wait_for(
-                lambda floor=last: (n := applied_records(config.recommender_address,
-                                                         recommender_position))
-                is not None and n > floor and n,
-                timeout=180, message=f"progress before kill {kill + 1}")
+                lambda floor=last: (
+                    (n := applied_records(config.recommender_address, recommender_position))
+                    is not None
+                    and n > floor
+                    and n
+                ),
+                timeout=180,
+                message=f"progress before kill {kill + 1}",
+            )
             seen_at_kill.append(last)
             service.kill()
             restarted = config.replace(recommender_group=unique_name("rec-crash"))
-            service = ServiceProcess("recommender_service", restarted, config.recommender_address,
-                                     tmp_path / f"rec-{kill + 1}.log").start()
+            service = ServiceProcess(
+                "recommender_service",
+                restarted,
+                config.recommender_address,
+                tmp_path / f"rec-{kill + 1}.log",
+            ).start()
             uploader.release()
         total = uploader.finish()
         # The kills hit a service that had applied part of the stream, not an idle one.

@@ -36,19 +36,27 @@ METRICS = {Metric.COSINE: pb.SIMILARITY_METRIC_COSINE, Metric.PEARSON: pb.SIMILA
 def deployment(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     base = tmp_path_factory.mktemp("recommender-e2e")
     config = test_config(
-        kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
+        kafka_bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
         recommender_address=f"127.0.0.1:{free_port()}",
-        recommender_state_dir=str(base / "state"), recommender_group=unique_name("rec"),
-        recommender_min_co_viewers=1, recommender_history_cap=100_000)
-    ingest = ServiceProcess("ingest_service", config, config.ingest_address, base / "ingest.log").start()
-    recommender = ServiceProcess("recommender_service", config, config.recommender_address,
-                                 base / "recommender.log").start()
+        recommender_state_dir=str(base / "state"),
+        recommender_group=unique_name("rec"),
+        recommender_min_co_viewers=1,
+        recommender_history_cap=100_000,
+    )
+    ingest = ServiceProcess(
+        "ingest_service", config, config.ingest_address, base / "ingest.log"
+    ).start()
+    recommender = ServiceProcess(
+        "recommender_service", config, config.recommender_address, base / "recommender.log"
+    ).start()
     try:
         ingest.wait_serving()
         recommender.wait_serving()
         path = base / "events.jsonl"
-        events = generated_events(path, EVENTS, SEED, users=USERS, media=MEDIA, groups=GROUPS,
-                                  noise=0.02)
+        events = generated_events(
+            path, EVENTS, SEED, users=USERS, media=MEDIA, groups=GROUPS, noise=0.02
+        )
         with grpc.insecure_channel(ingest.address, options=CHANNEL_OPTIONS) as channel:
             summary = upload(channel, events, batch_size=5_000, timeout=120)
         kept = accepted_events(events)
@@ -74,12 +82,17 @@ def test_similar_media_equal_brute_force_for_both_metrics(deployment: dict) -> N
     stub, truth = deployment["stub"], deployment["truth"]
     for item in sample_items(truth):
         for metric, wire in METRICS.items():
-            reply = stub.GetSimilarMedia(pb.GetSimilarMediaRequest(media_id=item, limit=25, metric=wire))
+            reply = stub.GetSimilarMedia(
+                pb.GetSimilarMediaRequest(media_id=item, limit=25, metric=wire)
+            )
             assert reply.position.caught_up
-            assert_same_ranking([s.media_id for s in reply.similar_media],
-                                [s.score for s in reply.similar_media],
-                                [s.co_viewers for s in reply.similar_media],
-                                truth.scores(item, metric), 25)
+            assert_same_ranking(
+                [s.media_id for s in reply.similar_media],
+                [s.score for s in reply.similar_media],
+                [s.co_viewers for s in reply.similar_media],
+                truth.scores(item, metric),
+                25,
+            )
     default = stub.GetSimilarMedia(pb.GetSimilarMediaRequest(media_id=sample_items(truth)[0]))
     assert len(default.similar_media) == 10  # limit 0 means 10, metric unset means cosine
     cosine = truth.scores(sample_items(truth)[0], Metric.COSINE)
@@ -94,7 +107,10 @@ def test_top_ten_are_mostly_from_the_planted_group(deployment: dict) -> None:
     for item in popular:
         reply = stub.GetSimilarMedia(pb.GetSimilarMediaRequest(media_id=item, limit=10))
         group = generator.media_group(item, SEED, MEDIA, GROUPS)
-        same = [generator.media_group(s.media_id, SEED, MEDIA, GROUPS) == group for s in reply.similar_media]
+        same = [
+            generator.media_group(s.media_id, SEED, MEDIA, GROUPS) == group
+            for s in reply.similar_media
+        ]
         shares.append(sum(same) / len(same))
     assert np.mean(shares) >= 0.7, shares
     assert np.median(shares) >= 0.7, shares
@@ -136,19 +152,26 @@ def test_errors(deployment: dict) -> None:
         stub.GetSimilarMedia(pb.GetSimilarMediaRequest(media_id=0, limit=500, metric=9))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert {(v.field, v.reason) for v in field_violations_of(failure.value)} == {
-        ("media_id", "REQUIRED"), ("limit", "OUT_OF_RANGE"), ("metric", "UNKNOWN_VALUE")}
+        ("media_id", "REQUIRED"),
+        ("limit", "OUT_OF_RANGE"),
+        ("metric", "UNKNOWN_VALUE"),
+    }
     with pytest.raises(grpc.RpcError) as failure:
         stub.RecommendForUser(pb.RecommendForUserRequest(user_id=-4, limit=-1))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert {(v.field, v.reason) for v in field_violations_of(failure.value)} == {
-        ("user_id", "NOT_POSITIVE"), ("limit", "OUT_OF_RANGE")}
+        ("user_id", "NOT_POSITIVE"),
+        ("limit", "OUT_OF_RANGE"),
+    }
 
 
 def test_restart_answers_the_same_from_rocksdb(deployment: dict, tmp_path: Path) -> None:
     """After SIGTERM and a restart on the same state, answers and position are unchanged."""
     stub, truth, service = deployment["stub"], deployment["truth"], deployment["recommender"]
     item = sample_items(truth)[0]
-    request = pb.GetSimilarMediaRequest(media_id=item, limit=20, metric=pb.SIMILARITY_METRIC_PEARSON)
+    request = pb.GetSimilarMediaRequest(
+        media_id=item, limit=20, metric=pb.SIMILARITY_METRIC_PEARSON
+    )
     before = stub.GetSimilarMedia(request)
     assert service.stop() == 0, service.tail()
     service.start()

@@ -37,26 +37,41 @@ class Deployment:
 
     def __init__(self, tmp_path: Path, bootstrap: str, partitions: int) -> None:
         self.tmp_path = tmp_path
-        self.config = test_config(bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                                  recommender_group=unique_name("rec-scale"),
-                                  topic_partitions=partitions, recommender_min_co_viewers=1,
-                                  recommender_history_cap=100_000)
-        self.ingest = ServiceProcess("ingest_service", self.config, self.config.ingest_address,
-                                     tmp_path / "ingest.log").start()
+        self.config = test_config(
+            bootstrap,
+            ingest_address=f"127.0.0.1:{free_port()}",
+            recommender_group=unique_name("rec-scale"),
+            topic_partitions=partitions,
+            recommender_min_co_viewers=1,
+            recommender_history_cap=100_000,
+        )
+        self.ingest = ServiceProcess(
+            "ingest_service", self.config, self.config.ingest_address, tmp_path / "ingest.log"
+        ).start()
         self.instances: list[ServiceProcess] = []
 
     def add(self, name: str, group: str | None = None) -> ServiceProcess:
-        config = self.config.replace(recommender_address=f"127.0.0.1:{free_port()}",
-                                     recommender_state_dir=str(self.tmp_path / name),
-                                     recommender_group=group or self.config.recommender_group)
-        process = ServiceProcess("recommender_service", config, config.recommender_address,
-                                 self.tmp_path / f"{name}.log").start()
+        config = self.config.replace(
+            recommender_address=f"127.0.0.1:{free_port()}",
+            recommender_state_dir=str(self.tmp_path / name),
+            recommender_group=group or self.config.recommender_group,
+        )
+        process = ServiceProcess(
+            "recommender_service", config, config.recommender_address, self.tmp_path / f"{name}.log"
+        ).start()
         self.instances.append(process)
         return process
 
     def upload(self, count: int, seed: int) -> BruteForce:
-        events = generated_events(self.tmp_path / "events.jsonl", count, seed, users=USERS,
-                                  media=MEDIA, groups=GROUPS, noise=0.02)
+        events = generated_events(
+            self.tmp_path / "events.jsonl",
+            count,
+            seed,
+            users=USERS,
+            media=MEDIA,
+            groups=GROUPS,
+            noise=0.02,
+        )
         with grpc.insecure_channel(self.config.ingest_address, options=CHANNEL_OPTIONS) as channel:
             summary = upload(channel, iter(events), batch_size=5_000, timeout=300)
         kept = accepted_events(events)
@@ -73,13 +88,15 @@ class Deployment:
 def similar(address: str, item: int, metric: int, limit: int = 25) -> pb.GetSimilarMediaResponse:
     with grpc.insecure_channel(address) as channel:
         return pb_grpc.RecommenderServiceStub(channel).GetSimilarMedia(
-            pb.GetSimilarMediaRequest(media_id=item, limit=limit, metric=metric), timeout=30)
+            pb.GetSimilarMediaRequest(media_id=item, limit=limit, metric=metric), timeout=30
+        )
 
 
 def recommend(address: str, user: int) -> pb.RecommendForUserResponse:
     with grpc.insecure_channel(address) as channel:
         return pb_grpc.RecommenderServiceStub(channel).RecommendForUser(
-            pb.RecommendForUserRequest(user_id=user, limit=10), timeout=30)
+            pb.RecommendForUserRequest(user_id=user, limit=10), timeout=30
+        )
 
 
 def complete(address: str, item: int, targets: dict[int, int]) -> bool:
@@ -91,31 +108,39 @@ def complete(address: str, item: int, targets: dict[int, int]) -> bool:
             return False
         raise
     return sorted(p.partition for p in position.partitions) == sorted(targets) and covers(
-        position, targets)
+        position, targets
+    )
 
 
 def sample_items(truth: BruteForce, count: int) -> list[int]:
     viewers = (truth.w > 0).sum(axis=0)
     by_popularity = [truth.items[b] for b in np.argsort(-viewers, kind="stable")]
     rng = np.random.default_rng(5)
-    return by_popularity[:5] + sorted(rng.choice(by_popularity[5:], count - 5, replace=False).tolist())
+    return by_popularity[:5] + sorted(
+        rng.choice(by_popularity[5:], count - 5, replace=False).tolist()
+    )
 
 
 def answer_of(reply: pb.GetSimilarMediaResponse) -> list[tuple[int, float, int]]:
     return [(s.media_id, s.score, s.co_viewers) for s in reply.similar_media]
 
 
-def check_against_brute_force(reply: pb.GetSimilarMediaResponse, truth: BruteForce, item: int,
-                              metric: Metric) -> None:
-    assert_same_ranking([s.media_id for s in reply.similar_media],
-                        [s.score for s in reply.similar_media],
-                        [s.co_viewers for s in reply.similar_media],
-                        truth.scores(item, metric), 25)
+def check_against_brute_force(
+    reply: pb.GetSimilarMediaResponse, truth: BruteForce, item: int, metric: Metric
+) -> None:
+    assert_same_ranking(
+        [s.media_id for s in reply.similar_media],
+        [s.score for s in reply.similar_media],
+        [s.co_viewers for s in reply.similar_media],
+        truth.scores(item, metric),
+        25,
+    )
 
 
 @pytest.fixture(scope="module")
-def eight_partitions(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
-                     ) -> Iterator[tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce]]:
+def eight_partitions(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce]]:
     made = Deployment(tmp_path_factory.mktemp("rec-scale-8"), kafka_bootstrap, 8)
     try:
         members = [made.add("a"), made.add("b")]
@@ -127,15 +152,19 @@ def eight_partitions(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFact
         assert len(targets) == 8
         probe = sample_items(truth, 6)[0]
         for process in made.instances:
-            wait_for(lambda p=process: complete(p.address, probe, targets), 180,
-                     message=lambda p=process: f"{p.address} not complete:\n{p.tail()}")
+            wait_for(
+                lambda p=process: complete(p.address, probe, targets),
+                180,
+                message=lambda p=process: f"{p.address} not complete:\n{p.tail()}",
+            )
         yield made, members, single, truth
     finally:
         made.stop()
 
 
 def test_every_instance_answers_similar_media_exactly(
-        eight_partitions: tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce]) -> None:
+    eight_partitions: tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce],
+) -> None:
     _, members, single, truth = eight_partitions
     for item in sample_items(truth, 25):
         for metric, wire in METRICS.items():
@@ -149,7 +178,8 @@ def test_every_instance_answers_similar_media_exactly(
 
 
 def test_every_instance_recommends_as_the_single_instance(
-        eight_partitions: tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce]) -> None:
+    eight_partitions: tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce],
+) -> None:
     _, members, single, truth = eight_partitions
     users = [int(u) for u in truth.users[:25]] + [10**12]  # the last one: unknown, fallback
     for user in users:
@@ -158,7 +188,8 @@ def test_every_instance_recommends_as_the_single_instance(
         for member in members:
             reply = recommend(member.address, user)
             assert [(r.media_id, r.score) for r in reply.recommendations] == [
-                (r.media_id, r.score) for r in expected.recommendations], (member.address, user)
+                (r.media_id, r.score) for r in expected.recommendations
+            ], (member.address, user)
             assert reply.fallback == expected.fallback
             assert [p.partition for p in reply.position.partitions] == list(range(8))
     # One figure for the report: GetSimilarMedia through a member (fan-out) and the single one.
@@ -175,7 +206,8 @@ def test_every_instance_recommends_as_the_single_instance(
 
 
 def test_an_instance_with_no_partition_answers_exactly(
-        kafka_bootstrap: str, tmp_path: Path) -> None:
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     made = Deployment(tmp_path, kafka_bootstrap, 2)
     try:
         for name in ("a", "b", "c"):
@@ -185,8 +217,11 @@ def test_an_instance_with_no_partition_answers_exactly(
         targets = end_offsets(kafka_bootstrap, made.config.view_topic)
         probe = sample_items(truth, 6)[0]
         for process in made.instances:
-            wait_for(lambda p=process: complete(p.address, probe, targets), 180,
-                     message=lambda p=process: f"{p.address} not complete:\n{p.tail()}")
+            wait_for(
+                lambda p=process: complete(p.address, probe, targets),
+                180,
+                message=lambda p=process: f"{p.address} not complete:\n{p.tail()}",
+            )
         idle = [p for p in made.instances if "assigned partitions []" in p.log_path.read_text()]
         assert idle, "no instance was left without a partition"
         for item in sample_items(truth, 10):
@@ -197,15 +232,20 @@ def test_an_instance_with_no_partition_answers_exactly(
         for user in [int(u) for u in truth.users[:10]] + [10**12]:
             replies = [recommend(p.address, user) for p in made.instances]
             assert replies[0].recommendations
-            assert all([(r.media_id, r.score) for r in reply.recommendations]
-                       == [(r.media_id, r.score) for r in replies[0].recommendations]
-                       and reply.fallback == replies[0].fallback for reply in replies)
+            assert all(
+                [(r.media_id, r.score) for r in reply.recommendations]
+                == [(r.media_id, r.score) for r in replies[0].recommendations]
+                and reply.fallback == replies[0].fallback
+                for reply in replies
+            )
         # The unknown user's fallback is the most watched items over every partition.
         viewers, total = (truth.w > 0).sum(axis=0), truth.w.sum(axis=0)
-        order = sorted(range(len(truth.items)),
-                       key=lambda b: (-viewers[b], -total[b], truth.items[b]))
+        order = sorted(
+            range(len(truth.items)), key=lambda b: (-viewers[b], -total[b], truth.items[b])
+        )
         assert replies[-1].fallback
         assert [r.media_id for r in replies[-1].recommendations] == [
-            truth.items[b] for b in order[:10]]
+            truth.items[b] for b in order[:10]
+        ]
     finally:
         made.stop()

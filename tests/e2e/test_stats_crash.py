@@ -28,8 +28,9 @@ from viewevents_client.uploads import CHANNEL_OPTIONS
 KILLS = 4
 
 
-def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap: str,
-                                                                 tmp_path: Path) -> None:
+def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     events = generated_events(tmp_path / "views.jsonl", 320_000, seed=33, **STATS_FILE)
     config, ingest, stats = ingest_and_stats(tmp_path, kafka_bootstrap)
     ingest.start()
@@ -43,14 +44,20 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap
         for kill in range(KILLS):
             # Kill once this incarnation has applied records beyond the previous kill.
             last = wait_for(
-                lambda floor=last: (n := applied_records(config.stats_address, stats_position))
-                is not None and n > floor and n,
-                timeout=180, message=f"progress before kill {kill + 1}")
+                lambda floor=last: (
+                    (n := applied_records(config.stats_address, stats_position)) is not None
+                    and n > floor
+                    and n
+                ),
+                timeout=180,
+                message=f"progress before kill {kill + 1}",
+            )
             seen_at_kill.append(last)
             stats.kill()
             restarted = config.replace(stats_group=unique_name("stats-crash"))
-            stats = ServiceProcess("stats_service", restarted, config.stats_address,
-                                   tmp_path / f"stats-{kill + 1}.log").start()
+            stats = ServiceProcess(
+                "stats_service", restarted, config.stats_address, tmp_path / f"stats-{kill + 1}.log"
+            ).start()
             uploader.release()
         total = uploader.finish()
         targets = end_offsets(kafka_bootstrap, config.view_topic)
@@ -66,13 +73,22 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(kafka_bootstrap
             check_all_totals(stub, expected)
             low = min(r[3] for r in expected.rows)
             high = max(r[3] for r in expected.rows)
-            reply = stub.ListTopMedia(pb.ListTopMediaRequest(
-                start_time={"seconds": low}, end_time={"seconds": high + 1},
-                metric=pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS, limit=1000), timeout=60)
-            want = expected.top(low - low % 60, -(-(high + 1) // 60) * 60,
-                                pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS)
-            assert [(m.media_id, m.rank, m.view_time_seconds, m.starts, m.unique_viewers)
-                    for m in reply.media] == want[:1000]
+            reply = stub.ListTopMedia(
+                pb.ListTopMediaRequest(
+                    start_time={"seconds": low},
+                    end_time={"seconds": high + 1},
+                    metric=pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS,
+                    limit=1000,
+                ),
+                timeout=60,
+            )
+            want = expected.top(
+                low - low % 60, -(-(high + 1) // 60) * 60, pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS
+            )
+            assert [
+                (m.media_id, m.rank, m.view_time_seconds, m.starts, m.unique_viewers)
+                for m in reply.media
+            ] == want[:1000]
     finally:
         stats.stop()
         ingest.stop()

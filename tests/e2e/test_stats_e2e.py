@@ -72,25 +72,49 @@ def check_trends(stub: pb_grpc.StatsServiceStub, expected: Expected, rng: random
             start = rng.randint(low - 3600, high)
             length = {60: 1440 * 60, 3600: 80 * 3600, 86400: 5 * 86400}[size]
             end = start + rng.randint(1, length)
-            reply = stub.GetMediaTrend(pb.GetMediaTrendRequest(
-                media_id=media, start_time=_ts(start), end_time=_ts(end),
-                granularity=granularity), timeout=30)
+            reply = stub.GetMediaTrend(
+                pb.GetMediaTrendRequest(
+                    media_id=media,
+                    start_time=_ts(start),
+                    end_time=_ts(end),
+                    granularity=granularity,
+                ),
+                timeout=30,
+            )
             first, last = start - start % size, -(-end // size) * size  # rounded outwards
             buckets, viewers = expected.trend(media, size, first, last)
-            got = [(b.start_time.seconds, b.view_time_seconds, b.starts, b.stops, b.ends,
-                    b.unique_viewers) for b in reply.buckets]
+            got = [
+                (
+                    b.start_time.seconds,
+                    b.view_time_seconds,
+                    b.starts,
+                    b.stops,
+                    b.ends,
+                    b.unique_viewers,
+                )
+                for b in reply.buckets
+            ]
             assert got == buckets, (media, size, start, end)
             assert reply.unique_viewers == viewers
             assert reply.granularity == granularity and reply.position.caught_up
-        full = stub.GetMediaTrend(pb.GetMediaTrendRequest(
-            media_id=popular[0], start_time=_ts(low), end_time=_ts(low + 30 * size),
-            granularity=granularity, include_empty_buckets=True), timeout=30)
+        full = stub.GetMediaTrend(
+            pb.GetMediaTrendRequest(
+                media_id=popular[0],
+                start_time=_ts(low),
+                end_time=_ts(low + 30 * size),
+                granularity=granularity,
+                include_empty_buckets=True,
+            ),
+            timeout=30,
+        )
         end = low + 30 * size  # not aligned: rounded up, so 31 buckets
         assert [b.start_time.seconds for b in full.buckets] == list(
-            range(low - low % size, -(-end // size) * size, size))
+            range(low - low % size, -(-end // size) * size, size)
+        )
         assert sum(b.starts for b in full.buckets) == sum(
-            row[2] for row in expected.trend(popular[0], size, low - low % size,
-                                             -(-end // size) * size)[0])
+            row[2]
+            for row in expected.trend(popular[0], size, low - low % size, -(-end // size) * size)[0]
+        )
 
 
 def check_top(stub: pb_grpc.StatsServiceStub, expected: Expected) -> None:
@@ -98,31 +122,49 @@ def check_top(stub: pb_grpc.StatsServiceStub, expected: Expected) -> None:
     high = max(r[3] for r in expected.rows)
     day = 86400
     middle = low - low % day + day
-    ranges = [(low, high + 1), (middle, middle + day), (middle + 3723, middle + day + 7 * 3600 + 42),
-              (middle + 600, middle + 660)]
+    ranges = [
+        (low, high + 1),
+        (middle, middle + day),
+        (middle + 3723, middle + day + 7 * 3600 + 42),
+        (middle + 600, middle + 660),
+    ]
     for start, end in ranges:
         first, last = start - start % 60, -(-end // 60) * 60
-        for metric in (pb.TOP_MEDIA_METRIC_VIEW_TIME, pb.TOP_MEDIA_METRIC_STARTS,
-                       pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS):
+        for metric in (
+            pb.TOP_MEDIA_METRIC_VIEW_TIME,
+            pb.TOP_MEDIA_METRIC_STARTS,
+            pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS,
+        ):
             want = expected.top(first, last, metric)
             got: list[tuple] = []
             token = ""
             limit = 150
             while True:
-                reply = stub.ListTopMedia(pb.ListTopMediaRequest(
-                    start_time=_ts(start), end_time=_ts(end), metric=metric, limit=limit,
-                    page_token=token), timeout=60)
-                got += [(m.media_id, m.rank, m.view_time_seconds, m.starts, m.unique_viewers)
-                        for m in reply.media]
+                reply = stub.ListTopMedia(
+                    pb.ListTopMediaRequest(
+                        start_time=_ts(start),
+                        end_time=_ts(end),
+                        metric=metric,
+                        limit=limit,
+                        page_token=token,
+                    ),
+                    timeout=60,
+                )
+                got += [
+                    (m.media_id, m.rank, m.view_time_seconds, m.starts, m.unique_viewers)
+                    for m in reply.media
+                ]
                 token = reply.next_page_token
                 assert len(reply.media) == limit or not token
                 if not token:
                     break
             assert got == want, (start, end, metric)
-        default_page = stub.ListTopMedia(pb.ListTopMediaRequest(
-            start_time=_ts(start), end_time=_ts(end)), timeout=60)
+        default_page = stub.ListTopMedia(
+            pb.ListTopMediaRequest(start_time=_ts(start), end_time=_ts(end)), timeout=60
+        )
         assert [m.media_id for m in default_page.media] == [
-            row[0] for row in expected.top(first, last, pb.TOP_MEDIA_METRIC_VIEW_TIME)[:10]]
+            row[0] for row in expected.top(first, last, pb.TOP_MEDIA_METRIC_VIEW_TIME)[:10]
+        ]
 
 
 def _violations(call: object, request: object) -> set[tuple[str, str]]:
@@ -133,29 +175,54 @@ def _violations(call: object, request: object) -> set[tuple[str, str]]:
 
 
 def check_errors(stub: pb_grpc.StatsServiceStub, unknown_media: int) -> None:
-    for call, request in ((stub.GetMediaStats, pb.GetMediaStatsRequest(media_id=unknown_media)),
-                          (stub.GetMediaTrend, pb.GetMediaTrendRequest(
-                              media_id=unknown_media, start_time=_ts(0), end_time=_ts(60),
-                              granularity=pb.GRANULARITY_MINUTE))):
+    for call, request in (
+        (stub.GetMediaStats, pb.GetMediaStatsRequest(media_id=unknown_media)),
+        (
+            stub.GetMediaTrend,
+            pb.GetMediaTrendRequest(
+                media_id=unknown_media,
+                start_time=_ts(0),
+                end_time=_ts(60),
+                granularity=pb.GRANULARITY_MINUTE,
+            ),
+        ),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             call(request, timeout=10)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert _violations(stub.GetMediaStats, pb.GetMediaStatsRequest(media_id=-2)) == {
-        ("media_id", "NOT_POSITIVE")}
-    assert _violations(stub.GetMediaTrend, pb.GetMediaTrendRequest(
-        media_id=1, start_time=_ts(100), end_time=_ts(50))) == {
-        ("granularity", "REQUIRED"), ("end_time", "INVALID_RANGE")}
-    assert _violations(stub.GetMediaTrend, pb.GetMediaTrendRequest(
-        media_id=1, start_time=_ts(0), end_time=_ts(86400 * 8),
-        granularity=pb.GRANULARITY_MINUTE)) == {("end_time", "TOO_MANY_BUCKETS")}
-    assert _violations(stub.ListTopMedia, pb.ListTopMediaRequest(
-        start_time=_ts(0), end_time=_ts(60), limit=5000)) == {("limit", "OUT_OF_RANGE")}
-    assert _violations(stub.ListTopMedia, pb.ListTopMediaRequest(
-        start_time=_ts(0), end_time=_ts(60), page_token="garbage")) == {
-        ("page_token", "INVALID_PAGE_TOKEN")}
-    first = stub.ListTopMedia(pb.ListTopMediaRequest(start_time=_ts(0), end_time=_ts(2 * 10**9),
-                                                     limit=1), timeout=30)
+        ("media_id", "NOT_POSITIVE")
+    }
+    assert _violations(
+        stub.GetMediaTrend,
+        pb.GetMediaTrendRequest(media_id=1, start_time=_ts(100), end_time=_ts(50)),
+    ) == {("granularity", "REQUIRED"), ("end_time", "INVALID_RANGE")}
+    assert _violations(
+        stub.GetMediaTrend,
+        pb.GetMediaTrendRequest(
+            media_id=1,
+            start_time=_ts(0),
+            end_time=_ts(86400 * 8),
+            granularity=pb.GRANULARITY_MINUTE,
+        ),
+    ) == {("end_time", "TOO_MANY_BUCKETS")}
+    assert _violations(
+        stub.ListTopMedia, pb.ListTopMediaRequest(start_time=_ts(0), end_time=_ts(60), limit=5000)
+    ) == {("limit", "OUT_OF_RANGE")}
+    assert _violations(
+        stub.ListTopMedia,
+        pb.ListTopMediaRequest(start_time=_ts(0), end_time=_ts(60), page_token="garbage"),
+    ) == {("page_token", "INVALID_PAGE_TOKEN")}
+    first = stub.ListTopMedia(
+        pb.ListTopMediaRequest(start_time=_ts(0), end_time=_ts(2 * 10**9), limit=1), timeout=30
+    )
     assert first.next_page_token
-    assert _violations(stub.ListTopMedia, pb.ListTopMediaRequest(
-        start_time=_ts(0), end_time=_ts(2 * 10**9), metric=pb.TOP_MEDIA_METRIC_STARTS,
-        page_token=first.next_page_token)) == {("page_token", "PAGE_TOKEN_MISMATCH")}
+    assert _violations(
+        stub.ListTopMedia,
+        pb.ListTopMediaRequest(
+            start_time=_ts(0),
+            end_time=_ts(2 * 10**9),
+            metric=pb.TOP_MEDIA_METRIC_STARTS,
+            page_token=first.next_page_token,
+        ),
+    ) == {("page_token", "PAGE_TOKEN_MISMATCH")}

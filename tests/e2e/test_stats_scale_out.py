@@ -41,7 +41,8 @@ def _ts(seconds: int) -> timestamp_pb2.Timestamp:
 def stats_answer(address: str, media: int) -> pb.GetMediaStatsResponse:
     with grpc.insecure_channel(address) as channel:
         return pb_grpc.StatsServiceStub(channel).GetMediaStats(
-            pb.GetMediaStatsRequest(media_id=media), timeout=10)
+            pb.GetMediaStatsRequest(media_id=media), timeout=10
+        )
 
 
 def applied_all(address: str, media: int, targets: dict[int, int]) -> bool:
@@ -62,12 +63,30 @@ def trends(address: str, media_ids: list[int], start: int, end: int) -> dict[int
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.StatsServiceStub(channel)
         for media in media_ids:
-            reply = stub.GetMediaTrend(pb.GetMediaTrendRequest(
-                media_id=media, start_time=_ts(start), end_time=_ts(end),
-                granularity=pb.GRANULARITY_DAY), timeout=30)
+            reply = stub.GetMediaTrend(
+                pb.GetMediaTrendRequest(
+                    media_id=media,
+                    start_time=_ts(start),
+                    end_time=_ts(end),
+                    granularity=pb.GRANULARITY_DAY,
+                ),
+                timeout=30,
+            )
             assert len(reply.position.partitions) == PARTITIONS
-            out[media] = ([(b.start_time.seconds, b.view_time_seconds, b.starts, b.stops, b.ends,
-                            b.unique_viewers) for b in reply.buckets], reply.unique_viewers)
+            out[media] = (
+                [
+                    (
+                        b.start_time.seconds,
+                        b.view_time_seconds,
+                        b.starts,
+                        b.stops,
+                        b.ends,
+                        b.unique_viewers,
+                    )
+                    for b in reply.buckets
+                ],
+                reply.unique_viewers,
+            )
     return out
 
 
@@ -76,11 +95,29 @@ def hour_trends(address: str, media_ids: list[int], start: int, end: int) -> dic
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.StatsServiceStub(channel)
         for media in media_ids:
-            reply = stub.GetMediaTrend(pb.GetMediaTrendRequest(
-                media_id=media, start_time=_ts(start), end_time=_ts(end),
-                granularity=pb.GRANULARITY_HOUR), timeout=30)
-            out[media] = ([(b.start_time.seconds, b.view_time_seconds, b.starts, b.stops, b.ends,
-                            b.unique_viewers) for b in reply.buckets], reply.unique_viewers)
+            reply = stub.GetMediaTrend(
+                pb.GetMediaTrendRequest(
+                    media_id=media,
+                    start_time=_ts(start),
+                    end_time=_ts(end),
+                    granularity=pb.GRANULARITY_HOUR,
+                ),
+                timeout=30,
+            )
+            out[media] = (
+                [
+                    (
+                        b.start_time.seconds,
+                        b.view_time_seconds,
+                        b.starts,
+                        b.stops,
+                        b.ends,
+                        b.unique_viewers,
+                    )
+                    for b in reply.buckets
+                ],
+                reply.unique_viewers,
+            )
     return out
 
 
@@ -89,19 +126,27 @@ class Group:
 
     def __init__(self, tmp_path: Path, bootstrap: str, partitions: int) -> None:
         self.tmp_path = tmp_path
-        self.config = test_config(bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                                  stats_group=unique_name("scale"), topic_partitions=partitions,
-                                  stats_page_token_secret="shared-secret")
-        self.ingest = ServiceProcess("ingest_service", self.config, self.config.ingest_address,
-                                     tmp_path / "ingest.log")
+        self.config = test_config(
+            bootstrap,
+            ingest_address=f"127.0.0.1:{free_port()}",
+            stats_group=unique_name("scale"),
+            topic_partitions=partitions,
+            stats_page_token_secret="shared-secret",
+        )
+        self.ingest = ServiceProcess(
+            "ingest_service", self.config, self.config.ingest_address, tmp_path / "ingest.log"
+        )
         self.stats: list[ServiceProcess] = []
 
     def add(self, name: str, group: str | None = None) -> ServiceProcess:
-        config = self.config.replace(stats_address=f"127.0.0.1:{free_port()}",
-                                     stats_state_dir=str(self.tmp_path / name),
-                                     stats_group=group or self.config.stats_group)
-        process = ServiceProcess("stats_service", config, config.stats_address,
-                                 self.tmp_path / f"{name}.log").start()
+        config = self.config.replace(
+            stats_address=f"127.0.0.1:{free_port()}",
+            stats_state_dir=str(self.tmp_path / name),
+            stats_group=group or self.config.stats_group,
+        )
+        process = ServiceProcess(
+            "stats_service", config, config.stats_address, self.tmp_path / f"{name}.log"
+        ).start()
         self.stats.append(process)
         return process
 
@@ -130,8 +175,11 @@ class Bounds:
 
     def totals(self, media: int, offsets: dict[int, int] | None) -> tuple[int, int, int]:
         rows = [e for p, o, e in self.by_media[media] if offsets is None or o < offsets.get(p, 0)]
-        return (sum(e.event_type == 1 for e in rows), HEARTBEAT * sum(e.event_type == 2 for e in rows),
-                len({e.user_id for e in rows}))
+        return (
+            sum(e.event_type == 1 for e in rows),
+            HEARTBEAT * sum(e.event_type == 2 for e in rows),
+            len({e.user_id for e in rows}),
+        )
 
 
 class Poller(threading.Thread):
@@ -152,8 +200,9 @@ class Poller(threading.Thread):
             while not self.done.is_set():
                 for media in self.media:
                     try:
-                        reply = stub.GetMediaStats(pb.GetMediaStatsRequest(media_id=media),
-                                                   timeout=20)
+                        reply = stub.GetMediaStats(
+                            pb.GetMediaStatsRequest(media_id=media), timeout=20
+                        )
                     except grpc.RpcError as error:
                         if error.code() == grpc.StatusCode.UNAVAILABLE:
                             self.unavailable.append((error.details() or "", retry_delay_of(error)))
@@ -161,15 +210,21 @@ class Poller(threading.Thread):
                             self.other_errors.append(f"{error.code()}: {error.details()}")
                         continue
                     s = reply.stats
-                    self.answers.append((media, {p.partition: p.offset
-                                                 for p in reply.position.partitions},
-                                         (s.starts, s.view_time_seconds, s.unique_viewers)))
+                    self.answers.append(
+                        (
+                            media,
+                            {p.partition: p.offset for p in reply.position.partitions},
+                            (s.starts, s.view_time_seconds, s.unique_viewers),
+                        )
+                    )
                 self.done.wait(0.05)
 
 
 def read_back(bootstrap: str, topic: str) -> list[tuple[int, int, ve.ViewEvent]]:
-    return [(r.partition, r.offset, ve.ViewEvent.FromString(r.value))
-            for r in read_topic(bootstrap, topic)]
+    return [
+        (r.partition, r.offset, ve.ViewEvent.FromString(r.value))
+        for r in read_topic(bootstrap, topic)
+    ]
 
 
 @pytest.fixture
@@ -180,7 +235,8 @@ def group(tmp_path: Path, kafka_bootstrap: str) -> Iterator[Group]:
 
 
 def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
-        group: Group, kafka_bootstrap: str, tmp_path: Path) -> None:
+    group: Group, kafka_bootstrap: str, tmp_path: Path
+) -> None:
     events = generated_events(tmp_path / "views.jsonl", 40_000, seed=77, **STATS_FILE)
     first, second = events[:24_000], events[24_000:]
     group.ingest.start()
@@ -194,8 +250,11 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
     assert len(targets) == PARTITIONS
     probe = max(expected.by_media, key=lambda m: len(expected.by_media[m]))
     for process in (a, b, c, single):
-        wait_for(lambda p=process: applied_all(p.address, probe, targets), 180,
-                 message=lambda p=process: f"{p.address} not complete: {p.tail()}")
+        wait_for(
+            lambda p=process: applied_all(p.address, probe, targets),
+            180,
+            message=lambda p=process: f"{p.address} not complete: {p.tail()}",
+        )
 
     # Each group member owns part of the topic, and answers for all of it.
     media_ids = sorted(expected.by_media)
@@ -212,15 +271,19 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
         got = trends(process.address, media_ids, low, high)
         assert got == reference
         for media in media_ids:
-            buckets, viewers = expected.trend(media, 86_400, low - low % 86_400,
-                                              -(-high // 86_400) * 86_400)
+            buckets, viewers = expected.trend(
+                media, 86_400, low - low % 86_400, -(-high // 86_400) * 86_400
+            )
             assert got[media] == (buckets, viewers), media
         sample = media_ids[:: max(1, len(media_ids) // 15)]
         assert hour_trends(process.address, sample, low, high) == hour_trends(
-            single.address, sample, low, high)
+            single.address, sample, low, high
+        )
         for media in media_ids:
-            assert stats_answer(process.address, media).stats == stats_answer(
-                single.address, media).stats
+            assert (
+                stats_answer(process.address, media).stats
+                == stats_answer(single.address, media).stats
+            )
 
     # kill -9 one member while a second upload flows.
     watched = sorted(expected.by_media, key=lambda m: -len(expected.by_media[m]))[:4]
@@ -229,16 +292,25 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
         poller.start()
     sender = threading.Thread(target=group.send, args=(second,), daemon=True)
     sender.start()
-    wait_for(lambda: sum(end_offsets(kafka_bootstrap, group.config.view_topic).values())
-             > sum(targets.values()) + 2_000, 120, message="second upload under way")
+    wait_for(
+        lambda: (
+            sum(end_offsets(kafka_bootstrap, group.config.view_topic).values())
+            > sum(targets.values()) + 2_000
+        ),
+        120,
+        message="second upload under way",
+    )
     b.kill()
     sender.join(300)
     assert not sender.is_alive()
     everything = first_copies(accepted_events(events, group.config))
     final = end_offsets(kafka_bootstrap, group.config.view_topic)
     for process in (a, c, single):
-        wait_for(lambda p=process: applied_all(p.address, probe, final), 180,
-                 message=lambda p=process: f"{p.address} not complete after the kill: {p.tail()}")
+        wait_for(
+            lambda p=process: applied_all(p.address, probe, final),
+            180,
+            message=lambda p=process: f"{p.address} not complete after the kill: {p.tail()}",
+        )
     for poller in pollers:
         poller.done.set()
         poller.join(30)
@@ -249,10 +321,14 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
     assert not [e for poller in pollers for e in poller.other_errors]
     partial = [(m, offsets) for m, offsets, _ in answers if set(offsets) != set(range(PARTITIONS))]
     assert not partial, f"answers not covering every partition: {partial[:3]}"
-    unsound = [(m, offsets, got, bounds.totals(m, offsets), bounds.totals(m, None))
-               for m, offsets, got in answers
-               if not all(lo <= g <= hi for g, lo, hi in zip(
-                   got, bounds.totals(m, offsets), bounds.totals(m, None)))]
+    unsound = [
+        (m, offsets, got, bounds.totals(m, offsets), bounds.totals(m, None))
+        for m, offsets, got in answers
+        if not all(
+            lo <= g <= hi
+            for g, lo, hi in zip(got, bounds.totals(m, offsets), bounds.totals(m, None))
+        )
+    ]
     assert not unsound, f"{len(unsound)} answers outside their position's bounds: {unsound[:3]}"
     assert unavailable, "the kill left no gap: no UNAVAILABLE answer was seen"
     assert all(delay is not None and delay > 0 for _, delay in unavailable), unavailable[:3]
@@ -264,11 +340,13 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
         with grpc.insecure_channel(process.address) as channel:
             check_all_totals(pb_grpc.StatsServiceStub(channel), expected)
         assert trends(process.address, watched, low, high) == trends(
-            single.address, watched, low, high)
+            single.address, watched, low, high
+        )
 
 
 def test_an_instance_that_owns_no_partition_answers_by_asking_the_owners(
-        tmp_path: Path, kafka_bootstrap: str) -> None:
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
     group = Group(tmp_path, kafka_bootstrap, 2)
     try:
         group.ingest.start()
@@ -280,8 +358,11 @@ def test_an_instance_that_owns_no_partition_answers_by_asking_the_owners(
         targets = end_offsets(kafka_bootstrap, group.config.view_topic)
         probe = max(expected.by_media, key=lambda m: len(expected.by_media[m]))
         for process in members:
-            wait_for(lambda p=process: applied_all(p.address, probe, targets), 180,
-                     message=lambda p=process: f"{p.address} not complete: {p.tail()}")
+            wait_for(
+                lambda p=process: applied_all(p.address, probe, targets),
+                180,
+                message=lambda p=process: f"{p.address} not complete: {p.tail()}",
+            )
         idle = [p for p in members if "assigned partitions []" in p.log_path.read_text()]
         assert idle, "no instance was left without a partition"
         for process in members:

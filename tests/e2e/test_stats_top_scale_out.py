@@ -32,8 +32,11 @@ from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 PARTITIONS = 8
 ANSWERED_BY = "x-viewevents-answered-by"
-METRICS = (pb.TOP_MEDIA_METRIC_VIEW_TIME, pb.TOP_MEDIA_METRIC_STARTS,
-           pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS)
+METRICS = (
+    pb.TOP_MEDIA_METRIC_VIEW_TIME,
+    pb.TOP_MEDIA_METRIC_STARTS,
+    pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS,
+)
 DAY, HOUR, MINUTE = 86_400, 3_600, 60
 
 
@@ -46,19 +49,27 @@ class Cluster:
 
     def __init__(self, tmp_path: Path, bootstrap: str) -> None:
         self.tmp_path = tmp_path
-        self.config = test_config(bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                                  stats_group=unique_name("top"), topic_partitions=PARTITIONS,
-                                  stats_page_token_secret="shared-secret")
-        self.ingest = ServiceProcess("ingest_service", self.config, self.config.ingest_address,
-                                     tmp_path / "ingest.log")
+        self.config = test_config(
+            bootstrap,
+            ingest_address=f"127.0.0.1:{free_port()}",
+            stats_group=unique_name("top"),
+            topic_partitions=PARTITIONS,
+            stats_page_token_secret="shared-secret",
+        )
+        self.ingest = ServiceProcess(
+            "ingest_service", self.config, self.config.ingest_address, tmp_path / "ingest.log"
+        )
         self.stats: list[ServiceProcess] = []
 
     def add(self, name: str, group: str | None = None) -> ServiceProcess:
-        config = self.config.replace(stats_address=f"127.0.0.1:{free_port()}",
-                                     stats_state_dir=str(self.tmp_path / name),
-                                     stats_group=group or self.config.stats_group)
-        process = ServiceProcess("stats_service", config, config.stats_address,
-                                 self.tmp_path / f"{name}.log").start()
+        config = self.config.replace(
+            stats_address=f"127.0.0.1:{free_port()}",
+            stats_state_dir=str(self.tmp_path / name),
+            stats_group=group or self.config.stats_group,
+        )
+        process = ServiceProcess(
+            "stats_service", config, config.stats_address, self.tmp_path / f"{name}.log"
+        ).start()
         self.stats.append(process)
         return process
 
@@ -79,10 +90,12 @@ def cluster(tmp_path: Path, kafka_bootstrap: str) -> Iterator[Cluster]:
     made.stop()
 
 
-def request(start: int, end: int, metric: int, limit: int, token: str = ""
-            ) -> pb.ListTopMediaRequest:
-    return pb.ListTopMediaRequest(start_time=_ts(start), end_time=_ts(end), metric=metric,
-                                  limit=limit, page_token=token)
+def request(
+    start: int, end: int, metric: int, limit: int, token: str = ""
+) -> pb.ListTopMediaRequest:
+    return pb.ListTopMediaRequest(
+        start_time=_ts(start), end_time=_ts(end), metric=metric, limit=limit, page_token=token
+    )
 
 
 def caught_up(address: str, start: int, end: int, targets: dict[int, int]) -> bool:
@@ -90,7 +103,8 @@ def caught_up(address: str, start: int, end: int, targets: dict[int, int]) -> bo
     try:
         with grpc.insecure_channel(address) as channel:
             reply = pb_grpc.StatsServiceStub(channel).ListTopMedia(
-                request(start, end, METRICS[0], 1), timeout=30)
+                request(start, end, METRICS[0], 1), timeout=30
+            )
     except grpc.RpcError as error:
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             return False
@@ -99,21 +113,30 @@ def caught_up(address: str, start: int, end: int, targets: dict[int, int]) -> bo
     return set(offsets) == set(targets) and all(offsets[p] >= o for p, o in targets.items())
 
 
-def walk(stubs: list[tuple[str, pb_grpc.StatsServiceStub]], start: int, end: int, metric: int,
-         limit: int, first: int) -> list[tuple]:
+def walk(
+    stubs: list[tuple[str, pb_grpc.StatsServiceStub]],
+    start: int,
+    end: int,
+    metric: int,
+    limit: int,
+    first: int,
+) -> list[tuple]:
     """Every page, page i asked of instance (first + i) mod n; checks who answered."""
     got: list[tuple] = []
     token = ""
     page = 0
     while True:
         address, stub = stubs[(first + page) % len(stubs)]
-        reply, call = stub.ListTopMedia.with_call(request(start, end, metric, limit, token),
-                                                  timeout=60)
+        reply, call = stub.ListTopMedia.with_call(
+            request(start, end, metric, limit, token), timeout=60
+        )
         assert dict(call.initial_metadata()).get(ANSWERED_BY) == address
         assert [p.partition for p in reply.position.partitions] == list(range(PARTITIONS))
         assert len(reply.media) <= limit
-        got += [(t.media_id, t.rank, t.view_time_seconds, t.starts, t.unique_viewers)
-                for t in reply.media]
+        got += [
+            (t.media_id, t.rank, t.view_time_seconds, t.starts, t.unique_viewers)
+            for t in reply.media
+        ]
         token = reply.next_page_token
         page += 1
         if not token:
@@ -121,7 +144,8 @@ def walk(stubs: list[tuple[str, pb_grpc.StatsServiceStub]], start: int, end: int
 
 
 def test_every_instance_ranks_every_partition_exactly_page_after_page(
-        cluster: Cluster, kafka_bootstrap: str, tmp_path: Path) -> None:
+    cluster: Cluster, kafka_bootstrap: str, tmp_path: Path
+) -> None:
     events = generated_events(tmp_path / "views.jsonl", 30_000, seed=91, **STATS_FILE)
     cluster.ingest.start()
     members = [cluster.add("a"), cluster.add("b"), cluster.add("c")]
@@ -134,11 +158,16 @@ def test_every_instance_ranks_every_partition_exactly_page_after_page(
     low = min(r[3] for r in expected.rows)
     high = max(r[3] for r in expected.rows) + 1
     for process in (*members, single):
-        wait_for(lambda p=process: caught_up(p.address, low, high, targets), 180,
-                 message=lambda p=process: f"{p.address} not complete: {p.tail()}")
+        wait_for(
+            lambda p=process: caught_up(p.address, low, high, targets),
+            180,
+            message=lambda p=process: f"{p.address} not complete: {p.tail()}",
+        )
 
-    busiest_day = max(range(low // DAY * DAY, high, DAY),
-                      key=lambda d: sum(d <= r[3] < d + DAY for r in expected.rows))
+    busiest_day = max(
+        range(low // DAY * DAY, high, DAY),
+        key=lambda d: sum(d <= r[3] < d + DAY for r in expected.rows),
+    )
     ranges = [
         (low - 37, high + 1_234),  # the whole span, minute-unaligned edges
         (busiest_day, busiest_day + DAY),  # one whole day
@@ -152,32 +181,47 @@ def test_every_instance_ranks_every_partition_exactly_page_after_page(
         for number, (start, end) in enumerate(ranges):
             rounded = (start // MINUTE * MINUTE, -(-end // MINUTE) * MINUTE)
             for metric in METRICS:
-                want = [(m, rank, v, s, u)
-                        for m, rank, v, s, u in expected.top(*rounded, metric)]
+                want = [(m, rank, v, s, u) for m, rank, v, s, u in expected.top(*rounded, metric)]
                 assert want, (start, end)
                 limit = max(1, len(want) // 5 + number)  # about five pages, odd sizes
                 alone = walk(stubs[3:], start, end, metric, limit, 0)
                 assert alone == want, (number, metric)
                 for first in range(len(stubs)):  # each instance serves a first page
                     assert walk(stubs, start, end, metric, limit, first) == want, (
-                        number, metric, first)
+                        number,
+                        metric,
+                        first,
+                    )
 
         # The internal service: listed by reflection, strict about its input, and answered
         # only from partitions the instance owns and has caught up on.
         with grpc.insecure_channel(members[0].address) as channel:
-            listed = next(iter(reflection_pb2_grpc.ServerReflectionStub(channel)
-                               .ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-                                   list_services="")]), timeout=10)))
+            listed = next(
+                iter(
+                    reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+                    )
+                )
+            )
             assert "viewevents.v1.StatsPartitionService" in {
-                s.name for s in listed.list_services_response.service}
+                s.name for s in listed.list_services_response.service
+            }
             partials = ppb_grpc.StatsPartitionServiceStub(channel)
-            for bad, code in ((dict(partitions=[]), grpc.StatusCode.INVALID_ARGUMENT),
-                              (dict(partitions=list(range(PARTITIONS))),
-                               grpc.StatusCode.UNAVAILABLE)):
+            for bad, code in (
+                (dict(partitions=[]), grpc.StatusCode.INVALID_ARGUMENT),
+                (dict(partitions=list(range(PARTITIONS))), grpc.StatusCode.UNAVAILABLE),
+            ):
                 with pytest.raises(grpc.RpcError) as raised:
-                    list(partials.StreamMediaPartials(ppb.StreamMediaPartialsRequest(
-                        start_time=_ts(low // MINUTE * MINUTE),
-                        end_time=_ts(high // MINUTE * MINUTE), **bad), timeout=30))
+                    list(
+                        partials.StreamMediaPartials(
+                            ppb.StreamMediaPartialsRequest(
+                                start_time=_ts(low // MINUTE * MINUTE),
+                                end_time=_ts(high // MINUTE * MINUTE),
+                                **bad,
+                            ),
+                            timeout=30,
+                        )
+                    )
                 assert raised.value.code() == code, raised.value.details()
 
         # One figure for the report: the whole span by view time, 10 items, a few times.

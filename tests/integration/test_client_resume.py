@@ -17,7 +17,9 @@ from viewevents_client.uploads import CHANNEL_OPTIONS, upload_resumable
 
 def test_upload_resumes_after_kill_and_restart(kafka_bootstrap: str, tmp_path: Path) -> None:
     config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}")
-    service = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "log").start()
+    service = ServiceProcess(
+        "ingest_service", config, config.ingest_address, tmp_path / "log"
+    ).start()
     service.wait_serving()
     events, _ = make_events(60_000, seed=71, bad_share=0)
     acks: list[int] = []
@@ -32,12 +34,20 @@ def test_upload_resumes_after_kill_and_restart(kafka_bootstrap: str, tmp_path: P
 
     totals = upload_resumable(
         lambda: grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS),
-        iter(events), batch_size=500, window=8, on_ack=on_ack, backoff_seconds=0.5,
-        max_attempts=30)
+        iter(events),
+        batch_size=500,
+        window=8,
+        on_ack=on_ack,
+        backoff_seconds=0.5,
+        max_attempts=30,
+    )
     service.stop()
 
     assert killed.is_set() and totals.reconnects >= 1
     assert totals.requests == 120 and totals.accepted == 60_000  # each batch acked exactly once
-    landed = [ve.ViewEvent.FromString(r.value).event_id for r in read_topic(kafka_bootstrap, config.view_topic)]
+    landed = [
+        ve.ViewEvent.FromString(r.value).event_id
+        for r in read_topic(kafka_bootstrap, config.view_topic)
+    ]
     assert set(landed) == {e.event_id for e in events}  # nothing lost
     assert len(landed) - len(events) <= 8 * 500  # re-sent at most the unacknowledged window

@@ -24,9 +24,15 @@ from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 
 @pytest.fixture(scope="module")
-def ingest(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                         max_events_per_request=5_000, max_request_bytes=2 * 1024 * 1024)
+def ingest(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    config = test_config(
+        kafka_bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
+        max_events_per_request=5_000,
+        max_request_bytes=2 * 1024 * 1024,
+    )
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"
     service = ServiceProcess("ingest_service", config, config.ingest_address, log).start()
     service.wait_serving()
@@ -40,17 +46,25 @@ def channel(ingest: ServiceProcess) -> Iterator[grpc.Channel]:
         yield ch
 
 
-def test_upload_100k_lands_exactly_the_valid_events(ingest: ServiceProcess, channel: grpc.Channel) -> None:
+def test_upload_100k_lands_exactly_the_valid_events(
+    ingest: ServiceProcess, channel: grpc.Channel
+) -> None:
     events, broken = make_events(100_000, seed=11)
     broken_ids = {id(e) for e, _ in broken}
     valid = [e for e in events if id(e) not in broken_ids]
 
     summary = upload(channel, iter(events), batch_size=2_000)
 
-    assert (summary.received, summary.accepted, summary.rejected) == (len(events), len(valid), len(broken))
+    assert (summary.received, summary.accepted, summary.rejected) == (
+        len(events),
+        len(valid),
+        len(broken),
+    )
     assert summary.requests == 50
     # The summary lists the first rejections in stream order, with the right indexes.
-    first_broken = [n for n, e in enumerate(events) if id(e) in broken_ids][:len(summary.rejections)]
+    first_broken = [n for n, e in enumerate(events) if id(e) in broken_ids][
+        : len(summary.rejections)
+    ]
     assert [r.index for r in summary.rejections] == first_broken
     for rejection in summary.rejections:
         expected = next(v for e, v in broken if e is events[rejection.index])
@@ -84,15 +98,26 @@ def test_upload_100k_lands_exactly_the_valid_events(ingest: ServiceProcess, chan
     assert got_dead == expected_dead
 
 
-def test_garbage_in_the_middle_does_not_sink_the_stream(ingest: ServiceProcess, channel: grpc.Channel) -> None:
+def test_garbage_in_the_middle_does_not_sink_the_stream(
+    ingest: ServiceProcess, channel: grpc.Channel
+) -> None:
     good_before, _ = make_events(300, seed=21, bad_share=0)
     good_after, _ = make_events(300, seed=22, bad_share=0)
-    garbage = [ve.ViewEvent(event_id="\u2603" * 3, media_id=-1, user_id=-2, event_type=99),
-               ve.ViewEvent(), ve.ViewEvent(event_id="x" * 1000, event_time=Timestamp(seconds=-10**10))]
+    garbage = [
+        ve.ViewEvent(event_id="\u2603" * 3, media_id=-1, user_id=-2, event_type=99),
+        ve.ViewEvent(),
+        ve.ViewEvent(event_id="x" * 1000, event_time=Timestamp(seconds=-(10**10))),
+    ]
     stub = pb_grpc.IngestServiceStub(channel)
-    summary = stub.Upload(iter([pb.UploadRequest(events=good_before),
-                                pb.UploadRequest(events=garbage * 50),
-                                pb.UploadRequest(events=good_after)]))
+    summary = stub.Upload(
+        iter(
+            [
+                pb.UploadRequest(events=good_before),
+                pb.UploadRequest(events=garbage * 50),
+                pb.UploadRequest(events=good_after),
+            ]
+        )
+    )
     assert (summary.accepted, summary.rejected) == (600, 150)
     records = read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic)
     landed = {r.value for r in records}
@@ -100,9 +125,11 @@ def test_garbage_in_the_middle_does_not_sink_the_stream(ingest: ServiceProcess, 
 
 
 def test_unparseable_request_is_invalid_argument(channel: grpc.Channel) -> None:
-    raw_upload = channel.stream_unary("/viewevents.v1.IngestService/Upload",
-                                      request_serializer=lambda b: b,
-                                      response_deserializer=pb.UploadSummary.FromString)
+    raw_upload = channel.stream_unary(
+        "/viewevents.v1.IngestService/Upload",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.UploadSummary.FromString,
+    )
     with pytest.raises(grpc.RpcError) as failure:
         raw_upload(iter([b"\x0a\xff\xff\xff\xff\x0f garbage that is not protobuf"]))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -118,8 +145,16 @@ def test_oversized_requests_are_resource_exhausted(channel: grpc.Channel) -> Non
     assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "5001 events; at most 5000" in failure.value.details()
 
-    huge = [ve.ViewEvent(event_id="y" * 200, media_id=1, user_id=1, event_type=2,
-                         event_time=Timestamp(seconds=NOW)) for _ in range(4_000)]  # ~0.9 MB
+    huge = [
+        ve.ViewEvent(
+            event_id="y" * 200,
+            media_id=1,
+            user_id=1,
+            event_type=2,
+            event_time=Timestamp(seconds=NOW),
+        )
+        for _ in range(4_000)
+    ]  # ~0.9 MB
     with pytest.raises(grpc.RpcError) as failure:
         stub.Upload(iter([pb.UploadRequest(events=huge * 3)]))
     assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -127,39 +162,52 @@ def test_oversized_requests_are_resource_exhausted(channel: grpc.Channel) -> Non
 
 def test_publish_partial_and_all_invalid(ingest: ServiceProcess, channel: grpc.Channel) -> None:
     stub = pb_grpc.IngestServiceStub(channel)
-    good = ve.ViewEvent(event_id="pub-1", media_id=3, user_id=4, event_type=1,
-                        event_time=Timestamp(seconds=NOW - 5))
-    bad = ve.ViewEvent(event_id="pub-2", media_id=3, user_id=0, event_type=1,
-                       event_time=Timestamp(seconds=NOW - 5))
+    good = ve.ViewEvent(
+        event_id="pub-1", media_id=3, user_id=4, event_type=1, event_time=Timestamp(seconds=NOW - 5)
+    )
+    bad = ve.ViewEvent(
+        event_id="pub-2", media_id=3, user_id=0, event_type=1, event_time=Timestamp(seconds=NOW - 5)
+    )
     reply = stub.Publish(pb.PublishRequest(events=[good, bad]))
     assert (reply.accepted, reply.rejected) == (1, 1)
     assert [(r.index, r.event_id) for r in reply.rejections] == [(1, "pub-2")]
     assert good.SerializeToString() in {
-        r.value for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic)}
+        r.value for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic)
+    }
 
     with pytest.raises(grpc.RpcError) as failure:
         stub.Publish(pb.PublishRequest(events=[good, bad][1:] + [ve.ViewEvent(event_id="z")]))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     fields = {(v.field, v.reason) for v in field_violations_of(failure.value)}
     assert ("events[0].user_id", "REQUIRED") in fields
-    assert ("events[1].media_id", "REQUIRED") in fields and ("events[1].event_time", "REQUIRED") in fields
+    assert ("events[1].media_id", "REQUIRED") in fields and (
+        "events[1].event_time",
+        "REQUIRED",
+    ) in fields
 
     with pytest.raises(grpc.RpcError) as failure:
         stub.Publish(pb.PublishRequest())
     assert [v.field for v in field_violations_of(failure.value)] == ["events"]
 
 
-def test_upload_stream_acks_each_request_once_durable(ingest: ServiceProcess, channel: grpc.Channel) -> None:
+def test_upload_stream_acks_each_request_once_durable(
+    ingest: ServiceProcess, channel: grpc.Channel
+) -> None:
     stub = pb_grpc.IngestServiceStub(channel)
     batches = [make_events(400, seed=40 + n, bad_share=0.1) for n in range(5)]
-    requests = [pb.UploadRequest(events=events, sequence=1000 + n) for n, (events, _) in enumerate(batches)]
+    requests = [
+        pb.UploadRequest(events=events, sequence=1000 + n) for n, (events, _) in enumerate(batches)
+    ]
     acks = list(stub.UploadStream(iter(requests)))
     assert [(a.request_index, a.sequence) for a in acks] == [(n, 1000 + n) for n in range(5)]
     for ack, (events, broken) in zip(acks, batches):
         assert (ack.received, ack.accepted, ack.rejected) == (400, 400 - len(broken), len(broken))
         assert sorted(r.index for r in ack.rejections) == sorted(
-            n for n, e in enumerate(events) if any(e is b for b, _ in broken))
-    landed = Counter(r.value for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic))
+            n for n, e in enumerate(events) if any(e is b for b, _ in broken)
+        )
+    landed = Counter(
+        r.value for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic)
+    )
     for events, broken in batches:
         for event in events:
             if not any(event is b for b, _ in broken):
@@ -172,9 +220,14 @@ def test_kafka_down_means_unavailable_and_no_summary(tmp_path: Path) -> None:
     env = broker_env(port, tmp_path / "kafka", controller_port=free_port())
     kafka_sh("start", env)
     try:
-        config = test_config(f"127.0.0.1:{port}", ingest_address=f"127.0.0.1:{free_port()}",
-                             producer_timeout_ms=4_000)
-        service = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "log").start()
+        config = test_config(
+            f"127.0.0.1:{port}",
+            ingest_address=f"127.0.0.1:{free_port()}",
+            producer_timeout_ms=4_000,
+        )
+        service = ServiceProcess(
+            "ingest_service", config, config.ingest_address, tmp_path / "log"
+        ).start()
         service.wait_serving()
         kafka_sh("stop", env)
         events, _ = make_events(2_000, seed=51, bad_share=0)
@@ -192,7 +245,9 @@ def test_kafka_down_means_unavailable_and_no_summary(tmp_path: Path) -> None:
 
 def test_sigterm_lets_an_inflight_upload_finish(kafka_bootstrap: str, tmp_path: Path) -> None:
     config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}")
-    service = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "log").start()
+    service = ServiceProcess(
+        "ingest_service", config, config.ingest_address, tmp_path / "log"
+    ).start()
     service.wait_serving()
     events, _ = make_events(20_000, seed=61, bad_share=0)
     sent = []
@@ -202,7 +257,7 @@ def test_sigterm_lets_an_inflight_upload_finish(kafka_bootstrap: str, tmp_path: 
             if n == 5:
                 service.process.terminate()  # SIGTERM while the upload is under way
             sent.append(n)
-            yield pb.UploadRequest(events=events[n * 1000:(n + 1) * 1000])
+            yield pb.UploadRequest(events=events[n * 1000 : (n + 1) * 1000])
             time.sleep(0.05)
 
     with grpc.insecure_channel(service.address) as ch:

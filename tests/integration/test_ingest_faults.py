@@ -29,9 +29,13 @@ KAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
 def small_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A broker of this module's own with Kafka's default message.max.bytes."""
     port = free_port()
-    env = dict(os.environ, KAFKA_PORT=str(port), KAFKA_CONTROLLER_PORT=str(free_port()),
-               KAFKA_DATA_DIR=str(tmp_path_factory.mktemp("kafka")),
-               KAFKA_MESSAGE_MAX_BYTES=str(KAFKA_DEFAULT_MESSAGE_MAX_BYTES))
+    env = dict(
+        os.environ,
+        KAFKA_PORT=str(port),
+        KAFKA_CONTROLLER_PORT=str(free_port()),
+        KAFKA_DATA_DIR=str(tmp_path_factory.mktemp("kafka")),
+        KAFKA_MESSAGE_MAX_BYTES=str(KAFKA_DEFAULT_MESSAGE_MAX_BYTES),
+    )
     try:
         subprocess.run([str(REPO / "deploy" / "kafka.sh"), "start"], env=env, check=True)
         yield f"127.0.0.1:{port}"
@@ -41,8 +45,12 @@ def small_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def ingest(small_broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    config = test_config(small_broker, ingest_address=f"127.0.0.1:{free_port()}",
-                         upload_idle_timeout_seconds=1.0, ingest_metrics_port=free_port())
+    config = test_config(
+        small_broker,
+        ingest_address=f"127.0.0.1:{free_port()}",
+        upload_idle_timeout_seconds=1.0,
+        ingest_metrics_port=free_port(),
+    )
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"
     service = ServiceProcess("ingest_service", config, config.ingest_address, log).start()
     service.wait_serving()
@@ -51,12 +59,18 @@ def ingest(small_broker: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def _event(event_id: str, user: int = 7) -> ve.ViewEvent:
-    return ve.ViewEvent(event_id=event_id, media_id=3, user_id=user, event_type=2,
-                        event_time=Timestamp(seconds=int(time.time()) - 60))
+    return ve.ViewEvent(
+        event_id=event_id,
+        media_id=3,
+        user_id=user,
+        event_type=2,
+        event_time=Timestamp(seconds=int(time.time()) - 60),
+    )
 
 
 def test_an_event_too_big_for_kafka_is_rejected_and_does_not_poison_ingest(
-        ingest: ServiceProcess) -> None:
+    ingest: ServiceProcess,
+) -> None:
     huge_id = "x" * 1_100_000  # the record would exceed the broker's 1 MB limit
     padded = _event("padded-1")
     padded.MergeFromString(b"\xfa\x01" + _varint(1_050_000) + b"p" * 1_050_000)  # unknown field 31
@@ -75,8 +89,10 @@ def test_an_event_too_big_for_kafka_is_rejected_and_does_not_poison_ingest(
     views = read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic)
     expected = Counter(e.SerializeToString() for e in events if not any(e is b for b, _ in broken))
     assert Counter(r.value for r in views) == expected
-    dead = [ve.RejectedEvent.FromString(r.value)
-            for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.dead_letter_topic)]
+    dead = [
+        ve.RejectedEvent.FromString(r.value)
+        for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.dead_letter_topic)
+    ]
     assert len(dead) == 2 + len(broken)
     by_id = {d.event.event_id: d for d in dead}
     stored_huge = next(d for d in dead if d.event.event_id.startswith("x"))
@@ -116,7 +132,8 @@ def test_an_idle_upload_stream_is_closed(ingest: ServiceProcess) -> None:
 
 @pytest.mark.parametrize("failure", ["cancel", "deadline", "invalid"])
 def test_a_stream_ended_without_summary_commits_nothing_more(
-        ingest: ServiceProcess, failure: str) -> None:
+    ingest: ServiceProcess, failure: str
+) -> None:
     """Whatever ends an Upload early, events not yet shipped to Kafka are not stored later
     (a cancel may race with the end of the stream: all or nothing of the one request), and
     re-sending with the same ids gets every event stored (the documented contract)."""
@@ -138,8 +155,12 @@ def test_a_stream_ended_without_summary_commits_nothing_more(
         assert sent.wait(10)
         if failure == "cancel":
             before = received_before
-            wait_for(lambda: _received(ingest) >= before + 10, timeout=30, interval=0.05,
-                     message="the server did not receive the events")
+            wait_for(
+                lambda: _received(ingest) >= before + 10,
+                timeout=30,
+                interval=0.05,
+                message="the server did not receive the events",
+            )
             call.cancel()
         try:
             with pytest.raises((grpc.RpcError, grpc.FutureCancelledError)):
@@ -147,8 +168,9 @@ def test_a_stream_ended_without_summary_commits_nothing_more(
         finally:
             release.set()
         stored_before_retry = _stored_ids(ingest, ids)
-        summary = upload(channel, iter([_event(i, user=n + 1) for n, i in enumerate(ids)]),
-                         timeout=30)
+        summary = upload(
+            channel, iter([_event(i, user=n + 1) for n, i in enumerate(ids)]), timeout=30
+        )
     if failure == "cancel":
         # gRPC may end the server's request stream before it reports the cancel, so a cancelled
         # stream may have stored any prefix of what it sent (the documented contract); here the
@@ -173,5 +195,11 @@ def _received(ingest: ServiceProcess) -> float:
 
 def _stored_ids(ingest: ServiceProcess, ids: list[str]) -> set[str]:
     wanted = set(ids)
-    return {e for e in (ve.ViewEvent.FromString(r.value).event_id for r in read_topic(
-        ingest.config.kafka_bootstrap, ingest.config.view_topic)) if e in wanted}
+    return {
+        e
+        for e in (
+            ve.ViewEvent.FromString(r.value).event_id
+            for r in read_topic(ingest.config.kafka_bootstrap, ingest.config.view_topic)
+        )
+        if e in wanted
+    }

@@ -27,14 +27,19 @@ def received(metrics_port: int) -> float:
 
 
 def test_two_ingest_instances_behind_round_robin_store_exactly_the_valid_events(
-        kafka_bootstrap: str, tmp_path: Path) -> None:
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     base = test_config(kafka_bootstrap)
     instances = []
     for name in ("one", "two"):
-        config = base.replace(ingest_address=f"127.0.0.1:{free_port()}",
-                              ingest_metrics_port=free_port())
-        instances.append(ServiceProcess("ingest_service", config, config.ingest_address,
-                                        tmp_path / f"{name}.log").start())
+        config = base.replace(
+            ingest_address=f"127.0.0.1:{free_port()}", ingest_metrics_port=free_port()
+        )
+        instances.append(
+            ServiceProcess(
+                "ingest_service", config, config.ingest_address, tmp_path / f"{name}.log"
+            ).start()
+        )
     try:
         for instance in instances:
             instance.wait_serving()
@@ -44,8 +49,10 @@ def test_two_ingest_instances_behind_round_robin_store_exactly_the_valid_events(
         size = -(-len(events) // PARTS)
         with grpc.insecure_channel(target, options=options) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
-            summaries = [upload(channel, iter(events[i:i + size]), batch_size=1_000, timeout=120)
-                         for i in range(0, len(events), size)]
+            summaries = [
+                upload(channel, iter(events[i : i + size]), batch_size=1_000, timeout=120)
+                for i in range(0, len(events), size)
+            ]
         assert sum(s.received for s in summaries) == len(events)
         counts = [received(i.config.ingest_metrics_port) for i in instances]
         assert all(count > 0 for count in counts), counts  # both instances took uploads
@@ -54,8 +61,10 @@ def test_two_ingest_instances_behind_round_robin_store_exactly_the_valid_events(
         valid = accepted_events(events, base)
         assert 0 < len(valid) < len(events)  # the file is noisy
         assert sum(s.accepted for s in summaries) == len(valid)
-        stored = Counter(ve.ViewEvent.FromString(r.value).SerializeToString(deterministic=True)
-                         for r in read_topic(kafka_bootstrap, base.view_topic))
+        stored = Counter(
+            ve.ViewEvent.FromString(r.value).SerializeToString(deterministic=True)
+            for r in read_topic(kafka_bootstrap, base.view_topic)
+        )
         assert stored == Counter(e.SerializeToString(deterministic=True) for e in valid)
     finally:
         for instance in instances:

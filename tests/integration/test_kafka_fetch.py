@@ -30,20 +30,27 @@ async def _produce(bootstrap: str, topic: str) -> None:
         await admin.close()
 
     async def send_all(producer: AIOKafkaProducer, tag: str, count: int) -> None:
-        futures = [await producer.send(topic, f"{tag}-{i}".encode() * (1 + i % 3),
-                                       key=str(i).encode()) for i in range(count)]
+        futures = [
+            await producer.send(topic, f"{tag}-{i}".encode() * (1 + i % 3), key=str(i).encode())
+            for i in range(count)
+        ]
         await asyncio.gather(*futures)
 
     for compression in (None, "gzip"):
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, compression_type=compression,
-                                    linger_ms=20)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, compression_type=compression, linger_ms=20
+        )
         await producer.start()
         try:
             await send_all(producer, f"plain-{compression}", 3_000)
         finally:
             await producer.stop()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, compression_type="gzip",
-                                transactional_id=unique_name("txn"), linger_ms=20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        compression_type="gzip",
+        transactional_id=unique_name("txn"),
+        linger_ms=20,
+    )
     await producer.start()
     try:
         async with producer.transaction():
@@ -66,10 +73,12 @@ async def send_all_plain(bootstrap: str, topic: str) -> None:
         await producer.stop()
 
 
-async def _read(bootstrap: str, topic: str, starts: dict[int, int], isolation: str, bulk: bool
-                ) -> tuple[list[Row], dict[int, int]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                isolation_level=isolation)
+async def _read(
+    bootstrap: str, topic: str, starts: dict[int, int], isolation: str, bulk: bool
+) -> tuple[list[Row], dict[int, int]]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
@@ -86,11 +95,15 @@ async def _read(bootstrap: str, topic: str, starts: dict[int, int], isolation: s
             if bulk:
                 for tp, fetched in (await fetch.getmany(timeout_ms=500, max_records=700)).items():
                     assert len(fetched.offsets) == len(fetched.values)
-                    rows.extend((tp.partition, o, v) for o, v in zip(fetched.offsets, fetched.values))
+                    rows.extend(
+                        (tp.partition, o, v) for o, v in zip(fetched.offsets, fetched.values)
+                    )
                     if fetched.values:
                         assert fetched.offsets[-1] < fetched.next_offset
             else:
-                for tp, records in (await consumer.getmany(timeout_ms=500, max_records=700)).items():
+                for tp, records in (
+                    await consumer.getmany(timeout_ms=500, max_records=700)
+                ).items():
                     rows.extend((tp.partition, r.offset, r.value) for r in records)
         positions = {tp.partition: await consumer.position(tp) for tp in tps}
         return sorted(rows), positions

@@ -16,26 +16,46 @@ from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 
-def test_kill_and_restart_in_the_same_group_counts_everything_once(kafka_bootstrap: str, tmp_path: Path) -> None:
-    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                         stats_address=f"127.0.0.1:{free_port()}",
-                         stats_state_dir=str(tmp_path / "stats"), stats_group=unique_name("same"))
-    ingest = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "i.log").start()
-    stats = ServiceProcess("stats_service", config, config.stats_address, tmp_path / "s0.log").start()
+def test_kill_and_restart_in_the_same_group_counts_everything_once(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    config = test_config(
+        kafka_bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
+        stats_address=f"127.0.0.1:{free_port()}",
+        stats_state_dir=str(tmp_path / "stats"),
+        stats_group=unique_name("same"),
+    )
+    ingest = ServiceProcess(
+        "ingest_service", config, config.ingest_address, tmp_path / "i.log"
+    ).start()
+    stats = ServiceProcess(
+        "stats_service", config, config.stats_address, tmp_path / "s0.log"
+    ).start()
     ingest.wait_serving()
     stats.wait_serving()
     first, _ = make_events(20_000, seed=81, bad_share=0)
     second, _ = make_events(20_000, seed=82, bad_share=0)
     with grpc.insecure_channel(config.ingest_address, options=CHANNEL_OPTIONS) as channel:
         summary = upload(channel, iter(first))
-        wait_applied(config.stats_address, stats_position,
-                     {p.partition: p.offset for p in summary.positions}, timeout=90)
+        wait_applied(
+            config.stats_address,
+            stats_position,
+            {p.partition: p.offset for p in summary.positions},
+            timeout=90,
+        )
         stats.kill()
-        stats = ServiceProcess("stats_service", config, config.stats_address, tmp_path / "s1.log").start()
+        stats = ServiceProcess(
+            "stats_service", config, config.stats_address, tmp_path / "s1.log"
+        ).start()
         summary = upload(channel, iter(second + first[:5_000]))  # with a re-sent slice
     stats.wait_serving(timeout=120)
-    wait_applied(config.stats_address, stats_position,
-                 {p.partition: p.offset for p in summary.positions}, timeout=90)
+    wait_applied(
+        config.stats_address,
+        stats_position,
+        {p.partition: p.offset for p in summary.positions},
+        timeout=90,
+    )
 
     unique = {e.event_id: e for e in first + second}.values()
     starts = Counter(e.media_id for e in unique if e.event_type == 1)

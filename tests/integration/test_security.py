@@ -25,28 +25,82 @@ def make_ca_and_cert(folder: Path, name: str) -> tuple[Path, Path, Path]:
     ext = folder / f"{name}.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name} test CA",
-        "-keyout", str(ca_key), "-out", str(ca_cert))
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(csr))
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-days", "2", "-extfile", str(ext), "-out", str(cert))
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name} test CA",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_cert),
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_cert),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(cert),
+    )
     return ca_cert, cert, key
 
 
 def one_event() -> pb.PublishRequest:
-    return pb.PublishRequest(events=[ve.ViewEvent(
-        event_id="sec-1", media_id=1, user_id=2, event_type=ve.EVENT_TYPE_STREAM_START,
-        event_time=Timestamp(seconds=int(time.time())))])
+    return pb.PublishRequest(
+        events=[
+            ve.ViewEvent(
+                event_id="sec-1",
+                media_id=1,
+                user_id=2,
+                event_type=ve.EVENT_TYPE_STREAM_START,
+                event_time=Timestamp(seconds=int(time.time())),
+            )
+        ]
+    )
 
 
 def test_tls_and_bearer_token(kafka_bootstrap: str, tmp_path: Path) -> None:
     ca, cert, key = make_ca_and_cert(tmp_path, "good")
     other_ca, _, _ = make_ca_and_cert(tmp_path, "other")
     metrics_port = free_port()
-    config = test_config(kafka_bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                         tls_cert_file=str(cert), tls_key_file=str(key), ingest_token="s3cret",
-                         ingest_metrics_port=metrics_port)
-    service = ServiceProcess("ingest_service", config, config.ingest_address, tmp_path / "log").start()
+    config = test_config(
+        kafka_bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
+        tls_cert_file=str(cert),
+        tls_key_file=str(key),
+        ingest_token="s3cret",
+        ingest_metrics_port=metrics_port,
+    )
+    service = ServiceProcess(
+        "ingest_service", config, config.ingest_address, tmp_path / "log"
+    ).start()
     try:
         good = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
         with grpc.secure_channel(config.ingest_address, good) as channel:
@@ -68,15 +122,23 @@ def test_tls_and_bearer_token(kafka_bootstrap: str, tmp_path: Path) -> None:
         with grpc.secure_channel(config.ingest_address, wrong_ca) as channel:
             with pytest.raises(grpc.RpcError) as untrusted:
                 pb_grpc.IngestServiceStub(channel).Publish(
-                    one_event(), metadata=[("authorization", "Bearer s3cret")], timeout=5)
+                    one_event(), metadata=[("authorization", "Bearer s3cret")], timeout=5
+                )
             assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
 
         with grpc.insecure_channel(config.ingest_address) as channel:  # plaintext is refused too
             with pytest.raises(grpc.RpcError):
                 pb_grpc.IngestServiceStub(channel).Publish(one_event(), timeout=5)
 
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
         assert "viewevents_events_accepted_total 1.0" in metrics
-        assert 'viewevents_rpc_duration_seconds_count{code="UNAUTHENTICATED",method="Publish",service="ingest"} 2.0' in metrics
+        assert (
+            'viewevents_rpc_duration_seconds_count{code="UNAUTHENTICATED",method="Publish",service="ingest"} 2.0'
+            in metrics
+        )
     finally:
         service.stop()

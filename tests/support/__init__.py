@@ -19,6 +19,19 @@ from tests.support.configs import (
 from tests.support.processes import RUNNING, ServiceProcess
 from tests.support.waits import wait_for
 
-__all__ = ["REPO", "RUNNING", "TEST_KAFKA_PORT", "ServiceProcess", "config_env", "end_offsets",
-           "ensure_broker", "free_port", "port_open", "read_topic", "stop_broker", "test_config",
-           "unique_name", "wait_for"]
+__all__ = [
+    "REPO",
+    "RUNNING",
+    "TEST_KAFKA_PORT",
+    "ServiceProcess",
+    "config_env",
+    "end_offsets",
+    "ensure_broker",
+    "free_port",
+    "port_open",
+    "read_topic",
+    "stop_broker",
+    "test_config",
+    "unique_name",
+    "wait_for",
+]

@@ -14,11 +14,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 from tests.support.configs import REPO, TEST_KAFKA_PORT, port_open
 
 
-def broker_env(port: int, data_dir: Path | None = None, controller_port: int | None = None
-               ) -> dict[str, str]:
+def broker_env(
+    port: int, data_dir: Path | None = None, controller_port: int | None = None
+) -> dict[str, str]:
     """The environment for deploy/kafka.sh to run a broker on `port` with its own data folder."""
-    env = dict(os.environ, KAFKA_PORT=str(port),
-               KAFKA_DATA_DIR=str(data_dir or REPO / ".data" / f"test-kafka-{port}"))
+    env = dict(
+        os.environ,
+        KAFKA_PORT=str(port),
+        KAFKA_DATA_DIR=str(data_dir or REPO / ".data" / f"test-kafka-{port}"),
+    )
     if controller_port is not None:
         env["KAFKA_CONTROLLER_PORT"] = str(controller_port)
     return env
@@ -71,8 +75,9 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Consum
     """Every record of `topic` from the beginning up to its current end offsets."""
 
     async def read() -> list[ConsumerRecord]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
         await consumer.start()
         try:
             partitions = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]

@@ -36,7 +36,9 @@ def test_config(bootstrap: str, **overrides: object) -> settings.Config:
         kafka_bootstrap=bootstrap,
         view_topic=unique_name("view-events"),
         dead_letter_topic=unique_name("dead-letter"),
-        ingest_metrics_port=0, stats_metrics_port=0, recommender_metrics_port=0,
+        ingest_metrics_port=0,
+        stats_metrics_port=0,
+        recommender_metrics_port=0,
     )
     values.update(overrides)
     return base.replace(**values)

@@ -30,7 +30,9 @@ BREAKERS = {
 }
 
 
-def make_events(count: int, seed: int, bad_share: float = 0.05) -> tuple[list[ve.ViewEvent], list[tuple[ve.ViewEvent, set]]]:
+def make_events(
+    count: int, seed: int, bad_share: float = 0.05
+) -> tuple[list[ve.ViewEvent], list[tuple[ve.ViewEvent, set]]]:
     """`count` events in stream order; returns them and, for the broken ones, the expected
     violations (decided here, independently of the service's validation code)."""
     rng = random.Random(seed)
@@ -39,9 +41,14 @@ def make_events(count: int, seed: int, bad_share: float = 0.05) -> tuple[list[ve
     broken: list[tuple[ve.ViewEvent, set]] = []
     for n in range(count):
         event = ve.ViewEvent(
-            event_id=f"{seed}-{n}", media_id=rng.randint(1, 500), user_id=rng.randint(1, 5000),
+            event_id=f"{seed}-{n}",
+            media_id=rng.randint(1, 500),
+            user_id=rng.randint(1, 5000),
             event_type=rng.choice([1, 2, 2, 2, 3, 4]),
-            event_time=Timestamp(seconds=NOW - rng.randint(0, 30 * 86400), nanos=rng.randint(0, 999_999_999)))
+            event_time=Timestamp(
+                seconds=NOW - rng.randint(0, 30 * 86400), nanos=rng.randint(0, 999_999_999)
+            ),
+        )
         if rng.random() < bad_share:
             kind = rng.choice(sorted(BREAKERS))
             breaker, expected = BREAKERS[kind]
@@ -68,11 +75,15 @@ def generated_events(path: Path, count: int, seed: int, **options: object) -> li
     return [parsed.event for _, parsed in iter_file(str(path)) if parsed.event is not None]
 
 
-def accepted_events(events: Iterable[ve.ViewEvent], config: settings.Config | None = None
-                    ) -> list[ve.ViewEvent]:
+def accepted_events(
+    events: Iterable[ve.ViewEvent], config: settings.Config | None = None
+) -> list[ve.ViewEvent]:
     """What the ingest service accepts (duplicates included): valid by its rules and limits."""
-    limits = Limits() if config is None else Limits(
-        config.max_future_skew_seconds, config.max_event_age_days * 86400)
+    limits = (
+        Limits()
+        if config is None
+        else Limits(config.max_future_skew_seconds, config.max_event_age_days * 86400)
+    )
     now = time.time()
     return [e for e in events if not validate_event(e, now, limits)]
 

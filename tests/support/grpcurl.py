@@ -12,5 +12,6 @@ GRPCURL = shutil.which("grpcurl") or str(REPO / ".cache" / "go" / "bin" / "grpcu
 
 def grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """`grpcurl -plaintext <args>`, output captured as text."""
-    return subprocess.run([GRPCURL, "-plaintext", *args], input=stdin, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [GRPCURL, "-plaintext", *args], input=stdin, capture_output=True, text=True, timeout=60
+    )

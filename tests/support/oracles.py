@@ -20,6 +20,7 @@ HEARTBEAT = 30  # seconds of view time per waypoint
 
 # The stats service.
 
+
 class Expected:
     """Brute-force answers over accepted events (no retention cut-off: the default)."""
 
@@ -35,9 +36,17 @@ class Expected:
         ends = sum(r[2] == 4 for r in rows)
         view_time = HEARTBEAT * sum(r[2] == 2 for r in rows)
         viewers = len({r[1] for r in rows})
-        return (view_time, starts, sum(r[2] == 3 for r in rows), ends, viewers,
-                ends / starts if starts else 0.0, view_time / viewers,
-                min(r[3] for r in rows), max(r[3] for r in rows))
+        return (
+            view_time,
+            starts,
+            sum(r[2] == 3 for r in rows),
+            ends,
+            viewers,
+            ends / starts if starts else 0.0,
+            view_time / viewers,
+            min(r[3] for r in rows),
+            max(r[3] for r in rows),
+        )
 
     def trend(self, media: int, size: int, start: int, end: int) -> tuple[list[tuple], int]:
         buckets: dict[int, list] = {}
@@ -60,8 +69,11 @@ class Expected:
                 acc[media][0] += HEARTBEAT * (kind == 2)
                 acc[media][1] += kind == 1
                 acc[media][2].add(user)
-        column = {pb.TOP_MEDIA_METRIC_VIEW_TIME: 0, pb.TOP_MEDIA_METRIC_STARTS: 1,
-                  pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2}[metric]
+        column = {
+            pb.TOP_MEDIA_METRIC_VIEW_TIME: 0,
+            pb.TOP_MEDIA_METRIC_STARTS: 1,
+            pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS: 2,
+        }[metric]
         values = {m: (v, s, len(u)) for m, (v, s, u) in acc.items()}
         order = sorted(values, key=lambda m: (-values[m][column], m))
         return [(m, i + 1, *values[m]) for i, m in enumerate(order)]
@@ -70,9 +82,17 @@ class Expected:
 def check_all_totals(stub: pb_grpc.StatsServiceStub, expected: Expected) -> None:
     for media in sorted(expected.by_media):
         s = stub.GetMediaStats(pb.GetMediaStatsRequest(media_id=media), timeout=10).stats
-        got = (s.view_time_seconds, s.starts, s.stops, s.ends, s.unique_viewers,
-               s.completion_rate, s.average_view_time_seconds_per_viewer,
-               s.first_event_time.seconds, s.last_event_time.seconds)
+        got = (
+            s.view_time_seconds,
+            s.starts,
+            s.stops,
+            s.ends,
+            s.unique_viewers,
+            s.completion_rate,
+            s.average_view_time_seconds_per_viewer,
+            s.first_event_time.seconds,
+            s.last_event_time.seconds,
+        )
         assert got == pytest.approx(expected.totals(media)), media
 
 
@@ -111,8 +131,14 @@ class BruteForce:
         return len(self.users)
 
     def item_stats(self) -> dict[int, tuple[int, int, int]]:
-        return {m: (int(self.w[:, k].sum()), int((self.w[:, k] ** 2).sum()),
-                    int((self.w[:, k] > 0).sum())) for m, k in self.col.items()}
+        return {
+            m: (
+                int(self.w[:, k].sum()),
+                int((self.w[:, k] ** 2).sum()),
+                int((self.w[:, k] > 0).sum()),
+            )
+            for m, k in self.col.items()
+        }
 
     def pairs(self) -> dict[tuple[int, int], tuple[int, int]]:
         out = {}
@@ -122,7 +148,9 @@ class BruteForce:
                     out[(i, self.items[b])] = (int(self.d[a, b]), int(self.c[a, b]))
         return out
 
-    def scores(self, item: int, metric: Metric, min_co: int = 1, shrinkage: float = 0.0) -> dict[int, tuple[float, int]]:
+    def scores(
+        self, item: int, metric: Metric, min_co: int = 1, shrinkage: float = 0.0
+    ) -> dict[int, tuple[float, int]]:
         """{neighbour: (score, co-viewers)} for every neighbour with enough support."""
         a = self.col[item]
         matrix = self.cos if metric is Metric.COSINE else self.pearson
@@ -144,8 +172,13 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=REL, abs_tol=ABS)
 
 
-def assert_same_ranking(ids: list[int], scores: list[float], co: list[int],
-                        expected: dict[int, tuple[float, int]], limit: int) -> None:
+def assert_same_ranking(
+    ids: list[int],
+    scores: list[float],
+    co: list[int],
+    expected: dict[int, tuple[float, int]],
+    limit: int,
+) -> None:
     """Scores and co-viewers match; the order is by score, exact ties by media id; and the
     returned set is the brute-force top `limit` (up to ties at the cut)."""
     for media, score, viewers in zip(ids, scores, co):

@@ -15,19 +15,34 @@ from viewevents.v1 import stats_service_pb2_grpc as stats_grpc
 from viewevents.v1 import view_event_pb2 as ve
 
 # While a consumer restarts or has not seen an item yet; anything else is a real failure.
-NOT_YET = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
+NOT_YET = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 
 
 def stats_position(channel: grpc.Channel) -> ve.ConsumerPosition:
     """The stats service's position (from the cheapest query that carries it)."""
-    return stats_grpc.StatsServiceStub(channel).ListTopMedia(stats_pb.ListTopMediaRequest(
-        start_time={"seconds": 0}, end_time={"seconds": 60}, limit=1), timeout=5).position
+    return (
+        stats_grpc.StatsServiceStub(channel)
+        .ListTopMedia(
+            stats_pb.ListTopMediaRequest(
+                start_time={"seconds": 0}, end_time={"seconds": 60}, limit=1
+            ),
+            timeout=5,
+        )
+        .position
+    )
 
 
 def recommender_position(channel: grpc.Channel) -> ve.ConsumerPosition:
     """The recommender's position (a fallback answer for user 1 is enough)."""
-    return rec_grpc.RecommenderServiceStub(channel).RecommendForUser(
-        rec_pb.RecommendForUserRequest(user_id=1), timeout=5).position
+    return (
+        rec_grpc.RecommenderServiceStub(channel)
+        .RecommendForUser(rec_pb.RecommendForUserRequest(user_id=1), timeout=5)
+        .position
+    )
 
 
 def applied(position: ve.ConsumerPosition) -> int:
@@ -43,7 +58,9 @@ def covers(position: ve.ConsumerPosition, targets: Mapping[int, int] | int) -> b
     return all(offsets.get(p, 0) >= end for p, end in targets.items())
 
 
-def applied_records(address: str, read: Callable[[grpc.Channel], ve.ConsumerPosition]) -> int | None:
+def applied_records(
+    address: str, read: Callable[[grpc.Channel], ve.ConsumerPosition]
+) -> int | None:
     """Records applied by the service at `address`, or None if it does not answer (killed)."""
     try:
         with grpc.insecure_channel(address) as channel:
@@ -52,8 +69,12 @@ def applied_records(address: str, read: Callable[[grpc.Channel], ve.ConsumerPosi
         return None
 
 
-def wait_applied(address: str, read: Callable[[grpc.Channel], ve.ConsumerPosition],
-                 targets: Mapping[int, int] | int, timeout: float = 120.0) -> ve.ConsumerPosition:
+def wait_applied(
+    address: str,
+    read: Callable[[grpc.Channel], ve.ConsumerPosition],
+    targets: Mapping[int, int] | int,
+    timeout: float = 120.0,
+) -> ve.ConsumerPosition:
     """Until the position of the service at `address` covers `targets`; returns that position."""
     last: list[ve.ConsumerPosition] = []
 
@@ -68,5 +89,8 @@ def wait_applied(address: str, read: Callable[[grpc.Channel], ve.ConsumerPositio
         return position if covers(position, targets) else None
 
     with grpc.insecure_channel(address) as channel:
-        return wait_for(reached, timeout,
-                        message=lambda: f"{address} did not reach {targets}; last position {last}")
+        return wait_for(
+            reached,
+            timeout,
+            message=lambda: f"{address} did not reach {targets}; last position {last}",
+        )

@@ -33,7 +33,8 @@ def is_serving(channel: grpc.Channel, service: str = "") -> bool:
     """grpc.health.v1 says SERVING; False while the server is not reachable yet."""
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=1)
+            health_pb2.HealthCheckRequest(service=service), timeout=1
+        )
     except grpc.RpcError:
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -52,8 +53,12 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=config_env(self.config), cwd=REPO,
-            stdout=log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", self.module],
+            env=config_env(self.config),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         RUNNING.append(self)
         return self
 
@@ -66,12 +71,18 @@ class ServiceProcess:
             return is_serving(ch)
 
         if channel is not None:
-            wait_for(lambda: serving(channel), timeout,
-                     message=lambda: f"{self.module} not SERVING: {self.tail()}")
+            wait_for(
+                lambda: serving(channel),
+                timeout,
+                message=lambda: f"{self.module} not SERVING: {self.tail()}",
+            )
             return
         with grpc.insecure_channel(self.address) as own:
-            wait_for(lambda: serving(own), timeout,
-                     message=lambda: f"{self.module} not SERVING: {self.tail()}")
+            wait_for(
+                lambda: serving(own),
+                timeout,
+                message=lambda: f"{self.module} not SERVING: {self.tail()}",
+            )
 
     def kill(self) -> None:
         """kill -9: no shutdown code runs."""
@@ -90,13 +101,19 @@ class ServiceProcess:
             return ""
 
 
-def ingest_and_stats(tmp_path: Path, bootstrap: str, **overrides: object
-                     ) -> tuple[settings.Config, ServiceProcess, ServiceProcess]:
+def ingest_and_stats(
+    tmp_path: Path, bootstrap: str, **overrides: object
+) -> tuple[settings.Config, ServiceProcess, ServiceProcess]:
     """An ingest and a stats service (not started) on free ports, state under `tmp_path`."""
-    config = test_config(bootstrap, ingest_address=f"127.0.0.1:{free_port()}",
-                         stats_address=f"127.0.0.1:{free_port()}",
-                         stats_state_dir=str(tmp_path / "stats-state"), **overrides)
-    ingest = ServiceProcess("ingest_service", config, config.ingest_address,
-                            tmp_path / "ingest.log")
+    config = test_config(
+        bootstrap,
+        ingest_address=f"127.0.0.1:{free_port()}",
+        stats_address=f"127.0.0.1:{free_port()}",
+        stats_state_dir=str(tmp_path / "stats-state"),
+        **overrides,
+    )
+    ingest = ServiceProcess(
+        "ingest_service", config, config.ingest_address, tmp_path / "ingest.log"
+    )
     stats = ServiceProcess("stats_service", config, config.stats_address, tmp_path / "stats.log")
     return config, ingest, stats

@@ -25,8 +25,9 @@ class Event:
     seconds: int
 
 
-def random_events(rng: random.Random, count: int, media: int = 25, users: int = 60,
-                  late_fraction: float = 0.05) -> list[Event]:
+def random_events(
+    rng: random.Random, count: int, media: int = 25, users: int = 60, late_fraction: float = 0.05
+) -> list[Event]:
     """Mostly time-ordered events over three days, some very late, on few media and users so
     that keys collide within and across batches."""
     out: list[Event] = []
@@ -36,8 +37,15 @@ def random_events(rng: random.Random, count: int, media: int = 25, users: int = 
         seconds = clock
         if rng.random() < late_fraction:
             seconds -= rng.randint(3600, 20 * 86400)  # late: hours to weeks behind
-        out.append(Event(f"e{i}", rng.randint(1, media), rng.randint(1, users),
-                         rng.choice([1, 2, 2, 2, 2, 3, 4]), seconds))
+        out.append(
+            Event(
+                f"e{i}",
+                rng.randint(1, media),
+                rng.randint(1, users),
+                rng.choice([1, 2, 2, 2, 2, 3, 4]),
+                seconds,
+            )
+        )
     return out
 
 
@@ -51,9 +59,18 @@ class Brute:
             high = None
             for e in events:
                 high = e.seconds if high is None else max(high, e.seconds)
-                t = self.totals.setdefault(e.media, dict(view_time=0, starts=0, stops=0, ends=0,
-                                                         users=set(), first=e.seconds,
-                                                         last=e.seconds))
+                t = self.totals.setdefault(
+                    e.media,
+                    dict(
+                        view_time=0,
+                        starts=0,
+                        stops=0,
+                        ends=0,
+                        users=set(),
+                        first=e.seconds,
+                        last=e.seconds,
+                    ),
+                )
                 t["view_time"] += HEARTBEAT if e.kind == 2 else 0
                 t["starts"] += e.kind == 1
                 t["stops"] += e.kind == 3
@@ -89,8 +106,12 @@ class Brute:
         return {m: (v, s, len(u)) for m, (v, s, u) in acc.items()}
 
 
-def load(store: StateStore, partitioned: dict[int, list[Event]], rng: random.Random,
-         retention_days: int = 0) -> StatsProcessor:
+def load(
+    store: StateStore,
+    partitioned: dict[int, list[Event]],
+    rng: random.Random,
+    retention_days: int = 0,
+) -> StatsProcessor:
     """Apply each partition's events in random batch cuts, several partitions per commit."""
     processor = StatsProcessor(HEARTBEAT, retention_days)
     cursors = {p: 0 for p in partitioned}
@@ -98,11 +119,12 @@ def load(store: StateStore, partitioned: dict[int, list[Event]], rng: random.Ran
         txn = Transaction(store)
         for p, events in partitioned.items():
             take = rng.choice([0, 1, 3, 17, 60, 250])
-            chunk = events[cursors[p]:cursors[p] + take]
+            chunk = events[cursors[p] : cursors[p] + take]
             cursors[p] += len(chunk)
             if chunk:
-                processor.apply_columns(p, Columns.from_tuples(
-                    (e.media, e.user, e.kind, e.seconds) for e in chunk), txn)
+                processor.apply_columns(
+                    p, Columns.from_tuples((e.media, e.user, e.kind, e.seconds) for e in chunk), txn
+                )
         txn.commit()
     return processor
 

@@ -15,8 +15,9 @@ from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 class PartedUpload:
     """Uploads `events` in `parts` parts in a thread; `release()` lets the next part go."""
 
-    def __init__(self, address: str, events: Sequence[ve.ViewEvent], parts: int,
-                 batch_size: int) -> None:
+    def __init__(
+        self, address: str, events: Sequence[ve.ViewEvent], parts: int, batch_size: int
+    ) -> None:
         self._gate = threading.Semaphore(0)
         self._address = address
         self._events = events
@@ -40,9 +41,10 @@ class PartedUpload:
                 for part in range(self._parts):
                     if part:
                         self._gate.acquire()
-                    chunk = self._events[part * size:(part + 1) * size]
-                    self.accepted += upload(channel, chunk, batch_size=self._batch_size,
-                                            timeout=600).accepted
+                    chunk = self._events[part * size : (part + 1) * size]
+                    self.accepted += upload(
+                        channel, chunk, batch_size=self._batch_size, timeout=600
+                    ).accepted
         except Exception as error:  # noqa: BLE001 - reported by finish()
             self.error = error
 

@@ -9,8 +9,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], timeout: float, interval: float = 0.2,
-             message: str | Callable[[], str] = "condition not met") -> T:
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float,
+    interval: float = 0.2,
+    message: str | Callable[[], str] = "condition not met",
+) -> T:
     """Call `condition` until it returns something truthy and return that; TimeoutError after
     `timeout` s. Exceptions from `condition` propagate: callers decide which failures mean
     "not yet". `message` may be a callable, evaluated only on timeout (e.g. a service's log)."""

@@ -6,8 +6,17 @@ import re
 
 from tests.support import REPO
 
-PACKAGES = ("viewevents", "ingest_service", "stats_service", "recommender_service",
-            "viewevents_client", "viewevents_tools", "benchmarks", "evaluation", "drills")
+PACKAGES = (
+    "viewevents",
+    "ingest_service",
+    "stats_service",
+    "recommender_service",
+    "viewevents_client",
+    "viewevents_tools",
+    "benchmarks",
+    "evaluation",
+    "drills",
+)
 
 
 def test_every_module_is_in_the_layout_tree() -> None:

@@ -53,11 +53,13 @@ def unavailable_status(message: str, retry_seconds: float = DEFAULT_RETRY_SECOND
     delay.FromNanoseconds(int(retry_seconds * 1e9))
     detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     return rpc_status.to_status(
-        status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[detail]))
+        status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[detail])
+    )
 
 
-async def abort_unavailable(context: grpc.aio.ServicerContext, message: str,
-                            retry_seconds: float = DEFAULT_RETRY_SECONDS) -> NoReturn:
+async def abort_unavailable(
+    context: grpc.aio.ServicerContext, message: str, retry_seconds: float = DEFAULT_RETRY_SECONDS
+) -> NoReturn:
     """Abort the RPC with UNAVAILABLE and a RetryInfo detail."""
     await context.abort_with_status(unavailable_status(message, retry_seconds))
     raise AssertionError("unreachable")  # abort_with_status always raises
@@ -116,6 +118,14 @@ async def reject_unparseable(context: grpc.aio.ServicerContext, request: object)
     """Abort with INVALID_ARGUMENT (and a BadRequest detail, like every bad input) when
     `request` is `Unparseable`."""
     if isinstance(request, Unparseable):
-        await abort_bad_request(context, request.describe(), [Violation(
-            field="", reason="UNPARSEABLE",
-            description=f"the request bytes are not a valid {request.type_name}: {request.error}")])
+        await abort_bad_request(
+            context,
+            request.describe(),
+            [
+                Violation(
+                    field="",
+                    reason="UNPARSEABLE",
+                    description=f"the request bytes are not a valid {request.type_name}: {request.error}",
+                )
+            ],
+        )

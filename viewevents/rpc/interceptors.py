@@ -32,12 +32,19 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_handler(handler, self.service, method, request_id)
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, service: str, method: str, request_id: str) -> grpc.RpcMethodHandler:
-    def observe(started: float, context: grpc.aio.ServicerContext, failed: BaseException | None) -> None:
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, service: str, method: str, request_id: str
+) -> grpc.RpcMethodHandler:
+    def observe(
+        started: float, context: grpc.aio.ServicerContext, failed: BaseException | None
+    ) -> None:
         code = context.code() if hasattr(context, "code") else None
         if code is None:
-            code = grpc.StatusCode.UNKNOWN if failed is not None and not isinstance(
-                failed, asyncio.CancelledError) else grpc.StatusCode.OK
+            code = (
+                grpc.StatusCode.UNKNOWN
+                if failed is not None and not isinstance(failed, asyncio.CancelledError)
+                else grpc.StatusCode.OK
+            )
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         RPC_SECONDS.labels(service, method, name).observe(time.perf_counter() - started)
 
@@ -57,10 +64,16 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, service: str, method: str, req
                 observe(started, context, failed)
                 REQUEST_ID.reset(token)
 
-        unary_maker = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                       else grpc.stream_unary_rpc_method_handler)
-        return unary_maker(call_unary, request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
+        unary_maker = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return unary_maker(
+            call_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     inner_stream = handler.unary_stream or handler.stream_stream
 
@@ -82,10 +95,16 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, service: str, method: str, req
             observe(started, context, failed)
             REQUEST_ID.reset(token)
 
-    stream_maker = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-                    else grpc.stream_stream_rpc_method_handler)
-    return stream_maker(call_stream, request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)
+    stream_maker = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return stream_maker(
+        call_stream,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -101,8 +120,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             presented = str(metadata.get("authorization", "")).encode()
             if not hmac.compare_digest(presented, self._expected):
                 handler = await continuation(handler_call_details)
-                return _refusing_handler(handler, "missing or wrong bearer token: send metadata "
-                                         "'authorization: Bearer <token>'")
+                return _refusing_handler(
+                    handler,
+                    "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
+                )
         return await continuation(handler_call_details)
 
 
@@ -123,5 +144,3 @@ def _refusing_handler(handler: grpc.RpcMethodHandler | None, message: str) -> gr
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
     return grpc.stream_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
-
-

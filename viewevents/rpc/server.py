@@ -116,6 +116,7 @@ async def serve_until_stopped(
 
 def _exit_after(seconds: float) -> None:
     """A daemon timer that ends the process if shutdown is still under way after `seconds`."""
+
     def give_up() -> None:
         log.critical("shutdown still under way after %.0f s; exiting now", seconds)
         for handler in logging.getLogger().handlers:
@@ -154,5 +155,3 @@ def add_service(server: grpc.aio.Server, service_descriptor: object, servicer: o
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),)  # type: ignore[attr-defined]
     )
-
-

@@ -114,7 +114,8 @@ class StateStore:
 
     def size_bytes(self) -> int:
         return int(self.db.property_int_value("rocksdb.total-sst-files-size") or 0) + int(
-            self.db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0)
+            self.db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
+        )
 
     # --- consumer bookkeeping -----------------------------------------------------------------
 
@@ -122,7 +123,9 @@ class StateStore:
         """Next offset to read per partition, for those that have one."""
         parts = list(partitions)
         keys = [offset_key(p, topic) for p in parts]
-        return {p: BIG_I64.unpack(v)[0] for p, v in zip(parts, self.get_many(keys)) if v is not None}
+        return {
+            p: BIG_I64.unpack(v)[0] for p, v in zip(parts, self.get_many(keys)) if v is not None
+        }
 
     def watermark(self, partitions: Iterable[int]) -> int | None:
         """Highest event time (Unix seconds) applied over the given partitions."""

@@ -27,8 +27,12 @@ ENV_NAMES = {s.env: s for s in settings.ALL_SETTINGS}
 SERVICES = {
     "ingest": ("ingest_service", "ingest_address", "ingest_metrics_port", None),
     "stats": ("stats_service", "stats_address", "stats_metrics_port", "stats_state_dir"),
-    "recommender": ("recommender_service", "recommender_address", "recommender_metrics_port",
-                    "recommender_state_dir"),
+    "recommender": (
+        "recommender_service",
+        "recommender_address",
+        "recommender_metrics_port",
+        "recommender_state_dir",
+    ),
 }
 
 
@@ -140,7 +144,9 @@ def test_image_is_built_once_and_never_pulled() -> None:
 
 
 def test_dockerfile_has_no_volume_and_runs_as_10001() -> None:
-    assert not re.search(r"^\s*VOLUME\b", DOCKERFILE, re.MULTILINE), "VOLUME leaves anonymous volumes"
+    assert not re.search(r"^\s*VOLUME\b", DOCKERFILE, re.MULTILINE), (
+        "VOLUME leaves anonymous volumes"
+    )
     assert "--uid 10001 --gid 10001" in DOCKERFILE and "USER viewevents" in DOCKERFILE
     assert "COPY deploy/entrypoint.sh /usr/local/bin/viewevents-entrypoint" in DOCKERFILE
     assert 'ENTRYPOINT ["viewevents-entrypoint"]' in DOCKERFILE
@@ -158,17 +164,38 @@ def test_kafka_has_a_cluster_id_of_its_own() -> None:
 
 
 def test_dockerignore_keeps_secrets_and_generated_files_out() -> None:
-    for entry in ("deploy/certs", "**/.env", "**/*.key", ".venv", ".cache", ".data", "state",
-                  "bench-results", "viewevents/v1", ".git"):
+    for entry in (
+        "deploy/certs",
+        "**/.env",
+        "**/*.key",
+        ".venv",
+        ".cache",
+        ".data",
+        "state",
+        "bench-results",
+        "viewevents/v1",
+        ".git",
+    ):
         assert entry in DOCKERIGNORE, entry
-    for needed in ("protos", "viewevents", "deploy", "README.md", "pyproject.toml", *(
-            m for m, *_ in SERVICES.values())):
+    for needed in (
+        "protos",
+        "viewevents",
+        "deploy",
+        "README.md",
+        "pyproject.toml",
+        *(m for m, *_ in SERVICES.values()),
+    ):
         assert needed not in DOCKERIGNORE, needed
 
 
 def run_entrypoint(env: dict[str, str], *command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", str(ENTRYPOINT), *command], env={"PATH": os.environ["PATH"], **env},
-                          capture_output=True, text=True, timeout=10)
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), *command],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
 
 
 def test_entrypoint_refuses_an_open_ingest_and_missing_certs(tmp_path: Path) -> None:
@@ -178,9 +205,14 @@ def test_entrypoint_refuses_an_open_ingest_and_missing_certs(tmp_path: Path) -> 
     ran = run_entrypoint({"VIEWEVENTS_INGEST_TOKEN": "t"}, "echo", "-m", "ingest_service")
     assert ran.returncode == 0 and ran.stdout == "-m ingest_service\n"
     assert run_entrypoint({}, "echo", "-m", "stats_service").returncode == 0  # no token needed
-    missing = run_entrypoint({"VIEWEVENTS_TLS_CERT_FILE": str(tmp_path / "server.pem"),
-                              "VIEWEVENTS_TLS_KEY_FILE": str(tmp_path / "server.key")},
-                             "echo", "stats_service")
+    missing = run_entrypoint(
+        {
+            "VIEWEVENTS_TLS_CERT_FILE": str(tmp_path / "server.pem"),
+            "VIEWEVENTS_TLS_KEY_FILE": str(tmp_path / "server.key"),
+        },
+        "echo",
+        "stats_service",
+    )
     assert missing.returncode == 78 and "server.pem is missing" in missing.stderr
     assert "deploy/init.sh" in missing.stderr
 
@@ -189,15 +221,23 @@ def test_entrypoint_refuses_an_open_ingest_and_missing_certs(tmp_path: Path) -> 
 def test_init_writes_certs_readable_by_the_container_and_a_stable_env(tmp_path: Path) -> None:
     init = [str(REPO / "deploy" / "init.sh"), str(tmp_path)]
     # The operator's umask must not matter (077 made the files unreadable to uid 10001 before).
-    subprocess.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", *init], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["sh", "-c", 'umask 077 && exec "$@"', "sh", *init],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     certs = tmp_path / "certs"
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in certs.iterdir()}
     assert modes == {"ca.pem": 0o644, "server.pem": 0o644, "server.key": 0o640, "ca.key": 0o600}
     assert stat.S_IMODE(certs.stat().st_mode) == 0o755
     env = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
-    assert set(env) == {"VIEWEVENTS_INGEST_TOKEN", "KAFKA_CLUSTER_ID", "VIEWEVENTS_CERTS_GID",
-                        "VIEWEVENTS_CERTS_DIR"}
+    assert set(env) == {
+        "VIEWEVENTS_INGEST_TOKEN",
+        "KAFKA_CLUSTER_ID",
+        "VIEWEVENTS_CERTS_GID",
+        "VIEWEVENTS_CERTS_DIR",
+    }
     assert re.fullmatch(r"[0-9a-f]{64}", env["VIEWEVENTS_INGEST_TOKEN"])
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", env["KAFKA_CLUSTER_ID"])  # Kafka's base64 UUID
     assert int(env["VIEWEVENTS_CERTS_GID"]) == (certs / "server.key").stat().st_gid

@@ -14,8 +14,9 @@ from ingest_service.validation import Limits, validate_event
 from viewevents.v1 import view_event_pb2 as ve
 
 NOW = 1_750_000_000
-LIMITS = Limits(max_future_skew_seconds=300, max_event_age_seconds=30 * 86400,
-                max_event_id_bytes=16)
+LIMITS = Limits(
+    max_future_skew_seconds=300, max_event_age_seconds=30 * 86400, max_event_id_bytes=16
+)
 
 
 def test_partitions_match_kafkas_murmur2_for_every_key_length() -> None:
@@ -34,13 +35,30 @@ def test_no_keys() -> None:
 def _random_event(rng: random.Random) -> ve.ViewEvent:
     event = ve.ViewEvent(
         event_id=rng.choice(["", "e", "x" * 4, "x" * 5, "é" * 4, "✓" * 6, "y" * 17]),
-        media_id=rng.choice([-1, 0, 1, 7, 2**62]), user_id=rng.choice([-5, 0, 1, 9]),
-        event_type=rng.choice([0, 1, 2, 3, 4, 5, 99]))
+        media_id=rng.choice([-1, 0, 1, 7, 2**62]),
+        user_id=rng.choice([-5, 0, 1, 9]),
+        event_type=rng.choice([0, 1, 2, 3, 4, 5, 99]),
+    )
     if rng.random() < 0.9:
-        offset = rng.choice([0, 1, 60, 299, 300, 301, 302, -30 * 86400, -30 * 86400 - 1,
-                             -30 * 86400 + 1, -30 * 86400 + 3, -86400])
-        event.event_time.CopyFrom(Timestamp(seconds=NOW + offset,
-                                            nanos=rng.choice([0, 1, 999_999_999, 500_000_000])))
+        offset = rng.choice(
+            [
+                0,
+                1,
+                60,
+                299,
+                300,
+                301,
+                302,
+                -30 * 86400,
+                -30 * 86400 - 1,
+                -30 * 86400 + 1,
+                -30 * 86400 + 3,
+                -86400,
+            ]
+        )
+        event.event_time.CopyFrom(
+            Timestamp(seconds=NOW + offset, nanos=rng.choice([0, 1, 999_999_999, 500_000_000]))
+        )
     return event
 
 
@@ -56,7 +74,15 @@ def test_surely_valid_only_vouches_for_events_validate_event_accepts() -> None:
 
 
 def test_surely_valid_takes_a_plain_valid_batch_whole() -> None:
-    events = [ve.ViewEvent(event_id=f"e{n}", media_id=n + 1, user_id=n + 2, event_type=2,
-                           event_time=Timestamp(seconds=NOW - n)) for n in range(100)]
+    events = [
+        ve.ViewEvent(
+            event_id=f"e{n}",
+            media_id=n + 1,
+            user_id=n + 2,
+            event_type=2,
+            event_time=Timestamp(seconds=NOW - n),
+        )
+        for n in range(100)
+    ]
     mask, _ = surely_valid(events, NOW, LIMITS)
     assert mask.all()

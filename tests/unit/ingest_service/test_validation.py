@@ -13,9 +13,13 @@ LIMITS = Limits(max_future_skew_seconds=300, max_event_age_seconds=30 * 86400)
 
 
 def event(**fields: object) -> ve.ViewEvent:
-    base: dict[str, object] = dict(event_id="e1", media_id=7, user_id=9,
-                                   event_type=ve.EVENT_TYPE_WAYPOINT,
-                                   event_time=Timestamp(seconds=NOW - 60))
+    base: dict[str, object] = dict(
+        event_id="e1",
+        media_id=7,
+        user_id=9,
+        event_type=ve.EVENT_TYPE_WAYPOINT,
+        event_time=Timestamp(seconds=NOW - 60),
+    )
     base.update(fields)
     if base["event_time"] is None:
         del base["event_time"]
@@ -37,15 +41,37 @@ CASES = [
     ("type unspecified", event(event_type=ve.EVENT_TYPE_UNSPECIFIED), [("event_type", "REQUIRED")]),
     ("type unknown number", event(event_type=9), [("event_type", "UNKNOWN_VALUE")]),
     ("time missing", event(event_time=None), [("event_time", "REQUIRED")]),
-    ("time in future", event(event_time=Timestamp(seconds=NOW + 301)), [("event_time", "IN_FUTURE")]),
-    ("time too old", event(event_time=Timestamp(seconds=NOW - 30 * 86400 - 1)),
-     [("event_time", "TOO_OLD")]),
-    ("negative nanos", event(event_time=Timestamp(seconds=NOW, nanos=-5)), [("event_time", "OUT_OF_RANGE")]),
-    ("nanos of a whole second", event(event_time=Timestamp(seconds=NOW, nanos=1_000_000_000)),
-     [("event_time", "OUT_OF_RANGE")]),
-    ("everything wrong", ve.ViewEvent(),
-     [("event_id", "REQUIRED"), ("media_id", "REQUIRED"), ("user_id", "REQUIRED"),
-      ("event_type", "REQUIRED"), ("event_time", "REQUIRED")]),
+    (
+        "time in future",
+        event(event_time=Timestamp(seconds=NOW + 301)),
+        [("event_time", "IN_FUTURE")],
+    ),
+    (
+        "time too old",
+        event(event_time=Timestamp(seconds=NOW - 30 * 86400 - 1)),
+        [("event_time", "TOO_OLD")],
+    ),
+    (
+        "negative nanos",
+        event(event_time=Timestamp(seconds=NOW, nanos=-5)),
+        [("event_time", "OUT_OF_RANGE")],
+    ),
+    (
+        "nanos of a whole second",
+        event(event_time=Timestamp(seconds=NOW, nanos=1_000_000_000)),
+        [("event_time", "OUT_OF_RANGE")],
+    ),
+    (
+        "everything wrong",
+        ve.ViewEvent(),
+        [
+            ("event_id", "REQUIRED"),
+            ("media_id", "REQUIRED"),
+            ("user_id", "REQUIRED"),
+            ("event_type", "REQUIRED"),
+            ("event_time", "REQUIRED"),
+        ],
+    ),
 ]
 
 

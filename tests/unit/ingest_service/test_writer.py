@@ -18,8 +18,14 @@ class FakeBatch:
     capacity: int
     records: list[tuple[bytes, bytes]] = field(default_factory=list)
 
-    def append(self, *, timestamp: float | None, key: bytes | None, value: bytes | None,
-               headers: Sequence[tuple[str, bytes]]) -> object | None:
+    def append(
+        self,
+        *,
+        timestamp: float | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> object | None:
         if len(self.records) >= self.capacity:
             return None
         self.records.append((key or b"", value or b""))
@@ -87,7 +93,8 @@ def test_records_are_batched_per_partition_and_flush_waits_for_every_ack() -> No
         await flushing
         assert w.end_offsets == {0: 3, 1: 2}
         assert sorted(v for _, b, _ in producer.sent for _, v in b.records) == [
-            b"v%d" % n for n in range(5)]
+            b"v%d" % n for n in range(5)
+        ]
 
     asyncio.run(run())
 

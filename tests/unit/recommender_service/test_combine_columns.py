@@ -15,14 +15,25 @@ from viewevents.v1 import view_event_pb2 as ve
 @pytest.mark.parametrize("seed", range(20))
 def test_columns_combine_like_messages(seed: int) -> None:
     rng = random.Random(seed)
-    events = [ve.ViewEvent(event_id=str(i), user_id=rng.randint(1, 12), media_id=rng.randint(1, 9),
-                           event_type=rng.choice([1, 2, 2, 2, 3, 4]))
-              for i in range(rng.randint(0, 300))]
+    events = [
+        ve.ViewEvent(
+            event_id=str(i),
+            user_id=rng.randint(1, 12),
+            media_id=rng.randint(1, 9),
+            event_type=rng.choice([1, 2, 2, 2, 3, 4]),
+        )
+        for i in range(rng.randint(0, 300))
+    ]
     parsed = [ve.ViewEvent.FromString(e.SerializeToString()) for e in events]
     expected = combine_batch(parsed)
-    got = combine_columns(*(np.array([getattr(e, name) for e in events], np.int64)
-                            for name in ("user_id", "media_id", "event_type")))
+    got = combine_columns(
+        *(
+            np.array([getattr(e, name) for e in events], np.int64)
+            for name in ("user_id", "media_id", "event_type")
+        )
+    )
     assert got == expected
-    assert [list(touched.items()) for touched in got[0].values()] == \
-        [list(touched.items()) for touched in expected[0].values()]
+    assert [list(touched.items()) for touched in got[0].values()] == [
+        list(touched.items()) for touched in expected[0].values()
+    ]
     assert list(got[0]) == list(expected[0])

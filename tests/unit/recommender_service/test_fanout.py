@@ -39,9 +39,15 @@ def events(seed: int, users: int, items: int, count: int) -> list[ve.ViewEvent]:
         user, media = rng.randint(1, users), rng.choices(range(1, items + 1), weights)[0]
         kinds = [ve.EVENT_TYPE_STREAM_START] + [ve.EVENT_TYPE_WAYPOINT] * rng.choice([0, 1, 2, 5])
         for kind in kinds + [ve.EVENT_TYPE_STREAM_END]:
-            out.append(ve.ViewEvent(event_id=f"{seed}-{len(out)}", media_id=media, user_id=user,
-                                    event_type=kind,
-                                    event_time=Timestamp(seconds=1_700_000_000 + len(out))))
+            out.append(
+                ve.ViewEvent(
+                    event_id=f"{seed}-{len(out)}",
+                    media_id=media,
+                    user_id=user,
+                    event_type=kind,
+                    event_time=Timestamp(seconds=1_700_000_000 + len(out)),
+                )
+            )
     return out
 
 
@@ -51,37 +57,58 @@ class PeerStub:
     def __init__(self, rec: OfflineRecommender, address: str, down: bool = False) -> None:
         self.rec, self.address, self.down = rec, address, down
 
-    async def GetItemPartials(self, request: ppb.GetItemPartialsRequest, **_: Any
-                              ) -> ppb.GetItemPartialsResponse:
+    async def GetItemPartials(
+        self, request: ppb.GetItemPartialsRequest, **_: Any
+    ) -> ppb.GetItemPartialsResponse:
         if self.down:
             raise scatter.OwnerUnavailable("down")
         assert {OWNERS[p] for p in request.partitions} == {self.address}
-        return to_message(partials.read(self.rec.processor.view, list(request.partitions),
-                                        request.media_id, list(request.item_ids),
-                                        request.all_items))
+        return to_message(
+            partials.read(
+                self.rec.processor.view,
+                list(request.partitions),
+                request.media_id,
+                list(request.item_ids),
+                request.all_items,
+            )
+        )
 
-    async def GetUserWindow(self, request: ppb.GetUserWindowRequest, **_: Any
-                            ) -> ppb.GetUserWindowResponse:
+    async def GetUserWindow(
+        self, request: ppb.GetUserWindowRequest, **_: Any
+    ) -> ppb.GetUserWindowResponse:
         assert {OWNERS[p] for p in request.partitions} == {self.address}
-        found = window_of(self.rec.processor.view.snapshot, sorted(request.partitions),
-                          request.user_id)
+        found = window_of(
+            self.rec.processor.view.snapshot, sorted(request.partitions), request.user_id
+        )
         if found is None:
             return ppb.GetUserWindowResponse(found=False)
-        return ppb.GetUserWindowResponse(found=True, media_ids=found.media, weights=found.weights,
-                                         watched_media_ids=found.watched.tolist())
+        return ppb.GetUserWindowResponse(
+            found=True,
+            media_ids=found.media,
+            weights=found.weights,
+            watched_media_ids=found.watched.tolist(),
+        )
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    settings = RecommenderSettings(history_cap=10_000, min_co_viewers=1, shrinkage=0.0,
-                                   max_limit=100, row_max_deltas=3, cache_ttl_seconds=0.0,
-                                   user_items=50)
+    settings = RecommenderSettings(
+        history_cap=10_000,
+        min_co_viewers=1,
+        shrinkage=0.0,
+        max_limit=100,
+        row_max_deltas=3,
+        cache_ttl_seconds=0.0,
+        user_items=50,
+    )
     feed = events(4, 150, 60, 6_000)
-    rec = OfflineRecommender(str(tmp_path_factory.mktemp("fanout") / "state"), settings,
-                             partitions=4, batch_max=300)
+    rec = OfflineRecommender(
+        str(tmp_path_factory.mktemp("fanout") / "state"), settings, partitions=4, batch_max=300
+    )
     rec.feed(feed)
-    consumer = SimpleNamespace(address="a", owners=dict(OWNERS),
-                               answerable=lambda: frozenset({0, 1}))
+    consumer = SimpleNamespace(
+        address="a", owners=dict(OWNERS), answerable=lambda: frozenset({0, 1})
+    )
     fanout = Fanout(Ownership(lambda: rec.processor.view, consumer), settings)
     stubs = {a: PeerStub(rec, a) for a in ("b", "c")}
     fanout._stub = lambda address: stubs[address]  # type: ignore[method-assign,assignment,return-value]
@@ -98,8 +125,13 @@ def test_similar_equals_the_single_instance_and_brute_force(setup: Any) -> None:
             assert got.ids.tolist() == want.ids.tolist()
             assert got.scores.tolist() == want.scores.tolist()
             assert got.co_viewers.tolist() == want.co_viewers.tolist()
-            assert_same_ranking(got.ids.tolist(), got.scores.tolist(), got.co_viewers.tolist(),
-                                truth.scores(int(item), metric), 25)
+            assert_same_ranking(
+                got.ids.tolist(),
+                got.scores.tolist(),
+                got.co_viewers.tolist(),
+                truth.scores(int(item), metric),
+                25,
+            )
             assert [p.partition for p in position.partitions] == [0, 1, 2, 3]
 
 
@@ -109,7 +141,10 @@ def test_recommend_equals_the_single_instance(setup: Any) -> None:
         ids, scores, fallback, _ = asyncio.run(fanout.recommend(user, 10))
         want = rec.engine.recommend(user, 10)
         assert (ids.tolist(), scores.tolist(), fallback) == (
-            want.ids.tolist(), want.scores.tolist(), want.fallback)
+            want.ids.tolist(),
+            want.scores.tolist(),
+            want.fallback,
+        )
 
 
 def test_unknown_item_and_a_missing_owner(setup: Any) -> None:

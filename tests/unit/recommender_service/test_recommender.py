@@ -25,7 +25,9 @@ from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import view_event_pb2 as ve
 
 
-def random_events(seed: int, users: int, items: int, count: int, dup_share: float = 0.03) -> list[ve.ViewEvent]:
+def random_events(
+    seed: int, users: int, items: int, count: int, dup_share: float = 0.03
+) -> list[ve.ViewEvent]:
     """Skewed random sessions (start, waypoints, stop/end), some users never past a start, and
     re-sent duplicates."""
     rng = random.Random(seed)
@@ -35,12 +37,21 @@ def random_events(seed: int, users: int, items: int, count: int, dup_share: floa
     while len(events) < count:
         user = rng.randint(1, users)
         media = rng.choices(range(1, items + 1), weights)[0]
-        kinds = [ve.EVENT_TYPE_STREAM_START] + [ve.EVENT_TYPE_WAYPOINT] * rng.choice([0, 1, 1, 2, 3, 5, 8])
+        kinds = [ve.EVENT_TYPE_STREAM_START] + [ve.EVENT_TYPE_WAYPOINT] * rng.choice(
+            [0, 1, 1, 2, 3, 5, 8]
+        )
         kinds.append(rng.choice([ve.EVENT_TYPE_STREAM_STOP, ve.EVENT_TYPE_STREAM_END]))
         for kind in kinds:
             n += 1
-            events.append(ve.ViewEvent(event_id=f"{seed}-{n}", media_id=media, user_id=user,
-                                       event_type=kind, event_time=Timestamp(seconds=1_700_000_000 + n)))
+            events.append(
+                ve.ViewEvent(
+                    event_id=f"{seed}-{n}",
+                    media_id=media,
+                    user_id=user,
+                    event_type=kind,
+                    event_time=Timestamp(seconds=1_700_000_000 + n),
+                )
+            )
             if rng.random() < dup_share:
                 events.append(rng.choice(events))
     # Interleave sessions like concurrent players do (order within a user does not matter).
@@ -49,16 +60,24 @@ def random_events(seed: int, users: int, items: int, count: int, dup_share: floa
 
 
 def settings(**changes: object) -> RecommenderSettings:
-    base = dict(history_cap=10_000, min_co_viewers=1, shrinkage=0.0, max_limit=100,
-                row_max_deltas=3, cache_ttl_seconds=0.0)
+    base = dict(
+        history_cap=10_000,
+        min_co_viewers=1,
+        shrinkage=0.0,
+        max_limit=100,
+        row_max_deltas=3,
+        cache_ttl_seconds=0.0,
+    )
     base.update(changes)
     return RecommenderSettings(**base)  # type: ignore[arg-type]
 
 
-def run(tmp_path: Path, events: list[ve.ViewEvent], batch: int, partitions: int = 4,
-        **changes: object) -> OfflineRecommender:
-    rec = OfflineRecommender(str(tmp_path / "state"), settings(**changes), partitions=partitions,
-                             batch_max=batch)
+def run(
+    tmp_path: Path, events: list[ve.ViewEvent], batch: int, partitions: int = 4, **changes: object
+) -> OfflineRecommender:
+    rec = OfflineRecommender(
+        str(tmp_path / "state"), settings(**changes), partitions=partitions, batch_max=batch
+    )
     rec.feed(events)
     return rec
 
@@ -69,8 +88,11 @@ def all_partitions(rec: OfflineRecommender) -> list[int]:
 
 # --- exact incremental statistics ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed,batch,partitions", [(1, 37, 4), (2, 500, 3), (3, 5000, 1)])
-def test_stored_statistics_equal_brute_force(tmp_path: Path, seed: int, batch: int, partitions: int) -> None:
+def test_stored_statistics_equal_brute_force(
+    tmp_path: Path, seed: int, batch: int, partitions: int
+) -> None:
     events = random_events(seed, users=120, items=40, count=6000)
     rec = run(tmp_path, events, batch, partitions)
     truth = BruteForce(events)
@@ -80,7 +102,9 @@ def test_stored_statistics_equal_brute_force(tmp_path: Path, seed: int, batch: i
     assert keys.stored_pairs(rec.store, all_partitions(rec)) == truth.pairs()
     view = rec.processor.view  # the in-memory table agrees with RocksDB
     assert view.users == users
-    assert {int(m): (int(s), int(q), int(n)) for m, s, q, n in zip(view.ids, view.s, view.q, view.n)} == items
+    assert {
+        int(m): (int(s), int(q), int(n)) for m, s, q, n in zip(view.ids, view.s, view.q, view.n)
+    } == items
     rec.close()
 
 
@@ -93,8 +117,13 @@ def test_every_returned_pair_equals_numpy_for_both_metrics(tmp_path: Path, seed:
         for metric in Metric:
             ranked, _ = rec.engine.similar(item, metric, 100)
             expected = truth.scores(item, metric)
-            assert_same_ranking(ranked.ids.tolist(), ranked.scores.tolist(),
-                                ranked.co_viewers.tolist(), expected, 100)
+            assert_same_ranking(
+                ranked.ids.tolist(),
+                ranked.scores.tolist(),
+                ranked.co_viewers.tolist(),
+                expected,
+                100,
+            )
             short, _ = rec.engine.similar(item, metric, 7)
             assert short.ids.tolist() == ranked.ids.tolist()[:7]
     rec.close()
@@ -108,7 +137,10 @@ def test_restart_loads_the_same_state_and_continues_exactly(tmp_path: Path) -> N
     again = OfflineRecommender(str(tmp_path / "state"), settings(), batch_max=300)
     again.feed(events[half:])
     truth = BruteForce(events)
-    assert keys.stored_items(again.store, all_partitions(again)) == (truth.n_users, truth.item_stats())
+    assert keys.stored_items(again.store, all_partitions(again)) == (
+        truth.n_users,
+        truth.item_stats(),
+    )
     assert keys.stored_pairs(again.store, all_partitions(again)) == truth.pairs()
     view = again.processor.view
     assert view.users == truth.n_users and len(view.ids) == len(truth.items)
@@ -125,8 +157,15 @@ def test_ties_are_broken_by_media_id(tmp_path: Path) -> None:
         nonlocal n
         for kind in [ve.EVENT_TYPE_STREAM_START] + [ve.EVENT_TYPE_WAYPOINT] * waypoints:
             n += 1
-            events.append(ve.ViewEvent(event_id=f"t{n}", media_id=media, user_id=user,
-                                       event_type=kind, event_time=Timestamp(seconds=1_700_000_000 + n)))
+            events.append(
+                ve.ViewEvent(
+                    event_id=f"t{n}",
+                    media_id=media,
+                    user_id=user,
+                    event_type=kind,
+                    event_time=Timestamp(seconds=1_700_000_000 + n),
+                )
+            )
 
     for media in (15, 12, 14, 10, 13, 11):  # feed order must not matter
         user = 100 + media
@@ -163,6 +202,7 @@ def test_cap_binding_keeps_item_sums_exact_and_pairs_below_truth(tmp_path: Path)
 
 # --- support rules -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("min_co,shrinkage", [(3, 0.0), (1, 5.0), (2, 2.5)])
 def test_min_co_viewers_and_shrinkage(tmp_path: Path, min_co: int, shrinkage: float) -> None:
     events = random_events(9, users=150, items=40, count=8000)
@@ -173,8 +213,13 @@ def test_min_co_viewers_and_shrinkage(tmp_path: Path, min_co: int, shrinkage: fl
             ranked, _ = rec.engine.similar(item, metric, 15)
             expected = truth.scores(item, metric, min_co, shrinkage)
             assert all(c >= min_co for c in ranked.co_viewers.tolist())
-            assert_same_ranking(ranked.ids.tolist(), ranked.scores.tolist(),
-                                ranked.co_viewers.tolist(), expected, 15)
+            assert_same_ranking(
+                ranked.ids.tolist(),
+                ranked.scores.tolist(),
+                ranked.co_viewers.tolist(),
+                expected,
+                15,
+            )
     rec.close()
 
 
@@ -187,13 +232,27 @@ def test_a_pair_seen_by_one_user_does_not_top_the_list_by_default(tmp_path: Path
         for media, wp in ((1, 1 + user % 3), (2, 1 + user % 2)):
             for kind in [ve.EVENT_TYPE_STREAM_START] + [ve.EVENT_TYPE_WAYPOINT] * wp:
                 n += 1
-                events.append(ve.ViewEvent(event_id=f"s{n}", media_id=media, user_id=user, event_type=kind,
-                                           event_time=Timestamp(seconds=1_700_000_000 + n)))
+                events.append(
+                    ve.ViewEvent(
+                        event_id=f"s{n}",
+                        media_id=media,
+                        user_id=user,
+                        event_type=kind,
+                        event_time=Timestamp(seconds=1_700_000_000 + n),
+                    )
+                )
     for media in (1, 3):
         for _ in range(30):
             n += 1
-            events.append(ve.ViewEvent(event_id=f"s{n}", media_id=media, user_id=500,
-                                       event_type=ve.EVENT_TYPE_WAYPOINT, event_time=Timestamp(seconds=1_700_000_000 + n)))
+            events.append(
+                ve.ViewEvent(
+                    event_id=f"s{n}",
+                    media_id=media,
+                    user_id=500,
+                    event_type=ve.EVENT_TYPE_WAYPOINT,
+                    event_time=Timestamp(seconds=1_700_000_000 + n),
+                )
+            )
     raw = run(tmp_path / "raw", events, batch=50)
     assert raw.engine.similar(1, Metric.COSINE, 10)[0].ids.tolist()[0] == 3
     raw.close()
@@ -205,6 +264,7 @@ def test_a_pair_seen_by_one_user_does_not_top_the_list_by_default(tmp_path: Path
 
 
 # --- user recommendations ------------------------------------------------------------------------
+
 
 def test_recommendations_are_view_time_weighted_cosine_of_unwatched_items(tmp_path: Path) -> None:
     events = random_events(10, users=80, items=30, count=6000)
@@ -223,14 +283,18 @@ def test_recommendations_are_view_time_weighted_cosine_of_unwatched_items(tmp_pa
         with np.errstate(invalid="ignore"):
             cos = np.nan_to_num(truth.cos[watched])
         expected = (w[watched] @ cos) / w[watched].sum()
-        expected_map = {truth.items[b]: (float(expected[b]), 0) for b in range(len(truth.items))
-                        if w[b] == 0 and expected[b] > 0}
+        expected_map = {
+            truth.items[b]: (float(expected[b]), 0)
+            for b in range(len(truth.items))
+            if w[b] == 0 and expected[b] > 0
+        }
         if not expected_map:
             assert result.fallback
             continue
         assert not result.fallback
-        assert_same_ranking(result.ids.tolist(), result.scores.tolist(), [0] * len(result.ids),
-                            expected_map, 10)
+        assert_same_ranking(
+            result.ids.tolist(), result.scores.tolist(), [0] * len(result.ids), expected_map, 10
+        )
         checked += 1
     assert checked > 30
     rec.close()
@@ -261,30 +325,39 @@ def test_unknown_item_is_reported(tmp_path: Path) -> None:
 
 # --- argument validation -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("request_kwargs,expected", [
-    (dict(media_id=5), set()),
-    (dict(media_id=5, limit=100, metric=pb.SIMILARITY_METRIC_PEARSON), set()),
-    (dict(media_id=0), {("media_id", "REQUIRED")}),
-    (dict(media_id=-3), {("media_id", "NOT_POSITIVE")}),
-    (dict(media_id=5, limit=-1), {("limit", "OUT_OF_RANGE")}),
-    (dict(media_id=5, limit=101), {("limit", "OUT_OF_RANGE")}),
-    (dict(media_id=5, metric=7), {("metric", "UNKNOWN_VALUE")}),
-    (dict(media_id=-1, limit=1000, metric=3),
-     {("media_id", "NOT_POSITIVE"), ("limit", "OUT_OF_RANGE"), ("metric", "UNKNOWN_VALUE")}),
-])
+
+@pytest.mark.parametrize(
+    "request_kwargs,expected",
+    [
+        (dict(media_id=5), set()),
+        (dict(media_id=5, limit=100, metric=pb.SIMILARITY_METRIC_PEARSON), set()),
+        (dict(media_id=0), {("media_id", "REQUIRED")}),
+        (dict(media_id=-3), {("media_id", "NOT_POSITIVE")}),
+        (dict(media_id=5, limit=-1), {("limit", "OUT_OF_RANGE")}),
+        (dict(media_id=5, limit=101), {("limit", "OUT_OF_RANGE")}),
+        (dict(media_id=5, metric=7), {("metric", "UNKNOWN_VALUE")}),
+        (
+            dict(media_id=-1, limit=1000, metric=3),
+            {("media_id", "NOT_POSITIVE"), ("limit", "OUT_OF_RANGE"), ("metric", "UNKNOWN_VALUE")},
+        ),
+    ],
+)
 def test_similar_request_validation(request_kwargs: dict, expected: set) -> None:
     violations = validate_similar(pb.GetSimilarMediaRequest(**request_kwargs), 100)
     assert {(v.field, v.reason) for v in violations} == expected
     assert all(v.description for v in violations)
 
 
-@pytest.mark.parametrize("request_kwargs,expected", [
-    (dict(user_id=1), set()),
-    (dict(user_id=1, limit=100), set()),
-    (dict(user_id=0), {("user_id", "REQUIRED")}),
-    (dict(user_id=-9, limit=-2), {("user_id", "NOT_POSITIVE"), ("limit", "OUT_OF_RANGE")}),
-    (dict(user_id=1, limit=101), {("limit", "OUT_OF_RANGE")}),
-])
+@pytest.mark.parametrize(
+    "request_kwargs,expected",
+    [
+        (dict(user_id=1), set()),
+        (dict(user_id=1, limit=100), set()),
+        (dict(user_id=0), {("user_id", "REQUIRED")}),
+        (dict(user_id=-9, limit=-2), {("user_id", "NOT_POSITIVE"), ("limit", "OUT_OF_RANGE")}),
+        (dict(user_id=1, limit=101), {("limit", "OUT_OF_RANGE")}),
+    ],
+)
 def test_recommend_request_validation(request_kwargs: dict, expected: set) -> None:
     violations = validate_recommend(pb.RecommendForUserRequest(**request_kwargs), 100)
     assert {(v.field, v.reason) for v in violations} == expected

@@ -15,10 +15,15 @@ def brute(rows: list[tuple[int, int, int, int]]) -> Totals | None:
     """rows: (partition, user, kind, seconds) of one media item."""
     if not rows:
         return None
-    return Totals(view_time=30 * sum(r[2] == 2 for r in rows), starts=sum(r[2] == 1 for r in rows),
-                  stops=sum(r[2] == 3 for r in rows), ends=sum(r[2] == 4 for r in rows),
-                  uniques=len({r[1] for r in rows}), first=min(r[3] for r in rows),
-                  last=max(r[3] for r in rows))
+    return Totals(
+        view_time=30 * sum(r[2] == 2 for r in rows),
+        starts=sum(r[2] == 1 for r in rows),
+        stops=sum(r[2] == 3 for r in rows),
+        ends=sum(r[2] == 4 for r in rows),
+        uniques=len({r[1] for r in rows}),
+        first=min(r[3] for r in rows),
+        last=max(r[3] for r in rows),
+    )
 
 
 def test_partials_over_disjoint_partitions_add_up_to_the_whole() -> None:
@@ -35,8 +40,10 @@ def test_partials_over_disjoint_partitions_add_up_to_the_whole() -> None:
 
 def test_trend_buckets_add_field_by_field() -> None:
     rng = random.Random(8)
-    per_partition = [{rng.randrange(0, 5) * 60: [rng.randrange(9) for _ in range(5)]
-                      for _ in range(4)} for _ in range(3)]
+    per_partition = [
+        {rng.randrange(0, 5) * 60: [rng.randrange(9) for _ in range(5)] for _ in range(4)}
+        for _ in range(3)
+    ]
     expected: dict[int, list[int]] = defaultdict(lambda: [0] * 5)
     for buckets in per_partition:
         for start, row in buckets.items():

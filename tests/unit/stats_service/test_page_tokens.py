@@ -15,16 +15,23 @@ from stats_service import request_parsing
 from viewevents.v1 import stats_service_pb2 as pb
 
 LIMITS = request_parsing.Limits()
-FIELDS = dict(start_time={"seconds": 1_767_225_600}, end_time={"seconds": 1_767_232_800},
-              metric=pb.TOP_MEDIA_METRIC_STARTS)
+FIELDS = dict(
+    start_time={"seconds": 1_767_225_600},
+    end_time={"seconds": 1_767_232_800},
+    metric=pb.TOP_MEDIA_METRIC_STARTS,
+)
 ALPHABET = string.ascii_letters + string.digits + "-_."
 
 
-def parse(token: str, secret: bytes | None = None, **changes: object
-          ) -> tuple[request_parsing.TopQuery | None, set[tuple[str, str]]]:
+def parse(
+    token: str, secret: bytes | None = None, **changes: object
+) -> tuple[request_parsing.TopQuery | None, set[tuple[str, str]]]:
     request = pb.ListTopMediaRequest(**{**FIELDS, **changes}, page_token=token)
-    query, violations = request_parsing.parse_top(request, LIMITS, secret) if secret else \
-        request_parsing.parse_top(request, LIMITS)
+    query, violations = (
+        request_parsing.parse_top(request, LIMITS, secret)
+        if secret
+        else request_parsing.parse_top(request, LIMITS)
+    )
     return query, {(v.field, v.reason) for v in violations}
 
 
@@ -69,10 +76,12 @@ def test_flipping_any_character_is_refused() -> None:
     for i, original in enumerate(token):
         for replacement in ALPHABET:
             if replacement != original:
-                altered = token[:i] + replacement + token[i + 1:]
+                altered = token[:i] + replacement + token[i + 1 :]
                 query, problems = parse(altered)
-                assert query is None and problems == {("page_token", "INVALID_PAGE_TOKEN")}, \
-                    (i, replacement)
+                assert query is None and problems == {("page_token", "INVALID_PAGE_TOKEN")}, (
+                    i,
+                    replacement,
+                )
 
 
 def test_changing_the_offset_inside_is_refused() -> None:
@@ -82,21 +91,26 @@ def test_changing_the_offset_inside_is_refused() -> None:
     assert isinstance(document, dict) and document["o"] == 40  # the offset is readable ...
     for offset in (0, 41, 4000):
         moved = b64(json.dumps({**document, "o": offset}, separators=(",", ":")).encode())
-        assert parse(moved + "." + mac)[1] == {("page_token", "INVALID_PAGE_TOKEN")}  # ... not writable
+        assert parse(moved + "." + mac)[1] == {
+            ("page_token", "INVALID_PAGE_TOKEN")
+        }  # ... not writable
 
 
 def test_a_token_signed_with_another_secret_is_refused() -> None:
     assert parse(issued(40, b"one deployment"), b"another")[1] == {
-        ("page_token", "INVALID_PAGE_TOKEN")}
+        ("page_token", "INVALID_PAGE_TOKEN")
+    }
     assert parse(issued(40, b"one deployment"))[1] == {("page_token", "INVALID_PAGE_TOKEN")}
     assert parse(issued(40), b"one deployment")[1] == {("page_token", "INVALID_PAGE_TOKEN")}
 
 
 def test_a_token_of_another_request_is_refused() -> None:
     token = issued(40)
-    for change in (dict(metric=pb.TOP_MEDIA_METRIC_VIEW_TIME),
-                   dict(end_time={"seconds": FIELDS["end_time"]["seconds"] + 1}),
-                   dict(start_time={"seconds": FIELDS["start_time"]["seconds"], "nanos": 1})):
+    for change in (
+        dict(metric=pb.TOP_MEDIA_METRIC_VIEW_TIME),
+        dict(end_time={"seconds": FIELDS["end_time"]["seconds"] + 1}),
+        dict(start_time={"seconds": FIELDS["start_time"]["seconds"], "nanos": 1}),
+    ):
         query, problems = parse(token, **change)
         assert query is None and problems == {("page_token", "PAGE_TOKEN_MISMATCH")}, change
     query, problems = parse(token, limit=3)  # AIP-158: the page size may change

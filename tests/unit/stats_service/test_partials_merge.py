@@ -20,12 +20,19 @@ Partials = dict[int, tuple[int, int, int]]
 
 def random_partials(rng: random.Random, owners: int) -> list[Partials]:
     universe = rng.sample(range(1, 400), rng.randint(0, 120))
-    return [{m: (rng.randint(0, 50), rng.randint(0, 5), rng.randint(0, 4))
-             for m in universe if rng.random() < 0.5} for _ in range(owners)]
+    return [
+        {
+            m: (rng.randint(0, 50), rng.randint(0, 5), rng.randint(0, 4))
+            for m in universe
+            if rng.random() < 0.5
+        }
+        for _ in range(owners)
+    ]
 
 
-async def stream(partials: Partials, rng: random.Random, fail_after: int | None = None
-                 ) -> AsyncIterator[Chunk]:
+async def stream(
+    partials: Partials, rng: random.Random, fail_after: int | None = None
+) -> AsyncIterator[Chunk]:
     """`partials` in ascending chunks of 0 to 3 media; raises after `fail_after` chunks."""
     ids = sorted(partials)
     at = sent = 0
@@ -33,12 +40,14 @@ async def stream(partials: Partials, rng: random.Random, fail_after: int | None 
         if fail_after is not None and sent == fail_after:
             raise ConnectionError("owner went away")
         size = rng.randint(0, 3)
-        part = ids[at:at + size]
+        part = ids[at : at + size]
         at += size
         sent += 1
         await asyncio.sleep(0)
-        yield (np.array(part, np.int64),
-               np.array([partials[m] for m in part], np.int64).reshape(len(part), 3))
+        yield (
+            np.array(part, np.int64),
+            np.array([partials[m] for m in part], np.int64).reshape(len(part), 3),
+        )
 
 
 def brute_sum(parts: list[Partials]) -> Partials:
@@ -63,8 +72,9 @@ def test_merged_sums_and_rankings_equal_brute_force(seed: int) -> None:
     chunks = asyncio.run(merged(parts, rng))
     ids = [m for media, _ in chunks for m in media.tolist()]
     assert ids == sorted(expected)  # every item once, ascending
-    assert {m: tuple(v) for media, values in chunks
-            for m, v in zip(media.tolist(), values.tolist())} == expected
+    assert {
+        m: tuple(v) for media, values in chunks for m, v in zip(media.tolist(), values.tolist())
+    } == expected
     for metric, column in zip(request_parsing.METRICS, range(3)):
         order = sorted(expected, key=lambda m: (-expected[m][column], m))
         offset, limit = rng.randint(0, 10), rng.randint(1, 8)
@@ -72,7 +82,7 @@ def test_merged_sums_and_rankings_equal_brute_force(seed: int) -> None:
         for media, values in chunks:
             best.add(media, values)
         chosen, rows, following = best.page(offset, limit)
-        assert chosen == order[offset:offset + limit]
+        assert chosen == order[offset : offset + limit]
         assert rows == {m: expected[m] for m in chosen}
         assert following == (offset + limit if offset + limit < len(expected) else None)
 
@@ -82,9 +92,11 @@ def test_one_failing_owner_fails_the_merge_and_names_its_partitions() -> None:
     parts = [{m: (1, 1, 1) for m in range(1, 60)} for _ in range(3)]
 
     async def run() -> None:
-        streams = [scatter.guard_stream("a:1", [0, 1], stream(parts[0], rng)),
-                   scatter.guard_stream("b:1", [2], stream(parts[1], rng, fail_after=4)),
-                   scatter.guard_stream("c:1", [3], stream(parts[2], rng))]
+        streams = [
+            scatter.guard_stream("a:1", [0, 1], stream(parts[0], rng)),
+            scatter.guard_stream("b:1", [2], stream(parts[1], rng, fail_after=4)),
+            scatter.guard_stream("c:1", [3], stream(parts[2], rng)),
+        ]
         async for _ in merge_by_media(streams):
             pass
 

@@ -27,14 +27,29 @@ from viewevents.v1 import view_event_pb2
 SIZES = {"minute": 60, "hour": 3600, "day": 86400}
 
 
-def check_everything(reader: StatsReader, brute: Brute, parts: list[int], rng: random.Random,
-                     span: tuple[int, int]) -> None:
+def check_everything(
+    reader: StatsReader, brute: Brute, parts: list[int], rng: random.Random, span: tuple[int, int]
+) -> None:
     for media, t in brute.totals.items():
         got = reader.totals(parts, media)
         assert got is not None
-        assert (got.view_time, got.starts, got.stops, got.ends, got.uniques, got.first, got.last) \
-            == (t["view_time"], t["starts"], t["stops"], t["ends"], len(t["users"]), t["first"],
-                t["last"]), media
+        assert (
+            got.view_time,
+            got.starts,
+            got.stops,
+            got.ends,
+            got.uniques,
+            got.first,
+            got.last,
+        ) == (
+            t["view_time"],
+            t["starts"],
+            t["stops"],
+            t["ends"],
+            len(t["users"]),
+            t["first"],
+            t["last"],
+        ), media
     assert reader.totals(parts, 10_000) is None
     low, high = span
     for _ in range(40):
@@ -112,22 +127,44 @@ def test_duplicates_and_invalid_records_through_the_consumer(tmp_path: Path) -> 
     for _ in range(300):  # re-sent copies, later in the stream
         i = rng.randrange(len(events))
         stream.insert(rng.randint(i + 1, len(stream)), events[i])
-    messages = [view_event_pb2.ViewEvent(
-        event_id=e.event_id, media_id=e.media, user_id=e.user, event_type=e.kind,
-        event_time={"seconds": e.seconds}).SerializeToString() for e in stream]
+    messages = [
+        view_event_pb2.ViewEvent(
+            event_id=e.event_id,
+            media_id=e.media,
+            user_id=e.user,
+            event_type=e.kind,
+            event_time={"seconds": e.seconds},
+        ).SerializeToString()
+        for e in stream
+    ]
     messages.insert(10, b"\xff\xffnot a protobuf")
-    messages.insert(20, view_event_pb2.ViewEvent(event_id="neg", media_id=-1, user_id=1,
-                                                 event_type=1).SerializeToString())
+    messages.insert(
+        20,
+        view_event_pb2.ViewEvent(
+            event_id="neg", media_id=-1, user_id=1, event_type=1
+        ).SerializeToString(),
+    )
     store = StateStore(str(tmp_path / "db"))
 
     async def make() -> ExactlyOnceConsumer:  # aiokafka objects need a running loop
-        return ExactlyOnceConsumer(bootstrap="127.0.0.1:1", topic="t", group_id="g",
-                                   store=store, processor=StatsProcessor(HEARTBEAT, 0))
+        return ExactlyOnceConsumer(
+            bootstrap="127.0.0.1:1",
+            topic="t",
+            group_id="g",
+            store=store,
+            processor=StatsProcessor(HEARTBEAT, 0),
+        )
 
     consumer = asyncio.run(make())
     for start in range(0, len(messages), 97):
-        consumer.apply_batch({TopicPartition("t", 0): [
-            _Record(m, start + i, BASE * 1000) for i, m in enumerate(messages[start:start + 97])]})
+        consumer.apply_batch(
+            {
+                TopicPartition("t", 0): [
+                    _Record(m, start + i, BASE * 1000)
+                    for i, m in enumerate(messages[start : start + 97])
+                ]
+            }
+        )
     brute = Brute({0: events}, 0)
     reader = StatsReader(store)
     check_everything(reader, brute, [0], rng, (BASE, max(e.seconds for e in events)))
@@ -168,33 +205,57 @@ LIMITS = request_parsing.Limits(max_trend_buckets=100, default_page_size=10, max
 
 
 def test_trend_arguments() -> None:
-    ok, bad = request_parsing.parse_trend(pb.GetMediaTrendRequest(
-        media_id=3, start_time=_ts(BASE + 61), end_time=_ts(BASE + 3600, 5),
-        granularity=pb.GRANULARITY_MINUTE), LIMITS)
+    ok, bad = request_parsing.parse_trend(
+        pb.GetMediaTrendRequest(
+            media_id=3,
+            start_time=_ts(BASE + 61),
+            end_time=_ts(BASE + 3600, 5),
+            granularity=pb.GRANULARITY_MINUTE,
+        ),
+        LIMITS,
+    )
     assert not bad and ok is not None
     assert (ok.start, ok.end, ok.size) == (BASE + 60, BASE + 3660, 60)  # rounded outwards
     cases = [
-        (dict(media_id=0, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE)),
-         {("media_id", "REQUIRED")}),
-        (dict(media_id=-4, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE)),
-         {("media_id", "NOT_POSITIVE")}),
-        (dict(media_id=1, granularity=0, start_time=_ts(BASE), end_time=_ts(BASE)),
-         {("granularity", "REQUIRED")}),
-        (dict(media_id=1, granularity=9, start_time=_ts(BASE), end_time=_ts(BASE)),
-         {("granularity", "UNKNOWN_VALUE")}),
+        (
+            dict(media_id=0, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE)),
+            {("media_id", "REQUIRED")},
+        ),
+        (
+            dict(media_id=-4, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE)),
+            {("media_id", "NOT_POSITIVE")},
+        ),
+        (
+            dict(media_id=1, granularity=0, start_time=_ts(BASE), end_time=_ts(BASE)),
+            {("granularity", "REQUIRED")},
+        ),
+        (
+            dict(media_id=1, granularity=9, start_time=_ts(BASE), end_time=_ts(BASE)),
+            {("granularity", "UNKNOWN_VALUE")},
+        ),
         (dict(media_id=1, granularity=1), {("start_time", "REQUIRED"), ("end_time", "REQUIRED")}),
-        (dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE - 1)),
-         {("end_time", "INVALID_RANGE")}),
-        (dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE + 101 * 60)),
-         {("end_time", "TOO_MANY_BUCKETS")}),
-        (dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(10**15)),
-         {("end_time", "OUT_OF_RANGE")}),
+        (
+            dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE - 1)),
+            {("end_time", "INVALID_RANGE")},
+        ),
+        (
+            dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE + 101 * 60)),
+            {("end_time", "TOO_MANY_BUCKETS")},
+        ),
+        (
+            dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(10**15)),
+            {("end_time", "OUT_OF_RANGE")},
+        ),
     ]
     for fields, expected in cases:
         parsed, violations = request_parsing.parse_trend(pb.GetMediaTrendRequest(**fields), LIMITS)
         assert parsed is None and _reasons(violations) == expected, fields
-    exactly_max, bad = request_parsing.parse_trend(pb.GetMediaTrendRequest(
-        media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE + 100 * 60)), LIMITS)
+    exactly_max, bad = request_parsing.parse_trend(
+        pb.GetMediaTrendRequest(
+            media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE + 100 * 60)
+        ),
+        LIMITS,
+    )
     assert exactly_max is not None and not bad
 
 
@@ -203,33 +264,51 @@ def test_top_arguments_and_page_tokens() -> None:
     first, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base), LIMITS)
     assert first is not None and not bad
     assert (first.start, first.end, first.limit, first.offset, first.metric) == (
-        BASE, BASE + 7200, 10, 0, pb.TOP_MEDIA_METRIC_VIEW_TIME)
+        BASE,
+        BASE + 7200,
+        10,
+        0,
+        pb.TOP_MEDIA_METRIC_VIEW_TIME,
+    )
     token = request_parsing.encode_page_token(first.fingerprint, 20)
-    again, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, page_token=token, limit=7,
-                                                          metric=1), LIMITS)
+    again, bad = request_parsing.parse_top(
+        pb.ListTopMediaRequest(**base, page_token=token, limit=7, metric=1), LIMITS
+    )
     assert again is not None and again.offset == 20 and again.limit == 7  # limit may change
     for change in (dict(metric=2), dict(end_time=_ts(BASE + 7201)), dict(start_time=_ts(BASE))):
-        parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**{**base, **change},
-                                                               page_token=token), LIMITS)
+        parsed, bad = request_parsing.parse_top(
+            pb.ListTopMediaRequest(**{**base, **change}, page_token=token), LIMITS
+        )
         assert parsed is None and _reasons(bad) == {("page_token", "PAGE_TOKEN_MISMATCH")}
-    for junk in ("x", "!!!", "e30", token[:-3], "A" * 600,
-                 request_parsing.encode_page_token(first.fingerprint, 0).replace("o", "p")):
-        parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, page_token=junk), LIMITS)
+    for junk in (
+        "x",
+        "!!!",
+        "e30",
+        token[:-3],
+        "A" * 600,
+        request_parsing.encode_page_token(first.fingerprint, 0).replace("o", "p"),
+    ):
+        parsed, bad = request_parsing.parse_top(
+            pb.ListTopMediaRequest(**base, page_token=junk), LIMITS
+        )
         assert parsed is None and ("page_token", "INVALID_PAGE_TOKEN") in _reasons(bad), junk
     for limit, reason in ((-1, "OUT_OF_RANGE"), (51, "OUT_OF_RANGE")):
         parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, limit=limit), LIMITS)
         assert parsed is None and _reasons(bad) == {("limit", reason)}
     parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, metric=8), LIMITS)
     assert parsed is None and _reasons(bad) == {("metric", "UNKNOWN_VALUE")}
-    parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(start_time=_ts(BASE + 5),
-                                                           end_time=_ts(BASE)), LIMITS)
+    parsed, bad = request_parsing.parse_top(
+        pb.ListTopMediaRequest(start_time=_ts(BASE + 5), end_time=_ts(BASE)), LIMITS
+    )
     assert parsed is None and _reasons(bad) == {("end_time", "INVALID_RANGE")}
 
 
 def test_rank_and_pages_are_total_and_stable() -> None:
     rng = random.Random(3)
-    values = {m: (rng.randint(0, 5) * 30, rng.randint(0, 3), rng.randint(0, 4)) for m in
-              rng.sample(range(1, 500), 120)}
+    values = {
+        m: (rng.randint(0, 5) * 30, rng.randint(0, 3), rng.randint(0, 4))
+        for m in rng.sample(range(1, 500), 120)
+    }
     for metric, column in ((1, 0), (2, 1), (3, 2)):
         ranked = request_parsing.rank(values, metric)
         expected = sorted(values, key=lambda m: (-values[m][column], m))

@@ -30,7 +30,8 @@ PARTS = [0, 1, 2]
 class _Consumer:
     def position(self) -> view_event_pb2.ConsumerPosition:
         return view_event_pb2.ConsumerPosition(
-            partitions=[view_event_pb2.PartitionOffset(partition=p) for p in PARTS])
+            partitions=[view_event_pb2.PartitionOffset(partition=p) for p in PARTS]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,11 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Any:
     partitioned = partition(events, len(PARTS))
     store = StateStore(str(tmp_path_factory.mktemp("chunks") / "db"))
     load(store, partitioned, rng)
-    yield store, Brute(partitioned, 0), (min(e.seconds for e in events) - 3600,
-                                         max(e.seconds for e in events) + 3600)
+    yield (
+        store,
+        Brute(partitioned, 0),
+        (min(e.seconds for e in events) - 3600, max(e.seconds for e in events) + 3600),
+    )
     store.close()
 
 
@@ -63,8 +67,9 @@ def test_tiny_chunks_give_the_brute_force_figures(state: Any, chunk_rows: int) -
         expected = brute.top(start, end)
         ids = [m for media, _ in chunks for m in media.tolist()]
         assert ids == sorted(expected) and len(ids) == len(set(ids))  # each once, in order
-        assert {m: tuple(v) for media, values in chunks
-                for m, v in zip(media.tolist(), values.tolist())} == expected
+        assert {
+            m: tuple(v) for media, values in chunks for m, v in zip(media.tolist(), values.tolist())
+        } == expected
         if i == 0:  # the whole span: its buckets hold many rows each
             assert len(chunks) > 1  # the merge really ran in several chunks
 
@@ -72,8 +77,9 @@ def test_tiny_chunks_give_the_brute_force_figures(state: Any, chunk_rows: int) -
 @pytest.mark.parametrize("chunk_rows", [3, 20_000])
 def test_every_page_of_every_ranking_matches_brute_force(state: Any, chunk_rows: int) -> None:
     store, brute, span = state
-    servicer = StatsServicer(StatsReader(store, chunk_rows=chunk_rows), _Consumer(),
-                             request_parsing.Limits())
+    servicer = StatsServicer(
+        StatsReader(store, chunk_rows=chunk_rows), _Consumer(), request_parsing.Limits()
+    )
     for start, end in ranges(span, random.Random(5), 4):
         expected = brute.top(start, end)
         for metric, column in ((1, 0), (2, 1), (3, 2)):
@@ -83,23 +89,30 @@ def test_every_page_of_every_ranking_matches_brute_force(state: Any, chunk_rows:
             while offset is not None:
                 query = request_parsing.TopQuery(start, end, metric, 7, offset, "00" * 8)
                 reply = asyncio.run(servicer._top(query, None))
-                got += [(t.rank, t.media_id, t.view_time_seconds, t.starts, t.unique_viewers)
-                        for t in reply.media]
-                offset = (request_parsing.decode_page_token(reply.next_page_token, "00" * 8)
-                          if reply.next_page_token else None)
+                got += [
+                    (t.rank, t.media_id, t.view_time_seconds, t.starts, t.unique_viewers)
+                    for t in reply.media
+                ]
+                offset = (
+                    request_parsing.decode_page_token(reply.next_page_token, "00" * 8)
+                    if reply.next_page_token
+                    else None
+                )
                 assert not isinstance(offset, type(request_parsing.violation("", "", "")))
             assert got == [(i + 1, m, *expected[m]) for i, m in enumerate(order)]
 
 
 def test_at_most_max_concurrent_scans_run_at_once(state: Any) -> None:
     store, _, _ = state
-    servicer = StatsServicer(StatsReader(store), _Consumer(), request_parsing.Limits(
-        max_concurrent_scans=2))
+    servicer = StatsServicer(
+        StatsReader(store), _Consumer(), request_parsing.Limits(max_concurrent_scans=2)
+    )
     lock, release = threading.Lock(), threading.Event()
     running = {"now": 0, "most": 0}
 
-    def blocked_chunks(partitions: list[int], start: int, end: int, viewers: bool
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def blocked_chunks(
+        partitions: list[int], start: int, end: int, viewers: bool
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with lock:
             running["now"] += 1
             running["most"] = max(running["most"], running["now"])
@@ -119,8 +132,10 @@ def test_at_most_max_concurrent_scans_run_at_once(state: Any) -> None:
             return None
 
     async def scenario() -> None:
-        calls = [asyncio.create_task(servicer.ListTopMedia(request, Context()))  # type: ignore[arg-type]
-                 for _ in range(5)]
+        calls = [
+            asyncio.create_task(servicer.ListTopMedia(request, Context()))  # type: ignore[arg-type]
+            for _ in range(5)
+        ]
         while running["now"] < 2:  # the first two reach their worker threads
             await asyncio.sleep(0.01)
         for _ in range(50):  # the others had every chance to start; they wait

@@ -25,21 +25,39 @@ def flags(*argv: str) -> argparse.Namespace:
 
 def test_defaults_when_neither_flag_nor_environment() -> None:
     config = load(SETTINGS, flags(), env={})
-    assert config.as_dict() == {"workers": 2, "ratio": 0.5, "verbose": False, "name": "default-name"}
+    assert config.as_dict() == {
+        "workers": 2,
+        "ratio": 0.5,
+        "verbose": False,
+        "name": "default-name",
+    }
 
 
 def test_environment_beats_default_and_is_converted() -> None:
     env = {"T_WORKERS": "7", "T_RATIO": "0.25", "T_VERBOSE": "yes", "T_NAME": "from-env"}
     config = load(SETTINGS, flags(), env=env)
-    assert (config.workers, config.ratio, config.verbose, config.name) == (7, 0.25, True, "from-env")
+    assert (config.workers, config.ratio, config.verbose, config.name) == (
+        7,
+        0.25,
+        True,
+        "from-env",
+    )
     assert type(config.workers) is int and type(config.ratio) is float and config.verbose is True
 
 
 def test_flag_beats_environment() -> None:
     env = {"T_WORKERS": "7", "T_RATIO": "0.25", "T_VERBOSE": "true", "T_NAME": "from-env"}
-    config = load(SETTINGS, flags("--workers", "9", "--ratio", "1.5", "--verbose", "off",
-                                  "--name", "from-flag"), env=env)
-    assert (config.workers, config.ratio, config.verbose, config.name) == (9, 1.5, False, "from-flag")
+    config = load(
+        SETTINGS,
+        flags("--workers", "9", "--ratio", "1.5", "--verbose", "off", "--name", "from-flag"),
+        env=env,
+    )
+    assert (config.workers, config.ratio, config.verbose, config.name) == (
+        9,
+        1.5,
+        False,
+        "from-flag",
+    )
 
 
 def test_only_the_given_flags_override() -> None:
@@ -47,9 +65,20 @@ def test_only_the_given_flags_override() -> None:
     assert (config.workers, config.ratio, config.verbose) == (3, 2.0, False)
 
 
-@pytest.mark.parametrize(("text", "value"), [("1", True), ("true", True), (" Yes ", True),
-                                             ("ON", True), ("0", False), ("false", False),
-                                             ("no", False), ("", False), ("maybe", False)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1", True),
+        ("true", True),
+        (" Yes ", True),
+        ("ON", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("", False),
+        ("maybe", False),
+    ],
+)
 def test_parse_bool(text: str, value: bool) -> None:
     assert parse_bool(text) is value
 

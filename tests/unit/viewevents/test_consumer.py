@@ -29,29 +29,56 @@ class Collect:
         pass
 
 
-def record(partition: int, offset: int, event_id: str, day: int, valid: bool = True) -> ConsumerRecord:
-    event = ve.ViewEvent(event_id=event_id, media_id=1 if valid else 0, user_id=2, event_type=2,
-                         event_time=Timestamp(seconds=day * 86_400))
-    return ConsumerRecord("t", partition, offset, day * DAY_MS, 0, b"2", event.SerializeToString(),
-                          None, 0, 0, [])
+def record(
+    partition: int, offset: int, event_id: str, day: int, valid: bool = True
+) -> ConsumerRecord:
+    event = ve.ViewEvent(
+        event_id=event_id,
+        media_id=1 if valid else 0,
+        user_id=2,
+        event_type=2,
+        event_time=Timestamp(seconds=day * 86_400),
+    )
+    return ConsumerRecord(
+        "t", partition, offset, day * DAY_MS, 0, b"2", event.SerializeToString(), None, 0, 0, []
+    )
 
 
 def consumer(tmp_path: Path, retention_days: int = 3) -> tuple[ExactlyOnceConsumer, Collect]:
     processor = Collect()
     # Built without start(): _apply is the unit under test; no broker is contacted.
-    c = ExactlyOnceConsumer(bootstrap="127.0.0.1:1", topic="t", group_id="g",
-                            store=StateStore(str(tmp_path / "db")), processor=processor,
-                            dedupe_retention_days=retention_days)
+    c = ExactlyOnceConsumer(
+        bootstrap="127.0.0.1:1",
+        topic="t",
+        group_id="g",
+        store=StateStore(str(tmp_path / "db")),
+        processor=processor,
+        dedupe_retention_days=retention_days,
+    )
     return c, processor
 
 
 def test_duplicates_dropped_within_retention_counted_after(tmp_path: Path) -> None:
     c, processor = consumer(tmp_path, retention_days=3)
-    c.apply_batch({TopicPartition("t", 0): [record(0, 0, "a", 100), record(0, 1, "b", 100),
-                                       record(0, 2, "a", 100), record(0, 3, "bad", 100, valid=False)]})
-    c.apply_batch({TopicPartition("t", 0): [record(0, 4, "b", 103)]})  # 3 days later: still a duplicate
-    c.apply_batch({TopicPartition("t", 0): [record(0, 5, "a", 104)]})  # 4 days after first: counts again
-    c.apply_batch({TopicPartition("t", 1): [record(1, 0, "a", 104)]})  # other partition: its own record
+    c.apply_batch(
+        {
+            TopicPartition("t", 0): [
+                record(0, 0, "a", 100),
+                record(0, 1, "b", 100),
+                record(0, 2, "a", 100),
+                record(0, 3, "bad", 100, valid=False),
+            ]
+        }
+    )
+    c.apply_batch(
+        {TopicPartition("t", 0): [record(0, 4, "b", 103)]}
+    )  # 3 days later: still a duplicate
+    c.apply_batch(
+        {TopicPartition("t", 0): [record(0, 5, "a", 104)]}
+    )  # 4 days after first: counts again
+    c.apply_batch(
+        {TopicPartition("t", 1): [record(1, 0, "a", 104)]}
+    )  # other partition: its own record
     assert processor.applied == [(0, "a"), (0, "b"), (0, "a"), (1, "a")]
     assert (c.stats.duplicates, c.stats.invalid) == (2, 1)
     assert c.positions == {0: 6, 1: 1}
@@ -67,11 +94,15 @@ def test_sweep_keeps_the_record_bounded(tmp_path: Path) -> None:
         c.apply_batch({TopicPartition("t", 0): batch})
     prefix = seen_prefix(0)
     remembered = [key for key, _ in c.store.scan_prefix(prefix)]
-    days = {int(key[len(prefix):].split(b"-")[0]) for key in remembered}
+    days = {int(key[len(prefix) :].split(b"-")[0]) for key in remembered}
     # Ids of the last `retention` days are all kept; the sweep (2 keys per event) removed the rest
     # except at most about half a retention period's worth that it has not reached yet.
     assert {127, 128, 129} <= days
-    assert all(f"{d}-{n}".encode() in {k[len(prefix):] for k in remembered} for d in (128, 129) for n in range(500))
+    assert all(
+        f"{d}-{n}".encode() in {k[len(prefix) :] for k in remembered}
+        for d in (128, 129)
+        for n in range(500)
+    )
     assert len(remembered) <= 500 * (2 + 1 + 2)
     assert min(days) >= 129 - 5
 

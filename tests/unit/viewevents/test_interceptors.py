@@ -36,15 +36,20 @@ async def countdown(request: bytes, context: grpc.aio.ServicerContext) -> AsyncI
 
 
 def echo_handler() -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        "WhoAmI": grpc.unary_unary_rpc_method_handler(whoami),
-        "Missing": grpc.unary_unary_rpc_method_handler(missing),
-        "Countdown": grpc.unary_stream_rpc_method_handler(countdown),
-    })
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "WhoAmI": grpc.unary_unary_rpc_method_handler(whoami),
+            "Missing": grpc.unary_unary_rpc_method_handler(missing),
+            "Countdown": grpc.unary_stream_rpc_method_handler(countdown),
+        },
+    )
 
 
-def with_server(interceptors: list[grpc.aio.ServerInterceptor],
-                client: Callable[[grpc.aio.Channel], Awaitable[None]]) -> None:
+def with_server(
+    interceptors: list[grpc.aio.ServerInterceptor],
+    client: Callable[[grpc.aio.Channel], Awaitable[None]],
+) -> None:
     """Run `client` against a fresh server on a free port, then stop the server."""
 
     async def run() -> None:
@@ -64,8 +69,10 @@ def with_server(interceptors: list[grpc.aio.ServerInterceptor],
 
 
 def rpc_count(service: str, method: str, code: str) -> float:
-    value = REGISTRY.get_sample_value("viewevents_rpc_duration_seconds_count",
-                                      {"service": service, "method": method, "code": code})
+    value = REGISTRY.get_sample_value(
+        "viewevents_rpc_duration_seconds_count",
+        {"service": service, "method": method, "code": code},
+    )
     return value or 0.0
 
 
@@ -89,8 +96,10 @@ def test_request_id_is_taken_from_the_caller_or_generated() -> None:
 
 
 def test_every_rpc_is_observed_with_method_and_code() -> None:
-    before = {(m, c): rpc_count("metrics-test", m, c)
-              for m, c in (("WhoAmI", "OK"), ("Missing", "NOT_FOUND"), ("Countdown", "OK"))}
+    before = {
+        (m, c): rpc_count("metrics-test", m, c)
+        for m, c in (("WhoAmI", "OK"), ("Missing", "NOT_FOUND"), ("Countdown", "OK"))
+    }
 
     async def client(channel: grpc.aio.Channel) -> None:
         for _ in range(3):
@@ -103,7 +112,10 @@ def test_every_rpc_is_observed_with_method_and_code() -> None:
     with_server([RequestContextInterceptor("metrics-test")], client)
     after = {key: rpc_count("metrics-test", *key) for key in before}
     assert {key: after[key] - before[key] for key in before} == {
-        ("WhoAmI", "OK"): 3, ("Missing", "NOT_FOUND"): 1, ("Countdown", "OK"): 1}
+        ("WhoAmI", "OK"): 3,
+        ("Missing", "NOT_FOUND"): 1,
+        ("Countdown", "OK"): 1,
+    }
     assert rpc_count("metrics-test", "Missing", "OK") == 0
 
 
@@ -112,8 +124,11 @@ def test_bearer_token_guards_only_the_protected_services() -> None:
 
     async def client(channel: grpc.aio.Channel) -> None:
         call = channel.unary_unary(f"/{SERVICE}/WhoAmI")
-        for name, metadata in (("missing", []), ("wrong", [("authorization", "Bearer nope")]),
-                               ("bare", [("authorization", "s3cret")])):
+        for name, metadata in (
+            ("missing", []),
+            ("wrong", [("authorization", "Bearer nope")]),
+            ("bare", [("authorization", "s3cret")]),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 await call(b"", metadata=metadata)
             codes[name] = failure.value.code()
@@ -121,17 +136,22 @@ def test_bearer_token_guards_only_the_protected_services() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             [r async for r in stream(b"")]
         codes["stream"] = failure.value.code()
-        codes["right"] = await call(b"", metadata=[("authorization", "Bearer s3cret"),
-                                                    ("x-request-id", "with-token")])
+        codes["right"] = await call(
+            b"", metadata=[("authorization", "Bearer s3cret"), ("x-request-id", "with-token")]
+        )
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         codes["health"] = reply.status
 
-    with_server([RequestContextInterceptor("auth-test"),
-                 BearerTokenInterceptor("s3cret", [SERVICE])], client)
-    assert codes == {"missing": grpc.StatusCode.UNAUTHENTICATED,
-                     "wrong": grpc.StatusCode.UNAUTHENTICATED,
-                     "bare": grpc.StatusCode.UNAUTHENTICATED,
-                     "stream": grpc.StatusCode.UNAUTHENTICATED,
-                     "right": b"with-token",
-                     "health": health_pb2.HealthCheckResponse.SERVING}
+    with_server(
+        [RequestContextInterceptor("auth-test"), BearerTokenInterceptor("s3cret", [SERVICE])],
+        client,
+    )
+    assert codes == {
+        "missing": grpc.StatusCode.UNAUTHENTICATED,
+        "wrong": grpc.StatusCode.UNAUTHENTICATED,
+        "bare": grpc.StatusCode.UNAUTHENTICATED,
+        "stream": grpc.StatusCode.UNAUTHENTICATED,
+        "right": b"with-token",
+        "health": health_pb2.HealthCheckResponse.SERVING,
+    }
     assert rpc_count("auth-test", "WhoAmI", "UNAUTHENTICATED") == 3

@@ -24,8 +24,10 @@ from viewevents.state.transaction import Transaction
 
 
 def test_getmany_records_give_the_same_view() -> None:
-    records = [ConsumerRecord("t", 0, offset, 1_000 + offset, 0, None, b"v%d" % offset, None, 0, 2, ())
-               for offset in (5, 6, 9)]
+    records = [
+        ConsumerRecord("t", 0, offset, 1_000 + offset, 0, None, b"v%d" % offset, None, 0, 2, ())
+        for offset in (5, 6, 9)
+    ]
     fetched = FetchedRecords.from_consumer_records(records)
     assert (fetched.offsets, fetched.values) == ([5, 6, 9], [b"v5", b"v6", b"v9"])
     assert (fetched.last_timestamp, fetched.next_offset, len(fetched)) == (1_009, 10, 3)
@@ -33,7 +35,8 @@ def test_getmany_records_give_the_same_view() -> None:
 
 @pytest.mark.parametrize("started", [False, True])
 def test_falls_back_to_getmany_when_internals_are_not_as_expected(
-        started: bool, caplog: pytest.LogCaptureFixture) -> None:
+    started: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     async def check() -> bool:
         # Not started: no fetcher yet. Started (nothing listens on port 1; start() only fails
         # later): deserializers would turn values into something else than bytes.
@@ -57,8 +60,9 @@ class Nothing:
 
 def test_a_fetch_of_only_skipped_records_still_stores_its_next_offset(tmp_path: Path) -> None:
     store = StateStore(str(tmp_path / "db"))
-    consumer = ExactlyOnceConsumer(bootstrap="127.0.0.1:1", topic="t", group_id="g", store=store,
-                                   processor=Nothing())
+    consumer = ExactlyOnceConsumer(
+        bootstrap="127.0.0.1:1", topic="t", group_id="g", store=store, processor=Nothing()
+    )
     consumer.catch_up.assign([0], {})
     consumer.apply_fetched({TopicPartition("t", 0): FetchedRecords([], [], -1, 42)})
     assert store.stored_offsets("t", [0]) == {0: 42}
@@ -100,8 +104,9 @@ def _log(parts: list[tuple[str, int, int]]) -> bytes:
             builder = LegacyRecordBatchBuilder(1, codec, 1 << 20)
             for i in range(count):
                 # Legacy inner offsets are relative when compressed, absolute when not.
-                builder.append(i if codec else offset + i, 1_000 + offset + i, b"k",
-                               b"v%d" % (offset + i))
+                builder.append(
+                    i if codec else offset + i, 1_000 + offset + i, b"k", b"v%d" % (offset + i)
+                )
             batch = bytearray(builder.build())
             if codec:
                 batch[0:8] = (offset + count - 1).to_bytes(8, "big")  # wrapper: last offset
@@ -118,10 +123,12 @@ def test_drain_reads_what_getall_reads(kind: str, start: int) -> None:
 
     def result() -> tuple[FetchResult, _Assignment]:
         assignment = _Assignment(start)
-        records = PartitionRecords(tp, MemoryRecords(data), [], start, None, None, True,
-                                   READ_UNCOMMITTED)
-        return FetchResult(tp, assignment=assignment, partition_records=records, backoff=0), \
-            assignment
+        records = PartitionRecords(
+            tp, MemoryRecords(data), [], start, None, None, True, READ_UNCOMMITTED
+        )
+        return FetchResult(
+            tp, assignment=assignment, partition_records=records, backoff=0
+        ), assignment
 
     public, public_assignment = result()
     expected = [(r.offset, r.value, r.timestamp) for r in public.getall()]

@@ -27,10 +27,14 @@ JAVA_VECTORS: list[tuple[bytes, int, int, int]] = [
 ]
 
 
-@pytest.mark.parametrize(("key", "java_hash", "of_4", "of_8"), JAVA_VECTORS,
-                         ids=[k.hex() or "empty" for k, *_ in JAVA_VECTORS])
-def test_partition_equals_javas_default_partitioner(key: bytes, java_hash: int, of_4: int,
-                                                    of_8: int) -> None:
+@pytest.mark.parametrize(
+    ("key", "java_hash", "of_4", "of_8"),
+    JAVA_VECTORS,
+    ids=[k.hex() or "empty" for k, *_ in JAVA_VECTORS],
+)
+def test_partition_equals_javas_default_partitioner(
+    key: bytes, java_hash: int, of_4: int, of_8: int
+) -> None:
     assert KeyPartitioner(4)(key) == of_4
     assert KeyPartitioner(8)(key) == of_8
     # Java's toPositive(h) is h & 0x7fffffff: the partitions follow from the hash itself.

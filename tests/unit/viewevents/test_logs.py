@@ -9,7 +9,9 @@ from viewevents.logs import REQUEST_ID, _JsonFormatter, _RequestIdFilter
 
 
 def test_json_logs_carry_service_and_request_id() -> None:
-    record = logging.LogRecord("viewevents.test", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+    record = logging.LogRecord(
+        "viewevents.test", logging.INFO, __file__, 1, "hello %s", ("world",), None
+    )
     token = REQUEST_ID.set("abc123")
     try:
         _RequestIdFilter().filter(record)

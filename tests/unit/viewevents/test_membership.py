@@ -29,9 +29,16 @@ def test_every_partition_once_and_balanced_for_any_group_size() -> None:
     rng = random.Random(3)
     for members in range(1, 11):
         for count in (1, 4, 8, 13):
-            claims = {f"m{i}": Claim(f"10.0.0.{i}:50052", {p: rng.randrange(100) for p in
-                                                          rng.sample(range(count), rng.randrange(count + 1))})
-                      for i in range(members)}
+            claims = {
+                f"m{i}": Claim(
+                    f"10.0.0.{i}:50052",
+                    {
+                        p: rng.randrange(100)
+                        for p in rng.sample(range(count), rng.randrange(count + 1))
+                    },
+                )
+                for i in range(members)
+            }
             check_valid(plan_assignment(range(count), claims), list(range(count)))
 
 
@@ -43,8 +50,11 @@ def test_more_members_than_partitions_leaves_some_idle() -> None:
 
 def test_partitions_go_back_to_the_member_that_holds_their_state() -> None:
     # a and b each hold half of the state; a restarted c holds nothing.
-    claims = {"a": Claim("a:1", {0: 900, 1: 800}), "b": Claim("b:1", {2: 700, 3: 600}),
-              "c": Claim("c:1")}
+    claims = {
+        "a": Claim("a:1", {0: 900, 1: 800}),
+        "b": Claim("b:1", {2: 700, 3: 600}),
+        "c": Claim("c:1"),
+    }
     plan = plan_assignment(range(4), claims)
     check_valid(plan, [0, 1, 2, 3])
     assert 0 in plan["a"] and 2 in plan["b"]  # the most state stays where it is
@@ -77,11 +87,16 @@ class _Cluster:
 
 def test_the_assignor_gives_every_member_the_whole_owners_map() -> None:
     heard: dict[str, dict[int, str]] = {}
-    assignors = {name: OwnershipAssignor(lambda n=name: Claim(f"{n}:9", {}),
-                                         lambda owners, n=name: heard.__setitem__(n, owners))
-                 for name in ("x", "y")}
-    members = {name: ConsumerProtocolMemberMetadata.decode(
-        assignors[name].metadata(["views"]).encode()) for name in assignors}
+    assignors = {
+        name: OwnershipAssignor(
+            lambda n=name: Claim(f"{n}:9", {}), lambda owners, n=name: heard.__setitem__(n, owners)
+        )
+        for name in ("x", "y")
+    }
+    members = {
+        name: ConsumerProtocolMemberMetadata.decode(assignors[name].metadata(["views"]).encode())
+        for name in assignors
+    }
     result = assignors["x"].assign(_Cluster({"views": {0, 1, 2, 3}}), members)  # type: ignore[arg-type]
     for name, assignment in result.items():
         assignors[name].on_assignment(assignment)

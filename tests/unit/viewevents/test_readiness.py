@@ -110,7 +110,9 @@ def test_readiness_wakes_waiters_on_every_change_both_ways() -> None:
     assert asyncio.run(scenario()) == [False, True, False, True]
 
 
-def _record(name: str, message: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+def _record(
+    name: str, message: str, *args: object, level: int = logging.ERROR
+) -> logging.LogRecord:
     return logging.LogRecord(name, level, __file__, 1, message, args, None)
 
 
@@ -129,5 +131,6 @@ def test_repeated_kafka_errors_pass_once_then_as_a_periodic_count() -> None:
     # Other templates, other loggers and lower levels are not held back.
     assert limit.filter(_record("aiokafka.conn", "Another failure"))
     assert limit.filter(_record("viewevents.rpc", "Unable connect to node with id %s: %s", 1, 2))
-    assert limit.filter(_record("aiokafka.conn", "Unable connect to node with id %s: %s", 1, 2,
-                                level=logging.INFO))
+    assert limit.filter(
+        _record("aiokafka.conn", "Unable connect to node with id %s: %s", 1, 2, level=logging.INFO)
+    )

@@ -20,7 +20,10 @@ def test_partitions_are_grouped_by_owner_and_orphans_reported() -> None:
 
 def test_the_partitions_header_round_trips_and_rejects_garbage() -> None:
     assert scatter.parse_partitions(scatter.format_partitions([3, 0, 7])) == [0, 3, 7]
-    assert scatter.requested_partitions([("other", "x"), (scatter.PARTITIONS_KEY, b"1,2")]) == [1, 2]
+    assert scatter.requested_partitions([("other", "x"), (scatter.PARTITIONS_KEY, b"1,2")]) == [
+        1,
+        2,
+    ]
     assert scatter.requested_partitions([("other", "x")]) is None
     for bad in ("", "a", "-1", ","):
         with pytest.raises(ValueError):
@@ -41,7 +44,9 @@ def test_gather_asks_each_owner_once_for_its_partitions() -> None:
     partials = run(scatter.gather({0: "a", 1: "b", 2: "a"}, ask))
     assert sorted(asked) == [("a", [0, 2]), ("b", [1])]
     assert {(p.address, p.partitions, p.result) for p in partials} == {
-        ("a", (0, 2), 2), ("b", (1,), 1)}
+        ("a", (0, 2), 2),
+        ("b", (1,), 1),
+    }
 
 
 def test_gather_is_complete_or_names_every_missing_partition() -> None:
@@ -64,11 +69,13 @@ def test_gather_is_complete_or_names_every_missing_partition() -> None:
 
 
 def test_positions_merge_into_one_covering_every_partial() -> None:
-    one = ve.ConsumerPosition(partitions=[ve.PartitionOffset(partition=2, offset=5)],
-                              caught_up=True)
+    one = ve.ConsumerPosition(
+        partitions=[ve.PartitionOffset(partition=2, offset=5)], caught_up=True
+    )
     one.event_time_watermark.seconds = 100
-    two = ve.ConsumerPosition(partitions=[ve.PartitionOffset(partition=0, offset=9)],
-                              caught_up=True)
+    two = ve.ConsumerPosition(
+        partitions=[ve.PartitionOffset(partition=0, offset=9)], caught_up=True
+    )
     merged = scatter.merge_positions([one, two])
     assert [(p.partition, p.offset) for p in merged.partitions] == [(0, 9), (2, 5)]
     assert merged.caught_up and merged.event_time_watermark.seconds == 100

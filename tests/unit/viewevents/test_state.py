@@ -40,8 +40,13 @@ def test_a_committed_transaction_refuses_further_use(store: StateStore) -> None:
     txn = Transaction(store)
     txn.put(b"k", b"v")
     txn.commit()
-    for use in (lambda: txn.put(b"k", b"w"), lambda: txn.delete(b"k"), lambda: txn.get(b"k"),
-                lambda: txn.put_many([(b"k", b"w")]), txn.commit):
+    for use in (
+        lambda: txn.put(b"k", b"w"),
+        lambda: txn.delete(b"k"),
+        lambda: txn.get(b"k"),
+        lambda: txn.put_many([(b"k", b"w")]),
+        txn.commit,
+    ):
         with pytest.raises(TransactionClosed):
             use()
     assert store.get(b"k") == b"v"

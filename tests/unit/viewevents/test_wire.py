@@ -16,11 +16,15 @@ def _event(rng: random.Random) -> ve.ViewEvent:
         event_id=rng.choice(["", "a", "ev-" + str(rng.randrange(10**12)), "é-id", "x" * 300]),
         media_id=rng.choice([0, 1, 127, 128, 2**31, 2**62, -1, -(2**63)]),
         user_id=rng.choice([0, 5, 300, 16384, 2**40, -7]),
-        event_type=rng.choice([0, 1, 2, 3, 4, 9, -3]))
+        event_type=rng.choice([0, 1, 2, 3, 4, 9, -3]),
+    )
     if rng.random() < 0.8:
-        event.event_time.CopyFrom(Timestamp(
-            seconds=rng.choice([0, 1, 1_750_000_000, -5, 2**40]),
-            nanos=rng.choice([0, 1, 999_999_999, -1])))
+        event.event_time.CopyFrom(
+            Timestamp(
+                seconds=rng.choice([0, 1, 1_750_000_000, -5, 2**40]),
+                nanos=rng.choice([0, 1, 999_999_999, -1]),
+            )
+        )
     return event
 
 
@@ -32,7 +36,7 @@ def _records(seed: int, count: int) -> list[bytes]:
         data = bytearray(record)
         choice = rng.randrange(4)
         if choice == 0 and data:
-            del data[rng.randrange(len(data)):]
+            del data[rng.randrange(len(data)) :]
         elif choice == 1 and data:
             data[rng.randrange(len(data))] = rng.randrange(256)
         elif choice == 2:
