@@ -115,3 +115,15 @@ def test_seen_ids_first_copy_wins_and_order_is_kept(tmp_path: Path) -> None:
     fresh, duplicates = seen.keep_new(0, events, 5, txn)
     assert [(e.event_id, e.media_id) for e in fresh] == [("x", 0), ("y", 1), ("z", 3)]
     assert duplicates == 2 and fresh[0] is events[0]
+
+
+def test_records_without_a_value_are_skipped_not_fatal(tmp_path: Path) -> None:
+    """A tombstone (null value) written by another producer must not stop the consumer."""
+    c, processor = consumer(tmp_path)
+    tombstone = ConsumerRecord("t", 0, 1, 100 * DAY_MS, 0, b"2", None, None, 0, 0, [])
+    c.apply_batch(
+        {TopicPartition("t", 0): [record(0, 0, "a", 100), tombstone, record(0, 2, "b", 100)]}
+    )
+    assert processor.applied == [(0, "a"), (0, "b")]
+    assert c.stats.invalid + c.stats.undecodable == 1
+    assert c.store.stored_offsets("t", [0]) == {0: 3}
