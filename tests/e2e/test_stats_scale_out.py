@@ -20,15 +20,15 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
+from tests.support import unique_name, wait_for
 from tests.support.broker import end_offsets, read_topic
 from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
 from tests.support.oracles import HEARTBEAT, Expected, check_all_totals
+from tests.support.stats_group import StatsGroup
 from viewevents.rpc.errors import retry_delay_of
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
-from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 PARTITIONS = 8
 ANSWERED_BY = "x-viewevents-answered-by"
@@ -121,45 +121,6 @@ def hour_trends(address: str, media_ids: list[int], start: int, end: int) -> dic
     return out
 
 
-class Group:
-    """Stats instances (one consumer group, own state each) and an ingest service."""
-
-    def __init__(self, tmp_path: Path, bootstrap: str, partitions: int) -> None:
-        self.tmp_path = tmp_path
-        self.config = test_config(
-            bootstrap,
-            ingest_address=f"127.0.0.1:{free_port()}",
-            stats_group=unique_name("scale"),
-            topic_partitions=partitions,
-            stats_page_token_secret="shared-secret",
-        )
-        self.ingest = ServiceProcess(
-            "ingest_service", self.config, self.config.ingest_address, tmp_path / "ingest.log"
-        )
-        self.stats: list[ServiceProcess] = []
-
-    def add(self, name: str, group: str | None = None) -> ServiceProcess:
-        config = self.config.replace(
-            stats_address=f"127.0.0.1:{free_port()}",
-            stats_state_dir=str(self.tmp_path / name),
-            stats_group=group or self.config.stats_group,
-        )
-        process = ServiceProcess(
-            "stats_service", config, config.stats_address, self.tmp_path / f"{name}.log"
-        ).start()
-        self.stats.append(process)
-        return process
-
-    def send(self, events: list[ve.ViewEvent]) -> None:
-        with grpc.insecure_channel(self.config.ingest_address, options=CHANNEL_OPTIONS) as channel:
-            upload(channel, iter(events), batch_size=2_000, timeout=300)
-
-    def stop(self) -> None:
-        for process in self.stats:
-            process.stop()
-        self.ingest.stop()
-
-
 class Bounds:
     """Brute force per partition: what an answer whose position lists offsets must at least
     hold (every first copy below those offsets) and may at most hold (everything)."""
@@ -228,14 +189,14 @@ def read_back(bootstrap: str, topic: str) -> list[tuple[int, int, ve.ViewEvent]]
 
 
 @pytest.fixture
-def group(tmp_path: Path, kafka_bootstrap: str) -> Iterator[Group]:
-    made = Group(tmp_path, kafka_bootstrap, PARTITIONS)
+def group(tmp_path: Path, kafka_bootstrap: str) -> Iterator[StatsGroup]:
+    made = StatsGroup(tmp_path, kafka_bootstrap, PARTITIONS)
     yield made
     made.stop()
 
 
 def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
-    group: Group, kafka_bootstrap: str, tmp_path: Path
+    group: StatsGroup, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     events = generated_events(tmp_path / "views.jsonl", 40_000, seed=77, **STATS_FILE)
     first, second = events[:24_000], events[24_000:]
@@ -347,7 +308,7 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
 def test_an_instance_that_owns_no_partition_answers_by_asking_the_owners(
     tmp_path: Path, kafka_bootstrap: str
 ) -> None:
-    group = Group(tmp_path, kafka_bootstrap, 2)
+    group = StatsGroup(tmp_path, kafka_bootstrap, 2)
     try:
         group.ingest.start()
         members = [group.add(name) for name in ("x", "y", "z")]

@@ -19,16 +19,15 @@ import pytest
 from google.protobuf import timestamp_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
+from tests.support import unique_name, wait_for
 from tests.support.broker import end_offsets
 from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
 from tests.support.oracles import Expected
+from tests.support.stats_group import StatsGroup
 from viewevents.v1 import stats_partition_service_pb2 as ppb
 from viewevents.v1 import stats_partition_service_pb2_grpc as ppb_grpc
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
-from viewevents.v1 import view_event_pb2 as ve
-from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 PARTITIONS = 8
 ANSWERED_BY = "x-viewevents-answered-by"
@@ -44,48 +43,9 @@ def _ts(seconds: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds)
 
 
-class Cluster:
-    """An ingest service and stats instances (own state each) on one topic."""
-
-    def __init__(self, tmp_path: Path, bootstrap: str) -> None:
-        self.tmp_path = tmp_path
-        self.config = test_config(
-            bootstrap,
-            ingest_address=f"127.0.0.1:{free_port()}",
-            stats_group=unique_name("top"),
-            topic_partitions=PARTITIONS,
-            stats_page_token_secret="shared-secret",
-        )
-        self.ingest = ServiceProcess(
-            "ingest_service", self.config, self.config.ingest_address, tmp_path / "ingest.log"
-        )
-        self.stats: list[ServiceProcess] = []
-
-    def add(self, name: str, group: str | None = None) -> ServiceProcess:
-        config = self.config.replace(
-            stats_address=f"127.0.0.1:{free_port()}",
-            stats_state_dir=str(self.tmp_path / name),
-            stats_group=group or self.config.stats_group,
-        )
-        process = ServiceProcess(
-            "stats_service", config, config.stats_address, self.tmp_path / f"{name}.log"
-        ).start()
-        self.stats.append(process)
-        return process
-
-    def send(self, events: list[ve.ViewEvent]) -> None:
-        with grpc.insecure_channel(self.config.ingest_address, options=CHANNEL_OPTIONS) as channel:
-            upload(channel, iter(events), batch_size=2_000, timeout=300)
-
-    def stop(self) -> None:
-        for process in self.stats:
-            process.stop()
-        self.ingest.stop()
-
-
 @pytest.fixture
-def cluster(tmp_path: Path, kafka_bootstrap: str) -> Iterator[Cluster]:
-    made = Cluster(tmp_path, kafka_bootstrap)
+def cluster(tmp_path: Path, kafka_bootstrap: str) -> Iterator[StatsGroup]:
+    made = StatsGroup(tmp_path, kafka_bootstrap, PARTITIONS, prefix="top")
     yield made
     made.stop()
 
@@ -144,7 +104,7 @@ def walk(
 
 
 def test_every_instance_ranks_every_partition_exactly_page_after_page(
-    cluster: Cluster, kafka_bootstrap: str, tmp_path: Path
+    cluster: StatsGroup, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     events = generated_events(tmp_path / "views.jsonl", 30_000, seed=91, **STATS_FILE)
     cluster.ingest.start()
