@@ -135,7 +135,7 @@ def test_a_stream_ended_without_summary_commits_nothing_more(
     ingest: ServiceProcess, failure: str
 ) -> None:
     """Whatever ends an Upload early, events not yet shipped to Kafka are not stored later
-    (a cancel may race with the end of the stream: all or nothing of the one request), and
+    (a cancel may race with the end of the stream: then any part of it), and
     re-sending with the same ids gets every event stored (the documented contract)."""
     ids = [f"{failure}-{n}" for n in range(10)]  # one small request: nothing is shipped early
     received_before = _received(ingest)
@@ -173,9 +173,10 @@ def test_a_stream_ended_without_summary_commits_nothing_more(
         )
     if failure == "cancel":
         # gRPC may end the server's request stream before it reports the cancel, so a cancelled
-        # stream may have stored any prefix of what it sent (the documented contract); here the
-        # one request is all or nothing, and the retry below must still store each id.
-        assert stored_before_retry in (set(), set(ids)), stored_before_retry
+        # stream may have stored any part of what it sent (the documented contract: each
+        # partition's batch lands on its own, and may still be landing while the topic is read);
+        # the retry below must still store each id.
+        assert stored_before_retry <= set(ids), stored_before_retry
     else:
         assert stored_before_retry == set(), f"{failure}: an abandoned upload was committed"
     assert summary.accepted == 10
