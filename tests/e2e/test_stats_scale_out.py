@@ -57,8 +57,15 @@ def applied_all(address: str, media: int, targets: dict[int, int]) -> bool:
     return set(offsets) == set(targets) and all(offsets[p] >= o for p, o in targets.items())
 
 
-def trends(address: str, media_ids: list[int], start: int, end: int) -> dict[int, tuple]:
-    """Day buckets over the whole span and the span's unique viewers, per media item."""
+def trends(
+    address: str,
+    media_ids: list[int],
+    start: int,
+    end: int,
+    granularity: pb.Granularity.ValueType = pb.GRANULARITY_DAY,
+) -> dict[int, tuple]:
+    """Buckets over the span and the span's unique viewers, per media item; every answer must
+    cover all partitions."""
     out = {}
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.StatsServiceStub(channel)
@@ -68,42 +75,11 @@ def trends(address: str, media_ids: list[int], start: int, end: int) -> dict[int
                     media_id=media,
                     start_time=_ts(start),
                     end_time=_ts(end),
-                    granularity=pb.GRANULARITY_DAY,
+                    granularity=granularity,
                 ),
                 timeout=30,
             )
             assert len(reply.position.partitions) == PARTITIONS
-            out[media] = (
-                [
-                    (
-                        b.start_time.seconds,
-                        b.view_time_seconds,
-                        b.starts,
-                        b.stops,
-                        b.ends,
-                        b.unique_viewers,
-                    )
-                    for b in reply.buckets
-                ],
-                reply.unique_viewers,
-            )
-    return out
-
-
-def hour_trends(address: str, media_ids: list[int], start: int, end: int) -> dict[int, tuple]:
-    out = {}
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.StatsServiceStub(channel)
-        for media in media_ids:
-            reply = stub.GetMediaTrend(
-                pb.GetMediaTrendRequest(
-                    media_id=media,
-                    start_time=_ts(start),
-                    end_time=_ts(end),
-                    granularity=pb.GRANULARITY_HOUR,
-                ),
-                timeout=30,
-            )
             out[media] = (
                 [
                     (
@@ -237,8 +213,9 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
             )
             assert got[media] == (buckets, viewers), media
         sample = media_ids[:: max(1, len(media_ids) // 15)]
-        assert hour_trends(process.address, sample, low, high) == hour_trends(
-            single.address, sample, low, high
+        hourly = pb.GRANULARITY_HOUR
+        assert trends(process.address, sample, low, high, hourly) == trends(
+            single.address, sample, low, high, hourly
         )
         for media in media_ids:
             assert (
