@@ -9,8 +9,10 @@ from pathlib import Path
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
 from stats_service.request_parsing import Limits, page_token_secret
+from stats_service.rollups import BucketVersions, RollupCache
 from stats_service.servicer import PARTITION_SERVICE, SERVICE, StatsServicer
 from stats_service.settings import SETTINGS
+from stats_service.top_media import RollupRanker
 from viewevents import bootstrap, scatter
 from viewevents.config import Config
 from viewevents.membership import advertised_address
@@ -52,13 +54,15 @@ async def serve(config: Config) -> None:
     peer_metadata = (
         [("authorization", f"Bearer {config.stats_token}")] if config.stats_token else []
     )
+    versions = BucketVersions()
+    cache_bytes = max(0, config.stats_rollup_cache_mb) << 20
     await bootstrap.serve_consumer(
         config,
         endpoint,
         state_dir=config.stats_state_dir,
         group_id=config.stats_group,
         make_processor=lambda store: StatsProcessor(
-            config.heartbeat_seconds, config.stats_trend_retention_days
+            config.heartbeat_seconds, config.stats_trend_retention_days, versions
         ),
         make_servicer=lambda store, consumer, processor: StatsServicer(
             StatsReader(store, config.stats_rank_chunk_rows),
@@ -67,6 +71,9 @@ async def serve(config: Config) -> None:
             page_token_secret(config.stats_page_token_secret),
             peers=peers_for(config),
             peer_metadata=peer_metadata,
+            ranker=(
+                RollupRanker(store, RollupCache(versions, cache_bytes)) if cache_bytes else None
+            ),
         ),
     )
 

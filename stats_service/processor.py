@@ -18,6 +18,7 @@ from stats_service.aggregation import (
     merge_totals,
     merge_viewer_days,
 )
+from stats_service.rollups import BucketVersions
 from viewevents.consumer import EventBatch
 from viewevents.state.codecs import BIG_I64
 from viewevents.state.keys import partition_prefix, watermark_key
@@ -31,8 +32,14 @@ class StatsProcessor:
     other threads never race with it.
     """
 
-    def __init__(self, heartbeat_seconds: int = 30, trend_retention_days: int = 0) -> None:
+    def __init__(
+        self,
+        heartbeat_seconds: int = 30,
+        trend_retention_days: int = 0,
+        versions: BucketVersions | None = None,
+    ) -> None:
         self.heartbeat_seconds = heartbeat_seconds
+        self.versions = versions  # the rollup cache's bucket versions, bumped after commit
         self.retention_seconds = max(0, trend_retention_days) * k.DAY
         self.events_outside_retention = 0
 
@@ -52,7 +59,9 @@ class StatsProcessor:
             )
 
     def committed(self) -> None:
-        """Nothing is cached, so nothing to refresh."""
+        """The batch's buckets are on disk: cached rollups of them are stale from now on."""
+        if self.versions is not None:
+            self.versions.publish()
 
     def apply_columns(self, partition: int, columns: Columns, txn: Transaction) -> None:
         prefix = partition_prefix(partition)
@@ -63,6 +72,9 @@ class StatsProcessor:
         )
         txn.put(watermark_key(partition), BIG_I64.pack(batch.watermark))
         self.events_outside_retention += len(columns) - batch.trended
+        if self.versions is not None:
+            self.versions.touch(partition, k.HOUR, batch.buckets[k.HOUR].keys[1])
+            self.versions.touch(partition, k.DAY, batch.buckets[k.DAY].keys[1])
 
         # All-time viewers: a presence key per (media, user); absent means a new viewer.
         viewer_keys = k.pack_keys(prefix + k.KIND_VIEWER, batch.viewers, (False, False))

@@ -30,6 +30,7 @@ from stats_service import request_parsing
 from stats_service.merging import Chunk, merge_buckets, merge_by_media, merge_totals
 from stats_service.reader import StatsReader, Totals
 from stats_service.request_parsing import Limits, TopQuery, TrendQuery
+from stats_service.top_media import RollupRanker
 from viewevents import scatter
 from viewevents.consumer import ExactlyOnceConsumer
 from viewevents.rpc.errors import abort_bad_request, abort_unavailable, reject_unparseable
@@ -95,8 +96,10 @@ class StatsServicer:
         peers: scatter.Peers | None = None,
         peer_metadata: Sequence[tuple[str, str]] = (),
         fanout_timeout: float = scatter.DEFAULT_TIMEOUT_S,
+        ranker: RollupRanker | None = None,
     ) -> None:
         self.reader = reader
+        self.ranker = ranker  # rankings from the rollups when this instance owns everything
         self.consumer = consumer
         self.limits = limits
         self.page_token_secret = page_token_secret  # None: the process's random secret
@@ -374,8 +377,66 @@ class StatsServicer:
             log.info("ListTopMedia UNAVAILABLE: %s", incomplete)
             await abort_unavailable(context, str(incomplete))
 
+    def _rollup_partitions(self, query: TopQuery) -> list[int] | None:
+        """All partitions, when this instance owns and has caught up on every one of them and
+        the range is short enough for the rollups; None: use the streaming path."""
+        if self.ranker is None or not self.ranker.covers(query.start, query.end):
+            return None
+        owners = self._owners()
+        if not owners or set(owners.values()) != {self.address}:
+            return None
+        partitions = sorted(owners)
+        return partitions if set(partitions) <= self._answerable() else None
+
+    async def _top_from_rollups(
+        self, query: TopQuery, partitions: list[int]
+    ) -> pb.ListTopMediaResponse:
+        """One page from the in-memory rollups (exact, see stats_service.top_media)."""
+        assert self.ranker is not None
+        ranker = self.ranker
+        position = self._local_position(partitions)
+        column = request_parsing.METRIC_COLUMN[query.metric]
+
+        def compute() -> tuple[list[int], np.ndarray, int]:
+            ranking = ranker.top(
+                partitions, query.start, query.end, column, query.offset + query.limit
+            )
+            chosen = ranking.media[query.offset :]
+            values = ranking.values[query.offset :]
+            if (
+                column != request_parsing.METRIC_COLUMN[pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS]
+                and chosen
+            ):
+                order = np.argsort(chosen)
+                ids = np.asarray(chosen, np.int64)[order]
+                values[order, 2] = ranker.viewers(partitions, ids, query.start, query.end)
+            return chosen, values, ranking.total
+
+        async with self._scans:
+            chosen, values, total = await asyncio.to_thread(compute)
+        following = query.offset + query.limit
+        token = (
+            request_parsing.encode_page_token(query.fingerprint, following, self.page_token_secret)
+            if following < total
+            else ""
+        )
+        media = [
+            pb.TopMedia(
+                media_id=m,
+                rank=query.offset + i + 1,
+                view_time_seconds=int(row[0]),
+                starts=int(row[1]),
+                unique_viewers=int(row[2]),
+            )
+            for i, (m, row) in enumerate(zip(chosen, values.tolist()))
+        ]
+        return pb.ListTopMediaResponse(media=media, next_page_token=token, position=position)
+
     async def _top(self, query: TopQuery, deadline: float | None) -> pb.ListTopMediaResponse:
         """One page of the ranking over every partition, or `scatter.Incomplete`."""
+        local = self._rollup_partitions(query)
+        if local is not None:
+            return await self._top_from_rollups(query, local)
         by_viewers = query.metric == pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS
         calls: list[grpc.aio.Call] = []
         try:

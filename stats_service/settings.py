@@ -97,6 +97,15 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         "across buckets in chunks of media ids of about this many rows.",
     ),
     Setting(
+        "stats_rollup_cache_mb",
+        "VIEWEVENTS_STATS_ROLLUP_CACHE_MB",
+        256,
+        int,
+        "Memory for the per-bucket rollups that ListTopMedia reads when this instance owns "
+        "every partition (least recently used dropped first); 0: no rollups, every ranking "
+        "scans the index.",
+    ),
+    Setting(
         "stats_token",
         "VIEWEVENTS_STATS_TOKEN",
         "",

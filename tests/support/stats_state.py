@@ -111,9 +111,11 @@ def load(
     partitioned: dict[int, list[Event]],
     rng: random.Random,
     retention_days: int = 0,
+    processor: StatsProcessor | None = None,
 ) -> StatsProcessor:
-    """Apply each partition's events in random batch cuts, several partitions per commit."""
-    processor = StatsProcessor(HEARTBEAT, retention_days)
+    """Apply each partition's events in random batch cuts, several partitions per commit
+    (with `processor`, that one: e.g. one that bumps rollup versions)."""
+    processor = processor or StatsProcessor(HEARTBEAT, retention_days)
     cursors = {p: 0 for p in partitioned}
     while any(cursors[p] < len(partitioned[p]) for p in partitioned):
         txn = Transaction(store)
@@ -126,6 +128,7 @@ def load(
                     p, Columns.from_tuples((e.media, e.user, e.kind, e.seconds) for e in chunk), txn
                 )
         txn.commit()
+        processor.committed()  # as the shared consumer does after each commit
     return processor
 
 

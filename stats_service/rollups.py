@@ -1,0 +1,243 @@
+"""Per-bucket rollups of the ranking index, held in memory so that ListTopMedia over any range
+reads a bounded number of cached entries instead of every index row of the range.
+
+A rollup is one (partition, hour or day) bucket with all of its media as columns: the ranking
+index rows (`h`, `d`) of the bucket, read with one scan. An edge hour's minute slots (from the
+`H` rows) and a day's viewer rows (from the day-major bitmaps `Q`, reduced to a 24-bit mask of
+the hours in which the user had an event) are rollups too. Entries are built on first use and
+kept in a least-recently-used cache under a byte budget.
+
+Freshness: the processor notes which (partition, hour) and (partition, day) buckets a batch
+touched and bumps their versions only after the batch is committed (`BucketVersions`). A reader
+takes the version *before* reading the state and files the entry under it; an entry is used
+only while its version is current. So an entry is never older than the version says: at worst
+a batch committed during the load makes the entry stale at once, and the next query reloads
+it. In steady state only the live hour and day change, so most reads come from the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stats_service import key_layout as k
+
+HOUR_BITS = np.left_shift(np.uint32(1), np.arange(24, dtype=np.uint32))
+
+
+class BucketVersions:
+    """Change counters per (partition, bucket size, bucket start), shared by the processor
+    (consumer thread) and the readers (query threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._versions: dict[tuple[int, int, int], int] = {}
+        self._pending: set[tuple[int, int, int]] = set()
+
+    def touch(self, partition: int, size: int, starts: np.ndarray) -> None:
+        """A batch being applied changes these buckets (published by `publish`)."""
+        if len(starts) == 0:
+            return
+        keys = [(partition, size, s) for s in np.unique(starts).tolist()]
+        with self._lock:
+            self._pending.update(keys)
+
+    def publish(self) -> None:
+        """The batch is committed: its buckets' cached rollups are stale from now on. (If a
+        commit failed, its buckets are published with the next one: a reload too many.)"""
+        with self._lock:
+            for key in self._pending:
+                self._versions[key] = self._versions.get(key, 0) + 1
+            self._pending.clear()
+
+    def version(self, partition: int, size: int, start: int) -> int:
+        with self._lock:
+            return self._versions.get((partition, size, start), 0)
+
+
+class MediaSlots:
+    """A dense slot per media id ever seen in a rollup (ids are only added), so that sums over
+    many rollups are one `np.bincount` instead of a sort of all their rows."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sorted = np.zeros(0, np.int64)  # known ids, ascending
+        self._slot_of_sorted = np.zeros(0, np.int64)
+        self.ids = np.zeros(0, np.int64)  # slot -> media id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def slots(self, media: np.ndarray) -> np.ndarray:
+        """Slots of `media` (any order), allocating slots for new ids."""
+        with self._lock:
+            at = np.searchsorted(self._sorted, media)
+            known = at < len(self._sorted)
+            known[known] = self._sorted[at[known]] == media[known]
+            if not known.all():
+                new = np.unique(media[~known])
+                ids = np.concatenate([self.ids, new])
+                order = np.argsort(ids, kind="stable")
+                self._sorted, self._slot_of_sorted, self.ids = ids[order], order, ids
+                at = np.searchsorted(self._sorted, media)
+            return np.asarray(self._slot_of_sorted[at], np.int64)
+
+
+@dataclass(frozen=True)
+class BucketRollup:
+    """All media of one bucket: dense slots and rows of view_time, starts, unique viewers."""
+
+    slots: np.ndarray
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.slots.nbytes + self.values.nbytes)
+
+
+@dataclass(frozen=True)
+class MinuteRollup:
+    """The non-empty minute slots of one hour: dense media slot, minute of the hour, and rows
+    of view_time, starts, unique viewers of that minute."""
+
+    slots: np.ndarray
+    minute: np.ndarray
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.slots.nbytes + self.minute.nbytes + self.values.nbytes)
+
+
+@dataclass(frozen=True)
+class DayViewers:
+    """One day's viewer-days sorted by (media, user), with the hours of the day (bit h) in
+    which the user had an event on the item."""
+
+    media: np.ndarray
+    user: np.ndarray
+    hours: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.media.nbytes + self.user.nbytes + self.hours.nbytes)
+
+
+Entry = BucketRollup | MinuteRollup | DayViewers
+
+
+class RollupCache:
+    """Least-recently-used rollups under a byte budget, each filed under its bucket version."""
+
+    def __init__(self, versions: BucketVersions, budget_bytes: int) -> None:
+        self.versions = versions
+        self.budget = max(0, budget_bytes)
+        self.media = MediaSlots()
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, int, int, int], tuple[int, Entry]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.loads = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def get(
+        self, kind: str, partition: int, size: int, start: int, load: Callable[[], Entry]
+    ) -> Entry:
+        """The current rollup of a bucket: cached, or loaded (the version is read first)."""
+        key = (kind, partition, size, start)
+        version = self.versions.version(partition, size, start)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None and found[0] == version:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return found[1]
+        entry = load()
+        with self._lock:
+            self.loads += 1
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1].nbytes
+            if entry.nbytes <= self.budget:
+                self._entries[key] = (version, entry)
+                self._bytes += entry.nbytes
+            while self._bytes > self.budget and self._entries:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped.nbytes
+        return entry
+
+
+# --- pure helpers -----------------------------------------------------------------------------
+
+
+def hour_masks(bitmaps: Sequence[bytes]) -> np.ndarray:
+    """24-bit masks (bit h: a minute of hour h is set) of 1440-bit minute bitmaps."""
+    if not bitmaps:
+        return np.zeros(0, np.uint32)
+    bits = np.unpackbits(
+        np.frombuffer(b"".join(bitmaps), np.uint8).reshape(len(bitmaps), k.BITMAP_BYTES),
+        axis=1,
+        bitorder="little",
+    )
+    any_hour = bits.reshape(len(bitmaps), 24, 60).any(axis=2)
+    return np.asarray(any_hour.astype(np.uint32) @ HOUR_BITS, np.uint32)
+
+
+def hour_mask(first_hour: int, end_hour: int) -> int:
+    """Mask of the hours of a day in [first_hour, end_hour)."""
+    first_hour, end_hour = max(0, first_hour), min(24, end_hour)
+    if end_hour <= first_hour:
+        return 0
+    return ((1 << end_hour) - 1) ^ ((1 << first_hour) - 1)
+
+
+def rows_of(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `sorted_ids` whose id is in `wanted` (ascending, distinct), and for each the
+    position of its id in `wanted`: contiguous runs found by binary search, no scan."""
+    lo = np.searchsorted(sorted_ids, wanted, "left")
+    hi = np.searchsorted(sorted_ids, wanted, "right")
+    lengths = hi - lo
+    total = int(lengths.sum())
+    if total == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty
+    owner = np.repeat(np.arange(len(wanted)), lengths)
+    run_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    rows = np.repeat(lo, lengths) + (np.arange(total) - run_start)
+    return rows, owner
+
+
+def distinct_per_owner(owner: np.ndarray, user: np.ndarray, owners: int) -> np.ndarray:
+    """Number of distinct users per owner (0..owners-1) of (owner, user) pairs."""
+    if len(owner) == 0:
+        return np.zeros(owners, np.int64)
+    low, high = int(user.min()), int(user.max())
+    span = high - low + 1
+    if span * owners < 1 << 62:
+        codes = np.unique(owner * span + (user - low))
+        return np.bincount(codes // span, minlength=owners).astype(np.int64)
+    order = np.lexsort((user, owner))
+    o, u = owner[order], user[order]
+    first = np.ones(len(o), bool)
+    first[1:] = (o[1:] != o[:-1]) | (u[1:] != u[:-1])
+    return np.bincount(o[first], minlength=owners).astype(np.int64)
+
+
+def top_slots(values: np.ndarray, ids: np.ndarray, keep: int) -> np.ndarray:
+    """Positions of the best `keep` of `values` (descending), ties by id ascending."""
+    if keep <= 0 or len(values) == 0:
+        return np.zeros(0, np.int64)
+    if len(values) > 4 * keep:
+        threshold = np.partition(values, len(values) - keep)[len(values) - keep]
+        pool = np.flatnonzero(values >= threshold)
+    else:
+        pool = np.arange(len(values))
+    order = np.lexsort((ids[pool], -values[pool]))[:keep]
+    return np.asarray(pool[order], np.int64)
