@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
         "--events", type=int, default=1_000_000, help="events for the ingest upload"
     )
     parser.add_argument("--stats-events", type=int, default=2_000_000)
+    parser.add_argument(
+        "--stats-days", type=float, default=35, help="days of event time of the stats events"
+    )
     parser.add_argument("--recommender-events", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=5_000)
     parser.add_argument("--only", choices=["ingest", "stats", "recommender"], action="append")
@@ -45,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         results["ingest"] = ingest.bench_ingest(config, args.events, args.batch_size, workdir)
         _print_section("ingest", results["ingest"])
     if "stats" in only:
-        results["stats"] = stats.run_bench(config.kafka_bootstrap, events=args.stats_events)
+        results["stats"] = stats.run_bench(
+            config.kafka_bootstrap, events=args.stats_events, days=args.stats_days
+        )
         _print_section("stats", results["stats"])
     if "recommender" in only:
         results["recommender"] = recommender.run_bench(

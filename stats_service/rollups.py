@@ -116,15 +116,34 @@ class MinuteRollup:
 @dataclass(frozen=True)
 class DayViewers:
     """One day's viewer-days sorted by (media, user), with the hours of the day (bit h) in
-    which the user had an event on the item."""
+    which the user had an event on the item, and for each (row, hour) with events the minutes
+    of that hour (`minute_key` = row * 24 + hour, ascending; `minute_bits` bit m = minute m):
+    a range's ragged edge hours are then checked without reading the bitmaps again."""
 
     media: np.ndarray
     user: np.ndarray
     hours: np.ndarray
+    minute_key: np.ndarray
+    minute_bits: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return int(self.media.nbytes + self.user.nbytes + self.hours.nbytes)
+        return int(
+            self.media.nbytes
+            + self.user.nbytes
+            + self.hours.nbytes
+            + self.minute_key.nbytes
+            + self.minute_bits.nbytes
+        )
+
+    def active(self, rows: np.ndarray, hour: int, minutes: int) -> np.ndarray:
+        """Which `rows` had an event in one of `minutes` (a 60-bit mask) of `hour`."""
+        codes = rows * 24 + hour
+        at = np.minimum(np.searchsorted(self.minute_key, codes), len(self.minute_key) - 1)
+        if len(self.minute_key) == 0:
+            return np.zeros(len(rows), bool)
+        found = self.minute_key[at] == codes
+        return np.asarray(found & ((self.minute_bits[at] & np.uint64(minutes)) != 0))
 
 
 Entry = BucketRollup | MinuteRollup | DayViewers
@@ -177,17 +196,24 @@ class RollupCache:
 # --- pure helpers -----------------------------------------------------------------------------
 
 
-def hour_masks(bitmaps: Sequence[bytes]) -> np.ndarray:
-    """24-bit masks (bit h: a minute of hour h is set) of 1440-bit minute bitmaps."""
-    if not bitmaps:
-        return np.zeros(0, np.uint32)
+def day_viewers(media: np.ndarray, user: np.ndarray, bitmaps: Sequence[bytes]) -> DayViewers:
+    """A day's viewer rows from their 1440-bit minute bitmaps: 24-bit hour masks, and the
+    60-bit minute masks of each (row, hour) with events."""
+    count = len(bitmaps)
+    if count == 0:
+        empty = np.zeros(0, np.int64)
+        return DayViewers(empty, empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint64))
     bits = np.unpackbits(
-        np.frombuffer(b"".join(bitmaps), np.uint8).reshape(len(bitmaps), k.BITMAP_BYTES),
+        np.frombuffer(b"".join(bitmaps), np.uint8).reshape(count, k.BITMAP_BYTES),
         axis=1,
         bitorder="little",
-    )
-    any_hour = bits.reshape(len(bitmaps), 24, 60).any(axis=2)
-    return np.asarray(any_hour.astype(np.uint32) @ HOUR_BITS, np.uint32)
+    ).reshape(count * 24, 60)
+    per_hour = np.packbits(bits, axis=1, bitorder="little")  # (count * 24, 8): 60 bits + pad
+    words = np.ascontiguousarray(per_hour).view("<u8")[:, 0]
+    keys = np.flatnonzero(words)  # = row * 24 + hour, ascending
+    any_hour = (words != 0).reshape(count, 24)
+    hours = np.asarray(any_hour.astype(np.uint32) @ HOUR_BITS, np.uint32)
+    return DayViewers(media, user, hours, keys.astype(np.int64), words[keys].astype(np.uint64))
 
 
 def hour_mask(first_hour: int, end_hour: int) -> int:
@@ -214,12 +240,20 @@ def rows_of(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.
     return rows, owner
 
 
+_MARK_LIMIT = 1 << 24  # cells of the scratch table for distinct counts (bytes)
+
+
 def distinct_per_owner(owner: np.ndarray, user: np.ndarray, owners: int) -> np.ndarray:
-    """Number of distinct users per owner (0..owners-1) of (owner, user) pairs."""
+    """Number of distinct users per owner (0..owners-1) of (owner, user) pairs: marks in a
+    scratch table when the ids are dense enough, else by sorting."""
     if len(owner) == 0:
         return np.zeros(owners, np.int64)
     low, high = int(user.min()), int(user.max())
     span = high - low + 1
+    if span * owners <= _MARK_LIMIT:
+        marks = np.zeros(span * owners, bool)
+        marks[owner * span + (user - low)] = True
+        return np.bincount(np.flatnonzero(marks) // span, minlength=owners).astype(np.int64)
     if span * owners < 1 << 62:
         codes = np.unique(owner * span + (user - low))
         return np.bincount(codes // span, minlength=owners).astype(np.int64)

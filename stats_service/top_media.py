@@ -23,16 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from stats_service import key_layout as k
-from stats_service.aggregation import minute_mask
 from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
     BucketRollup,
     DayViewers,
     MinuteRollup,
     RollupCache,
+    day_viewers,
     distinct_per_owner,
     hour_mask,
-    hour_masks,
     rows_of,
     top_slots,
 )
@@ -113,12 +112,12 @@ class RollupRanker:
         def load() -> DayViewers:
             prefix = k.presence_by_day_prefix(partition) + k.biased(day)
             items = list(self.store.scan(prefix, prefix_end(prefix)))
-            if not items:
-                empty = np.zeros(0, np.int64)
-                return DayViewers(empty, empty, np.zeros(0, np.uint32))
             keys = [key for key, _ in items]  # Q day media user
-            return DayViewers(
-                k.key_columns(keys, 1), k.key_columns(keys, 2), hour_masks([v for _, v in items])
+            if not keys:
+                empty = np.zeros(0, np.int64)
+                return day_viewers(empty, empty, [])
+            return day_viewers(
+                k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in items]
             )
 
         entry = self.cache.get("viewers", partition, k.DAY, day, load)
@@ -214,7 +213,7 @@ class RollupRanker:
                 if len(rows) == 0:
                     continue
                 if start > day or day + k.DAY > end:
-                    take = self._partial_day(p, day, start, end, found, rows)
+                    take = self._partial_day(day, start, end, found, rows)
                     rows, owner = rows[take], owner[take]
                 owners.append(owner)
                 users.append(found.user[rows])
@@ -224,30 +223,25 @@ class RollupRanker:
                 )
         return counts
 
+    @staticmethod
     def _partial_day(
-        self, partition: int, day: int, start: int, end: int, found: DayViewers, rows: np.ndarray
+        day: int, start: int, end: int, found: DayViewers, rows: np.ndarray
     ) -> np.ndarray:
         """Which viewer-day rows of a day cut by the range have an event inside it: by the hour
-        mask for whole hours, by the minute bitmap (one multi-get) for the edge hours."""
+        mask for whole hours, by the hour's minute mask for the (at most two) edge hours."""
         offset_start, offset_end = start - day, end - day
         whole = hour_mask(-(-offset_start // k.HOUR), offset_end // k.HOUR)
         touched = hour_mask(offset_start // k.HOUR, -(-offset_end // k.HOUR))
         hours = found.hours[rows].astype(np.int64)
         take = (hours & whole) != 0
-        check = np.flatnonzero(~take & ((hours & (touched & ~whole)) != 0))
-        if len(check):
-            picked = rows[check]
-            keys = k.pack_keys(
-                k.presence_by_day_prefix(partition),
-                [np.full(len(picked), day, np.int64), found.media[picked], found.user[picked]],
-                (True, False, False),
-            )
-            bitmaps = self.store.get_many(keys)
-            mask = minute_mask(offset_start // k.MINUTE, offset_end // k.MINUTE)
-            mask_bytes = np.frombuffer(mask.to_bytes(k.BITMAP_BYTES, "little"), np.uint8)
-            bits = np.frombuffer(
-                b"".join([b if b is not None else bytes(k.BITMAP_BYTES) for b in bitmaps]),
-                np.uint8,
-            ).reshape(len(picked), k.BITMAP_BYTES)
-            take[check] = (bits & mask_bytes).any(axis=1)
+        for hour in range(24):
+            bit = 1 << hour
+            if not (touched & ~whole) & bit:
+                continue
+            check = np.flatnonzero(~take & ((hours & bit) != 0))
+            if len(check):
+                first = max(0, offset_start - hour * k.HOUR) // k.MINUTE
+                stop = min(k.HOUR, offset_end - hour * k.HOUR) // k.MINUTE
+                minutes = ((1 << stop) - 1) ^ ((1 << first) - 1)
+                take[check] = found.active(rows[check], hour, minutes)
         return take

@@ -77,6 +77,8 @@ def test_distinct_per_owner_and_top_slots() -> None:
     user = np.array([5, 5, 5, 6, 2**62, 7])  # a huge id takes the sorting branch
     assert distinct_per_owner(owner, user, 4).tolist() == [1, 3, 1, 0]
     assert distinct_per_owner(owner[:2], user[:2], 2).tolist() == [1, 0]
+    sparse = np.array([5, 5, 5, 6, 10**7, 7])  # too sparse to mark: sorts codes
+    assert distinct_per_owner(owner, sparse, 4).tolist() == [1, 3, 1, 0]
     values = np.array([3, 9, 9, 1, 9, 0])
     ids = np.array([10, 30, 20, 40, 25, 50])
     assert ids[top_slots(values, ids, 3)].tolist() == [20, 25, 30]
