@@ -62,7 +62,10 @@ async def serve(config: Config) -> None:
         state_dir=config.stats_state_dir,
         group_id=config.stats_group,
         make_processor=lambda store: StatsProcessor(
-            config.heartbeat_seconds, config.stats_trend_retention_days, versions
+            config.heartbeat_seconds,
+            config.stats_trend_retention_days,
+            versions,
+            config.stats_minute_retention_days,
         ),
         make_servicer=lambda store, consumer, processor: StatsServicer(
             StatsReader(store, config.stats_rank_chunk_rows),

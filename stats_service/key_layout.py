@@ -15,6 +15,12 @@ little-endian int64 rows so that numpy reads and writes many of them in one call
   D media day                 -> day bucket (5 x int64)
   h hour media                -> the hour bucket of H (5 x int64), hour-major (ranking index)
   d day media                 -> copy of D, day-major (ranking index)
+  M                           -> first day whose minute detail is still kept (minute retention)
+
+Minute retention (stats_minute_retention_days) prunes a day's minute detail: its P and Q
+bitmaps become 3-byte hour masks (bit h: an event in hour h) and its H rows keep only the hour
+bucket (40 bytes). Readers take both forms: `minute_bitmaps` expands an hour mask to every
+minute of its hours, `hour_rows_and_pruned` says which hour rows lost their minutes.
 
 `day`, `hour` and `minute` are the bucket's start in Unix seconds. The framework's kinds
 (viewevents.state.keys: offsets, watermark, de-duplication) are checked not to clash; its
@@ -35,6 +41,7 @@ KIND_TOTALS = b"T"
 KIND_VIEWER = b"U"
 KIND_PRESENCE = b"P"
 KIND_PRESENCE_BY_DAY = b"Q"
+KIND_MINUTES_KEPT_FROM = b"M"
 
 MINUTE, HOUR, DAY = 60, 3600, 86_400
 # Media-major trend rows per bucket size, and the bucket-major copies kept for ranking.
@@ -48,6 +55,7 @@ check_service_kinds(
         KIND_VIEWER,
         KIND_PRESENCE,
         KIND_PRESENCE_BY_DAY,
+        KIND_MINUTES_KEPT_FROM,
         *KIND_BUCKET.values(),
         *KIND_RANK.values(),
     }
@@ -56,6 +64,7 @@ check_service_kinds(
 BIAS = 1 << 63
 MINUTES_PER_DAY = 1440
 BITMAP_BYTES = MINUTES_PER_DAY // 8
+HOUR_MASK_BYTES = 3  # a pruned day's bitmap: 24 bits, one per hour
 
 TOTALS_FIELDS = 7  # view_time, starts, stops, ends, uniques, first_time, last_time
 BUCKET_FIELDS = 5  # view_time, starts, stops, ends, uniques
@@ -137,6 +146,10 @@ def presence_prefix(partition: int, media_id: int) -> bytes:
     return partition_prefix(partition) + KIND_PRESENCE + u64(media_id)
 
 
+def minutes_kept_from_key(partition: int) -> bytes:
+    return partition_prefix(partition) + KIND_MINUTES_KEPT_FROM
+
+
 def presence_by_day_prefix(partition: int) -> bytes:
     """Prefix of the day-major bitmaps; append biased(day) + u64(media) + u64(user)."""
     return partition_prefix(partition) + KIND_PRESENCE_BY_DAY
@@ -164,6 +177,47 @@ def hour_rows_from_values(values: Sequence[bytes | None]) -> np.ndarray:
     """Stored hour rows (None = absent) as one writable structured array of HOUR_ROW."""
     blob = b"".join([EMPTY_HOUR_ROW if v is None else v for v in values])
     return np.frombuffer(blob, HOUR_ROW).copy()
+
+
+def hour_rows_and_pruned(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Stored hour rows, full or pruned to their hour bucket (minutes then zero), and which
+    were pruned."""
+    pruned = np.array([v is not None and len(v) < HOUR_ROW.itemsize for v in values], bool)
+    if not pruned.any():
+        return hour_rows_from_values(values), pruned
+    tail = bytes(HOUR_ROW.itemsize - 8 * BUCKET_FIELDS)
+    return (
+        hour_rows_from_values(
+            [v + tail if v is not None and cut else v for v, cut in zip(values, pruned)]
+        ),
+        pruned,
+    )
+
+
+def minute_bitmaps(values: Sequence[bytes]) -> np.ndarray:
+    """1440-bit minute bitmaps as an (n, BITMAP_BYTES) uint8 matrix; a pruned day's hour mask
+    stands for every minute of its hours (ranges on pruned days are rounded to hours)."""
+    short = [i for i, v in enumerate(values) if len(v) != BITMAP_BYTES]
+    if not short:
+        return np.frombuffer(b"".join(values), np.uint8).reshape(len(values), BITMAP_BYTES)
+    full = list(values)
+    masks = np.frombuffer(b"".join([values[i] for i in short]), np.uint8).reshape(-1, 3)
+    hours = np.unpackbits(masks, axis=1, bitorder="little")[:, :24].astype(bool)
+    minutes = np.repeat(hours, 60, axis=1)
+    packed = np.packbits(minutes, axis=1, bitorder="little")
+    for i, row in zip(short, packed):
+        full[i] = row.tobytes()
+    return np.frombuffer(b"".join(full), np.uint8).reshape(len(values), BITMAP_BYTES)
+
+
+def hour_mask_values(bitmaps: Sequence[bytes]) -> list[bytes]:
+    """The 3-byte hour masks that replace 1440-bit minute bitmaps when a day is pruned."""
+    if not bitmaps:
+        return []
+    bits = np.unpackbits(minute_bitmaps(bitmaps), axis=1, bitorder="little")
+    hours = bits.reshape(len(bitmaps), 24, 60).any(axis=2)
+    packed = np.packbits(hours, axis=1, bitorder="little")  # (n, 3)
+    return np.frombuffer(packed.tobytes(), f"V{HOUR_MASK_BYTES}").tolist()
 
 
 def values_of_records(rows: np.ndarray) -> list[bytes]:

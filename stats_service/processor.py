@@ -12,12 +12,14 @@ from stats_service import key_layout as k
 from stats_service.aggregation import (
     Columns,
     KeyedCounts,
+    ViewerDays,
     aggregate,
     locate,
     merge_buckets,
     merge_totals,
     merge_viewer_days,
 )
+from stats_service.retention import prune_due_days
 from stats_service.rollups import BucketVersions
 from viewevents.consumer import EventBatch
 from viewevents.state.codecs import BIG_I64
@@ -37,10 +39,16 @@ class StatsProcessor:
         heartbeat_seconds: int = 30,
         trend_retention_days: int = 0,
         versions: BucketVersions | None = None,
+        minute_retention_days: int = 0,
     ) -> None:
         self.heartbeat_seconds = heartbeat_seconds
         self.versions = versions  # the rollup cache's bucket versions, bumped after commit
-        self.retention_seconds = max(0, trend_retention_days) * k.DAY
+        self.minute_retention_seconds = max(0, minute_retention_days) * k.DAY
+        # Events older than the minute retention would land in pruned days: buckets skip them.
+        self.retention_seconds = min(
+            (r for r in (max(0, trend_retention_days) * k.DAY, self.minute_retention_seconds) if r),
+            default=0,
+        )
         self.events_outside_retention = 0
 
     def apply(self, partition: int, events: list, txn: Transaction) -> None:
@@ -126,6 +134,27 @@ class StatsProcessor:
             # The ranking copy holds only the hour's own bucket: whole-hour tiles scan it.
             rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.HOUR], [start, media], (True, False))
             txn.put_many(zip(rank_keys, k.values_from_rows(rows["hour"])))
+        if self.minute_retention_seconds:
+            self._prune(partition, batch.watermark, days, hours.keys, txn)
+
+    def _prune(
+        self,
+        partition: int,
+        watermark: int,
+        days: ViewerDays,
+        hours: list[np.ndarray],
+        txn: Transaction,
+    ) -> None:
+        """Minute retention (stats_service.retention), after the batch's own writes."""
+        pruned = prune_due_days(
+            txn, partition, watermark, self.minute_retention_seconds, days, hours
+        )
+        if pruned and self.versions is not None:
+            starts = np.asarray(pruned, np.int64)
+            self.versions.touch(partition, k.DAY, starts)
+            self.versions.touch(
+                partition, k.HOUR, (starts[:, None] + k.HOUR * np.arange(24)).reshape(-1)
+            )
 
     def _write_days(
         self, prefix: bytes, days: KeyedCounts, new_viewers: KeyedCounts, txn: Transaction

@@ -109,7 +109,7 @@ class StatsReader:
             )
             if not items:
                 continue
-            rows = np.frombuffer(b"".join([v for _, v in items]), k.HOUR_ROW)
+            rows, _ = k.hour_rows_and_pruned([v for _, v in items])  # pruned: no minutes
             hours = [k.unbiased(k.last_column(key)) for key, _ in items]
             if size == k.HOUR:
                 for hour, row in zip(hours, rows["hour"].tolist()):
@@ -271,10 +271,11 @@ class StatsReader:
         if not items:
             return None
         row_keys = [k.hour_row_key_of_rank_key(stream.partition, key) for key, _ in items]
-        rows = k.hour_rows_from_values(self.store.get_many(row_keys))
+        rows, pruned = k.hour_rows_and_pruned(self.store.get_many(row_keys))
         minute = stream.start + k.MINUTE * np.arange(60)
         inside = (minute >= stream.low) & (minute < stream.high)
         sums = (rows["minutes"].astype(np.int64) * inside[None, :, None]).sum(axis=1)
+        sums[pruned] = rows["hour"][pruned]  # minutes pruned: the range rounded to the hour
         media = k.key_columns([key for key, _ in items], 1)  # h hour media
         active = sums[:, 4] > 0
         return media[active], sums[active]
@@ -348,9 +349,7 @@ def _in_range(days: np.ndarray, bitmaps: list[bytes], start: int, end: int) -> n
         rows = partial[days[partial] == day]
         mask = _day_mask(day, start, end) or 0
         mask_bytes = np.frombuffer(mask.to_bytes(k.BITMAP_BYTES, "little"), np.uint8)
-        bits = np.frombuffer(b"".join([bitmaps[i] for i in rows.tolist()]), np.uint8).reshape(
-            len(rows), k.BITMAP_BYTES
-        )
+        bits = k.minute_bitmaps([bitmaps[i] for i in rows.tolist()])
         inside[rows] = (bits & mask_bytes).any(axis=1)
     return inside
 

@@ -102,7 +102,8 @@ class BucketRollup:
 @dataclass(frozen=True)
 class MinuteRollup:
     """The non-empty minute slots of one hour: dense media slot, minute of the hour, and rows
-    of view_time, starts, unique viewers of that minute."""
+    of view_time, starts, unique viewers of that minute. Minute -1 stands for a whole hour
+    whose minutes were pruned (minute retention): any range touching the hour counts it."""
 
     slots: np.ndarray
     minute: np.ndarray
@@ -203,11 +204,9 @@ def day_viewers(media: np.ndarray, user: np.ndarray, bitmaps: Sequence[bytes]) -
     if count == 0:
         empty = np.zeros(0, np.int64)
         return DayViewers(empty, empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint64))
-    bits = np.unpackbits(
-        np.frombuffer(b"".join(bitmaps), np.uint8).reshape(count, k.BITMAP_BYTES),
-        axis=1,
-        bitorder="little",
-    ).reshape(count * 24, 60)
+    bits = np.unpackbits(k.minute_bitmaps(bitmaps), axis=1, bitorder="little").reshape(
+        count * 24, 60
+    )
     per_hour = np.packbits(bits, axis=1, bitorder="little")  # (count * 24, 8): 60 bits + pad
     words = np.ascontiguousarray(per_hour).view("<u8")[:, 0]
     keys = np.flatnonzero(words)  # = row * 24 + hour, ascending

@@ -44,6 +44,16 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         "(older events count in totals only); 0 = unlimited.",
     ),
     Setting(
+        "stats_minute_retention_days",
+        "VIEWEVENTS_STATS_MINUTE_RETENTION_DAYS",
+        0,
+        int,
+        "Days behind a partition's highest event time after which a day's minute detail "
+        "(minute buckets, minute bitmaps) is pruned; hour and day buckets and totals stay, "
+        "older events enter no bucket, ranges on pruned days are rounded to hours; "
+        "0 = keep forever.",
+    ),
+    Setting(
         "stats_max_trend_buckets",
         "VIEWEVENTS_STATS_MAX_TREND_BUCKETS",
         10_000,

@@ -95,14 +95,19 @@ class RollupRanker:
             if not keys:
                 empty = np.zeros(0, np.int64)
                 return MinuteRollup(empty, empty, np.zeros((0, 3), np.int64))
-            rows = k.hour_rows_from_values(
+            rows, pruned = k.hour_rows_and_pruned(
                 self.store.get_many([k.hour_row_key_of_rank_key(partition, key) for key in keys])
             )
             minutes = rows["minutes"]  # (items, 60, 5)
             item, minute = np.nonzero(minutes[:, :, 4] > 0)  # a minute with events has viewers
             slots = self.cache.media.slots(k.key_columns(keys, 1))
             values = minutes[item, minute][:, [0, 1, 4]].astype(np.int64)
-            return MinuteRollup(slots[item], minute.astype(np.int64), values)
+            whole = np.flatnonzero(pruned)  # minutes pruned: one row for the whole hour
+            return MinuteRollup(
+                np.concatenate([slots[item], slots[whole]]),
+                np.concatenate([minute.astype(np.int64), np.full(len(whole), -1, np.int64)]),
+                np.concatenate([values, rows["hour"][whole][:, [0, 1, 4]].astype(np.int64)]),
+            )
 
         entry = self.cache.get("minutes", partition, k.HOUR, hour, load)
         assert isinstance(entry, MinuteRollup)
@@ -144,7 +149,9 @@ class RollupRanker:
                     minutes = self._minutes(p, hour)
                     first = (max(low, hour) - hour) // k.MINUTE
                     stop = (min(high, hour + k.HOUR) - hour) // k.MINUTE
-                    inside = (minutes.minute >= first) & (minutes.minute < stop)
+                    inside = ((minutes.minute >= first) & (minutes.minute < stop)) | (
+                        minutes.minute < 0
+                    )
                     slot_parts.append(minutes.slots[inside])
                     value_parts.append(minutes.values[inside])
         count = len(self.cache.media)
