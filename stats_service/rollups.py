@@ -2,9 +2,9 @@
 reads a bounded number of cached entries instead of every index row of the range.
 
 A rollup is one (partition, hour or day) bucket with all of its media as columns: the ranking
-index rows (`h`, `d`) of the bucket, read with one scan. An edge hour's minute slots (from the
-`H` rows) and a day's viewer rows (from the day-major bitmaps `Q`, reduced to a 24-bit mask of
-the hours in which the user had an event) are rollups too. Entries are built on first use and
+index rows (`h`, `d`) of the bucket, read with one scan. A day's viewer rows (from the
+day-major bitmaps `Q`, reduced to a 24-bit mask of the hours in which the user had an event and
+60-bit minute masks of those hours) are rollups too. Entries are built on first use and
 kept in a least-recently-used cache under a byte budget.
 
 Freshness: the processor notes which (partition, hour) and (partition, day) buckets a batch
@@ -100,21 +100,6 @@ class BucketRollup:
 
 
 @dataclass(frozen=True)
-class MinuteRollup:
-    """The non-empty minute slots of one hour: dense media slot, minute of the hour, and rows
-    of view_time, starts, unique viewers of that minute. Minute -1 stands for a whole hour
-    whose minutes were pruned (minute retention): any range touching the hour counts it."""
-
-    slots: np.ndarray
-    minute: np.ndarray
-    values: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.slots.nbytes + self.minute.nbytes + self.values.nbytes)
-
-
-@dataclass(frozen=True)
 class DayViewers:
     """One day's viewer-days sorted by (media, user), with the hours of the day (bit h) in
     which the user had an event on the item, and for each (row, hour) with events the minutes
@@ -147,7 +132,7 @@ class DayViewers:
         return np.asarray(found & ((self.minute_bits[at] & np.uint64(minutes)) != 0))
 
 
-Entry = BucketRollup | MinuteRollup | DayViewers
+Entry = BucketRollup | DayViewers
 
 
 class RollupCache:

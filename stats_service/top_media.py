@@ -2,7 +2,11 @@
 number of cached entries per range.
 
 View time and starts add up over time: the range is tiled (whole days, whole hours, the minutes
-at the ragged edges) and each tile's per-media sums come from one rollup per partition.
+at the ragged edges) and each whole tile's per-media sums come from one rollup per partition.
+An edge hour (partly inside the range) adds between nothing and its whole hour, so the exact
+minutes of the edge hours are read (one multi-get of hour rows) only for the items that could
+still make the page, and for those that have no event in a whole tile (are they in the range
+at all?).
 
 Unique viewers do not add up over time (a user watching two hours is one viewer), but they do
 add up across partitions (a user's events are all in one partition). They are found by
@@ -27,7 +31,6 @@ from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
     BucketRollup,
     DayViewers,
-    MinuteRollup,
     RollupCache,
     day_viewers,
     distinct_per_owner,
@@ -35,11 +38,34 @@ from stats_service.rollups import (
     rows_of,
     top_slots,
 )
-from viewevents.state.keys import prefix_end
+from viewevents.state.keys import partition_prefix, prefix_end
 from viewevents.state.store import StateStore
 
 VIEW_TIME, STARTS, VIEWERS = 0, 1, 2
 _EXACT_CHUNK = 2_000  # items per exact union: bounds the pairs held at once
+
+
+@dataclass
+class _Tiles:
+    """A range's whole tiles summed per media slot and its edge hours' whole-hour sums (rows
+    of view time, starts, viewers, rows count), and the edge hours themselves."""
+
+    inside: np.ndarray
+    edge: np.ndarray
+    edges: list[tuple[int, int, int, int, BucketRollup]]  # partition, hour, minutes, rollup
+
+
+def _sum_rollups(rollups: Sequence[BucketRollup], count: int) -> np.ndarray:
+    """Per slot: view time, starts, viewers summed over the rollups, and how many rows."""
+    out = np.zeros((count, 4), np.int64)
+    if not rollups:
+        return out
+    slots = np.concatenate([r.slots for r in rollups])
+    values = np.concatenate([r.values for r in rollups])
+    for c in range(3):
+        out[:, c] = np.rint(np.bincount(slots, weights=values[:, c], minlength=count))
+    out[:, 3] = np.bincount(slots, minlength=count)
+    return out
 
 
 @dataclass
@@ -88,31 +114,6 @@ class RollupRanker:
         assert isinstance(entry, BucketRollup)
         return entry
 
-    def _minutes(self, partition: int, hour: int) -> MinuteRollup:
-        def load() -> MinuteRollup:
-            prefix = k.rank_prefix(partition, k.HOUR) + k.biased(hour)
-            keys = [key for key, _ in self.store.scan(prefix, prefix_end(prefix))]
-            if not keys:
-                empty = np.zeros(0, np.int64)
-                return MinuteRollup(empty, empty, np.zeros((0, 3), np.int64))
-            rows, pruned = k.hour_rows_and_pruned(
-                self.store.get_many([k.hour_row_key_of_rank_key(partition, key) for key in keys])
-            )
-            minutes = rows["minutes"]  # (items, 60, 5)
-            item, minute = np.nonzero(minutes[:, :, 4] > 0)  # a minute with events has viewers
-            slots = self.cache.media.slots(k.key_columns(keys, 1))
-            values = minutes[item, minute][:, [0, 1, 4]].astype(np.int64)
-            whole = np.flatnonzero(pruned)  # minutes pruned: one row for the whole hour
-            return MinuteRollup(
-                np.concatenate([slots[item], slots[whole]]),
-                np.concatenate([minute.astype(np.int64), np.full(len(whole), -1, np.int64)]),
-                np.concatenate([values, rows["hour"][whole][:, [0, 1, 4]].astype(np.int64)]),
-            )
-
-        entry = self.cache.get("minutes", partition, k.HOUR, hour, load)
-        assert isinstance(entry, MinuteRollup)
-        return entry
-
     def _day_viewers(self, partition: int, day: int) -> DayViewers:
         def load() -> DayViewers:
             prefix = k.presence_by_day_prefix(partition) + k.biased(day)
@@ -131,58 +132,93 @@ class RollupRanker:
 
     # --- the ranking ------------------------------------------------------------------------
 
-    def sums(self, partitions: Sequence[int], start: int, end: int) -> tuple[np.ndarray, ...]:
-        """Per dense media slot over minute-aligned [start, end): view time, starts, an upper
-        bound of the unique viewers (the sum of the tiles' counts), and whether the item has
-        an event there."""
-        slot_parts: list[np.ndarray] = []
-        value_parts: list[np.ndarray] = []
+    def _tiles(self, partitions: Sequence[int], start: int, end: int) -> _Tiles:
+        """Exact per-slot sums of the range's whole days and hours, and per edge hour (an
+        hour only partly inside) its whole-hour rollup: an upper bound of its part."""
+        whole: list[BucketRollup] = []
+        edges: list[tuple[int, int, int, int, BucketRollup]] = []
         for size, low, high in tiles(start, end):
             for p in partitions:
                 if size != k.MINUTE:
-                    for bucket in range(low, high, size):
-                        rollup = self._bucket(p, size, bucket)
-                        slot_parts.append(rollup.slots)
-                        value_parts.append(rollup.values)
+                    whole.extend(self._bucket(p, size, b) for b in range(low, high, size))
                     continue
                 for hour in range(floor_to(low, k.HOUR), high, k.HOUR):
-                    minutes = self._minutes(p, hour)
                     first = (max(low, hour) - hour) // k.MINUTE
                     stop = (min(high, hour + k.HOUR) - hour) // k.MINUTE
-                    inside = ((minutes.minute >= first) & (minutes.minute < stop)) | (
-                        minutes.minute < 0
-                    )
-                    slot_parts.append(minutes.slots[inside])
-                    value_parts.append(minutes.values[inside])
+                    edges.append((p, hour, first, stop, self._bucket(p, k.HOUR, hour)))
         count = len(self.cache.media)
-        slots = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
-        values = np.concatenate(value_parts) if value_parts else np.zeros((0, 3), np.int64)
-        columns = [
-            np.rint(np.bincount(slots, weights=values[:, c], minlength=count)).astype(np.int64)
-            for c in range(3)
-        ]
-        present = np.bincount(slots, minlength=count) > 0
-        return columns[0], columns[1], columns[2], present
+        inside = _sum_rollups(whole, count)
+        return _Tiles(inside, _sum_rollups([e[4] for e in edges], count), edges)
+
+    def _edge_exact(self, found: _Tiles, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The edge hours' exact part inside the range for the items at `slots` (ascending):
+        their hour rows' minute slots in the range (one multi-get per edge hour, only these
+        items), or the whole hour when its minutes were pruned. Returns (rows of view time,
+        starts, minute viewers, and whether the item has an event there)."""
+        sums = np.zeros((len(slots), 3), np.int64)
+        if len(slots) == 0:
+            return sums, np.zeros(0, bool)
+        for p, hour, first, stop, rollup in found.edges:
+            hit = np.isin(rollup.slots, slots)
+            if not hit.any():
+                continue
+            media = self.cache.media.ids[rollup.slots[hit]]
+            keys = k.pack_keys(
+                partition_prefix(p) + k.KIND_BUCKET[k.HOUR],
+                [media, np.full(len(media), hour, np.int64)],
+                (False, True),
+            )
+            rows, pruned = k.hour_rows_and_pruned(self.store.get_many(keys))
+            part = rows["minutes"][:, first:stop].astype(np.int64).sum(axis=1)[:, [0, 1, 4]]
+            part[pruned] = rows["hour"][pruned][:, [0, 1, 4]]  # pruned: the whole hour counts
+            np.add.at(sums, np.searchsorted(slots, rollup.slots[hit]), part)
+        return sums, sums[:, 2] > 0  # an event in a minute gives that minute a viewer
 
     def top(
         self, partitions: Sequence[int], start: int, end: int, column: int, keep: int
     ) -> Ranking:
-        """The best `keep` items by `column` (VIEW_TIME, STARTS or VIEWERS), ties by media id."""
-        view_time, starts, bound, present = self.sums(partitions, start, end)
+        """The best `keep` items by `column` (VIEW_TIME, STARTS or VIEWERS), ties by media id.
+
+        Whole tiles give exact sums; an edge hour adds between nothing and its whole hour. The
+        edge hours' exact parts are read only for items that have no event in whole tiles
+        (whether they are in the range at all) and, by view time or starts, for items whose
+        upper bound reaches the keep-th best lower bound (the others cannot make the page)."""
+        found = self._tiles(partitions, start, end)
+        inside, edge = found.inside, found.edge
+        in_whole = inside[:, 3] > 0
+        in_edge = edge[:, 3] > 0
+        need = np.flatnonzero(in_edge & ~in_whole)  # in the range only if the edges say so
+        if column != VIEWERS:
+            lower = inside[:, column]
+            best = np.sort(lower[in_whole])[::-1]
+            floor = int(best[keep - 1]) if len(best) >= keep else -1
+            touch = np.flatnonzero(in_edge & in_whole & (lower + edge[:, column] >= floor))
+            need = np.union1d(need, touch)
+        extra, present_extra = self._edge_exact(found, need)
+        present = in_whole.copy()
+        present[need] = in_whole[need] | present_extra
+        # Items touching an edge hour but not refined keep their bound-less lower value:
+        # only ranked by viewers (below) or, by other metrics, provably below the page.
+        exact_known = ~in_edge
+        exact_known[need] = True
+        values = inside[:, :3].copy()
+        values[need] += extra
         slots = np.flatnonzero(present)
         ids = self.cache.media.ids[slots]
         rows = np.zeros((len(slots), 3), np.int64)
-        rows[:, 0], rows[:, 1] = view_time[slots], starts[slots]
+        rows[:, :2] = values[slots, :2]
         if column != VIEWERS:
-            best = top_slots(rows[:, column], ids, keep)
-            return Ranking(ids[best].tolist(), rows[best], len(slots))
+            pool = np.flatnonzero(exact_known[slots])
+            best_rows = pool[top_slots(rows[pool, column], ids[pool], keep)]
+            return Ranking(ids[best_rows].tolist(), rows[best_rows], len(slots))
+        bound = inside[slots, 2] + edge[slots, 2]  # tile counts add up to at least the union
         exact = np.full(len(slots), -1, np.int64)
-        first = top_slots(bound[slots], ids, min(len(slots), 2 * keep))
+        first = top_slots(bound, ids, min(len(slots), 2 * keep))
         self._fill_exact(partitions, start, end, ids, first, exact)
         done = exact[first]
         if len(done) >= keep:
             floor = int(np.sort(done)[len(done) - keep])
-            rest = np.flatnonzero((bound[slots] >= floor) & (exact < 0))
+            rest = np.flatnonzero((bound >= floor) & (exact < 0))
             self._fill_exact(partitions, start, end, ids, rest, exact)
         known = np.flatnonzero(exact >= 0)
         rows[:, 2] = exact
