@@ -397,7 +397,7 @@ class StatsServicer:
         position = self._local_position(partitions)
         column = request_parsing.METRIC_COLUMN[query.metric]
 
-        def compute() -> tuple[list[int], np.ndarray, int]:
+        def compute() -> tuple[list[int], np.ndarray, bool]:
             ranking = ranker.top(
                 partitions, query.start, query.end, column, query.offset + query.limit
             )
@@ -410,14 +410,14 @@ class StatsServicer:
                 order = np.argsort(chosen)
                 ids = np.asarray(chosen, np.int64)[order]
                 values[order, 2] = ranker.viewers(partitions, ids, query.start, query.end)
-            return chosen, values, ranking.total
+            return chosen, values, ranking.more
 
         async with self._scans:
-            chosen, values, total = await asyncio.to_thread(compute)
+            chosen, values, more = await asyncio.to_thread(compute)
         following = query.offset + query.limit
         token = (
             request_parsing.encode_page_token(query.fingerprint, following, self.page_token_secret)
-            if following < total
+            if more
             else ""
         )
         media = [

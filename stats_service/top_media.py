@@ -71,11 +71,12 @@ def _sum_rollups(rollups: Sequence[BucketRollup], count: int) -> np.ndarray:
 @dataclass
 class Ranking:
     """The best `keep` items of a range: ids best first, their (view_time, starts, viewers)
-    rows (viewers filled in only when ranked by them), and how many items the range has."""
+    rows (viewers filled in only when ranked by them), and whether the range has more items
+    than `keep` (another page)."""
 
     media: list[int]
     values: np.ndarray
-    total: int
+    more: bool
 
 
 class RollupRanker:
@@ -180,38 +181,53 @@ class RollupRanker:
         """The best `keep` items by `column` (VIEW_TIME, STARTS or VIEWERS), ties by media id.
 
         Whole tiles give exact sums; an edge hour adds between nothing and its whole hour. The
-        edge hours' exact parts are read only for items that have no event in whole tiles
-        (whether they are in the range at all) and, by view time or starts, for items whose
-        upper bound reaches the keep-th best lower bound (the others cannot make the page)."""
+        edge hours' exact parts are read only for items whose upper bound reaches the keep-th
+        best lower bound (the others cannot make the page), and for items seen only in edge
+        hours when the page needs to know whether they are in the range at all."""
         found = self._tiles(partitions, start, end)
         inside, edge = found.inside, found.edge
         in_whole = inside[:, 3] > 0
         in_edge = edge[:, 3] > 0
-        need = np.flatnonzero(in_edge & ~in_whole)  # in the range only if the edges say so
-        if column != VIEWERS:
-            lower = inside[:, column]
-            best = np.sort(lower[in_whole])[::-1]
-            floor = int(best[keep - 1]) if len(best) >= keep else -1
-            touch = np.flatnonzero(in_edge & in_whole & (lower + edge[:, column] >= floor))
-            need = np.union1d(need, touch)
+        maybe = in_edge & ~in_whole  # in the range only if their edge minutes say so
+        if column == VIEWERS:
+            return self._top_viewers(partitions, start, end, found, in_whole, maybe, keep)
+        lower = inside[:, column]
+        best = np.sort(lower[in_whole])[::-1]
+        floor = int(best[keep - 1]) if len(best) >= keep else -1
+        need = np.flatnonzero(in_edge & (lower + edge[:, column] >= floor))
         extra, present_extra = self._edge_exact(found, need)
         present = in_whole.copy()
-        present[need] = in_whole[need] | present_extra
-        # Items touching an edge hour but not refined keep their bound-less lower value:
-        # only ranked by viewers (below) or, by other metrics, provably below the page.
-        exact_known = ~in_edge
-        exact_known[need] = True
+        present[need] |= present_extra
         values = inside[:, :3].copy()
         values[need] += extra
-        slots = np.flatnonzero(present)
+        refined = ~in_edge
+        refined[need] = True
+        # Not refined: an upper bound below `floor`, which keep items reach: off the page.
+        pool = np.flatnonzero(present & refined)
+        ids = self.cache.media.ids[pool]
+        rows = values[pool]
+        rows[:, 2] = 0
+        best_rows = top_slots(rows[:, column], ids, keep)
+        undecided = maybe.copy()
+        undecided[need] = False
+        more = self._more(found, int(present.sum()), np.flatnonzero(undecided), keep)
+        return Ranking(ids[best_rows].tolist(), rows[best_rows], more)
+
+    def _top_viewers(
+        self,
+        partitions: Sequence[int],
+        start: int,
+        end: int,
+        found: _Tiles,
+        in_whole: np.ndarray,
+        maybe: np.ndarray,
+        keep: int,
+    ) -> Ranking:
+        """By unique viewers: bound (the tiles' counts summed, edge hours whole) and refine
+        (exact unions, which are 0 exactly for items without an event in the range)."""
+        slots = np.flatnonzero(in_whole | maybe)
         ids = self.cache.media.ids[slots]
-        rows = np.zeros((len(slots), 3), np.int64)
-        rows[:, :2] = values[slots, :2]
-        if column != VIEWERS:
-            pool = np.flatnonzero(exact_known[slots])
-            best_rows = pool[top_slots(rows[pool, column], ids[pool], keep)]
-            return Ranking(ids[best_rows].tolist(), rows[best_rows], len(slots))
-        bound = inside[slots, 2] + edge[slots, 2]  # tile counts add up to at least the union
+        bound = found.inside[slots, 2] + found.edge[slots, 2]
         exact = np.full(len(slots), -1, np.int64)
         first = top_slots(bound, ids, min(len(slots), 2 * keep))
         self._fill_exact(partitions, start, end, ids, first, exact)
@@ -220,10 +236,28 @@ class RollupRanker:
             floor = int(np.sort(done)[len(done) - keep])
             rest = np.flatnonzero((bound >= floor) & (exact < 0))
             self._fill_exact(partitions, start, end, ids, rest, exact)
-        known = np.flatnonzero(exact >= 0)
+        known = np.flatnonzero(exact > 0)
+        rows = np.zeros((len(slots), 3), np.int64)
+        rows[:, :2] = found.inside[slots, :2]
         rows[:, 2] = exact
         best = known[top_slots(exact[known], ids[known], keep)]
-        return Ranking(ids[best].tolist(), rows[best], len(slots))
+        touching = found.edge[slots[best], 3] > 0
+        if touching.any():  # the page's view time and starts: add their exact edge minutes
+            page = np.sort(slots[best][touching])
+            extra, _ = self._edge_exact(found, page)
+            rows[np.searchsorted(slots, page), :2] += extra[:, :2]
+        present = int((exact > 0).sum()) + int((in_whole[slots] & (exact < 0)).sum())
+        undecided = slots[maybe[slots] & (exact < 0)]
+        more = self._more(found, present, undecided, keep)
+        return Ranking(ids[best].tolist(), rows[best], more)
+
+    def _more(self, found: _Tiles, present: int, undecided: np.ndarray, keep: int) -> bool:
+        """Whether the range has more than `keep` items: `present` are known to be in it, the
+        `undecided` (seen only in edge hours) are checked only when the answer depends on them."""
+        if present > keep or present + len(undecided) <= keep:
+            return present > keep
+        _, in_range = self._edge_exact(found, np.sort(undecided))
+        return present + int(in_range.sum()) > keep
 
     def _fill_exact(
         self,
