@@ -15,8 +15,8 @@ tile's count is exact, and a viewer counted in several tiles is counted too ofte
 count (the union of the item's viewers over the range) is computed for the best items by that
 bound, the k-th best exact count then prunes every item whose bound is below it, and the exact
 count is computed for those that remain. Exact unions read the day's viewer rows (a 24-bit mask
-of hours per viewer-day): whole days and whole hours from the mask, and only the viewers seen
-solely in a ragged edge hour have their minute bitmap read.
+of hours per viewer-day, and a 60-bit mask of minutes per active viewer-hour): whole days and
+whole hours from the hour mask, the ragged edge hours from the minute masks.
 """
 
 from __future__ import annotations
