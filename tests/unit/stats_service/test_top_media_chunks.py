@@ -18,7 +18,9 @@ import pytest
 
 from stats_service import request_parsing
 from stats_service.reader import StatsReader
+from stats_service.rollups import BucketVersions, RollupCache
 from stats_service.servicer import StatsServicer
+from stats_service.top_media import RollupRanker
 from tests.support.stats_state import Brute, load, partition, random_events
 from viewevents.state.store import StateStore
 from viewevents.v1 import stats_service_pb2 as pb
@@ -74,11 +76,16 @@ def test_tiny_chunks_give_the_brute_force_figures(state: Any, chunk_rows: int) -
             assert len(chunks) > 1  # the merge really ran in several chunks
 
 
-@pytest.mark.parametrize("chunk_rows", [3, 20_000])
-def test_every_page_of_every_ranking_matches_brute_force(state: Any, chunk_rows: int) -> None:
+@pytest.mark.parametrize("chunk_rows, rollups", [(3, False), (20_000, False), (20_000, True)])
+def test_every_page_of_every_ranking_matches_brute_force(
+    state: Any, chunk_rows: int, rollups: bool
+) -> None:
     store, brute, span = state
     servicer = StatsServicer(
-        StatsReader(store, chunk_rows=chunk_rows), _Consumer(), request_parsing.Limits()
+        StatsReader(store, chunk_rows=chunk_rows),
+        _Consumer(),
+        request_parsing.Limits(),
+        ranker=RollupRanker(store, RollupCache(BucketVersions(), 1 << 24)) if rollups else None,
     )
     for start, end in ranges(span, random.Random(5), 4):
         expected = brute.top(start, end)
