@@ -31,7 +31,8 @@ class StatsProcessor:
     """Implements viewevents.consumer.Processor for the stats service.
 
     Holds no state of its own between batches (everything is in RocksDB), so gRPC handlers in
-    other threads never race with it.
+    other threads never race with it; it only bumps the rollup cache's bucket versions (behind
+    their own lock) after each commit.
     """
 
     def __init__(
