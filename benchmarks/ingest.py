@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
 
@@ -119,6 +120,12 @@ def producer_performance(
     return {"records_per_s": rate, "summary": final.strip()}
 
 
+def _cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU time of the service so far: its cost per event, whatever the load."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 def bench_ingest(
     config: settings.Config, events: int, batch_size: int, workdir: Path
 ) -> dict[str, Any]:
@@ -141,10 +148,12 @@ def bench_ingest(
         workdir / "ingest.log",
     )
     rss = PeakRss(service.pid)
+    cpu_before = _cpu_seconds(rss.process)
     try:
         summary, elapsed = upload_raw(
             config.ingest_address, requests, min(events, 1_000_000), repeat
         )
+        cpu = _cpu_seconds(rss.process) - cpu_before
     finally:
         peak = rss.stop()
         stop_service(service)
@@ -160,6 +169,7 @@ def bench_ingest(
         "seconds": round(elapsed, 2),
         "upload_events_per_s": round(ours),
         "service_peak_rss_mb": round(peak, 1),
+        "service_cpu_us_per_event": round(cpu / total * 1e6, 2),
         "kafka_producer_perf_records_per_s": round(kafka["records_per_s"]),
         "ratio_upload_to_kafka_perf": round(ours / kafka["records_per_s"], 3),
         "kafka_perf_summary": kafka["summary"],

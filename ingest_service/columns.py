@@ -36,16 +36,38 @@ def surely_valid(
     """(mask, user_ids): mask[i] means events[i] has no violation; False means "check it one by
     one" (it may still be valid). user_ids are the events' user ids as int64."""
     count = len(events)
-    media = np.fromiter(map(_MEDIA, events), np.int64, count)
     users = np.fromiter(map(_USER, events), np.int64, count)
-    kinds = np.fromiter(map(_TYPE, events), np.int64, count)
-    id_chars = np.fromiter(map(len, map(_EVENT_ID, events)), np.int64, count)
-    has_time = np.fromiter(map(_HAS_TIME, events), bool, count)
     times = list(map(_TIME, events))
-    seconds = np.fromiter(map(_SECONDS, times), np.int64, count)
-    nanos = np.fromiter(map(_NANOS, times), np.int64, count)
+    mask = surely_valid_columns(
+        media=np.fromiter(map(_MEDIA, events), np.int64, count),
+        users=users,
+        kinds=np.fromiter(map(_TYPE, events), np.int64, count),
+        id_chars=np.fromiter(map(len, map(_EVENT_ID, events)), np.int64, count),
+        has_time=np.fromiter(map(_HAS_TIME, events), bool, count),
+        seconds=np.fromiter(map(_SECONDS, times), np.int64, count),
+        nanos=np.fromiter(map(_NANOS, times), np.int64, count),
+        now_seconds=now_seconds,
+        limits=limits,
+    )
+    return mask, users
+
+
+def surely_valid_columns(
+    *,
+    media: np.ndarray,
+    users: np.ndarray,
+    kinds: np.ndarray,
+    id_chars: np.ndarray,
+    has_time: np.ndarray,
+    seconds: np.ndarray,
+    nanos: np.ndarray,
+    now_seconds: float,
+    limits: Limits,
+) -> np.ndarray:
+    """`surely_valid`'s mask from the events' fields as int64 columns (id_chars: the event id's
+    length in characters), however they were read: message attributes or the wire bytes."""
     instant = seconds + nanos / 1e9
-    mask = (
+    return (
         (id_chars > 0)
         & (id_chars * 4 <= limits.max_event_id_bytes)  # any UTF-8 fits then
         & (media > 0)
@@ -57,7 +79,6 @@ def surely_valid(
         & (instant < now_seconds + limits.max_future_skew_seconds - _MARGIN_SECONDS)
         & (instant > now_seconds - limits.max_event_age_seconds + _MARGIN_SECONDS)
     )
-    return mask, users
 
 
 def murmur2_partitions(keys: Sequence[bytes], partitions: int) -> np.ndarray:

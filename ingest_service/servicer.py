@@ -6,34 +6,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
-import numpy as np
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from google.protobuf import timestamp_pb2
 
-from ingest_service.columns import surely_valid
+from ingest_service.planning import from_messages, plan
 from ingest_service.producers import Producers
-from ingest_service.validation import (
-    Limits,
-    abbreviate,
-    dead_letter_copy,
-    validate_event,
-    validate_record_size,
-)
+from ingest_service.raw_requests import ScannedRequest, scan_upload_request
+from ingest_service.validation import Limits, abbreviate, dead_letter_copy
 from ingest_service.writer import PartitionedWriter
 from viewevents.config import Config
 from viewevents.kafka import REJECTED_EVENT_HEADERS, VIEW_EVENT_HEADERS, KeyPartitioner, user_key
 from viewevents.metrics import EVENTS_ACCEPTED, EVENTS_RECEIVED, EVENTS_REJECTED
-from viewevents.rpc.errors import Unparseable, abort_bad_request, reject_unparseable
+from viewevents.rpc.errors import (
+    Unparseable,
+    abort_bad_request,
+    lenient_parser,
+    reject_unparseable,
+)
 from viewevents.v1 import ingest_service_pb2 as pb
 from viewevents.v1 import view_event_pb2
 
 log = logging.getLogger(__name__)
-_serialize = view_event_pb2.ViewEvent.SerializeToString
 CANCEL_GRACE_SECONDS = 0.01
+UploadLike = ScannedRequest | pb.UploadRequest | pb.PublishRequest
+_parse_upload = lenient_parser(pb.UploadRequest)
 
 
 @dataclass
@@ -71,6 +72,10 @@ class IngestServicer:
     timeout, invalid request, Kafka failure) abandons it the same way: no more batches are
     shipped, none is waited for, and no summary is given (see IngestService in the proto).
     """
+
+    # Handed the request bytes, not a parsed message (viewevents.rpc.server.add_service), so
+    # that an upload's events are read without a protobuf message each (raw_requests).
+    RAW_REQUEST_METHODS = frozenset({"Upload", "UploadStream"})
 
     def __init__(
         self,
@@ -157,45 +162,31 @@ class IngestServicer:
 
     async def _ingest(
         self,
-        events: Sequence[view_event_pb2.ViewEvent],
+        request: UploadLike,
         first_index: int,
         tally: _Tally,
         writes: _Writes,
         source: str,
         max_reported: int,
     ) -> None:
-        """Validate a batch, append valid events to the view topic and the rest to the DLQ.
+        """Validate a request's events, append valid ones to the view topic and the rest to the
+        DLQ.
 
         The common case (every event valid) costs a few array passes and C-level maps per
         request; only events the vectorized pre-check cannot vouch for are validated one by one.
         """
         now = time.time()
         limits = self._limits
-        surely, users = surely_valid(events, now, limits)
-        keys = [str(user).encode() for user in users.tolist()]  # = user_key(user_id)
-        values = list(map(_serialize, events))
-        problems: dict[int, list[view_event_pb2.FieldViolation]] = {}
-        for index in np.flatnonzero(~surely).tolist():
-            violations = validate_event(events[index], now, limits)
-            if violations:
-                problems[index] = violations
-        sizes = np.fromiter(map(len, keys), np.int64, len(keys)) + np.fromiter(
-            map(len, values), np.int64, len(values)
-        )
-        for index in np.flatnonzero(sizes > limits.max_record_bytes).tolist():
-            if index not in problems:
-                too_large = validate_record_size(len(keys[index]), len(values[index]), limits)
-                assert too_large is not None
-                problems[index] = [too_large]
-        if problems:
-            kept = [i for i in range(len(events)) if i not in problems]
-            keys = [keys[i] for i in kept]
-            values = [values[i] for i in kept]
-        await writes.accepted.append_many(keys, values)
-        tally.accepted += len(keys)
-        for offset in sorted(problems):
-            event = events[offset]
-            violations = problems[offset]
+        if isinstance(request, ScannedRequest):
+            events = request.events(now, limits)
+        else:
+            events = from_messages(request.events, now, limits)
+        decided = plan(events, now, limits)
+        await writes.accepted.append_many(decided.keys, decided.values)
+        tally.accepted += len(decided.keys)
+        for offset in sorted(decided.problems):
+            event = events.message(offset)
+            violations = decided.problems[offset]
             tally.rejected += 1
             for violation in violations:
                 EVENTS_REJECTED.labels(violation.field, violation.reason).inc()
@@ -222,11 +213,22 @@ class IngestServicer:
         tally.received += len(events)
         EVENTS_RECEIVED.inc(len(events))
 
+    @staticmethod
+    def _read(request: bytes | pb.UploadRequest | Unparseable) -> UploadLike | Unparseable:
+        """An Upload/UploadStream request as received (raw bytes, see RAW_REQUEST_METHODS):
+        scanned without a message per event when in the plain form, else parsed by protobuf."""
+        if not isinstance(request, bytes):
+            return request  # already parsed (a test calling the handler directly)
+        scanned = scan_upload_request(request)
+        if scanned is not None:
+            return scanned
+        return cast(pb.UploadRequest | Unparseable, _parse_upload(request))
+
     async def _check_request(
         self, context: grpc.aio.ServicerContext, request: object, number: int
     ) -> None:
         await reject_unparseable(context, request)
-        count = len(request.events)  # type: ignore[attr-defined]
+        count = _count(request)
         limit = self._config.max_events_per_request
         if count > limit:
             await context.abort(
@@ -250,10 +252,12 @@ class IngestServicer:
         requests = 0
         started = time.monotonic()
         async with self._writing(context) as writes:
-            async for request in self._requests(request_iterator, context):
+            async for received in self._requests(request_iterator, context):
+                request = self._read(received)
                 await self._check_request(context, request, requests)
+                assert not isinstance(request, Unparseable)
                 await self._ingest(
-                    request.events,
+                    request,
                     tally.received,
                     tally,
                     writes,
@@ -286,12 +290,12 @@ class IngestServicer:
     ) -> AsyncIterator[pb.UploadAck]:
         request_index = 0
         async with self._writing(context) as writes:
-            async for request in self._requests(request_iterator, context):
+            async for received in self._requests(request_iterator, context):
+                request = self._read(received)
                 await self._check_request(context, request, request_index)
+                assert not isinstance(request, Unparseable)
                 tally = _Tally()
-                await self._ingest(
-                    request.events, 0, tally, writes, "UploadStream", len(request.events)
-                )
+                await self._ingest(request, 0, tally, writes, "UploadStream", _count(request))
                 await writes.flush(tally)
                 yield pb.UploadAck(
                     sequence=request.sequence,
@@ -325,7 +329,7 @@ class IngestServicer:
         await self._check_request(context, request, 0)
         tally = _Tally()
         async with self._writing(context) as writes:
-            await self._ingest(request.events, 0, tally, writes, "Publish", len(request.events))
+            await self._ingest(request, 0, tally, writes, "Publish", len(request.events))
             await writes.flush(tally)
         if tally.accepted == 0:
             violations = [
@@ -348,6 +352,12 @@ class IngestServicer:
             rejections=tally.rejections,
             positions=_positions(writes.accepted),
         )
+
+
+def _count(request: object) -> int:
+    if isinstance(request, ScannedRequest):
+        return len(request)
+    return len(request.events)  # type: ignore[attr-defined]
 
 
 def _positions(writer: PartitionedWriter) -> list[view_event_pb2.PartitionOffset]:

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from aiokafka.errors import KafkaTimeoutError
 
 from ingest_service.batches import Batch, BatchBuilder
@@ -53,22 +54,28 @@ class PartitionedWriter:
         self._unacknowledged_records += 1
 
     async def append_many(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
-        """Append records in order, their partitions computed for all at once; awaits only when
-        a batch fills (one call per request instead of one coroutine per event)."""
-        add = self._batches.add_to
+        """Append records, each partition's in order, their partitions computed for all at
+        once and each partition's records appended in one run; awaits only to ship full
+        batches (one call per request instead of one coroutine per event)."""
         partitions = self._partitions_of(keys)
-        for partition, key, value in zip(partitions, keys, values):
-            full = add(partition, key, value)
-            if full is not None:
-                await self._ship(*full)
+        present = np.unique(partitions).tolist() if len(keys) else []
+        for partition in present:
+            if len(present) == 1:
+                run_keys, run_values = keys, values
+            else:
+                rows = np.flatnonzero(partitions == partition).tolist()
+                run_keys = [keys[i] for i in rows]
+                run_values = [values[i] for i in rows]
+            for batch in self._batches.add_run(partition, run_keys, run_values):
+                await self._ship(partition, batch)
         self.records += len(keys)
         self._unacknowledged_records += len(keys)
 
-    def _partitions_of(self, keys: Sequence[bytes]) -> list[int]:
+    def _partitions_of(self, keys: Sequence[bytes]) -> np.ndarray:
         count = getattr(self._partitioner, "partitions", None)
         if isinstance(self._partitioner, KeyPartitioner) and isinstance(count, int):
-            return murmur2_partitions(keys, count).tolist()
-        return list(map(self._partitioner, keys))  # a test's own partitioner
+            return murmur2_partitions(keys, count)
+        return np.array(list(map(self._partitioner, keys)), np.int64)  # a test's own partitioner
 
     async def _ship(self, partition: int, batch: Batch) -> None:
         await self._flow.acquire()

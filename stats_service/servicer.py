@@ -47,6 +47,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["StatsService"]
 PARTITION_SERVICE = ppb.DESCRIPTOR.services_by_name["StatsPartitionService"]
 T = TypeVar("T")
 Position = view_event_pb2.ConsumerPosition
+PartitionOffset = view_event_pb2.PartitionOffset
 TrendPart = tuple[dict[int, list[int]], int, bool]  # buckets, unique viewers, media known
 
 
@@ -133,11 +134,16 @@ class StatsServicer:
     def _local_position(self, partitions: Sequence[int]) -> Position:
         """The position of `partitions` (read before the state they answer from)."""
         wanted = set(partitions)
-        full = self.consumer.position()
+        offsets = getattr(self.consumer, "positions", None)
+        if isinstance(offsets, dict):  # the consumer's own offsets: no message, no state read
+            read = [
+                PartitionOffset(partition=p, offset=offsets[p])
+                for p in sorted(wanted & offsets.keys())
+            ]
+        else:
+            read = [p for p in self.consumer.position().partitions if p.partition in wanted]
         watermark = self.reader.store.watermark(partitions) if partitions else None
-        position = Position(
-            partitions=[p for p in full.partitions if p.partition in wanted], caught_up=True
-        )
+        position = Position(partitions=read, caught_up=True)
         if watermark is not None:
             position.event_time_watermark.seconds = watermark
         return position

@@ -120,9 +120,17 @@ async def gather(
         raise Incomplete(missing)
     addresses = sorted(grouped)
     started = time.monotonic()
-    outcomes = await asyncio.gather(
-        *(asyncio.wait_for(ask(a, grouped[a]), timeout) for a in addresses), return_exceptions=True
-    )
+    outcomes: list[T | BaseException]
+    if len(addresses) == 1:  # one owner (often this instance): no gather task around it
+        try:
+            outcomes = [await asyncio.wait_for(ask(addresses[0], grouped[addresses[0]]), timeout)]
+        except Exception as error:  # noqa: BLE001 - reported like gather's return_exceptions
+            outcomes = [error]
+    else:
+        outcomes = await asyncio.gather(
+            *(asyncio.wait_for(ask(a, grouped[a]), timeout) for a in addresses),
+            return_exceptions=True,
+        )
     partials: list[Partial[T]] = []
     for address, outcome in zip(addresses, outcomes):
         if isinstance(outcome, BaseException):

@@ -132,10 +132,13 @@ def add_service(server: grpc.aio.Server, service_descriptor: object, servicer: o
     """Register `servicer`'s methods for a proto service, parsing requests leniently.
 
     Like the generated add_*Servicer_to_server, but built from the descriptor, with request
-    parsing that hands `Unparseable` to the method rather than failing inside gRPC.
+    parsing that hands `Unparseable` to the method rather than failing inside gRPC. Methods the
+    servicer names in `RAW_REQUEST_METHODS` get the request bytes unparsed (the servicer reads
+    them itself, e.g. without a message per repeated element).
     """
     from google.protobuf import message_factory
 
+    raw = frozenset(getattr(servicer, "RAW_REQUEST_METHODS", ()))
     handlers = {}
     for method in service_descriptor.methods:  # type: ignore[attr-defined]
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -149,7 +152,7 @@ def add_service(server: grpc.aio.Server, service_descriptor: object, servicer: o
         }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             behaviour,
-            request_deserializer=lenient_parser(request_class),
+            request_deserializer=None if method.name in raw else lenient_parser(request_class),
             response_serializer=response_class.SerializeToString,
         )
     server.add_generic_rpc_handlers(
