@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import shutil
@@ -179,6 +180,14 @@ class Service:
     def peak_rss_mb(self) -> float:
         return self.rss.peak_mb() if self.rss is not None else 0.0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the service so far (all its threads, RocksDB's too): the
+        figure that stays meaningful when the shared machine's wall clock is noisy."""
+        if self.rss is None:
+            return 0.0
+        times = self.rss.process.cpu_times()
+        return float(times.user + times.system)
+
     def wait_caught_up(self, total: int, timeout: float = 1800) -> float:
         """Until health says SERVING; a progress bar follows the answers' position."""
         deadline = time.monotonic() + timeout
@@ -335,6 +344,11 @@ def phase(
         seconds = serving - started
         out["catch-up s (process start to SERVING)"] = round(seconds, 1)
         out["events/s (process start to SERVING)"] = round(produced / seconds)
+        cpu = service.cpu_seconds()
+        out["service CPU s to SERVING (events per CPU-second)"] = (
+            f"{cpu:.1f} ({round(produced / cpu) if cpu else 0})"
+        )
+        out["load average at SERVING"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
         logged = service.wait_log(r"caught up[^:\n]*: (\d+) records applied in ([\d.]+) s", 10)
         if logged:
             out["events/s (consumer, from its log)"] = round(
