@@ -119,16 +119,18 @@ def pair_deltas(
     old: np.ndarray,
     touched: np.ndarray,
     lengths: np.ndarray,
-) -> tuple[np.ndarray, list[np.ndarray]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row deltas of updated windows laid end to end (`lengths` each): the items whose row
-    changes (sorted) and, for each, its ROW entries (j, dD_ij, dc_ij) sorted by j.
+    changes (sorted), their ROW entries (j, dD_ij, dc_ij) end to end, each row's sorted by j,
+    and where each row's entries start (one more bound at the end).
 
     Pairs are summed over users; both directions are emitted so that each item's row holds
     all of its neighbours. A pair is one int64 key (dense codes of both items), so the batch's
     pairs are summed with one sort."""
     empty = np.zeros(0, dtype=np.int64)
+    nothing = (empty, np.zeros(0, dtype=ROW), np.zeros(1, dtype=np.int64))
     if len(lengths) == 0:
-        return empty, []
+        return nothing
     media = np.asarray(media, dtype=np.int64)
     new = np.asarray(new, dtype=np.int64)
     old = np.asarray(old, dtype=np.int64)
@@ -147,7 +149,7 @@ def pair_deltas(
     keep = (b != a) & (~touched[b] | (b > a))
     a, b = a[keep], b[keep]
     if len(a) == 0:
-        return empty, []
+        return nothing
     d = new[a] * new[b] - old[a] * old[b]
     c = ((old[a] == 0) | (old[b] == 0)).astype(np.int64)
     ids, code = np.unique(media, return_inverse=True)
@@ -166,4 +168,4 @@ def pair_deltas(
     entries["d"] = np.add.reduceat(d, starts_pair)
     entries["c"] = np.add.reduceat(c, starts_pair)
     bounds = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1], [True])))
-    return ids[x[bounds[:-1]]], [entries[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return ids[x[bounds[:-1]]], entries, bounds

@@ -203,15 +203,18 @@ def encode_windows(
     return [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
 
 
-def _keys(prefix: bytes, *columns: np.ndarray) -> list[bytes]:
-    """prefix + big-endian uint64 of each column, for many keys at once."""
+def _keys(prefix: bytes, *columns: np.ndarray, dtypes: tuple[str, ...] = ()) -> list[bytes]:
+    """prefix + each column big-endian (uint64 unless `dtypes` says), for many keys at once."""
     count = len(columns[0]) if columns else 0
-    width = len(prefix) + 8 * len(columns)
+    types = [np.dtype(t) for t in dtypes] + [np.dtype(">u8")] * (len(columns) - len(dtypes))
+    width = len(prefix) + sum(t.itemsize for t in types)
     out = np.empty((count, width), dtype=np.uint8)
     out[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
-    for k, column in enumerate(columns):
-        at = len(prefix) + 8 * k
-        out[:, at : at + 8] = np.asarray(column, dtype=">u8").view(np.uint8).reshape(-1, 8)
+    at = len(prefix)
+    for column, kind in zip(columns, types, strict=True):
+        size = kind.itemsize
+        out[:, at : at + size] = np.asarray(column, dtype=kind).view(np.uint8).reshape(-1, size)
+        at += size
     data = out.tobytes()
     return [data[i : i + width] for i in range(0, count * width, width)]
 
@@ -222,6 +225,10 @@ def user_keys(partition: int, users: np.ndarray) -> list[bytes]:
 
 def evicted_keys(partition: int, users: np.ndarray, media: np.ndarray) -> list[bytes]:
     return _keys(partition_prefix(partition) + KIND_EVICTED, users, media)
+
+
+def row_keys(partition: int, media: np.ndarray, seqs: np.ndarray) -> list[bytes]:
+    return _keys(partition_prefix(partition) + KIND_ROW, media, seqs, dtypes=(">u8", ">u4"))
 
 
 def item_keys(partition: int, media: np.ndarray) -> list[bytes]:

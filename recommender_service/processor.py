@@ -25,6 +25,7 @@ from recommender_service.batch_plan import (
     outside_mask,
     plan_batch,
 )
+from recommender_service.hot_rows import HotRows
 from recommender_service.incremental import Raised, combine_arrays, pair_deltas
 from recommender_service.settings import RecommenderSettings
 from recommender_service.view import Stamp, View
@@ -67,6 +68,7 @@ class RecommenderProcessor:
         self.settings = settings
         self.stats = ProcessorStats()
         self._pending = _Pending()
+        self.hot = HotRows(settings.hot_rows)
         self._view = self._load()
 
     @property
@@ -127,7 +129,7 @@ class RecommenderProcessor:
 
     def _fold(self, partition: int, raised: Raised, events: int, txn: Transaction) -> None:
         user_keys = keys.user_keys(partition, raised.users)
-        stored = keys.decode_windows(txn.get_many(user_keys))
+        stored = keys.decode_windows(self.hot.get_many(txn, user_keys))
         slot = locate(raised, stored)
         outside = np.zeros(len(slot), dtype=np.int64)
         lookup = np.flatnonzero(outside_mask(raised, stored, slot))
@@ -143,7 +145,7 @@ class RecommenderProcessor:
                     txn.delete(key)  # back in the window (re-written if evicted again)
         plan = plan_batch(raised, stored, slot, outside, self.settings.history_cap)
         if len(plan.seen_only):
-            txn.put_many((key, b"") for key in keys.user_keys(partition, plan.seen_only))
+            self._put(txn, keys.user_keys(partition, plan.seen_only), [b""] * len(plan.seen_only))
         if len(plan.evicted_users):
             txn.put_many(
                 zip(
@@ -152,15 +154,15 @@ class RecommenderProcessor:
                     strict=True,
                 )
             )
-        txn.put_many(
-            zip(
-                keys.user_keys(partition, plan.window_users),
-                keys.encode_windows(plan.has_evicted, plan.lengths, plan.media, plan.new),
-                strict=True,
-            )
+        self._put(
+            txn,
+            keys.user_keys(partition, plan.window_users),
+            keys.encode_windows(plan.has_evicted, plan.lengths, plan.media, plan.new),
         )
-        row_items, rows = pair_deltas(plan.media, plan.new, plan.old, plan.touched, plan.lengths)
-        self._apply_items(partition, raised.items, plan, row_items, rows, txn)
+        row_items, entries, bounds = pair_deltas(
+            plan.media, plan.new, plan.old, plan.touched, plan.lengths
+        )
+        self._apply_items(partition, raised.items, plan, row_items, entries, bounds, txn)
         if plan.new_users:
             counts = keys.counts_key(partition)
             txn.put(
@@ -175,13 +177,15 @@ class RecommenderProcessor:
         seen: np.ndarray,
         plan: BatchPlan,
         row_items: np.ndarray,
-        rows: list[np.ndarray],
+        entries: np.ndarray,
+        bounds: np.ndarray,
         txn: Transaction,
     ) -> None:
-        """Item sums and neighbour-row chunks of the batch; rows due are compacted."""
+        """Item sums and neighbour-row chunks of the batch (row k's entries are
+        entries[bounds[k]:bounds[k + 1]]); rows due are compacted."""
         items = np.union1d(np.union1d(seen, plan.items), row_items)
         item_keys = keys.item_keys(partition, items)
-        records = keys.decode_items(txn.get_many(item_keys))
+        records = keys.decode_items(self.hot.get_many(txn, item_keys))
         deltas = np.zeros((len(items), 3), dtype=np.int64)
         at = np.searchsorted(items, plan.items)
         deltas[at, 0], deltas[at, 1], deltas[at, 2] = plan.ds, plan.dq, plan.dn
@@ -193,27 +197,49 @@ class RecommenderProcessor:
         pending.deltas.append(deltas)
         if len(row_items):
             at = np.searchsorted(items, row_items)
-            sizes = np.fromiter(map(len, rows), np.int64, len(rows))
+            sizes = np.diff(bounds)
             records["deltas"][at] += 1
             records["delta_entries"][at] += sizes
+            chunks = records["deltas"][at]
             due = compaction_due(
-                records["deltas"][at],
+                chunks,
                 records["delta_entries"][at],
                 records["base_entries"][at],
                 self.settings.row_max_deltas,
             )
-            chunks = records["deltas"][at].tolist()
-            for k, (item, entries) in enumerate(zip(row_items.tolist(), rows, strict=True)):
-                if due[k]:
-                    merged = self._compact(partition, item, chunks[k], entries, txn)
-                    records[at[k]]["deltas"] = 0
-                    records[at[k]]["base_entries"] = merged
-                    records[at[k]]["delta_entries"] = 0
-                    pending.compactions += 1
-                else:
-                    txn.put(keys.row_key(partition, item, chunks[k]), entries.tobytes())
-            pending.pairs += int(sizes.sum())
-        txn.put_many(zip(item_keys, keys.encode_items(records), strict=True))
+            blind = np.flatnonzero(~due)
+            data = entries.tobytes()
+            size = entries.itemsize
+            txn.put_many(
+                zip(
+                    keys.row_keys(partition, row_items[blind], chunks[blind]),
+                    [
+                        data[size * lo : size * hi]
+                        for lo, hi in zip(
+                            bounds[blind].tolist(), bounds[blind + 1].tolist(), strict=True
+                        )
+                    ],
+                    strict=True,
+                )
+            )
+            for k in np.flatnonzero(due).tolist():
+                merged = self._compact(
+                    partition,
+                    int(row_items[k]),
+                    int(chunks[k]),
+                    entries[bounds[k] : bounds[k + 1]],
+                    txn,
+                )
+                record = records[at[k]]
+                record["deltas"], record["base_entries"], record["delta_entries"] = 0, merged, 0
+                pending.compactions += 1
+            pending.pairs += len(entries)
+        self._put(txn, item_keys, keys.encode_items(records))
+
+    def _put(self, txn: Transaction, names: list[bytes], values: list[bytes]) -> None:
+        """Write hot keys: into the batch, and into the hot rows once it is committed."""
+        txn.put_many(zip(names, values, strict=True))
+        self.hot.stage(names, values)
 
     def _compact(
         self, partition: int, item: int, deltas: int, entries: np.ndarray, txn: Transaction
@@ -231,6 +257,7 @@ class RecommenderProcessor:
     def committed(self) -> None:
         """Publish the new view: item table plus a snapshot of the state just committed."""
         pending, self._pending = self._pending, _Pending()
+        self.hot.committed()
         snapshot = self.store.db.snapshot()
         partitions = tuple(sorted(set(self._view.partitions).union(keys.partitions_in(self.store))))
         version = self._view.version + 1
