@@ -35,9 +35,10 @@ def test_windows_decode_and_encode_like_one_at_a_time(seed: int) -> None:
     for k, value in enumerate(values):
         start, end = stored.starts[k], stored.starts[k] + stored.lengths[k]
         assert bool(stored.known[k]) == (value is not None)
-        media, w, evicted = keys.decode_window(value or b"")
-        assert tuple(stored.media[start:end]) == media and tuple(stored.w[start:end]) == w
-        assert bool(stored.has_evicted[k]) == evicted
+        window = keys.decode_window(value or b"")
+        assert tuple(stored.media[start:end]) == window[0]
+        assert tuple(stored.w[start:end]) == window[1]
+        assert bool(stored.has_evicted[k]) == window[2]
     written = [k for k, value in enumerate(values) if value]
     lengths = stored.lengths[written]
     starts = stored.starts[written]
