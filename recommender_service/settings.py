@@ -100,10 +100,10 @@ OWN_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "recommender_hot_rows",
         "VIEWEVENTS_RECOMMENDER_HOT_ROWS",
-        250_000,
+        100_000,
         int,
         "User windows and item records kept in memory between batches as last committed "
-        "(saves their RocksDB reads; ~300 bytes each, more for long windows).",
+        "(saves their RocksDB reads; about 100 bytes each plus 16 per window item).",
     ),
     Setting(
         "recommender_token",
@@ -137,7 +137,7 @@ class RecommenderSettings:
     row_max_deltas: int = 32
     cache_items: int = 20_000
     cache_ttl_seconds: float = 1.0
-    hot_rows: int = 250_000
+    hot_rows: int = 100_000
 
     def __post_init__(self) -> None:
         if self.history_cap < 2:
