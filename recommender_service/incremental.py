@@ -28,7 +28,8 @@ def combine_batch(
 ) -> tuple[dict[int, dict[int, int]], set[int]]:
     """Per user, the waypoints added per item (dict order = order of each item's last waypoint),
     and every item the batch mentions. Other event types add no view time; they only make the
-    user "seen" (counted in N) and the item known."""
+    user "seen" (counted in N) and the item known. The readable definition that the processor's
+    `combine_arrays` is tested against (through `combine_columns`)."""
     per_user: dict[int, dict[int, int]] = {}
     items: set[int] = set()
     add_item = items.add
