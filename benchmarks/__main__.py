@@ -33,7 +33,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stats-days", type=float, default=35, help="days of event time of the stats events"
     )
-    parser.add_argument("--recommender-events", type=int, default=1_000_000)
+    parser.add_argument(
+        "--recommender-events",
+        type=int,
+        default=1_000_000,
+        help="events of the recommender's 20k x 2k phase; 0 skips that phase",
+    )
+    parser.add_argument(
+        "--recommender-scale-events",
+        type=int,
+        default=6_000_000,
+        help="events of the recommender's 200k x 10k phase; 0 skips that phase",
+    )
+    parser.add_argument(
+        "--recommender-keep-topic",
+        action="store_true",
+        help="recommender topics named by data set, reused when an earlier run filled them",
+    )
     parser.add_argument("--batch-size", type=int, default=5_000)
     parser.add_argument("--only", choices=["ingest", "stats", "recommender"], action="append")
     parser.add_argument("--json", help="also write the results to this file")
@@ -54,7 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         _print_section("stats", results["stats"])
     if "recommender" in only:
         results["recommender"] = recommender.run_bench(
-            config.kafka_bootstrap, events=args.recommender_events
+            config.kafka_bootstrap,
+            events=args.recommender_events,
+            stream=args.recommender_events > 0,
+            scale=args.recommender_scale_events > 0,
+            scale_events=args.recommender_scale_events,
+            keep_topic=args.recommender_keep_topic,
         )
         _print_section("recommender", results["recommender"])
     if args.json:

@@ -36,7 +36,7 @@ SERVICES = {
     "stats": "stats_service",
     "recommender": "recommender_service",
 }
-CAUGHT_UP = re.compile(rb"caught up")
+CAUGHT_UP = re.compile(rb"caught up on partitions")  # the consumer, not "has not caught up"
 _LINE = re.compile(r" \(([^():]+):\d+\)$")  # "func (path.py:123)" -> fold the line number
 
 

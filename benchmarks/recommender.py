@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import shutil
@@ -136,6 +137,27 @@ async def prefill(
     return count, time.perf_counter() - started
 
 
+async def records_in(bootstrap: str, topic: str) -> int:
+    """Records in an existing topic (0 when it does not exist)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():
+            return 0
+        consumer.subscribe([topic])  # makes the client fetch the topic's metadata
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        if not tps:
+            return 0
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        return int(sum(ends[tp] - starts[tp] for tp in tps))
+    finally:
+        await consumer.stop()
+
+
 class Service:
     """The recommender as a subprocess with its own topic, state directory and group."""
 
@@ -178,6 +200,14 @@ class Service:
 
     def peak_rss_mb(self) -> float:
         return self.rss.peak_mb() if self.rss is not None else 0.0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the service so far (all its threads, RocksDB's too): the
+        figure that stays meaningful when the shared machine's wall clock is noisy."""
+        if self.rss is None:
+            return 0.0
+        times = self.rss.process.cpu_times()
+        return float(times.user + times.system)
 
     def wait_caught_up(self, total: int, timeout: float = 1800) -> float:
         """Until health says SERVING; a progress bar follows the answers' position."""
@@ -318,23 +348,38 @@ def phase(
     clients: int,
     calls: int,
     env_extra: dict[str, str],
+    keep_topic: bool = False,
 ) -> dict[str, Any]:
-    """Prefill, consume from process start to caught-up, then latency under load."""
+    """Prefill, consume from process start to caught-up, then latency under load. With
+    `keep_topic` the topic is named by the data set and reused when a run filled it before
+    (prefilling on a loaded machine can take longer than the measurement)."""
     path = data_file(events, users, media, seed)
-    topic = f"bench-rec-{name}-{uuid.uuid4().hex[:8]}"
-    produced, produce_seconds = asyncio.run(prefill(bootstrap, topic, records(path), events))
+    topic = f"bench-rec-{name}-{events}-{users}-{media}-{seed}"
+    kept = asyncio.run(records_in(bootstrap, topic)) if keep_topic else 0
+    if kept and kept < 0.9 * events:  # an interrupted prefill: the noise rejects only ~2 %
+        kept, topic = 0, f"{topic}-{uuid.uuid4().hex[:8]}"
+    out: dict[str, Any] = {"users x media": f"{users:,} x {media:,}", "topic": topic}
+    if kept:
+        produced = kept  # an earlier run with --keep-topic filled it; consume it again
+        out["events in topic"] = f"{produced} (kept from an earlier run)"
+    else:
+        if not keep_topic:
+            topic += f"-{uuid.uuid4().hex[:8]}"
+        produced, produce_seconds = asyncio.run(prefill(bootstrap, topic, records(path), events))
+        out["events in topic"] = produced
+        out["prefill events/s"] = round(produced / produce_seconds)
     service = Service(bootstrap, topic, f"recommender-{name}", env_extra)
-    out: dict[str, Any] = {
-        "users x media": f"{users:,} x {media:,}",
-        "events in topic": produced,
-        "prefill events/s": round(produced / produce_seconds),
-    }
     started = service.start()
     try:
         serving = service.wait_caught_up(produced)
         seconds = serving - started
         out["catch-up s (process start to SERVING)"] = round(seconds, 1)
         out["events/s (process start to SERVING)"] = round(produced / seconds)
+        cpu = service.cpu_seconds()
+        out["service CPU s to SERVING (events per CPU-second)"] = (
+            f"{cpu:.1f} ({round(produced / cpu) if cpu else 0})"
+        )
+        out["load average at SERVING"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
         logged = service.wait_log(r"caught up[^:\n]*: (\d+) records applied in ([\d.]+) s", 10)
         if logged:
             out["events/s (consumer, from its log)"] = round(
@@ -405,6 +450,7 @@ def run_bench(
     scale_users: int = 200_000,
     scale_media: int = 10_000,
     env_extra: dict[str, str] | None = None,
+    keep_topic: bool = False,
 ) -> dict[str, Any]:
     """Both phases; a flat dict of readable measurements (printed by benchmarks.ingest).
     `env_extra` adds environment variables for the service (e.g. a larger RocksDB cache)."""
@@ -415,7 +461,7 @@ def run_bench(
     }
     if stream:
         for key, value in phase(
-            bootstrap, "stream", events, users, media, seed, clients, calls, env_extra
+            bootstrap, "stream", events, users, media, seed, clients, calls, env_extra, keep_topic
         ).items():
             results[f"[{events // 1000}k] {key}"] = value
     if scale:
@@ -429,6 +475,7 @@ def run_bench(
             clients,
             calls,
             env_extra,
+            keep_topic,
         ).items():
             results[f"[scale] {key}"] = value
     return results
@@ -455,6 +502,11 @@ def main(argv: list[str] | None = None) -> None:
         help="extra environment for the service, e.g. VIEWEVENTS_ROCKSDB_CACHE_MB=512",
     )
     parser.add_argument("--scale-events", type=int, default=6_000_000)
+    parser.add_argument(
+        "--keep-topic",
+        action="store_true",
+        help="name topics by data set and consume one an earlier --keep-topic run filled",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
@@ -470,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         scale=not args.no_scale,
         scale_events=args.scale_events,
         env_extra=dict(item.split("=", 1) for item in args.service_env),
+        keep_topic=args.keep_topic,
     )
     width = max(len(k) for k in results)
     print("\n== recommender ==")

@@ -13,7 +13,7 @@ are updated, so the cost per raised item is bounded by the cap, not by users or 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,7 +28,8 @@ def combine_batch(
 ) -> tuple[dict[int, dict[int, int]], set[int]]:
     """Per user, the waypoints added per item (dict order = order of each item's last waypoint),
     and every item the batch mentions. Other event types add no view time; they only make the
-    user "seen" (counted in N) and the item known."""
+    user "seen" (counted in N) and the item known. The readable definition that the processor's
+    `combine_arrays` is tested against (through `combine_columns`)."""
     per_user: dict[int, dict[int, int]] = {}
     items: set[int] = set()
     add_item = items.add
@@ -72,90 +73,70 @@ def combine_columns(
 
 
 @dataclass
-class WindowUpdate:
-    """One user's new window and what changed, from `update_window`."""
+class Raised:
+    """What one partition batch adds, per (user, item) with waypoints, as numpy columns."""
 
-    media: list[int]
-    """New window, most recent first, at most `cap` items."""
-    new: list[int]
-    """View time of each window item after the batch."""
-    old: list[int]
-    """View time of each window item before the batch."""
-    touched: list[bool]
-    """Whether the batch raised the window item."""
-    evicted: list[tuple[int, int]] = field(default_factory=list)
-    """(media, w) that fell out of the window in this batch."""
-    changes: list[tuple[int, int, int]] = field(default_factory=list)
-    """(media, old, new) for every raised item, in or out of the window."""
-
-
-def update_window(
-    media: tuple[int, ...],
-    w: tuple[int, ...],
-    added: dict[int, int],
-    outside: dict[int, int],
-    cap: int,
-) -> WindowUpdate:
-    """Move the raised items to the front of the window (most recent first) and truncate to cap.
-
-    `added` maps media -> waypoints added (in last-waypoint order), `outside` gives the old view
-    time of raised items that had fallen out of the window (0 when absent: never watched)."""
-    current = dict(zip(media, w))
-    out = WindowUpdate([], [], [], [])
-    for item in reversed(added):
-        old = current.get(item)
-        if old is None:
-            old = outside.get(item, 0)
-        new = old + added[item]
-        out.media.append(item)
-        out.old.append(old)
-        out.new.append(new)
-        out.touched.append(True)
-        out.changes.append((item, old, new))
-    for item, value in zip(media, w):
-        if item not in added:
-            out.media.append(item)
-            out.old.append(value)
-            out.new.append(value)
-            out.touched.append(False)
-    if len(out.media) > cap:
-        out.evicted = list(zip(out.media[cap:], out.new[cap:]))
-        del out.media[cap:], out.new[cap:], out.old[cap:], out.touched[cap:]
-    return out
+    users: np.ndarray
+    """Every user of the batch (int64), in the order of their first event."""
+    user: np.ndarray
+    """Per raised (user, item): index into `users`."""
+    media: np.ndarray
+    count: np.ndarray
+    """Waypoints added."""
+    last: np.ndarray
+    """Recency of the item's last waypoint within its user (larger = later)."""
+    items: np.ndarray
+    """Every item the batch mentions (sorted; starts and stops make an item known too)."""
 
 
-@dataclass
-class FlatWindows:
-    """Every updated user's window laid end to end, for vectorised pair generation."""
+def combine_arrays(user_id: np.ndarray, media_id: np.ndarray, event_type: np.ndarray) -> Raised:
+    """`combine_columns` without a dict per user: the batch's waypoints per (user, item), with
+    no Python work per event or per user (the consumer's hot path)."""
+    users, first, inverse = np.unique(user_id, return_index=True, return_inverse=True)
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty(len(users), dtype=np.int64)
+    rank[by_first] = np.arange(len(users))
+    index = rank[inverse.reshape(-1)]
+    rows = np.flatnonzero(event_type == WAYPOINT)
+    user, media = index[rows], media_id[rows].astype(np.int64)
+    order = np.lexsort((rows, media, user))  # by user, item, offset
+    rows, user, media = rows[order], user[order], media[order]
+    last = np.flatnonzero(np.append((user[1:] != user[:-1]) | (media[1:] != media[:-1]), True))
+    last = last[: len(rows)]  # no waypoint at all: no group
+    counts = np.diff(np.append(-1, last))
+    return Raised(
+        users[by_first].astype(np.int64),
+        user[last],
+        media[last],
+        counts.astype(np.int64),
+        rows[last].astype(np.int64),
+        np.unique(media_id).astype(np.int64),
+    )
 
-    media: list[int] = field(default_factory=list)
-    new: list[int] = field(default_factory=list)
-    old: list[int] = field(default_factory=list)
-    touched: list[bool] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
 
-    def add(self, update: WindowUpdate) -> None:
-        if not any(update.touched) or len(update.media) < 2:
-            return  # a window of one item has no pairs
-        self.media.extend(update.media)
-        self.new.extend(update.new)
-        self.old.extend(update.old)
-        self.touched.extend(update.touched)
-        self.lengths.append(len(update.media))
-
-
-def pair_deltas(flat: FlatWindows) -> list[tuple[int, np.ndarray]]:
-    """Row deltas per item: [(i, ROW entries (j, dD_ij, dc_ij) sorted by j)], sorted by i.
+def pair_deltas(
+    media: np.ndarray,
+    new: np.ndarray,
+    old: np.ndarray,
+    touched: np.ndarray,
+    lengths: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row deltas of updated windows laid end to end (`lengths` each): the items whose row
+    changes (sorted), their ROW entries (j, dD_ij, dc_ij) end to end, each row's sorted by j,
+    and where each row's entries start (one more bound at the end).
 
     Pairs are summed over users; both directions are emitted so that each item's row holds
-    all of its neighbours."""
-    if not flat.lengths:
-        return []
-    media = np.asarray(flat.media, dtype=np.int64)
-    new = np.asarray(flat.new, dtype=np.int64)
-    old = np.asarray(flat.old, dtype=np.int64)
-    touched = np.asarray(flat.touched, dtype=bool)
-    lengths = np.asarray(flat.lengths, dtype=np.int64)
+    all of its neighbours. A pair is one int64 key (dense codes of both items), so the batch's
+    pairs are summed with one sort."""
+    empty = np.zeros(0, dtype=np.int64)
+    nothing = (empty, np.zeros(0, dtype=ROW), np.zeros(1, dtype=np.int64))
+    if len(lengths) == 0:
+        return nothing
+    media = np.asarray(media, dtype=np.int64)
+    new = np.asarray(new, dtype=np.int64)
+    old = np.asarray(old, dtype=np.int64)
+    touched = np.asarray(touched, dtype=bool)
+    lengths = np.asarray(lengths, dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
     segment = np.repeat(np.arange(len(lengths)), lengths)
     t = np.flatnonzero(touched)
@@ -168,20 +149,24 @@ def pair_deltas(flat: FlatWindows) -> list[tuple[int, np.ndarray]]:
     # the earlier one only.
     keep = (b != a) & (~touched[b] | (b > a))
     a, b = a[keep], b[keep]
+    if len(a) == 0:
+        return nothing
     d = new[a] * new[b] - old[a] * old[b]
     c = ((old[a] == 0) | (old[b] == 0)).astype(np.int64)
-    x = np.concatenate((media[a], media[b]))
-    y = np.concatenate((media[b], media[a]))
+    ids, code = np.unique(media, return_inverse=True)
+    code = code.reshape(-1).astype(np.int64)
+    width = len(ids)
+    pair = np.concatenate((code[a] * width + code[b], code[b] * width + code[a]))
     d = np.concatenate((d, d))
     c = np.concatenate((c, c))
-    order = np.lexsort((y, x))
-    x, y, d, c = x[order], y[order], d[order], c[order]
-    new_pair = np.concatenate(([True], (x[1:] != x[:-1]) | (y[1:] != y[:-1])))
-    starts_pair = np.flatnonzero(new_pair)
-    x = x[starts_pair]
+    order = np.argsort(pair)
+    pair, d, c = pair[order], d[order], c[order]
+    starts_pair = np.flatnonzero(np.concatenate(([True], pair[1:] != pair[:-1])))
+    pair = pair[starts_pair]
+    x = pair // width
     entries = np.empty(len(starts_pair), dtype=ROW)
-    entries["j"] = y[starts_pair]
+    entries["j"] = ids[pair % width]
     entries["d"] = np.add.reduceat(d, starts_pair)
     entries["c"] = np.add.reduceat(c, starts_pair)
     bounds = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1], [True])))
-    return [(int(x[lo]), entries[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return ids[x[bounds[:-1]]], entries, bounds

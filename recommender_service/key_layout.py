@@ -53,6 +53,19 @@ FLAG_HAS_EVICTED = 1
 # One neighbour entry: neighbour media id, dot product D (heartbeats^2), co-viewers c.
 ROW = np.dtype([("j", "<i8"), ("d", "<i8"), ("c", "<i4")])
 
+# An item record as numpy reads it in bulk: the same 36 bytes as ITEM.
+ITEMS = np.dtype(
+    [
+        ("s", "<i8"),
+        ("q", "<i8"),
+        ("n", "<i8"),
+        ("deltas", "<i4"),
+        ("base_entries", "<i4"),
+        ("delta_entries", "<i4"),
+    ]
+)
+assert ITEMS.itemsize == ITEM.size
+
 
 def counts_key(partition: int) -> bytes:
     return partition_prefix(partition) + KIND_COUNTS
@@ -115,12 +128,137 @@ def decode_window(value: bytes) -> tuple[tuple[int, ...], tuple[int, ...], bool]
     return numbers[:k], numbers[k:], bool(value[0] & FLAG_HAS_EVICTED)
 
 
+@dataclass
+class StoredWindows:
+    """Several users' stored windows laid end to end (numpy columns), as `decode_windows` reads
+    them: one user's window is media[starts[k]:starts[k] + lengths[k]] (most recent first)."""
+
+    known: np.ndarray
+    """Per user: a window is stored (False: a user never seen)."""
+    has_evicted: np.ndarray
+    """Per user: items fell out of the window before."""
+    lengths: np.ndarray
+    media: np.ndarray
+    w: np.ndarray
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum(self.lengths) - self.lengths
+
+
+def decode_windows(values: list[bytes | None]) -> StoredWindows:
+    """`decode_window` of many values at once (None: no stored window), without a Python
+    object per item: the values are joined and read as one int64 array."""
+    users = len(values)
+    sizes = np.fromiter((-1 if v is None else len(v) for v in values), np.int64, users)
+    known = sizes >= 0
+    sizes = np.maximum(sizes, 0)
+    lengths = np.maximum(sizes - 1, 0) // 16
+    data = np.frombuffer(b"".join(v for v in values if v), dtype=np.uint8)
+    stored = sizes > 0
+    flags = np.zeros(users, dtype=bool)
+    if len(data):
+        starts = np.cumsum(sizes[stored]) - sizes[stored]
+        flags[stored] = (data[starts] & FLAG_HAS_EVICTED) != 0
+        payload = np.ones(len(data), dtype=bool)
+        payload[starts] = False
+        numbers = data[payload].view("<i8")
+    else:
+        numbers = np.zeros(0, dtype=np.int64)
+    # Each window is media[k] then w[k]: split the numbers by their position in their window.
+    owner = np.repeat(np.arange(users), 2 * lengths)
+    offset = np.arange(len(numbers)) - np.repeat(np.cumsum(2 * lengths) - 2 * lengths, 2 * lengths)
+    is_media = offset < lengths[owner]
+    return StoredWindows(
+        known,
+        flags,
+        lengths,
+        numbers[is_media].astype(np.int64),
+        numbers[~is_media].astype(np.int64),
+    )
+
+
+def encode_windows(
+    has_evicted: np.ndarray, lengths: np.ndarray, media: np.ndarray, w: np.ndarray
+) -> list[bytes]:
+    """`encode_window` of many windows laid end to end (media and w flat, `lengths` each): one
+    byte buffer is built with numpy and cut into the values."""
+    count = len(lengths)
+    if count == 0:
+        return []
+    sizes = 1 + 16 * lengths
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    out = np.zeros(int(ends[-1]), dtype=np.uint8)
+    out[starts] = np.where(has_evicted, FLAG_HAS_EVICTED, 0).astype(np.uint8)
+    # Byte positions of the k-th int64 of each window: media then w.
+    owner = np.repeat(np.arange(count), lengths)
+    rank = np.arange(len(media)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    media_at = starts[owner] + 1 + 8 * rank
+    w_at = media_at + 8 * lengths[owner]
+    lanes = np.arange(8)
+    out[(media_at[:, None] + lanes).ravel()] = media.astype("<i8").view(np.uint8)
+    out[(w_at[:, None] + lanes).ravel()] = w.astype("<i8").view(np.uint8)
+    data = out.tobytes()
+    return [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def _keys(prefix: bytes, *columns: np.ndarray, dtypes: tuple[str, ...] = ()) -> list[bytes]:
+    """prefix + each column big-endian (uint64 unless `dtypes` says), for many keys at once."""
+    count = len(columns[0]) if columns else 0
+    types = [np.dtype(t) for t in dtypes] + [np.dtype(">u8")] * (len(columns) - len(dtypes))
+    width = len(prefix) + sum(t.itemsize for t in types)
+    out = np.empty((count, width), dtype=np.uint8)
+    out[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    at = len(prefix)
+    for column, kind in zip(columns, types, strict=True):
+        size = kind.itemsize
+        out[:, at : at + size] = np.asarray(column, dtype=kind).view(np.uint8).reshape(-1, size)
+        at += size
+    data = out.tobytes()
+    return [data[i : i + width] for i in range(0, count * width, width)]
+
+
+def user_keys(partition: int, users: np.ndarray) -> list[bytes]:
+    return _keys(partition_prefix(partition) + KIND_USER, users)
+
+
+def evicted_keys(partition: int, users: np.ndarray, media: np.ndarray) -> list[bytes]:
+    return _keys(partition_prefix(partition) + KIND_EVICTED, users, media)
+
+
+def row_keys(partition: int, media: np.ndarray, seqs: np.ndarray) -> list[bytes]:
+    return _keys(partition_prefix(partition) + KIND_ROW, media, seqs, dtypes=(">u8", ">u4"))
+
+
+def item_keys(partition: int, media: np.ndarray) -> list[bytes]:
+    return _keys(partition_prefix(partition) + KIND_ITEM, media)
+
+
+def decode_items(values: list[bytes | None]) -> np.ndarray:
+    """Item records (ITEMS) of many values at once; a missing value is an item never seen."""
+    empty = bytes(ITEMS.itemsize)
+    return np.frombuffer(b"".join(empty if v is None else v for v in values), dtype=ITEMS).copy()
+
+
+def encode_items(records: np.ndarray) -> list[bytes]:
+    data = np.ascontiguousarray(records, dtype=ITEMS).tobytes()
+    size = ITEMS.itemsize
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
 def decode_counts(value: bytes | None) -> int:
     return LITTLE_I64.unpack(value)[0] if value else 0
 
 
 def encode_counts(users: int) -> bytes:
     return LITTLE_I64.pack(users)
+
+
+def encode_many_counts(values: np.ndarray) -> list[bytes]:
+    """`encode_counts` of many int64 values at once."""
+    data = np.asarray(values, dtype="<i8").tobytes()
+    return [data[i : i + 8] for i in range(0, len(data), 8)]
 
 
 def decode_row(chunks: Iterable[bytes]) -> np.ndarray:

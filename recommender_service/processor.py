@@ -19,15 +19,14 @@ import numpy as np
 
 from recommender_service import key_layout as keys
 from recommender_service.batch_plan import (
-    WindowPlan,
-    add_item_deltas,
-    add_row_chunk,
-    compacted,
-    outside_lookups,
-    plan_windows,
+    BatchPlan,
+    compaction_due,
+    locate,
+    outside_mask,
+    plan_batch,
 )
-from recommender_service.incremental import combine_batch, combine_columns, pair_deltas
-from recommender_service.key_layout import ItemRecord
+from recommender_service.hot_rows import HotRows
+from recommender_service.incremental import Raised, combine_arrays, pair_deltas
 from recommender_service.settings import RecommenderSettings
 from recommender_service.view import Stamp, View
 from viewevents.consumer import EventBatch
@@ -42,8 +41,9 @@ log = logging.getLogger(__name__)
 class _Pending:
     """What the current (uncommitted) consumer batch changes in the in-memory item table."""
 
-    deltas: dict[int, list[int]] = field(default_factory=dict)
-    changed: set[int] = field(default_factory=set)
+    items: list[np.ndarray] = field(default_factory=list)
+    """Items touched, with their (dS, dQ, dn) rows in `deltas` (zeros: known from now on)."""
+    deltas: list[np.ndarray] = field(default_factory=list)
     new_users: int = 0
     pairs: int = 0
     compactions: int = 0
@@ -68,6 +68,7 @@ class RecommenderProcessor:
         self.settings = settings
         self.stats = ProcessorStats()
         self._pending = _Pending()
+        self.hot = HotRows(settings.hot_rows)
         self._view = self._load()
 
     @property
@@ -115,33 +116,53 @@ class RecommenderProcessor:
     ) -> None:
         """Fold one partition's new events into `txn`; the in-memory table follows in
         committed(), only once RocksDB has the batch."""
-        per_user, items_seen = combine_batch(events)
-        self._fold(partition, per_user, items_seen, len(events), txn)
+        columns = [
+            np.fromiter((getattr(e, name) for e in events), np.int64, len(events))
+            for name in ("user_id", "media_id", "event_type")
+        ]
+        self._fold(partition, combine_arrays(*columns), len(events), txn)
 
     def apply_decoded(self, partition: int, batch: EventBatch, txn: Transaction) -> None:
         """`apply` of the consumer's decoded columns: no ViewEvent message per event."""
-        per_user, items_seen = combine_columns(batch.user_id, batch.media_id, batch.event_type)
-        self._fold(partition, per_user, items_seen, len(batch), txn)
+        raised = combine_arrays(batch.user_id, batch.media_id, batch.event_type)
+        self._fold(partition, raised, len(batch), txn)
 
-    def _fold(
-        self,
-        partition: int,
-        per_user: dict[int, dict[int, int]],
-        items_seen: set[int],
-        events: int,
-        txn: Transaction,
-    ) -> None:
-        plan = self._plan_windows(partition, per_user, txn)
-        for user in plan.seen_only:
-            txn.put(keys.user_key(partition, user), b"")
-        for user, item, value in plan.evicted:
-            txn.put(keys.evicted_key(partition, user, item), keys.encode_counts(value))
-        for user, media, w, has_evicted in plan.windows:
-            txn.put(keys.user_key(partition, user), keys.encode_window(media, w, has_evicted))
-        rows = pair_deltas(plan.flat)
-        self._apply_items(
-            partition, items_seen.union(x for x, _ in rows), plan.item_deltas, rows, txn
+    def _fold(self, partition: int, raised: Raised, events: int, txn: Transaction) -> None:
+        user_keys = keys.user_keys(partition, raised.users)
+        stored = keys.decode_windows(self.hot.get_many(txn, user_keys))
+        slot = locate(raised, stored)
+        outside = np.zeros(len(slot), dtype=np.int64)
+        lookup = np.flatnonzero(outside_mask(raised, stored, slot))
+        if len(lookup):
+            outside_keys = keys.evicted_keys(
+                partition, raised.users[raised.user[lookup]], raised.media[lookup]
+            )
+            for at, key, value in zip(
+                lookup.tolist(), outside_keys, txn.get_many(outside_keys), strict=True
+            ):
+                if value is not None:
+                    outside[at] = keys.decode_counts(value)
+                    txn.delete(key)  # back in the window (re-written if evicted again)
+        plan = plan_batch(raised, stored, slot, outside, self.settings.history_cap)
+        if len(plan.seen_only):
+            self._put(txn, keys.user_keys(partition, plan.seen_only), [b""] * len(plan.seen_only))
+        if len(plan.evicted_users):
+            txn.put_many(
+                zip(
+                    keys.evicted_keys(partition, plan.evicted_users, plan.evicted_media),
+                    keys.encode_many_counts(plan.evicted_w),
+                    strict=True,
+                )
+            )
+        self._put(
+            txn,
+            keys.user_keys(partition, plan.window_users),
+            keys.encode_windows(plan.has_evicted, plan.lengths, plan.media, plan.new),
         )
+        row_items, entries, bounds = pair_deltas(
+            plan.media, plan.new, plan.old, plan.touched, plan.lengths
+        )
+        self._apply_items(partition, raised.items, plan, row_items, entries, bounds, txn)
         if plan.new_users:
             counts = keys.counts_key(partition)
             txn.put(
@@ -150,79 +171,102 @@ class RecommenderProcessor:
             self._pending.new_users += plan.new_users
         self.stats.events += events
 
-    def _plan_windows(
-        self, partition: int, per_user: dict[int, dict[int, int]], txn: Transaction
-    ) -> WindowPlan:
-        """Read the batch users' windows and their view times stored outside, then plan."""
-        users = list(per_user)
-        values = txn.get_many([keys.user_key(partition, u) for u in users])
-        windows = {u: None if v is None else keys.decode_window(v) for u, v in zip(users, values)}
-        lookups = outside_lookups(per_user, windows)
-        outside: dict[tuple[int, int], int] = {}
-        if lookups:
-            outside_keys = [keys.evicted_key(partition, u, m) for u, m in lookups]
-            for pair, key, value in zip(lookups, outside_keys, txn.get_many(outside_keys)):
-                if value is not None:
-                    outside[pair] = keys.decode_counts(value)
-                    txn.delete(key)  # back in the window (re-written if evicted again)
-        return plan_windows(per_user, windows, outside, self.settings.history_cap)
-
     def _apply_items(
         self,
         partition: int,
-        items: set[int],
-        item_deltas: dict[int, list[int]],
-        rows: list[tuple[int, np.ndarray]],
+        seen: np.ndarray,
+        plan: BatchPlan,
+        row_items: np.ndarray,
+        entries: np.ndarray,
+        bounds: np.ndarray,
         txn: Transaction,
     ) -> None:
-        """Item sums and neighbour-row chunks of the batch; rows due are compacted."""
-        item_ids = list(items)
-        item_keys = [keys.item_key(partition, m) for m in item_ids]
-        records = {
-            item: ItemRecord.decode(value) if value is not None else ItemRecord()
-            for item, value in zip(item_ids, txn.get_many(item_keys))
-        }
-        add_item_deltas(records, item_deltas)
+        """Item sums and neighbour-row chunks of the batch (row k's entries are
+        entries[bounds[k]:bounds[k + 1]]); rows due are compacted."""
+        items = np.union1d(np.union1d(seen, plan.items), row_items)
+        item_keys = keys.item_keys(partition, items)
+        records = keys.decode_items(self.hot.get_many(txn, item_keys))
+        deltas = np.zeros((len(items), 3), dtype=np.int64)
+        at = np.searchsorted(items, plan.items)
+        deltas[at, 0], deltas[at, 1], deltas[at, 2] = plan.ds, plan.dq, plan.dn
+        records["s"] += deltas[:, 0]
+        records["q"] += deltas[:, 1]
+        records["n"] += deltas[:, 2]
         pending = self._pending
-        for item, delta in item_deltas.items():
-            acc = pending.deltas.setdefault(item, [0, 0, 0])
-            for i in range(3):
-                acc[i] += delta[i]
-        for item, entries in rows:
-            record = records[item]
-            if add_row_chunk(record, len(entries), self.settings.row_max_deltas):
-                self._compact(partition, item, record, entries, txn)
+        pending.items.append(items)
+        pending.deltas.append(deltas)
+        if len(row_items):
+            at = np.searchsorted(items, row_items)
+            sizes = np.diff(bounds)
+            records["deltas"][at] += 1
+            records["delta_entries"][at] += sizes
+            chunks = records["deltas"][at]
+            due = compaction_due(
+                chunks,
+                records["delta_entries"][at],
+                records["base_entries"][at],
+                self.settings.row_max_deltas,
+            )
+            blind = np.flatnonzero(~due)
+            data = entries.tobytes()
+            size = entries.itemsize
+            txn.put_many(
+                zip(
+                    keys.row_keys(partition, row_items[blind], chunks[blind]),
+                    [
+                        data[size * lo : size * hi]
+                        for lo, hi in zip(
+                            bounds[blind].tolist(), bounds[blind + 1].tolist(), strict=True
+                        )
+                    ],
+                    strict=True,
+                )
+            )
+            for k in np.flatnonzero(due).tolist():
+                merged = self._compact(
+                    partition,
+                    int(row_items[k]),
+                    int(chunks[k]),
+                    entries[bounds[k] : bounds[k + 1]],
+                    txn,
+                )
+                record = records[at[k]]
+                record["deltas"], record["base_entries"], record["delta_entries"] = 0, merged, 0
                 pending.compactions += 1
-            else:
-                txn.put(keys.row_key(partition, item, record.deltas), entries.tobytes())
             pending.pairs += len(entries)
-        for item, key in zip(item_ids, item_keys):
-            txn.put(key, records[item].encode())
-            pending.deltas.setdefault(item, [0, 0, 0])  # known from now on, even with no views
-        pending.changed.update(items)
+        self._put(txn, item_keys, keys.encode_items(records))
+
+    def _put(self, txn: Transaction, names: list[bytes], values: list[bytes]) -> None:
+        """Write hot keys: into the batch, and into the hot rows once it is committed."""
+        txn.put_many(zip(names, values, strict=True))
+        self.hot.stage(names, values)
 
     def _compact(
-        self, partition: int, item: int, record: ItemRecord, entries: np.ndarray, txn: Transaction
-    ) -> None:
-        """Merge the committed base and deltas with this batch's delta into a new base."""
+        self, partition: int, item: int, deltas: int, entries: np.ndarray, txn: Transaction
+    ) -> int:
+        """Merge the committed base and `deltas - 1` delta chunks with this batch's delta into
+        a new base; its number of entries."""
         prefix = keys.row_prefix(partition, item)
         chunks = [value for _, value in keys.scan(self.store.db, prefix, fill_cache=False)]
         merged = keys.aggregate_row(np.concatenate((keys.decode_row(chunks), entries)))
-        for seq in range(1, record.deltas):
+        for seq in range(1, deltas):
             txn.delete(keys.row_key(partition, item, seq))
         txn.put(keys.row_key(partition, item, 0), merged.tobytes())
-        compacted(record, len(merged))
+        return len(merged)
 
     def committed(self) -> None:
         """Publish the new view: item table plus a snapshot of the state just committed."""
         pending, self._pending = self._pending, _Pending()
+        self.hot.committed()
         snapshot = self.store.db.snapshot()
         partitions = tuple(sorted(set(self._view.partitions).union(keys.partitions_in(self.store))))
         version = self._view.version + 1
         stamp = self._stamp(version, partitions, snapshot)
         # One attribute assignment publishes the view to the query threads.
+        items = np.concatenate(pending.items) if pending.items else np.zeros(0, np.int64)
+        deltas = np.concatenate(pending.deltas) if pending.deltas else np.zeros((0, 3), np.int64)
         self._view = self._view.advanced(
-            pending.deltas, pending.changed, pending.new_users, partitions, snapshot, stamp
+            items, deltas, np.unique(items), pending.new_users, partitions, snapshot, stamp
         )
         self.stats.batches += 1
         self.stats.pair_entries += pending.pairs

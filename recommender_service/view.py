@@ -105,22 +105,26 @@ class View:
 
     def advanced(
         self,
-        deltas: dict[int, list[int]],
-        changed_items: set[int],
+        items: np.ndarray,
+        deltas: np.ndarray,
+        changed_items: np.ndarray,
         new_users: int,
         partitions: tuple[int, ...],
         snapshot: Any,
         stamp: Stamp,
     ) -> View:
-        """The next view: add per-item (dS, dQ, dn), insert new items, mark changed items."""
+        """The next view: add per-item (dS, dQ, dn) rows of `deltas` (an item may repeat;
+        all-zero rows make an item known), insert new items, mark changed items."""
         ids, s, q, n, changed = self.ids, self.s, self.q, self.n, self.changed
-        keys = np.fromiter(deltas.keys(), dtype=np.int64, count=len(deltas))
+        keys, where = np.unique(np.asarray(items, dtype=np.int64), return_inverse=True)
         if len(keys):
+            values = np.zeros((len(keys), 3), dtype=np.int64)
+            np.add.at(values, where.reshape(-1), deltas)
             if len(ids):
                 known = ids[np.minimum(np.searchsorted(ids, keys), len(ids) - 1)] == keys
             else:
                 known = np.zeros(len(keys), dtype=bool)
-            fresh = np.unique(keys[~known])
+            fresh = keys[~known]
             if len(fresh):
                 merged = np.concatenate((ids, fresh))
                 order = np.argsort(merged, kind="stable")
@@ -132,16 +136,14 @@ class View:
                 changed = np.concatenate((changed, pad))[order]
             else:
                 s, q, n, changed = s.copy(), q.copy(), n.copy(), changed.copy()
-            values = np.array(list(deltas.values()), dtype=np.int64).reshape(-1, 3)
             pos = np.searchsorted(ids, keys)
             s[pos] += values[:, 0]
             q[pos] += values[:, 1]
             n[pos] += values[:, 2]
-        if changed_items:
-            marks = np.fromiter(changed_items, dtype=np.int64, count=len(changed_items))
+        if len(changed_items):
             if changed is self.changed:
                 changed = changed.copy()
-            changed[np.searchsorted(ids, marks)] = stamp.version
+            changed[np.searchsorted(ids, changed_items)] = stamp.version
         return View(
             version=stamp.version,
             ids=ids,
