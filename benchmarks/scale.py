@@ -24,7 +24,6 @@ The machine is shared, so every table comes with the load average and CPU second
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import math
 import os
@@ -44,11 +43,12 @@ from tqdm import tqdm
 from benchmarks import ingest, stats
 from benchmarks.measure import free_port
 from benchmarks.scale_group import (
+    NOT_YET,
     WORKDIR,
     Group,
-    Instance,
     PositionProbe,
     recommender_position,
+    replayed,
     stats_position,
     ts,
     until_complete,
@@ -252,9 +252,9 @@ def query_calls(service: str, channel: grpc.aio.Channel, data: Data) -> list[tup
         )
 
     return [
-        ("GetSimilarMedia (cosine)", similar(rec_pb.SIMILARITY_METRIC_COSINE), 2),
-        ("GetSimilarMedia (Pearson)", similar(rec_pb.SIMILARITY_METRIC_PEARSON), 2),
-        ("RecommendForUser", recommend, 2),
+        ("GetSimilarMedia (cosine)", similar(rec_pb.SIMILARITY_METRIC_COSINE), 5),
+        ("GetSimilarMedia (Pearson)", similar(rec_pb.SIMILARITY_METRIC_PEARSON), 5),
+        ("RecommendForUser", recommend, 5),
     ]
 
 
@@ -306,7 +306,11 @@ async def run_group(
             survivor, victim = group.instances
             victim.kill()
             left, complete = await until_complete(survivor, probe, ends)
-            out["failover"] = {"left_serving_s": left, "complete_s": complete}
+            out["failover"] = {
+                "left_serving_s": left,
+                "complete_s": complete,
+                "replayed": replayed(survivor, ends),
+            }
     finally:
         group.close()
     return out
@@ -384,13 +388,15 @@ def consume_tables(
     if "failover" in options.parts:
         table = Table(
             "failover: 2 instances caught up, kill -9 one, query through the survivor",
-            ["service", "survivor saw the rebalance s", "complete answers again s"],
+            ["service", "survivor saw the rebalance s", "complete answers again s", "replayed"],
         )
         for service, runs in results.items():
             for run in runs:
                 if "failover" in run:
                     f = run["failover"]
-                    table.rows.append([service, f["left_serving_s"], f["complete_s"]])
+                    table.rows.append(
+                        [service, f["left_serving_s"], f["complete_s"], f["replayed"]]
+                    )
         table.notes.append(
             f"session timeout {SESSION_TIMEOUT_S} s (viewevents/consumer.py) until the group drops "
             "the dead member; then the survivor replays the dead member's partitions from the "
@@ -444,7 +450,7 @@ async def shows(
         )
         return reply.position
     except grpc.aio.AioRpcError as error:
-        if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+        if error.code() not in NOT_YET:
             raise
         return None
 
@@ -467,11 +473,14 @@ async def watch(
     anchor: int,
     poll_s: float,
     done: asyncio.Event,
+    give_up_s: float = 900,
 ) -> None:
     """Under load, many probes wait at once; polling each would load the service being
     measured. So every `poll_s` one GetMediaStats of an item known to be there (`anchor`) reads
     the position, and each probe the position now includes is confirmed by GetMediaStats of
-    its own item, which then counts it visible."""
+    its own item, which then counts it visible. A probe not visible `give_up_s` after its ack
+    is dropped (counted as not visible)."""
+    bar = tqdm(desc="probes visible", unit=" probes", leave=False)
     while not (done.is_set() and not outstanding):
         position = await shows(stats_stub, anchor)
         if position is not None:
@@ -481,12 +490,20 @@ async def watch(
                     if await shows(stats_stub, probe.media_id) is not None:
                         probe.visible_s = time.perf_counter() - probe.acked
                         outstanding.remove(probe)
+                        bar.update(1)
+        for probe in list(outstanding):
+            if time.perf_counter() - probe.acked > give_up_s:
+                outstanding.remove(probe)
+            bar.set_postfix(waiting=len(outstanding), refresh=False)
         await asyncio.sleep(poll_s)
+    bar.close()
 
 
-def summary(samples: Sequence[float]) -> dict[str, float]:
+def summary(samples: Sequence[float]) -> dict[str, Any]:
     """n, p50, p99 (nearest rank: with fewer than 100 probes, the maximum) and max in ms."""
     ordered = sorted(samples)
+    if not ordered:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
     return {
         "n": len(ordered),
         "p50_ms": 1000 * statistics.median(ordered),
@@ -547,7 +564,7 @@ async def freshness_run(
                 await asyncio.sleep(options.probe_interval_s)
             upload_summary, upload_s = await upload
             done.set()
-            await asyncio.wait_for(watcher, 600)
+            await watcher
             out["upload"] = {
                 "events": upload_summary.accepted,
                 "seconds": upload_s,
@@ -570,10 +587,11 @@ async def _any_position(channel: grpc.aio.Channel) -> ve.ConsumerPosition:
     return reply.position
 
 
-def _probe_summary(probes: Sequence[Probe]) -> dict[str, float]:
+def _probe_summary(probes: Sequence[Probe]) -> dict[str, Any]:
     visible = [p.visible_s for p in probes if p.visible_s is not None]
     return {
         **summary(visible),
+        "not_visible": len(probes) - len(visible),
         "publish_p50_ms": 1000 * statistics.median(p.publish_s for p in probes),
     }
 
@@ -584,7 +602,7 @@ def freshness_table(runs: list[dict[str, Any]], options: Options) -> Table:
         [
             "stats instances",
             "while",
-            "probes",
+            "probes (not visible)",
             "p50 ms",
             "p99 ms",
             "max ms",
@@ -597,7 +615,7 @@ def freshness_table(runs: list[dict[str, Any]], options: Options) -> Table:
             [
                 run["instances"],
                 "idle",
-                run["idle"]["n"],
+                f"{run['idle']['n']} ({run['idle']['not_visible']})",
                 run["idle"]["p50_ms"],
                 run["idle"]["p99_ms"],
                 run["idle"]["max_ms"],
@@ -611,7 +629,7 @@ def freshness_table(runs: list[dict[str, Any]], options: Options) -> Table:
                 run["instances"],
                 f"upload of {upload['events']:,} ({upload['events'] / upload['seconds']:,.0f} ev/s; "
                 f"stats CPU s {' + '.join(f'{c:.1f}' for c in upload['cpu_s'])})",
-                run["load"]["n"],
+                f"{run['load']['n']} ({run['load']['not_visible']})",
                 run["load"]["p50_ms"],
                 run["load"]["p99_ms"],
                 run["load"]["max_ms"],
@@ -657,26 +675,15 @@ async def takeover_run(bootstrap: str, data: Data, size: int) -> dict[str, Any]:
         cpu_before = survivor.cpu_seconds()
         owner.kill()
         left, complete = await until_complete(survivor, probe, ends)
-        resumed = _resumed_offset(survivor, 1)
         return {
             "events": len(big),
-            "replayed": len(big) - resumed if resumed is not None else None,
+            "replayed": replayed(survivor, {1: ends[1]}),
             "left_serving_s": left,
             "complete_s": complete,
             "survivor_cpu_s": survivor.cpu_seconds() - cpu_before,
         }
     finally:
         group.close()
-
-
-def _resumed_offset(instance: Instance, partition: int) -> int | None:
-    """Where the survivor started reading the partition it took over, from its log line
-    'assigned partitions [..]; resuming from stored offsets {..}' (0 when it had none)."""
-    found = instance.log_match(r"resuming from stored offsets (\{[^}]*\})")
-    if found is None:
-        return None
-    stored = ast.literal_eval(found.group(1))
-    return int(stored.get(partition, 0))
 
 
 def takeover_table(runs: list[dict[str, Any]]) -> Table:
@@ -730,7 +737,8 @@ def run_bench(bootstrap: str, options: Options | None = None) -> dict[str, Any]:
             tables.append(table)
         sys.stdout.flush()
 
-    data = prepare(options)
+    if {"consume", "latency", "failover", "takeover"} & set(options.parts):
+        data = prepare(options)  # the freshness part uploads its own events
     if {"consume", "latency", "failover"} & set(options.parts):
         began = load_average()
         config = base_config(bootstrap, options.partitions, "consume")

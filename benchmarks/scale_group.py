@@ -3,6 +3,7 @@ the group answers completely, query, kill -9 (`benchmarks.scale` drives them).""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import re
 import shutil
@@ -265,6 +266,19 @@ async def until_complete(
                     raise
             await asyncio.sleep(0.05)
     raise TimeoutError(f"{instance.address} not complete {timeout} s after the kill")
+
+
+def replayed(instance: Instance, ends: Mapping[int, int]) -> int | None:
+    """Records of `ends`' partitions the instance had to read after its latest assignment:
+    from its log line 'assigned partitions [..]; resuming from stored offsets {..}'."""
+    found = instance.log_match(
+        r"assigned partitions (\[[^\]]*\]); resuming from stored offsets (\{[^}]*\})"
+    )
+    if found is None:
+        return None
+    assigned = set(ast.literal_eval(found.group(1)))
+    stored = ast.literal_eval(found.group(2))
+    return sum(end - int(stored.get(p, 0)) for p, end in ends.items() if p in assigned)
 
 
 def ts(seconds: int) -> timestamp_pb2.Timestamp:
