@@ -84,6 +84,7 @@ class Options:
     idle_poll_ms: float = 2.0
     load_poll_ms: float = 20.0
     takeover_sizes: tuple[int, ...] = (250_000, 500_000, 1_000_000)
+    freshness_instances: tuple[int, ...] = (1, 2)
     parts: tuple[str, ...] = PARTS
     services: tuple[str, ...] = SERVICES
     seed: int = 1
@@ -755,7 +756,10 @@ def run_bench(bootstrap: str, options: Options | None = None) -> dict[str, Any]:
     if "freshness" in options.parts:
         began = load_average()
         requests = ingest.synthetic_requests(options.upload_events, 5_000, seed=options.seed)
-        runs = [asyncio.run(freshness_run(bootstrap, count, requests, options)) for count in (1, 2)]
+        runs = [
+            asyncio.run(freshness_run(bootstrap, count, requests, options))
+            for count in options.freshness_instances
+        ]
         show([freshness_table(runs, options)], began)
     if "takeover" in options.parts:
         began = load_average()
@@ -803,6 +807,11 @@ def add_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         help="events in the taken-over partition, comma-separated (250000,500000,1000000)",
     )
     parser.add_argument(
+        f"--{prefix}freshness-instances",
+        default=",".join(str(n) for n in d.freshness_instances),
+        help="stats instances of the freshness runs, comma-separated (1,2)",
+    )
+    parser.add_argument(
         f"--{prefix}parts",
         default=",".join(PARTS),
         help=f"comma-separated subset of {','.join(PARTS)}",
@@ -830,6 +839,7 @@ def options_from(args: argparse.Namespace, prefix: str = "") -> Options:
         probe_interval_s=get("probe-interval"),
         idle_probes=get("idle-probes"),
         takeover_sizes=tuple(int(s) for s in get("takeover-sizes").split(",") if s),
+        freshness_instances=tuple(int(n) for n in get("freshness-instances").split(",") if n),
         parts=parts,
         services=services,
     )
