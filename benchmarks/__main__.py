@@ -1,10 +1,11 @@
 """`make bench`: throughput and latency of the running product, on the local broker.
 
 Not a test: it prints measurements of one run. Sections: ingest (client-streaming upload,
-acknowledged end to end, against Kafka's own ProducerPerformance on the same broker), and the
-stats and recommender consumers and queries.
+acknowledged end to end, against Kafka's own ProducerPerformance on the same broker), the
+stats and recommender consumers and queries, and scale-out (1 vs 2 instances: consume rate,
+query latency, freshness, failover, partition takeover; benchmarks/scale.py, flags --scale-*).
 
-    python -m benchmarks [--events N] [--only ingest|stats|recommender] [--json FILE]
+    python -m benchmarks [--events N] [--only ingest|stats|recommender|scale] [--json FILE]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ingest, recommender, stats
+from benchmarks import ingest, recommender, scale, stats
 from viewevents_tools import settings_catalogue as settings
 from viewevents_tools.processes import REPO
 
@@ -51,14 +52,17 @@ def main(argv: list[str] | None = None) -> None:
         help="recommender topics named by data set, reused when an earlier run filled them",
     )
     parser.add_argument("--batch-size", type=int, default=5_000)
-    parser.add_argument("--only", choices=["ingest", "stats", "recommender"], action="append")
+    parser.add_argument(
+        "--only", choices=["ingest", "stats", "recommender", "scale"], action="append"
+    )
     parser.add_argument("--json", help="also write the results to this file")
+    scale.add_flags(parser, prefix="scale-")
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
     config = settings.load(args)
     workdir = REPO / ".data" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["ingest", "stats", "recommender"])
+    only = set(args.only or ["ingest", "stats", "recommender", "scale"])
     results: dict[str, Any] = {}
     if "ingest" in only:
         results["ingest"] = ingest.bench_ingest(config, args.events, args.batch_size, workdir)
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
             keep_topic=args.recommender_keep_topic,
         )
         _print_section("recommender", results["recommender"])
+    if "scale" in only:  # prints its own tables
+        results["scale"] = scale.run_bench(
+            config.kafka_bootstrap, scale.options_from(args, prefix="scale-")
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

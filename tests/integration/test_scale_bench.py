@@ -1,0 +1,32 @@
+"""The scale-out bench section runs end to end with tiny sizes, so it cannot rot.
+
+Only the parts that need no session timeout (consume, latency, and freshness with 2 instances;
+stats only): failover and takeover each wait 10 s for the group to drop a killed member, which
+would make this test slow. Figures are not checked here: speed is the bench's business, not a test's.
+"""
+
+from __future__ import annotations
+
+from benchmarks import scale
+
+
+def test_scale_section_prints_every_table(kafka_bootstrap: str) -> None:
+    options = scale.Options(
+        events=20_000,
+        partitions=4,
+        calls=40,
+        upload_events=20_000,
+        idle_probes=5,
+        freshness_instances=(2,),
+        parts=("consume", "latency", "freshness"),
+        services=("stats",),
+    )
+    tables = scale.run_bench(kafka_bootstrap, options)
+    rows = {title.split(":")[0].split(" ")[0]: table["rows"] for title, table in tables.items()}
+    assert [row[1] for row in rows["consume"]] == [1, 2]  # 1 and 2 instances
+    assert all(row[2] > 0 for row in rows["consume"])
+    assert len(rows["query"]) == 4  # every stats RPC, through 1 and 2 instances
+    assert all(row[-1] == "0 / 0" for row in rows["query"])  # no errors
+    assert [(row[0], row[1]) for row in rows["freshness"]][0] == (2, "idle")
+    assert len(rows["freshness"]) == 2
+    assert all(not row[2].startswith("0 ") and row[2].endswith("(0)") for row in rows["freshness"])
