@@ -203,7 +203,7 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
             stub = pb_grpc.StatsServiceStub(channel)
             check_all_totals(stub, expected)
             reply, call = stub.GetMediaStats.with_call(pb.GetMediaStatsRequest(media_id=probe))
-            assert dict(call.initial_metadata()).get(ANSWERED_BY) == process.address
+            assert dict(call.trailing_metadata()).get(ANSWERED_BY) == process.address
             assert [p.partition for p in reply.position.partitions] == list(range(PARTITIONS))
         got = trends(process.address, media_ids, low, high)
         assert got == reference

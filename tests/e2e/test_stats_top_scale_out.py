@@ -90,7 +90,7 @@ def walk(
         reply, call = stub.ListTopMedia.with_call(
             request(start, end, metric, limit, token), timeout=60
         )
-        assert dict(call.initial_metadata()).get(ANSWERED_BY) == address
+        assert dict(call.trailing_metadata()).get(ANSWERED_BY) == address
         assert [p.partition for p in reply.position.partitions] == list(range(PARTITIONS))
         assert len(reply.media) <= limit
         got += [
