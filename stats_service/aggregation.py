@@ -22,7 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stats_service.key_layout import BITMAP_BYTES, DAY, HOUR, MINUTE, MINUTES_PER_DAY
+from stats_service.key_layout import (
+    BITMAP_BYTES,
+    DAY,
+    HOUR,
+    MINUTE,
+    MINUTES_PER_DAY,
+    absent,
+    joined,
+)
 
 START, WAYPOINT, STOP, END = 1, 2, 3, 4
 BUCKET_SIZES = (MINUTE, HOUR, DAY)
@@ -244,12 +252,10 @@ def merge_viewer_days(
     column 0 holds the number.
     """
     count = len(days)
-    present = np.array([v is not None for v in stored], bool)
+    present = ~absent(stored)
     # The bitmaps stay packed (180 bytes per viewer-day): unpacked to one bool per minute they
     # were the batch's largest temporaries (1,440 bytes per viewer-day, three times over).
-    old = np.frombuffer(
-        b"".join([v if v is not None else _EMPTY_BITMAP for v in stored]), np.uint8
-    ).reshape(count, BITMAP_BYTES)
+    old = np.frombuffer(joined(stored, _EMPTY_BITMAP), np.uint8).reshape(count, BITMAP_BYTES)
     group, minute = days.group, days.minute
     byte, bit = minute >> 3, (np.uint8(1) << (minute & 7).astype(np.uint8))
     is_new_minute = (old[group, byte] & bit) == 0
