@@ -30,7 +30,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import aiokafka
@@ -43,8 +42,6 @@ from aiokafka.structs import ConsumerRecord
 log = logging.getLogger(__name__)
 
 WRITTEN_FOR_AIOKAFKA = "0.14.0"
-_VALUE = attrgetter("value")
-_OFFSET = attrgetter("offset")
 
 
 @dataclass
@@ -186,11 +183,9 @@ def _drain(tp: TopicPartition, result: FetchResult, budget: int) -> FetchedRecor
         record = None
         # Legacy (v0/v1) batches have no base offset: their records are filtered one by one.
         if getattr(batch, "base_offset", -1) >= position:
-            # Values and offsets picked in C (map): no Python loop over a batch's records.
-            batch_records = list(batch)
-            values.extend(map(_VALUE, batch_records))
-            offsets.extend(map(_OFFSET, batch_records))
-            record = batch_records[-1] if batch_records else None
+            for record in batch:
+                add_value(record.value)
+                add_offset(record.offset)
         else:  # e.g. a compressed batch that starts before the offset sought
             for record in batch:
                 if record.offset >= position:
