@@ -36,7 +36,8 @@ SERVICES = {
     "stats": "stats_service",
     "recommender": "recommender_service",
 }
-CAUGHT_UP = re.compile(rb"caught up on partitions")  # the consumer, not "has not caught up"
+# The consumer's own line (viewevents.consumer), not e.g. a query refused as "not caught up".
+CAUGHT_UP = re.compile(rb"\]: caught up on partitions")
 _LINE = re.compile(r" \(([^():]+):\d+\)$")  # "func (path.py:123)" -> fold the line number
 
 

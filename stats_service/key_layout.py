@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from itertools import repeat
+from operator import is_
 
 import numpy as np
 
@@ -167,16 +169,26 @@ def decode_bucket(value: bytes) -> tuple[int, int, int, int, int]:
     return view_time, starts, stops, ends, uniques
 
 
+def absent(values: Sequence[bytes | None]) -> np.ndarray:
+    """Which stored values are missing (None), tested in C rather than in a Python loop."""
+    return np.fromiter(map(is_, values, repeat(None)), bool, len(values))
+
+
+def joined(values: Sequence[bytes | None], empty: bytes) -> bytes:
+    """The stored values end to end, `empty` standing for each missing one."""
+    if None not in values:
+        return b"".join(values)  # type: ignore[arg-type] # no None, checked in C
+    return b"".join([empty if v is None else v for v in values])
+
+
 def rows_from_values(values: Sequence[bytes | None], empty: bytes, width: int) -> np.ndarray:
     """Stored rows (None = absent, read as `empty`) as one writable int64 matrix."""
-    blob = b"".join([empty if v is None else v for v in values])
-    return np.frombuffer(blob, "<i8").reshape(len(values), width).copy()
+    return np.frombuffer(joined(values, empty), "<i8").reshape(len(values), width).copy()
 
 
 def hour_rows_from_values(values: Sequence[bytes | None]) -> np.ndarray:
     """Stored hour rows (None = absent) as one writable structured array of HOUR_ROW."""
-    blob = b"".join([EMPTY_HOUR_ROW if v is None else v for v in values])
-    return np.frombuffer(blob, HOUR_ROW).copy()
+    return np.frombuffer(joined(values, EMPTY_HOUR_ROW), HOUR_ROW).copy()
 
 
 def hour_rows_and_pruned(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,8 @@ key once; the shared consumer commits these writes with the offsets in one Rocks
 
 from __future__ import annotations
 
+from itertools import compress
+
 import numpy as np
 
 from stats_service import key_layout as k
@@ -87,8 +89,8 @@ class StatsProcessor:
 
         # All-time viewers: a presence key per (media, user); absent means a new viewer.
         viewer_keys = k.pack_keys(prefix + k.KIND_VIEWER, batch.viewers, (False, False))
-        is_new = np.array([v is None for v in txn.get_many(viewer_keys)], bool)
-        txn.put_many(dict.fromkeys([key for key, new in zip(viewer_keys, is_new) if new], b""))
+        is_new = k.absent(txn.get_many(viewer_keys))
+        txn.put_many(dict.fromkeys(compress(viewer_keys, is_new.tolist()), b""))
         new_viewers = np.bincount(batch.viewer_media_index[is_new], minlength=len(batch.totals))
 
         totals_keys = k.pack_keys(prefix + k.KIND_TOTALS, batch.totals.keys, (False,))

@@ -20,6 +20,8 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import is_not
 from typing import Protocol
 
 import numpy as np
@@ -99,13 +101,14 @@ class EventBatch:
     def take(self, rows: Sequence[int] | np.ndarray) -> EventBatch:
         index = np.asarray(rows, np.int64)
         listed = index.tolist()
+        # map(list.__getitem__): the rows are picked in C, not in a Python loop per event.
         return EventBatch(
-            [self.event_id[i] for i in listed],
+            list(map(self.event_id.__getitem__, listed)),
             self.media_id[index],
             self.user_id[index],
             self.event_type[index],
             self.seconds[index],
-            [self.values[i] for i in listed],
+            list(map(self.values.__getitem__, listed)),
         )
 
     def messages(self) -> list[ViewEvent]:
@@ -156,21 +159,36 @@ class SeenIds:
     ) -> list[int]:
         """`keep_new` on the events' ids (UTF-8): the rows to keep, in offset order."""
         prefix = seen_prefix(partition)
-        first: dict[bytes, int] = {}
-        keep_first = first.setdefault
-        for row, event_id in enumerate(ids):
-            keep_first(event_id, row)
-        keys = [prefix + event_id for event_id in first]
-        retention = self.retention_days
-        fresh: list[int] = []
-        new_keys: list[bytes] = []
-        for row, key, seen in zip(first.values(), keys, txn.get_many(keys)):
-            if seen is None or day - BIG_U32.unpack(seen)[0] > retention:
-                fresh.append(row)
-                new_keys.append(key)
+        # The first row of each id, in offset order. Ids are one per event, so the usual case
+        # (no id twice in the batch) is built in C, without a Python loop over them.
+        count = len(ids)
+        unique = dict.fromkeys(ids)
+        if len(unique) == count:
+            rows: list[int] = list(range(count))
+            keys = list(map(prefix.__add__, ids))
+        else:
+            # Fed backwards, a dict keeps each id's first row; a mask puts them in offset order.
+            first_rows = dict(zip(reversed(ids), range(count - 1, -1, -1))).values()
+            mask = np.zeros(count, bool)
+            mask[np.fromiter(first_rows, np.int64, len(unique))] = True
+            rows = np.flatnonzero(mask).tolist()
+            keys = list(map(prefix.__add__, map(ids.__getitem__, rows)))
+        seen_days = txn.get_many(keys)
+        known = np.flatnonzero(np.fromiter(map(is_not, seen_days, repeat(None)), bool, len(keys)))
+        if len(known) == 0:
+            fresh, new_keys = rows, keys
+        else:  # a few duplicates: only their stored days are looked at one by one
+            retention = self.retention_days
+            new = np.ones(len(keys), bool)
+            for index in known.tolist():
+                seen = seen_days[index]
+                assert seen is not None
+                new[index] = day - BIG_U32.unpack(seen)[0] > retention
+            fresh = list(compress(rows, new.tolist()))
+            new_keys = list(compress(keys, new.tolist()))
         if new_keys:
             first_seen = BIG_U32.pack(day)
-            txn.put_many((key, first_seen) for key in new_keys)
+            txn.put_many(dict.fromkeys(new_keys, first_seen))
             oldest_key = seen_oldest_key(partition)
             stored = txn.get(oldest_key)
             if stored is None or BIG_U32.unpack(stored)[0] > day:
@@ -607,7 +625,11 @@ class ExactlyOnceConsumer:
         as columns for the whole batch; only records in an unusual encoding are parsed by
         protobuf one at a time (and those it cannot parse are counted and skipped). A record
         without a value (a tombstone from another producer) reads as an empty, invalid event."""
-        values = [b"" if value is None else value for value in raw_values]
+        values: list[bytes] = (
+            [b"" if value is None else value for value in raw_values]
+            if None in raw_values
+            else list(raw_values)  # type: ignore[arg-type] # no None, checked in C
+        )
         columns = decode_view_events(values)
         decoded = columns.fast.copy()
         event_ids = columns.event_id

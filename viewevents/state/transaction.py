@@ -10,6 +10,7 @@ its commit (which would silently lose the write) or committed twice.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Iterable, Mapping
 
 from rocksdict import WriteBatch
@@ -32,6 +33,7 @@ class Transaction:
     def __init__(self, store: StateStore) -> None:
         self._store = store
         self._pending: dict[bytes, bytes | None] = {}  # None = delete
+        self._deletes = 0  # delete() calls: when 0, commit hands every pending put over in C
         self._status = TransactionStatus.OPEN
 
     @property
@@ -61,6 +63,10 @@ class Transaction:
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         self._check_open()
         pending = self._pending
+        if pending.keys().isdisjoint(keys):
+            # The usual case (each kind is read once per batch, before it is written): no Python
+            # loop over the keys, which are one per event for the de-duplication ids.
+            return self._store.get_many(keys)
         missing = [k for k in keys if k not in pending]
         found = dict(zip(missing, self._store.get_many(missing)))
         return [pending[k] if k in pending else found[k] for k in keys]
@@ -79,16 +85,23 @@ class Transaction:
     def delete(self, key: bytes) -> None:
         self._check_open()
         self._pending[key] = None
+        self._deletes += 1
 
     def commit(self) -> None:
         """Apply every pending write in one RocksDB write batch; the transaction is then closed."""
         self._check_open()
         batch = WriteBatch(raw_mode=True)
-        for key, value in self._pending.items():
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
+        pending = self._pending
+        if self._deletes:
+            for key, value in pending.items():
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+        else:
+            # One put per key, called from C (map), not from a Python loop: a batch holds about
+            # two keys per event.
+            deque(map(batch.put, pending.keys(), pending.values()), maxlen=0)
         self._store.write(batch)
         self._pending = {}
         self._status = TransactionStatus.COMMITTED
