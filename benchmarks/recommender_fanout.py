@@ -8,7 +8,9 @@ of instance `a` is a fan-out to itself and to `b`. Once `a` answers completely, 
 timed twice with `clients` concurrent asyncio clients (and with ghz when present): a first pass
 over random items, then a second pass with the same items, which a cache keyed by the owners'
 positions may answer (nothing changes in between). A single instance's figures on the same topic
-are printed for reference. The machine is shared, so numbers are of one run.
+are printed for reference. One two-instance run per `--fanout-cache-items` value (default: 0,
+i.e. the cache off, then 5,000), so before and after are measured on the same topic and load.
+The machine is shared, so numbers are of one run.
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--calls", type=int, default=2_000)
     parser.add_argument("--no-single", action="store_true", help="skip the single instance")
+    parser.add_argument(
+        "--fanout-cache-items",
+        type=int,
+        nargs="+",
+        default=[0, 5_000],
+        help="one two-instance run per value of VIEWEVENTS_RECOMMENDER_FANOUT_CACHE_ITEMS (0: off)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
@@ -118,24 +127,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     asyncio.run(ensure_topics(config, [topic]))  # before prefill, which would make the default
     produced, _ = asyncio.run(prefill(bootstrap, topic, records(path), args.events))
-    env = {
-        "VIEWEVENTS_LOG_LEVEL": "INFO",
-        "VIEWEVENTS_TOPIC_PARTITIONS": str(args.partitions),
-        "VIEWEVENTS_RECOMMENDER_GROUP": f"bench-fanout-{uuid.uuid4().hex[:8]}",
-    }
+    env = {"VIEWEVENTS_LOG_LEVEL": "INFO", "VIEWEVENTS_TOPIC_PARTITIONS": str(args.partitions)}
     results: dict[str, Any] = {"events in topic": produced, "load average": os.getloadavg()}
-    members = [Service(bootstrap, topic, f"fanout-{name}", env) for name in ("a", "b")]
-    try:
-        for member in members:
-            member.start()
-        for member in members:
-            wait_complete(member.address, args.partitions)
-        results.update(
-            measure(members[0].address, args.media, args.users, args.clients, args.calls, "member")
-        )
-    finally:
-        for member in members:
-            member.stop()
+    for items in args.fanout_cache_items:
+        group_env = {
+            **env,
+            "VIEWEVENTS_RECOMMENDER_GROUP": f"bench-fanout-{uuid.uuid4().hex[:8]}",
+            "VIEWEVENTS_RECOMMENDER_FANOUT_CACHE_ITEMS": str(items),
+        }
+        members = [Service(bootstrap, topic, f"fanout-{n}", group_env) for n in ("a", "b")]
+        label = f"member (fan-out cache {items} items)"
+        try:
+            for member in members:
+                member.start()
+            for member in members:
+                wait_complete(member.address, args.partitions)
+            results[f"{label} load average"] = os.getloadavg()
+            results.update(
+                measure(members[0].address, args.media, args.users, args.clients, args.calls, label)
+            )
+        finally:
+            for member in members:
+                member.stop()
     if not args.no_single:
         single = Service(bootstrap, topic, "fanout-single", {"VIEWEVENTS_LOG_LEVEL": "INFO"})
         try:
