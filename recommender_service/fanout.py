@@ -7,10 +7,12 @@ rows need a second round for their sums in the owners that lacked them. The sums
 scored by `partials.score`, exactly as one instance holding every partition would. A
 recommendation reads the user's window from the owner of the user's partition, then gathers the
 neighbour lists of the window's items the same way (the most-watched fallback gathers every
-item's sums). No cache: a list built from part of the partitions must never be served, and a
-complete one would need the owners' positions to know when it is stale, so every call
-recomputes (the single-owner path keeps `QueryEngine`'s cache). Any owner that fails, is too
-slow or has not caught up makes the call fail with `scatter.Incomplete` naming the partitions.
+item's sums). Complete lists are cached (`fanout_cache.ListCache`, both metrics at
+`max_limit` per item) under the offsets of every partition they were computed from: each query
+first probes every owner's current offsets (one small RPC per other owner, no row read), and
+reuses the lists when nothing moved; a RecommendForUser probes once for all its items. Any
+owner that fails, is too slow or has not caught up makes the call fail with
+`scatter.Incomplete` naming the partitions.
 
 `PartitionServicer` is the answering side: viewevents.v1.RecommenderPartitionService, which
 reads only partitions this instance owns and has caught up on.
@@ -30,6 +32,7 @@ import numpy as np
 from recommender_service import key_layout as keys
 from recommender_service import partials
 from recommender_service import similarity as sim
+from recommender_service.fanout_cache import ListCache, Lists, Offsets, position_key
 from recommender_service.partials import ItemPartials, ItemSums
 from recommender_service.query_engine import UnknownItem, UserHistory, window_of
 from recommender_service.settings import RecommenderSettings
@@ -129,12 +132,14 @@ def from_message(reply: ppb.GetItemPartialsResponse) -> tuple[ItemPartials, Posi
 
 @dataclass(frozen=True)
 class Gathered:
-    """Complete sums for one item query, and the positions of the partials they came from."""
+    """Complete sums for one item query, and the positions of the partials they came from;
+    `settled` when a second round read the same offsets as the first (nothing moved between)."""
 
     row: np.ndarray
     items: ItemSums
     users: int
     positions: list[Position]
+    settled: bool = True
 
 
 class Fanout:
@@ -154,6 +159,7 @@ class Fanout:
         self.peers = peers or scatter.Peers()
         self.peer_metadata = list(peer_metadata)  # e.g. the bearer token peers expect
         self.timeout = timeout
+        self.cache = ListCache(settings.fanout_cache_items)
 
     def _stub(self, address: str) -> ppb_grpc.RecommenderPartitionServiceStub:
         return ppb_grpc.RecommenderPartitionServiceStub(self.peers.channel(address))
@@ -172,7 +178,12 @@ class Fanout:
             if address == self.ownership.address:
                 self.ownership.check_local(parts)
                 view = self.ownership.source()
-                part = await asyncio.to_thread(partials.read, view, parts, media, extra, all_items)
+                if media or extra or all_items:
+                    part = await asyncio.to_thread(
+                        partials.read, view, parts, media, extra, all_items
+                    )
+                else:  # a position probe: a few point reads, not worth a thread
+                    part = partials.read(view, parts)
                 return part, _position(part.offsets, part.watermark)
             request = ppb.GetItemPartialsRequest(
                 partitions=parts, media_id=media, item_ids=extra, all_items=all_items
@@ -197,6 +208,7 @@ class Fanout:
             if len(lacking):
                 missing[partial.address] = lacking.tolist()
         sums = [p.result[0].items for p in first]
+        settled = True
         if missing:  # sums of neighbours seen only in other owners' rows, same owners
             again = {
                 p: partial.address
@@ -206,27 +218,62 @@ class Fanout:
             }
             second = await self._items(again, 0, missing)
             sums += [p.result[0].items for p in second]
+            before = position_key(scatter.merge_positions([p.result[1] for p in first]))
+            after = position_key(scatter.merge_positions([p.result[1] for p in second]))
+            settled = set(after) <= set(before)
         return Gathered(
             row,
             partials.add_items(sums),
             sum(p.result[0].users for p in first),
             [p.result[1] for p in first],
+            settled,
         )
 
-    async def similar(self, media: int, metric: Metric, limit: int) -> tuple[Ranked, Position]:
+    async def probe(self) -> Offsets:
+        """Every partition's offset now, from its owner (which must be caught up on it): one
+        small call per other owner, the key of the cached lists."""
+        found = await self._items(self.ownership.owners())
+        state = position_key(scatter.merge_positions([p.result[1] for p in found]))
+        self.cache.observe(state)
+        return state
+
+    async def lists(self, media: int, state: Offsets | None = None) -> Lists:
+        """Both metrics' top `max_limit` neighbours of `media` over every partition: from the
+        cache when `state` (a fresh probe's offsets; probed here when None) is the state they
+        were computed from, else gathered, scored and cached."""
+        if state is None and self.cache.capacity > 0:
+            state = await self.probe()
+        if state is not None:
+            found = self.cache.get(state, media)
+            if found is not None:
+                return found
         gathered = await self.gather_item(media)
         if not gathered.items.has(media):
             raise UnknownItem(media)
-        ranked = partials.score(
-            media,
-            gathered.row,
-            gathered.items,
-            gathered.users,
-            metric,
-            self.support,
-            min(limit, self.settings.max_limit),
+        computed = Lists(
+            {
+                metric: partials.score(
+                    media,
+                    gathered.row,
+                    gathered.items,
+                    gathered.users,
+                    metric,
+                    self.support,
+                    self.settings.max_limit,
+                )
+                for metric in Metric
+            },
+            scatter.merge_positions(gathered.positions),
         )
-        return ranked, scatter.merge_positions(gathered.positions)
+        if gathered.settled and self.cache.capacity > 0:
+            read = position_key(computed.position)
+            self.cache.observe(read)
+            self.cache.put(read, media, computed)
+        return computed
+
+    async def similar(self, media: int, metric: Metric, limit: int) -> tuple[Ranked, Position]:
+        found = await self.lists(media)
+        return found.lists[metric].head(min(limit, self.settings.max_limit)), found.position
 
     async def _window(
         self, owners: dict[int, str], parts: list[int], user_id: int
@@ -285,24 +332,22 @@ class Fanout:
         history, positions = await self.history(user)
         if history is not None and history.media:
             pairs = list(zip(history.media[: self.settings.user_items], history.weights))
-            gathered = await asyncio.gather(*(self.gather_item(m) for m, _ in pairs))
+            state = await self.probe() if self.cache.capacity > 0 else None
+
+            async def cosine(media: int) -> Lists | None:
+                try:
+                    return await self.lists(media, state)
+                except UnknownItem:
+                    return None
+
+            gathered = await asyncio.gather(*(cosine(m) for m, _ in pairs))
             lists: list[Ranked] = []
             weights: list[float] = []
-            for (media, weight), found in zip(pairs, gathered):
-                positions += found.positions
-                if not found.items.has(media):
+            for (_, weight), found in zip(pairs, gathered):
+                if found is None:
                     continue
-                lists.append(
-                    partials.score(
-                        media,
-                        found.row,
-                        found.items,
-                        found.users,
-                        Metric.COSINE,
-                        self.support,
-                        self.settings.max_limit,
-                    )
-                )
+                positions.append(found.position)
+                lists.append(found.lists[Metric.COSINE])
                 weights.append(float(weight))
             ids, scores = sim.recommend(lists, weights, history.watched, limit)
             if len(ids):
@@ -341,6 +386,8 @@ class PartitionServicer:
         assert isinstance(request, ppb.GetItemPartialsRequest)
         ownership = await self._check(list(request.partitions), context)
         view = ownership.source()
+        if not (request.media_id or request.item_ids or request.all_items):
+            return to_message(partials.read(view, list(request.partitions)))  # a position probe
         part = await asyncio.to_thread(
             partials.read,
             view,

@@ -91,7 +91,10 @@ def read(
         )
     if len(row):
         row = row[np.isin(row["j"], items.ids)]  # neighbours newer than the snapshot: later
-    offsets = {p: view.stamp.offsets[p] for p in parts if p in view.stamp.offsets}
+    # Every asked partition is listed: one with no stored offset has nothing applied in this
+    # snapshot (offset 0 of a topic that keeps every record), and an answer whose position left
+    # it out would look partial.
+    offsets = {p: view.stamp.offsets.get(p, 0) for p in parts}
     watermark: int | None = None
     for partition in parts:
         mark = keys.snapshot_get(snapshot, keys.watermark_key_of(partition))

@@ -134,8 +134,18 @@ class RecommenderServicer:
         self.engine.stop_warmer()
 
     def _owns_all(self) -> bool:
+        """This instance owns every partition and has caught up on each since its latest
+        assignment, so its own view is the complete state. A partition it owns but is still
+        replaying (just taken over from a killed member) must not be answered from: the fan-out
+        then asks this instance itself, which refuses, and the answer is UNAVAILABLE."""
         owns_all = getattr(self.consumer, "owns_all", None)
-        return owns_all is None or bool(owns_all())
+        if owns_all is None:
+            return True
+        if not owns_all():
+            return False
+        answerable = getattr(self.consumer, "answerable", None)
+        owners = getattr(self.consumer, "owners", None)
+        return answerable is None or owners is None or set(owners) <= set(answerable())
 
     async def _require_every_partition(self, context: grpc.aio.ServicerContext) -> None:
         """UNAVAILABLE (with RetryInfo) unless this instance owns every partition; only

@@ -90,6 +90,14 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         "Items whose ranked neighbour lists are kept in memory (LRU; ~5 kB each).",
     ),
     Setting(
+        "recommender_fanout_cache_items",
+        "VIEWEVENTS_RECOMMENDER_FANOUT_CACHE_ITEMS",
+        5_000,
+        int,
+        "Items whose complete neighbour lists an instance that fans out keeps, valid while no "
+        "partition's offset moves (LRU; ~5 kB each; 0 = off).",
+    ),
+    Setting(
         "recommender_cache_ttl_seconds",
         "VIEWEVENTS_RECOMMENDER_CACHE_TTL_SECONDS",
         1.0,
@@ -138,6 +146,7 @@ class RecommenderSettings:
     cache_items: int = 20_000
     cache_ttl_seconds: float = 1.0
     hot_rows: int = 100_000
+    fanout_cache_items: int = 5_000
 
     def __post_init__(self) -> None:
         if self.history_cap < 2:
@@ -152,6 +161,8 @@ class RecommenderSettings:
             raise ValueError("recommender_hot_rows must not be negative")
         if self.row_max_deltas < 1 or self.user_items < 1 or self.cache_items < 1:
             raise ValueError("row_max_deltas, user_items and cache_items must be positive")
+        if self.fanout_cache_items < 0:
+            raise ValueError("recommender_fanout_cache_items must not be negative (0 = off)")
 
 
 def from_config(config: shared.Config | None = None) -> RecommenderSettings:

@@ -614,11 +614,14 @@ class ExactlyOnceConsumer:
             self.stats.duplicates += duplicates
             self._duplicates.inc(duplicates)
         txn.commit()
+        # The processor publishes what it serves queries from (the recommender's view) before
+        # the positions move: a partition counts as caught up, and may be answered for, only
+        # once the state that reached its end offset is visible to the queries.
+        self.processor.committed()
         self.catch_up.advance(new_positions)
         self.stats.batches += 1
         self._consumed.inc(sum(len(r) for r in batches.values()))
         self._applied.inc(self.stats.applied - applied_before)
-        self.processor.committed()
 
     def _decode(self, raw_values: Sequence[bytes | None]) -> EventBatch:
         """The records that are applicable ViewEvents, in offset order (the hot loop): decoded

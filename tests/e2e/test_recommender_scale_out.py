@@ -15,133 +15,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
-from recommender_service.similarity import Metric
-from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
+from tests.support import ServiceProcess, unique_name, wait_for
 from tests.support.broker import end_offsets
-from tests.support.data import accepted_events, generated_events
-from tests.support.oracles import BruteForce, assert_same_ranking
-from tests.support.positions import NOT_YET, covers
+from tests.support.oracles import BruteForce
+from tests.support.recommender_group import (
+    METRICS,
+    RecommenderGroup,
+    answer_of,
+    check_against_brute_force,
+    complete,
+    recommend,
+    sample_items,
+    similar,
+)
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
-from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
-SEED, USERS, MEDIA, GROUPS, EVENTS = 11, 1_200, 150, 8, 40_000
-METRICS = {Metric.COSINE: pb.SIMILARITY_METRIC_COSINE, Metric.PEARSON: pb.SIMILARITY_METRIC_PEARSON}
-
-
-class Deployment:
-    """An ingest service and recommender instances, each with its own state directory."""
-
-    def __init__(self, tmp_path: Path, bootstrap: str, partitions: int) -> None:
-        self.tmp_path = tmp_path
-        self.config = test_config(
-            bootstrap,
-            ingest_address=f"127.0.0.1:{free_port()}",
-            recommender_group=unique_name("rec-scale"),
-            topic_partitions=partitions,
-            recommender_min_co_viewers=1,
-            recommender_history_cap=100_000,
-        )
-        self.ingest = ServiceProcess(
-            "ingest_service", self.config, self.config.ingest_address, tmp_path / "ingest.log"
-        ).start()
-        self.instances: list[ServiceProcess] = []
-
-    def add(self, name: str, group: str | None = None) -> ServiceProcess:
-        config = self.config.replace(
-            recommender_address=f"127.0.0.1:{free_port()}",
-            recommender_state_dir=str(self.tmp_path / name),
-            recommender_group=group or self.config.recommender_group,
-        )
-        process = ServiceProcess(
-            "recommender_service", config, config.recommender_address, self.tmp_path / f"{name}.log"
-        ).start()
-        self.instances.append(process)
-        return process
-
-    def upload(self, count: int, seed: int) -> BruteForce:
-        events = generated_events(
-            self.tmp_path / "events.jsonl",
-            count,
-            seed,
-            users=USERS,
-            media=MEDIA,
-            groups=GROUPS,
-            noise=0.02,
-        )
-        with grpc.insecure_channel(self.config.ingest_address, options=CHANNEL_OPTIONS) as channel:
-            summary = upload(channel, iter(events), batch_size=5_000, timeout=300)
-        kept = accepted_events(events)
-        assert summary.accepted == len(kept)
-        assert len({e.event_id for e in kept}) < len(kept)  # duplicates really were sent
-        return BruteForce(kept)
-
-    def stop(self) -> None:
-        for process in self.instances:
-            process.stop()
-        self.ingest.stop()
-
-
-def similar(address: str, item: int, metric: int, limit: int = 25) -> pb.GetSimilarMediaResponse:
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.RecommenderServiceStub(channel).GetSimilarMedia(
-            pb.GetSimilarMediaRequest(media_id=item, limit=limit, metric=metric), timeout=30
-        )
-
-
-def recommend(address: str, user: int) -> pb.RecommendForUserResponse:
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.RecommenderServiceStub(channel).RecommendForUser(
-            pb.RecommendForUserRequest(user_id=user, limit=10), timeout=30
-        )
-
-
-def complete(address: str, item: int, targets: dict[int, int]) -> bool:
-    """A complete answer whose position lists every partition at its target offset."""
-    try:
-        position = similar(address, item, pb.SIMILARITY_METRIC_COSINE).position
-    except grpc.RpcError as error:
-        if error.code() in NOT_YET:
-            return False
-        raise
-    return sorted(p.partition for p in position.partitions) == sorted(targets) and covers(
-        position, targets
-    )
-
-
-def sample_items(truth: BruteForce, count: int) -> list[int]:
-    viewers = (truth.w > 0).sum(axis=0)
-    by_popularity = [truth.items[b] for b in np.argsort(-viewers, kind="stable")]
-    rng = np.random.default_rng(5)
-    return by_popularity[:5] + sorted(
-        rng.choice(by_popularity[5:], count - 5, replace=False).tolist()
-    )
-
-
-def answer_of(reply: pb.GetSimilarMediaResponse) -> list[tuple[int, float, int]]:
-    return [(s.media_id, s.score, s.co_viewers) for s in reply.similar_media]
-
-
-def check_against_brute_force(
-    reply: pb.GetSimilarMediaResponse, truth: BruteForce, item: int, metric: Metric
-) -> None:
-    assert_same_ranking(
-        [s.media_id for s in reply.similar_media],
-        [s.score for s in reply.similar_media],
-        [s.co_viewers for s in reply.similar_media],
-        truth.scores(item, metric),
-        25,
-    )
+SEED, EVENTS = 11, 40_000
 
 
 @pytest.fixture(scope="module")
 def eight_partitions(
     kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce]]:
-    made = Deployment(tmp_path_factory.mktemp("rec-scale-8"), kafka_bootstrap, 8)
+) -> Iterator[tuple[RecommenderGroup, list[ServiceProcess], ServiceProcess, BruteForce]]:
+    made = RecommenderGroup(tmp_path_factory.mktemp("rec-scale-8"), kafka_bootstrap, 8)
     try:
         members = [made.add("a"), made.add("b")]
         single = made.add("single", group=unique_name("rec-single"))
@@ -163,7 +62,7 @@ def eight_partitions(
 
 
 def test_every_instance_answers_similar_media_exactly(
-    eight_partitions: tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce],
+    eight_partitions: tuple[RecommenderGroup, list[ServiceProcess], ServiceProcess, BruteForce],
 ) -> None:
     _, members, single, truth = eight_partitions
     for item in sample_items(truth, 25):
@@ -178,7 +77,7 @@ def test_every_instance_answers_similar_media_exactly(
 
 
 def test_every_instance_recommends_as_the_single_instance(
-    eight_partitions: tuple[Deployment, list[ServiceProcess], ServiceProcess, BruteForce],
+    eight_partitions: tuple[RecommenderGroup, list[ServiceProcess], ServiceProcess, BruteForce],
 ) -> None:
     _, members, single, truth = eight_partitions
     users = [int(u) for u in truth.users[:25]] + [10**12]  # the last one: unknown, fallback
@@ -208,7 +107,7 @@ def test_every_instance_recommends_as_the_single_instance(
 def test_an_instance_with_no_partition_answers_exactly(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    made = Deployment(tmp_path, kafka_bootstrap, 2)
+    made = RecommenderGroup(tmp_path, kafka_bootstrap, 2)
     try:
         for name in ("a", "b", "c"):
             made.add(name)

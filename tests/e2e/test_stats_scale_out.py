@@ -12,7 +12,6 @@ partitions) answers exactly by asking the owners.
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,14 +20,13 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from tests.support import unique_name, wait_for
-from tests.support.broker import end_offsets, read_topic
+from tests.support.broker import end_offsets, read_events
 from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
-from tests.support.oracles import HEARTBEAT, Expected, check_all_totals
-from tests.support.stats_group import StatsGroup
-from viewevents.rpc.errors import retry_delay_of
+from tests.support.oracles import Expected, StatsBounds, check_all_totals
+from tests.support.pollers import Poller
+from tests.support.stats_group import StatsGroup, stats_of
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
-from viewevents.v1 import view_event_pb2 as ve
 
 PARTITIONS = 8
 ANSWERED_BY = "x-viewevents-answered-by"
@@ -97,73 +95,6 @@ def trends(
     return out
 
 
-class Bounds:
-    """Brute force per partition: what an answer whose position lists offsets must at least
-    hold (every first copy below those offsets) and may at most hold (everything)."""
-
-    def __init__(self, records: list[tuple[int, int, ve.ViewEvent]]) -> None:
-        # media -> [(partition, offset, event)], first copies only, in offset order.
-        self.by_media: dict[int, list[tuple[int, int, ve.ViewEvent]]] = defaultdict(list)
-        seen: set[str] = set()
-        for partition, offset, event in sorted(records, key=lambda r: (r[0], r[1])):
-            if event.event_id not in seen:
-                seen.add(event.event_id)
-                self.by_media[event.media_id].append((partition, offset, event))
-
-    def totals(self, media: int, offsets: dict[int, int] | None) -> tuple[int, int, int]:
-        rows = [e for p, o, e in self.by_media[media] if offsets is None or o < offsets.get(p, 0)]
-        return (
-            sum(e.event_type == 1 for e in rows),
-            HEARTBEAT * sum(e.event_type == 2 for e in rows),
-            len({e.user_id for e in rows}),
-        )
-
-
-class Poller(threading.Thread):
-    """Asks one instance for a few media items again and again; keeps every outcome."""
-
-    def __init__(self, address: str, media: list[int]) -> None:
-        super().__init__(daemon=True)
-        self.address = address
-        self.media = media
-        self.answers: list[tuple[int, dict[int, int], tuple[int, int, int]]] = []
-        self.unavailable: list[tuple[str, float | None]] = []
-        self.other_errors: list[str] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = pb_grpc.StatsServiceStub(channel)
-            while not self.done.is_set():
-                for media in self.media:
-                    try:
-                        reply = stub.GetMediaStats(
-                            pb.GetMediaStatsRequest(media_id=media), timeout=20
-                        )
-                    except grpc.RpcError as error:
-                        if error.code() == grpc.StatusCode.UNAVAILABLE:
-                            self.unavailable.append((error.details() or "", retry_delay_of(error)))
-                        else:
-                            self.other_errors.append(f"{error.code()}: {error.details()}")
-                        continue
-                    s = reply.stats
-                    self.answers.append(
-                        (
-                            media,
-                            {p.partition: p.offset for p in reply.position.partitions},
-                            (s.starts, s.view_time_seconds, s.unique_viewers),
-                        )
-                    )
-                self.done.wait(0.05)
-
-
-def read_back(bootstrap: str, topic: str) -> list[tuple[int, int, ve.ViewEvent]]:
-    return [
-        (r.partition, r.offset, ve.ViewEvent.FromString(r.value))
-        for r in read_topic(bootstrap, topic)
-    ]
-
-
 @pytest.fixture
 def group(tmp_path: Path, kafka_bootstrap: str) -> Iterator[StatsGroup]:
     made = StatsGroup(tmp_path, kafka_bootstrap, PARTITIONS)
@@ -225,7 +156,7 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
 
     # kill -9 one member while a second upload flows.
     watched = sorted(expected.by_media, key=lambda m: -len(expected.by_media[m]))[:4]
-    pollers = [Poller(a.address, watched), Poller(c.address, watched)]
+    pollers = [Poller(a.address, watched, stats_of), Poller(c.address, watched, stats_of)]
     for poller in pollers:
         poller.start()
     sender = threading.Thread(target=group.send, args=(second,), daemon=True)
@@ -250,11 +181,10 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
             message=lambda p=process: f"{p.address} not complete after the kill: {p.tail()}",
         )
     for poller in pollers:
-        poller.done.set()
-        poller.join(30)
+        poller.stop()
 
-    bounds = Bounds(read_back(kafka_bootstrap, group.config.view_topic))
-    answers = [x for poller in pollers for x in poller.answers]
+    bounds = StatsBounds(read_events(kafka_bootstrap, group.config.view_topic))
+    answers = [(x.key, x.offsets, x.value) for poller in pollers for x in poller.answers]
     unavailable = [x for poller in pollers for x in poller.unavailable]
     assert not [e for poller in pollers for e in poller.other_errors]
     partial = [(m, offsets) for m, offsets, _ in answers if set(offsets) != set(range(PARTITIONS))]

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.support.configs import REPO, TEST_KAFKA_PORT, port_open
+from viewevents.v1 import view_event_pb2 as ve
 
 
 def broker_env(
@@ -96,3 +97,11 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Consum
             await consumer.stop()
 
     return asyncio.run(read())
+
+
+def read_events(bootstrap: str, topic: str) -> list[tuple[int, int, ve.ViewEvent]]:
+    """(partition, offset, event) of every record of `topic`: where each event landed."""
+    return [
+        (r.partition, r.offset, ve.ViewEvent.FromString(r.value))
+        for r in read_topic(bootstrap, topic)
+    ]

@@ -96,6 +96,28 @@ def check_all_totals(stub: pb_grpc.StatsServiceStub, expected: Expected) -> None
         assert got == pytest.approx(expected.totals(media)), media
 
 
+class StatsBounds:
+    """Brute force per partition: what an answer whose position lists offsets must at least
+    hold (every first copy below those offsets) and may at most hold (everything)."""
+
+    def __init__(self, records: list[tuple[int, int, ve.ViewEvent]]) -> None:
+        # media -> [(partition, offset, event)], first copies only, in offset order.
+        self.by_media: dict[int, list[tuple[int, int, ve.ViewEvent]]] = defaultdict(list)
+        seen: set[str] = set()
+        for partition, offset, event in sorted(records, key=lambda r: (r[0], r[1])):
+            if event.event_id not in seen:
+                seen.add(event.event_id)
+                self.by_media[event.media_id].append((partition, offset, event))
+
+    def totals(self, media: int, offsets: dict[int, int] | None) -> tuple[int, int, int]:
+        rows = [e for p, o, e in self.by_media[media] if offsets is None or o < offsets.get(p, 0)]
+        return (
+            sum(e.event_type == 1 for e in rows),
+            HEARTBEAT * sum(e.event_type == 2 for e in rows),
+            len({e.user_id for e in rows}),
+        )
+
+
 # The recommender.
 
 REL = 1e-9
@@ -197,3 +219,28 @@ def assert_same_ranking(
         for media, (score, _) in expected.items():
             if media not in ids:
                 assert score < cut or close(score, cut), f"{media} ({score}) missing above the cut"
+
+
+class CoViewerBounds:
+    """Brute force per partition for the recommender: an answer whose position lists offsets
+    must count at least the co-viewers of the first copies below those offsets, and at most
+    those of everything (co-viewer counts only grow)."""
+
+    def __init__(self, records: list[tuple[int, int, ve.ViewEvent]]) -> None:
+        seen: set[str] = set()
+        # media -> {user: (partition, offset) of the user's first waypoint on it}
+        self.first: dict[int, dict[int, tuple[int, int]]] = defaultdict(dict)
+        for partition, offset, event in sorted(records, key=lambda r: (r[0], r[1])):
+            if event.event_id in seen:
+                continue
+            seen.add(event.event_id)
+            if event.event_type == ve.EVENT_TYPE_WAYPOINT:
+                self.first[event.media_id].setdefault(event.user_id, (partition, offset))
+
+    def co_viewers(self, i: int, j: int, offsets: dict[int, int] | None = None) -> int:
+        a, b = self.first[i], self.first[j]
+
+        def below(where: tuple[int, int]) -> bool:
+            return offsets is None or where[1] < offsets.get(where[0], 0)
+
+        return sum(1 for user in a.keys() & b.keys() if below(a[user]) and below(b[user]))

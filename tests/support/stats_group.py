@@ -9,6 +9,8 @@ import grpc
 
 from tests.support.configs import free_port, test_config, unique_name
 from tests.support.processes import ServiceProcess
+from viewevents.v1 import stats_service_pb2 as pb
+from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
@@ -53,3 +55,12 @@ class StatsGroup:
         for process in self.stats:
             process.stop()
         self.ingest.stop()
+
+
+def stats_of(channel: grpc.Channel, media: int) -> tuple[ve.ConsumerPosition, tuple[int, int, int]]:
+    """GetMediaStats for `media`: (position, (starts, view time, unique viewers)), for a Poller."""
+    reply = pb_grpc.StatsServiceStub(channel).GetMediaStats(
+        pb.GetMediaStatsRequest(media_id=media), timeout=20
+    )
+    s = reply.stats
+    return reply.position, (s.starts, s.view_time_seconds, s.unique_viewers)

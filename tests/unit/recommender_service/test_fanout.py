@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -169,3 +170,49 @@ def test_partials_add_up_to_the_whole(setup: Any) -> None:
     for name in ("ids", "s", "q", "n"):
         assert np.array_equal(getattr(summed, name), getattr(whole.items, name))
     assert sum(p.users for p in parts) == whole.users == view.users
+
+
+def test_cached_lists_follow_new_events(tmp_path: Path) -> None:
+    """A repeated query is served from the cache; after new events (which move some partition's
+    offset) the answer reflects them: equal to the single instance and to brute force over
+    everything fed, never the cached list of the older state."""
+    settings = RecommenderSettings(min_co_viewers=1, cache_ttl_seconds=0.0)
+    first, later = events(8, 120, 40, 3_000), events(9, 120, 40, 3_000)
+    rec = OfflineRecommender(str(tmp_path / "state"), settings, partitions=4, batch_max=500)
+    try:
+        rec.feed(first)
+        consumer = SimpleNamespace(
+            address="a", owners=dict(OWNERS), answerable=lambda: frozenset({0, 1})
+        )
+        fanout = Fanout(Ownership(lambda: rec.processor.view, consumer), settings)
+        stubs = {a: PeerStub(rec, a) for a in ("b", "c")}
+        fanout._stub = lambda address: stubs[address]  # type: ignore[method-assign,assignment,return-value]
+        item = int(BruteForce(first).items[0])
+        before, old_position = asyncio.run(fanout.similar(item, Metric.COSINE, 25))
+        again, _ = asyncio.run(fanout.similar(item, Metric.COSINE, 25))
+        assert fanout.cache.hits == 1 and again.ids.tolist() == before.ids.tolist()
+
+        rec.feed(later)
+        truth = BruteForce(first + later)
+        for metric in Metric:
+            got, position = asyncio.run(fanout.similar(item, metric, 25))
+            want, _ = rec.engine.similar(item, metric, 25)
+            assert (got.ids.tolist(), got.scores.tolist(), got.co_viewers.tolist()) == (
+                want.ids.tolist(),
+                want.scores.tolist(),
+                want.co_viewers.tolist(),
+            )
+            assert_same_ranking(
+                got.ids.tolist(),
+                got.scores.tolist(),
+                got.co_viewers.tolist(),
+                truth.scores(item, metric),
+                25,
+            )
+            assert position != old_position
+        assert got.scores.tolist() != before.scores.tolist()  # the new events changed the list
+        ids, scores, _, _ = asyncio.run(fanout.recommend(int(truth.users[0]), 10))
+        wanted = rec.engine.recommend(int(truth.users[0]), 10)
+        assert (ids.tolist(), scores.tolist()) == (wanted.ids.tolist(), wanted.scores.tolist())
+    finally:
+        rec.close()
