@@ -13,9 +13,9 @@
 # answers from every replica again, each store slot resuming where it was, then `down -v`. Prints
 # a table; exits non-zero on any failure (with `docker compose ps` and logs); always tears down.
 # Environment: SCALE (replicas of stats and of recommender, default 2, at most the 4 partitions;
-# 1 checks the plain stack),
-# HEALTHY_TIMEOUT (seconds for all containers to become healthy, default 420), ANSWER_TIMEOUT
-# (seconds for the consumers to apply the upload, default 90), VENV (.venv).
+# 1 checks the plain stack), HEALTHY_TIMEOUT (seconds for all containers to become healthy,
+# default 420), ANSWER_TIMEOUT (seconds for the consumers to apply the upload, default 90),
+# VENV (.venv).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:-$repo/.venv}
