@@ -4,18 +4,25 @@
 # A throw-away deployment: its own project name, certificates, token, Kafka cluster id, image tag
 # and free host ports, all in a temp dir, so an existing deployment (deploy/certs, deploy/.env, its
 # containers, volumes, image and ports) is never touched. Steps: deploy/init.sh into the temp dir,
-# `up -d --build`, wait until every container is healthy, upload a generated event file over TLS
-# with the bearer token (and check that it is refused without), check GetMediaStats against counts
-# computed from the file and GetSimilarMedia against similarities computed from it, `down` (volumes
-# kept) + `up` and the same answers again, then `down -v`. Prints a table; exits non-zero on any
-# failure (with `docker compose ps` and logs); always tears down.
-# Environment: HEALTHY_TIMEOUT (seconds for all containers to become healthy, default 420),
-# ANSWER_TIMEOUT (seconds for the consumers to apply the upload, default 90), VENV (.venv).
+# `up -d --build --scale stats=$SCALE --scale recommender=$SCALE`, wait until every container is
+# healthy, upload a generated event file over TLS with the bearer token (and check that it is
+# refused without), then ask EACH stats and recommender replica directly: GetMediaStats of every
+# media item against counts computed from the file and GetSimilarMedia against similarities
+# computed from it, all complete; the partitions split over the replicas, each on its own store,
+# each having had answers from its peers over TLS; `down` (volumes kept) + `up` and the same
+# answers from every replica again, each store slot resuming where it was, then `down -v`. Prints
+# a table; exits non-zero on any failure (with `docker compose ps` and logs); always tears down.
+# Environment: SCALE (replicas of stats and of recommender, default 2, at most the 4 partitions;
+# 1 checks the plain stack), HEALTHY_TIMEOUT (seconds for all containers to become healthy,
+# default 420), ANSWER_TIMEOUT (seconds for the consumers to apply the upload, default 90),
+# VENV (.venv).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:-$repo/.venv}
 healthy_timeout=${HEALTHY_TIMEOUT:-420}
 answer_timeout=${ANSWER_TIMEOUT:-90}
+scale=${SCALE:-2}
+containers=$((2 + 2 * scale))  # kafka, ingest, stats and recommender replicas
 project=viewevents-check-$(date +%s)-$$
 work=$(mktemp -d "${TMPDIR:-/tmp}/viewevents-check.XXXXXX")
 results=$work/results.tsv
@@ -79,21 +86,22 @@ py=$venv/bin/python
 "$repo/deploy/init.sh" "$work" 2>"$work/init.log" >/dev/null || { cat "$work/init.log" >&2; fail "init" "deploy/init.sh failed"; }
 ports=$("$py" -c '
 import socket
-socks = [socket.socket() for _ in range(6)]
+socks = [socket.socket() for _ in range(2)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))')
-read -r p_ingest p_stats p_rec p_m1 p_m2 p_m3 <<<"$ports"
+read -r p_ingest p_m1 <<<"$ports"
+# Stats and recommender replicas: host ports picked by Docker, one per replica (empty here).
 cat >>"$work/.env" <<EOF
 VIEWEVENTS_IMAGE=viewevents:$project
 HOST_PORT_INGEST=$p_ingest
-HOST_PORT_STATS=$p_stats
-HOST_PORT_RECOMMENDER=$p_rec
 HOST_PORT_INGEST_METRICS=$p_m1
-HOST_PORT_STATS_METRICS=$p_m2
-HOST_PORT_RECOMMENDER_METRICS=$p_m3
+HOST_PORT_STATS=
+HOST_PORT_RECOMMENDER=
+HOST_PORT_STATS_METRICS=
+HOST_PORT_RECOMMENDER_METRICS=
 EOF
 set -a; . "$work/.env"; set +a  # the shell's own values must not override these
-row ok "init (certs, token, cluster id)" "$work; ports $p_ingest/$p_stats/$p_rec"
+row ok "init (certs, token, cluster id)" "$work; ingest port $p_ingest; $scale x stats, $scale x recommender"
 
 wait_healthy() {  # wait_healthy STEP: every container of the project running and healthy
   local t0=$SECONDS ids line bad states
@@ -102,8 +110,8 @@ wait_healthy() {  # wait_healthy STEP: every container of the project running an
     states=$(docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}-{{end}} {{.RestartCount}}' $ids 2>/dev/null | sed "s|^/$project-||" || true)
     bad=$(awk '$2 == "exited" || $2 == "dead" || $4 > 0' <<<"$states")
     [ -z "$bad" ] || fail "$1" "crashed: $(tr '\n' ' ' <<<"$bad")"
-    if [ "$(wc -w <<<"$ids")" = 4 ] && awk '$3 != "healthy" { bad = 1 } END { exit bad }' <<<"$states"; then
-      row ok "$1" "4 containers healthy after $((SECONDS - t0)) s"
+    if [ "$(wc -w <<<"$ids")" = "$containers" ] && awk '$3 != "healthy" { bad = 1 } END { exit bad }' <<<"$states"; then
+      row ok "$1" "$containers containers healthy after $((SECONDS - t0)) s"
       return
     fi
     if [ $((SECONDS - t0)) -ge "$healthy_timeout" ]; then
@@ -117,7 +125,8 @@ wait_healthy() {  # wait_healthy STEP: every container of the project running an
 log "project $project: up -d --build (output in the table only when it fails)"
 t0=$SECONDS
 up_done=1
-if ! compose up -d --build >"$work/up.log" 2>&1; then
+scaled=(--scale "stats=$scale" --scale "recommender=$scale")
+if ! compose up -d --build "${scaled[@]}" >"$work/up.log" 2>&1; then
   tail -n 40 "$work/up.log" >&2
   fail "up -d --build" "failed (see above)"
 fi
@@ -130,10 +139,29 @@ anon=$(docker inspect -f '{{range .Mounts}}{{if eq .Type "volume"}}{{.Name}} {{e
 [ -z "$anon" ] || fail "no anonymous volumes" "$(tr '\n' ' ' <<<"$anon")"
 row ok "no anonymous volumes" "only ${project}_{kafka-data,stats-state,recommender-state}"
 
-# 3. Upload over TLS with the token, then the answers against the file.
+# The stats and recommender replicas, one line each: service, container, hostname (what it
+# advertises, with the container port), host gRPC and metrics ports, the state slot it holds.
+list_replicas() {
+  local service grpc metrics id ports
+  for spec in "stats 50052 9102" "recommender 50053 9103"; do
+    read -r service grpc metrics <<<"$spec"
+    ports="{{(index (index .NetworkSettings.Ports \"$grpc/tcp\") 0).HostPort}} {{(index (index .NetworkSettings.Ports \"$metrics/tcp\") 0).HostPort}}"
+    for id in $(compose ps -q "$service"); do
+      printf '%s %s %s\n' "$service" \
+        "$(docker inspect -f "{{.Name}} {{.Config.Hostname}} $ports" "$id" | sed "s|^/$project-||")" \
+        "$(docker logs "$id" 2>&1 | grep -o 'this instance holds slot-[0-9]*' | tail -n 1 | sed 's/.* //')"
+    done
+  done | awk 'NF == 5 { $6 = "-" } { print }' | sort -k2 >"$work/replicas.txt"
+  [ "$(wc -l <"$work/replicas.txt")" = $((2 * scale)) ] \
+    || fail "$1" "expected $scale replicas of each: $(cat "$work/replicas.txt")"
+  row ok "$1" "$(awk '{printf "%s=%s :%s %s; ", $2, $3, $4, $6}' "$work/replicas.txt")"
+}
+list_replicas "replicas: hostname, host port, store"
+
+# 3. Upload over TLS with the token, then every replica's answers against the file.
 "$py" "$repo/deploy/compose_check.py" gen "$work/events.jsonl"
-client=(--viewevents "$venv/bin/viewevents" --ingest "127.0.0.1:$p_ingest" --stats "127.0.0.1:$p_stats"
-        --recommender "127.0.0.1:$p_rec" --ca "$VIEWEVENTS_CERTS_DIR/ca.pem" --timeout "$answer_timeout")
+client=(--viewevents "$venv/bin/viewevents" --ingest "127.0.0.1:$p_ingest" --replicas "$work/replicas.txt"
+        --ca "$VIEWEVENTS_CERTS_DIR/ca.pem" --timeout "$answer_timeout")
 log "upload and queries"
 if ! "$py" "$repo/deploy/compose_check.py" verify "$work/events.jsonl" "$work/answers.json" \
     "${client[@]}" --token "$VIEWEVENTS_INGEST_TOKEN" >>"$results"; then
@@ -143,8 +171,12 @@ fi
 # 4. State survives `down` (volumes kept) and `up`.
 log "down (volumes kept), up again"
 compose down >"$work/down1.log" 2>&1 || { cat "$work/down1.log" >&2; fail "down (volumes kept)" "failed"; }
-compose up -d >"$work/up2.log" 2>&1 || { tail -n 40 "$work/up2.log" >&2; fail "up again" "failed"; }
+compose up -d "${scaled[@]}" >"$work/up2.log" 2>&1 || { tail -n 40 "$work/up2.log" >&2; fail "up again" "failed"; }
 wait_healthy "healthy again after down + up"
+list_replicas "replicas after down + up"
+mkdir -p "$work/logs"
+while read -r _ container _; do
+  docker logs "$project-$container" >"$work/logs/$container.log" 2>&1
+done <"$work/replicas.txt"
 "$py" "$repo/deploy/compose_check.py" again "$work/answers.json" "${client[@]}" \
-  --stats-metrics "127.0.0.1:$p_m2" --recommender-metrics "127.0.0.1:$p_m3" >>"$results" \
-  || fail "state after down + up" "see the row above"
+  --logs "$work/logs" >>"$results" || fail "state after down + up" "see the row above"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 from recommender_service.fanout import PARTITION_SERVICE, Fanout, Ownership
 from recommender_service.processor import RecommenderProcessor
 from recommender_service.query_engine import QueryEngine
 from recommender_service.servicer import RecommenderServicer
 from recommender_service.settings import SETTINGS, from_config
-from viewevents import bootstrap, scatter
+from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.membership import advertised_address
@@ -27,13 +26,7 @@ async def serve(config: Config) -> None:
     options = from_config(config)
     log.info("recommender settings: %s", options)
 
-    # Channels to the other instances: TLS when this one serves TLS (peers verified against
-    # this instance's own certificate file, as the stats service does).
-    peers = (
-        scatter.Peers(scatter.tls_peer_channel(Path(config.tls_cert_file).read_bytes()))
-        if config.tls_cert_file
-        else scatter.Peers()
-    )
+    peers = bootstrap.peers(config)  # TLS to the other instances when this one serves TLS
     peer_metadata = (
         [("authorization", f"Bearer {config.recommender_token}")]
         if config.recommender_token

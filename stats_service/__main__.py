@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
@@ -13,20 +12,11 @@ from stats_service.rollups import BucketVersions, RollupCache
 from stats_service.servicer import PARTITION_SERVICE, SERVICE, StatsServicer
 from stats_service.settings import SETTINGS
 from stats_service.top_media import RollupRanker
-from viewevents import bootstrap, scatter
+from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.membership import advertised_address
 
 log = logging.getLogger("stats_service")
-
-
-def peers_for(config: Config) -> scatter.Peers:
-    """Channels to the other instances: TLS when this one serves TLS (peers are verified
-    against this instance's own certificate file, so every instance needs a certificate from
-    the chain in that file, e.g. one shared certificate or a CA bundle appended to it)."""
-    if config.tls_cert_file:
-        return scatter.Peers(scatter.tls_peer_channel(Path(config.tls_cert_file).read_bytes()))
-    return scatter.Peers()
 
 
 async def serve(config: Config) -> None:
@@ -72,7 +62,7 @@ async def serve(config: Config) -> None:
             consumer,
             limits,
             page_token_secret(config.stats_page_token_secret),
-            peers=peers_for(config),
+            peers=bootstrap.peers(config),
             peer_metadata=peer_metadata,
             ranker=(
                 RollupRanker(store, RollupCache(versions, cache_bytes)) if cache_bytes else None

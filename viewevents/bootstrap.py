@@ -23,11 +23,13 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from google.protobuf.descriptor import ServiceDescriptor
 
 from viewevents import config as settings
+from viewevents import scatter
 from viewevents.config import Config, Setting
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.kafka import ensure_topics
@@ -42,6 +44,7 @@ from viewevents.rpc.server import (
     serve_until_stopped,
     set_serving,
 )
+from viewevents.state.slots import claim_slot
 from viewevents.state.store import StateStore, memory_split
 
 log = logging.getLogger(__name__)
@@ -170,6 +173,10 @@ async def serve_consumer(
 ) -> None:
     """Open the RocksDB store, join the consumer group and serve; on stop finish the batch in
     progress, leave the group and close RocksDB."""
+    slot = claim_slot(state_dir) if config.state_dir_shared else None
+    if slot is not None:
+        log.info("state dir %s is shared: this instance holds %s", state_dir, slot.path.name)
+        state_dir = str(slot.path)
     store = StateStore(
         state_dir,
         *memory_split(
@@ -221,8 +228,21 @@ async def serve_consumer(
         finally:
             await consumer.close(KAFKA_STEP_S)
             store.close()
+            if slot is not None:
+                slot.release()
 
     await serve(config, endpoint, servicer, readiness=consumer.readiness, on_stop=stop_consumer)
+
+
+def peers(config: Config) -> scatter.Peers:
+    """Channels to the other instances of a service: TLS when this one serves TLS, verifying
+    peers against `tls_peer_ca_file` (default: this instance's own certificate file, so one
+    shared certificate or a CA appended to it works) and, when set, `tls_peer_server_name`
+    instead of the host each peer advertises."""
+    if not config.tls_cert_file:
+        return scatter.Peers()
+    roots = Path(config.tls_peer_ca_file or config.tls_cert_file).read_bytes()
+    return scatter.Peers(scatter.tls_peer_channel(roots, config.tls_peer_server_name))
 
 
 def _stop_process_if_crashed(task: asyncio.Task[Any]) -> None:

@@ -132,6 +132,33 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "RocksDB memtable size (MiB; at most 3 are kept), overriding the budget's share "
         "(0: from the budget).",
     ),
+    Setting(
+        "state_dir_shared",
+        "VIEWEVENTS_STATE_DIR_SHARED",
+        False,
+        parse_bool,
+        "The state directory is shared by several instances (one docker-compose volume for all "
+        "replicas): each keeps its RocksDB in its own subdirectory slot-N, the lowest N no "
+        "running instance holds (a file lock), so a recreated replica takes over a store a "
+        "stopped one left.",
+    ),
+    Setting(
+        "tls_peer_ca_file",
+        "VIEWEVENTS_TLS_PEER_CA_FILE",
+        "",
+        str,
+        "PEM roots that other instances' certificates must chain to, on calls between "
+        "instances (TLS on). Empty: this instance's own VIEWEVENTS_TLS_CERT_FILE.",
+    ),
+    Setting(
+        "tls_peer_server_name",
+        "VIEWEVENTS_TLS_PEER_SERVER_NAME",
+        "",
+        str,
+        "Name other instances' certificates are checked against on calls between instances "
+        "(TLS on), instead of the host of their advertised address: for replicas whose "
+        "addresses are random container ids (docker-compose --scale). Empty: that host.",
+    ),
 )
 
 

@@ -224,12 +224,15 @@ def insecure_peer_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
 
 
-def tls_peer_channel(root_certificates: bytes) -> ChannelFactory:
-    """Channels that verify peers against `root_certificates` (PEM)."""
+def tls_peer_channel(root_certificates: bytes, server_name: str = "") -> ChannelFactory:
+    """Channels that verify peers against `root_certificates` (PEM); the peer's certificate
+    must be valid for `server_name` when given (replicas reached at addresses no certificate
+    can name, such as container ids), else for the host of the address dialled."""
     credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    return lambda address: grpc.aio.secure_channel(
-        address, credentials, options=PEER_CHANNEL_OPTIONS
-    )
+    options: list[tuple[str, int | str]] = list(PEER_CHANNEL_OPTIONS)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return lambda address: grpc.aio.secure_channel(address, credentials, options=options)
 
 
 class Peers:

@@ -36,6 +36,10 @@ SERVICES = {
 }
 
 
+# Services meant to run as several replicas (`up --scale stats=2 --scale recommender=2`).
+SCALED = ("stats", "recommender")
+
+
 def env_of(name: str) -> dict[str, str]:
     return {k: str(v) for k, v in COMPOSE["services"][name]["environment"].items()}
 
@@ -79,10 +83,14 @@ def test_ports_agree_with_the_addresses(name: str) -> None:
     metrics_port = env[setting_env(metrics_setting)]
     ports = COMPOSE["services"][name]["ports"]
     assert {p.rsplit(":", 1)[1] for p in ports} == {grpc_port, metrics_port}
-    # Host ports can be moved (make compose-check does); the defaults are the container's.
     for port in ports:
         host, container = port.rsplit(":", 1)
-        assert re.fullmatch(r"\$\{HOST_PORT_[A-Z_]+:-(\d+)\}", host).group(1) == container
+        if name in SCALED:
+            # `--scale` must not clash: by default Docker picks a host port per replica.
+            assert re.fullmatch(r"\$\{HOST_PORT_[A-Z_]+:-\}", host), port
+        else:
+            # Host ports can be moved (make compose-check does); the defaults are the container's.
+            assert re.fullmatch(r"\$\{HOST_PORT_[A-Z_]+:-(\d+)\}", host).group(1) == container
     assert env[setting_env(address_setting)].startswith("0.0.0.0:"), "must listen beyond loopback"
     health = COMPOSE["services"][name]["healthcheck"]["test"]
     assert health[:4] == ["CMD", "python", "-m", "viewevents_tools.healthcheck"]
@@ -116,6 +124,26 @@ def test_state_volumes_and_tls_files(name: str) -> None:
     assert service["group_add"] == ["${VIEWEVENTS_CERTS_GID:-10001}"], "server.key is 0640"
     assert service["restart"] == "unless-stopped"
     assert service["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("name", SCALED)
+def test_replicas_can_scale_with_own_stores_and_tls_between_them(name: str) -> None:
+    """Nothing per container is fixed (name, host port, hostname), each replica keeps its own
+    RocksDB in the shared volume, advertises its own hostname, and checks peers' certificates
+    against a name the certificate has (deploy/make-certs.sh), with the CA as root."""
+    service = COMPOSE["services"][name]
+    env = env_of(name)
+    assert not {"container_name", "hostname"} & set(service), "fixed names clash under --scale"
+    assert env["VIEWEVENTS_STATE_DIR_SHARED"] == "true"
+    assert ENV_NAMES["VIEWEVENTS_STATE_DIR_SHARED"].kind(env["VIEWEVENTS_STATE_DIR_SHARED"])
+    # Default advertised address: the container's hostname (its id), which Docker's DNS resolves.
+    assert f"VIEWEVENTS_{name.upper()}_ADVERTISED_ADDRESS" not in env
+    assert env[f"VIEWEVENTS_{name.upper()}_ADDRESS"].startswith("0.0.0.0:")
+    assert env["VIEWEVENTS_TLS_PEER_CA_FILE"] == "/certs/ca.pem"
+    peer_name = env["VIEWEVENTS_TLS_PEER_SERVER_NAME"]
+    make_certs = (REPO / "deploy" / "make-certs.sh").read_text()
+    san = re.search(r"subjectAltName=([^\\\n]*)", make_certs).group(1).split(",")
+    assert f"DNS:{peer_name}" in san
 
 
 def test_kafka_is_official_kraft_and_matches_the_bootstrap() -> None:
