@@ -6,13 +6,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from aiokafka import AIOKafkaProducer
+
 from ingest_service.producers import Producers
 from ingest_service.servicer import IngestServicer
 from ingest_service.settings import SETTINGS
 from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.kafka import ensure_topics, new_producer, record_limit, topics_max_message_bytes
-from viewevents.readiness import Readiness, watch_kafka
+from viewevents.readiness import Readiness, until_kafka_answers, watch_kafka
 from viewevents.v1 import ingest_service_pb2
 
 log = logging.getLogger("ingest_service")
@@ -20,9 +22,14 @@ log = logging.getLogger("ingest_service")
 SERVICE = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"]
 
 
+async def partition_counts(producer: AIOKafkaProducer, topics: list[str]) -> dict[str, int]:
+    return {t: len(await producer.partitions_for(t)) for t in topics}
+
+
 async def serve(config: Config) -> None:
     topics = [config.view_topic, config.dead_letter_topic]
-    await ensure_topics(config, topics)
+    # Kafka may be down at start: wait for it (interruptible by SIGTERM, see bootstrap.main).
+    await until_kafka_answers("creating topics", lambda: ensure_topics(config, topics))
     max_message_bytes = await topics_max_message_bytes(config, topics)
     if max_message_bytes is None:
         max_message_bytes = config.fallback_max_message_bytes
@@ -33,8 +40,14 @@ async def serve(config: Config) -> None:
     max_record_bytes = record_limit(max_message_bytes, config)
     stop_bound = min(config.producer_timeout_ms / 1000, bootstrap.KAFKA_STEP_S)
     producers = Producers(lambda: new_producer(config), stop_bound)
-    producer = await producers.start()
-    partitions = {t: len(await producer.partitions_for(t)) for t in topics}
+    producer = await until_kafka_answers("starting the producer", producers.start)
+    try:
+        partitions = await until_kafka_answers(
+            "reading partitions", lambda: partition_counts(producer, topics)
+        )
+    except BaseException:
+        await producers.stop()
+        raise
     log.info(
         "writing to Kafka %s; topics %s; records up to %d bytes (max.message.bytes %d)",
         config.kafka_bootstrap,

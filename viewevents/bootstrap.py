@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,11 +34,12 @@ from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.kafka import ensure_topics
 from viewevents.logs import setup_logging
 from viewevents.metrics import CONSUMER_LAG, ROCKSDB_BYTES, serve_metrics
-from viewevents.readiness import Readiness
+from viewevents.readiness import Readiness, until_kafka_answers
 from viewevents.rpc.server import (
     add_service,
     bind,
     enable_reflection_and_health,
+    exit_after,
     new_server,
     serve_until_stopped,
     set_serving,
@@ -89,13 +91,56 @@ def main(
     config = settings.load(service_settings, parser.parse_args(argv))
     setup_logging(prog.removesuffix("_service"), config.log_level, config.log_json)
     try:
-        asyncio.run(serve_service(config))
+        asyncio.run(_stoppable_from_the_start(serve_service(config)))
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
         # Shutdown is done (or under way in worker threads that must finish their batch): a
         # second SIGTERM, e.g. from a supervisor after Ctrl-C, must not cut it short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _Signals:
+    """SIGTERM/SIGINT of the whole process life: before the gRPC server runs a signal cancels
+    the start-up (e.g. a wait for Kafka) and the process exits 0; afterwards it sets `stop`,
+    which `serve_until_stopped` awaits for the graceful stop. One object, so that no signal
+    falls between two sets of handlers."""
+
+    def __init__(self, starting: asyncio.Task[Any]) -> None:
+        self.stop = asyncio.Event()
+        self.serving = False
+        self.signalled_while_starting = False
+        self._starting = starting
+
+    def handle(self) -> None:
+        if self.stop.is_set():
+            return
+        self.stop.set()
+        if not self.serving:
+            self.signalled_while_starting = True
+            log.info("signal during start-up: stopping")
+            exit_after(EXIT_WITHIN_S)
+            self._starting.cancel()
+
+
+_SIGNALS: ContextVar[_Signals | None] = ContextVar("viewevents_signals", default=None)
+
+
+async def _stoppable_from_the_start(serving: Coroutine[Any, Any, None]) -> None:
+    """Run `serving` with SIGTERM/SIGINT handled from its first instant (see `_Signals`)."""
+    task = asyncio.current_task()
+    assert task is not None
+    signals = _Signals(task)
+    _SIGNALS.set(signals)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, signals.handle)
+    try:
+        await serving
+    except asyncio.CancelledError:
+        if not signals.signalled_while_starting:
+            raise
+        log.info("stopped during start-up")
 
 
 async def serve(
@@ -118,10 +163,19 @@ async def serve(
     )
     for descriptor in descriptors:
         add_service(server, descriptor, servicer)
-    health = await enable_reflection_and_health(server, names)
-    bind(server, endpoint.address, config.tls_cert_file, config.tls_key_file)
-    serve_metrics(endpoint.metrics_port, endpoint.name, config.metrics_host)
-    await server.start()
+    try:
+        health = await enable_reflection_and_health(server, names)
+        bind(server, endpoint.address, config.tls_cert_file, config.tls_key_file)
+        serve_metrics(endpoint.metrics_port, endpoint.name, config.metrics_host)
+        await server.start()
+    except BaseException:
+        # A signal (or a failure) before the server ran: release what the service started.
+        await server.stop(0)
+        if isinstance(servicer, Closeable):
+            servicer.close()
+        if on_stop is not None:
+            await on_stop()
+        raise
 
     async def follow_readiness() -> None:
         if readiness is None:
@@ -154,8 +208,15 @@ async def serve(
         if on_stop is not None:
             await on_stop()
 
+    signals = _SIGNALS.get()
+    if signals is not None:
+        signals.serving = True  # from now on a signal stops gracefully, see _Signals
     await serve_until_stopped(
-        server, stop, grace_seconds=RPC_GRACE_S, exit_within_seconds=EXIT_WITHIN_S
+        server,
+        stop,
+        grace_seconds=RPC_GRACE_S,
+        exit_within_seconds=EXIT_WITHIN_S,
+        stop=signals.stop if signals is not None else None,
     )
 
 
@@ -170,30 +231,28 @@ async def serve_consumer(
 ) -> None:
     """Open the RocksDB store, join the consumer group and serve; on stop finish the batch in
     progress, leave the group and close RocksDB."""
+    topics = [config.view_topic, config.dead_letter_topic]
+    await until_kafka_answers("creating topics", lambda: ensure_topics(config, topics))
     store = StateStore(
         state_dir,
         *memory_split(
             config.memory_budget_mb, config.rocksdb_cache_mb, config.rocksdb_write_buffer_mb
         ),
     )
-    processor = make_processor(store)
-    await ensure_topics(config, [config.view_topic, config.dead_letter_topic])
-    consumer = ExactlyOnceConsumer(
-        bootstrap=config.kafka_bootstrap,
-        topic=config.view_topic,
-        group_id=group_id,
-        store=store,
-        processor=processor,
-        batch_max=config.consume_batch_max,
-        dedupe_retention_days=config.dedupe_retention_days,
-        client_id=f"viewevents-{endpoint.name}",
-        metrics_name=endpoint.name,
-        advertised_address=endpoint.advertised_address or endpoint.address,
-    )
-    servicer = make_servicer(store, consumer, processor)
+    servicer: object = None
+    try:
+        processor = make_processor(store)
+        consumer = _new_consumer(config, endpoint, group_id, store, processor)
+        servicer = make_servicer(store, consumer, processor)
+        await until_kafka_answers("joining the consumer group", consumer.start)
+    except BaseException:
+        # Stopped (or failed) during start-up: nothing consumed yet; RocksDB closes cleanly.
+        if isinstance(servicer, Closeable):
+            servicer.close()
+        store.close()
+        raise
     CONSUMER_LAG.labels(endpoint.name).set_function(consumer.lag)
     ROCKSDB_BYTES.labels(endpoint.name).set_function(store.size_bytes)
-    await consumer.start()
     consuming = asyncio.create_task(consumer.run(), name=f"{endpoint.name}-consumer")
     consuming.add_done_callback(_stop_process_if_crashed)
     log.info(
@@ -223,6 +282,23 @@ async def serve_consumer(
             store.close()
 
     await serve(config, endpoint, servicer, readiness=consumer.readiness, on_stop=stop_consumer)
+
+
+def _new_consumer(
+    config: Config, endpoint: Endpoint, group_id: str, store: StateStore, processor: Processor
+) -> ExactlyOnceConsumer:
+    return ExactlyOnceConsumer(
+        bootstrap=config.kafka_bootstrap,
+        topic=config.view_topic,
+        group_id=group_id,
+        store=store,
+        processor=processor,
+        batch_max=config.consume_batch_max,
+        dedupe_retention_days=config.dedupe_retention_days,
+        client_id=f"viewevents-{endpoint.name}",
+        metrics_name=endpoint.name,
+        advertised_address=endpoint.advertised_address or endpoint.address,
+    )
 
 
 def _stop_process_if_crashed(task: asyncio.Task[Any]) -> None:

@@ -16,6 +16,7 @@ grpc.health.v1 says) also needs Kafka to be reachable (`viewevents.readiness`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -444,8 +445,16 @@ class ExactlyOnceConsumer:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(**self._consumer_options)
-        await self._consumer.start()
+        """Connect and subscribe; a failed attempt leaves nothing open, so it can be retried
+        (viewevents.readiness.until_kafka_answers)."""
+        consumer = AIOKafkaConsumer(**self._consumer_options)
+        try:
+            await consumer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), KAFKA_CALL_TIMEOUT_S)
+            raise
+        self._consumer = consumer
         self._fetch = BulkFetch(self._consumer)
         self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self))
         self._watch = asyncio.create_task(
