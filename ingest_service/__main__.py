@@ -26,6 +26,17 @@ async def partition_counts(producer: AIOKafkaProducer, topics: list[str]) -> dic
     return {t: len(await producer.partitions_for(t)) for t in topics}
 
 
+async def refresh_periodically(servicer: IngestServicer, seconds: float) -> None:
+    """Re-read the topics' record limit every `seconds` (0: never), so that a lowered
+    max.message.bytes turns into TOO_LARGE rejections without waiting for a refused batch."""
+    while seconds > 0:
+        await asyncio.sleep(seconds)
+        try:
+            await asyncio.wait_for(servicer.refresh_record_limit(), seconds)
+        except Exception as error:  # noqa: BLE001 - Kafka down: keep the last known limit
+            log.warning("could not re-read the topics' max.message.bytes: %r", error)
+
+
 async def serve(config: Config) -> None:
     topics = [config.view_topic, config.dead_letter_topic]
     # Kafka may be down at start: wait for it (interruptible by SIGTERM, see bootstrap.main).
@@ -66,6 +77,7 @@ async def serve(config: Config) -> None:
 
     async def stop_producer() -> None:
         watching.cancel()
+        refreshing.cancel()
         # Flush whatever is still queued, but exit promptly if Kafka is gone: by now every RPC
         # has ended, so a record still queued belongs to an RPC that was not acknowledged.
         if not await producers.stop():
@@ -83,7 +95,15 @@ async def serve(config: Config) -> None:
         token=config.ingest_token,
         max_request_bytes=config.max_request_bytes,
     )
-    servicer = IngestServicer(config, producers, partitions, max_record_bytes)
+
+    async def read_record_limit() -> int | None:
+        limit = await topics_max_message_bytes(config, topics)
+        return None if limit is None else record_limit(limit, config)
+
+    servicer = IngestServicer(config, producers, partitions, max_record_bytes, read_record_limit)
+    refreshing = asyncio.create_task(
+        refresh_periodically(servicer, config.record_limit_refresh_seconds)
+    )
     await bootstrap.serve(config, endpoint, servicer, readiness=readiness, on_stop=stop_producer)
 
 
