@@ -33,6 +33,7 @@ from viewevents.config import Config, Setting
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.kafka import ensure_topics
 from viewevents.logs import setup_logging
+from viewevents.memory import MemoryPlan, plan_memory
 from viewevents.metrics import CONSUMER_LAG, ROCKSDB_BYTES, serve_metrics
 from viewevents.readiness import Readiness, until_kafka_answers
 from viewevents.rpc.server import (
@@ -44,7 +45,7 @@ from viewevents.rpc.server import (
     serve_until_stopped,
     set_serving,
 )
-from viewevents.state.store import StateStore, memory_split
+from viewevents.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -233,16 +234,13 @@ async def serve_consumer(
     progress, leave the group and close RocksDB."""
     topics = [config.view_topic, config.dead_letter_topic]
     await until_kafka_answers("creating topics", lambda: ensure_topics(config, topics))
-    store = StateStore(
-        state_dir,
-        *memory_split(
-            config.memory_budget_mb, config.rocksdb_cache_mb, config.rocksdb_write_buffer_mb
-        ),
-    )
+    plan = memory_plan(config)
+    log.info("memory budget %d MiB: %s", config.memory_budget_mb, plan)
+    store = StateStore(state_dir, plan.block_cache_mb, plan.write_buffer_mb)
     servicer: object = None
     try:
         processor = make_processor(store)
-        consumer = _new_consumer(config, endpoint, group_id, store, processor)
+        consumer = _new_consumer(config, endpoint, group_id, store, processor, plan)
         servicer = make_servicer(store, consumer, processor)
         await until_kafka_answers("joining the consumer group", consumer.start)
     except BaseException:
@@ -284,8 +282,23 @@ async def serve_consumer(
     await serve(config, endpoint, servicer, readiness=consumer.readiness, on_stop=stop_consumer)
 
 
+def memory_plan(config: Config) -> MemoryPlan:
+    """The split of the service's memory budget (viewevents.memory), from its settings."""
+    return plan_memory(
+        config.memory_budget_mb,
+        cache_mb=config.rocksdb_cache_mb,
+        write_buffer_mb=config.rocksdb_write_buffer_mb,
+        fetch_mb=config.kafka_fetch_mb,
+    )
+
+
 def _new_consumer(
-    config: Config, endpoint: Endpoint, group_id: str, store: StateStore, processor: Processor
+    config: Config,
+    endpoint: Endpoint,
+    group_id: str,
+    store: StateStore,
+    processor: Processor,
+    plan: MemoryPlan,
 ) -> ExactlyOnceConsumer:
     return ExactlyOnceConsumer(
         bootstrap=config.kafka_bootstrap,
@@ -298,6 +311,8 @@ def _new_consumer(
         client_id=f"viewevents-{endpoint.name}",
         metrics_name=endpoint.name,
         advertised_address=endpoint.advertised_address or endpoint.address,
+        fetch_max_bytes=plan.fetch_max_bytes,
+        max_partition_fetch_bytes=plan.max_partition_fetch_bytes,
     )
 
 

@@ -307,6 +307,8 @@ class ExactlyOnceConsumer:
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
         advertised_address: str = "",
+        fetch_max_bytes: int = 64 * 1024 * 1024,
+        max_partition_fetch_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.topic = topic
         self.address = advertised_address  # where other instances reach this one's queries
@@ -336,8 +338,9 @@ class ExactlyOnceConsumer:
             client_id=client_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
+            # Sized by the service's memory budget (viewevents.memory): what one fetch holds.
+            max_partition_fetch_bytes=max_partition_fetch_bytes,
+            fetch_max_bytes=fetch_max_bytes,
             session_timeout_ms=10_000,  # a killed instance's partitions move on after 10 s
             heartbeat_interval_ms=3_000,
             max_poll_interval_ms=300_000,
