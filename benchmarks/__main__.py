@@ -5,6 +5,7 @@ acknowledged end to end, against Kafka's own ProducerPerformance on the same bro
 stats and recommender consumers and queries.
 
     python -m benchmarks [--events N] [--only ingest|stats|recommender] [--json FILE]
+    python -m benchmarks --rss-events 10000000   # only: stats RSS sampled along a long stream
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ingest, recommender, stats
+from benchmarks import ingest, recommender, rss_stream, stats
 from viewevents_tools import settings_catalogue as settings
 from viewevents_tools.processes import REPO
 
@@ -34,6 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=5_000)
     parser.add_argument("--only", choices=["ingest", "stats", "recommender"], action="append")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--rss-events",
+        type=int,
+        default=0,
+        help="instead of the sections: stream this many events through the stats service and "
+        "print its RSS at regular event counts (benchmarks/rss_stream.py)",
+    )
+    parser.add_argument("--rss-samples", type=int, default=20)
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
     config = settings.load(args)
@@ -41,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     only = set(args.only or ["ingest", "stats", "recommender"])
     results: dict[str, Any] = {}
+    if args.rss_events:
+        results["rss_stream"] = rss_stream.run_rss_stream(
+            config.kafka_bootstrap, args.rss_events, args.rss_samples
+        )
+        _print_section("stats RSS along the stream", results["rss_stream"])
+        only = set()
     if "ingest" in only:
         results["ingest"] = ingest.bench_ingest(config, args.events, args.batch_size, workdir)
         _print_section("ingest", results["ingest"])

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import tracemalloc
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -253,6 +254,7 @@ async def serve_consumer(
     ROCKSDB_BYTES.labels(endpoint.name).set_function(store.size_bytes)
     consuming = asyncio.create_task(consumer.run(), name=f"{endpoint.name}-consumer")
     consuming.add_done_callback(_stop_process_if_crashed)
+    reporting = asyncio.create_task(_report_memory(store, plan), name="memory-report")
     log.info(
         "%s consuming %s in group %s; state %s; advertised to the group as %s",
         endpoint.name,
@@ -266,6 +268,7 @@ async def serve_consumer(
         """Let the loop finish its batch (one RocksDB write batch: all or nothing), within
         KAFKA_STEP_S; past that, cancel it at its next await (a batch being written still
         completes first); then leave the group (bounded) and close RocksDB."""
+        reporting.cancel()
         await consumer.stop()
         try:
             await asyncio.wait_for(asyncio.shield(consuming), KAFKA_STEP_S)
@@ -314,6 +317,38 @@ def _new_consumer(
         fetch_max_bytes=plan.fetch_max_bytes,
         max_partition_fetch_bytes=plan.max_partition_fetch_bytes,
     )
+
+
+MEMORY_REPORT_S = 60.0  # a log line per minute: RSS next to what RocksDB says it holds
+
+
+async def _report_memory(store: StateStore, plan: MemoryPlan) -> None:
+    """Log the process's RSS next to RocksDB's own accounting, so that a growing RSS (soak,
+    docs/operations.md) can be told apart: RocksDB within its shares, or something else."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    while True:
+        await asyncio.sleep(MEMORY_REPORT_S)
+        try:
+            with open("/proc/self/statm") as statm:
+                rss = int(statm.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            rss = 0
+        rocks = store.memory_bytes()
+        log.info(
+            "memory: RSS %.0f MiB of a %d MiB budget; RocksDB %s MiB",
+            rss / 2**20,
+            plan.budget_mb,
+            {k: round(v / 2**20, 1) for k, v in rocks.items()},
+        )
+        if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=1: where Python's own memory is
+            current, peak = tracemalloc.get_traced_memory()
+            top = tracemalloc.take_snapshot().statistics("lineno")[:8]
+            log.info(
+                "python heap %.0f MiB (peak %.0f): %s",
+                current / 2**20,
+                peak / 2**20,
+                "; ".join(f"{s.traceback[0]} {s.size / 2**20:.1f} MiB" for s in top),
+            )
 
 
 def _stop_process_if_crashed(task: asyncio.Task[Any]) -> None:

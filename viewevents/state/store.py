@@ -102,6 +102,16 @@ class StateStore:
             self.db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
         )
 
+    def memory_bytes(self) -> dict[str, int]:
+        """What RocksDB itself holds in memory, by kind (its own accounting)."""
+        names = {
+            "block_cache": "rocksdb.block-cache-usage",
+            "memtables": "rocksdb.cur-size-all-mem-tables",
+            "table_readers": "rocksdb.estimate-table-readers-mem",
+            "pinned": "rocksdb.block-cache-pinned-usage",
+        }
+        return {k: int(self.db.property_int_value(v) or 0) for k, v in names.items()}
+
     # --- consumer bookkeeping -----------------------------------------------------------------
 
     def stored_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
