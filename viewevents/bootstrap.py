@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -255,6 +256,7 @@ async def serve_consumer(
     consuming = asyncio.create_task(consumer.run(), name=f"{endpoint.name}-consumer")
     consuming.add_done_callback(_stop_process_if_crashed)
     reporting = asyncio.create_task(_report_memory(store, plan), name="memory-report")
+    trimming = asyncio.create_task(_trim_malloc_periodically(), name="malloc-trim")
     log.info(
         "%s consuming %s in group %s; state %s; advertised to the group as %s",
         endpoint.name,
@@ -269,6 +271,7 @@ async def serve_consumer(
         KAFKA_STEP_S; past that, cancel it at its next await (a batch being written still
         completes first); then leave the group (bounded) and close RocksDB."""
         reporting.cancel()
+        trimming.cancel()
         await consumer.stop()
         try:
             await asyncio.wait_for(asyncio.shield(consuming), KAFKA_STEP_S)
@@ -317,6 +320,26 @@ def _new_consumer(
         fetch_max_bytes=plan.fetch_max_bytes,
         max_partition_fetch_bytes=plan.max_partition_fetch_bytes,
     )
+
+
+MALLOC_TRIM_S = 10.0  # how often freed heap memory is handed back to the kernel
+
+
+async def _trim_malloc_periodically(seconds: float = MALLOC_TRIM_S) -> None:
+    """Call glibc's malloc_trim every `seconds`. Each batch allocates and frees tens of MiB
+    (fetched records, decoded columns, RocksDB write batches) across several threads' arenas;
+    glibc keeps much of it mapped, so RSS climbed far past what is in use (RocksDB's own
+    accounting stayed near 50 MiB). Measured on the stats consumer, 100 s into a 1M-event
+    topic, load 45 to 50 (noisy): RSS 213 and 261 MiB in two runs with a trim, 321 without.
+    Runs in a worker thread; a no-op where libc has no malloc_trim (e.g. musl)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    while True:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(trim, 0)
 
 
 MEMORY_REPORT_S = 60.0  # a log line per minute: RSS next to what RocksDB says it holds
