@@ -25,8 +25,9 @@ import numpy as np
 import psutil
 
 from benchmarks.measure import PeakRss, free_port
-from benchmarks.stats import WORKDIR, _position, produce
+from benchmarks.stats import WORKDIR, produce
 from viewevents.kafka import user_key
+from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_tools import settings_catalogue as settings
@@ -59,6 +60,19 @@ def stream_records(events: int, seed: int = 11) -> Iterator[tuple[bytes, bytes]]
             yield user_key(user), event.SerializeToString()
 
 
+async def _applied(stub: pb_grpc.StatsServiceStub) -> int | None:
+    """Events the service has applied (its position), or None when it did not answer (a busy
+    service on a loaded machine may take seconds: the timeout is generous)."""
+    try:
+        reply = await stub.ListTopMedia(
+            pb.ListTopMediaRequest(start_time={"seconds": 0}, end_time={"seconds": 60}, limit=1),
+            timeout=30,
+        )
+    except grpc.aio.AioRpcError:
+        return None
+    return sum(p.offset for p in reply.position.partitions)
+
+
 async def _sample(
     stub: pb_grpc.StatsServiceStub,
     process: subprocess.Popen,
@@ -74,8 +88,7 @@ async def _sample(
     while target <= events:
         if process.poll() is not None:
             raise RuntimeError("stats service exited during the stream")
-        reply = await _position(stub)
-        applied = sum(p.offset for p in reply.position.partitions) if reply is not None else 0
+        applied = await _applied(stub) or 0
         if applied >= target:
             rss = memory.memory_info().rss / 2**20
             out.append(
