@@ -327,11 +327,12 @@ MALLOC_TRIM_S = 10.0  # how often freed heap memory is handed back to the kernel
 
 async def _trim_malloc_periodically(seconds: float = MALLOC_TRIM_S) -> None:
     """Call glibc's malloc_trim every `seconds`. Each batch allocates and frees tens of MiB
-    (fetched records, decoded columns, RocksDB write batches) across several threads' arenas;
-    glibc keeps much of it mapped, so RSS climbed far past what is in use (RocksDB's own
-    accounting stayed near 50 MiB). Measured on the stats consumer, 100 s into a 1M-event
-    topic, load 45 to 50 (noisy): RSS 213 and 261 MiB in two runs with a trim, 321 without.
-    Runs in a worker thread; a no-op where libc has no malloc_trim (e.g. musl)."""
+    (fetched records, decoded columns, RocksDB write batches) across several threads' arenas,
+    and glibc keeps much of it mapped. Measured on the stats consumer (load 20 to 50, noisy):
+    after 100 s of a 1M-event topic RSS 213 and 261 MiB with the trim, 321 without; along a
+    1M-event stream (benchmarks/rss_stream.py) the mean sampled RSS fell from 383 to 330 MiB,
+    but the peak did not (542 without, 561 with). Runs in a worker thread; a no-op where libc
+    has no malloc_trim (e.g. musl)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
