@@ -6,6 +6,7 @@ stats and recommender consumers and queries, and scale-out (1 vs 2 instances: co
 query latency, freshness, failover, partition takeover; benchmarks/scale.py, flags --scale-*).
 
     python -m benchmarks [--events N] [--only ingest|stats|recommender|scale] [--json FILE]
+    python -m benchmarks --rss-events 10000000   # only: stats RSS sampled along a long stream
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ingest, recommender, scale, stats
+from benchmarks import ingest, recommender, rss_stream, scale, stats
 from viewevents_tools import settings_catalogue as settings
 from viewevents_tools.processes import REPO
 
@@ -57,6 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", help="also write the results to this file")
     scale.add_flags(parser, prefix="scale-")
+    parser.add_argument(
+        "--rss-events",
+        type=int,
+        default=0,
+        help="instead of the sections: stream this many events through the stats service and "
+        "print its RSS at regular event counts (benchmarks/rss_stream.py)",
+    )
+    parser.add_argument("--rss-samples", type=int, default=20)
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
     config = settings.load(args)
@@ -64,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     only = set(args.only or ["ingest", "stats", "recommender", "scale"])
     results: dict[str, Any] = {}
+    if args.rss_events:
+        results["rss_stream"] = rss_stream.run_rss_stream(
+            config.kafka_bootstrap, args.rss_events, args.rss_samples
+        )
+        _print_section("stats RSS along the stream", results["rss_stream"])
+        only = set()
     if "ingest" in only:
         results["ingest"] = ingest.bench_ingest(config, args.events, args.batch_size, workdir)
         _print_section("ingest", results["ingest"])

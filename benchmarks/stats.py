@@ -24,9 +24,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import psutil
@@ -83,8 +83,11 @@ def prepare_records(
     return records, sorted(media), low, high
 
 
-async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -> float:
-    """Write the records in large per-partition batches; returns records/s."""
+async def produce(
+    config: settings.Config, records: Iterable[tuple[bytes, bytes]], total: int | None = None
+) -> float:
+    """Write the records in large per-partition batches; returns records/s. `records` may be
+    a generator (then give `total`), so a long stream need not be held in memory."""
     await ensure_topics(config, [config.view_topic, config.dead_letter_topic])
     producer = AIOKafkaProducer(
         bootstrap_servers=config.kafka_bootstrap,
@@ -101,7 +104,8 @@ async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -
         batches = {p: producer.create_batch() for p in partitions}
         pending: list[asyncio.Future] = []
         started = time.perf_counter()
-        bar = tqdm(total=len(records), desc="prefill", unit=" events", unit_scale=True)
+        count = total if total is not None else len(cast(Sized, records))
+        bar = tqdm(total=count, desc="prefill", unit=" events", unit_scale=True)
         for key, value in records:
             partition = partitioner(key)
             batch = batches[partition]
@@ -126,7 +130,7 @@ async def produce(config: settings.Config, records: list[tuple[bytes, bytes]]) -
                 bar.update(batch.record_count())
         await asyncio.gather(*pending)
         bar.close()
-        return len(records) / (time.perf_counter() - started)
+        return count / (time.perf_counter() - started)
     finally:
         await producer.stop()
 

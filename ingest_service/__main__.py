@@ -6,13 +6,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from aiokafka import AIOKafkaProducer
+
 from ingest_service.producers import Producers
 from ingest_service.servicer import IngestServicer
 from ingest_service.settings import SETTINGS
 from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.kafka import ensure_topics, new_producer, record_limit, topics_max_message_bytes
-from viewevents.readiness import Readiness, watch_kafka
+from viewevents.readiness import Readiness, until_kafka_answers, watch_kafka
 from viewevents.v1 import ingest_service_pb2
 
 log = logging.getLogger("ingest_service")
@@ -20,9 +22,25 @@ log = logging.getLogger("ingest_service")
 SERVICE = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"]
 
 
+async def partition_counts(producer: AIOKafkaProducer, topics: list[str]) -> dict[str, int]:
+    return {t: len(await producer.partitions_for(t)) for t in topics}
+
+
+async def refresh_periodically(servicer: IngestServicer, seconds: float) -> None:
+    """Re-read the topics' record limit every `seconds` (0: never), so that a lowered
+    max.message.bytes turns into TOO_LARGE rejections without waiting for a refused batch."""
+    while seconds > 0:
+        await asyncio.sleep(seconds)
+        try:
+            await asyncio.wait_for(servicer.refresh_record_limit(), seconds)
+        except Exception as error:  # noqa: BLE001 - Kafka down: keep the last known limit
+            log.warning("could not re-read the topics' max.message.bytes: %r", error)
+
+
 async def serve(config: Config) -> None:
     topics = [config.view_topic, config.dead_letter_topic]
-    await ensure_topics(config, topics)
+    # Kafka may be down at start: wait for it (interruptible by SIGTERM, see bootstrap.main).
+    await until_kafka_answers("creating topics", lambda: ensure_topics(config, topics))
     max_message_bytes = await topics_max_message_bytes(config, topics)
     if max_message_bytes is None:
         max_message_bytes = config.fallback_max_message_bytes
@@ -33,8 +51,14 @@ async def serve(config: Config) -> None:
     max_record_bytes = record_limit(max_message_bytes, config)
     stop_bound = min(config.producer_timeout_ms / 1000, bootstrap.KAFKA_STEP_S)
     producers = Producers(lambda: new_producer(config), stop_bound)
-    producer = await producers.start()
-    partitions = {t: len(await producer.partitions_for(t)) for t in topics}
+    producer = await until_kafka_answers("starting the producer", producers.start)
+    try:
+        partitions = await until_kafka_answers(
+            "reading partitions", lambda: partition_counts(producer, topics)
+        )
+    except BaseException:
+        await producers.stop()
+        raise
     log.info(
         "writing to Kafka %s; topics %s; records up to %d bytes (max.message.bytes %d)",
         config.kafka_bootstrap,
@@ -53,6 +77,7 @@ async def serve(config: Config) -> None:
 
     async def stop_producer() -> None:
         watching.cancel()
+        refreshing.cancel()
         # Flush whatever is still queued, but exit promptly if Kafka is gone: by now every RPC
         # has ended, so a record still queued belongs to an RPC that was not acknowledged.
         if not await producers.stop():
@@ -70,7 +95,15 @@ async def serve(config: Config) -> None:
         token=config.ingest_token,
         max_request_bytes=config.max_request_bytes,
     )
-    servicer = IngestServicer(config, producers, partitions, max_record_bytes)
+
+    async def read_record_limit() -> int | None:
+        limit = await topics_max_message_bytes(config, topics)
+        return None if limit is None else record_limit(limit, config)
+
+    servicer = IngestServicer(config, producers, partitions, max_record_bytes, read_record_limit)
+    refreshing = asyncio.create_task(
+        refresh_periodically(servicer, config.record_limit_refresh_seconds)
+    )
     await bootstrap.serve(config, endpoint, servicer, readiness=readiness, on_stop=stop_producer)
 
 

@@ -31,8 +31,13 @@ class Producers:
         self.replacements = 0
 
     async def start(self) -> AIOKafkaProducer:
+        """Start the first producer; one that fails to start is stopped, so retrying is safe."""
         producer = self._factory()
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await self._stop(producer)
+            raise
         self._current = producer
         return producer
 

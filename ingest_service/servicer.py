@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import grpc
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from google.protobuf import timestamp_pb2
 
 from ingest_service.planning import from_messages, plan
@@ -65,6 +65,9 @@ class _Writes:
         self.dead_letters.abandon()
 
 
+LIMIT_READ_TIMEOUT_S = 5.0  # a refused RPC waits at most this long for the topics' new limit
+
+
 class IngestServicer:
     """Implements viewevents.v1.IngestService.
 
@@ -83,8 +86,10 @@ class IngestServicer:
         producers: Producers,
         partitions: dict[str, int],
         max_record_bytes: int,
+        read_record_limit: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
         self._config = config
+        self._read_record_limit = read_record_limit
         self._producers = producers
         self._limits = Limits(
             max_future_skew_seconds=config.max_future_skew_seconds,
@@ -93,6 +98,26 @@ class IngestServicer:
             max_record_bytes=max_record_bytes,
         )
         self._partitioners = {topic: KeyPartitioner(n) for topic, n in partitions.items()}
+
+    @property
+    def max_record_bytes(self) -> int:
+        return self._limits.max_record_bytes
+
+    async def refresh_record_limit(self) -> None:
+        """Re-read the largest record the topics take: an operator may lower a topic's
+        max.message.bytes while ingest runs, and an event over the new limit must then be
+        rejected TOO_LARGE rather than fail its batch (and the RPC) at the broker."""
+        if self._read_record_limit is None:
+            return
+        limit = await self._read_record_limit()
+        if limit is not None and limit != self._limits.max_record_bytes:
+            log.warning(
+                "records up to %d bytes from now on (was %d): the topics' max.message.bytes "
+                "changed",
+                limit,
+                self._limits.max_record_bytes,
+            )
+            self._limits = replace(self._limits, max_record_bytes=limit)
 
     @contextlib.asynccontextmanager
     async def _writing(self, context: grpc.aio.ServicerContext) -> AsyncIterator[_Writes]:
@@ -127,6 +152,9 @@ class IngestServicer:
             if not isinstance(error, KafkaTimeoutError):  # a broken producer, not a slow Kafka
                 with contextlib.suppress(Exception):
                     await self._producers.replace(producer, error)
+            if isinstance(error, MessageSizeTooLargeError):  # the topic's limit was lowered?
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.refresh_record_limit(), LIMIT_READ_TIMEOUT_S)
             await self._unavailable(context, error)
         except BaseException:
             writes.abandon()

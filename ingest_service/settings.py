@@ -98,6 +98,14 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         "How long Kafka may take to acknowledge a batch before the RPC fails UNAVAILABLE.",
     ),
     Setting(
+        "record_limit_refresh_seconds",
+        "VIEWEVENTS_RECORD_LIMIT_REFRESH_SECONDS",
+        60.0,
+        float,
+        "How often the topics' max.message.bytes is re-read (also at once after Kafka refused a "
+        "batch as too large), so a lowered limit rejects events TOO_LARGE (0: only at start).",
+    ),
+    Setting(
         "ingest_metrics_port",
         "VIEWEVENTS_INGEST_METRICS_PORT",
         9101,

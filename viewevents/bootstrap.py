@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
 import sys
+import tracemalloc
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -34,18 +37,20 @@ from viewevents.config import Config, Setting
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.kafka import ensure_topics
 from viewevents.logs import setup_logging
+from viewevents.memory import MemoryPlan, plan_memory
 from viewevents.metrics import CONSUMER_LAG, ROCKSDB_BYTES, serve_metrics
-from viewevents.readiness import Readiness
+from viewevents.readiness import Readiness, until_kafka_answers
 from viewevents.rpc.server import (
     add_service,
     bind,
     enable_reflection_and_health,
+    exit_after,
     new_server,
     serve_until_stopped,
     set_serving,
 )
 from viewevents.state.slots import claim_slot
-from viewevents.state.store import StateStore, memory_split
+from viewevents.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +97,56 @@ def main(
     config = settings.load(service_settings, parser.parse_args(argv))
     setup_logging(prog.removesuffix("_service"), config.log_level, config.log_json)
     try:
-        asyncio.run(serve_service(config))
+        asyncio.run(_stoppable_from_the_start(serve_service(config)))
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
         # Shutdown is done (or under way in worker threads that must finish their batch): a
         # second SIGTERM, e.g. from a supervisor after Ctrl-C, must not cut it short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _Signals:
+    """SIGTERM/SIGINT of the whole process life: before the gRPC server runs a signal cancels
+    the start-up (e.g. a wait for Kafka) and the process exits 0; afterwards it sets `stop`,
+    which `serve_until_stopped` awaits for the graceful stop. One object, so that no signal
+    falls between two sets of handlers."""
+
+    def __init__(self, starting: asyncio.Task[Any]) -> None:
+        self.stop = asyncio.Event()
+        self.serving = False
+        self.signalled_while_starting = False
+        self._starting = starting
+
+    def handle(self) -> None:
+        if self.stop.is_set():
+            return
+        self.stop.set()
+        if not self.serving:
+            self.signalled_while_starting = True
+            log.info("signal during start-up: stopping")
+            exit_after(EXIT_WITHIN_S)
+            self._starting.cancel()
+
+
+_SIGNALS: ContextVar[_Signals | None] = ContextVar("viewevents_signals", default=None)
+
+
+async def _stoppable_from_the_start(serving: Coroutine[Any, Any, None]) -> None:
+    """Run `serving` with SIGTERM/SIGINT handled from its first instant (see `_Signals`)."""
+    task = asyncio.current_task()
+    assert task is not None
+    signals = _Signals(task)
+    _SIGNALS.set(signals)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, signals.handle)
+    try:
+        await serving
+    except asyncio.CancelledError:
+        if not signals.signalled_while_starting:
+            raise
+        log.info("stopped during start-up")
 
 
 async def serve(
@@ -121,10 +169,19 @@ async def serve(
     )
     for descriptor in descriptors:
         add_service(server, descriptor, servicer)
-    health = await enable_reflection_and_health(server, names)
-    bind(server, endpoint.address, config.tls_cert_file, config.tls_key_file)
-    serve_metrics(endpoint.metrics_port, endpoint.name, config.metrics_host)
-    await server.start()
+    try:
+        health = await enable_reflection_and_health(server, names)
+        bind(server, endpoint.address, config.tls_cert_file, config.tls_key_file)
+        serve_metrics(endpoint.metrics_port, endpoint.name, config.metrics_host)
+        await server.start()
+    except BaseException:
+        # A signal (or a failure) before the server ran: release what the service started.
+        await server.stop(0)
+        if isinstance(servicer, Closeable):
+            servicer.close()
+        if on_stop is not None:
+            await on_stop()
+        raise
 
     async def follow_readiness() -> None:
         if readiness is None:
@@ -157,8 +214,15 @@ async def serve(
         if on_stop is not None:
             await on_stop()
 
+    signals = _SIGNALS.get()
+    if signals is not None:
+        signals.serving = True  # from now on a signal stops gracefully, see _Signals
     await serve_until_stopped(
-        server, stop, grace_seconds=RPC_GRACE_S, exit_within_seconds=EXIT_WITHIN_S
+        server,
+        stop,
+        grace_seconds=RPC_GRACE_S,
+        exit_within_seconds=EXIT_WITHIN_S,
+        stop=signals.stop if signals is not None else None,
     )
 
 
@@ -177,32 +241,29 @@ async def serve_consumer(
     if slot is not None:
         log.info("state dir %s is shared: this instance holds %s", state_dir, slot.path.name)
         state_dir = str(slot.path)
-    store = StateStore(
-        state_dir,
-        *memory_split(
-            config.memory_budget_mb, config.rocksdb_cache_mb, config.rocksdb_write_buffer_mb
-        ),
-    )
-    processor = make_processor(store)
-    await ensure_topics(config, [config.view_topic, config.dead_letter_topic])
-    consumer = ExactlyOnceConsumer(
-        bootstrap=config.kafka_bootstrap,
-        topic=config.view_topic,
-        group_id=group_id,
-        store=store,
-        processor=processor,
-        batch_max=config.consume_batch_max,
-        dedupe_retention_days=config.dedupe_retention_days,
-        client_id=f"viewevents-{endpoint.name}",
-        metrics_name=endpoint.name,
-        advertised_address=endpoint.advertised_address or endpoint.address,
-    )
-    servicer = make_servicer(store, consumer, processor)
+    topics = [config.view_topic, config.dead_letter_topic]
+    await until_kafka_answers("creating topics", lambda: ensure_topics(config, topics))
+    plan = memory_plan(config)
+    log.info("memory budget %d MiB: %s", config.memory_budget_mb, plan)
+    store = StateStore(state_dir, plan.block_cache_mb, plan.write_buffer_mb)
+    servicer: object = None
+    try:
+        processor = make_processor(store)
+        consumer = _new_consumer(config, endpoint, group_id, store, processor, plan)
+        servicer = make_servicer(store, consumer, processor)
+        await until_kafka_answers("joining the consumer group", consumer.start)
+    except BaseException:
+        # Stopped (or failed) during start-up: nothing consumed yet; RocksDB closes cleanly.
+        if isinstance(servicer, Closeable):
+            servicer.close()
+        store.close()
+        raise
     CONSUMER_LAG.labels(endpoint.name).set_function(consumer.lag)
     ROCKSDB_BYTES.labels(endpoint.name).set_function(store.size_bytes)
-    await consumer.start()
     consuming = asyncio.create_task(consumer.run(), name=f"{endpoint.name}-consumer")
     consuming.add_done_callback(_stop_process_if_crashed)
+    reporting = asyncio.create_task(_report_memory(store, plan), name="memory-report")
+    trimming = asyncio.create_task(_trim_malloc_periodically(), name="malloc-trim")
     log.info(
         "%s consuming %s in group %s; state %s; advertised to the group as %s",
         endpoint.name,
@@ -216,6 +277,8 @@ async def serve_consumer(
         """Let the loop finish its batch (one RocksDB write batch: all or nothing), within
         KAFKA_STEP_S; past that, cancel it at its next await (a batch being written still
         completes first); then leave the group (bounded) and close RocksDB."""
+        reporting.cancel()
+        trimming.cancel()
         await consumer.stop()
         try:
             await asyncio.wait_for(asyncio.shield(consuming), KAFKA_STEP_S)
@@ -243,6 +306,93 @@ def peers(config: Config) -> scatter.Peers:
         return scatter.Peers()
     roots = Path(config.tls_peer_ca_file or config.tls_cert_file).read_bytes()
     return scatter.Peers(scatter.tls_peer_channel(roots, config.tls_peer_server_name))
+
+
+def memory_plan(config: Config) -> MemoryPlan:
+    """The split of the service's memory budget (viewevents.memory), from its settings."""
+    return plan_memory(
+        config.memory_budget_mb,
+        cache_mb=config.rocksdb_cache_mb,
+        write_buffer_mb=config.rocksdb_write_buffer_mb,
+        fetch_mb=config.kafka_fetch_mb,
+    )
+
+
+def _new_consumer(
+    config: Config,
+    endpoint: Endpoint,
+    group_id: str,
+    store: StateStore,
+    processor: Processor,
+    plan: MemoryPlan,
+) -> ExactlyOnceConsumer:
+    return ExactlyOnceConsumer(
+        bootstrap=config.kafka_bootstrap,
+        topic=config.view_topic,
+        group_id=group_id,
+        store=store,
+        processor=processor,
+        batch_max=config.consume_batch_max,
+        dedupe_retention_days=config.dedupe_retention_days,
+        client_id=f"viewevents-{endpoint.name}",
+        metrics_name=endpoint.name,
+        advertised_address=endpoint.advertised_address or endpoint.address,
+        fetch_max_bytes=plan.fetch_max_bytes,
+        max_partition_fetch_bytes=plan.max_partition_fetch_bytes,
+    )
+
+
+MALLOC_TRIM_S = 10.0  # how often freed heap memory is handed back to the kernel
+
+
+async def _trim_malloc_periodically(seconds: float = MALLOC_TRIM_S) -> None:
+    """Call glibc's malloc_trim every `seconds`. Each batch allocates and frees tens of MiB
+    (fetched records, decoded columns, RocksDB write batches) across several threads' arenas,
+    and glibc keeps much of it mapped. Measured on the stats consumer (load 20 to 50, noisy):
+    after 100 s of a 1M-event topic RSS 213 and 261 MiB with the trim, 321 without; along a
+    1M-event stream (benchmarks/rss_stream.py) the mean sampled RSS fell from 383 to 330 MiB,
+    but the peak did not (542 without, 561 with). Runs in a worker thread; a no-op where libc
+    has no malloc_trim (e.g. musl)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    while True:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(trim, 0)
+
+
+MEMORY_REPORT_S = 60.0  # a log line per minute: RSS next to what RocksDB says it holds
+
+
+async def _report_memory(store: StateStore, plan: MemoryPlan) -> None:
+    """Log the process's RSS next to RocksDB's own accounting, so that a growing RSS (soak,
+    docs/operations.md) can be told apart: RocksDB within its shares, or something else."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    while True:
+        await asyncio.sleep(MEMORY_REPORT_S)
+        try:
+            with open("/proc/self/statm") as statm:
+                rss = int(statm.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            rss = 0
+        rocks = store.memory_bytes()
+        log.info(
+            "memory: RSS %.0f MiB of a %d MiB budget; RocksDB %s MiB",
+            rss / 2**20,
+            plan.budget_mb,
+            {k: round(v / 2**20, 1) for k, v in rocks.items()},
+        )
+        if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=1: where Python's own memory is
+            current, peak = tracemalloc.get_traced_memory()
+            top = tracemalloc.take_snapshot().statistics("lineno")[:8]
+            log.info(
+                "python heap %.0f MiB (peak %.0f): %s",
+                current / 2**20,
+                peak / 2**20,
+                "; ".join(f"{s.traceback[0]} {s.size / 2**20:.1f} MiB" for s in top),
+            )
 
 
 def _stop_process_if_crashed(task: asyncio.Task[Any]) -> None:

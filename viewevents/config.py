@@ -114,8 +114,9 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "VIEWEVENTS_MEMORY_BUDGET_MB",
         200,
         int,
-        "Memory the service is sized for (MiB): RocksDB gets a quarter as block cache and "
-        "up to 3 memtables of a tenth each; the rest is left to the process and its batch.",
+        "Memory the service is sized for (MiB): RocksDB block cache 20 %, up to 3 memtables "
+        "of 6 %, Kafka fetch buffer 8 %, the service's own cache 10 % (recommender neighbour "
+        "lists); the rest is left to the process and its batch (viewevents/memory.py).",
     ),
     Setting(
         "rocksdb_cache_mb",
@@ -123,6 +124,14 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         0,
         int,
         "RocksDB block cache size (MiB), overriding the budget's share (0: from the budget).",
+    ),
+    Setting(
+        "kafka_fetch_mb",
+        "VIEWEVENTS_KAFKA_FETCH_MB",
+        0,
+        int,
+        "Kafka consumer fetch buffer (MiB, fetch_max_bytes; a partition gets a quarter, at "
+        "least 1 MiB), overriding the budget's share (0: from the budget).",
     ),
     Setting(
         "rocksdb_write_buffer_mb",

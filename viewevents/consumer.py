@@ -16,6 +16,7 @@ grpc.health.v1 says) also needs Kafka to be reachable (`viewevents.readiness`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -324,6 +325,8 @@ class ExactlyOnceConsumer:
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
         advertised_address: str = "",
+        fetch_max_bytes: int = 64 * 1024 * 1024,
+        max_partition_fetch_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.topic = topic
         self.address = advertised_address  # where other instances reach this one's queries
@@ -353,8 +356,9 @@ class ExactlyOnceConsumer:
             client_id=client_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
+            # Sized by the service's memory budget (viewevents.memory): what one fetch holds.
+            max_partition_fetch_bytes=max_partition_fetch_bytes,
+            fetch_max_bytes=fetch_max_bytes,
             session_timeout_ms=10_000,  # a killed instance's partitions move on after 10 s
             heartbeat_interval_ms=3_000,
             max_poll_interval_ms=300_000,
@@ -462,8 +466,16 @@ class ExactlyOnceConsumer:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(**self._consumer_options)
-        await self._consumer.start()
+        """Connect and subscribe; a failed attempt leaves nothing open, so it can be retried
+        (viewevents.readiness.until_kafka_answers)."""
+        consumer = AIOKafkaConsumer(**self._consumer_options)
+        try:
+            await consumer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), KAFKA_CALL_TIMEOUT_S)
+            raise
+        self._consumer = consumer
         self._fetch = BulkFetch(self._consumer)
         self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self))
         self._watch = asyncio.create_task(

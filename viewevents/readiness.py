@@ -4,6 +4,7 @@
 long as the process runs. `Reachability` is the pure rule that turns probe results into
 "Kafka is down" only after a grace period (a single lost request is not an outage), and
 `watch_kafka` runs a cheap probe (a metadata request) periodically and reports changes.
+`until_kafka_answers` retries a start-up Kafka step with back-off (`Backoff`, pure).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 3.0
@@ -107,3 +111,52 @@ async def watch_kafka(
         elif ok:
             first_error = None
         await asyncio.sleep(interval)
+
+
+START_RETRY_FIRST_S = 0.5  # first pause after a start-up Kafka step failed
+START_RETRY_MAX_S = 30.0  # pauses double up to this: a long outage logs a line every 30 s
+
+
+class Backoff:
+    """Pauses that double from `first` up to `maximum`. Pure: the caller sleeps."""
+
+    def __init__(self, first: float = START_RETRY_FIRST_S, maximum: float = START_RETRY_MAX_S):
+        self.first = first
+        self.maximum = maximum
+        self._next = first
+
+    def next_pause(self) -> float:
+        pause = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return pause
+
+
+async def until_kafka_answers(
+    what: str,
+    step: Callable[[], Awaitable[T]],
+    backoff: Backoff | None = None,
+    timeout: float = 30.0,
+) -> T:
+    """Run a start-up Kafka step until it succeeds, pausing with back-off in between.
+
+    A service started before Kafka (or during an outage) waits here rather than crash-looping;
+    each attempt is bounded by `timeout` and the whole wait is cancellable, so SIGTERM during
+    start-up still ends the process promptly (see viewevents.bootstrap.main)."""
+    pauses = backoff or Backoff()
+    attempt = 1
+    while True:
+        try:
+            return await asyncio.wait_for(step(), timeout)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure of a Kafka step is retried
+            pause = pauses.next_pause()
+            log.warning(
+                "waiting for Kafka: %s failed (attempt %d: %r); retrying in %.1f s",
+                what,
+                attempt,
+                error,
+                pause,
+            )
+        attempt += 1
+        await asyncio.sleep(pause)

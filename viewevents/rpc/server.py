@@ -92,21 +92,23 @@ async def serve_until_stopped(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     grace_seconds: float = 10.0,
     exit_within_seconds: float | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Run until SIGINT/SIGTERM, then stop taking RPCs, let in-flight ones finish within
-    `grace_seconds` and run `on_stop`.
+    """Run until SIGINT/SIGTERM (or until `stop` is set, when the caller handles the signals),
+    then stop taking RPCs, let in-flight ones finish within `grace_seconds` and run `on_stop`.
 
     `on_stop` must bound its own steps; as a last resort, when `exit_within_seconds` is set and
     the process is still alive that long after the signal, it exits with status 70 (like
     kill -9, which the stores are built to survive): a supervisor's stop must never hang.
     """
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     if exit_within_seconds is not None:
-        _exit_after(exit_within_seconds)
+        exit_after(exit_within_seconds)
     log.info("shutting down: finishing in-flight RPCs (grace %.0f s)", grace_seconds)
     await server.stop(grace_seconds)
     if on_stop is not None:
@@ -114,7 +116,7 @@ async def serve_until_stopped(
     log.info("stopped")
 
 
-def _exit_after(seconds: float) -> None:
+def exit_after(seconds: float) -> None:
     """A daemon timer that ends the process if shutdown is still under way after `seconds`."""
 
     def give_up() -> None:

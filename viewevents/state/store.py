@@ -23,24 +23,9 @@ from rocksdict import (
     WriteOptions,
 )
 
+from viewevents.memory import MAX_WRITE_BUFFERS
 from viewevents.state.codecs import BIG_I64
 from viewevents.state.keys import offset_key, prefix_end, watermark_key
-
-CACHE_SHARE = 0.25  # of the memory budget: the block cache (index and filter blocks included)
-WRITE_BUFFER_SHARE = 0.10  # of the budget, per memtable; at most 3 exist (30 %)
-MAX_WRITE_BUFFERS = 3
-
-
-def memory_split(budget_mb: int, cache_mb: int = 0, write_buffer_mb: int = 0) -> tuple[int, int]:
-    """(block cache MiB, memtable MiB) for a service sized to `budget_mb`.
-
-    RocksDB's share is 25 % cache + 3 x 10 % memtables = 55 % at most; the other 45 % is left to
-    what RocksDB does not account: the interpreter and libraries (about 80 MiB), Kafka fetch
-    buffers and the batch in flight. Explicit sizes (non-zero) override the budget's shares.
-    """
-    cache = cache_mb or max(8, int(budget_mb * CACHE_SHARE))
-    write_buffer = write_buffer_mb or max(4, int(budget_mb * WRITE_BUFFER_SHARE))
-    return cache, write_buffer
 
 
 def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
@@ -116,6 +101,16 @@ class StateStore:
         return int(self.db.property_int_value("rocksdb.total-sst-files-size") or 0) + int(
             self.db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
         )
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What RocksDB itself holds in memory, by kind (its own accounting)."""
+        names = {
+            "block_cache": "rocksdb.block-cache-usage",
+            "memtables": "rocksdb.cur-size-all-mem-tables",
+            "table_readers": "rocksdb.estimate-table-readers-mem",
+            "pinned": "rocksdb.block-cache-pinned-usage",
+        }
+        return {k: int(self.db.property_int_value(v) or 0) for k, v in names.items()}
 
     # --- consumer bookkeeping -----------------------------------------------------------------
 

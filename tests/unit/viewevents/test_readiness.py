@@ -8,7 +8,7 @@ import logging
 
 from viewevents.consumer import CatchUp
 from viewevents.logs import RepeatFilter
-from viewevents.readiness import Reachability, Readiness
+from viewevents.readiness import Backoff, Reachability, Readiness, until_kafka_answers
 
 
 def test_nothing_assigned_is_never_caught_up() -> None:
@@ -134,3 +134,38 @@ def test_repeated_kafka_errors_pass_once_then_as_a_periodic_count() -> None:
     assert limit.filter(
         _record("aiokafka.conn", "Unable connect to node with id %s: %s", 1, 2, level=logging.INFO)
     )
+
+
+def test_start_up_pauses_double_up_to_the_cap() -> None:
+    backoff = Backoff(first=0.5, maximum=4.0)
+    assert [backoff.next_pause() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_a_start_up_step_is_retried_until_it_succeeds() -> None:
+    attempts: list[int] = []
+
+    async def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("Kafka down")
+        return "up"
+
+    result = asyncio.run(until_kafka_answers("probe", flaky, Backoff(0.001, 0.002)))
+    assert result == "up" and len(attempts) == 3
+
+
+def test_waiting_for_kafka_at_start_up_can_be_cancelled() -> None:
+    async def never() -> None:
+        raise ConnectionError("Kafka down")
+
+    async def main() -> bool:
+        waiting = asyncio.create_task(until_kafka_answers("probe", never, Backoff(10, 10)))
+        await asyncio.sleep(0.01)  # now in its back-off pause
+        waiting.cancel()
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(main())

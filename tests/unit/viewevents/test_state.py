@@ -66,3 +66,13 @@ def test_prefix_end_is_the_first_key_after_the_prefix() -> None:
     assert prefix_end(b"a\xff\xff") == b"b"
     with pytest.raises(ValueError):
         prefix_end(b"\xff")
+
+
+def test_rocksdb_reports_its_memory_by_kind(store: StateStore) -> None:
+    txn = Transaction(store)
+    for i in range(1000):
+        txn.put(b"x" + i.to_bytes(4, "big"), b"v" * 100)
+    txn.commit()
+    memory = store.memory_bytes()
+    assert set(memory) == {"block_cache", "memtables", "table_readers", "pinned"}
+    assert memory["memtables"] >= 100_000  # the writes sit in the memtable until a flush

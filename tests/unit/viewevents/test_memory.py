@@ -1,0 +1,28 @@
+"""The memory budget's split between RocksDB, Kafka fetch buffers, the service's own cache and
+the rest of a consuming service."""
+
+from __future__ import annotations
+
+from viewevents.memory import MAX_WRITE_BUFFERS, MiB, plan_memory
+
+
+def test_default_budget_leaves_the_process_almost_half() -> None:
+    plan = plan_memory(200)
+    assert (plan.block_cache_mb, plan.write_buffer_mb) == (40, 12)
+    assert (plan.fetch_max_bytes, plan.max_partition_fetch_bytes) == (16 * MiB, 4 * MiB)
+    assert plan.service_cache_mb == 20
+    assert plan.bounded_mb == 40 + MAX_WRITE_BUFFERS * 12 + 16 + 20
+    assert plan.bounded_mb <= 0.56 * 200
+
+
+def test_explicit_sizes_override_the_budget() -> None:
+    plan = plan_memory(200, cache_mb=128, write_buffer_mb=32, fetch_mb=64)
+    assert (plan.block_cache_mb, plan.write_buffer_mb) == (128, 32)
+    assert (plan.fetch_max_bytes, plan.max_partition_fetch_bytes) == (64 * MiB, 16 * MiB)
+    assert plan_memory(200, cache_mb=64).write_buffer_mb == 12
+
+
+def test_tiny_budgets_keep_workable_minimums() -> None:
+    plan = plan_memory(10)
+    assert (plan.block_cache_mb, plan.write_buffer_mb, plan.service_cache_mb) == (8, 4, 1)
+    assert plan.fetch_max_bytes == 4 * MiB and plan.max_partition_fetch_bytes == 1 * MiB

@@ -1,0 +1,59 @@
+"""How a consuming service splits its memory budget (`VIEWEVENTS_MEMORY_BUDGET_MB`). Pure.
+
+Everything that grows with load gets a fixed share of the budget, so that the process's
+resident memory stays under it however long the stream: RocksDB's block cache and memtables,
+the Kafka consumer's fetch buffers, and the service's own in-memory cache (the recommender's
+neighbour lists). The rest is left to what no setting bounds: the interpreter and libraries
+(about 70 MiB), the batch being applied, and allocator slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+CACHE_SHARE = 0.20  # RocksDB block cache (index and filter blocks included)
+WRITE_BUFFER_SHARE = 0.06  # per RocksDB memtable; at most MAX_WRITE_BUFFERS exist (18 %)
+MAX_WRITE_BUFFERS = 3
+FETCH_SHARE = 0.08  # the Kafka consumer's fetch buffer (fetch_max_bytes)
+SERVICE_CACHE_SHARE = 0.10  # the service's own cache (recommender: ranked neighbour lists)
+MIN_PARTITION_FETCH_BYTES = 1 * MiB  # one partition's fetch may still carry a 1 MiB batch
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What each memory consumer of a service may hold, from one budget."""
+
+    budget_mb: int
+    block_cache_mb: int
+    write_buffer_mb: int  # per memtable; up to MAX_WRITE_BUFFERS at once
+    fetch_max_bytes: int  # a whole fetch response
+    max_partition_fetch_bytes: int  # one partition's part of it
+    service_cache_mb: int
+
+    @property
+    def bounded_mb(self) -> float:
+        """The sum of the bounded shares (the rest of the budget is for the process itself)."""
+        return (
+            self.block_cache_mb
+            + MAX_WRITE_BUFFERS * self.write_buffer_mb
+            + self.fetch_max_bytes / MiB
+            + self.service_cache_mb
+        )
+
+
+def plan_memory(
+    budget_mb: int, cache_mb: int = 0, write_buffer_mb: int = 0, fetch_mb: int = 0
+) -> MemoryPlan:
+    """The split of `budget_mb`; explicit sizes (non-zero) override their share."""
+    fetch_bytes = (fetch_mb or max(4, int(budget_mb * FETCH_SHARE))) * MiB
+    return MemoryPlan(
+        budget_mb=budget_mb,
+        block_cache_mb=cache_mb or max(8, int(budget_mb * CACHE_SHARE)),
+        write_buffer_mb=write_buffer_mb or max(4, int(budget_mb * WRITE_BUFFER_SHARE)),
+        fetch_max_bytes=fetch_bytes,
+        # A fetch covers several partitions; one may take a quarter, but never less than a
+        # batch of the largest records ingest writes.
+        max_partition_fetch_bytes=max(MIN_PARTITION_FETCH_BYTES, fetch_bytes // 4),
+        service_cache_mb=max(1, int(budget_mb * SERVICE_CACHE_SHARE)),
+    )
