@@ -45,7 +45,9 @@ async def serve(config: Config) -> None:
         [("authorization", f"Bearer {config.stats_token}")] if config.stats_token else []
     )
     versions = BucketVersions()
-    cache_bytes = max(0, config.stats_rollup_cache_mb) << 20
+    # Rollups are the stats service's own cache: charged to the memory budget unless sized.
+    rollup_mb = config.stats_rollup_cache_mb or bootstrap.memory_plan(config).service_cache_mb
+    cache_bytes = max(0, rollup_mb) << 20
     await bootstrap.serve_consumer(
         config,
         endpoint,

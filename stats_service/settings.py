@@ -109,11 +109,11 @@ OWN_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "stats_rollup_cache_mb",
         "VIEWEVENTS_STATS_ROLLUP_CACHE_MB",
-        256,
+        0,
         int,
-        "Memory for the per-bucket rollups that ListTopMedia reads when this instance owns "
-        "every partition (least recently used dropped first); 0: no rollups, every ranking "
-        "scans the index.",
+        "Memory (MiB) for the per-bucket rollups that ListTopMedia reads when this instance "
+        "owns every partition (least recently used dropped first); 0: the memory budget's "
+        "service-cache share (20 MiB at 200); -1: no rollups, every ranking scans the index.",
     ),
     Setting(
         "stats_token",

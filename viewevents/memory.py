@@ -3,8 +3,9 @@
 Everything that grows with load gets a fixed share of the budget, so that the process's
 resident memory stays under it however long the stream: RocksDB's block cache and memtables,
 the Kafka consumer's fetch buffers, and the service's own in-memory cache (the recommender's
-neighbour lists). The rest is left to what no setting bounds: the interpreter and libraries
-(about 70 MiB), the batch being applied, and allocator slack.
+neighbour lists, the stats service's ranking rollups). The rest is left to what no setting
+bounds: the interpreter and libraries (about 70 MiB), the batch being applied, and allocator
+slack.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ CACHE_SHARE = 0.20  # RocksDB block cache (index and filter blocks included)
 WRITE_BUFFER_SHARE = 0.06  # per RocksDB memtable; at most MAX_WRITE_BUFFERS exist (18 %)
 MAX_WRITE_BUFFERS = 3
 FETCH_SHARE = 0.08  # the Kafka consumer's fetch buffer (fetch_max_bytes)
-SERVICE_CACHE_SHARE = 0.10  # the service's own cache (recommender: ranked neighbour lists)
+SERVICE_CACHE_SHARE = 0.10  # the service's own cache (neighbour lists; stats: rollups)
 MIN_PARTITION_FETCH_BYTES = 1 * MiB  # one partition's fetch may still carry a 1 MiB batch
 
 
