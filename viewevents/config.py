@@ -116,7 +116,7 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         int,
         "Memory the service is sized for (MiB): RocksDB block cache 20 %, up to 3 memtables "
         "of 6 %, Kafka fetch buffer 8 %, the service's own cache 10 % (recommender neighbour "
-        "lists); the rest is left to the process and its batch (viewevents/memory.py).",
+        "lists, stats ranking rollups); the rest is left to the process and its batch (viewevents/memory.py).",
     ),
     Setting(
         "rocksdb_cache_mb",
