@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServiceProcess, free_port, test_config, unique_name, wait_for
+from tests.support import ServiceProcess, free_port, stack_config, wait_for
 from tests.support.broker import broker_env, kafka_sh
 from viewevents_tools import settings_catalogue as settings
 
@@ -25,16 +25,7 @@ MODULES = ("ingest_service", "stats_service", "recommender_service")
 
 
 def configuration(bootstrap: str, tmp_path: Path) -> settings.Config:
-    return test_config(
-        bootstrap,
-        ingest_address=f"127.0.0.1:{free_port()}",
-        stats_address=f"127.0.0.1:{free_port()}",
-        recommender_address=f"127.0.0.1:{free_port()}",
-        stats_state_dir=str(tmp_path / "stats"),
-        recommender_state_dir=str(tmp_path / "rec"),
-        stats_group=unique_name("stats"),
-        recommender_group=unique_name("rec"),
-    )
+    return stack_config(bootstrap, tmp_path)
 
 
 def address_of(module: str, config: settings.Config) -> str:

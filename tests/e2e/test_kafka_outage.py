@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import REPO, ServiceProcess, free_port, test_config, unique_name
+from tests.support import REPO, ServiceProcess, free_port, stack_config
 from tests.support.data import make_events
 from viewevents.kafka import KeyPartitioner
 from viewevents.state.keys import seen_prefix
@@ -154,17 +154,7 @@ def seen_ids_per_partition(state_dir: str, partitions: int) -> dict[int, int]:
 
 
 def configuration(broker: OwnBroker, tmp_path: Path) -> settings.Config:
-    return test_config(
-        broker.bootstrap,
-        ingest_address=f"127.0.0.1:{free_port()}",
-        stats_address=f"127.0.0.1:{free_port()}",
-        recommender_address=f"127.0.0.1:{free_port()}",
-        stats_state_dir=str(tmp_path / "stats"),
-        recommender_state_dir=str(tmp_path / "rec"),
-        stats_group=unique_name("stats"),
-        recommender_group=unique_name("rec"),
-        producer_timeout_ms=4_000,
-    )
+    return stack_config(broker.bootstrap, tmp_path, producer_timeout_ms=4_000)
 
 
 def upload_and_wait(config: settings.Config, events: list) -> dict[int, int]:

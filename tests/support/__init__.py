@@ -14,6 +14,7 @@ from tests.support.configs import (
     config_env,
     free_port,
     port_open,
+    stack_config,
     test_config,
     unique_name,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "port_open",
     "read_topic",
     "stop_broker",
+    "stack_config",
     "test_config",
     "unique_name",
     "wait_for",

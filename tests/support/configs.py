@@ -47,6 +47,22 @@ def test_config(bootstrap: str, **overrides: object) -> settings.Config:
 test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
+def stack_config(bootstrap: str, state_root: Path, **overrides: object) -> settings.Config:
+    """test_config for all three services at once: free ports, state under `state_root`, fresh
+    consumer groups (the tests that start a whole stack on a broker of their own)."""
+    values: dict[str, object] = dict(
+        ingest_address=f"127.0.0.1:{free_port()}",
+        stats_address=f"127.0.0.1:{free_port()}",
+        recommender_address=f"127.0.0.1:{free_port()}",
+        stats_state_dir=str(state_root / "stats"),
+        recommender_state_dir=str(state_root / "rec"),
+        stats_group=unique_name("stats"),
+        recommender_group=unique_name("rec"),
+    )
+    values.update(overrides)
+    return test_config(bootstrap, **values)
+
+
 def config_env(config: settings.Config) -> dict[str, str]:
     """The environment variables that make a service subprocess use `config`."""
     return settings.to_environment(config)
