@@ -29,7 +29,13 @@ from tests.support.oracles import (
     check_all_totals,
     close,
 )
-from tests.support.pollers import Ask, Poller, check_never_partial, summary
+from tests.support.pollers import (
+    Ask,
+    Poller,
+    check_never_partial,
+    stop_once_answered,
+    summary,
+)
 from tests.support.positions import (
     applied_records,
     recommender_position,
@@ -126,8 +132,7 @@ def test_stats_grow_from_one_to_three_while_events_flow(
         final = end_offsets(kafka_bootstrap, group.config.view_topic)
         for instance in instances:
             wait_applied(instance.address, stats_position, final, timeout=240)
-        for poller in pollers:
-            poller.stop()
+        stop_once_answered(pollers)
         print(summary(pollers))
 
         check_never_partial(pollers, PARTITIONS)
@@ -212,8 +217,7 @@ def test_recommender_grows_from_one_to_three_while_events_flow(
         final = end_offsets(kafka_bootstrap, group.config.view_topic)
         for instance in instances:
             wait_applied(instance.address, recommender_position, final, timeout=240)
-        for poller in pollers:
-            poller.stop()
+        stop_once_answered(pollers)
         print(summary(pollers))
 
         check_never_partial(pollers, PARTITIONS)
@@ -265,8 +269,7 @@ def test_recommender_member_killed_mid_upload_and_replaced(
         final = end_offsets(kafka_bootstrap, group.config.view_topic)
         for process in (survivor, replacement, single):
             wait_applied(process.address, recommender_position, final, timeout=240)
-        for poller in pollers:
-            poller.stop()
+        stop_once_answered(pollers)
         print(summary(pollers))
 
         check_never_partial(pollers, PARTITIONS)

@@ -90,6 +90,18 @@ class Poller(threading.Thread):
         self.join(60)
 
 
+def stop_once_answered(pollers: Sequence[Poller], timeout: float = 120.0) -> None:
+    """Stop the pollers once each has had a complete answer: an instance that has just caught
+    up may not have been asked again yet (its poller was between rounds)."""
+    wait_for(
+        lambda: all(p.answers for p in pollers),
+        timeout,
+        message=f"never answered: {[p.address for p in pollers if not p.answers]}",
+    )
+    for poller in pollers:
+        poller.stop()
+
+
 def check_never_partial(pollers: Sequence[Poller], partitions: int) -> None:
     """Every answer lists every partition; every UNAVAILABLE carries a positive RetryInfo; no
     other error; each poller got answers; per poller and key, no partition's offset goes back."""
