@@ -23,15 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
 from stats_service import key_layout as k
 from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
+    VIEWER_CHUNK,
     BucketRollup,
     DayViewers,
     RollupCache,
+    concat_day_viewers,
     day_viewers,
     distinct_per_owner,
     hour_mask,
@@ -117,15 +120,20 @@ class RollupRanker:
 
     def _day_viewers(self, partition: int, day: int) -> DayViewers:
         def load() -> DayViewers:
+            # Read and decode VIEWER_CHUNK rows at a time: a day can hold hundreds of thousands
+            # of viewer-days, and each row's key, bitmap and decoding temporaries (about 2 KB
+            # when the whole day was listed first) would otherwise be held all at once.
             prefix = k.presence_by_day_prefix(partition) + k.biased(day)
-            items = list(self.store.scan(prefix, prefix_end(prefix)))
-            keys = [key for key, _ in items]  # Q day media user
-            if not keys:
-                empty = np.zeros(0, np.int64)
-                return day_viewers(empty, empty, [])
-            return day_viewers(
-                k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in items]
-            )
+            items = self.store.scan(prefix, prefix_end(prefix))
+            parts = []
+            while chunk := list(islice(items, VIEWER_CHUNK)):
+                keys = [key for key, _ in chunk]  # Q day media user
+                parts.append(
+                    day_viewers(
+                        k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in chunk]
+                    )
+                )
+            return concat_day_viewers(parts)
 
         entry = self.cache.get("viewers", partition, k.DAY, day, load)
         assert isinstance(entry, DayViewers)
