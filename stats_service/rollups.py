@@ -152,6 +152,13 @@ class RollupCache:
     def bytes(self) -> int:
         return self._bytes
 
+    def current(self, kind: str, partition: int, size: int, start: int) -> bool:
+        """Whether the bucket's rollup is cached under its current version (no reload)."""
+        version = self.versions.version(partition, size, start)
+        with self._lock:
+            found = self._entries.get((kind, partition, size, start))
+            return found is not None and found[0] == version
+
     def get(
         self, kind: str, partition: int, size: int, start: int, load: Callable[[], Entry]
     ) -> Entry:

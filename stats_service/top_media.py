@@ -28,6 +28,7 @@ from itertools import islice
 import numpy as np
 
 from stats_service import key_layout as k
+from stats_service.reader import StatsReader
 from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
     VIEWER_CHUNK,
@@ -46,6 +47,7 @@ from viewevents.state.store import StateStore
 
 VIEW_TIME, STARTS, VIEWERS = 0, 1, 2
 _EXACT_CHUNK = 2_000  # items per exact union: bounds the pairs held at once
+_FEW_ITEMS = 100  # a page this small reads its items' own bitmaps rather than stale day rollups
 
 
 @dataclass
@@ -281,6 +283,24 @@ class RollupRanker:
         for at in range(0, len(order), _EXACT_CHUNK):
             chunk = order[at : at + _EXACT_CHUNK]
             exact[chunk] = self.viewers(partitions, ids[chunk], start, end)
+
+    def page_viewers(
+        self, partitions: Sequence[int], media: np.ndarray, start: int, end: int
+    ) -> np.ndarray:
+        """Exact distinct users of a page's items (a ranking by view time or starts): from the
+        day rollups when they are all current, else, for a small page, from each item's own
+        bitmaps (`P` rows, as GetMediaTrend). Under a steady stream every batch touches the
+        live day, so its rollup is stale at each ranking, and rebuilding it reads every
+        viewer-day of the day (hundreds of thousands) for a handful of items."""
+        days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
+        if len(media) > _FEW_ITEMS or all(
+            self.cache.current("viewers", p, k.DAY, day) for p in partitions for day in days
+        ):
+            return self.viewers(partitions, media, start, end)
+        reader = StatsReader(self.store)
+        return np.array(
+            [reader.viewers(partitions, m, start, end) for m in media.tolist()], np.int64
+        )
 
     def viewers(
         self, partitions: Sequence[int], media: np.ndarray, start: int, end: int

@@ -46,6 +46,14 @@ def check_rankings(
         some = sorted(expected)[:7]
         viewers = ranker.viewers(parts, np.asarray(some, np.int64), start, end).tolist()
         assert viewers == [expected[m][2] for m in some]
+        # A page's viewers: from the rollups (just loaded) or, when a day is stale, each
+        # item's own bitmaps; the same counts either way.
+        page = ranker.page_viewers(parts, np.asarray(some, np.int64), start, end).tolist()
+        assert page == viewers
+        ranker.cache.versions.touch(0, 86_400, np.asarray([start // 86_400 * 86_400]))
+        ranker.cache.versions.publish()
+        page = ranker.page_viewers(parts, np.asarray(some, np.int64), start, end).tolist()
+        assert page == viewers
 
 
 @pytest.mark.parametrize("seed, budget", [(1, 64 << 20), (2, 64 << 20), (3, 20_000)])
