@@ -43,9 +43,17 @@ class Load:
     """The upload and query loops, and their counters."""
 
     def __init__(
-        self, drill: stack.Stack, rate: float, batch_size: int, users: int, media: int, seed: int
+        self,
+        drill: stack.Stack,
+        rate: float,
+        batch_size: int,
+        users: int,
+        media: int,
+        seed: int,
+        queries: str = "stats,trend,top,similar,recommend",
     ) -> None:
         self.drill = drill
+        self.query_kinds = [q for q in queries.split(",") if q]
         self.rate = rate
         self.batch_size = batch_size
         self.users = users
@@ -109,15 +117,16 @@ class Load:
         rng = random.Random(self.seed * 100 + k)
         config = self.drill.config
         with QueryClient(config.stats_address, config.recommender_address) as client:
-            calls: list[Callable[[], object]] = [
-                lambda: client.media_stats(self._media(rng)),
-                lambda: client.media_trend(self._media(rng), *self._day(), "hour"),
-                lambda: client.top_media(*self._day(), "view-time", 10),
-                lambda: client.similar_media(self._media(rng), 10),
-                lambda: client.recommend(rng.randint(1, self.users), 10),
-            ]
+            every: dict[str, Callable[[], object]] = {
+                "stats": lambda: client.media_stats(self._media(rng)),
+                "trend": lambda: client.media_trend(self._media(rng), *self._day(), "hour"),
+                "top": lambda: client.top_media(*self._day(), "view-time", 10),
+                "similar": lambda: client.similar_media(self._media(rng), 10),
+                "recommend": lambda: client.recommend(rng.randint(1, self.users), 10),
+            }
+            calls = [every[name] for name in self.query_kinds]
             turn = 0
-            while not self.stop.is_set():
+            while calls and not self.stop.is_set():
                 try:
                     calls[turn % len(calls)]()
                 except grpc.RpcError as error:
@@ -169,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--media", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep broker data and state")
+    parser.add_argument(
+        "--queries",
+        default="stats,trend,top,similar,recommend",
+        help="comma-separated query RPCs the two query threads call in turn (empty: none)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the drill's services (e.g. consume_batch_max=5000); repeatable",
+    )
     args = parser.parse_args(argv)
     if args.minutes <= args.warmup_minutes:
         parser.error("--minutes must exceed --warmup-minutes")
@@ -178,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         f"soak drill: {args.minutes} min at {args.rate:.0f} events/s, work dir {workdir}",
         flush=True,
     )
-    drill = stack.Stack(workdir)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    drill = stack.Stack(workdir, **overrides)
     names = list(drill.services)
     samples: dict[str, list[float | None]] = {name: [] for name in (*names, "broker")}
     problems: list[str] = []
@@ -186,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     load: Load | None = None
     try:
         drill.start()
-        load = Load(drill, args.rate, args.batch_size, args.users, args.media, args.seed)
+        load = Load(
+            drill, args.rate, args.batch_size, args.users, args.media, args.seed, args.queries
+        )
         load.start()
         print(
             f"{'minute':>6} {'uploaded':>11} {'queries':>9} {'errors':>6} "

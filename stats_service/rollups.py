@@ -152,6 +152,13 @@ class RollupCache:
     def bytes(self) -> int:
         return self._bytes
 
+    def current(self, kind: str, partition: int, size: int, start: int) -> bool:
+        """Whether the bucket's rollup is cached under its current version (no reload)."""
+        version = self.versions.version(partition, size, start)
+        with self._lock:
+            found = self._entries.get((kind, partition, size, start))
+            return found is not None and found[0] == version
+
     def get(
         self, kind: str, partition: int, size: int, start: int, load: Callable[[], Entry]
     ) -> Entry:
@@ -182,22 +189,63 @@ class RollupCache:
 # --- pure helpers -----------------------------------------------------------------------------
 
 
+VIEWER_CHUNK = 16_384  # viewer rows decoded at once: bounds a day rollup's build temporaries
+_MINUTES_OF_HOUR = np.uint64((1 << 60) - 1)
+
+
+def hour_words(bitmaps: np.ndarray) -> np.ndarray:
+    """(n, 180) uint8 1440-bit minute bitmaps (bit m = minute m, little-endian) as (n, 24)
+    uint64 minute masks, one per hour (bit m = minute m of the hour). Two hours are 120 bits,
+    15 whole bytes: padded to two 64-bit words, the even hour is the low word's 60 bits and the
+    odd hour the rest. About 400 bytes per row of temporaries (a bit per byte would be 1,440)."""
+    count = len(bitmaps)
+    pairs = np.zeros((count, 12, 16), np.uint8)
+    pairs[:, :, :15] = bitmaps.reshape(count, 12, 15)
+    words = pairs.view("<u8")  # (count, 12, 2): low and high word of each pair of hours
+    low, high = words[:, :, 0], words[:, :, 1]
+    out = np.empty((count, 24), np.uint64)
+    out[:, 0::2] = low & _MINUTES_OF_HOUR
+    out[:, 1::2] = ((low >> np.uint64(60)) | (high << np.uint64(4))) & _MINUTES_OF_HOUR
+    return out
+
+
 def day_viewers(media: np.ndarray, user: np.ndarray, bitmaps: Sequence[bytes]) -> DayViewers:
     """A day's viewer rows from their 1440-bit minute bitmaps: 24-bit hour masks, and the
-    60-bit minute masks of each (row, hour) with events."""
-    count = len(bitmaps)
-    if count == 0:
-        empty = np.zeros(0, np.int64)
-        return DayViewers(empty, empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint64))
-    bits = np.unpackbits(k.minute_bitmaps(bitmaps), axis=1, bitorder="little").reshape(
-        count * 24, 60
-    )
-    per_hour = np.packbits(bits, axis=1, bitorder="little")  # (count * 24, 8): 60 bits + pad
-    words = np.ascontiguousarray(per_hour).view("<u8")[:, 0]
-    keys = np.flatnonzero(words)  # = row * 24 + hour, ascending
-    any_hour = (words != 0).reshape(count, 24)
+    60-bit minute masks of each (row, hour) with events (decoded VIEWER_CHUNK rows at a time)."""
+    parts = [
+        _day_viewers_chunk(
+            media[at : at + VIEWER_CHUNK],
+            user[at : at + VIEWER_CHUNK],
+            bitmaps[at : at + VIEWER_CHUNK],
+        )
+        for at in range(0, len(bitmaps), VIEWER_CHUNK)
+    ]
+    return concat_day_viewers(parts)
+
+
+def _day_viewers_chunk(media: np.ndarray, user: np.ndarray, bitmaps: Sequence[bytes]) -> DayViewers:
+    words = hour_words(k.minute_bitmaps(bitmaps)).reshape(-1)  # index = row * 24 + hour
+    keys = np.flatnonzero(words)  # ascending
+    any_hour = (words != 0).reshape(len(bitmaps), 24)
     hours = np.asarray(any_hour.astype(np.uint32) @ HOUR_BITS, np.uint32)
-    return DayViewers(media, user, hours, keys.astype(np.int64), words[keys].astype(np.uint64))
+    return DayViewers(media, user, hours, keys.astype(np.int64), words[keys])
+
+
+def concat_day_viewers(parts: Sequence[DayViewers]) -> DayViewers:
+    """Consecutive chunks of one day's rows as one DayViewers (minute keys renumbered)."""
+    if len(parts) == 1:
+        return parts[0]
+    empty = np.zeros(0, np.int64)
+    if not parts:
+        return DayViewers(empty, empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint64))
+    bases = np.cumsum([0] + [len(p.media) for p in parts[:-1]]) * 24
+    return DayViewers(
+        np.concatenate([p.media for p in parts]),
+        np.concatenate([p.user for p in parts]),
+        np.concatenate([p.hours for p in parts]),
+        np.concatenate([p.minute_key + base for p, base in zip(parts, bases.tolist())]),
+        np.concatenate([p.minute_bits for p in parts]),
+    )
 
 
 def hour_mask(first_hour: int, end_hour: int) -> int:

@@ -415,7 +415,7 @@ class StatsServicer:
             ):
                 order = np.argsort(chosen)
                 ids = np.asarray(chosen, np.int64)[order]
-                values[order, 2] = ranker.viewers(partitions, ids, query.start, query.end)
+                values[order, 2] = ranker.page_viewers(partitions, ids, query.start, query.end)
             return chosen, values, ranking.more
 
         async with self._scans:

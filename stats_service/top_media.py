@@ -23,15 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
 from stats_service import key_layout as k
+from stats_service.reader import StatsReader
 from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
+    VIEWER_CHUNK,
     BucketRollup,
     DayViewers,
     RollupCache,
+    concat_day_viewers,
     day_viewers,
     distinct_per_owner,
     hour_mask,
@@ -43,6 +47,7 @@ from viewevents.state.store import StateStore
 
 VIEW_TIME, STARTS, VIEWERS = 0, 1, 2
 _EXACT_CHUNK = 2_000  # items per exact union: bounds the pairs held at once
+_FEW_ITEMS = 100  # a page this small reads its items' own bitmaps rather than stale day rollups
 
 
 @dataclass
@@ -117,15 +122,20 @@ class RollupRanker:
 
     def _day_viewers(self, partition: int, day: int) -> DayViewers:
         def load() -> DayViewers:
+            # Read and decode VIEWER_CHUNK rows at a time: a day can hold hundreds of thousands
+            # of viewer-days, and each row's key, bitmap and decoding temporaries (about 2 KB
+            # when the whole day was listed first) would otherwise be held all at once.
             prefix = k.presence_by_day_prefix(partition) + k.biased(day)
-            items = list(self.store.scan(prefix, prefix_end(prefix)))
-            keys = [key for key, _ in items]  # Q day media user
-            if not keys:
-                empty = np.zeros(0, np.int64)
-                return day_viewers(empty, empty, [])
-            return day_viewers(
-                k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in items]
-            )
+            items = self.store.scan(prefix, prefix_end(prefix))
+            parts = []
+            while chunk := list(islice(items, VIEWER_CHUNK)):
+                keys = [key for key, _ in chunk]  # Q day media user
+                parts.append(
+                    day_viewers(
+                        k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in chunk]
+                    )
+                )
+            return concat_day_viewers(parts)
 
         entry = self.cache.get("viewers", partition, k.DAY, day, load)
         assert isinstance(entry, DayViewers)
@@ -273,6 +283,24 @@ class RollupRanker:
         for at in range(0, len(order), _EXACT_CHUNK):
             chunk = order[at : at + _EXACT_CHUNK]
             exact[chunk] = self.viewers(partitions, ids[chunk], start, end)
+
+    def page_viewers(
+        self, partitions: Sequence[int], media: np.ndarray, start: int, end: int
+    ) -> np.ndarray:
+        """Exact distinct users of a page's items (a ranking by view time or starts): from the
+        day rollups when they are all current, else, for a small page, from each item's own
+        bitmaps (`P` rows, as GetMediaTrend). Under a steady stream every batch touches the
+        live day, so its rollup is stale at each ranking, and rebuilding it reads every
+        viewer-day of the day (hundreds of thousands) for a handful of items."""
+        days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
+        if len(media) > _FEW_ITEMS or all(
+            self.cache.current("viewers", p, k.DAY, day) for p in partitions for day in days
+        ):
+            return self.viewers(partitions, media, start, end)
+        reader = StatsReader(self.store)
+        return np.array(
+            [reader.viewers(partitions, m, start, end) for m in media.tolist()], np.int64
+        )
 
     def viewers(
         self, partitions: Sequence[int], media: np.ndarray, start: int, end: int

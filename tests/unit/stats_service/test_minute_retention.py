@@ -108,6 +108,11 @@ def test_minute_detail_is_pruned_and_queries_round_pruned_days_to_hours(tmp_path
             assert ranker.viewers(PARTS, some, start, end).tolist() == [
                 expected[m][2] for m in some.tolist()
             ]
+            ranker.cache.versions.touch(0, DAY, np.asarray([start // DAY * DAY]))
+            ranker.cache.versions.publish()  # a stale day: the page reads its items' bitmaps
+            assert ranker.page_viewers(PARTS, some, start, end).tolist() == [
+                expected[m][2] for m in some.tolist()
+            ]
             assert reader.trend(PARTS, media, MINUTE, start, end) == brute.minute_trend(
                 media, start, end
             )

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stats_service import key_layout, rollups
 from stats_service.processor import StatsProcessor
 from stats_service.rollups import BucketVersions, RollupCache, distinct_per_owner, top_slots
 from stats_service.top_media import STARTS, VIEW_TIME, VIEWERS, RollupRanker
@@ -45,6 +46,14 @@ def check_rankings(
         some = sorted(expected)[:7]
         viewers = ranker.viewers(parts, np.asarray(some, np.int64), start, end).tolist()
         assert viewers == [expected[m][2] for m in some]
+        # A page's viewers: from the rollups (just loaded) or, when a day is stale, each
+        # item's own bitmaps; the same counts either way.
+        page = ranker.page_viewers(parts, np.asarray(some, np.int64), start, end).tolist()
+        assert page == viewers
+        ranker.cache.versions.touch(0, 86_400, np.asarray([start // 86_400 * 86_400]))
+        ranker.cache.versions.publish()
+        page = ranker.page_viewers(parts, np.asarray(some, np.int64), start, end).tolist()
+        assert page == viewers
 
 
 @pytest.mark.parametrize("seed, budget", [(1, 64 << 20), (2, 64 << 20), (3, 20_000)])
@@ -111,3 +120,54 @@ def test_items_seen_only_in_an_edge_hour_decide_whether_there_is_another_page(
         ranking = ranker.top([0], hour + 1800, hour + 7200, column, 1)
         assert ranking.more is more
         assert ranking.media == [1]
+
+
+def _day_viewers_by_bits(bitmaps: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The decoding the rollup did before (a byte per bit of every row at once): reference."""
+    bits = np.unpackbits(key_layout.minute_bitmaps(bitmaps), axis=1, bitorder="little")
+    per_hour = bits.reshape(len(bitmaps), 24, 60)
+    weights = np.left_shift(np.uint64(1), np.arange(60, dtype=np.uint64))
+    words = (per_hour.astype(np.uint64) * weights).sum(axis=2, dtype=np.uint64).reshape(-1)
+    keys = np.flatnonzero(words)
+    hours = (per_hour.any(axis=2).astype(np.uint32) * rollups.HOUR_BITS).sum(axis=1)
+    return hours.astype(np.uint32), keys, words[keys]
+
+
+def test_day_viewers_decoded_in_chunks_match_a_bit_per_byte_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Day rollups are decoded a chunk of rows at a time with 64-bit words (bounded build
+    memory, the soak's RSS growth): same hour masks and minute masks as bit by bit, across
+    chunk boundaries, with pruned days' 3-byte hour masks among the rows."""
+    monkeypatch.setattr(rollups, "VIEWER_CHUNK", 7)
+    rng = np.random.default_rng(5)
+    bitmaps: list[bytes] = []
+    for n in range(40):
+        if n % 9 == 4:
+            bitmaps.append(rng.integers(0, 256, 3, dtype=np.uint8).tobytes())  # pruned day
+            continue
+        row = np.zeros(key_layout.BITMAP_BYTES, np.uint8)
+        for minute in rng.integers(0, 1440, rng.integers(0, 30)):
+            row[minute // 8] |= np.uint8(1 << (minute % 8))
+        if n % 10 == 0:
+            row[:] = 0xFF  # every minute
+        elif n % 5 == 0:
+            row[14] |= 0x80  # the last minute of the first pair of hours (bit 119)
+        bitmaps.append(row.tobytes())
+    media = np.arange(len(bitmaps), dtype=np.int64)
+    user = media * 3
+    found = rollups.day_viewers(media, user, bitmaps)
+    hours, keys, words = _day_viewers_by_bits(bitmaps)
+    assert found.media.tolist() == media.tolist() and found.user.tolist() == user.tolist()
+    assert found.hours.tolist() == hours.tolist()
+    assert found.minute_key.tolist() == keys.tolist()
+    assert found.minute_bits.tolist() == words.tolist()
+    whole = rollups.concat_day_viewers(
+        [
+            rollups.day_viewers(media[a : a + 11], user[a : a + 11], bitmaps[a : a + 11])
+            for a in range(0, len(bitmaps), 11)
+        ]
+    )
+    assert whole.minute_key.tolist() == keys.tolist()
+    empty = rollups.day_viewers(media[:0], user[:0], [])
+    assert len(empty.media) == 0 and len(empty.minute_key) == 0
