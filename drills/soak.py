@@ -28,6 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
 
 from drills import stack
+from viewevents.bootstrap import memory_plan
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.query_client import QueryClient
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
@@ -289,10 +290,11 @@ def report(
             problems.append("RPC errors (see above)")
     w = args.warmup_minutes
     if load is not None:
-        config = load.drill.config
+        plan = memory_plan(load.drill.config)
         print(
-            f"RocksDB bounds of each consuming service: block cache {config.rocksdb_cache_mb} MiB"
-            f" + up to 3 x {config.rocksdb_write_buffer_mb} MiB memtables"
+            f"memory budget of each consuming service: {plan.budget_mb} MiB (RocksDB block "
+            f"cache {plan.block_cache_mb} MiB + up to 3 x {plan.write_buffer_mb} MiB memtables, "
+            f"Kafka fetch {plan.fetch_max_bytes >> 20} MiB, own cache {plan.service_cache_mb} MiB)"
         )
     print(f"{'service':<12} {'RSS at min ' + str(w):>14} {'max after':>10} {'growth':>7}")
     for name in names:
