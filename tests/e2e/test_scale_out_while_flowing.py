@@ -13,7 +13,7 @@ single instance in a group of its own).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -128,12 +128,9 @@ def test_stats_grow_from_one_to_three_while_events_flow(
         instances, pollers = grow_to_three(
             group.add, first, uploader, stats_position, watched, stats_of, len(events) // PARTS
         )
-        uploader.finish()
-        final = end_offsets(kafka_bootstrap, group.config.view_topic)
-        for instance in instances:
-            wait_applied(instance.address, stats_position, final, timeout=240)
-        stop_once_answered(pollers)
-        print(summary(pollers))
+        settle(
+            uploader, kafka_bootstrap, group.config.view_topic, instances, stats_position, pollers
+        )
 
         check_never_partial(pollers, PARTITIONS)
         bounds = StatsBounds(read_events(kafka_bootstrap, group.config.view_topic))
@@ -156,6 +153,24 @@ def test_stats_grow_from_one_to_three_while_events_flow(
         for poller in pollers:
             poller.stop()
         group.stop()
+
+
+def settle(
+    uploader: PartedUpload,
+    bootstrap: str,
+    topic: str,
+    instances: Sequence[ServiceProcess],
+    position: Callable[[grpc.Channel], ve.ConsumerPosition],
+    pollers: list[Poller],
+) -> None:
+    """End of the flow: the upload finished, every instance applied the whole topic, and each
+    poller has answered once; then the pollers stop."""
+    uploader.finish()
+    final = end_offsets(bootstrap, topic)
+    for instance in instances:
+        wait_applied(instance.address, position, final, timeout=240)
+    stop_once_answered(pollers)
+    print(summary(pollers))
 
 
 def check_co_viewers(pollers: list[Poller], bounds: CoViewerBounds) -> None:
@@ -213,12 +228,14 @@ def test_recommender_grows_from_one_to_three_while_events_flow(
             neighbours_of,
             len(events) // PARTS,
         )
-        uploader.finish()
-        final = end_offsets(kafka_bootstrap, group.config.view_topic)
-        for instance in instances:
-            wait_applied(instance.address, recommender_position, final, timeout=240)
-        stop_once_answered(pollers)
-        print(summary(pollers))
+        settle(
+            uploader,
+            kafka_bootstrap,
+            group.config.view_topic,
+            instances,
+            recommender_position,
+            pollers,
+        )
 
         check_never_partial(pollers, PARTITIONS)
         check_co_viewers(
