@@ -32,6 +32,13 @@ add() {  # add NAME VALUE, unless NAME is already set in the file
 gid_of() { stat -c %g "$1" 2>/dev/null || stat -f %g "$1"; }  # GNU, else BSD/macOS stat
 
 add VIEWEVENTS_INGEST_TOKEN "$(openssl rand -hex 32)"
-add KAFKA_CLUSTER_ID "$(openssl rand 16 | openssl base64 -A | tr '+/' '-_' | tr -d '=')"
+# As Kafka's own Uuid.randomUuid(): URL-safe base64 of 16 random bytes, never starting with '-'
+# (argument parsers read that as an option).
+cluster_id() {
+  local id
+  while id=$(openssl rand 16 | openssl base64 -A | tr '+/' '-_' | tr -d '='); [ "${id#-}" != "$id" ]; do :; done
+  echo "$id"
+}
+add KAFKA_CLUSTER_ID "$(cluster_id)"
 add VIEWEVENTS_CERTS_GID "$(gid_of "$certs/server.key")"
 if [ "$dir" != "$here" ]; then add VIEWEVENTS_CERTS_DIR "$certs"; fi

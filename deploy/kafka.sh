@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # A single-node Apache Kafka (KRaft) broker on loopback, for development and the test suite.
 #   deploy/kafka.sh fetch   fetch the broker jars with Maven into the cache (idempotent)
-#   deploy/kafka.sh start   fetch if needed, format storage once, start, wait until ready
+#   deploy/kafka.sh format  fetch if needed, write the config, format storage once
+#   deploy/kafka.sh start   format if needed, start, wait until ready
 #   deploy/kafka.sh stop    stop the broker started by `start` and wait for it to exit
 #   deploy/kafka.sh status  exit 0 when the broker answers on its port
 # Settings (environment): KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (KAFKA_PORT+1),
 # KAFKA_HOME (<repo>/.cache/kafka: jars), KAFKA_DATA_DIR (<repo>/.data/kafka-<port>),
 # KAFKA_HEAP (512m), KAFKA_PARTITIONS (default partitions of new topics, 4),
-# KAFKA_MESSAGE_MAX_BYTES (broker message.max.bytes, 8388608; Kafka's own default is 1048588).
+# KAFKA_MESSAGE_MAX_BYTES (broker message.max.bytes, 8388608; Kafka's own default is 1048588),
+# KAFKA_CLUSTER_ID (the id `format` writes into new storage; random when unset).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -68,19 +70,39 @@ log.segment.bytes=268435456
 PROPS
 }
 
+# A random cluster id as Kafka's own Uuid.randomUuid() makes it: 16 random bytes, URL-safe base64
+# without padding, never starting with '-' (which the storage tool's argument parser reads as an
+# option: 1 id in 64 did, and formatting failed). With an argument N, prints N ids.
+random_cluster_id() {
+  python3 - "${1:-1}" <<'PY'
+import base64, os, sys
+for _ in range(int(sys.argv[1])):
+    while (i := base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")).startswith("-"):
+        pass
+    print(i)
+PY
+}
+
+format() {  # format the storage once (keeps an existing one)
+  fetch
+  write_config
+  if [ -f "$data/log/meta.properties" ]; then return 0; fi
+  local cluster_id=${KAFKA_CLUSTER_ID:-$(random_cluster_id)}
+  log "formatting KRaft storage in $data/log (cluster $cluster_id)"
+  if ! java_cmd kafka.tools.StorageTool format --cluster-id="$cluster_id" \
+    --config="$data/server.properties" >"$data/format.log" 2>&1; then
+    log "formatting failed; $data/format.log says:"
+    tail -n 20 "$data/format.log" >&2
+    return 1
+  fi
+}
+
 start() {
   if port_open "$port"; then
     log "a broker already answers on 127.0.0.1:$port; reusing it"
     return 0
   fi
-  fetch
-  write_config
-  if [ ! -f "$data/log/meta.properties" ]; then
-    local cluster_id
-    cluster_id=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
-    log "formatting KRaft storage in $data/log (cluster $cluster_id)"
-    java_cmd kafka.tools.StorageTool format -t "$cluster_id" -c "$data/server.properties" >"$data/format.log" 2>&1
-  fi
+  format
   log "starting broker on 127.0.0.1:$port (log: $logfile)"
   setsid nohup java -Xms"$heap" -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$repo/deploy/kafka-log4j2.yaml" \
@@ -118,9 +140,10 @@ stop() {
 
 case "${1:-}" in
   fetch) fetch ;;
+  format) format ;;
   start) start ;;
   stop) stop ;;
   status) port_open "$port" ;;
   classpath) fetch; echo "$libs/*" ;;
-  *) echo "usage: $0 fetch|start|stop|status|classpath" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch|format|start|stop|status|classpath" >&2; exit 2 ;;
 esac
