@@ -30,6 +30,7 @@ from stats_service import request_parsing
 from stats_service.merging import Chunk, merge_buckets, merge_by_media, merge_totals
 from stats_service.reader import StatsReader, Totals
 from stats_service.request_parsing import Limits, TopQuery, TrendQuery
+from stats_service.top_cache import PageCache
 from stats_service.top_media import RollupRanker
 from viewevents import scatter
 from viewevents.consumer import ExactlyOnceConsumer
@@ -98,9 +99,14 @@ class StatsServicer:
         peer_metadata: Sequence[tuple[str, str]] = (),
         fanout_timeout: float = scatter.DEFAULT_TIMEOUT_S,
         ranker: RollupRanker | None = None,
+        pages: PageCache[pb.ListTopMediaResponse] | None = None,
     ) -> None:
         self.reader = reader
         self.ranker = ranker  # rankings from the rollups when this instance owns everything
+        # Finished pages of those rankings, reused while no offset moved (exact).
+        self.pages: PageCache[pb.ListTopMediaResponse] = (
+            pages if pages is not None else PageCache(0)
+        )
         self.consumer = consumer
         self.limits = limits
         self.page_token_secret = page_token_secret  # None: the process's random secret
@@ -438,7 +444,19 @@ class StatsServicer:
         """One page from the in-memory rollups (exact, see stats_service.top_media)."""
         assert self.ranker is not None
         ranker = self.ranker
-        position = self._local_position(partitions)
+        position = self._local_position(partitions)  # before the state: names what is read
+        offsets = tuple((p.partition, p.offset) for p in position.partitions)
+        request = (
+            query.fingerprint,
+            query.start,
+            query.end,
+            query.metric,
+            query.offset,
+            query.limit,
+        )
+        kept = self.pages.get(offsets, request)
+        if kept is not None:
+            return kept
         column = request_parsing.METRIC_COLUMN[query.metric]
 
         def compute() -> tuple[list[int], np.ndarray, bool]:
@@ -474,7 +492,9 @@ class StatsServicer:
             )
             for i, (m, row) in enumerate(zip(chosen, values.tolist()))
         ]
-        return pb.ListTopMediaResponse(media=media, next_page_token=token, position=position)
+        page = pb.ListTopMediaResponse(media=media, next_page_token=token, position=position)
+        self.pages.put(offsets, request, page, page.ByteSize())
+        return page
 
     async def _top(self, query: TopQuery, deadline: float | None) -> pb.ListTopMediaResponse:
         """One page of the ranking over every partition, or `scatter.Incomplete`."""
