@@ -1,12 +1,17 @@
-"""What every benchmark measures the same way: peak resident memory of a process, free ports."""
+"""What every benchmark measures the same way: peak resident memory of a process, free ports,
+CPU seconds of a process, latency with the ghz load generator."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -51,3 +56,71 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         return self.peak_mb()
+
+
+GHZ = Path(__file__).resolve().parent.parent / ".cache" / "go" / "bin" / "ghz"
+PROTOS = Path(__file__).resolve().parent.parent / "protos"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    return float(sum(psutil.Process(pid).cpu_times()[:2]))
+
+
+def ghz_latency(
+    address: str,
+    method: str,
+    proto: str,
+    requests: list[dict[str, Any]],
+    concurrency: int,
+    service_pid: int,
+) -> dict[str, Any]:
+    """p50/p99 (ms), calls/s and the service's CPU per call of `requests` (protobuf JSON, sent
+    in turn) made by ghz (a Go load generator: its client costs little CPU next to Python
+    clients on a shared machine). The protos are given as files: ghz's reflection client
+    fails against these servers ("Symbol not found"). Empty when ghz is not installed."""
+    if not GHZ.exists():
+        return {"skipped": f"no {GHZ} (make tools)"}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as data:
+        json.dump(requests, data)
+        data.flush()
+        before = cpu_seconds(service_pid)
+        done = subprocess.run(
+            [
+                str(GHZ),
+                "--insecure",
+                "--import-paths",
+                str(PROTOS),
+                "--proto",
+                str(PROTOS / proto),
+                "--call",
+                method,
+                "-c",
+                str(concurrency),
+                "-n",
+                str(len(requests)),
+                "-D",
+                data.name,
+                "--cpus",
+                "1",
+                "--format",
+                "json",
+                address,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        used = cpu_seconds(service_pid) - before
+    if done.returncode != 0 or not done.stdout.strip():
+        return {"failed": (done.stderr or done.stdout).strip()[:200]}
+    report = json.loads(done.stdout)
+    at = {d["percentage"]: d["latency"] / 1e6 for d in report.get("latencyDistribution") or []}
+    errors = sum(v for k, v in (report.get("statusCodeDistribution") or {}).items() if k != "OK")
+    return {
+        "p50_ms": round(at.get(50, float("nan")), 2),
+        "p99_ms": round(at.get(99, float("nan")), 2),
+        "calls_per_s": round(report.get("rps", 0)),
+        "errors": errors,
+        "service_cpu_ms_per_call": round(1000 * used / max(1, len(requests)), 3),
+    }

@@ -9,7 +9,11 @@ directory, and time it from process start to caught-up. Then measure p50/p99 of 
 concurrent asyncio clients, and the service's peak RSS over the whole run. The machine is shared
 with whatever else runs, so the consumer's CPU time is reported next to wall time. Rankings are
 timed over 1, 7 and 30 days after one untimed 30-day call per metric (its time is reported as
-the cold call: it builds the rollups). State on disk is reported in bytes per event after the
+the cold call: it builds the rollups); each timed ranking asks a range (whole minutes) not
+asked before in the run, so no page kept for the current offsets can answer it. Then the same
+with ghz (a Go client: little client CPU next to the service on a shared machine; rows marked
+"ghz, Go client"), and one range asked again and again ("one range repeated": the page kept
+for the current offsets answers). State on disk is reported in bytes per event after the
 service stopped and the store was flushed and compacted.
 """
 
@@ -31,10 +35,10 @@ from typing import Any, cast
 import grpc
 import psutil
 from aiokafka import AIOKafkaProducer
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 from tqdm import tqdm
 
-from benchmarks.measure import PeakRss, free_port
+from benchmarks.measure import PeakRss, cpu_seconds, free_port, ghz_latency
 from ingest_service.validation import Limits, validate_event
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
 from viewevents.v1 import stats_service_pb2 as pb
@@ -42,6 +46,7 @@ from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
 from viewevents_tools import settings_catalogue as settings
 
 REPO = Path(__file__).resolve().parent.parent
+STATS_PROTO = "viewevents/v1/stats_service.proto"
 WORKDIR = REPO / ".data" / "bench"
 
 
@@ -267,30 +272,55 @@ async def _bench(
                     )
                 )
 
+            def top_request(metric: pb.TopMediaMetric, start: int, span: int) -> Any:
+                return pb.ListTopMediaRequest(
+                    start_time=ts(seconds=start),
+                    end_time=ts(seconds=start + span),
+                    metric=metric,
+                    limit=10,
+                )
+
             def top_call(
-                metric: pb.TopMediaMetric, span_days: int = 1
+                metric: pb.TopMediaMetric, span_days: int = 1, repeated: bool = False
             ) -> Callable[[random.Random], Awaitable[None]]:
+                """Distinct ranges (whole minutes never asked before in this run, so no kept
+                page can answer them), or with `repeated` one range asked again and again."""
                 span = 86400 * span_days
+                minutes = max(1, (high - low - span) // 60)
 
                 async def call(rng: random.Random) -> None:
-                    start = low + rng.randrange(max(1, high - low - span))
-                    await stub.ListTopMedia(
-                        pb.ListTopMediaRequest(
-                            start_time=ts(seconds=start),
-                            end_time=ts(seconds=start + span),
-                            metric=metric,
-                            limit=10,
-                        )
-                    )
+                    if repeated:
+                        start = low - low % 60 + 60 * (minutes // 2)
+                    else:
+                        start = low - low % 60 + 60 * rng.randrange(minutes)
+                        while start in asked:
+                            start = low - low % 60 + 60 * rng.randrange(minutes)
+                        asked.add(start)
+                    await stub.ListTopMedia(top_request(metric, start, span))
 
                 return call
+
+            asked: set[int] = set()
 
             metrics = {
                 "view time": pb.TOP_MEDIA_METRIC_VIEW_TIME,
                 "unique viewers": pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS,
             }
 
+            stats_cpu = cpu_seconds(process.pid)
             result["GetMediaStats"] = await latency("GetMediaStats", stats_call, calls, concurrency)
+            result["GetMediaStats"]["service_cpu_ms_per_call"] = round(
+                1000 * (cpu_seconds(process.pid) - stats_cpu) / calls, 3
+            )
+            ghz_rng = random.Random(99)
+            result["GetMediaStats (ghz, Go client)"] = ghz_latency(
+                config.stats_address,
+                "viewevents.v1.StatsService/GetMediaStats",
+                STATS_PROTO,
+                [{"mediaId": str(ghz_rng.choice(media))} for _ in range(calls)],
+                concurrency,
+                process.pid,
+            )
             result["GetMediaTrend (1 day, minutes)"] = await latency(
                 "GetMediaTrend", trend_call, calls // 4, concurrency
             )
@@ -315,6 +345,43 @@ async def _bench(
                     used = sum(psutil.Process(process.pid).cpu_times()[:2]) - top_cpu
                     timed["service_cpu_ms_per_call"] = round(1000 * used / count, 2)
                     result[f"ListTopMedia ({span_days} day, {label})"] = timed
+            # The same rankings with the Go client (distinct ranges, as above), and one range
+            # asked again and again: answered from the page kept for the current offsets.
+            for span_days in (1, 7, 30):
+                for label, metric in metrics.items():
+                    count = calls // 20 if label == "view time" else calls // 40
+                    span = 86400 * span_days
+                    minutes = max(1, (high - low - span) // 60)
+                    starts: list[int] = []
+                    while len(starts) < count:
+                        start = low - low % 60 + 60 * ghz_rng.randrange(minutes)
+                        if start not in asked:
+                            asked.add(start)
+                            starts.append(start)
+                    result[f"ListTopMedia ({span_days} day, {label}; ghz, Go client)"] = (
+                        ghz_latency(
+                            config.stats_address,
+                            "viewevents.v1.StatsService/ListTopMedia",
+                            STATS_PROTO,
+                            [
+                                json_format.MessageToDict(top_request(metric, start, span))
+                                for start in starts
+                            ],
+                            concurrency,
+                            process.pid,
+                        )
+                    )
+                    top_cpu = cpu_seconds(process.pid)
+                    timed = await latency(
+                        f"ListTopMedia {span_days} d {label} repeated",
+                        top_call(metric, span_days, repeated=True),
+                        count * 4,
+                        concurrency,
+                    )
+                    timed["service_cpu_ms_per_call"] = round(
+                        1000 * (cpu_seconds(process.pid) - top_cpu) / (count * 4), 3
+                    )
+                    result[f"ListTopMedia ({span_days} day, {label}; one range repeated)"] = timed
         result["peak_rss_mb"] = round(rss.peak_mb())
         result["service_log"] = str(log_path)
     finally:

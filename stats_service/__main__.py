@@ -11,6 +11,7 @@ from stats_service.request_parsing import Limits, page_token_secret
 from stats_service.rollups import BucketVersions, RollupCache
 from stats_service.servicer import PARTITION_SERVICE, SERVICE, StatsServicer
 from stats_service.settings import SETTINGS
+from stats_service.top_cache import PageCache
 from stats_service.top_media import RollupRanker
 from viewevents import bootstrap
 from viewevents.config import Config
@@ -48,6 +49,12 @@ async def serve(config: Config) -> None:
     # Rollups are the stats service's own cache: charged to the memory budget unless sized.
     rollup_mb = config.stats_rollup_cache_mb or bootstrap.memory_plan(config).service_cache_mb
     cache_bytes = max(0, rollup_mb) << 20
+    # Finished pages share the rollups' memory: their bytes are taken out of that budget.
+    page_bytes = (
+        cache_bytes // 16
+        if config.stats_top_page_cache_kb < 0
+        else min(cache_bytes, config.stats_top_page_cache_kb << 10)
+    )
     await bootstrap.serve_consumer(
         config,
         endpoint,
@@ -67,8 +74,11 @@ async def serve(config: Config) -> None:
             peers=bootstrap.peers(config),
             peer_metadata=peer_metadata,
             ranker=(
-                RollupRanker(store, RollupCache(versions, cache_bytes)) if cache_bytes else None
+                RollupRanker(store, RollupCache(versions, cache_bytes - page_bytes))
+                if cache_bytes
+                else None
             ),
+            pages=PageCache(page_bytes),
         ),
     )
 

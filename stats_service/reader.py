@@ -123,19 +123,27 @@ class StatsReader:
         return buckets
 
     def viewers(self, partitions: Sequence[int], media_id: int, start: int, end: int) -> int:
-        """Exact distinct users with an event on the item in minute-aligned [start, end)."""
+        """Exact distinct users with an event on the item in minute-aligned [start, end). A
+        partition with few viewer-days of the item is read with a plain loop (numpy's fixed
+        cost per call is most of the time there: a ranking's page asks this per item)."""
         users: list[np.ndarray] = []
+        few: set[bytes] = set()
         first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
         for p in partitions:
             prefix = k.presence_prefix(p, media_id)
             items = list(self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day)))
-            if not items:
+            if len(items) <= FEW_ROWS:
+                few.update(users_in_range(items, start, end))
                 continue
             keys = [key for key, _ in items]  # P media day user
             day = k.key_columns(keys, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
             inside = _in_range(day.astype(np.int64), [v for _, v in items], start, end)
             users.append(k.key_columns(keys, 2)[inside])
-        return len(np.unique(np.concatenate(users))) if users else 0
+        if not users:
+            return len(few)
+        if few:
+            users.append(np.array([int.from_bytes(u, "big") for u in few], np.int64))
+        return len(np.unique(np.concatenate(users)))
 
     # --- every media item in a range (ListTopMedia) -------------------------------------------
 
@@ -339,6 +347,45 @@ def _add(buckets: dict[int, list[int]], start: int, row: Sequence[int]) -> None:
     else:
         for i in range(k.BUCKET_FIELDS):
             have[i] += row[i]
+
+
+FEW_ROWS = 256  # viewer-days of one item and partition read without numpy
+_DAY_AT, _USER_AT = k.column_offset(1), k.column_offset(2)  # in a P key: media day user
+
+
+def users_in_range(items: Sequence[tuple[bytes, bytes]], start: int, end: int) -> set[bytes]:
+    """The user columns (8 key bytes) of P rows (key, minute bitmap) with a minute inside
+    minute-aligned [start, end); a pruned day's 3-byte hour mask counts every minute of its
+    hours (as `key_layout.minute_bitmaps`). The same answer as `_in_range`, row by row."""
+    masks: dict[bytes, tuple[int, int] | None] = {}
+    found: set[bytes] = set()
+    for key, value in items:
+        day_bytes = key[_DAY_AT : _DAY_AT + k.COLUMN_BYTES]
+        if day_bytes in masks:
+            mask = masks[day_bytes]
+        else:
+            mask = masks[day_bytes] = _row_masks(
+                int.from_bytes(day_bytes, "big") - k.BIAS, start, end
+            )
+        if mask is not None:
+            wanted = mask[0] if len(value) == k.BITMAP_BYTES else mask[1]
+            if not int.from_bytes(value, "little") & wanted:
+                continue
+        found.add(key[_USER_AT : _USER_AT + k.COLUMN_BYTES])
+    return found
+
+
+def _row_masks(day: int, start: int, end: int) -> tuple[int, int] | None:
+    """(minutes, hours) of `day` inside [start, end) as a minute bitmap and the mask of the
+    hours that have such a minute; None when the whole day is inside."""
+    minutes = _day_mask(day, start, end)
+    if minutes is None:
+        return None
+    hours = sum(1 << h for h in range(24) if (minutes >> (60 * h)) & _HOUR_OF_MINUTES)
+    return minutes, hours
+
+
+_HOUR_OF_MINUTES = (1 << 60) - 1
 
 
 def _in_range(days: np.ndarray, bitmaps: list[bytes], start: int, end: int) -> np.ndarray:

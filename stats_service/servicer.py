@@ -30,6 +30,7 @@ from stats_service import request_parsing
 from stats_service.merging import Chunk, merge_buckets, merge_by_media, merge_totals
 from stats_service.reader import StatsReader, Totals
 from stats_service.request_parsing import Limits, TopQuery, TrendQuery
+from stats_service.top_cache import PageCache
 from stats_service.top_media import RollupRanker
 from viewevents import scatter
 from viewevents.consumer import ExactlyOnceConsumer
@@ -98,9 +99,14 @@ class StatsServicer:
         peer_metadata: Sequence[tuple[str, str]] = (),
         fanout_timeout: float = scatter.DEFAULT_TIMEOUT_S,
         ranker: RollupRanker | None = None,
+        pages: PageCache[pb.ListTopMediaResponse] | None = None,
     ) -> None:
         self.reader = reader
         self.ranker = ranker  # rankings from the rollups when this instance owns everything
+        # Finished pages of those rankings, reused while no offset moved (exact).
+        self.pages: PageCache[pb.ListTopMediaResponse] = (
+            pages if pages is not None else PageCache(0)
+        )
         self.consumer = consumer
         self.limits = limits
         self.page_token_secret = page_token_secret  # None: the process's random secret
@@ -109,6 +115,7 @@ class StatsServicer:
         self.fanout_timeout = fanout_timeout
         # Scans (trends, rankings) hold memory while they run: a few at a time, others queue.
         self._scans = asyncio.Semaphore(max(1, limits.max_concurrent_scans))
+        self._position_kept: tuple[tuple[object, ...], Position] | None = None
 
     # --- who answers for which partition ------------------------------------------------------
 
@@ -132,21 +139,45 @@ class StatsServicer:
         return frozenset(answerable())
 
     def _local_position(self, partitions: Sequence[int]) -> Position:
-        """The position of `partitions` (read before the state they answer from)."""
+        """The position of `partitions` (read before the state they answer from). The last
+        message is kept for the offsets it was built at: its watermark was read after those
+        offsets, so it is as fresh as they say (a commit moves the offsets and the watermark
+        together); callers copy it into their responses and never change it."""
         wanted = set(partitions)
         offsets = getattr(self.consumer, "positions", None)
         if isinstance(offsets, dict):  # the consumer's own offsets: no message, no state read
-            read = [
-                PartitionOffset(partition=p, offset=offsets[p])
-                for p in sorted(wanted & offsets.keys())
-            ]
-        else:
-            read = [p for p in self.consumer.position().partitions if p.partition in wanted]
+            at = tuple((p, offsets[p]) for p in sorted(wanted & offsets.keys()))
+            key = (tuple(partitions), at)
+            kept = self._position_kept
+            if kept is not None and kept[0] == key:
+                return kept[1]
+            read = [PartitionOffset(partition=p, offset=o) for p, o in at]
+            position = self._position_at(read, partitions)
+            self._position_kept = (key, position)
+            return position
+        read = [p for p in self.consumer.position().partitions if p.partition in wanted]
+        return self._position_at(read, partitions)
+
+    def _position_at(self, read: list[PartitionOffset], partitions: Sequence[int]) -> Position:
         watermark = self.reader.store.watermark(partitions) if partitions else None
         position = Position(partitions=read, caught_up=True)
         if watermark is not None:
             position.event_time_watermark.seconds = watermark
         return position
+
+    def _all_local(self, context: grpc.aio.ServicerContext) -> list[int] | None:
+        """Every partition, when the call comes from a client (not a peer) and this instance
+        owns and has caught up on all of them: the query reads its own store directly, without
+        the fan-out's machinery (a task, a timeout, metrics per owner), with the same answer."""
+        for key, _ in context.invocation_metadata() or ():
+            if key == scatter.PARTITIONS_KEY:
+                return None
+        owners = self._owners()
+        address = self.address
+        if not owners or any(owner != address for owner in owners.values()):
+            return None
+        partitions = sorted(owners)
+        return partitions if self._answerable().issuperset(partitions) else None
 
     def _check_local(self, partitions: Sequence[int]) -> None:
         missing = sorted(set(partitions) - self._answerable())
@@ -207,12 +238,13 @@ class StatsServicer:
         except scatter.Incomplete as incomplete:
             log.info("%s UNAVAILABLE: %s", method, incomplete)
             await abort_unavailable(context, str(incomplete))
-        log.debug(
-            "%s answered by %s from %s",
-            method,
-            self.address,
-            {p.address: scatter.format_partitions(p.partitions) for p in partials},
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s answered by %s from %s",
+                method,
+                self.address,
+                {p.address: scatter.format_partitions(p.partitions) for p in partials},
+            )
         return [p.result for p in partials]
 
     async def _not_found(
@@ -235,6 +267,18 @@ class StatsServicer:
         request_parsing.check_media_id(request.media_id, violations)
         if violations:
             await abort_bad_request(context, "invalid GetMediaStats request", violations)
+
+        every = self._all_local(context)
+        if every is not None:
+            _answered_by(context, self.address)
+            position = self._local_position(every)
+            found = self.reader.totals(every, request.media_id)
+            if found is None:
+                await self._not_found(context, request.media_id, position)
+            assert found is not None
+            return pb.GetMediaStatsResponse(
+                stats=media_stats(request.media_id, found), position=position
+            )
 
         async def local(partitions: list[int]) -> tuple[Totals | None, Position]:
             position = self._local_position(partitions)
@@ -400,7 +444,19 @@ class StatsServicer:
         """One page from the in-memory rollups (exact, see stats_service.top_media)."""
         assert self.ranker is not None
         ranker = self.ranker
-        position = self._local_position(partitions)
+        position = self._local_position(partitions)  # before the state: names what is read
+        offsets = tuple((p.partition, p.offset) for p in position.partitions)
+        request = (
+            query.fingerprint,
+            query.start,
+            query.end,
+            query.metric,
+            query.offset,
+            query.limit,
+        )
+        kept = self.pages.get(offsets, request)
+        if kept is not None:
+            return kept
         column = request_parsing.METRIC_COLUMN[query.metric]
 
         def compute() -> tuple[list[int], np.ndarray, bool]:
@@ -436,7 +492,9 @@ class StatsServicer:
             )
             for i, (m, row) in enumerate(zip(chosen, values.tolist()))
         ]
-        return pb.ListTopMediaResponse(media=media, next_page_token=token, position=position)
+        page = pb.ListTopMediaResponse(media=media, next_page_token=token, position=position)
+        self.pages.put(offsets, request, page, page.ByteSize())
+        return page
 
     async def _top(self, query: TopQuery, deadline: float | None) -> pb.ListTopMediaResponse:
         """One page of the ranking over every partition, or `scatter.Incomplete`."""

@@ -116,6 +116,15 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         "service-cache share (20 MiB at 200); -1: no rollups, every ranking scans the index.",
     ),
     Setting(
+        "stats_top_page_cache_kb",
+        "VIEWEVENTS_STATS_TOP_PAGE_CACHE_KB",
+        -1,
+        int,
+        "Memory (KiB) for finished ListTopMedia pages, reused only while no partition's "
+        "applied offset has moved (exact; every applied batch drops them all); taken out of "
+        "the rollup cache's memory. -1: a sixteenth of the rollup cache; 0: off.",
+    ),
+    Setting(
         "stats_token",
         "VIEWEVENTS_STATS_TOKEN",
         "",

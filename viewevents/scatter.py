@@ -142,12 +142,13 @@ async def gather(
         else:
             partials.append(Partial(address, tuple(grouped[address]), outcome))
             FANOUT_CALLS.labels(service, address, "ok").inc()
-    log.debug(
-        "asked %s in %.1f ms; missing %s",
-        {a: format_partitions(grouped[a]) for a in addresses},
-        1000 * (time.monotonic() - started),
-        missing or "none",
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "asked %s in %.1f ms; missing %s",
+            {a: format_partitions(grouped[a]) for a in addresses},
+            1000 * (time.monotonic() - started),
+            missing or "none",
+        )
     if missing:
         raise Incomplete(missing)
     return partials

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import os
 import time
-import uuid
 from collections.abc import Sequence
 
 import grpc
@@ -21,20 +21,40 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, service: str) -> None:
         self.service = service
+        # Wrapped handlers are built once per (method, handler), not per call: the request id
+        # is read inside the wrapper. Bounded: a refusing handler (wrong token) is new per call.
+        self._wrapped: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        incoming = dict(handler_call_details.invocation_metadata or ())
-        request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
-        return _wrap_handler(handler, self.service, method, request_id)
+        key = (handler_call_details.method, handler)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            if len(self._wrapped) >= _MAX_WRAPPED:
+                self._wrapped.clear()
+            method = handler_call_details.method.rsplit("/", 1)[-1]
+            wrapped = self._wrapped[key] = _wrap_handler(handler, self.service, method)
+        return wrapped
+
+
+_MAX_WRAPPED = 1024
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id`, or a new one (16 hex digits)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return value if isinstance(value, str) else value.decode()
+    return os.urandom(8).hex()
 
 
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler, service: str, method: str, request_id: str
+    handler: grpc.RpcMethodHandler, service: str, method: str
 ) -> grpc.RpcMethodHandler:
+    succeeded = RPC_SECONDS.labels(service, method, grpc.StatusCode.OK.name)
+
     def observe(
         started: float, context: grpc.aio.ServicerContext, failed: BaseException | None
     ) -> None:
@@ -45,14 +65,18 @@ def _wrap_handler(
                 if failed is not None and not isinstance(failed, asyncio.CancelledError)
                 else grpc.StatusCode.OK
             )
+        elapsed = time.perf_counter() - started
+        if code is grpc.StatusCode.OK:
+            succeeded.observe(elapsed)
+            return
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        RPC_SECONDS.labels(service, method, name).observe(time.perf_counter() - started)
+        RPC_SECONDS.labels(service, method, name).observe(elapsed)
 
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
         async def call_unary(request_or_iterator, context):
-            token = REQUEST_ID.set(request_id)
+            token = REQUEST_ID.set(_request_id(context))
             started, failed = time.perf_counter(), None
             try:
                 result = inner(request_or_iterator, context)
@@ -78,7 +102,7 @@ def _wrap_handler(
     inner_stream = handler.unary_stream or handler.stream_stream
 
     async def call_stream(request_or_iterator, context):
-        token = REQUEST_ID.set(request_id)
+        token = REQUEST_ID.set(_request_id(context))
         started, failed = time.perf_counter(), None
         try:
             responses = inner_stream(request_or_iterator, context)

@@ -1,0 +1,137 @@
+"""Finished ListTopMedia pages are reused only at exactly the offsets they were computed at:
+the pure cache's rules, and the servicer's rankings against brute force while batches land
+between repeated queries (a kept page must never be served once the state moved)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+from google.protobuf import timestamp_pb2
+
+from stats_service import request_parsing
+from stats_service.processor import StatsProcessor
+from stats_service.reader import StatsReader
+from stats_service.rollups import BucketVersions, RollupCache
+from stats_service.servicer import StatsServicer
+from stats_service.top_cache import ENTRY_OVERHEAD, PageCache
+from stats_service.top_media import RollupRanker
+from tests.support.stats_state import HEARTBEAT, Brute, Event, load, partition, random_events
+from viewevents.state.store import StateStore
+from viewevents.v1 import stats_service_pb2 as pb
+from viewevents.v1 import view_event_pb2
+
+PARTITIONS = 3
+
+
+def test_pages_are_served_only_at_their_offsets_and_within_the_budget() -> None:
+    cache: PageCache[str] = PageCache(3 * (100 + ENTRY_OVERHEAD))
+    at = ((0, 5), (1, 7))
+    cache.put(at, "a", "page a", 100)
+    assert cache.get(at, "a") == "page a"
+    assert cache.get(at, "b") is None
+    moved = ((0, 5), (1, 8))  # one batch applied to partition 1
+    assert cache.get(moved, "a") is None  # never the page of the older state
+    assert len(cache) == 0 and cache.bytes == 0  # everything was dropped at once
+    cache.put(at, "a", "late page of the old state", 100)  # a slow query finishing late
+    assert cache.get(moved, "a") is None and cache.get(at, "a") is None
+    for name in "bcde":
+        cache.put(moved, name, name, 100)
+    assert cache.get(moved, "b") is None  # least recently used went first
+    assert [cache.get(moved, n) for n in "cde"] == ["c", "d", "e"]
+    assert cache.bytes <= cache.budget
+    cache.put(moved, "huge", "x", cache.budget)  # larger than the budget: not kept
+    assert cache.get(moved, "huge") is None
+    other = ((0, 5), (2, 1))  # other partitions (a new assignment): not comparable, moves on
+    cache.put(other, "f", "f", 100)
+    assert cache.get(other, "f") == "f" and cache.get(moved, "c") is None
+    assert PageCache[str](0).get(at, "a") is None
+
+
+class _Consumer:
+    """Owns every partition, caught up; `positions` are set by the test as batches land."""
+
+    def __init__(self) -> None:
+        self.positions: dict[int, int] = {p: 0 for p in range(PARTITIONS)}
+
+    def position(self) -> view_event_pb2.ConsumerPosition:
+        return view_event_pb2.ConsumerPosition(
+            partitions=[
+                view_event_pb2.PartitionOffset(partition=p, offset=o)
+                for p, o in sorted(self.positions.items())
+            ],
+            caught_up=True,
+        )
+
+
+def _expected(brute: Brute, start: int, end: int, metric: int, limit: int) -> list[tuple]:
+    found = brute.top(start, end)
+    column = request_parsing.METRIC_COLUMN[metric]
+    order = sorted(found, key=lambda m: (-found[m][column], m))[:limit]
+    return [(m, *found[m]) for m in order]
+
+
+def test_a_kept_page_is_never_served_after_a_batch_was_applied(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    events = random_events(rng, 3000)
+    partitioned = partition(events, PARTITIONS)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions()
+    processor = StatsProcessor(HEARTBEAT, 0, versions)
+    consumer = _Consumer()
+    servicer = StatsServicer(
+        StatsReader(store),
+        consumer,
+        request_parsing.Limits(),
+        ranker=RollupRanker(store, RollupCache(versions, 64 << 20)),
+        pages=PageCache(1 << 20),
+    )
+    low = min(e.seconds for e in events) // 60 * 60
+    high = max(e.seconds for e in events)
+    queries = [
+        (low + rng.randrange(high - low) // 60 * 60, rng.choice([3600, 86_400, 3 * 86_400]))
+        for _ in range(4)
+    ] + [(low, high - low + 60)]
+    loaded: dict[int, list[Event]] = {p: [] for p in partitioned}
+    answers_changed = 0
+    previous: dict[tuple, list[tuple]] = {}
+    try:
+        for cut in (0.2, 0.5, 0.51, 1.0):  # each cut: batches land, then repeated queries
+            more = {p: evs[len(loaded[p]) : int(len(evs) * cut)] for p, evs in partitioned.items()}
+            load(store, more, rng, processor=processor)
+            for p in loaded:
+                loaded[p] += more[p]
+                consumer.positions[p] = len(loaded[p])  # the offsets move with the state
+            brute = Brute(loaded, 0)
+            hits = servicer.pages.hits
+            for start, span in queries:
+                for metric in (pb.TOP_MEDIA_METRIC_VIEW_TIME, pb.TOP_MEDIA_METRIC_UNIQUE_VIEWERS):
+                    request = pb.ListTopMediaRequest(
+                        start_time=timestamp_pb2.Timestamp(seconds=start),
+                        end_time=timestamp_pb2.Timestamp(seconds=start + span),
+                        metric=metric,
+                        limit=5,
+                    )
+                    query, _ = request_parsing.parse_top(request, request_parsing.Limits())
+                    assert query is not None
+                    expected = _expected(brute, query.start, query.end, metric, 5)
+                    for _ in range(2):  # computed, then (same offsets) from the kept pages
+                        page = asyncio.run(
+                            servicer._top_from_rollups(query, list(range(PARTITIONS)))
+                        )
+                        got = [
+                            (m.media_id, m.view_time_seconds, m.starts, m.unique_viewers)
+                            for m in page.media
+                        ]
+                        assert got == expected, (cut, start, span, metric)
+                        assert [p.offset for p in page.position.partitions] == [
+                            len(loaded[p]) for p in sorted(loaded)
+                        ]
+                    key = (start, span, metric)
+                    answers_changed += key in previous and previous[key] != expected
+                    previous[key] = expected
+            assert servicer.pages.hits - hits == 2 * len(queries)  # every repeat was kept
+    finally:
+        store.close()
+    assert answers_changed > 0  # the test would see a stale page
