@@ -3,10 +3,11 @@ Kafka's group offset before the rebalance listener seeked to the store's offset 
 applied, so a partition's stored offset never runs ahead of the records its state holds.
 
 The interleaving is the one seen in the recommender's kill-and-replace test: a partition moves
-to an instance whose store holds nothing for it; aiokafka starts the new assignment at the
-group offset the previous owner committed, hands out records from there, and only then does
-the listener seek to the beginning. Applying those records stored an offset past records never
-applied, and for a moment every answer claimed it.
+to an instance whose store is behind the group offset the previous owner committed (it holds
+nothing for it, or what an earlier assignment left); aiokafka starts the new assignment at that
+group offset, hands out records from there, and only then does the listener seek to the store's
+offset. Applying those records stored an offset past records never applied, and until the
+re-read filled the gap every answer claimed it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from aiokafka.structs import TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -71,13 +73,15 @@ class FakeKafka:
             start, end = self.position_of[partition], self.log[partition]
             if start >= end:
                 continue
-            offsets = list(range(start, end))
-            values: list[bytes | None] = [event_value(partition, o) for o in offsets]
-            out[TopicPartition(TOPIC, partition)] = FetchedRecords(
-                offsets, values, DAY * 86_400_000, end
-            )
+            out[TopicPartition(TOPIC, partition)] = self.records(partition, start, end)
             self.position_of[partition] = end
         return out
+
+    @staticmethod
+    def records(partition: int, start: int, end: int) -> FetchedRecords:
+        offsets = list(range(start, end))
+        values: list[bytes | None] = [event_value(partition, o) for o in offsets]
+        return FetchedRecords(offsets, values, DAY * 86_400_000, end)
 
 
 class Checked:
@@ -100,10 +104,13 @@ class Checked:
 
 
 class TakeOver:
-    """`getmany` scripted as the group moves partition 1, which the previous owner committed
-    up to `group_offset` in Kafka, to this instance: aiokafka starts the new assignment there
-    and drains records, then the rebalance listener runs (seeking to the store's offsets)
-    before the loop gets to apply what was drained. Afterwards, an ordinary fetch."""
+    """`getmany` scripted as the group gives this instance partition 1, which the previous
+    owner committed up to `group_offset` in Kafka, so aiokafka starts the new assignment there.
+    As in the service: the loop holds the apply lock (applying an earlier batch) when the
+    rebalance listener is called, so the listener waits for it; the loop releases it and, before
+    the listener has run, its next `getmany` drains records from the group offset. The listener
+    then seeks to the store's offset and assigns before the loop gets the lock back. Afterwards,
+    plain fetches."""
 
     def __init__(self, consumer: ExactlyOnceConsumer, kafka: FakeKafka, group_offset: int) -> None:
         self.consumer = consumer
@@ -116,14 +123,17 @@ class TakeOver:
     async def getmany(self, timeout_ms: int, max_records: int) -> dict:
         self.step += 1
         if self.step == 1:
+            lock = self.consumer._apply_lock
+            await lock.acquire()  # the loop, applying an earlier batch
             self.kafka.position_of[1] = self.group_offset  # aiokafka: from the group offset
-            drained = self.kafka.drain([1])
-            tps = [TopicPartition(TOPIC, 1)]
-            self.listening = asyncio.create_task(self.listener.on_partitions_assigned(tps))
-            await asyncio.sleep(0)  # the listener takes the apply lock and starts seeking
+            assigned = [TopicPartition(TOPIC, 1)]
+            self.listening = asyncio.create_task(self.listener.on_partitions_assigned(assigned))
+            await asyncio.sleep(0)  # the listener is called and waits for the lock
+            lock.release()  # the batch is committed; the listener is next in line
+            drained = self.kafka.drain([1])  # nothing yields from here until the loop has it
+            assert not self.listening.done()
             return drained
-        owned = sorted(self.consumer.catch_up.assigned)
-        drained = self.kafka.drain(owned)
+        drained = self.kafka.drain(sorted(self.consumer.catch_up.assigned))
         if not drained:
             if self.consumer.catch_up.caught_up:
                 self.consumer._stop.set()
@@ -131,20 +141,31 @@ class TakeOver:
         return drained
 
 
-def test_records_drained_before_the_listener_seeked_are_not_applied(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "stored",
+    [
+        0,  # a partition this instance never had: the listener seeks to the beginning
+        3,  # one it had earlier (another member went further since): to its stored offset
+    ],
+)
+def test_records_drained_before_the_listener_seeked_are_not_applied(
+    tmp_path: Path, stored: int
+) -> None:
     store = StateStore(str(tmp_path / "db"))
     processor = Checked(store)
     consumer = ExactlyOnceConsumer(
         bootstrap="127.0.0.1:1", topic=TOPIC, group_id="g", store=store, processor=processor
     )
     kafka = FakeKafka({1: 10})
+    if stored:  # the state an earlier assignment left: records below `stored` applied
+        consumer.apply_fetched({TopicPartition(TOPIC, 1): kafka.records(1, 0, stored)})
     script = TakeOver(consumer, kafka, group_offset=6)
     consumer._consumer = kafka  # type: ignore[assignment]  # the calls the loop makes
     consumer._fetch = script  # type: ignore[assignment]
 
     async def run() -> None:
         await asyncio.wait_for(consumer.run(), 30)
-        assert script.listening is not None
+        assert script.listening is not None and script.listening.done()
         await script.listening
 
     try:
