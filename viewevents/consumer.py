@@ -561,7 +561,9 @@ class ExactlyOnceConsumer:
 
     async def _seek_to_stored(self, partitions: Sequence[TopicPartition]) -> dict[int, int]:
         """Point Kafka's positions of `partitions` at the next offsets the store holds for them
-        (their beginning where it holds none); the stored offsets. Call with `_apply_lock` held."""
+        (their beginning where it holds none); the stored offsets. Every seek and reset is
+        requested before the first await (the old listener awaited one reset per partition, and
+        the loop drained the partitions not yet seeked meanwhile). Call with `_apply_lock` held."""
         stored = self.store.stored_offsets(self.topic, [tp.partition for tp in partitions])
         for tp in partitions:
             if tp.partition in stored:
