@@ -514,22 +514,64 @@ class ExactlyOnceConsumer:
         while not self._stop.is_set():
             assert self._fetch is not None, "start() first"
             batches = await self._fetch.getmany(timeout_ms=200, max_records=self.batch_max)
+            # The assignment the records were drained under (nothing can yield since the drain).
+            drained_in = self.catch_up.generation
             if batches:
                 async with self._apply_lock:
-                    # Only partitions owned now: a batch fetched before a revocation must not
-                    # move positions (or state) of a partition another member reads now.
-                    owned = {
-                        tp: records
-                        for tp, records in batches.items()
-                        if tp.partition in self.catch_up.assigned
-                    }
-                    if owned:
-                        await self._apply_in_thread(owned)
+                    if drained_in != self.catch_up.generation:
+                        await self._rewind(batches)
+                    else:
+                        # Only partitions owned now: a batch fetched before a revocation must
+                        # not move positions (or state) of a partition another member reads now.
+                        owned = {
+                            tp: records
+                            for tp, records in batches.items()
+                            if tp.partition in self.catch_up.assigned
+                        }
+                        if owned:
+                            await self._apply_in_thread(owned)
                 if time.monotonic() - last_group_commit > 2.0:
                     last_group_commit = time.monotonic()
                     await self._commit_group_offsets()
             await self._check_caught_up()
         await self._commit_group_offsets(timeout=1.0)  # on the way out: do not wait long
+
+    async def _rewind(self, batches: Mapping[TopicPartition, FetchedRecords]) -> None:
+        """Drop records drained before the latest rebalance and read the partitions still owned
+        again from the store's offsets. aiokafka starts a new assignment at Kafka's group offset
+        and may hand out records from there before the rebalance listener has seeked to the
+        store's offset; applied, such records would move a partition's stored offset past records
+        never applied (a new owner's store is behind the old owner's group offset), and answers
+        would claim that offset while missing them. Call with `_apply_lock` held."""
+        owned = [tp for tp in batches if tp.partition in self.catch_up.assigned]
+        log.info(
+            "dropped records drained before the latest rebalance (partitions %s); reading "
+            "partitions %s again from their stored offsets",
+            sorted(tp.partition for tp in batches),
+            sorted(tp.partition for tp in owned),
+        )
+        if not owned:
+            return
+        try:
+            await asyncio.wait_for(self._seek_to_stored(owned), KAFKA_CALL_TIMEOUT_S)
+        except (IllegalStateError, TimeoutError) as error:
+            # Moved on again (the next assignment seeks anew) or Kafka is slow to tell where
+            # the beginning is (the reset stays requested; the fetcher completes it).
+            log.debug("re-seek after a rebalance cut short: %r", error)
+
+    async def _seek_to_stored(self, partitions: Sequence[TopicPartition]) -> dict[int, int]:
+        """Point Kafka's positions of `partitions` at the next offsets the store holds for them
+        (their beginning where it holds none); the stored offsets. Every seek and reset is
+        requested before the first await (the old listener awaited one reset per partition, and
+        the loop drained the partitions not yet seeked meanwhile). Call with `_apply_lock` held."""
+        stored = self.store.stored_offsets(self.topic, [tp.partition for tp in partitions])
+        for tp in partitions:
+            if tp.partition in stored:
+                self._kafka.seek(tp, stored[tp.partition])
+        fresh = [tp for tp in partitions if tp.partition not in stored]
+        if fresh:
+            await self._kafka.seek_to_beginning(*fresh)
+        return stored
 
     async def _apply_in_thread(self, batches: dict[TopicPartition, FetchedRecords]) -> None:
         """`apply_fetched` in a worker thread. Cancelling the caller does not cut the batch short:
@@ -708,12 +750,7 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         owner = self.owner
         async with owner._apply_lock:
-            stored = owner.store.stored_offsets(owner.topic, [tp.partition for tp in assigned])
-            for tp in assigned:
-                if tp.partition in stored:
-                    owner._kafka.seek(tp, stored[tp.partition])
-                else:
-                    await owner._kafka.seek_to_beginning(tp)
+            stored = await owner._seek_to_stored(list(assigned))
             owner.catch_up.assign((tp.partition for tp in assigned), stored)
             owner._publish()
         log.info(

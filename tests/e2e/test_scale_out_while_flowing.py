@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
-import pytest
 
 from tests.support import ServiceProcess, unique_name, wait_for
 from tests.support.broker import end_offsets, read_events
@@ -249,11 +248,6 @@ def test_recommender_grows_from_one_to_three_while_events_flow(
         group.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect, open: about 1 run in 4 an answer during the replacement's catch-up "
-    "has co-viewer counts below brute force at the offsets its position claims",
-)
 def test_recommender_member_killed_mid_upload_and_replaced(
     tmp_path: Path, kafka_bootstrap: str
 ) -> None:
