@@ -131,10 +131,13 @@ class StatsReader:
             items = list(self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day)))
             if not items:
                 continue
-            keys = [key for key, _ in items]  # P media day user
-            day = k.key_columns(keys, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
-            inside = _in_range(day.astype(np.int64), [v for _, v in items], start, end)
-            users.append(k.key_columns(keys, 2)[inside])
+            # One row per viewer-day of the item: keep the per-row Python work to the scan and
+            # two C-level unzips (the keys are joined once for both columns).
+            keys, values = zip(*items)  # P media day user
+            matrix = k.key_matrix(keys)
+            day = k.matrix_column(matrix, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
+            inside = _in_range(day.astype(np.int64), values, start, end)
+            users.append(k.matrix_column(matrix, 2)[inside])
         return len(np.unique(np.concatenate(users))) if users else 0
 
     # --- every media item in a range (ListTopMedia) -------------------------------------------
@@ -341,16 +344,24 @@ def _add(buckets: dict[int, list[int]], start: int, row: Sequence[int]) -> None:
             have[i] += row[i]
 
 
-def _in_range(days: np.ndarray, bitmaps: list[bytes], start: int, end: int) -> np.ndarray:
+def _in_range(days: np.ndarray, bitmaps: Sequence[bytes], start: int, end: int) -> np.ndarray:
     """Which viewer-day bitmaps have a minute inside [start, end)."""
     inside = np.ones(len(days), bool)
     partial = np.flatnonzero((days < start) | (days + k.DAY > end))
+    if not len(partial):
+        return inside
+    if len(partial) == len(days):  # typical (a range cut inside its days): no per-row selection
+        bits = k.minute_bitmaps(bitmaps)
+        at = np.arange(len(days))
+    else:
+        bits = k.minute_bitmaps([bitmaps[i] for i in partial.tolist()])
+        at = partial
     for day in np.unique(days[partial]).tolist():
-        rows = partial[days[partial] == day]
+        rows = np.flatnonzero(days[at] == day)
         mask = _day_mask(day, start, end) or 0
         mask_bytes = np.frombuffer(mask.to_bytes(k.BITMAP_BYTES, "little"), np.uint8)
-        bits = k.minute_bitmaps([bitmaps[i] for i in rows.tolist()])
-        inside[rows] = (bits & mask_bytes).any(axis=1)
+        columns = np.flatnonzero(mask_bytes)  # only the bytes the range's minutes fall in
+        inside[at[rows]] = (bits[np.ix_(rows, columns)] & mask_bytes[columns]).any(axis=1)
     return inside
 
 
