@@ -345,23 +345,30 @@ def _add(buckets: dict[int, list[int]], start: int, row: Sequence[int]) -> None:
 
 
 def _in_range(days: np.ndarray, bitmaps: Sequence[bytes], start: int, end: int) -> np.ndarray:
-    """Which viewer-day bitmaps have a minute inside [start, end)."""
+    """Which viewer-day bitmaps have a minute inside [start, end): rows of days wholly inside
+    are in; the others are tested 32 bits at a time against their day's minute mask (one pass
+    over the rows, a mask per distinct day looked up by index)."""
     inside = np.ones(len(days), bool)
     partial = np.flatnonzero((days < start) | (days + k.DAY > end))
     if not len(partial):
         return inside
     if len(partial) == len(days):  # typical (a range cut inside its days): no per-row selection
         bits = k.minute_bitmaps(bitmaps)
-        at = np.arange(len(days))
+        cut = days
     else:
         bits = k.minute_bitmaps([bitmaps[i] for i in partial.tolist()])
-        at = partial
-    for day in np.unique(days[partial]).tolist():
-        rows = np.flatnonzero(days[at] == day)
-        mask = _day_mask(day, start, end) or 0
-        mask_bytes = np.frombuffer(mask.to_bytes(k.BITMAP_BYTES, "little"), np.uint8)
-        columns = np.flatnonzero(mask_bytes)  # only the bytes the range's minutes fall in
-        inside[at[rows]] = (bits[np.ix_(rows, columns)] & mask_bytes[columns]).any(axis=1)
+        cut = days[partial]
+    distinct, which = np.unique(cut, return_inverse=True)
+    masks = np.stack(
+        [
+            np.frombuffer(
+                (_day_mask(day, start, end) or 0).to_bytes(k.BITMAP_BYTES, "little"), "<u4"
+            )
+            for day in distinct.tolist()
+        ]
+    )
+    words = np.ascontiguousarray(bits).view("<u4")  # (rows, 45): 1440 bits as 32-bit words
+    inside[partial] = (words & masks[which.reshape(-1)]).any(axis=1)
     return inside
 
 
