@@ -21,6 +21,7 @@ from viewevents.state.keys import partition_prefix, prefix_end
 from viewevents.state.store import StateStore
 
 DEFAULT_CHUNK_ROWS = 20_000
+VIEWER_ROWS = 8_192  # viewer-day rows of one item decoded at once (bounds a query's temporaries)
 _NO_MEDIA = bytes(8)
 
 
@@ -128,16 +129,17 @@ class StatsReader:
         first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
         for p in partitions:
             prefix = k.presence_prefix(p, media_id)
-            items = list(self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day)))
-            if not items:
-                continue
-            # One row per viewer-day of the item: keep the per-row Python work to the scan and
-            # two C-level unzips (the keys are joined once for both columns).
-            keys, values = zip(*items)  # P media day user
-            matrix = k.key_matrix(keys)
-            day = k.matrix_column(matrix, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
-            inside = _in_range(day.astype(np.int64), values, start, end)
-            users.append(k.matrix_column(matrix, 2)[inside])
+            items = self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day))
+            # One row per viewer-day of the item (tens of thousands for a popular one), read
+            # VIEWER_ROWS rows at a time: only a chunk's Python bytes objects live at once (about
+            # 300 bytes a row), the rest is 8 bytes a row of user ids. Per row, the Python work
+            # is the scan and two C-level unzips (the keys are joined once for both columns).
+            while chunk := list(islice(items, VIEWER_ROWS)):
+                keys, values = zip(*chunk)  # P media day user
+                matrix = k.key_matrix(keys)
+                day = k.matrix_column(matrix, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
+                inside = _in_range(day.astype(np.int64), values, start, end)
+                users.append(k.matrix_column(matrix, 2)[inside])
         return len(np.unique(np.concatenate(users))) if users else 0
 
     # --- every media item in a range (ListTopMedia) -------------------------------------------
