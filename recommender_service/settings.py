@@ -94,11 +94,11 @@ OWN_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "recommender_fanout_cache_items",
         "VIEWEVENTS_RECOMMENDER_FANOUT_CACHE_ITEMS",
-        0,
+        -1,
         int,
         "Items whose complete neighbour lists an instance that fans out keeps, valid while no "
-        "partition's offset moves (LRU; ~6.4 kB each); 0: as many as 30 % of the memory "
-        "budget's side-cache share holds (493 at 200 MiB); -1: off.",
+        "partition's offset moves (LRU; ~6.4 kB each; 0 = off); -1: as many as 30 % of the "
+        "memory budget's side-cache share holds (493 at 200 MiB).",
     ),
     Setting(
         "recommender_cache_ttl_seconds",
@@ -210,9 +210,7 @@ def from_config(config: shared.Config | None = None) -> RecommenderSettings:
     side = plan.side_cache_mb * 1024 * 1024
     if not values["hot_rows_mb"]:
         values["hot_rows_mb"] = max(1, round(HOT_ROWS_SIDE_SHARE * side / 2**20))
-    if values["fanout_cache_items"] == 0:
+    if values["fanout_cache_items"] == -1:
         each = cached_item_bytes(values["max_limit"])
         values["fanout_cache_items"] = max(1, int((1 - HOT_ROWS_SIDE_SHARE) * side) // each)
-    elif values["fanout_cache_items"] < 0:
-        values["fanout_cache_items"] = 0  # off
     return RecommenderSettings(**values)
