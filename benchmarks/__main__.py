@@ -6,7 +6,7 @@ stats and recommender consumers and queries, and scale-out (1 vs 2 instances: co
 query latency, freshness, failover, partition takeover; benchmarks/scale.py, flags --scale-*).
 
     python -m benchmarks [--events N] [--only ingest|stats|recommender|scale] [--json FILE]
-    python -m benchmarks --rss-events 10000000   # only: stats RSS sampled along a long stream
+    python -m benchmarks --rss-events 10000000   # only: stats and recommender RSS along a stream
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="instead of the sections: stream this many events through the stats service and "
-        "print its RSS at regular event counts (benchmarks/rss_stream.py)",
+        "the recommender and print their RSS at regular event counts (benchmarks/rss_stream.py)",
     )
     parser.add_argument("--rss-samples", type=int, default=20)
     settings.add_flags(parser, ["kafka_bootstrap"])
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         results["rss_stream"] = rss_stream.run_rss_stream(
             config.kafka_bootstrap, args.rss_events, args.rss_samples
         )
-        _print_section("stats RSS along the stream", results["rss_stream"])
+        _print_section("stats and recommender RSS along the stream", results["rss_stream"])
         only = set()
     if "ingest" in only:
         results["ingest"] = ingest.bench_ingest(config, args.events, args.batch_size, workdir)

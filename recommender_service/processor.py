@@ -68,7 +68,7 @@ class RecommenderProcessor:
         self.settings = settings
         self.stats = ProcessorStats()
         self._pending = _Pending()
-        self.hot = HotRows(settings.hot_rows)
+        self.hot = HotRows(settings.hot_rows, settings.hot_rows_mb * 1024 * 1024)
         self._view = self._load()
 
     @property

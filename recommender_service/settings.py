@@ -94,10 +94,11 @@ OWN_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "recommender_fanout_cache_items",
         "VIEWEVENTS_RECOMMENDER_FANOUT_CACHE_ITEMS",
-        5_000,
+        -1,
         int,
         "Items whose complete neighbour lists an instance that fans out keeps, valid while no "
-        "partition's offset moves (LRU; ~5 kB each; 0 = off).",
+        "partition's offset moves (LRU; ~6.4 kB each; 0 = off); -1: as many as 30 % of the "
+        "memory budget's side-cache share holds (493 at 200 MiB).",
     ),
     Setting(
         "recommender_cache_ttl_seconds",
@@ -113,7 +114,16 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         100_000,
         int,
         "User windows and item records kept in memory between batches as last committed "
-        "(saves their RocksDB reads; about 100 bytes each plus 16 per window item).",
+        "(saves their RocksDB reads; about 130 bytes each plus 16 per window item); also "
+        "bounded by recommender_hot_rows_mb.",
+    ),
+    Setting(
+        "recommender_hot_rows_mb",
+        "VIEWEVENTS_RECOMMENDER_HOT_ROWS_MB",
+        0,
+        int,
+        "Most memory (MiB) the hot rows hold, counted per key; 0: 70 % of the memory budget's "
+        "side-cache share (7 MiB at 200 MiB).",
     ),
     Setting(
         "recommender_token",
@@ -148,6 +158,7 @@ class RecommenderSettings:
     cache_items: int = 20_000
     cache_ttl_seconds: float = 1.0
     hot_rows: int = 100_000
+    hot_rows_mb: int = 0  # 0: no byte bound (from_config resolves it from the budget)
     fanout_cache_items: int = 5_000
 
     def __post_init__(self) -> None:
@@ -163,8 +174,13 @@ class RecommenderSettings:
             raise ValueError("recommender_hot_rows must not be negative")
         if self.row_max_deltas < 1 or self.user_items < 1 or self.cache_items < 1:
             raise ValueError("row_max_deltas, user_items and cache_items must be positive")
+        if self.hot_rows_mb < 0:
+            raise ValueError("recommender_hot_rows_mb must not be negative")
         if self.fanout_cache_items < 0:
             raise ValueError("recommender_fanout_cache_items must not be negative (0 = off)")
+
+
+HOT_ROWS_SIDE_SHARE = 0.7  # of the budget's side cache; the fan-out lists get the rest
 
 
 def cached_item_bytes(max_limit: int) -> int:
@@ -188,7 +204,13 @@ def from_config(config: shared.Config | None = None) -> RecommenderSettings:
         name: getattr(config, f"recommender_{name}")
         for name in RecommenderSettings.__dataclass_fields__
     }
+    plan = plan_memory(config.memory_budget_mb)
     if not values["cache_items"]:
-        share = plan_memory(config.memory_budget_mb).service_cache_mb
-        values["cache_items"] = cache_items_for(share, values["max_limit"])
+        values["cache_items"] = cache_items_for(plan.service_cache_mb, values["max_limit"])
+    side = plan.side_cache_mb * 1024 * 1024
+    if not values["hot_rows_mb"]:
+        values["hot_rows_mb"] = max(1, round(HOT_ROWS_SIDE_SHARE * side / 2**20))
+    if values["fanout_cache_items"] == -1:
+        each = cached_item_bytes(values["max_limit"])
+        values["fanout_cache_items"] = max(1, int((1 - HOT_ROWS_SIDE_SHARE) * side) // each)
     return RecommenderSettings(**values)

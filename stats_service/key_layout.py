@@ -113,7 +113,16 @@ def last_column(key: bytes) -> bytes:
 
 def key_columns(keys: Sequence[bytes], index: int) -> np.ndarray:
     """The `index`-th column of equally long keys as int64 (ids; biased times stay biased)."""
-    matrix = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1)
+    return matrix_column(key_matrix(keys), index)
+
+
+def key_matrix(keys: Sequence[bytes]) -> np.ndarray:
+    """Equally long keys as one (n, key length) uint8 matrix: join once, read many columns."""
+    return np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1)
+
+
+def matrix_column(matrix: np.ndarray, index: int) -> np.ndarray:
+    """The `index`-th 8-byte column of a `key_matrix` as int64."""
     start = column_offset(index)
     column = np.ascontiguousarray(matrix[:, start : start + COLUMN_BYTES]).view(">u8")[:, 0]
     return column.astype(np.int64)
@@ -209,7 +218,8 @@ def hour_rows_and_pruned(values: Sequence[bytes | None]) -> tuple[np.ndarray, np
 def minute_bitmaps(values: Sequence[bytes]) -> np.ndarray:
     """1440-bit minute bitmaps as an (n, BITMAP_BYTES) uint8 matrix; a pruned day's hour mask
     stands for every minute of its hours (ranges on pruned days are rounded to hours)."""
-    short = [i for i, v in enumerate(values) if len(v) != BITMAP_BYTES]
+    lengths = np.fromiter(map(len, values), np.int64, len(values))  # C-level, no Python loop
+    short = np.flatnonzero(lengths != BITMAP_BYTES).tolist()
     if not short:
         return np.frombuffer(b"".join(values), np.uint8).reshape(len(values), BITMAP_BYTES)
     full = list(values)

@@ -21,6 +21,7 @@ from viewevents.state.keys import partition_prefix, prefix_end
 from viewevents.state.store import StateStore
 
 DEFAULT_CHUNK_ROWS = 20_000
+VIEWER_ROWS = 8_192  # viewer-day rows of one item decoded at once (bounds a query's temporaries)
 _NO_MEDIA = bytes(8)
 
 
@@ -131,18 +132,26 @@ class StatsReader:
         first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
         for p in partitions:
             prefix = k.presence_prefix(p, media_id)
-            items = list(self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day)))
-            if len(items) <= FEW_ROWS:
-                few.update(users_in_range(items, start, end))
+            items = self.store.scan(prefix + k.biased(first_day), prefix + k.biased(end_day))
+            # One row per viewer-day of the item (tens of thousands for a popular one), read
+            # VIEWER_ROWS rows at a time: only a chunk's Python bytes objects live at once (about
+            # 300 bytes a row), the rest is 8 bytes a row of user ids. Per row, the Python work
+            # is the scan and two C-level unzips (the keys are joined once for both columns).
+            chunk = list(islice(items, VIEWER_ROWS))
+            if len(chunk) <= FEW_ROWS and len(chunk) < VIEWER_ROWS:  # all of them, and few
+                few.update(users_in_range(chunk, start, end))
                 continue
-            keys = [key for key, _ in items]  # P media day user
-            day = k.key_columns(keys, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
-            inside = _in_range(day.astype(np.int64), [v for _, v in items], start, end)
-            users.append(k.key_columns(keys, 2)[inside])
+            while chunk:
+                keys, values = zip(*chunk)  # P media day user
+                matrix = k.key_matrix(keys)
+                day = k.matrix_column(matrix, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
+                inside = _in_range(day.astype(np.int64), values, start, end)
+                users.append(k.matrix_column(matrix, 2)[inside])
+                chunk = list(islice(items, VIEWER_ROWS))
         if not users:
             return len(few)
         if few:
-            users.append(np.array([int.from_bytes(u, "big") for u in few], np.int64))
+            users.append(np.frombuffer(b"".join(few), ">u8").astype(np.int64))
         return len(np.unique(np.concatenate(users)))
 
     # --- every media item in a range (ListTopMedia) -------------------------------------------
@@ -388,16 +397,31 @@ def _row_masks(day: int, start: int, end: int) -> tuple[int, int] | None:
 _HOUR_OF_MINUTES = (1 << 60) - 1
 
 
-def _in_range(days: np.ndarray, bitmaps: list[bytes], start: int, end: int) -> np.ndarray:
-    """Which viewer-day bitmaps have a minute inside [start, end)."""
+def _in_range(days: np.ndarray, bitmaps: Sequence[bytes], start: int, end: int) -> np.ndarray:
+    """Which viewer-day bitmaps have a minute inside [start, end): rows of days wholly inside
+    are in; the others are tested 32 bits at a time against their day's minute mask (one pass
+    over the rows, a mask per distinct day looked up by index)."""
     inside = np.ones(len(days), bool)
     partial = np.flatnonzero((days < start) | (days + k.DAY > end))
-    for day in np.unique(days[partial]).tolist():
-        rows = partial[days[partial] == day]
-        mask = _day_mask(day, start, end) or 0
-        mask_bytes = np.frombuffer(mask.to_bytes(k.BITMAP_BYTES, "little"), np.uint8)
-        bits = k.minute_bitmaps([bitmaps[i] for i in rows.tolist()])
-        inside[rows] = (bits & mask_bytes).any(axis=1)
+    if not len(partial):
+        return inside
+    if len(partial) == len(days):  # typical (a range cut inside its days): no per-row selection
+        bits = k.minute_bitmaps(bitmaps)
+        cut = days
+    else:
+        bits = k.minute_bitmaps([bitmaps[i] for i in partial.tolist()])
+        cut = days[partial]
+    distinct, which = np.unique(cut, return_inverse=True)
+    masks = np.stack(
+        [
+            np.frombuffer(
+                (_day_mask(day, start, end) or 0).to_bytes(k.BITMAP_BYTES, "little"), "<u4"
+            )
+            for day in distinct.tolist()
+        ]
+    )
+    words = np.ascontiguousarray(bits).view("<u4")  # (rows, 45): 1440 bits as 32-bit words
+    inside[partial] = (words & masks[which.reshape(-1)]).any(axis=1)
     return inside
 
 

@@ -33,6 +33,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from viewevents import config as settings
 from viewevents import scatter
+from viewevents.allocator import configure_malloc
 from viewevents.config import Config, Setting
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.kafka import ensure_topics
@@ -96,6 +97,8 @@ def main(
     settings.add_flags(parser, service_settings)
     config = settings.load(service_settings, parser.parse_args(argv))
     setup_logging(prog.removesuffix("_service"), config.log_level, config.log_json)
+    if "malloc_arena_max" in config.as_dict():  # consuming services; before any thread starts
+        configure_malloc(config.malloc_arena_max, config.malloc_mmap_threshold_kb)
     try:
         asyncio.run(_stoppable_from_the_start(serve_service(config)))
     except KeyboardInterrupt:

@@ -142,6 +142,22 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "(0: from the budget).",
     ),
     Setting(
+        "malloc_arena_max",
+        "VIEWEVENTS_MALLOC_ARENA_MAX",
+        2,
+        int,
+        "Most glibc malloc arenas (mallopt M_ARENA_MAX at start-up; 0: glibc's default of 8 per "
+        "core): fewer arenas keep freed memory reusable across threads (viewevents/allocator.py).",
+    ),
+    Setting(
+        "malloc_mmap_threshold_kb",
+        "VIEWEVENTS_MALLOC_MMAP_THRESHOLD_KB",
+        256,
+        int,
+        "Allocations at least this large (KiB) get their own mapping, returned to the kernel "
+        "when freed (mallopt M_MMAP_THRESHOLD; 0: glibc's dynamic threshold, up to 32 MiB).",
+    ),
+    Setting(
         "state_dir_shared",
         "VIEWEVENTS_STATE_DIR_SHARED",
         False,

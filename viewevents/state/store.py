@@ -107,6 +107,9 @@ class StateStore:
         names = {
             "block_cache": "rocksdb.block-cache-usage",
             "memtables": "rocksdb.cur-size-all-mem-tables",
+            # Flushed memtables still held by live iterators or snapshots' super versions count
+            # here and not above: a read that never releases its iterator grows this one.
+            "memtables_all": "rocksdb.size-all-mem-tables",
             "table_readers": "rocksdb.estimate-table-readers-mem",
             "pinned": "rocksdb.block-cache-pinned-usage",
         }

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from recommender_service import key_layout as keys
-from recommender_service.hot_rows import HotRows
+from recommender_service.hot_rows import HotRows, entry_bytes
 from recommender_service.incremental import combine_arrays, combine_columns
 from viewevents.state.store import StateStore
 from viewevents.state.transaction import Transaction
@@ -113,5 +113,32 @@ def test_hot_rows_hold_only_committed_values() -> None:
             hot.stage([b"k%d" % k], [b"v"])
         hot.committed()
         assert len(hot) <= 8
+    finally:
+        store.close()
+
+
+def test_hot_rows_are_bounded_by_bytes_as_well_as_keys() -> None:
+    """User windows grow to 16 bytes per item: a key count alone does not bound the memory."""
+    store = StateStore(tempfile.mkdtemp())
+    try:
+        budget = 20 * entry_bytes(b"k000", bytes(1_000))
+        hot = HotRows(capacity=1_000, budget_bytes=budget)
+        for k in range(100):  # big values: the byte bound, not the key count, must bite
+            hot.stage([b"k%03d" % k], [bytes(1_000)])
+            hot.committed()
+            assert hot.bytes <= budget
+        assert 0 < len(hot) <= 20
+        assert hot.bytes == sum(entry_bytes(key, v) for key, v in hot._values.items())
+        # Rewriting a cached key with a longer value is charged the difference.
+        key = next(iter(hot._values))
+        before = hot.bytes
+        hot.stage([key], [bytes(1_500)])
+        hot.committed()
+        assert hot.bytes in (before + 500, sum(entry_bytes(k, v) for k, v in hot._values.items()))
+        assert hot.bytes == sum(entry_bytes(k, v) for k, v in hot._values.items())
+        # Misses read through a transaction are charged too (absent keys as their key alone).
+        hot.get_many(Transaction(store), [b"absent-%d" % k for k in range(50)])
+        assert hot.bytes <= budget
+        assert hot.bytes == sum(entry_bytes(k, v) for k, v in hot._values.items())
     finally:
         store.close()

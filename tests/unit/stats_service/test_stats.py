@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
+from stats_service import reader as reader_module
 from stats_service import request_parsing
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
@@ -82,6 +83,33 @@ def test_state_matches_brute_force(tmp_path: Path, seed: int) -> None:
     span = (min(e.seconds for e in events) - 3600, max(e.seconds for e in events) + 3600)
     check_everything(reader, Brute(partitioned, 0), [0, 1, 2], rng, span)
     assert reader.stored_partitions() == [0, 1, 2]
+    store.close()
+
+
+def test_viewers_read_in_small_chunks_match_brute_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item's viewer-days are decoded a few rows at a time (bounded query memory): chunk
+    edges fall inside days and between partially and wholly covered days."""
+    rng = random.Random(5)
+    events = random_events(rng, 3000, media=4, users=80)
+    partitioned = partition(events, 2)
+    store = StateStore(str(tmp_path / "db"))
+    load(store, partitioned, rng)
+    brute = Brute(partitioned, 0)
+    monkeypatch.setattr(reader_module, "VIEWER_ROWS", 7)
+    reader = StatsReader(store)
+    low = min(e.seconds for e in events) - 3600
+    high = max(e.seconds for e in events) + 3600
+    checked = 0
+    for _ in range(60):
+        start = request_parsing.floor_to(rng.randint(low, high), 60)
+        end = start + 60 * rng.choice([1, 61, 1439, 1441, 2 * 1440 + 30, 4 * 1440])
+        for media in brute.totals:
+            expected = brute.viewers(media, start, end)
+            assert reader.viewers([0, 1], media, start, end) == expected, (media, start, end)
+            checked += expected > 7  # more viewer-days than one chunk
+    assert checked > 20
     store.close()
 
 

@@ -1,0 +1,29 @@
+"""The soak's PASS/FAIL: growth into the second half after the warm-up fails, caches filling
+to their bound early on does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from drills.soak import flatness
+
+
+def test_a_leak_fails_and_caches_filling_early_pass() -> None:
+    leak = [100.0 + 8 * minute for minute in range(10)]  # 8 MiB a minute, never levelling off
+    judged = flatness(leak, 2)
+    assert (judged.at_warmup, judged.first_half, judged.second_half) == (108, 140, 172)
+    assert judged.growth > 0.15
+    filling = [100.0, 120, 140, 170, 180, 182, 179, 183, 181, 180]  # a bounded cache fills
+    judged = flatness(filling, 2)
+    assert judged.growth < 0.02 and judged.since_warmup > 0.25
+
+
+def test_a_late_spike_counts() -> None:
+    judged = flatness([100.0, 110, 112, 111, 113, 110, 150], 2)
+    assert (judged.first_half, judged.second_half) == (112, 150)
+    assert judged.growth > 0.15
+
+
+def test_too_few_minutes_after_the_warm_up() -> None:
+    with pytest.raises(ValueError):
+        flatness([100.0, 110, 120], 2)
