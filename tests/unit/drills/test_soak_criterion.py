@@ -1,5 +1,5 @@
-"""The soak's PASS/FAIL: growth into the second half after the warm-up fails, caches filling
-to their bound early on does not."""
+"""The soak's two measures: growth since the warm-up, and growth into the second half after it
+(a slow leak the first measure's slack hides)."""
 
 from __future__ import annotations
 
