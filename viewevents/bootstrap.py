@@ -333,6 +333,8 @@ def _new_consumer(
         store=store,
         processor=processor,
         batch_max=config.consume_batch_max,
+        batch_min=config.consume_batch_min,
+        linger_ms=config.consume_linger_ms,
         dedupe_retention_days=config.dedupe_retention_days,
         client_id=f"viewevents-{endpoint.name}",
         metrics_name=endpoint.name,
