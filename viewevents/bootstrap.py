@@ -336,6 +336,7 @@ def _new_consumer(
         batch_min=config.consume_batch_min,
         linger_ms=config.consume_linger_ms,
         dedupe_retention_days=config.dedupe_retention_days,
+        dedupe_filter_ids=config.dedupe_filter_ids,
         client_id=f"viewevents-{endpoint.name}",
         metrics_name=endpoint.name,
         advertised_address=endpoint.advertised_address or endpoint.address,

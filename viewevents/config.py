@@ -126,6 +126,15 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "How long consumers remember an event id to drop its duplicates.",
     ),
     Setting(
+        "dedupe_filter_ids",
+        "VIEWEVENTS_DEDUPE_FILTER_IDS",
+        1_000_000,
+        int,
+        "Event ids per partition an in-memory filter (about 2 bytes per id, a power of two "
+        "per owned partition) holds so new ids skip their RocksDB read; off for a partition "
+        "whose store keeps more than half as many (0: off).",
+    ),
+    Setting(
         "memory_budget_mb",
         "VIEWEVENTS_MEMORY_BUDGET_MB",
         200,

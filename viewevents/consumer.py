@@ -35,6 +35,7 @@ from viewevents.kafka_fetch import BulkFetch, FetchedRecords
 from viewevents.membership import Claim, OwnershipAssignor
 from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED, PARTITION_OWNER
 from viewevents.readiness import PROBE_TIMEOUT_S, Readiness, watch_kafka
+from viewevents.state.absence import AbsenceFilter, key_hashes
 from viewevents.state.codecs import BIG_I64, BIG_U32
 from viewevents.state.keys import (
     offset_key,
@@ -174,13 +175,50 @@ class SeenIds:
     days of ids, whatever the stream's length.
     """
 
-    def __init__(self, retention_days: int, sweep_factor: int = 2) -> None:
+    def __init__(
+        self, retention_days: int, sweep_factor: int = 2, filter_capacity: int = 0
+    ) -> None:
         if sweep_factor < 2:
             raise ValueError("the sweep must be faster than insertion to ever complete a lap")
         self.retention_days = retention_days
         self.sweep_factor = sweep_factor
         self._cursor: dict[int, bytes] = {}
         self._lap_oldest: dict[int, int] = {}
+        # Per partition, an AbsenceFilter holding every id key stored for it (and ids deleted
+        # since, harmlessly): ids it never saw skip the read. None: off for that partition.
+        self.filter_capacity = filter_capacity
+        self._filters: dict[int, AbsenceFilter | None] = {}
+        self.reads_skipped = 0
+
+    def _filter(self, partition: int, store: StateStore) -> AbsenceFilter | None:
+        """The partition's filter, built from the store's ids on first use and rebuilt when
+        full (the sweep has deleted expired ids by then); off when the store holds more than
+        half its capacity (the retention keeps more ids than it is sized for)."""
+        if not self.filter_capacity:
+            return None
+        if partition in self._filters:
+            current = self._filters[partition]
+            if current is None or not current.full:
+                return current
+        prefix = seen_prefix(partition)
+        limit = self.filter_capacity // 2
+        keys: list[bytes] = []
+        for key, _ in store.scan_prefix(prefix):
+            keys.append(key)
+            if len(keys) > limit:
+                log.info(
+                    "partition %d keeps over %d event ids: reads of new ids are not skipped "
+                    "(VIEWEVENTS_DEDUPE_FILTER_IDS=%d)",
+                    partition,
+                    limit,
+                    self.filter_capacity,
+                )
+                self._filters[partition] = None
+                return None
+        built = AbsenceFilter(self.filter_capacity)
+        built.add(key_hashes(keys))
+        self._filters[partition] = built
+        return built
 
     def keep_new(
         self, partition: int, events: list[ViewEvent], day: int, txn: Transaction
@@ -209,7 +247,18 @@ class SeenIds:
             mask[np.fromiter(first_rows, np.int64, len(unique))] = True
             rows = np.flatnonzero(mask).tolist()
             keys = list(map(prefix.__add__, map(ids.__getitem__, rows)))
-        seen_days = txn.get_many(keys)
+        absence = self._filter(partition, txn.store)
+        if absence is None:
+            seen_days = txn.get_many(keys)
+        else:
+            hashes = key_hashes(keys)
+            maybe = np.flatnonzero(absence.may_contain(hashes))
+            seen_days = [None] * len(keys)
+            if len(maybe):
+                listed = maybe.tolist()
+                for index, value in zip(listed, txn.get_many(list(map(keys.__getitem__, listed)))):
+                    seen_days[index] = value
+            self.reads_skipped += len(keys) - len(maybe)
         known = np.flatnonzero(np.fromiter(map(is_not, seen_days, repeat(None)), bool, len(keys)))
         if len(known) == 0:
             fresh, new_keys = rows, keys
@@ -225,6 +274,9 @@ class SeenIds:
         if new_keys:
             first_seen = BIG_U32.pack(day)
             txn.put_many(dict.fromkeys(new_keys, first_seen))
+            if absence is not None:
+                # Before the commit: a filter may hold more than the store, never less.
+                absence.add(hashes if len(new_keys) == len(keys) else key_hashes(new_keys))
             oldest_key = seen_oldest_key(partition)
             stored = txn.get(oldest_key)
             if stored is None or BIG_U32.unpack(stored)[0] > day:
@@ -359,6 +411,7 @@ class ExactlyOnceConsumer:
         batch_min: int = 5_000,
         linger_ms: int = 30,
         dedupe_retention_days: int = 30,
+        dedupe_filter_ids: int = 1_000_000,
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
         advertised_address: str = "",
@@ -375,7 +428,7 @@ class ExactlyOnceConsumer:
         self.batch_max = batch_max
         self.batch_min = batch_min
         self.linger_s = linger_ms / 1000
-        self.seen = SeenIds(dedupe_retention_days)
+        self.seen = SeenIds(dedupe_retention_days, filter_capacity=dedupe_filter_ids)
         self.stats = ConsumerStats()
         self._consumed = EVENTS_CONSUMED.labels(metrics_name)
         self._applied = EVENTS_APPLIED.labels(metrics_name)
