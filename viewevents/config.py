@@ -103,11 +103,36 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "Most records applied in one RocksDB write batch.",
     ),
     Setting(
+        "consume_batch_min",
+        "VIEWEVENTS_CONSUME_BATCH_MIN",
+        5_000,
+        int,
+        "While a stream flows in (tailing an upload), a fetch of fewer records waits up to "
+        "VIEWEVENTS_CONSUME_LINGER_MS for more, so per-batch costs are shared (1: never waits).",
+    ),
+    Setting(
+        "consume_linger_ms",
+        "VIEWEVENTS_CONSUME_LINGER_MS",
+        30,
+        int,
+        "Longest wait for VIEWEVENTS_CONSUME_BATCH_MIN records (ms; 0: never waits). Idle "
+        "arrivals (single events) are applied at once.",
+    ),
+    Setting(
         "dedupe_retention_days",
         "VIEWEVENTS_DEDUPE_RETENTION_DAYS",
         30,
         int,
         "How long consumers remember an event id to drop its duplicates.",
+    ),
+    Setting(
+        "dedupe_filter_ids",
+        "VIEWEVENTS_DEDUPE_FILTER_IDS",
+        1_000_000,
+        int,
+        "Event ids per partition an in-memory filter (about 2 bytes per id, a power of two "
+        "per owned partition) holds so new ids skip their RocksDB read; off for a partition "
+        "whose store keeps more than half as many (0: off).",
     ),
     Setting(
         "memory_budget_mb",

@@ -35,6 +35,7 @@ from viewevents.kafka_fetch import BulkFetch, FetchedRecords
 from viewevents.membership import Claim, OwnershipAssignor
 from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED, PARTITION_OWNER
 from viewevents.readiness import PROBE_TIMEOUT_S, Readiness, watch_kafka
+from viewevents.state.absence import AbsenceFilter, key_hashes
 from viewevents.state.codecs import BIG_I64, BIG_U32
 from viewevents.state.keys import (
     offset_key,
@@ -55,6 +56,41 @@ VALID_EVENT_TYPES = frozenset(range(1, 5))
 SECONDS_PER_DAY = 86_400
 MS_PER_DAY = SECONDS_PER_DAY * 1000
 KAFKA_CALL_TIMEOUT_S = PROBE_TIMEOUT_S  # a Kafka call inside the loop never blocks it longer
+# A linger must be expected to bring at least this many records, else it would only add latency
+# (an idle probe event, a trickle): at 30 ms that means a stream of over 3,300 events/s.
+LINGER_MIN_GAIN = 100
+
+
+def linger_seconds(fetched: int, since_last_s: float, batch_min: int, linger_s: float) -> float:
+    """How long to wait for more records after a fetch of `fetched` records that came
+    `since_last_s` after the previous fetch returned. Tailing a busy stream, each fetch holds
+    only what arrived during one round trip, and every batch pays fixed costs (a RocksDB write
+    batch with its WAL write, a multi-get per key kind, numpy set-up per call): a short wait
+    shares them among more events. It waits only when the batch is short of `batch_min` and
+    the arrival rate says the wait would bring at least `LINGER_MIN_GAIN` more records, so a
+    lone event (idle freshness) is applied at once."""
+    if linger_s <= 0 or fetched <= 0 or fetched >= batch_min:
+        return 0.0
+    rate = fetched / max(since_last_s, 1e-3)
+    return linger_s if rate * linger_s >= LINGER_MIN_GAIN else 0.0
+
+
+def join_fetches(
+    batches: dict[TopicPartition, FetchedRecords], later: Mapping[TopicPartition, FetchedRecords]
+) -> None:
+    """Add a later fetch to `batches`, partition by partition, in offset order. A partition
+    whose later records do not continue the earlier ones was sought back in between (its
+    assignment moved and it resumed from the stored offset, so the earlier records will be
+    read again): only the later records are kept for it."""
+    for tp, records in later.items():
+        earlier = batches.get(tp)
+        if earlier is None:
+            batches[tp] = records
+            continue
+        try:
+            earlier.extend(records)
+        except ValueError:
+            batches[tp] = records
 
 
 class Processor(Protocol):
@@ -139,13 +175,50 @@ class SeenIds:
     days of ids, whatever the stream's length.
     """
 
-    def __init__(self, retention_days: int, sweep_factor: int = 2) -> None:
+    def __init__(
+        self, retention_days: int, sweep_factor: int = 2, filter_capacity: int = 0
+    ) -> None:
         if sweep_factor < 2:
             raise ValueError("the sweep must be faster than insertion to ever complete a lap")
         self.retention_days = retention_days
         self.sweep_factor = sweep_factor
         self._cursor: dict[int, bytes] = {}
         self._lap_oldest: dict[int, int] = {}
+        # Per partition, an AbsenceFilter holding every id key stored for it (and ids deleted
+        # since, harmlessly): ids it never saw skip the read. None: off for that partition.
+        self.filter_capacity = filter_capacity
+        self._filters: dict[int, AbsenceFilter | None] = {}
+        self.reads_skipped = 0
+
+    def _filter(self, partition: int, store: StateStore) -> AbsenceFilter | None:
+        """The partition's filter, built from the store's ids on first use and rebuilt when
+        full (the sweep has deleted expired ids by then); off when the store holds more than
+        half its capacity (the retention keeps more ids than it is sized for)."""
+        if not self.filter_capacity:
+            return None
+        if partition in self._filters:
+            current = self._filters[partition]
+            if current is None or not current.full:
+                return current
+        prefix = seen_prefix(partition)
+        limit = self.filter_capacity // 2
+        keys: list[bytes] = []
+        for key, _ in store.scan_prefix(prefix):
+            keys.append(key)
+            if len(keys) > limit:
+                log.info(
+                    "partition %d keeps over %d event ids: reads of new ids are not skipped "
+                    "(VIEWEVENTS_DEDUPE_FILTER_IDS=%d)",
+                    partition,
+                    limit,
+                    self.filter_capacity,
+                )
+                self._filters[partition] = None
+                return None
+        built = AbsenceFilter(self.filter_capacity)
+        built.add(key_hashes(keys))
+        self._filters[partition] = built
+        return built
 
     def keep_new(
         self, partition: int, events: list[ViewEvent], day: int, txn: Transaction
@@ -174,7 +247,18 @@ class SeenIds:
             mask[np.fromiter(first_rows, np.int64, len(unique))] = True
             rows = np.flatnonzero(mask).tolist()
             keys = list(map(prefix.__add__, map(ids.__getitem__, rows)))
-        seen_days = txn.get_many(keys)
+        absence = self._filter(partition, txn.store)
+        if absence is None:
+            seen_days = txn.get_many(keys)
+        else:
+            hashes = key_hashes(keys)
+            maybe = np.flatnonzero(absence.may_contain(hashes))
+            seen_days = [None] * len(keys)
+            if len(maybe):
+                listed = maybe.tolist()
+                for index, value in zip(listed, txn.get_many(list(map(keys.__getitem__, listed)))):
+                    seen_days[index] = value
+            self.reads_skipped += len(keys) - len(maybe)
         known = np.flatnonzero(np.fromiter(map(is_not, seen_days, repeat(None)), bool, len(keys)))
         if len(known) == 0:
             fresh, new_keys = rows, keys
@@ -190,6 +274,9 @@ class SeenIds:
         if new_keys:
             first_seen = BIG_U32.pack(day)
             txn.put_many(dict.fromkeys(new_keys, first_seen))
+            if absence is not None:
+                # Before the commit: a filter may hold more than the store, never less.
+                absence.add(hashes if len(new_keys) == len(keys) else key_hashes(new_keys))
             oldest_key = seen_oldest_key(partition)
             stored = txn.get(oldest_key)
             if stored is None or BIG_U32.unpack(stored)[0] > day:
@@ -321,7 +408,10 @@ class ExactlyOnceConsumer:
         store: StateStore,
         processor: Processor,
         batch_max: int = 20_000,
+        batch_min: int = 5_000,
+        linger_ms: int = 30,
         dedupe_retention_days: int = 30,
+        dedupe_filter_ids: int = 1_000_000,
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
         advertised_address: str = "",
@@ -336,7 +426,9 @@ class ExactlyOnceConsumer:
         self.store = store
         self.processor = processor
         self.batch_max = batch_max
-        self.seen = SeenIds(dedupe_retention_days)
+        self.batch_min = batch_min
+        self.linger_s = linger_ms / 1000
+        self.seen = SeenIds(dedupe_retention_days, filter_capacity=dedupe_filter_ids)
         self.stats = ConsumerStats()
         self._consumed = EVENTS_CONSUMED.labels(metrics_name)
         self._applied = EVENTS_APPLIED.labels(metrics_name)
@@ -510,12 +602,17 @@ class ExactlyOnceConsumer:
     async def run(self) -> None:
         """Consume until `stop()`; each batch is applied and committed before the next. Every
         Kafka call here is bounded, so `stop()` takes effect within seconds whatever Kafka does."""
-        last_group_commit = time.monotonic()
+        last_group_commit = last_fetch = time.monotonic()
         while not self._stop.is_set():
             assert self._fetch is not None, "start() first"
             batches = await self._fetch.getmany(timeout_ms=200, max_records=self.batch_max)
-            # The assignment the records were drained under (nothing can yield since the drain).
+            # The assignment the records were drained under (nothing can yield since the drain);
+            # a rebalance during the linger below ends it, and the batch is then read again.
             drained_in = self.catch_up.generation
+            now = time.monotonic()
+            if batches:
+                batches = await self._linger(batches, now - last_fetch)
+            last_fetch = now
             if batches:
                 async with self._apply_lock:
                     if drained_in != self.catch_up.generation:
@@ -572,6 +669,31 @@ class ExactlyOnceConsumer:
         if fresh:
             await self._kafka.seek_to_beginning(*fresh)
         return stored
+
+    async def _linger(
+        self, batches: dict[TopicPartition, FetchedRecords], since_last_s: float
+    ) -> dict[TopicPartition, FetchedRecords]:
+        """More records joined to `batches` while a stream flows in (`linger_seconds`), until
+        `batch_min` records or the linger time; a rebalance meanwhile ends the wait."""
+        assert self._fetch is not None
+        count = sum(map(len, batches.values()))
+        wait = linger_seconds(count, since_last_s, self.batch_min, self.linger_s)
+        if not wait:
+            return batches
+        generation = self.catch_up.generation
+        deadline = time.monotonic() + wait
+        while count < self.batch_min and generation == self.catch_up.generation:
+            left_ms = int(1000 * (deadline - time.monotonic()))
+            if left_ms <= 0:
+                break
+            later = await self._fetch.getmany(
+                timeout_ms=left_ms, max_records=max(1, self.batch_max - count)
+            )
+            if not later:
+                break
+            join_fetches(batches, later)
+            count = sum(map(len, batches.values()))
+        return batches
 
     async def _apply_in_thread(self, batches: dict[TopicPartition, FetchedRecords]) -> None:
         """`apply_fetched` in a worker thread. Cancelling the caller does not cut the batch short:

@@ -56,6 +56,23 @@ class FetchedRecords:
     def __len__(self) -> int:
         return len(self.values)
 
+    def extend(self, later: FetchedRecords) -> None:
+        """Append the same partition's next fetch (a consumer's linger joins several into one
+        batch). Offsets must continue where this one ends: a partition that was sought back in
+        between (a rebalance) cannot be joined, and raises ValueError."""
+        if later.offsets and later.offsets[0] < self.next_offset:
+            raise ValueError(
+                f"fetch starting at {later.offsets[0]} does not follow one ending at "
+                f"{self.next_offset}"
+            )
+        if later.next_offset < self.next_offset:
+            raise ValueError(f"next offset {later.next_offset} before {self.next_offset}")
+        self.offsets += later.offsets
+        self.values += later.values
+        if later.values:
+            self.last_timestamp = later.last_timestamp
+        self.next_offset = later.next_offset
+
     @classmethod
     def from_consumer_records(cls, records: Sequence[ConsumerRecord]) -> FetchedRecords:
         """The same view of a public getmany result (or of records built by hand)."""
