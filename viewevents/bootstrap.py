@@ -340,6 +340,7 @@ def _new_consumer(
         linger_ms=config.consume_linger_ms,
         dedupe_retention_days=config.dedupe_retention_days,
         dedupe_filter_ids=config.dedupe_filter_ids,
+        dedupe_filter_bytes=plan.dedupe_filter_mb * 1024 * 1024,
         client_id=f"viewevents-{endpoint.name}",
         metrics_name=endpoint.name,
         advertised_address=endpoint.advertised_address or endpoint.address,

@@ -132,7 +132,8 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         int,
         "Event ids per partition an in-memory filter (about 2 bytes per id, a power of two "
         "per owned partition) holds so new ids skip their RocksDB read; off for a partition "
-        "whose store keeps more than half as many (0: off).",
+        "whose store keeps more than half as many (0: off). All filters together stay within "
+        "8 % of the memory budget; a partition beyond it goes without one.",
     ),
     Setting(
         "memory_budget_mb",

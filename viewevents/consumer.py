@@ -35,7 +35,7 @@ from viewevents.kafka_fetch import BulkFetch, FetchedRecords
 from viewevents.membership import Claim, OwnershipAssignor
 from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED, PARTITION_OWNER
 from viewevents.readiness import PROBE_TIMEOUT_S, Readiness, watch_kafka
-from viewevents.state.absence import AbsenceFilter, key_hashes
+from viewevents.state.absence import AbsenceFilter, filter_bytes, key_hashes
 from viewevents.state.codecs import BIG_I64, BIG_U32
 from viewevents.state.keys import (
     offset_key,
@@ -176,7 +176,11 @@ class SeenIds:
     """
 
     def __init__(
-        self, retention_days: int, sweep_factor: int = 2, filter_capacity: int = 0
+        self,
+        retention_days: int,
+        sweep_factor: int = 2,
+        filter_capacity: int = 0,
+        filter_budget_bytes: int | None = None,
     ) -> None:
         if sweep_factor < 2:
             raise ValueError("the sweep must be faster than insertion to ever complete a lap")
@@ -187,6 +191,9 @@ class SeenIds:
         # Per partition, an AbsenceFilter holding every id key stored for it (and ids deleted
         # since, harmlessly): ids it never saw skip the read. None: off for that partition.
         self.filter_capacity = filter_capacity
+        # All partitions' filters together stay within this (None: no limit); a partition whose
+        # filter would not fit goes without one (its reads are not skipped).
+        self.filter_budget_bytes = filter_budget_bytes
         self._filters: dict[int, AbsenceFilter | None] = {}
         self.reads_skipped = 0
 
@@ -200,6 +207,9 @@ class SeenIds:
             current = self._filters[partition]
             if current is None or not current.full:
                 return current
+        if not self._fits(partition):
+            self._filters[partition] = None
+            return None
         prefix = seen_prefix(partition)
         limit = self.filter_capacity // 2
         keys: list[bytes] = []
@@ -219,6 +229,31 @@ class SeenIds:
         built.add(key_hashes(keys))
         self._filters[partition] = built
         return built
+
+    def _fits(self, partition: int) -> bool:
+        """Whether a filter for `partition` fits the budget beside the other partitions'."""
+        if self.filter_budget_bytes is None:
+            return True
+        others = sum(f.nbytes for p, f in self._filters.items() if f is not None and p != partition)
+        if others + filter_bytes(self.filter_capacity) <= self.filter_budget_bytes:
+            return True
+        log.info(
+            "partition %d goes without a de-duplication filter: %d partitions' filters already "
+            "hold %.1f of the %.1f MiB budget share (reads of its new ids are not skipped)",
+            partition,
+            sum(f is not None for f in self._filters.values()),
+            others / 2**20,
+            self.filter_budget_bytes / 2**20,
+        )
+        return False
+
+    def retain(self, partitions: Iterable[int]) -> None:
+        """Keep only the filters of `partitions` (the new assignment): filters of every
+        partition ever owned do not pile up, and the ones kept across a rebalance (which
+        revokes everything first) are not rebuilt. One that comes back is built from the store."""
+        keep = set(partitions)
+        for partition in [p for p in self._filters if p not in keep]:
+            del self._filters[partition]
 
     def keep_new(
         self, partition: int, events: list[ViewEvent], day: int, txn: Transaction
@@ -412,6 +447,7 @@ class ExactlyOnceConsumer:
         linger_ms: int = 30,
         dedupe_retention_days: int = 30,
         dedupe_filter_ids: int = 1_000_000,
+        dedupe_filter_bytes: int | None = None,
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
         advertised_address: str = "",
@@ -428,7 +464,11 @@ class ExactlyOnceConsumer:
         self.batch_max = batch_max
         self.batch_min = batch_min
         self.linger_s = linger_ms / 1000
-        self.seen = SeenIds(dedupe_retention_days, filter_capacity=dedupe_filter_ids)
+        self.seen = SeenIds(
+            dedupe_retention_days,
+            filter_capacity=dedupe_filter_ids,
+            filter_budget_bytes=dedupe_filter_bytes,
+        )
         self.stats = ConsumerStats()
         self._consumed = EVENTS_CONSUMED.labels(metrics_name)
         self._applied = EVENTS_APPLIED.labels(metrics_name)
@@ -874,6 +914,7 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         async with owner._apply_lock:
             stored = await owner._seek_to_stored(list(assigned))
             owner.catch_up.assign((tp.partition for tp in assigned), stored)
+            owner.seen.retain(tp.partition for tp in assigned)
             owner._publish()
         log.info(
             "assigned partitions %s; resuming from stored offsets %s",

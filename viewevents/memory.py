@@ -3,8 +3,9 @@
 Everything that grows with load gets a fixed share of the budget, so that the process's
 resident memory stays under it however long the stream: RocksDB's block cache and memtables,
 the Kafka consumer's fetch buffers, the service's own in-memory cache (the recommender's
-neighbour lists, the stats service's ranking rollups) and a smaller side cache (the
-recommender's hot rows and fan-out lists, which used to be bounded by entries only). The rest is left to what no setting
+neighbour lists, the stats service's ranking rollups), a smaller side cache (the
+recommender's hot rows and fan-out lists, which used to be bounded by entries only) and the
+consumer's de-duplication filters (one per owned partition). The rest is left to what no setting
 bounds: the interpreter and libraries (about 70 MiB), the batch being applied, and allocator
 slack.
 """
@@ -20,6 +21,7 @@ MAX_WRITE_BUFFERS = 3
 FETCH_SHARE = 0.08  # the Kafka consumer's fetch buffer (fetch_max_bytes)
 SERVICE_CACHE_SHARE = 0.10  # the service's own cache (neighbour lists; stats: rollups)
 SIDE_CACHE_SHARE = 0.05  # the recommender's hot rows (70 %) and fan-out lists (30 %)
+DEDUPE_FILTER_SHARE = 0.08  # the consumer's per-partition de-duplication filters, together
 MIN_PARTITION_FETCH_BYTES = 1 * MiB  # one partition's fetch may still carry a 1 MiB batch
 
 
@@ -34,6 +36,7 @@ class MemoryPlan:
     max_partition_fetch_bytes: int  # one partition's part of it
     service_cache_mb: int
     side_cache_mb: int = 0
+    dedupe_filter_mb: int = 0  # all partitions' filters together
 
     @property
     def bounded_mb(self) -> float:
@@ -44,6 +47,7 @@ class MemoryPlan:
             + self.fetch_max_bytes / MiB
             + self.service_cache_mb
             + self.side_cache_mb
+            + self.dedupe_filter_mb
         )
 
 
@@ -62,4 +66,5 @@ def plan_memory(
         max_partition_fetch_bytes=max(MIN_PARTITION_FETCH_BYTES, fetch_bytes // 4),
         service_cache_mb=max(1, int(budget_mb * SERVICE_CACHE_SHARE)),
         side_cache_mb=max(1, int(budget_mb * SIDE_CACHE_SHARE)),
+        dedupe_filter_mb=max(1, int(budget_mb * DEDUPE_FILTER_SHARE)),
     )

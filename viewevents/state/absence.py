@@ -28,14 +28,24 @@ def key_hashes(keys: list[bytes]) -> np.ndarray:
     return np.fromiter(map(hash, keys), np.int64, len(keys)).view(np.uint64)
 
 
+def bits_log2_for(capacity: int) -> int:
+    """log2 of the bits a filter for `capacity` keys has (a power of two, at least 64)."""
+    if capacity < 1:
+        raise ValueError("capacity must be positive")
+    return max(6, int(np.ceil(np.log2(capacity * BITS_PER_KEY))))
+
+
+def filter_bytes(capacity: int) -> int:
+    """The bytes a filter for `capacity` keys holds (known before it is made)."""
+    return 1 << (bits_log2_for(capacity) - 3)
+
+
 class AbsenceFilter:
     """A Bloom filter sized for `capacity` keys (rounded up to a power of two of bits)."""
 
     def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be positive")
         self.capacity = capacity
-        self.bits_log2 = max(6, int(np.ceil(np.log2(capacity * BITS_PER_KEY))))
+        self.bits_log2 = bits_log2_for(capacity)
         self._words = np.zeros(1 << (self.bits_log2 - 6), np.uint64)
         self._shift = np.uint64(64 - self.bits_log2)
         self.added = 0  # keys added (with repeats): the load that sets the false "maybe" rate

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from viewevents.consumer import SeenIds
-from viewevents.state.absence import AbsenceFilter, key_hashes
+from viewevents.state.absence import AbsenceFilter, filter_bytes, key_hashes
 from viewevents.state.store import StateStore
 from viewevents.state.transaction import Transaction
 
@@ -95,3 +95,50 @@ def test_filter_survives_an_uncommitted_batch(tmp_path: Path) -> None:
     txn.commit()
     again = Transaction(store)
     assert seen.keep_new_ids(0, [b"c", b"a", b"d"], 10, again) == [2]
+
+
+def test_filters_stay_within_their_budget_share_and_answers_stay_exact(tmp_path: Path) -> None:
+    """A budget for two filters: the third partition goes without one (its reads are not
+    skipped), every partition still drops exactly the brute force's duplicates."""
+    store = StateStore(str(tmp_path / "db"))
+    seen = SeenIds(30, filter_capacity=1_000, filter_budget_bytes=2 * filter_bytes(1_000))
+    brute = Brute(30)
+    for batch in range(30):
+        partition = batch % 3
+        ids = [b"id-%d" % (i % 50) for i in range(batch, batch + 20)]
+        txn = Transaction(store)
+        assert seen.keep_new_ids(partition, ids, 10, txn) == brute.keep(partition, ids, 10)
+        txn.commit()
+    filters = seen._filters
+    assert [p for p, f in sorted(filters.items()) if f is not None] == [0, 1]
+    assert filters[2] is None
+    assert sum(f.nbytes for f in filters.values() if f is not None) <= 2 * filter_bytes(1_000)
+
+
+def test_a_new_assignment_drops_the_filters_of_partitions_no_longer_owned(
+    tmp_path: Path,
+) -> None:
+    store = StateStore(str(tmp_path / "db"))
+    seen = SeenIds(30, filter_capacity=1_000, filter_budget_bytes=2 * filter_bytes(1_000))
+    for partition in (0, 1):
+        txn = Transaction(store)
+        seen.keep_new_ids(partition, [b"a", b"b"], 10, txn)
+        txn.commit()
+    kept = seen._filters[1]
+    seen.retain([1, 2])  # partition 0 moved away, 2 came
+    assert set(seen._filters) == {1} and seen._filters[1] is kept  # kept, not rebuilt
+    txn = Transaction(store)
+    assert seen.keep_new_ids(2, [b"a", b"c"], 10, txn) == [0, 1]
+    txn.commit()
+    assert seen._filters[2] is not None  # room again for the new partition's filter
+    seen.retain([1])
+    seen.retain([0, 1])  # 0 comes back: rebuilt from the store, which says what it holds
+    txn = Transaction(store)
+    assert seen.keep_new_ids(0, [b"b", b"z"], 10, txn) == [1]
+    txn.commit()
+    assert seen._filters[0] is not None
+
+
+def test_filter_bytes_are_known_before_the_filter_is_made() -> None:
+    for capacity in (1, 7, 1_000, 1_000_000):
+        assert filter_bytes(capacity) == AbsenceFilter(capacity).nbytes

@@ -10,9 +10,9 @@ def test_default_budget_leaves_the_process_almost_half() -> None:
     plan = plan_memory(200)
     assert (plan.block_cache_mb, plan.write_buffer_mb) == (40, 12)
     assert (plan.fetch_max_bytes, plan.max_partition_fetch_bytes) == (16 * MiB, 4 * MiB)
-    assert (plan.service_cache_mb, plan.side_cache_mb) == (20, 10)
-    assert plan.bounded_mb == 40 + MAX_WRITE_BUFFERS * 12 + 16 + 20 + 10
-    assert plan.bounded_mb <= 0.61 * 200
+    assert (plan.service_cache_mb, plan.side_cache_mb, plan.dedupe_filter_mb) == (20, 10, 16)
+    assert plan.bounded_mb == 40 + MAX_WRITE_BUFFERS * 12 + 16 + 20 + 10 + 16
+    assert plan.bounded_mb <= 0.69 * 200
 
 
 def test_explicit_sizes_override_the_budget() -> None:
