@@ -341,6 +341,7 @@ def _new_consumer(
         dedupe_retention_days=config.dedupe_retention_days,
         dedupe_filter_ids=config.dedupe_filter_ids,
         dedupe_filter_bytes=plan.dedupe_filter_mb * 1024 * 1024,
+        session_timeout_ms=config.consumer_session_timeout_ms,
         client_id=f"viewevents-{endpoint.name}",
         metrics_name=endpoint.name,
         advertised_address=endpoint.advertised_address or endpoint.address,

@@ -119,6 +119,16 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "arrivals (single events) are applied at once.",
     ),
     Setting(
+        "consumer_session_timeout_ms",
+        "VIEWEVENTS_CONSUMER_SESSION_TIMEOUT_MS",
+        10_000,
+        int,
+        "Kafka consumer group session timeout (ms): how long after an instance dies (kill -9, "
+        "lost host) the group hands its partitions to the others; heartbeats go every third of "
+        "it. Lower: faster failover, more spurious rebalances on a stalled host. The broker "
+        "bounds it (group.min.session.timeout.ms, 6,000 by default).",
+    ),
+    Setting(
         "dedupe_retention_days",
         "VIEWEVENTS_DEDUPE_RETENTION_DAYS",
         30,
@@ -142,7 +152,9 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         int,
         "Memory the service is sized for (MiB): RocksDB block cache 20 %, up to 3 memtables "
         "of 6 %, Kafka fetch buffer 8 %, the service's own cache 10 % (recommender neighbour "
-        "lists, stats ranking rollups); the rest is left to the process and its batch (viewevents/memory.py).",
+        "lists, stats ranking rollups), a side cache 5 % (recommender hot rows and fan-out "
+        "lists), de-duplication filters 8 %; the rest is left to the process and its batch "
+        "(viewevents/memory.py).",
     ),
     Setting(
         "rocksdb_cache_mb",

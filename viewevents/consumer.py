@@ -448,6 +448,7 @@ class ExactlyOnceConsumer:
         dedupe_retention_days: int = 30,
         dedupe_filter_ids: int = 1_000_000,
         dedupe_filter_bytes: int | None = None,
+        session_timeout_ms: int = 10_000,
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
         advertised_address: str = "",
@@ -491,8 +492,9 @@ class ExactlyOnceConsumer:
             # Sized by the service's memory budget (viewevents.memory): what one fetch holds.
             max_partition_fetch_bytes=max_partition_fetch_bytes,
             fetch_max_bytes=fetch_max_bytes,
-            session_timeout_ms=10_000,  # a killed instance's partitions move on after 10 s
-            heartbeat_interval_ms=3_000,
+            # A killed instance's partitions move on after the session timeout.
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(1, session_timeout_ms // 3),
             max_poll_interval_ms=300_000,
             # Claims (address, stored offsets) in, a state-aware plan and the owners map out.
             partition_assignment_strategy=(OwnershipAssignor(self._claim, self._owners_changed),),

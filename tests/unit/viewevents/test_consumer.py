@@ -7,6 +7,7 @@ from pathlib import Path
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from viewevents.config import CONSUMER_SETTINGS, load
 from viewevents.consumer import ExactlyOnceConsumer, SeenIds
 from viewevents.state.keys import seen_prefix
 from viewevents.state.store import StateStore
@@ -127,3 +128,21 @@ def test_records_without_a_value_are_skipped_not_fatal(tmp_path: Path) -> None:
     assert processor.applied == [(0, "a"), (0, "b")]
     assert c.stats.invalid + c.stats.undecodable == 1
     assert c.store.stored_offsets("t", [0]) == {0: 3}
+
+
+def test_the_session_timeout_setting_reaches_the_kafka_consumer(tmp_path: Path) -> None:
+    """How fast a dead instance's partitions move on is the operator's choice, not a constant;
+    heartbeats stay a third of it (Kafka wants them well inside the timeout)."""
+    config = load(CONSUMER_SETTINGS, env={"VIEWEVENTS_CONSUMER_SESSION_TIMEOUT_MS": "7500"})
+    assert config.consumer_session_timeout_ms == 7_500
+    assert load(CONSUMER_SETTINGS, env={}).consumer_session_timeout_ms == 10_000
+    consumer = ExactlyOnceConsumer(
+        bootstrap="127.0.0.1:1",
+        topic="t",
+        group_id="g",
+        store=StateStore(str(tmp_path / "db")),
+        processor=Collect(),
+        session_timeout_ms=config.consumer_session_timeout_ms,
+    )
+    options = consumer._consumer_options
+    assert (options["session_timeout_ms"], options["heartbeat_interval_ms"]) == (7_500, 2_500)
