@@ -99,14 +99,14 @@ class StatsServicer:
         peer_metadata: Sequence[tuple[str, str]] = (),
         fanout_timeout: float = scatter.DEFAULT_TIMEOUT_S,
         ranker: RollupRanker | None = None,
-        pages: PageCache[pb.ListTopMediaResponse] | None = None,
+        pages: PageCache[bytes] | None = None,
     ) -> None:
         self.reader = reader
         self.ranker = ranker  # rankings from the rollups when this instance owns everything
         # Finished pages of those rankings, reused while no offset moved (exact).
-        self.pages: PageCache[pb.ListTopMediaResponse] = (
-            pages if pages is not None else PageCache(0)
-        )
+        # Kept serialized: the bytes are what they cost (a live message holds about 6 times
+        # its serialized size), and every hit hands out a message of its own.
+        self.pages: PageCache[bytes] = pages if pages is not None else PageCache(0)
         self.consumer = consumer
         self.limits = limits
         self.page_token_secret = page_token_secret  # None: the process's random secret
@@ -456,7 +456,7 @@ class StatsServicer:
         )
         kept = self.pages.get(offsets, request)
         if kept is not None:
-            return kept
+            return pb.ListTopMediaResponse.FromString(kept)
         column = request_parsing.METRIC_COLUMN[query.metric]
 
         def compute() -> tuple[list[int], np.ndarray, bool]:
@@ -493,7 +493,8 @@ class StatsServicer:
             for i, (m, row) in enumerate(zip(chosen, values.tolist()))
         ]
         page = pb.ListTopMediaResponse(media=media, next_page_token=token, position=position)
-        self.pages.put(offsets, request, page, page.ByteSize())
+        serialized = page.SerializeToString()
+        self.pages.put(offsets, request, serialized, len(serialized))
         return page
 
     async def _top(self, query: TopQuery, deadline: float | None) -> pb.ListTopMediaResponse:
