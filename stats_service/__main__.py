@@ -11,7 +11,7 @@ from stats_service.request_parsing import Limits, page_token_secret
 from stats_service.rollups import BucketVersions, RollupCache
 from stats_service.servicer import PARTITION_SERVICE, SERVICE, StatsServicer
 from stats_service.settings import SETTINGS
-from stats_service.top_cache import PageCache
+from stats_service.top_cache import PageCache, page_cache_bytes
 from stats_service.top_media import RollupRanker
 from viewevents import bootstrap
 from viewevents.config import Config
@@ -50,11 +50,14 @@ async def serve(config: Config) -> None:
     rollup_mb = config.stats_rollup_cache_mb or bootstrap.memory_plan(config).service_cache_mb
     cache_bytes = max(0, rollup_mb) << 20
     # Finished pages share the rollups' memory: their bytes are taken out of that budget.
-    page_bytes = (
-        cache_bytes // 16
-        if config.stats_top_page_cache_kb < 0
-        else min(cache_bytes, config.stats_top_page_cache_kb << 10)
-    )
+    page_bytes = page_cache_bytes(cache_bytes, config.stats_top_page_cache_kb)
+    if config.stats_top_page_cache_kb << 10 > page_bytes:
+        log.warning(
+            "stats_top_page_cache_kb=%d is capped at half the rollup cache (%d KiB): the "
+            "rollups keep the other half",
+            config.stats_top_page_cache_kb,
+            page_bytes >> 10,
+        )
     await bootstrap.serve_consumer(
         config,
         endpoint,

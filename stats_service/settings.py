@@ -122,7 +122,8 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         int,
         "Memory (KiB) for finished ListTopMedia pages, reused only while no partition's "
         "applied offset has moved (exact; every applied batch drops them all); taken out of "
-        "the rollup cache's memory. -1: a sixteenth of the rollup cache; 0: off.",
+        "the rollup cache's memory, at most half of it. -1: a sixteenth of the rollup cache; "
+        "0: off.",
     ),
     Setting(
         "stats_token",

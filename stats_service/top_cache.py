@@ -84,6 +84,14 @@ class PageCache(Generic[V]):
                 self._bytes -= dropped
 
 
+def page_cache_bytes(rollup_cache_bytes: int, setting_kb: int) -> int:
+    """The pages' share of the rollup cache's bytes: a sixteenth by default (`setting_kb` -1),
+    else the setting, at most half (the rollups keep the rest; 0: no pages)."""
+    if setting_kb < 0:
+        return rollup_cache_bytes // 16
+    return min(rollup_cache_bytes // 2, setting_kb << 10)
+
+
 def _behind(candidate: Offsets, current: Offsets) -> bool:
     """Every partition of `candidate` is at or behind `current` (same partitions), not equal."""
     here = dict(current)

@@ -15,7 +15,7 @@ from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
 from stats_service.rollups import BucketVersions, RollupCache
 from stats_service.servicer import StatsServicer
-from stats_service.top_cache import ENTRY_OVERHEAD, PageCache
+from stats_service.top_cache import ENTRY_OVERHEAD, PageCache, page_cache_bytes
 from stats_service.top_media import RollupRanker
 from tests.support.stats_state import HEARTBEAT, Brute, Event, load, partition, random_events
 from viewevents.state.store import StateStore
@@ -139,3 +139,11 @@ def test_a_kept_page_is_never_served_after_a_batch_was_applied(tmp_path: Path) -
     finally:
         store.close()
     assert answers_changed > 0  # the test would see a stale page
+
+
+def test_pages_take_a_sixteenth_of_the_rollup_cache_by_default_and_never_over_half() -> None:
+    mib = 1 << 20
+    assert page_cache_bytes(20 * mib, -1) == 20 * mib // 16
+    assert page_cache_bytes(20 * mib, 0) == 0
+    assert page_cache_bytes(20 * mib, 1024) == mib
+    assert page_cache_bytes(20 * mib, 1 << 20) == 10 * mib  # a huge setting: half, not all
