@@ -463,7 +463,7 @@ class ExactlyOnceConsumer:
         self.store = store
         self.processor = processor
         self.batch_max = batch_max
-        self.batch_min = batch_min
+        self.batch_min = min(batch_min, batch_max)  # a larger minimum could never be met
         self.linger_s = linger_ms / 1000
         self.seen = SeenIds(
             dedupe_retention_days,

@@ -146,3 +146,17 @@ def test_the_session_timeout_setting_reaches_the_kafka_consumer(tmp_path: Path) 
     )
     options = consumer._consumer_options
     assert (options["session_timeout_ms"], options["heartbeat_interval_ms"]) == (7_500, 2_500)
+
+
+def test_a_batch_minimum_above_the_maximum_is_capped_by_it(tmp_path: Path) -> None:
+    """Else the linger would wait its whole time on every fetch for records it may not take."""
+    consumer = ExactlyOnceConsumer(
+        bootstrap="127.0.0.1:1",
+        topic="t",
+        group_id="g",
+        store=StateStore(str(tmp_path / "db")),
+        processor=Collect(),
+        batch_max=1_000,
+        batch_min=5_000,
+    )
+    assert consumer.batch_min == 1_000
