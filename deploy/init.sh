@@ -26,6 +26,7 @@ chmod 0600 "$env_file"
 has() { grep -q "^$1=" "$env_file"; }
 add() {  # add NAME VALUE, unless NAME is already set in the file
   if has "$1"; then echo "init.sh: $1 kept ($env_file)" >&2; return; fi
+  if [ -z "$2" ]; then echo "init.sh: could not make $1 (is openssl installed?)" >&2; exit 1; fi
   printf '%s=%s\n' "$1" "$2" >>"$env_file"
   echo "init.sh: $1 written to $env_file" >&2
 }
