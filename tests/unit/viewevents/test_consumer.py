@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -45,7 +46,9 @@ def record(
     )
 
 
-def consumer(tmp_path: Path, retention_days: int = 3) -> tuple[ExactlyOnceConsumer, Collect]:
+def consumer(
+    tmp_path: Path, retention_days: int = 3, **options: Any
+) -> tuple[ExactlyOnceConsumer, Collect]:
     processor = Collect()
     # Built without start(): _apply is the unit under test; no broker is contacted.
     c = ExactlyOnceConsumer(
@@ -55,6 +58,7 @@ def consumer(tmp_path: Path, retention_days: int = 3) -> tuple[ExactlyOnceConsum
         store=StateStore(str(tmp_path / "db")),
         processor=processor,
         dedupe_retention_days=retention_days,
+        **options,
     )
     return c, processor
 
@@ -136,27 +140,12 @@ def test_the_session_timeout_setting_reaches_the_kafka_consumer(tmp_path: Path) 
     config = load(CONSUMER_SETTINGS, env={"VIEWEVENTS_CONSUMER_SESSION_TIMEOUT_MS": "7500"})
     assert config.consumer_session_timeout_ms == 7_500
     assert load(CONSUMER_SETTINGS, env={}).consumer_session_timeout_ms == 10_000
-    consumer = ExactlyOnceConsumer(
-        bootstrap="127.0.0.1:1",
-        topic="t",
-        group_id="g",
-        store=StateStore(str(tmp_path / "db")),
-        processor=Collect(),
-        session_timeout_ms=config.consumer_session_timeout_ms,
-    )
-    options = consumer._consumer_options
+    made, _ = consumer(tmp_path, session_timeout_ms=config.consumer_session_timeout_ms)
+    options = made._consumer_options
     assert (options["session_timeout_ms"], options["heartbeat_interval_ms"]) == (7_500, 2_500)
 
 
 def test_a_batch_minimum_above_the_maximum_is_capped_by_it(tmp_path: Path) -> None:
     """Else the linger would wait its whole time on every fetch for records it may not take."""
-    consumer = ExactlyOnceConsumer(
-        bootstrap="127.0.0.1:1",
-        topic="t",
-        group_id="g",
-        store=StateStore(str(tmp_path / "db")),
-        processor=Collect(),
-        batch_max=1_000,
-        batch_min=5_000,
-    )
-    assert consumer.batch_min == 1_000
+    made, _ = consumer(tmp_path, batch_max=1_000, batch_min=5_000)
+    assert made.batch_min == 1_000
