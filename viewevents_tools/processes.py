@@ -3,9 +3,7 @@ start with the kernel's promise that they die with their parent, wait for health
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,31 +15,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with(parent_pid: int) -> None:
-    """In the child, before exec: SIGTERM when the parent dies, whatever kills it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def spawn_service(
     module: str, env: Mapping[str, str] | None = None, output: IO[bytes] | None = None
 ) -> subprocess.Popen[bytes]:
     """`python -m module` in its own session (a terminal's Ctrl-C reaches only the parent, which
-    stops each child once), dying with the parent even if the parent is killed with SIGKILL."""
-    parent = os.getpid()
+    stops each child once), dying with the parent even if the parent is killed with SIGKILL
+    (viewevents_tools.die_with_parent; no `preexec_fn`, which can deadlock a threaded parent)."""
     return subprocess.Popen(
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", "viewevents_tools.die_with_parent", str(os.getpid()), module],
         cwd=REPO,
         env=None if env is None else dict(env),
         stdout=output,
         stderr=subprocess.STDOUT if output is not None else None,
         start_new_session=True,
-        preexec_fn=lambda: _die_with(parent),
     )
 
 
