@@ -44,7 +44,7 @@ async def serve(config: Config) -> None:
         engine.start_warmer(consumer.caught_up.is_set)
         ownership = Ownership(lambda: processor.view, consumer)
         return RecommenderServicer(
-            engine, consumer, Fanout(ownership, options, peers, peer_metadata)
+            engine, consumer, Fanout(ownership, options, peers, peer_metadata), processor.hot
         )
 
     endpoint = bootstrap.Endpoint(

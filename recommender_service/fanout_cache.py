@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from recommender_service.settings import cached_item_bytes
 from recommender_service.similarity import Metric, Ranked
 from viewevents.v1 import view_event_pb2
 
@@ -60,6 +61,12 @@ class ListCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def bytes(self) -> int:
+        """What the cached lists hold (about), as `QueryEngine.cache_bytes` counts them."""
+        overhead = cached_item_bytes(0)
+        entries = list(self._entries.values())
+        return sum(overhead + sum(r.nbytes for r in e.lists.values()) for e in entries)
 
     def observe(self, state: Offsets) -> None:
         """A fresh probe saw `state`: when it is newer than the cached state (or not comparable,

@@ -24,7 +24,7 @@ import numpy as np
 
 from recommender_service import key_layout as keys
 from recommender_service import similarity as sim
-from recommender_service.settings import RecommenderSettings
+from recommender_service.settings import RecommenderSettings, cached_item_bytes
 from recommender_service.similarity import Metric, Ranked
 from recommender_service.view import Stamp, View
 from viewevents.kafka import KeyPartitioner, user_key
@@ -98,6 +98,14 @@ class QueryEngine:
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+
+    def cache_bytes(self) -> int:
+        """What the cached lists hold (about): their arrays' bytes plus the overhead per item
+        that `settings.cached_item_bytes` charges, for the memory report."""
+        with self._lock:
+            entries = list(self._cache.values())
+        overhead = cached_item_bytes(0)
+        return sum(overhead + sum(r.nbytes for r in e.lists.values()) for e in entries)
 
     # --- similar media -------------------------------------------------------------------------
 

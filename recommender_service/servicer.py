@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from recommender_service.fanout import Fanout, PartitionServicer
+from recommender_service.hot_rows import HotRows
 from recommender_service.query_engine import QueryEngine, UnknownItem
 from recommender_service.similarity import Metric
 from recommender_service.view import Stamp
@@ -121,17 +122,32 @@ class RecommenderServicer:
     viewevents.v1.RecommenderPartitionService its peers call (served at the same address)."""
 
     def __init__(
-        self, engine: QueryEngine, consumer: PositionSource | None, fanout: Fanout | None = None
+        self,
+        engine: QueryEngine,
+        consumer: PositionSource | None,
+        fanout: Fanout | None = None,
+        hot_rows: HotRows | None = None,
     ) -> None:
         self.engine = engine
         self.consumer = consumer
         self.fanout = fanout
+        self.hot_rows = hot_rows
         self.partitions = PartitionServicer(fanout.ownership) if fanout is not None else None
         self.max_limit = engine.settings.max_limit
 
     def close(self) -> None:
         """Called by the bootstrap on shutdown: stops the engine's cache warmer."""
         self.engine.stop_warmer()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """The bytes of this service's own bounded caches, for the bootstrap's memory line
+        (their bounds: docs/architecture.md, the memory budget)."""
+        found = {"lists": self.engine.cache_bytes()}
+        if self.hot_rows is not None:
+            found["hot_rows"] = self.hot_rows.bytes
+        if self.fanout is not None:
+            found["fanout_lists"] = self.fanout.cache.bytes()
+        return found
 
     def _owns_all(self) -> bool:
         """This instance owns every partition and has caught up on each since its latest

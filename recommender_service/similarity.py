@@ -38,6 +38,11 @@ class Ranked:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the three arrays' data (not numpy's per-array headers)."""
+        return self.ids.nbytes + self.scores.nbytes + self.co_viewers.nbytes
+
     def head(self, limit: int) -> Ranked:
         return Ranked(self.ids[:limit], self.scores[:limit], self.co_viewers[:limit])
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +55,46 @@ def configure_malloc(arena_max: int, mmap_threshold_kb: int) -> bool:
         "" if applied else " (mallopt refused a value)",
     )
     return applied
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (malloc.h, glibc 2.33+): every field a size_t."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class HeapUsage:
+    """What glibc malloc holds, over all arenas: tells a growing RSS that is live native memory
+    (in_use, mmapped) from memory freed but kept by the allocator (free)."""
+
+    in_use: int  # bytes of chunks handed out from the arenas (uordblks)
+    mmapped: int  # bytes of chunks mmapped on their own, above the mmap threshold (hblkhd)
+    free: int  # bytes free inside the arenas, not returned to the kernel (fordblks)
+
+
+def heap_usage() -> HeapUsage | None:
+    """glibc's mallinfo2 now; None where libc has none (musl, glibc before 2.33). Walks every
+    arena under its lock: cheap enough once a minute, not per request."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.argtypes = []
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    return HeapUsage(in_use=info.uordblks, mmapped=info.hblkhd, free=info.fordblks)

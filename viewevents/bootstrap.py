@@ -33,7 +33,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from viewevents import config as settings
 from viewevents import scatter
-from viewevents.allocator import configure_malloc
+from viewevents.allocator import configure_malloc, heap_usage
 from viewevents.config import Config, Setting
 from viewevents.consumer import ExactlyOnceConsumer, Processor
 from viewevents.kafka import ensure_topics
@@ -83,6 +83,13 @@ class Closeable(Protocol):
     """A servicer with resources of its own (threads, caches) to release on shutdown."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReportsMemory(Protocol):
+    """A servicer whose own caches' bytes go into the once-a-minute memory line."""
+
+    def memory_bytes(self) -> dict[str, int]: ...
 
 
 def main(
@@ -265,7 +272,10 @@ async def serve_consumer(
     ROCKSDB_BYTES.labels(endpoint.name).set_function(store.size_bytes)
     consuming = asyncio.create_task(consumer.run(), name=f"{endpoint.name}-consumer")
     consuming.add_done_callback(_stop_process_if_crashed)
-    reporting = asyncio.create_task(_report_memory(store, plan), name="memory-report")
+    reporting = asyncio.create_task(
+        _report_memory(store, plan, servicer if isinstance(servicer, ReportsMemory) else None),
+        name="memory-report",
+    )
     trimming = asyncio.create_task(_trim_malloc_periodically(), name="malloc-trim")
     log.info(
         "%s consuming %s in group %s; state %s; advertised to the group as %s",
@@ -374,9 +384,13 @@ async def _trim_malloc_periodically(seconds: float = MALLOC_TRIM_S) -> None:
 MEMORY_REPORT_S = 60.0  # a log line per minute: RSS next to what RocksDB says it holds
 
 
-async def _report_memory(store: StateStore, plan: MemoryPlan) -> None:
-    """Log the process's RSS next to RocksDB's own accounting, so that a growing RSS (soak,
-    docs/operations.md) can be told apart: RocksDB within its shares, or something else."""
+async def _report_memory(
+    store: StateStore, plan: MemoryPlan, service: ReportsMemory | None = None
+) -> None:
+    """Log the process's RSS next to RocksDB's own accounting, the service's own caches and
+    glibc malloc's totals, so that a growing RSS (soak, docs/operations.md) can be told apart:
+    RocksDB within its shares, the service's caches, live native memory (malloc in use and
+    mmapped) or memory freed but kept by the allocator (malloc free)."""
     page = os.sysconf("SC_PAGE_SIZE")
     while True:
         await asyncio.sleep(MEMORY_REPORT_S)
@@ -386,11 +400,18 @@ async def _report_memory(store: StateStore, plan: MemoryPlan) -> None:
         except (OSError, ValueError, IndexError):
             rss = 0
         rocks = store.memory_bytes()
+        own = service.memory_bytes() if service is not None else {}
+        heap = heap_usage()
         log.info(
-            "memory: RSS %.0f MiB of a %d MiB budget; RocksDB %s MiB",
+            "memory: RSS %.0f MiB of a %d MiB budget; RocksDB %s MiB; caches %s MiB; malloc %s",
             rss / 2**20,
             plan.budget_mb,
             {k: round(v / 2**20, 1) for k, v in rocks.items()},
+            {k: round(v / 2**20, 1) for k, v in own.items()},
+            "n/a"
+            if heap is None
+            else f"in use {heap.in_use / 2**20:.0f}, mmapped {heap.mmapped / 2**20:.0f}, "
+            f"free {heap.free / 2**20:.0f} MiB",
         )
         if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=1: where Python's own memory is
             current, peak = tracemalloc.get_traced_memory()

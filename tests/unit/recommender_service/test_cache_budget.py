@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from recommender_service.fanout_cache import ListCache, Lists
+from recommender_service.hot_rows import HotRows
+from recommender_service.query_engine import QueryEngine, _Entry
+from recommender_service.servicer import RecommenderServicer
 from recommender_service.settings import cache_items_for, cached_item_bytes, from_config
+from recommender_service.similarity import Metric, Ranked
+from recommender_service.view import Stamp
 from viewevents.memory import MiB
+from viewevents.v1.view_event_pb2 import ConsumerPosition
 from viewevents_tools import settings_catalogue as settings
 
 
@@ -32,3 +41,26 @@ def test_hot_rows_and_fanout_lists_are_charged_to_the_side_cache_share() -> None
         )
     )
     assert (explicit.hot_rows_mb, explicit.fanout_cache_items) == (3, 0)  # 0: fan-out cache off
+
+
+def _lists(n: int) -> dict[Metric, Ranked]:
+    ids = np.arange(n, dtype=np.int64)
+    return {m: Ranked(ids, ids.astype(np.float64), ids.copy()) for m in Metric}
+
+
+def test_the_memory_report_counts_what_the_list_caches_hold() -> None:
+    options = from_config(settings.load(env={}))
+    engine = QueryEngine(lambda: None, options)  # type: ignore[arg-type, return-value]
+    stamp = Stamp(1, {0: 1}, None)
+    for media, n in ((1, 100), (2, 10), (3, 0)):
+        engine._cache[media] = _Entry(1, 0.0, _lists(n), stamp)
+    fanout = ListCache(10)
+    fanout.observe(((0, 1),))
+    fanout.put(((0, 1),), 7, Lists(_lists(50), ConsumerPosition()))
+    # each item: 2 metrics x 3 arrays of 8-byte values, plus the fixed per-item overhead
+    expected_lists = sum(cached_item_bytes(0) + 2 * 3 * 8 * n for n in (100, 10, 0))
+    assert engine.cache_bytes() == expected_lists
+    assert fanout.bytes() == cached_item_bytes(0) + 2 * 3 * 8 * 50
+    hot = HotRows(100)
+    servicer = RecommenderServicer(engine, None, None, hot)
+    assert servicer.memory_bytes() == {"lists": expected_lists, "hot_rows": hot.bytes}
