@@ -9,6 +9,9 @@ import pytest
 from viewevents.allocator import HeapUsage, heap_usage
 
 MiB = 1024 * 1024
+# Other threads of the test process (left by earlier tests) allocate and free meanwhile: the
+# totals move by a little besides what a test does (960 bytes short once, in CI).
+SLACK = MiB // 2
 
 
 @pytest.fixture
@@ -33,9 +36,9 @@ def test_small_chunks_count_as_in_use_until_freed(libc: ctypes.CDLL) -> None:
     after = heap_usage()
     libc.free(fence)
     assert before is not None and during is not None and after is not None
-    assert during.in_use - before.in_use >= 8 * MiB
-    assert during.in_use - after.in_use >= 8 * MiB
-    assert after.free >= 8 * MiB  # freed, still held by the arena until trimmed
+    assert during.in_use - before.in_use >= 8 * MiB - SLACK
+    assert during.in_use - after.in_use >= 8 * MiB - SLACK
+    assert after.free >= 8 * MiB - SLACK  # freed, still held by the arena until trimmed
 
 
 def test_a_large_chunk_counts_as_live_until_freed(libc: ctypes.CDLL) -> None:
@@ -51,5 +54,5 @@ def test_a_large_chunk_counts_as_live_until_freed(libc: ctypes.CDLL) -> None:
     during = heap_usage()
     libc.free(chunk)
     after = heap_usage()
-    assert live(during) - live(before) >= 64 * MiB
-    assert live(during) - live(after) >= 64 * MiB
+    assert live(during) - live(before) >= 64 * MiB - SLACK
+    assert live(during) - live(after) >= 64 * MiB - SLACK
