@@ -124,9 +124,14 @@ class BulkFetch:
         fetcher = self._consumer._fetcher
         pending_results: dict[TopicPartition, Any] = fetcher._records
         while True:
-            if fetcher._subscriptions.reassignment_in_progress:
-                await fetcher._subscriptions.wait_for_assignment()
             start = time.monotonic()
+            if fetcher._subscriptions.reassignment_in_progress:
+                # Bounded, unlike aiokafka's own wait: a rebalance can take a whole session
+                # timeout or longer, and the caller's loop must still see a stop request.
+                try:
+                    await asyncio.wait_for(fetcher._subscriptions.wait_for_assignment(), timeout)
+                except TimeoutError:
+                    return {}
             drained: dict[TopicPartition, FetchedRecords] = {}
             budget = max_records
             for tp in list(pending_results):

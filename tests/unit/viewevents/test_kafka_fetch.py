@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, FetchResult, PartitionRecords
+from aiokafka.consumer.subscription_state import SubscriptionState
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.legacy_records import LegacyRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
@@ -48,6 +49,38 @@ def test_falls_back_to_getmany_when_internals_are_not_as_expected(
     with caplog.at_level(logging.WARNING, "viewevents.kafka_fetch"):
         assert asyncio.run(check()) is False
     assert "bulk Kafka fetch off" in caplog.text
+
+
+class _Rebalancing:
+    """The slice of a started AIOKafkaConsumer that the bulk fetch reads, stuck in a rebalance:
+    subscribed, no assignment yet, and none coming."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._subscription = SubscriptionState()
+        self._subscription.subscribe({"t"})
+        self._coordinator = self
+        self._fetcher = self
+        self._subscriptions = self._subscription
+        self._records: dict = {}
+
+    def check_errors(self) -> None:
+        pass
+
+
+def test_a_fetch_during_a_rebalance_returns_when_its_timeout_is_up() -> None:
+    """aiokafka's own wait for the next assignment has no limit, so a consumer loop waiting in
+    it would not see a stop request until the rebalance ended (a whole session timeout or more)."""
+
+    async def fetch() -> tuple[dict, bool]:
+        fetch = BulkFetch.__new__(BulkFetch)
+        fetch._consumer = fetch_consumer = _Rebalancing()  # type: ignore[assignment]
+        fetch.bulk = True
+        assert fetch_consumer._subscription.reassignment_in_progress
+        batches = await asyncio.wait_for(fetch.getmany(timeout_ms=50, max_records=10), 10)
+        return batches, fetch_consumer._subscription.reassignment_in_progress
+
+    assert asyncio.run(fetch()) == ({}, True)
 
 
 class Nothing:
