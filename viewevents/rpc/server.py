@@ -11,6 +11,8 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -59,6 +61,29 @@ def bind(server: grpc.aio.Server, address: str, cert_file: str = "", key_file: s
             raise OSError(f"cannot listen on {address}")
 
 
+class MethodSymbolPool:
+    """The default descriptor pool, which also finds the file of a method's symbol.
+
+    The reflection protocol lets a client ask for the file containing `package.Service.Method`
+    (ghz does; grpcurl asks for the service), but protobuf's Python pool only knows services,
+    messages, enums and fields, so such a request got "Symbol not found"."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool | None = None) -> None:
+        self._pool = pool or descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, full_name: str) -> FileDescriptor:  # noqa: N802 - pool API
+        try:
+            return self._pool.FindFileContainingSymbol(full_name)
+        except KeyError:
+            service, _, method = full_name.rpartition(".")
+            if not service or method not in self._pool.FindServiceByName(service).methods_by_name:
+                raise
+            return self._pool.FindFileContainingSymbol(service)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pool, name)
+
+
 async def enable_reflection_and_health(
     server: grpc.aio.Server, full_service_names: Sequence[str]
 ) -> health.aio.HealthServicer:
@@ -69,7 +94,7 @@ async def enable_reflection_and_health(
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ]
-    reflection.enable_server_reflection(names, server)
+    reflection.enable_server_reflection(names, server, pool=MethodSymbolPool())
     await set_serving(health_servicer, full_service_names, False)
     return health_servicer
 
