@@ -132,7 +132,7 @@ class StatsServicer:
         return dict(owners)
 
     def _answerable(self) -> frozenset[int]:
-        """Local partitions that may be read: owned and caught up since the latest assignment."""
+        """Local partitions that may be read: owned and caught up (viewevents.consumer.CatchUp)."""
         answerable = getattr(self.consumer, "answerable", None)
         if answerable is None:
             return frozenset(p.partition for p in self.consumer.position().partitions)

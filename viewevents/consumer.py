@@ -363,9 +363,12 @@ class CatchUp:
 
     Pure bookkeeping that the consumer drives. Every assignment or revocation starts over: the
     newly assigned partitions may be far behind in this instance's store, and the answer must
-    not count partitions it no longer owns. Caught up means: at least one partition owned, the
-    end offsets read after the latest assignment known, and every owned partition's position
-    at or past its end offset.
+    not count partitions it no longer owns. A partition is caught up when its position is at or
+    past the end offset read after the latest assignment, or when it was caught up here before
+    a rebalance and this instance owned it without a break (its Kafka group generations are
+    consecutive, so no other member can have read it meanwhile): such a kept partition keeps
+    answering through a rebalance during a large upload instead of waiting out its backlog.
+    Caught up overall means at least one partition owned and every owned one caught up.
     """
 
     def __init__(self) -> None:
@@ -373,21 +376,44 @@ class CatchUp:
         self.positions: dict[int, int] = {}  # next offset to read, owned partitions only
         self.targets: dict[int, int] | None = None  # end offsets seen after the assignment
         self.generation = 0  # changes at every assignment/revocation; stale targets are dropped
+        # Owned partitions caught up under an earlier assignment and owned without a break since.
+        self.settled: frozenset[int] = frozenset()
+        # At a revocation: the group generation it ended and the partitions caught up then.
+        self._held: tuple[int, frozenset[int]] | None = None
 
-    def revoke(self, partitions: Iterable[int]) -> None:
+    def revoke(self, partitions: Iterable[int], group_generation: int | None = None) -> None:
+        """Partitions taken away at the end of Kafka group generation `group_generation`
+        (None when unknown: nothing is carried over to the next assignment)."""
+        caught_up_before = self.caught_up_partitions()
         gone = set(partitions)
         self.assigned = self.assigned - gone
         for partition in gone:
             self.positions.pop(partition, None)
+        if group_generation is not None and group_generation > 0:
+            self._held = (group_generation, caught_up_before)
+        else:
+            self._held = None
+        self.settled = frozenset()
         self._restart()
 
-    def assign(self, partitions: Iterable[int], stored: Mapping[int, int]) -> None:
-        """The group's new assignment (all owned partitions) and their offsets in the store."""
+    def assign(
+        self,
+        partitions: Iterable[int],
+        stored: Mapping[int, int],
+        group_generation: int | None = None,
+    ) -> None:
+        """The group's new assignment (all owned partitions), their offsets in the store, and
+        the Kafka group generation it belongs to (None when unknown)."""
         self.assigned = frozenset(partitions)
         kept = {p: o for p, o in self.positions.items() if p in self.assigned}
         self.positions.clear()
         self.positions.update(kept)
         self.positions.update({p: o for p, o in stored.items() if p in self.assigned})
+        held, self._held = self._held, None
+        if held is not None and group_generation is not None and group_generation == held[0] + 1:
+            self.settled = held[1] & self.assigned
+        else:
+            self.settled = frozenset()
         self._restart()
 
     def _restart(self) -> None:
@@ -412,19 +438,16 @@ class CatchUp:
     def caught_up_partitions(self) -> frozenset[int]:
         """Owned partitions at or past their end offset read after the latest assignment:
         the only ones this instance may answer from (the others are still being replayed)."""
-        targets = self.targets
-        if targets is None:
-            return frozenset()
-        return frozenset(p for p in self.assigned if self.positions.get(p, -1) >= targets[p])
+        targets = self.targets or {}
+        return frozenset(
+            p
+            for p in self.assigned
+            if p in self.settled or (p in targets and self.positions.get(p, -1) >= targets[p])
+        )
 
     @property
     def caught_up(self) -> bool:
-        targets = self.targets
-        return (
-            bool(self.assigned)
-            and targets is not None
-            and all(self.positions.get(p, -1) >= targets[p] for p in self.assigned)
-        )
+        return bool(self.assigned) and self.caught_up_partitions() == self.assigned
 
     def lag(self) -> int:
         targets = self.targets or {}
@@ -569,6 +592,12 @@ class ExactlyOnceConsumer:
     def owns_all(self) -> bool:
         """This instance owns every partition of the topic (as far as the group said)."""
         return bool(self.owners) and set(self.owners) <= self.catch_up.assigned
+
+    def _group_generation(self) -> int | None:
+        """The Kafka group generation the consumer is in (aiokafka's coordinator), or None when
+        it cannot be read: then no partition counts as kept across a rebalance."""
+        generation = getattr(getattr(self._consumer, "_coordinator", None), "generation", None)
+        return generation if isinstance(generation, int) else None
 
     def _publish(self) -> None:
         """Bring `caught_up` and `readiness` in line with the bookkeeping (after each change)."""
@@ -771,7 +800,7 @@ class ExactlyOnceConsumer:
 
     async def _check_caught_up_once(self) -> None:
         catch_up = self.catch_up
-        if catch_up.caught_up or not catch_up.assigned:
+        if not catch_up.assigned or (catch_up.caught_up and catch_up.targets is not None):
             return
         generation = catch_up.generation
         tps = [TopicPartition(self.topic, p) for p in sorted(catch_up.assigned)]
@@ -906,7 +935,7 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         owner = self.owner
         async with owner._apply_lock:  # no batch is half-applied while partitions move
-            owner.catch_up.revoke(tp.partition for tp in revoked)
+            owner.catch_up.revoke((tp.partition for tp in revoked), owner._group_generation())
             owner._publish()  # not caught up (and NOT_SERVING) until the new assignment is
         if revoked:
             log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
@@ -915,7 +944,9 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         owner = self.owner
         async with owner._apply_lock:
             stored = await owner._seek_to_stored(list(assigned))
-            owner.catch_up.assign((tp.partition for tp in assigned), stored)
+            owner.catch_up.assign(
+                (tp.partition for tp in assigned), stored, owner._group_generation()
+            )
             owner.seen.retain(tp.partition for tp in assigned)
             owner._publish()
         log.info(

@@ -179,3 +179,49 @@ def test_records_drained_before_the_listener_seeked_are_not_applied(
         assert store.stored_offsets(TOPIC, [1]) == {1: 10}
     finally:
         store.close()
+
+
+class _Coordinator:
+    generation = 0
+
+
+def test_the_listener_keeps_partitions_owned_through_consecutive_generations(
+    tmp_path: Path,
+) -> None:
+    """The rebalance listener passes aiokafka's group generation to the bookkeeping: kept
+    partitions stay caught up, a partition new to this instance waits for its backlog."""
+    store = StateStore(str(tmp_path / "db"))
+    consumer = ExactlyOnceConsumer(
+        bootstrap="127.0.0.1:1", topic=TOPIC, group_id="g", store=store, processor=Checked(store)
+    )
+    kafka = FakeKafka({0: 10, 1: 10, 2: 10})
+    kafka._coordinator = _Coordinator()  # type: ignore[attr-defined]
+    consumer._consumer = kafka  # type: ignore[assignment]
+    listener = _SeekToStoredOffsets(consumer)
+    tps = [TopicPartition(TOPIC, p) for p in range(3)]
+
+    async def rebalance(generation: int, revoked: list[int], assigned: list[int]) -> None:
+        await listener.on_partitions_revoked([tps[p] for p in revoked])
+        kafka._coordinator.generation = generation  # type: ignore[attr-defined]
+        await listener.on_partitions_assigned([tps[p] for p in assigned])
+        await consumer._check_caught_up_once()
+
+    async def scenario() -> list[frozenset[int]]:
+        seen = []
+        kafka._coordinator.generation = 3  # type: ignore[attr-defined]
+        await listener.on_partitions_assigned(tps[:2])
+        consumer.apply_fetched({tps[p]: kafka.records(p, 0, 10) for p in (0, 1)})
+        await consumer._check_caught_up_once()
+        seen.append(consumer.catch_up.caught_up_partitions())
+        kafka.log = {0: 500, 1: 500, 2: 500}  # an upload's backlog arrives
+        await rebalance(4, revoked=[0, 1], assigned=[1, 2])  # consecutive: 1 is kept
+        seen.append(consumer.catch_up.caught_up_partitions())
+        await rebalance(9, revoked=[1, 2], assigned=[1, 2])  # a break: start over
+        seen.append(consumer.catch_up.caught_up_partitions())
+        return seen
+
+    try:
+        assert asyncio.run(scenario()) == [frozenset({0, 1}), frozenset({1}), frozenset()]
+        assert not consumer.readiness.ready
+    finally:
+        store.close()

@@ -54,6 +54,52 @@ def test_every_rebalance_starts_over_and_reports_only_owned_partitions() -> None
     assert state.caught_up
 
 
+def _caught_up_on(partitions: list[int], group_generation: int) -> CatchUp:
+    state = CatchUp()
+    state.assign(partitions, {p: 10 for p in partitions}, group_generation)
+    assert state.set_targets(state.generation, dict.fromkeys(partitions, 10))
+    assert state.caught_up
+    return state
+
+
+def test_partitions_kept_through_consecutive_generations_stay_caught_up() -> None:
+    """A rebalance during a large upload: the partitions this instance keeps go on answering
+    (their backlog is ordinary lag), only the new one waits until it has been read."""
+    state = _caught_up_on([0, 1, 2], group_generation=5)
+    state.revoke([0, 1, 2], group_generation=5)  # eager: everything goes first
+    assert not state.caught_up and state.caught_up_partitions() == frozenset()
+    state.assign([1, 2, 3], {1: 10, 2: 10, 3: 0}, group_generation=6)
+    assert state.caught_up_partitions() == {1, 2}  # before any end offset is read
+    assert not state.caught_up  # partition 3 is new here
+    assert state.set_targets(state.generation, {1: 900, 2: 900, 3: 900})  # the upload's backlog
+    assert state.caught_up_partitions() == {1, 2} and state.lag() == 2_680
+    state.advance({3: 900})
+    assert state.caught_up
+    # And through the next rebalance too, now that partition 3 was caught up as well.
+    state.revoke([1, 2, 3], group_generation=6)
+    state.assign([2, 3], {2: 10, 3: 900}, group_generation=7)
+    assert state.caught_up
+
+
+def test_a_break_in_membership_or_an_unknown_generation_starts_over() -> None:
+    """Generations that do not follow each other (the member was dropped from the group and
+    came back: others may have read its partitions meanwhile), or no generation known."""
+    for revoked_in, assigned_in in ((5, 8), (None, 6), (5, None), (-1, 0)):
+        state = _caught_up_on([0, 1], group_generation=5)
+        state.revoke([0, 1], group_generation=revoked_in)
+        state.assign([0, 1], {0: 10, 1: 10}, group_generation=assigned_in)
+        assert state.caught_up_partitions() == frozenset(), (revoked_in, assigned_in)
+        assert state.set_targets(state.generation, {0: 10, 1: 12})
+        assert state.caught_up_partitions() == {0}
+    # A partition still catching up when the rebalance came is not carried over.
+    state = CatchUp()
+    state.assign([0, 1], {0: 10, 1: 0}, group_generation=5)
+    assert state.set_targets(state.generation, {0: 10, 1: 10})
+    state.revoke([0, 1], group_generation=5)
+    state.assign([0, 1], {0: 10, 1: 4}, group_generation=6)
+    assert state.caught_up_partitions() == {0}
+
+
 def test_end_offsets_read_before_a_rebalance_are_refused() -> None:
     state = CatchUp()
     state.assign([0, 1], stored={0: 3, 1: 3})
