@@ -77,8 +77,9 @@ def ghz_latency(
 ) -> dict[str, Any]:
     """p50/p99 (ms), calls/s and the service's CPU per call of `requests` (protobuf JSON, sent
     in turn) made by ghz (a Go load generator: its client costs little CPU next to Python
-    clients on a shared machine). The protos are given as files: ghz's reflection client
-    fails against these servers ("Symbol not found"). Empty when ghz is not installed."""
+    clients on a shared machine). The protos are given as files, so a bare server without
+    reflection (benchmarks/grpc_floor.py) is measured the same way. Empty when ghz is not
+    installed."""
     if not GHZ.exists():
         return {"skipped": f"no {GHZ} (make tools)"}
     with tempfile.NamedTemporaryFile("w", suffix=".json") as data:

@@ -38,6 +38,7 @@ from aiokafka import AIOKafkaProducer
 from google.protobuf import json_format, timestamp_pb2
 from tqdm import tqdm
 
+from benchmarks import grpc_floor
 from benchmarks.measure import PeakRss, cpu_seconds, free_port, ghz_latency
 from ingest_service.validation import Limits, validate_event
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
@@ -320,6 +321,11 @@ async def _bench(
                 [{"mediaId": str(ghz_rng.choice(media))} for _ in range(calls)],
                 concurrency,
                 process.pid,
+            )
+            result["GetMediaStats floor: empty handler, bare grpc.aio (ghz, Go client)"] = (
+                grpc_floor.measure(
+                    [{"mediaId": str(ghz_rng.choice(media))} for _ in range(calls)], concurrency
+                )
             )
             result["GetMediaTrend (1 day, minutes)"] = await latency(
                 "GetMediaTrend", trend_call, calls // 4, concurrency
