@@ -295,7 +295,7 @@ async def latency(
     }
 
 
-def ghz(address: str, method: str, data: str, calls: int, clients: int) -> dict[str, float] | None:
+def ghz(address: str, method: str, data: str, calls: int, clients: int) -> dict[str, Any] | None:
     """The same load from ghz (Go), whose client costs far less CPU than Python's."""
     if not GHZ.exists():
         return None
@@ -324,17 +324,22 @@ def ghz(address: str, method: str, data: str, calls: int, clients: int) -> dict[
         timeout=600,
     )
     if output.returncode != 0:
-        return {"error": output.stderr.strip()[:200]}  # type: ignore[dict-item]
+        return {"error": output.stderr.strip()[:200]}
     report = json.loads(output.stdout)
     percentiles = {
         p["percentage"]: p["latency"] / 1e6 for p in report.get("latencyDistribution") or []
     }
-    errors = sum(v for k, v in (report.get("statusCodeDistribution") or {}).items() if k != "OK")
+    codes = {k: v for k, v in (report.get("statusCodeDistribution") or {}).items() if k != "OK"}
+    # Which errors: e.g. NOT_FOUND for a random id the data set never produced (an item with no
+    # event at all) versus DEADLINE_EXCEEDED or UNAVAILABLE from the service.
+    details = report.get("errorDistribution") or {}
     return {
         "p50_ms": round(percentiles.get(50, float("nan")), 2),
         "p99_ms": round(percentiles.get(99, float("nan")), 2),
         "calls_per_s": round(report.get("rps", 0)),
-        "errors": errors,
+        "errors": sum(codes.values()),
+        "error_codes": "; ".join(f"{k} x{v}" for k, v in sorted(codes.items()))
+        + ("" if not details else " (" + "; ".join(f"{k} x{v}" for k, v in details.items()) + ")"),
     }
 
 
@@ -405,9 +410,13 @@ def phase(
 
         for label, call in (("GetSimilarMedia", similar), ("RecommendForUser", recommend)):
             for concurrency in sorted({1, clients}):
+                cpu = service.cpu_seconds()
                 result = asyncio.run(latency(service.address, label, calls, concurrency, call))
                 out[f"{label} python x{concurrency} p50/p99 ms"] = (
                     f"{result['p50_ms']} / {result['p99_ms']}"
+                )
+                out[f"{label} python x{concurrency} service CPU ms per call"] = round(
+                    1000 * (service.cpu_seconds() - cpu) / calls, 3
                 )
                 out[f"{label} python x{concurrency} calls/s (errors)"] = (
                     f"{result['calls_per_s']} ({result['errors']})"
@@ -416,8 +425,12 @@ def phase(
             ("GetSimilarMedia", f'{{"media_id": "{{{{randomInt 1 {media + 1}}}}}", "limit": 10}}'),
             ("RecommendForUser", f'{{"user_id": "{{{{randomInt 1 {users + 1}}}}}", "limit": 10}}'),
         ):
+            cpu = service.cpu_seconds()
             ghz_result = ghz(service.address, label, data, calls * 2, clients)
             if ghz_result is not None:
+                out[f"{label} ghz service CPU ms per call"] = round(
+                    1000 * (service.cpu_seconds() - cpu) / (calls * 2), 3
+                )
                 out[f"{label} ghz x{clients} p50/p99 ms"] = (
                     f"{ghz_result.get('p50_ms')} / {ghz_result.get('p99_ms')}"
                     if "error" not in ghz_result
@@ -426,6 +439,8 @@ def phase(
                 out[f"{label} ghz calls/s (errors)"] = (
                     f"{ghz_result.get('calls_per_s')} ({ghz_result.get('errors')})"
                 )
+                if ghz_result.get("errors"):
+                    out[f"{label} ghz errors by status"] = ghz_result.get("error_codes")
         out["peak RSS MB (whole run)"] = round(service.peak_rss_mb(), 1)
         out["state dir MB"] = round(
             sum(f.stat().st_size for f in service.state.rglob("*") if f.is_file()) / 2**20, 1

@@ -299,6 +299,18 @@ def scan(source: Any, prefix: bytes, fill_cache: bool = True) -> Iterator[tuple[
         yield key, value
 
 
+def scan_values(source: Any, prefix: bytes, fill_cache: bool = True) -> list[bytes]:
+    """The values under `prefix` of a Rdict or a Snapshot, in key order: `scan` without making
+    a key object per item or checking it in Python (the upper bound ends the iteration)."""
+    from rocksdict import ReadOptions
+
+    read = ReadOptions()
+    read.set_iterate_upper_bound(prefix_end(prefix))
+    if not fill_cache:
+        read.fill_cache(False)  # type: ignore[call-arg]  # the stub omits the flag
+    return list(source.values(from_key=prefix, read_opt=read))
+
+
 def snapshot_get(snapshot: Any, key: bytes) -> bytes | None:
     """A value from a rocksdict Snapshot as of the snapshot (point reads honour it; rocksdict's
     snapshot *iterators* do not, see read_row). A missing key raises a bare Exception there."""
@@ -356,7 +368,7 @@ def read_row(source: Any, partitions: Iterable[int], media: int) -> np.ndarray:
     callers must tolerate neighbours the view does not know yet."""
     chunks: list[bytes] = []
     for partition in partitions:
-        chunks.extend(value for _, value in scan(source, row_prefix(partition, media), False))
+        chunks.extend(scan_values(source, row_prefix(partition, media), False))
     return decode_row(chunks)
 
 

@@ -247,7 +247,7 @@ class RecommenderProcessor:
         """Merge the committed base and `deltas - 1` delta chunks with this batch's delta into
         a new base; its number of entries."""
         prefix = keys.row_prefix(partition, item)
-        chunks = [value for _, value in keys.scan(self.store.db, prefix, fill_cache=False)]
+        chunks = keys.scan_values(self.store.db, prefix, fill_cache=False)
         merged = keys.aggregate_row(np.concatenate((keys.decode_row(chunks), entries)))
         for seq in range(1, deltas):
             txn.delete(keys.row_key(partition, item, seq))

@@ -60,7 +60,14 @@ class Support:
 
 
 def cosine(d: np.ndarray, q_i: float, q_j: np.ndarray) -> np.ndarray:
-    return d / np.sqrt(float(q_i) * q_j.astype(np.float64))
+    """NaN where an item has no view time yet (Q = 0): e.g. a neighbour known from a start
+    event whose waypoints land in a row newer than the view. Dividing there would warn and
+    rank an infinite score first."""
+    norms = float(q_i) * q_j.astype(np.float64)
+    defined = norms > 0
+    out = np.full(len(norms), np.nan)
+    out[defined] = np.asarray(d, np.float64)[defined] / np.sqrt(norms[defined])
+    return out
 
 
 def pearson(
