@@ -23,18 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from stats_service.key_layout import (
-    BITMAP_BYTES,
     DAY,
     HOUR,
     MINUTE,
     MINUTES_PER_DAY,
     absent,
-    joined,
+    presence_bitmaps,
+    presence_values,
 )
 
 START, WAYPOINT, STOP, END = 1, 2, 3, 4
 BUCKET_SIZES = (MINUTE, HOUR, DAY)
-_EMPTY_BITMAP = bytes(BITMAP_BYTES)
 _NO_TIME = np.iinfo(np.int64).min
 _FIELDS = tuple(
     operator.attrgetter(name)
@@ -245,7 +244,8 @@ def merge_buckets(
 def merge_viewer_days(
     stored: Sequence[bytes | None], days: ViewerDays
 ) -> tuple[np.ndarray, list[bytes], dict[int, KeyedCounts]]:
-    """Combine a batch's viewer-days with their stored minute bitmaps (vectorized).
+    """Combine a batch's viewer-days with their stored minute sets (vectorized; any stored
+    form, see key_layout; new values in the shorter form).
 
     Returns the indexes of viewer-days whose bitmap changed, their new stored values, and per
     bucket size the new unique viewers per (media, bucket start), as `KeyedCounts` whose count
@@ -255,7 +255,7 @@ def merge_viewer_days(
     present = ~absent(stored)
     # The bitmaps stay packed (180 bytes per viewer-day): unpacked to one bool per minute they
     # were the batch's largest temporaries (1,440 bytes per viewer-day, three times over).
-    old = np.frombuffer(joined(stored, _EMPTY_BITMAP), np.uint8).reshape(count, BITMAP_BYTES)
+    old = presence_bitmaps(stored)
     group, minute = days.group, days.minute
     byte, bit = minute >> 3, (np.uint8(1) << (minute & 7).astype(np.uint8))
     is_new_minute = (old[group, byte] & bit) == 0
@@ -268,9 +268,7 @@ def merge_viewer_days(
     if len(runs):
         new[group[runs], byte[runs]] |= np.bitwise_or.reduceat(bit, runs)
     changed = np.flatnonzero(np.bincount(group[is_new_minute], minlength=count))
-    values = (
-        np.frombuffer(new[changed].tobytes(), f"V{BITMAP_BYTES}").tolist() if len(changed) else []
-    )
+    values = presence_values(new[changed])
 
     media = days.media[group]
     day = days.day[group]
