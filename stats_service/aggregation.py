@@ -312,7 +312,10 @@ def locate(keys: Sequence[np.ndarray], within: Sequence[np.ndarray]) -> np.ndarr
     all of which must be present there."""
     if len(keys[0]) == 0:
         return np.zeros(0, np.int64)
-    media_codes = np.unique(within[0])
+    media = within[0]  # sorted already: its distinct values without np.unique's sort
+    distinct = np.ones(len(media), bool)
+    distinct[1:] = media[1:] != media[:-1]
+    media_codes = media[distinct]
     low = min(int(within[1].min()), int(keys[1].min()))
     span = max(int(within[1].max()), int(keys[1].max())) - low + 1
 

@@ -275,7 +275,11 @@ def hour_row_values(rows: np.ndarray) -> list[bytes]:
     count = len(rows)
     if count == 0:
         return []
-    has = np.asarray(rows["minutes"].any(axis=2))  # (n, 60)
+    minutes = rows["minutes"]
+    # A minute is active when any field is non-zero: five strided ORs beat `any` over axis 2.
+    has = (
+        minutes[:, :, 0] | minutes[:, :, 1] | minutes[:, :, 2] | minutes[:, :, 3] | minutes[:, :, 4]
+    ) != 0  # (n, 60)
     counts = has.sum(axis=1)
     sparse = np.flatnonzero(counts <= SPARSE_HOUR_MINUTES_MAX)
     if len(sparse) == count:
