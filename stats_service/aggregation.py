@@ -7,8 +7,9 @@ only loops over distinct keys (media items, buckets, viewer-days), of which a ba
 fewer than events.
 
 Unique viewers are exact. For each (media, UTC day, user) a 1440-bit bitmap records the minutes
-of that day in which the user had an event on the item. When a batch sets a bit that was clear,
-the minute bucket gains a viewer; when it sets the first bit of an hour, the hour bucket gains
+of that day in which the user had an event on the item (stored as a minute list while that is
+shorter, see key_layout; here always the bitmap). When a batch sets a bit that was clear, the
+minute bucket gains a viewer; when it sets the first bit of an hour, the hour bucket gains
 one; when the bitmap did not exist, the day bucket gains one. All-time viewers use a presence key
 per (media, user). Since Kafka keys records by user, one user's events all live in one
 partition, so these per-partition counts add up exactly across partitions.
