@@ -224,11 +224,6 @@ def value_lengths(values: Sequence[bytes | None]) -> np.ndarray:
     return np.array([-1 if v is None else len(v) for v in values], np.int64)
 
 
-def _byte_spans(starts: np.ndarray, width: int) -> np.ndarray:
-    """Index matrix (n, width) of `width` consecutive bytes from each start."""
-    return np.asarray(starts, np.int64)[:, None] + np.arange(width)
-
-
 def hour_rows_from_values(values: Sequence[bytes | None]) -> np.ndarray:
     """Stored hour rows in any form (None = absent) as one writable structured array of
     HOUR_ROW (a pruned row's minutes read as zero)."""
@@ -253,19 +248,16 @@ def hour_rows_and_pruned(values: Sequence[bytes | None]) -> tuple[np.ndarray, np
         rows["hour"][cut] = np.frombuffer(joined_cut, "<i8").reshape(-1, BUCKET_FIELDS)
     sparse = np.flatnonzero((lengths > HOUR_BUCKET_BYTES) & (lengths != full))
     if len(sparse):
+        # Two slices a row (bucket, entries) joined end to end: numpy then reads each part as
+        # one array, cheaper than gathering the bytes by index.
+        chosen: list[bytes] = [values[i] for i in sparse.tolist()]  # type: ignore[misc]
+        cut_at = HOUR_BUCKET_BYTES
+        hours = b"".join([v[:cut_at] for v in chosen])
+        rows["hour"][sparse] = np.frombuffer(hours, "<i8").reshape(-1, BUCKET_FIELDS)
+        entries = np.frombuffer(b"".join([v[cut_at:] for v in chosen]), MINUTE_ENTRY)
         counts = (lengths[sparse] - HOUR_BUCKET_BYTES) // MINUTE_ENTRY.itemsize
-        blob = np.frombuffer(b"".join([values[i] for i in sparse.tolist()]), np.uint8)  # type: ignore[misc]
-        # Row j starts at 40 j + 21 (entries before it); entry g of the blob (row r) at
-        # 40 (r + 1) + 21 g.
-        before = np.cumsum(counts) - counts
-        starts = HOUR_BUCKET_BYTES * np.arange(len(sparse)) + MINUTE_ENTRY.itemsize * before
-        hour = blob[_byte_spans(starts, HOUR_BUCKET_BYTES)]
-        rows["hour"][sparse] = hour.view("<i8")
-        owner = np.repeat(np.arange(len(sparse)), counts)
-        at = HOUR_BUCKET_BYTES * (owner + 1) + MINUTE_ENTRY.itemsize * np.arange(len(owner))
-        entries = np.ascontiguousarray(blob[_byte_spans(at, MINUTE_ENTRY.itemsize)])
-        entries = entries.view(MINUTE_ENTRY).reshape(-1)
-        rows["minutes"][sparse[owner], entries["minute"]] = entries["values"]
+        owner = np.repeat(sparse, counts)
+        rows["minutes"][owner, entries["minute"]] = entries["values"]
     return rows, pruned
 
 
@@ -294,24 +286,17 @@ def hour_row_values(rows: np.ndarray) -> list[bytes]:
 
 
 def _sparse_hour_values(rows: np.ndarray, has: np.ndarray, counts: np.ndarray) -> list[bytes]:
-    """The sparse form of every row: hour bucket, then (minute, 5 x int32) per active minute;
-    built as one byte buffer (the layout `hour_rows_and_pruned` reads back) and then cut."""
+    """The sparse form of every row: hour bucket, then (minute, 5 x int32) per active minute,
+    in minute order (the layout `hour_rows_and_pruned` reads back)."""
     owner, minute = np.nonzero(has)  # row-major: by row, then minute
     entries = np.empty(len(owner), MINUTE_ENTRY)
     entries["minute"] = minute
     entries["values"] = rows["minutes"][owner, minute]
-    before = np.cumsum(counts) - counts
-    starts = HOUR_BUCKET_BYTES * np.arange(len(rows)) + MINUTE_ENTRY.itemsize * before
-    buffer = np.empty(HOUR_BUCKET_BYTES * len(rows) + MINUTE_ENTRY.itemsize * len(owner), np.uint8)
-    hours = np.ascontiguousarray(rows["hour"], "<i8").view(np.uint8)
-    buffer[_byte_spans(starts, HOUR_BUCKET_BYTES)] = hours.reshape(len(rows), HOUR_BUCKET_BYTES)
-    at = HOUR_BUCKET_BYTES * (owner + 1) + MINUTE_ENTRY.itemsize * np.arange(len(owner))
-    buffer[_byte_spans(at, MINUTE_ENTRY.itemsize)] = entries.view(np.uint8).reshape(
-        -1, MINUTE_ENTRY.itemsize
-    )
-    blob = buffer.tobytes()
-    ends = starts + HOUR_BUCKET_BYTES + MINUTE_ENTRY.itemsize * counts
-    return [blob[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    blob = entries.tobytes()
+    ends = MINUTE_ENTRY.itemsize * np.cumsum(counts)
+    starts = ends - MINUTE_ENTRY.itemsize * counts
+    hours = values_from_rows(rows["hour"])
+    return [h + blob[a:b] for h, a, b in zip(hours, starts.tolist(), ends.tolist())]
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
