@@ -7,8 +7,9 @@ only loops over distinct keys (media items, buckets, viewer-days), of which a ba
 fewer than events.
 
 Unique viewers are exact. For each (media, UTC day, user) a 1440-bit bitmap records the minutes
-of that day in which the user had an event on the item. When a batch sets a bit that was clear,
-the minute bucket gains a viewer; when it sets the first bit of an hour, the hour bucket gains
+of that day in which the user had an event on the item (stored as a minute list while that is
+shorter, see key_layout; here always the bitmap). When a batch sets a bit that was clear, the
+minute bucket gains a viewer; when it sets the first bit of an hour, the hour bucket gains
 one; when the bitmap did not exist, the day bucket gains one. All-time viewers use a presence key
 per (media, user). Since Kafka keys records by user, one user's events all live in one
 partition, so these per-partition counts add up exactly across partitions.
@@ -23,18 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from stats_service.key_layout import (
-    BITMAP_BYTES,
     DAY,
     HOUR,
     MINUTE,
     MINUTES_PER_DAY,
     absent,
-    joined,
+    presence_bitmaps,
+    presence_values,
 )
 
 START, WAYPOINT, STOP, END = 1, 2, 3, 4
 BUCKET_SIZES = (MINUTE, HOUR, DAY)
-_EMPTY_BITMAP = bytes(BITMAP_BYTES)
 _NO_TIME = np.iinfo(np.int64).min
 _FIELDS = tuple(
     operator.attrgetter(name)
@@ -245,7 +245,8 @@ def merge_buckets(
 def merge_viewer_days(
     stored: Sequence[bytes | None], days: ViewerDays
 ) -> tuple[np.ndarray, list[bytes], dict[int, KeyedCounts]]:
-    """Combine a batch's viewer-days with their stored minute bitmaps (vectorized).
+    """Combine a batch's viewer-days with their stored minute sets (vectorized; any stored
+    form, see key_layout; new values in the shorter form).
 
     Returns the indexes of viewer-days whose bitmap changed, their new stored values, and per
     bucket size the new unique viewers per (media, bucket start), as `KeyedCounts` whose count
@@ -255,7 +256,7 @@ def merge_viewer_days(
     present = ~absent(stored)
     # The bitmaps stay packed (180 bytes per viewer-day): unpacked to one bool per minute they
     # were the batch's largest temporaries (1,440 bytes per viewer-day, three times over).
-    old = np.frombuffer(joined(stored, _EMPTY_BITMAP), np.uint8).reshape(count, BITMAP_BYTES)
+    old = presence_bitmaps(stored)
     group, minute = days.group, days.minute
     byte, bit = minute >> 3, (np.uint8(1) << (minute & 7).astype(np.uint8))
     is_new_minute = (old[group, byte] & bit) == 0
@@ -268,9 +269,7 @@ def merge_viewer_days(
     if len(runs):
         new[group[runs], byte[runs]] |= np.bitwise_or.reduceat(bit, runs)
     changed = np.flatnonzero(np.bincount(group[is_new_minute], minlength=count))
-    values = (
-        np.frombuffer(new[changed].tobytes(), f"V{BITMAP_BYTES}").tolist() if len(changed) else []
-    )
+    values = presence_values(new[changed])
 
     media = days.media[group]
     day = days.day[group]
@@ -314,7 +313,10 @@ def locate(keys: Sequence[np.ndarray], within: Sequence[np.ndarray]) -> np.ndarr
     all of which must be present there."""
     if len(keys[0]) == 0:
         return np.zeros(0, np.int64)
-    media_codes = np.unique(within[0])
+    media = within[0]  # sorted already: its distinct values without np.unique's sort
+    distinct = np.ones(len(media), bool)
+    distinct[1:] = media[1:] != media[:-1]
+    media_codes = media[distinct]
     low = min(int(within[1].min()), int(keys[1].min()))
     span = max(int(within[1].max()), int(keys[1].max())) - low + 1
 

@@ -7,19 +7,32 @@ little-endian int64 rows so that numpy reads and writes many of them in one call
 
   T media                     -> totals: view_time, starts, stops, ends, uniques, first, last
   U media user                -> b""      the user has watched the media item (all-time)
-  P media day user            -> minute bitmap of that day (1440 bits, 180 bytes LE)
-  Q day media user            -> the same bitmap, day-major (ranking by unique viewers)
+  P media day user            -> the minutes of that day with events: a sorted list of
+                                 minute indexes (uint16 LE, 2 bytes each) while it has fewer
+                                 than 90, else a bitmap (1440 bits, 180 bytes LE)
+  Q day media user            -> the same value, day-major (ranking by unique viewers)
   H media hour                -> hour row: the hour's bucket (5 x int64: view_time, starts,
-                                 stops, ends, uniques), then its 60 minute buckets (60 x 5
-                                 x int32): minutes cost no keys of their own
+                                 stops, ends, uniques), then its minute buckets: while at
+                                 most 57 minutes have events, only those, each as (minute
+                                 index uint8, 5 x int32) = 21 bytes in minute order; else all
+                                 60 (60 x 5 x int32, 1240 bytes in all): minutes cost no keys
+                                 of their own
   D media day                 -> day bucket (5 x int64)
   h hour media                -> the hour bucket of H (5 x int64), hour-major (ranking index)
   d day media                 -> copy of D, day-major (ranking index)
   M                           -> first day whose minute detail is still kept (minute retention)
 
+The value's length tells the form: a presence value of 180 bytes is a bitmap, of 3 bytes an
+hour mask (below), of any even length below 180 a minute list; an hour row of 1240 bytes is
+full, of 40 bytes pruned (below), of 40 + 21 x n bytes (1 <= n <= 57) sparse. The sparse forms
+keep sparse data (one event per media-hour and viewer-day) at about 1/20 of the full forms'
+bytes; the full forms are older stores' only form and stay valid (rows are rewritten in
+whichever form is smaller, so old and new rows mix). Readers expand every form to the full
+one: `presence_bitmaps` / `minute_bitmaps` and `hour_rows_and_pruned`.
+
 Minute retention (stats_minute_retention_days) prunes a day's minute detail: its P and Q
 bitmaps become 3-byte hour masks (bit h: an event in hour h) and its H rows keep only the hour
-bucket (40 bytes). Readers take both forms: `minute_bitmaps` expands an hour mask to every
+bucket (40 bytes). Readers take these forms too: `minute_bitmaps` expands an hour mask to every
 minute of its hours, `hour_rows_and_pruned` says which hour rows lost their minutes.
 
 `day`, `hour` and `minute` are the bucket's start in Unix seconds. The framework's kinds
@@ -67,6 +80,8 @@ BIAS = 1 << 63
 MINUTES_PER_DAY = 1440
 BITMAP_BYTES = MINUTES_PER_DAY // 8
 HOUR_MASK_BYTES = 3  # a pruned day's bitmap: 24 bits, one per hour
+# A presence value is a minute list (2 bytes per minute) while that is shorter than a bitmap.
+SPARSE_PRESENCE_MAX = BITMAP_BYTES // 2 - 1  # 89 minutes: 178 bytes
 
 TOTALS_FIELDS = 7  # view_time, starts, stops, ends, uniques, first_time, last_time
 BUCKET_FIELDS = 5  # view_time, starts, stops, ends, uniques
@@ -76,6 +91,12 @@ EMPTY_TOTALS = np.array([0, 0, 0, 0, 0, I64_MAX, I64_MIN], "<i8").tobytes()
 EMPTY_BUCKET = bytes(8 * BUCKET_FIELDS)
 HOUR_ROW = np.dtype([("hour", "<i8", (BUCKET_FIELDS,)), ("minutes", "<i4", (60, BUCKET_FIELDS))])
 EMPTY_HOUR_ROW = bytes(HOUR_ROW.itemsize)
+HOUR_BUCKET_BYTES = 8 * BUCKET_FIELDS  # an hour row's own bucket, also its pruned form
+# A sparse hour row's minute entries (packed: 21 bytes) and the most it holds: 40 + 21 x 57 =
+# 1237 bytes, still shorter than a full row (1240; 1200 is no multiple of 21, so the lengths
+# never collide).
+MINUTE_ENTRY = np.dtype([("minute", "u1"), ("values", "<i4", (BUCKET_FIELDS,))])
+SPARSE_HOUR_MINUTES_MAX = (HOUR_ROW.itemsize - HOUR_BUCKET_BYTES - 1) // MINUTE_ENTRY.itemsize
 
 _TOTALS = struct.Struct("<7q")
 _BUCKET = struct.Struct("<5q")
@@ -195,45 +216,188 @@ def rows_from_values(values: Sequence[bytes | None], empty: bytes, width: int) -
     return np.frombuffer(joined(values, empty), "<i8").reshape(len(values), width).copy()
 
 
+def value_lengths(values: Sequence[bytes | None]) -> np.ndarray:
+    """Length of each stored value, -1 for a missing one (None)."""
+    missing = absent(values)
+    if not missing.any():
+        return np.fromiter(map(len, values), np.int64, len(values))  # type: ignore[arg-type]
+    return np.array([-1 if v is None else len(v) for v in values], np.int64)
+
+
 def hour_rows_from_values(values: Sequence[bytes | None]) -> np.ndarray:
-    """Stored hour rows (None = absent) as one writable structured array of HOUR_ROW."""
-    return np.frombuffer(joined(values, EMPTY_HOUR_ROW), HOUR_ROW).copy()
+    """Stored hour rows in any form (None = absent) as one writable structured array of
+    HOUR_ROW (a pruned row's minutes read as zero)."""
+    return hour_rows_and_pruned(values)[0]
 
 
 def hour_rows_and_pruned(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Stored hour rows, full or pruned to their hour bucket (minutes then zero), and which
-    were pruned."""
-    pruned = np.array([v is not None and len(v) < HOUR_ROW.itemsize for v in values], bool)
-    if not pruned.any():
-        return hour_rows_from_values(values), pruned
-    tail = bytes(HOUR_ROW.itemsize - 8 * BUCKET_FIELDS)
-    return (
-        hour_rows_from_values(
-            [v + tail if v is not None and cut else v for v, cut in zip(values, pruned)]
-        ),
-        pruned,
-    )
+    """Stored hour rows, full, sparse or pruned to their hour bucket (minutes then zero), as
+    full rows, and which were pruned."""
+    lengths = value_lengths(values)
+    full = HOUR_ROW.itemsize
+    pruned = lengths == HOUR_BUCKET_BYTES
+    if ((lengths == full) | (lengths < 0)).all():  # only full rows: one join, no scatter
+        return np.frombuffer(joined(values, EMPTY_HOUR_ROW), HOUR_ROW).copy(), pruned
+    rows = np.zeros(len(values), HOUR_ROW)
+    dense = np.flatnonzero(lengths == full)
+    if len(dense):
+        rows[dense] = np.frombuffer(b"".join([values[i] for i in dense.tolist()]), HOUR_ROW)  # type: ignore[misc]
+    cut = np.flatnonzero(pruned)
+    if len(cut):
+        joined_cut = b"".join([values[i] for i in cut.tolist()])  # type: ignore[misc]
+        rows["hour"][cut] = np.frombuffer(joined_cut, "<i8").reshape(-1, BUCKET_FIELDS)
+    sparse = np.flatnonzero((lengths > HOUR_BUCKET_BYTES) & (lengths != full))
+    if len(sparse):
+        # Two slices a row (bucket, entries) joined end to end: numpy then reads each part as
+        # one array, cheaper than gathering the bytes by index.
+        chosen: list[bytes] = [values[i] for i in sparse.tolist()]  # type: ignore[misc]
+        cut_at = HOUR_BUCKET_BYTES
+        hours = b"".join([v[:cut_at] for v in chosen])
+        rows["hour"][sparse] = np.frombuffer(hours, "<i8").reshape(-1, BUCKET_FIELDS)
+        entries = np.frombuffer(b"".join([v[cut_at:] for v in chosen]), MINUTE_ENTRY)
+        counts = (lengths[sparse] - HOUR_BUCKET_BYTES) // MINUTE_ENTRY.itemsize
+        owner = np.repeat(sparse, counts)
+        rows["minutes"][owner, entries["minute"]] = entries["values"]
+    return rows, pruned
+
+
+def hour_row_values(rows: np.ndarray) -> list[bytes]:
+    """Stored values of full hour rows (HOUR_ROW), each in the shorter of the sparse form (the
+    minutes with any non-zero field) and the full form."""
+    count = len(rows)
+    if count == 0:
+        return []
+    minutes = rows["minutes"]
+    # A minute is active when any field is non-zero: five strided ORs beat `any` over axis 2.
+    has = (
+        minutes[:, :, 0] | minutes[:, :, 1] | minutes[:, :, 2] | minutes[:, :, 3] | minutes[:, :, 4]
+    ) != 0  # (n, 60)
+    counts = has.sum(axis=1)
+    sparse = np.flatnonzero(counts <= SPARSE_HOUR_MINUTES_MAX)
+    if len(sparse) == count:
+        return _sparse_hour_values(rows, has, counts)
+    values = values_of_records(rows)
+    if len(sparse):
+        for i, value in zip(
+            sparse.tolist(), _sparse_hour_values(rows[sparse], has[sparse], counts[sparse])
+        ):
+            values[i] = value
+    return values
+
+
+def _sparse_hour_values(rows: np.ndarray, has: np.ndarray, counts: np.ndarray) -> list[bytes]:
+    """The sparse form of every row: hour bucket, then (minute, 5 x int32) per active minute,
+    in minute order (the layout `hour_rows_and_pruned` reads back)."""
+    owner, minute = np.nonzero(has)  # row-major: by row, then minute
+    entries = np.empty(len(owner), MINUTE_ENTRY)
+    entries["minute"] = minute
+    entries["values"] = rows["minutes"][owner, minute]
+    blob = entries.tobytes()
+    ends = MINUTE_ENTRY.itemsize * np.cumsum(counts)
+    starts = ends - MINUTE_ENTRY.itemsize * counts
+    hours = values_from_rows(rows["hour"])
+    return [h + blob[a:b] for h, a, b in zip(hours, starts.tolist(), ends.tolist())]
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def presence_bitmaps(values: Sequence[bytes | None]) -> np.ndarray:
+    """Stored presence values in any form (None = absent: no minute) as a writable
+    (n, BITMAP_BYTES) uint8 matrix of minute bitmaps (an hour mask: every minute of its hours)."""
+    lengths = value_lengths(values)
+    if ((lengths == BITMAP_BYTES) | (lengths < 0)).all():  # only bitmaps: one join
+        empty = bytes(BITMAP_BYTES)
+        return np.frombuffer(joined(values, empty), np.uint8).reshape(-1, BITMAP_BYTES).copy()
+    out = np.zeros((len(values), BITMAP_BYTES), np.uint8)
+    present = np.flatnonzero(lengths >= 0)
+    if len(present):
+        out[present] = minute_bitmaps([values[i] for i in present.tolist()])  # type: ignore[misc]
+    return out
+
+
+def _set_minutes(bitmaps: np.ndarray, row: np.ndarray, minute: np.ndarray) -> None:
+    """Set bits (row, minute) of packed bitmaps; rows ascending, minutes ascending per row."""
+    if len(row) == 0:
+        return
+    byte = minute >> 3
+    bit = np.left_shift(np.uint8(1), (minute & 7).astype(np.uint8))
+    run = np.ones(len(row), bool)  # one run per (row, byte): OR its bits, then into the byte
+    run[1:] = (row[1:] != row[:-1]) | (byte[1:] != byte[:-1])
+    first = np.flatnonzero(run)
+    bitmaps[row[first], byte[first]] |= np.bitwise_or.reduceat(bit, first)
 
 
 def minute_bitmaps(values: Sequence[bytes]) -> np.ndarray:
-    """1440-bit minute bitmaps as an (n, BITMAP_BYTES) uint8 matrix; a pruned day's hour mask
-    stands for every minute of its hours (ranges on pruned days are rounded to hours)."""
+    """1440-bit minute bitmaps as an (n, BITMAP_BYTES) uint8 matrix, from any stored form: a
+    bitmap as is, a minute list's minutes, a pruned day's hour mask standing for every minute
+    of its hours (ranges on pruned days are rounded to hours)."""
     lengths = np.fromiter(map(len, values), np.int64, len(values))  # C-level, no Python loop
     short = np.flatnonzero(lengths != BITMAP_BYTES).tolist()
     if not short:
         return np.frombuffer(b"".join(values), np.uint8).reshape(len(values), BITMAP_BYTES)
-    full = list(values)
-    masks = np.frombuffer(b"".join([values[i] for i in short]), np.uint8).reshape(-1, 3)
-    hours = np.unpackbits(masks, axis=1, bitorder="little")[:, :24].astype(bool)
-    minutes = np.repeat(hours, 60, axis=1)
-    packed = np.packbits(minutes, axis=1, bitorder="little")
-    for i, row in zip(short, packed):
-        full[i] = row.tobytes()
-    return np.frombuffer(b"".join(full), np.uint8).reshape(len(values), BITMAP_BYTES)
+    out = np.zeros((len(values), BITMAP_BYTES), np.uint8)
+    dense = np.flatnonzero(lengths == BITMAP_BYTES)
+    if len(dense):
+        joined_dense = b"".join([values[i] for i in dense.tolist()])
+        out[dense] = np.frombuffer(joined_dense, np.uint8).reshape(-1, BITMAP_BYTES)
+    masked = np.flatnonzero(lengths == HOUR_MASK_BYTES)
+    if len(masked):
+        joined_masks = b"".join([values[i] for i in masked.tolist()])
+        masks = np.frombuffer(joined_masks, np.uint8).reshape(-1, HOUR_MASK_BYTES)
+        hours = np.unpackbits(masks, axis=1, bitorder="little")[:, :24].astype(bool)
+        minutes = np.repeat(hours, 60, axis=1)
+        out[masked] = np.packbits(minutes, axis=1, bitorder="little")
+    listed = np.flatnonzero((lengths != BITMAP_BYTES) & (lengths != HOUR_MASK_BYTES))
+    if len(listed):
+        minute = np.frombuffer(b"".join([values[i] for i in listed.tolist()]), "<u2")
+        row = np.repeat(listed, lengths[listed] // 2)
+        _set_minutes(out, row, minute.astype(np.int64))
+    return out
+
+
+def presence_values(bitmaps: np.ndarray) -> list[bytes]:
+    """Stored values of (n, BITMAP_BYTES) minute bitmaps: a minute list while it is shorter
+    than the bitmap, else the bitmap."""
+    count = len(bitmaps)
+    if count == 0:
+        return []
+    counts = _POPCOUNT[bitmaps].sum(axis=1, dtype=np.int64)
+    sparse = np.flatnonzero(counts <= SPARSE_PRESENCE_MAX)
+    if len(sparse) == count:
+        return _minute_lists(bitmaps, counts)
+    values: list[bytes] = np.frombuffer(
+        np.ascontiguousarray(bitmaps).tobytes(), f"V{BITMAP_BYTES}"
+    ).tolist()
+    for i, value in zip(sparse.tolist(), _minute_lists(bitmaps[sparse], counts[sparse])):
+        values[i] = value
+    return values
+
+
+def _minute_lists(bitmaps: np.ndarray, counts: np.ndarray) -> list[bytes]:
+    """Each bitmap's set minutes, ascending, as uint16 LE bytes (only non-zero bytes unpacked)."""
+    row, byte = np.nonzero(bitmaps)  # row-major: by row, then byte
+    bits = np.unpackbits(bitmaps[row, byte][:, None], axis=1, bitorder="little")
+    which, bit = np.nonzero(bits)  # by non-zero byte, then bit: minutes ascending per row
+    minutes = (byte[which] * 8 + bit).astype("<u2")
+    blob = minutes.tobytes()
+    ends = 2 * np.cumsum(counts)
+    starts = ends - 2 * counts
+    return [blob[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def minute_set(value: bytes) -> int:
+    """One stored presence value that is not an hour mask as a Python int of its minute bits."""
+    if len(value) == BITMAP_BYTES:
+        return int.from_bytes(value, "little")
+    bits = 0
+    for minute in np.frombuffer(value, "<u2").tolist():
+        bits |= 1 << minute
+    return bits
 
 
 def hour_mask_values(bitmaps: Sequence[bytes]) -> list[bytes]:
-    """The 3-byte hour masks that replace 1440-bit minute bitmaps when a day is pruned."""
+    """The 3-byte hour masks that replace minute bitmaps (any form) when a day is pruned."""
     if not bitmaps:
         return []
     bits = np.unpackbits(minute_bitmaps(bitmaps), axis=1, bitorder="little")

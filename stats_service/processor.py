@@ -133,7 +133,7 @@ class StatsProcessor:
             row = locate([minute_media, hour_of_minute], hours.keys)
             slot = (minute_start - hour_of_minute) // k.MINUTE
             rows["minutes"][row, slot] += minute_rows.astype(np.int32)  # (row, slot) distinct
-            txn.put_many(zip(hour_keys, k.values_of_records(rows)))
+            txn.put_many(zip(hour_keys, k.hour_row_values(rows)))
             # The ranking copy holds only the hour's own bucket: whole-hour tiles scan it.
             rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.HOUR], [start, media], (True, False))
             txn.put_many(zip(rank_keys, k.values_from_rows(rows["hour"])))

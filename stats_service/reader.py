@@ -363,8 +363,8 @@ _DAY_AT, _USER_AT = k.column_offset(1), k.column_offset(2)  # in a P key: media 
 
 
 def users_in_range(items: Sequence[tuple[bytes, bytes]], start: int, end: int) -> set[bytes]:
-    """The user columns (8 key bytes) of P rows (key, minute bitmap) with a minute inside
-    minute-aligned [start, end); a pruned day's 3-byte hour mask counts every minute of its
+    """The user columns (8 key bytes) of P rows (key, minute set in any stored form) with a
+    minute inside minute-aligned [start, end); a pruned day's 3-byte hour mask counts every minute of its
     hours (as `key_layout.minute_bitmaps`). The same answer as `_in_range`, row by row."""
     masks: dict[bytes, tuple[int, int] | None] = {}
     found: set[bytes] = set()
@@ -377,8 +377,11 @@ def users_in_range(items: Sequence[tuple[bytes, bytes]], start: int, end: int) -
                 int.from_bytes(day_bytes, "big") - k.BIAS, start, end
             )
         if mask is not None:
-            wanted = mask[0] if len(value) == k.BITMAP_BYTES else mask[1]
-            if not int.from_bytes(value, "little") & wanted:
+            if len(value) == k.HOUR_MASK_BYTES:
+                hit = int.from_bytes(value, "little") & mask[1]
+            else:
+                hit = k.minute_set(value) & mask[0]
+            if not hit:
                 continue
         found.add(key[_USER_AT : _USER_AT + k.COLUMN_BYTES])
     return found

@@ -1,9 +1,9 @@
 """Minute retention: a day's minute detail is pruned once the partition's event time has moved
 `stats_minute_retention_days` past the day's end, so that state stops growing by the largest
-part of it (the 180-byte minute bitmaps, twice per viewer-day, and the 1,200 bytes of minute
-buckets per media-hour). Hour and day buckets, the ranking index and the totals stay.
+part of it (the minute sets, twice per viewer-day, up to 180 bytes each, and the minute buckets
+of each media-hour row, up to 1,200 bytes). Hour and day buckets, the ranking index and the totals stay.
 
-A pruned day's bitmaps become 3-byte hour masks and its hour rows keep only the hour bucket
+A pruned day's minute sets become 3-byte hour masks and its hour rows keep only the hour bucket
 (key_layout). The processor excludes from buckets any event older than the retention before
 the running maximum event time (the same offset-order cut-off as the trend retention), so a
 pruned day is never written again. The cut-off is the running maximum *after* the batch and a
@@ -81,7 +81,7 @@ def _prune_day(
     q_keys = sorted(set(stored) | set(fresh))
     if q_keys:
         values = txn.get_many(q_keys)
-        keep = [i for i, v in enumerate(values) if v is not None and len(v) == k.BITMAP_BYTES]
+        keep = [i for i, v in enumerate(values) if v is not None and len(v) != k.HOUR_MASK_BYTES]
         if keep:
             q_kept = [q_keys[i] for i in keep]
             masks = k.hour_mask_values([values[i] for i in keep])  # type: ignore[misc]
