@@ -177,8 +177,9 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "VIEWEVENTS_KAFKA_FETCH_MB",
         0,
         int,
-        "Kafka consumer fetch buffer (MiB, fetch_max_bytes; a partition gets a quarter, at "
-        "least 1 MiB), overriding the budget's share (0: from the budget).",
+        "What the Kafka consumer's fetching may hold (MiB: a fetch response gets a quarter, a "
+        "partition a sixteenth, each at least 1 MiB), overriding the budget's share (0: from "
+        "the budget).",
     ),
     Setting(
         "rocksdb_write_buffer_mb",
