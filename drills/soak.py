@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from drills import stack
 from viewevents.bootstrap import memory_plan
+from viewevents.memory import FETCH_HELD_RESPONSES
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.query_client import QueryClient
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
@@ -328,7 +329,7 @@ def report(
         print(
             f"memory budget of each consuming service: {plan.budget_mb} MiB (RocksDB block "
             f"cache {plan.block_cache_mb} MiB + up to 3 x {plan.write_buffer_mb} MiB memtables, "
-            f"Kafka fetch {plan.fetch_max_bytes >> 20} MiB, own cache {plan.service_cache_mb} MiB)"
+            f"Kafka fetch {FETCH_HELD_RESPONSES * plan.fetch_max_bytes >> 20} MiB, own cache {plan.service_cache_mb} MiB)"
         )
     print(
         f"{'service':<12} {'RSS at min ' + str(w):>14} {'max 1st half':>13} "

@@ -117,6 +117,15 @@ class StatsServicer:
         self._scans = asyncio.Semaphore(max(1, limits.max_concurrent_scans))
         self._position_kept: tuple[tuple[object, ...], Position] | None = None
 
+    def memory_bytes(self) -> dict[str, int]:
+        """The bytes of this service's own bounded caches (ranking rollups, finished pages), for
+        the bootstrap's memory line: without them a growing RSS could not be told from a filling
+        cache (the soak, docs/operations.md)."""
+        found = {"pages": self.pages.bytes}
+        if self.ranker is not None:
+            found["rollups"] = self.ranker.cache.bytes
+        return found
+
     # --- who answers for which partition ------------------------------------------------------
 
     @property

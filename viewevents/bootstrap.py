@@ -347,6 +347,7 @@ def _new_consumer(
         processor=processor,
         batch_max=config.consume_batch_max,
         batch_min=config.consume_batch_min,
+        batch_bytes=config.consume_batch_mb * 1024 * 1024,
         linger_ms=config.consume_linger_ms,
         dedupe_retention_days=config.dedupe_retention_days,
         dedupe_filter_ids=config.dedupe_filter_ids,

@@ -103,6 +103,15 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "Most records applied in one RocksDB write batch.",
     ),
     Setting(
+        "consume_batch_mb",
+        "VIEWEVENTS_CONSUME_BATCH_MB",
+        8,
+        int,
+        "About the most one RocksDB write batch writes (MiB): the next batch takes fewer records "
+        "than VIEWEVENTS_CONSUME_BATCH_MAX when the last one wrote more per record (at least "
+        "500). Bounds the batch in flight where writes per record grow with the state (0: off).",
+    ),
+    Setting(
         "consume_batch_min",
         "VIEWEVENTS_CONSUME_BATCH_MIN",
         5_000,
@@ -168,8 +177,9 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "VIEWEVENTS_KAFKA_FETCH_MB",
         0,
         int,
-        "Kafka consumer fetch buffer (MiB, fetch_max_bytes; a partition gets a quarter, at "
-        "least 1 MiB), overriding the budget's share (0: from the budget).",
+        "What the Kafka consumer's fetching may hold (MiB: a fetch response gets a quarter, a "
+        "partition a sixteenth, each at least 1 MiB), overriding the budget's share (0: from "
+        "the budget).",
     ),
     Setting(
         "rocksdb_write_buffer_mb",

@@ -59,6 +59,9 @@ KAFKA_CALL_TIMEOUT_S = PROBE_TIMEOUT_S  # a Kafka call inside the loop never blo
 # A linger must be expected to bring at least this many records, else it would only add latency
 # (an idle probe event, a trickle): at 30 ms that means a stream of over 3,300 events/s.
 LINGER_MIN_GAIN = 100
+# The fewest records a byte-bounded batch is cut to (`batch_limit`): below that the per-batch
+# costs (a write batch with its WAL write, a multi-get per key kind) dominate.
+BATCH_BYTES_MIN_RECORDS = 500
 
 
 def linger_seconds(fetched: int, since_last_s: float, batch_min: int, linger_s: float) -> float:
@@ -73,6 +76,19 @@ def linger_seconds(fetched: int, since_last_s: float, batch_min: int, linger_s: 
         return 0.0
     rate = fetched / max(since_last_s, 1e-3)
     return linger_s if rate * linger_s >= LINGER_MIN_GAIN else 0.0
+
+
+def batch_limit(records: int, written: int, budget: int, batch_max: int) -> int:
+    """Records the next batch may take so that its RocksDB write batch stays near `budget`
+    bytes, scaled from the last batch (`records` records wrote `written` bytes). Why: what one
+    batch writes per record is not fixed; the recommender's grows with its state (neighbour rows
+    grow denser, compactions rewrite larger rows), and while the consumer is behind every batch
+    is a full `batch_max`, so the batch in flight (its writes, the write batch, its numpy
+    temporaries) grew with the state. A batch with fixed costs above the budget converges to
+    `BATCH_BYTES_MIN_RECORDS`. `budget` 0 turns the bound off (always `batch_max`)."""
+    if budget <= 0 or records <= 0 or written <= 0:
+        return batch_max
+    return max(min(BATCH_BYTES_MIN_RECORDS, batch_max), min(batch_max, budget * records // written))
 
 
 def join_fetches(
@@ -467,6 +483,7 @@ class ExactlyOnceConsumer:
         processor: Processor,
         batch_max: int = 20_000,
         batch_min: int = 5_000,
+        batch_bytes: int = 0,
         linger_ms: int = 30,
         dedupe_retention_days: int = 30,
         dedupe_filter_ids: int = 1_000_000,
@@ -487,6 +504,8 @@ class ExactlyOnceConsumer:
         self.processor = processor
         self.batch_max = batch_max
         self.batch_min = min(batch_min, batch_max)  # a larger minimum could never be met
+        self.batch_bytes = batch_bytes  # about what one batch may write (0: no byte bound)
+        self.batch_limit = batch_max  # records the next batch may take (`batch_limit`)
         self.linger_s = linger_ms / 1000
         self.seen = SeenIds(
             dedupe_retention_days,
@@ -676,7 +695,7 @@ class ExactlyOnceConsumer:
         last_group_commit = last_fetch = time.monotonic()
         while not self._stop.is_set():
             assert self._fetch is not None, "start() first"
-            batches = await self._fetch.getmany(timeout_ms=200, max_records=self.batch_max)
+            batches = await self._fetch.getmany(timeout_ms=200, max_records=self.batch_limit)
             # The assignment the records were drained under (nothing can yield since the drain);
             # a rebalance during the linger below ends it, and the batch is then read again.
             drained_in = self.catch_up.generation
@@ -748,18 +767,18 @@ class ExactlyOnceConsumer:
         `batch_min` records or the linger time; a rebalance meanwhile ends the wait."""
         assert self._fetch is not None
         count = sum(map(len, batches.values()))
-        wait = linger_seconds(count, since_last_s, self.batch_min, self.linger_s)
+        limit = self.batch_limit
+        batch_min = min(self.batch_min, limit)
+        wait = linger_seconds(count, since_last_s, batch_min, self.linger_s)
         if not wait:
             return batches
         generation = self.catch_up.generation
         deadline = time.monotonic() + wait
-        while count < self.batch_min and generation == self.catch_up.generation:
+        while count < batch_min and generation == self.catch_up.generation:
             left_ms = int(1000 * (deadline - time.monotonic()))
             if left_ms <= 0:
                 break
-            later = await self._fetch.getmany(
-                timeout_ms=left_ms, max_records=max(1, self.batch_max - count)
-            )
+            later = await self._fetch.getmany(timeout_ms=left_ms, max_records=max(1, limit - count))
             if not later:
                 break
             join_fetches(batches, later)
@@ -861,6 +880,9 @@ class ExactlyOnceConsumer:
             self.stats.duplicates += duplicates
             self._duplicates.inc(duplicates)
         txn.commit()
+        self.batch_limit = batch_limit(
+            sum(map(len, batches.values())), txn.bytes_written, self.batch_bytes, self.batch_max
+        )
         # The processor publishes what it serves queries from (the recommender's view) before
         # the positions move: a partition counts as caught up, and may be answered for, only
         # once the state that reached its end offset is visible to the queries.

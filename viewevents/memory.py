@@ -18,7 +18,7 @@ MiB = 1024 * 1024
 CACHE_SHARE = 0.20  # RocksDB block cache (index and filter blocks included)
 WRITE_BUFFER_SHARE = 0.06  # per RocksDB memtable; at most MAX_WRITE_BUFFERS exist (18 %)
 MAX_WRITE_BUFFERS = 3
-FETCH_SHARE = 0.08  # the Kafka consumer's fetch buffer (fetch_max_bytes)
+FETCH_SHARE = 0.08  # what the Kafka consumer's fetching holds (`fetch_sizes`)
 SERVICE_CACHE_SHARE = 0.10  # the service's own cache (neighbour lists; stats: rollups)
 SIDE_CACHE_SHARE = 0.05  # the recommender's hot rows (70 %) and fan-out lists (30 %)
 DEDUPE_FILTER_SHARE = 0.08  # the consumer's per-partition de-duplication filters, together
@@ -44,26 +44,42 @@ class MemoryPlan:
         return (
             self.block_cache_mb
             + MAX_WRITE_BUFFERS * self.write_buffer_mb
-            + self.fetch_max_bytes / MiB
+            + FETCH_HELD_RESPONSES * self.fetch_max_bytes / MiB
             + self.service_cache_mb
             + self.side_cache_mb
             + self.dedupe_filter_mb
         )
 
 
+FETCH_HELD_RESPONSES = 4  # what fetching holds at once, in fetch responses (`fetch_sizes`)
+
+
+def fetch_sizes(share_bytes: int) -> tuple[int, int]:
+    """(fetch_max_bytes, max_partition_fetch_bytes) such that what aiokafka holds stays within
+    `share_bytes`: per owned partition, the undrained records of its last fetch (up to the
+    partition size), plus a response being read (its raw frame and the per-partition copies
+    decoded from it). With a response of a quarter of the share and a partition of a sixteenth,
+    eight partitions buffer half the share and a response in flight twice a quarter. Measured
+    in the soak before (response = the share, partition a quarter): a consumer that had fallen
+    behind held about 45 MiB of fetched record sets against a 16 MiB share. A partition's part
+    is never less than a batch of the largest records ingest writes."""
+    response = max(MIN_PARTITION_FETCH_BYTES, share_bytes // FETCH_HELD_RESPONSES)
+    return response, max(MIN_PARTITION_FETCH_BYTES, share_bytes // 16)
+
+
 def plan_memory(
     budget_mb: int, cache_mb: int = 0, write_buffer_mb: int = 0, fetch_mb: int = 0
 ) -> MemoryPlan:
     """The split of `budget_mb`; explicit sizes (non-zero) override their share."""
-    fetch_bytes = (fetch_mb or max(4, int(budget_mb * FETCH_SHARE))) * MiB
+    fetch_bytes, partition_bytes = fetch_sizes(
+        (fetch_mb or max(4, int(budget_mb * FETCH_SHARE))) * MiB
+    )
     return MemoryPlan(
         budget_mb=budget_mb,
         block_cache_mb=cache_mb or max(8, int(budget_mb * CACHE_SHARE)),
         write_buffer_mb=write_buffer_mb or max(4, int(budget_mb * WRITE_BUFFER_SHARE)),
         fetch_max_bytes=fetch_bytes,
-        # A fetch covers several partitions; one may take a quarter, but never less than a
-        # batch of the largest records ingest writes.
-        max_partition_fetch_bytes=max(MIN_PARTITION_FETCH_BYTES, fetch_bytes // 4),
+        max_partition_fetch_bytes=partition_bytes,
         service_cache_mb=max(1, int(budget_mb * SERVICE_CACHE_SHARE)),
         side_cache_mb=max(1, int(budget_mb * SIDE_CACHE_SHARE)),
         dedupe_filter_mb=max(1, int(budget_mb * DEDUPE_FILTER_SHARE)),

@@ -35,6 +35,7 @@ class Transaction:
         self._pending: dict[bytes, bytes | None] = {}  # None = delete
         self._deletes = 0  # delete() calls: when 0, commit hands every pending put over in C
         self._status = TransactionStatus.OPEN
+        self.bytes_written = 0  # the RocksDB write batch's size, once committed
 
     @property
     def status(self) -> TransactionStatus:
@@ -102,6 +103,8 @@ class Transaction:
             # One put per key, called from C (map), not from a Python loop: a batch holds about
             # two keys per event.
             deque(map(batch.put, pending.keys(), pending.values()), maxlen=0)
+        written = batch.size_in_bytes()  # the write consumes the batch
         self._store.write(batch)
+        self.bytes_written = written
         self._pending = {}
         self._status = TransactionStatus.COMMITTED

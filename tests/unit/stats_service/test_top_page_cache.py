@@ -136,6 +136,11 @@ def test_a_kept_page_is_never_served_after_a_batch_was_applied(tmp_path: Path) -
                     answers_changed += key in previous and previous[key] != expected
                     previous[key] = expected
             assert servicer.pages.hits - hits == 2 * len(queries)  # every repeat was kept
+        # The once-a-minute memory line names both caches with what they hold.
+        assert servicer.ranker is not None
+        memory = servicer.memory_bytes()
+        assert memory == {"pages": servicer.pages.bytes, "rollups": servicer.ranker.cache.bytes}
+        assert memory["pages"] > 0 and memory["rollups"] > 0
     finally:
         store.close()
     assert answers_changed > 0  # the test would see a stale page
