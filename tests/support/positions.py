@@ -22,6 +22,14 @@ NOT_YET = (
 )
 
 
+def caught_up_position(offsets: Mapping[int, int]) -> ve.ConsumerPosition:
+    """The ConsumerPosition message of a caught-up consumer at `offsets` (for test fakes)."""
+    return ve.ConsumerPosition(
+        partitions=[ve.PartitionOffset(partition=p, offset=o) for p, o in sorted(offsets.items())],
+        caught_up=True,
+    )
+
+
 def stats_position(channel: grpc.Channel) -> ve.ConsumerPosition:
     """The stats service's position (from the cheapest query that carries it)."""
     return (

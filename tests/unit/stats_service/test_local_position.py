@@ -8,6 +8,7 @@ from pathlib import Path
 from stats_service import request_parsing
 from stats_service.reader import StatsReader
 from stats_service.servicer import StatsServicer
+from tests.support.positions import caught_up_position
 from viewevents.state.store import StateStore
 from viewevents.v1 import view_event_pb2
 
@@ -18,13 +19,7 @@ class _MessageOnly:
     """A consumer that only offers its position message (as test fakes and embedders do)."""
 
     def position(self) -> view_event_pb2.ConsumerPosition:
-        return view_event_pb2.ConsumerPosition(
-            partitions=[
-                view_event_pb2.PartitionOffset(partition=p, offset=o)
-                for p, o in sorted(OFFSETS.items())
-            ],
-            caught_up=True,
-        )
+        return caught_up_position(OFFSETS)
 
 
 class _WithOffsets(_MessageOnly):
@@ -72,10 +67,4 @@ class _MessageOnlyAt:
         self.offsets = offsets
 
     def position(self) -> view_event_pb2.ConsumerPosition:
-        return view_event_pb2.ConsumerPosition(
-            partitions=[
-                view_event_pb2.PartitionOffset(partition=p, offset=o)
-                for p, o in sorted(self.offsets.items())
-            ],
-            caught_up=True,
-        )
+        return caught_up_position(self.offsets)

@@ -17,6 +17,7 @@ from stats_service.rollups import BucketVersions, RollupCache
 from stats_service.servicer import StatsServicer
 from stats_service.top_cache import ENTRY_OVERHEAD, PageCache, page_cache_bytes
 from stats_service.top_media import RollupRanker
+from tests.support.positions import caught_up_position
 from tests.support.stats_state import HEARTBEAT, Brute, Event, load, partition, random_events
 from viewevents.state.store import StateStore
 from viewevents.v1 import stats_service_pb2 as pb
@@ -56,13 +57,7 @@ class _Consumer:
         self.positions: dict[int, int] = {p: 0 for p in range(PARTITIONS)}
 
     def position(self) -> view_event_pb2.ConsumerPosition:
-        return view_event_pb2.ConsumerPosition(
-            partitions=[
-                view_event_pb2.PartitionOffset(partition=p, offset=o)
-                for p, o in sorted(self.positions.items())
-            ],
-            caught_up=True,
-        )
+        return caught_up_position(self.positions)
 
 
 def _expected(brute: Brute, start: int, end: int, metric: int, limit: int) -> list[tuple]:
