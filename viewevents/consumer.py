@@ -377,9 +377,9 @@ class SeenIds:
 class CatchUp:
     """Which partitions this instance answers for, and whether it caught up on all of them.
 
-    Pure bookkeeping that the consumer drives. Every assignment or revocation starts over: the
-    newly assigned partitions may be far behind in this instance's store, and the answer must
-    not count partitions it no longer owns. A partition is caught up when its position is at or
+    Pure bookkeeping that the consumer drives. Every assignment or revocation starts over for
+    the partitions it brings: newly assigned ones may be far behind in this instance's store,
+    and the answer must not count partitions it no longer owns. A partition is caught up when its position is at or
     past the end offset read after the latest assignment, or when it was caught up here before
     a rebalance and this instance owned it without a break (its Kafka group generations are
     consecutive, so no other member can have read it meanwhile): such a kept partition keeps
@@ -452,8 +452,9 @@ class CatchUp:
         self.positions.update(positions)
 
     def caught_up_partitions(self) -> frozenset[int]:
-        """Owned partitions at or past their end offset read after the latest assignment:
-        the only ones this instance may answer from (the others are still being replayed)."""
+        """Owned partitions at or past their end offset read after the latest assignment, or
+        kept without a break since they were caught up: the only ones this instance may answer
+        from (the others are still being replayed)."""
         targets = self.targets or {}
         return frozenset(
             p
@@ -880,16 +881,15 @@ class ExactlyOnceConsumer:
             self.stats.duplicates += duplicates
             self._duplicates.inc(duplicates)
         txn.commit()
-        self.batch_limit = batch_limit(
-            sum(map(len, batches.values())), txn.bytes_written, self.batch_bytes, self.batch_max
-        )
+        fetched = sum(map(len, batches.values()))
+        self.batch_limit = batch_limit(fetched, txn.bytes_written, self.batch_bytes, self.batch_max)
         # The processor publishes what it serves queries from (the recommender's view) before
         # the positions move: a partition counts as caught up, and may be answered for, only
         # once the state that reached its end offset is visible to the queries.
         self.processor.committed()
         self.catch_up.advance(new_positions)
         self.stats.batches += 1
-        self._consumed.inc(sum(len(r) for r in batches.values()))
+        self._consumed.inc(fetched)
         self._applied.inc(self.stats.applied - applied_before)
 
     def _decode(self, raw_values: Sequence[bytes | None]) -> EventBatch:
