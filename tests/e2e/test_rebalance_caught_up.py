@@ -215,6 +215,12 @@ def test_answers_cover_exactly_the_caught_up_partitions_through_rebalances(
     # A alone again: it owns everything and must catch up on B's former partitions first.
     a.wait_serving()
     wait_for(lambda: position(a.address, media[0])[1] == ends, "A applied everything")
+    # A serves again only moments before this point; keep polling until the poller has seen it
+    # (stopping at once left phase 2 without a single answer when the poller was mid-sleep).
+    wait_for(
+        lambda: any(phase == 2 for phase, _, _, _ in list(poller.answers)),
+        "a caught-up answer from A alone after the second rebalance",
+    )
     poller.done.set()
     poller.join(10)
 
