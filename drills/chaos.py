@@ -42,10 +42,6 @@ from tqdm import tqdm
 from drills import checks, stack
 from drills.oracle import brute_force, uploaded_events
 from viewevents.v1 import ingest_service_pb2 as ingest_pb
-from viewevents.v1 import recommender_service_pb2 as rec_pb
-from viewevents.v1 import recommender_service_pb2_grpc as rec_grpc
-from viewevents.v1 import stats_service_pb2 as stats_pb
-from viewevents.v1 import stats_service_pb2_grpc as stats_grpc
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS, UploadTotals, upload_resumable
 from viewevents_tools.generator import generate
@@ -164,36 +160,6 @@ def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
     return ends
 
 
-def position(name: str, address: str) -> dict[int, int] | None:
-    """The consumer's applied offsets, from the cheapest query that carries them."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            if name == "stats":
-                reply = stats_grpc.StatsServiceStub(channel).ListTopMedia(
-                    stats_pb.ListTopMediaRequest(
-                        start_time={"seconds": 0}, end_time={"seconds": 60}, limit=1
-                    ),
-                    timeout=5,
-                )
-            else:
-                reply = rec_grpc.RecommenderServiceStub(channel).RecommendForUser(
-                    rec_pb.RecommendForUserRequest(user_id=1), timeout=5
-                )
-            return {p.partition: p.offset for p in reply.position.partitions}
-    except grpc.RpcError:
-        return None
-
-
-def wait_applied(name: str, address: str, targets: dict[int, int], timeout: float) -> None:
-    def covered() -> bool:
-        got = position(name, address)
-        return got is not None and all(got.get(p, 0) >= end for p, end in targets.items())
-
-    stack.wait_until(
-        covered, timeout, f"{name} applied {sum(targets.values())} records", interval=1.0
-    )
-
-
 def kill_schedule(service_kills: int, broker_kills: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     victims = [rng.choice(SERVICES) for _ in range(service_kills)] + ["broker"] * broker_kills
@@ -295,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         records = sum(ends.values())
         truth = brute_force(str(path), drill.config, limit)
         for name in ("stats", "recommender"):
-            wait_applied(name, getattr(drill.config, f"{name}_address"), ends, 1800)
+            stack.wait_applied(name, getattr(drill.config, f"{name}_address"), ends, 1800)
         verdicts.append(
             checks.check_stats(drill.config.stats_address, truth, drill.config.heartbeat_seconds)
         )

@@ -22,8 +22,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import grpc
 import psutil
 
+from viewevents.v1 import recommender_service_pb2 as rec_pb
+from viewevents.v1 import recommender_service_pb2_grpc as rec_grpc
+from viewevents.v1 import stats_service_pb2 as stats_pb
+from viewevents.v1 import stats_service_pb2_grpc as stats_grpc
 from viewevents_tools import settings_catalogue as settings
 from viewevents_tools.processes import REPO, health_status, spawn_service, stop_service
 
@@ -267,3 +272,33 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def run_dir(kind: str) -> Path:
     """A fresh directory for one run's broker data, state and logs."""
     return DRILLS_DATA / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def position(name: str, address: str) -> dict[int, int] | None:
+    """The consumer's applied offsets, from the cheapest query that carries them."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            if name == "stats":
+                reply = stats_grpc.StatsServiceStub(channel).ListTopMedia(
+                    stats_pb.ListTopMediaRequest(
+                        start_time={"seconds": 0}, end_time={"seconds": 60}, limit=1
+                    ),
+                    timeout=5,
+                )
+            else:
+                reply = rec_grpc.RecommenderServiceStub(channel).RecommendForUser(
+                    rec_pb.RecommendForUserRequest(user_id=1), timeout=5
+                )
+            return {p.partition: p.offset for p in reply.position.partitions}
+    except grpc.RpcError:
+        return None
+
+
+def wait_applied(name: str, address: str, targets: dict[int, int], timeout: float) -> None:
+    """Until the consumer at `address` has applied every partition up to `targets`."""
+
+    def covered() -> bool:
+        got = position(name, address)
+        return got is not None and all(got.get(p, 0) >= end for p, end in targets.items())
+
+    wait_until(covered, timeout, f"{name} applied {sum(targets.values())} records", interval=1.0)
