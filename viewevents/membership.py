@@ -129,26 +129,36 @@ class OwnershipAssignor(AbstractPartitionAssignor):
     def assign(
         self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        """Each topic's partitions go only to the members subscribed to it (a group shared by
+        deployments of different topics, e.g. a mistyped topic, must not hand a member partitions
+        it did not ask for: aiokafka stops such a consumer), and each member hears the owners of
+        its own topics (services subscribe to one topic, so partition numbers do not clash)."""
         claims = {m: Claim.decode(meta.user_data) for m, meta in members.items()}
         topics = sorted({t for meta in members.values() for t in meta.subscription})
-        assignment: dict[str, ConsumerProtocolMemberAssignment] = {}
         per_topic: dict[str, dict[str, list[int]]] = {}
-        owners: dict[int, str] = {}
+        owners: dict[str, dict[int, str]] = {}
         for topic in topics:
+            subscribed = {m: c for m, c in claims.items() if topic in members[m].subscription}
             partitions = cluster.partitions_for_topic(topic) or set()
-            plan = plan_assignment(partitions, claims)
-            per_topic[topic] = plan
-            owners.update(owners_of(plan, claims))  # services subscribe to one topic
-        data = encode_owners(owners)
-        for member in members:
+            per_topic[topic] = plan_assignment(partitions, subscribed)
+            owners[topic] = owners_of(per_topic[topic], subscribed)
+        assignment: dict[str, ConsumerProtocolMemberAssignment] = {}
+        for member, meta in members.items():
+            mine = sorted(set(meta.subscription))
+            heard: dict[int, str] = {}
+            for topic in mine:
+                heard.update(owners[topic])
             assignment[member] = ConsumerProtocolMemberAssignment(
                 ASSIGNOR_VERSION,
-                [(topic, per_topic[topic][member]) for topic in topics if per_topic[topic][member]],
-                data,
+                [(t, per_topic[t][member]) for t in mine if per_topic[t][member]],
+                encode_owners(heard),
             )
         log.info(
             "assigned partitions: %s",
-            {claims[m].address or m: [p for t in topics for p in per_topic[t][m]] for m in members},
+            {
+                claims[m].address or m: {t: ps[m] for t, ps in per_topic.items() if m in ps}
+                for m in members
+            },
         )
         return assignment
 

@@ -30,12 +30,16 @@ def unique_name(prefix: str) -> str:
 
 
 def test_config(bootstrap: str, **overrides: object) -> settings.Config:
-    """A configuration with fresh topic names, so tests never see each other's events."""
+    """A configuration with fresh topic names and consumer groups, so tests never see each
+    other's events or share a group (a consumer still leaving a group when the next test's joins
+    would otherwise take part in its rebalance)."""
     base = settings.load(env={})
     values: dict[str, object] = dict(
         kafka_bootstrap=bootstrap,
         view_topic=unique_name("view-events"),
         dead_letter_topic=unique_name("dead-letter"),
+        stats_group=unique_name("stats"),
+        recommender_group=unique_name("rec"),
         ingest_metrics_port=0,
         stats_metrics_port=0,
         recommender_metrics_port=0,

@@ -103,3 +103,37 @@ def test_the_assignor_gives_every_member_the_whole_owners_map() -> None:
     assert heard["x"] == heard["y"] == {0: "x:9", 1: "x:9", 2: "y:9", 3: "y:9"}
     mine = {n: sorted(tp.partition for tp in a.partitions()) for n, a in result.items()}
     assert mine == {"x": [0, 1], "y": [2, 3]}
+
+
+def test_a_member_gets_only_partitions_of_the_topics_it_subscribed_to() -> None:
+    """Two deployments sharing a group id by mistake, each on its own topic: aiokafka stops a
+    consumer handed a partition of a topic it did not subscribe to (an e2e run crashed so)."""
+    heard: dict[str, dict[int, str]] = {}
+    assignors = {
+        name: OwnershipAssignor(
+            lambda n=name: Claim(f"{n}:9", {}), lambda owners, n=name: heard.__setitem__(n, owners)
+        )
+        for name in ("x", "y", "z")
+    }
+    topic_of = {"x": "views-a", "y": "views-b", "z": "views-a"}
+    members = {
+        name: ConsumerProtocolMemberMetadata.decode(
+            assignors[name].metadata([topic_of[name]]).encode()
+        )
+        for name in assignors
+    }
+    cluster = _Cluster({"views-a": {0, 1, 2, 3}, "views-b": {0, 1}})
+    result = assignors["x"].assign(cluster, members)  # type: ignore[arg-type]
+    for name, assignment in result.items():
+        assignors[name].on_assignment(assignment)
+    got = {
+        name: sorted((tp.topic, tp.partition) for tp in assignment.partitions())
+        for name, assignment in result.items()
+    }
+    assert got == {
+        "x": [("views-a", 0), ("views-a", 1)],
+        "y": [("views-b", 0), ("views-b", 1)],
+        "z": [("views-a", 2), ("views-a", 3)],
+    }
+    assert heard["x"] == heard["z"] == {0: "x:9", 1: "x:9", 2: "z:9", 3: "z:9"}
+    assert heard["y"] == {0: "y:9", 1: "y:9"}
