@@ -62,7 +62,7 @@ class Expected:
                 users.add(user)
         return [(s, *b[:4], len(b[4])) for s, b in sorted(buckets.items())], len(users)
 
-    def top(self, start: int, end: int, metric: int) -> list[tuple]:
+    def top(self, start: int, end: int, metric: pb.TopMediaMetric) -> list[tuple]:
         acc: dict[int, list] = defaultdict(lambda: [0, 0, set()])
         for media, user, kind, seconds in self.rows:
             if start <= seconds < end:
@@ -176,6 +176,7 @@ class BruteForce:
         """{neighbour: (score, co-viewers)} for every neighbour with enough support."""
         a = self.col[item]
         matrix = self.cos if metric is Metric.COSINE else self.pearson
+        assert isinstance(matrix, np.ndarray), "Pearson needs at least two users"
         out = {}
         for b, j in enumerate(self.items):
             co = int(self.c[a, b])
