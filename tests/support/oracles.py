@@ -176,12 +176,12 @@ class BruteForce:
         """{neighbour: (score, co-viewers)} for every neighbour with enough support."""
         a = self.col[item]
         matrix = self.cos if metric is Metric.COSINE else self.pearson
-        assert isinstance(matrix, np.ndarray), "Pearson needs at least two users"
         out = {}
         for b, j in enumerate(self.items):
             co = int(self.c[a, b])
             if b == a or co < max(1, min_co):
                 continue
+            assert isinstance(matrix, np.ndarray), "Pearson needs at least two users"
             score = float(matrix[a, b])
             if math.isnan(score):
                 continue

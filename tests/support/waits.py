@@ -17,8 +17,8 @@ def wait_for(
 ) -> T:
     """Call `condition` until it returns something truthy and return that (never None, so a
     condition typed `X | None` gives an `X`); TimeoutError after `timeout` s. Exceptions from
-    `condition` propagate: callers decide which failures mean "not yet". `message`
-    may be a callable, evaluated only on timeout (e.g. a service's log)."""
+    `condition` propagate: callers decide which failures mean "not yet". `message` may be a
+    callable, evaluated only on timeout (e.g. a service's log)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
