@@ -9,7 +9,7 @@ back-pressure), and this class ships batches through the producer and applies th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ class PartitionedWriter:
         self,
         producer: Any,  # AIOKafkaProducer, or a fake with create_batch and send_batch
         topic: str,
-        partitioner: KeyPartitioner,
+        partitioner: Callable[[bytes], int],  # KeyPartitioner, or a test's own
         headers: Sequence[tuple[str, bytes]],
         max_inflight_batches: int,
         ack_timeout_seconds: float = 30.0,

@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, cast
@@ -449,7 +449,7 @@ def open_lines(path: str) -> BinaryIO:
     return raw
 
 
-def iter_file(path: str) -> Iterator[tuple[int, ParsedLine]]:
+def iter_file(path: str) -> Generator[tuple[int, ParsedLine], None, None]:
     """Stream (1-based line number, parsed line) from a file, .gz or not; blank lines skipped."""
     f = open_lines(path)
     inner = cast(BinaryIO, f.fileobj) if isinstance(f, gzip.GzipFile) else None

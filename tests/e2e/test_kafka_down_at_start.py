@@ -67,11 +67,11 @@ def test_a_service_waiting_for_kafka_at_start_exits_0_on_a_signal(tmp_path: Path
     ]
     # Blocked in start-up: it logged the wait twice (so it retried), and is still running.
     for service in services:
-        wait_for(
-            lambda s=service: waiting_lines(s) >= 2,  # type: ignore[misc]
-            60,
-            message=service.tail,
-        )
+
+        def retried(s: ServiceProcess = service) -> bool:
+            return waiting_lines(s) >= 2
+
+        wait_for(retried, 60, message=service.tail)
     exits = {s.module: signal_and_time(s, sig) for s in services}
     print("seconds to exit while waiting for Kafka:", exits)
     for service in services:
@@ -103,7 +103,11 @@ def test_a_service_started_before_kafka_serves_once_kafka_is_up(
         for m in ("ingest_service", "stats_service")
     ]
     for service in services:
-        wait_for(lambda s=service: waiting_lines(s) >= 1, 60, message=service.tail)  # type: ignore[misc]
+
+        def waiting(s: ServiceProcess = service) -> bool:
+            return waiting_lines(s) >= 1
+
+        wait_for(waiting, 60, message=service.tail)
     kafka_sh("start", env)
     for service in services:
         service.wait_serving(timeout=120)

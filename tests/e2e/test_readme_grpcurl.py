@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -73,7 +74,15 @@ def stack(
         service.stop()
 
 
-def expected_from_examples() -> dict[str, object]:
+class Expected(TypedDict):
+    viewers: dict[int, set[int]]  # per media id
+    waypoints: dict[int, int]
+    waypoint_minutes: dict[int, set[str]]
+    top3: list[int]  # media ids, most unique viewers first
+    uploaded: int
+
+
+def expected_from_examples() -> Expected:
     """Brute force over docs/examples/upload-requests.jsonl plus the README's Publish event."""
     events = [
         e

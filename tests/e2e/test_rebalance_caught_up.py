@@ -24,6 +24,7 @@ from tests.support.data import make_events
 from viewevents.kafka import KeyPartitioner, user_key
 from viewevents.v1 import stats_service_pb2 as pb
 from viewevents.v1 import stats_service_pb2_grpc as pb_grpc
+from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 PARTITIONS = 4
@@ -35,10 +36,10 @@ class Truth:
     """(starts, view seconds, unique viewers) per media and partition, by brute force."""
 
     def __init__(self) -> None:
-        self.events: dict[str, object] = {}
+        self.events: dict[str, ve.ViewEvent] = {}
         self.partitioner = KeyPartitioner(PARTITIONS)
 
-    def add(self, events: list) -> None:
+    def add(self, events: list[ve.ViewEvent]) -> None:
         self.events.update((e.event_id, e) for e in events)
 
     def totals(self, media: int, partitions: frozenset[int]) -> tuple[int, int, int]:

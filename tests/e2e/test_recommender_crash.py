@@ -62,13 +62,12 @@ def test_kill_minus_nine_keeps_every_statistic_exact(kafka_bootstrap: str, tmp_p
         last = 0
         for kill in range(KILLS):
             # Kill once this incarnation has applied records beyond the previous kill.
+            def progressed(floor: int = last) -> int | None:
+                n = applied_records(config.recommender_address, recommender_position)
+                return n if n is not None and n > floor else None
+
             last = wait_for(
-                lambda floor=last: (
-                    (n := applied_records(config.recommender_address, recommender_position))
-                    is not None
-                    and n > floor
-                    and n
-                ),
+                progressed,
                 timeout=180,
                 message=f"progress before kill {kill + 1}",
             )

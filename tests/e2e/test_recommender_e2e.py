@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -149,7 +150,13 @@ def test_errors(deployment: dict) -> None:
         stub.GetSimilarMedia(pb.GetSimilarMediaRequest(media_id=10**12))
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as failure:
-        stub.GetSimilarMedia(pb.GetSimilarMediaRequest(media_id=0, limit=500, metric=9))
+        stub.GetSimilarMedia(
+            pb.GetSimilarMediaRequest(
+                media_id=0,
+                limit=500,
+                metric=cast(pb.SimilarityMetric, 9),  # not a named metric
+            )
+        )
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert {(v.field, v.reason) for v in field_violations_of(failure.value)} == {
         ("media_id", "REQUIRED"),

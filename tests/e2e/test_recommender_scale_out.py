@@ -51,11 +51,14 @@ def eight_partitions(
         assert len(targets) == 8
         probe = sample_items(truth, 6)[0]
         for process in made.instances:
-            wait_for(
-                lambda p=process: complete(p.address, probe, targets),
-                180,
-                message=lambda p=process: f"{p.address} not complete:\n{p.tail()}",
-            )
+
+            def done(p: ServiceProcess = process) -> bool:
+                return complete(p.address, probe, targets)
+
+            def not_done(p: ServiceProcess = process) -> str:
+                return f"{p.address} not complete:\n{p.tail()}"
+
+            wait_for(done, 180, message=not_done)
         yield made, members, single, truth
     finally:
         made.stop()
@@ -116,11 +119,14 @@ def test_an_instance_with_no_partition_answers_exactly(
         targets = end_offsets(kafka_bootstrap, made.config.view_topic)
         probe = sample_items(truth, 6)[0]
         for process in made.instances:
-            wait_for(
-                lambda p=process: complete(p.address, probe, targets),
-                180,
-                message=lambda p=process: f"{p.address} not complete:\n{p.tail()}",
-            )
+
+            def done(p: ServiceProcess = process) -> bool:
+                return complete(p.address, probe, targets)
+
+            def not_done(p: ServiceProcess = process) -> str:
+                return f"{p.address} not complete:\n{p.tail()}"
+
+            wait_for(done, 180, message=not_done)
         idle = [p for p in made.instances if "assigned partitions []" in p.log_path.read_text()]
         assert idle, "no instance was left without a partition"
         for item in sample_items(truth, 10):

@@ -99,8 +99,12 @@ def grow_to_three(
     pollers = [Poller.when_listening(first.address, keys, ask, NOT_FOUND)]
     floor = 0
     for name in ("b", "c"):
+
+        def beyond(f: int = floor + part // 4) -> int:
+            return progressed(first.address, read, f)
+
         floor = wait_for(
-            lambda f=floor + part // 4: progressed(first.address, read, f),
+            beyond,
             180,
             message=f"{first.address} made no progress before starting {name}",
         )

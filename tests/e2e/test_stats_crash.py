@@ -43,12 +43,12 @@ def test_kill_minus_nine_during_upload_loses_and_doubles_nothing(
         last = 0
         for kill in range(KILLS):
             # Kill once this incarnation has applied records beyond the previous kill.
+            def progressed(floor: int = last) -> int | None:
+                n = applied_records(config.stats_address, stats_position)
+                return n if n is not None and n > floor else None
+
             last = wait_for(
-                lambda floor=last: (
-                    (n := applied_records(config.stats_address, stats_position)) is not None
-                    and n > floor
-                    and n
-                ),
+                progressed,
                 timeout=180,
                 message=f"progress before kill {kill + 1}",
             )

@@ -19,7 +19,7 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from tests.support import unique_name, wait_for
+from tests.support import ServiceProcess, unique_name, wait_for
 from tests.support.broker import end_offsets, read_events
 from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
 from tests.support.oracles import Expected, StatsBounds, check_all_totals
@@ -60,7 +60,7 @@ def trends(
     media_ids: list[int],
     start: int,
     end: int,
-    granularity: pb.Granularity.ValueType = pb.GRANULARITY_DAY,
+    granularity: pb.Granularity = pb.GRANULARITY_DAY,
 ) -> dict[int, tuple]:
     """Buckets over the span and the span's unique viewers, per media item; every answer must
     cover all partitions."""
@@ -118,11 +118,14 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
     assert len(targets) == PARTITIONS
     probe = max(expected.by_media, key=lambda m: len(expected.by_media[m]))
     for process in (a, b, c, single):
-        wait_for(
-            lambda p=process: applied_all(p.address, probe, targets),
-            180,
-            message=lambda p=process: f"{p.address} not complete: {p.tail()}",
-        )
+
+        def done(p: ServiceProcess = process) -> bool:
+            return applied_all(p.address, probe, targets)
+
+        def not_done(p: ServiceProcess = process) -> str:
+            return f"{p.address} not complete: {p.tail()}"
+
+        wait_for(done, 180, message=not_done)
 
     # Each group member owns part of the topic, and answers for all of it.
     media_ids = sorted(expected.by_media)
@@ -175,11 +178,14 @@ def test_every_instance_answers_exactly_and_a_kill_is_never_partial(
     everything = first_copies(accepted_events(events, group.config))
     final = end_offsets(kafka_bootstrap, group.config.view_topic)
     for process in (a, c, single):
-        wait_for(
-            lambda p=process: applied_all(p.address, probe, final),
-            180,
-            message=lambda p=process: f"{p.address} not complete after the kill: {p.tail()}",
-        )
+
+        def done(p: ServiceProcess = process) -> bool:
+            return applied_all(p.address, probe, final)
+
+        def not_done(p: ServiceProcess = process) -> str:
+            return f"{p.address} not complete after the kill: {p.tail()}"
+
+        wait_for(done, 180, message=not_done)
     for poller in pollers:
         poller.stop()
 
@@ -226,11 +232,14 @@ def test_an_instance_that_owns_no_partition_answers_by_asking_the_owners(
         targets = end_offsets(kafka_bootstrap, group.config.view_topic)
         probe = max(expected.by_media, key=lambda m: len(expected.by_media[m]))
         for process in members:
-            wait_for(
-                lambda p=process: applied_all(p.address, probe, targets),
-                180,
-                message=lambda p=process: f"{p.address} not complete: {p.tail()}",
-            )
+
+            def done(p: ServiceProcess = process) -> bool:
+                return applied_all(p.address, probe, targets)
+
+            def not_done(p: ServiceProcess = process) -> str:
+                return f"{p.address} not complete: {p.tail()}"
+
+            wait_for(done, 180, message=not_done)
         idle = [p for p in members if "assigned partitions []" in p.log_path.read_text()]
         assert idle, "no instance was left without a partition"
         for process in members:

@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.support import unique_name, wait_for
+from tests.support import ServiceProcess, unique_name, wait_for
 from tests.support.broker import end_offsets
 from tests.support.data import STATS_FILE, accepted_events, first_copies, generated_events
 from tests.support.oracles import Expected
@@ -51,7 +51,7 @@ def cluster(tmp_path: Path, kafka_bootstrap: str) -> Iterator[StatsGroup]:
 
 
 def request(
-    start: int, end: int, metric: int, limit: int, token: str = ""
+    start: int, end: int, metric: pb.TopMediaMetric, limit: int, token: str = ""
 ) -> pb.ListTopMediaRequest:
     return pb.ListTopMediaRequest(
         start_time=_ts(start), end_time=_ts(end), metric=metric, limit=limit, page_token=token
@@ -77,7 +77,7 @@ def walk(
     stubs: list[tuple[str, pb_grpc.StatsServiceStub]],
     start: int,
     end: int,
-    metric: int,
+    metric: pb.TopMediaMetric,
     limit: int,
     first: int,
 ) -> list[tuple]:
@@ -118,11 +118,14 @@ def test_every_instance_ranks_every_partition_exactly_page_after_page(
     low = min(r[3] for r in expected.rows)
     high = max(r[3] for r in expected.rows) + 1
     for process in (*members, single):
-        wait_for(
-            lambda p=process: caught_up(p.address, low, high, targets),
-            180,
-            message=lambda p=process: f"{p.address} not complete: {p.tail()}",
-        )
+
+        def done(p: ServiceProcess = process) -> bool:
+            return caught_up(p.address, low, high, targets)
+
+        def not_done(p: ServiceProcess = process) -> str:
+            return f"{p.address} not complete: {p.tail()}"
+
+        wait_for(done, 180, message=not_done)
 
     busiest_day = max(
         range(low // DAY * DAY, high, DAY),

@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -88,7 +89,7 @@ def test_upload_100k_lands_exactly_the_valid_events(
     dead = read_topic(config.kafka_bootstrap, config.dead_letter_topic)
     assert len(dead) == len(broken)
     expected_dead = Counter(e.SerializeToString() for e, _ in broken)
-    got_dead = Counter()
+    got_dead: Counter[bytes] = Counter()
     for record in dead:
         rejected = ve.RejectedEvent.FromString(record.value)
         got_dead[rejected.event.SerializeToString()] += 1
@@ -104,7 +105,10 @@ def test_garbage_in_the_middle_does_not_sink_the_stream(
     good_before, _ = make_events(300, seed=21, bad_share=0)
     good_after, _ = make_events(300, seed=22, bad_share=0)
     garbage = [
-        ve.ViewEvent(event_id="\u2603" * 3, media_id=-1, user_id=-2, event_type=99),
+        # 99: a number the enum does not name.
+        ve.ViewEvent(
+            event_id="\u2603" * 3, media_id=-1, user_id=-2, event_type=cast(ve.EventType, 99)
+        ),
         ve.ViewEvent(),
         ve.ViewEvent(event_id="x" * 1000, event_time=Timestamp(seconds=-(10**10))),
     ]
@@ -150,7 +154,7 @@ def test_oversized_requests_are_resource_exhausted(channel: grpc.Channel) -> Non
             event_id="y" * 200,
             media_id=1,
             user_id=1,
-            event_type=2,
+            event_type=ve.EVENT_TYPE_WAYPOINT,
             event_time=Timestamp(seconds=NOW),
         )
         for _ in range(4_000)
@@ -163,10 +167,18 @@ def test_oversized_requests_are_resource_exhausted(channel: grpc.Channel) -> Non
 def test_publish_partial_and_all_invalid(ingest: ServiceProcess, channel: grpc.Channel) -> None:
     stub = pb_grpc.IngestServiceStub(channel)
     good = ve.ViewEvent(
-        event_id="pub-1", media_id=3, user_id=4, event_type=1, event_time=Timestamp(seconds=NOW - 5)
+        event_id="pub-1",
+        media_id=3,
+        user_id=4,
+        event_type=ve.EVENT_TYPE_STREAM_START,
+        event_time=Timestamp(seconds=NOW - 5),
     )
     bad = ve.ViewEvent(
-        event_id="pub-2", media_id=3, user_id=0, event_type=1, event_time=Timestamp(seconds=NOW - 5)
+        event_id="pub-2",
+        media_id=3,
+        user_id=0,
+        event_type=ve.EVENT_TYPE_STREAM_START,
+        event_time=Timestamp(seconds=NOW - 5),
     )
     reply = stub.Publish(pb.PublishRequest(events=[good, bad]))
     assert (reply.accepted, reply.rejected) == (1, 1)
@@ -248,6 +260,8 @@ def test_sigterm_lets_an_inflight_upload_finish(kafka_bootstrap: str, tmp_path: 
     service = ServiceProcess(
         "ingest_service", config, config.ingest_address, tmp_path / "log"
     ).start()
+    process = service.process
+    assert process is not None  # set by start()
     service.wait_serving()
     events, _ = make_events(20_000, seed=61, bad_share=0)
     sent = []
@@ -255,7 +269,7 @@ def test_sigterm_lets_an_inflight_upload_finish(kafka_bootstrap: str, tmp_path: 
     def slow_stream() -> Iterator[pb.UploadRequest]:
         for n in range(20):
             if n == 5:
-                service.process.terminate()  # SIGTERM while the upload is under way
+                process.terminate()  # SIGTERM while the upload is under way
             sent.append(n)
             yield pb.UploadRequest(events=events[n * 1000 : (n + 1) * 1000])
             time.sleep(0.05)
@@ -263,6 +277,6 @@ def test_sigterm_lets_an_inflight_upload_finish(kafka_bootstrap: str, tmp_path: 
     with grpc.insecure_channel(service.address) as ch:
         summary = pb_grpc.IngestServiceStub(ch).Upload(slow_stream(), timeout=60)
     assert summary.accepted == 20_000
-    assert service.process.wait(30) == 0
+    assert process.wait(30) == 0
     assert len(read_topic(kafka_bootstrap, config.view_topic)) == 20_000
     assert "shutting down" in service.tail(50)

@@ -63,7 +63,7 @@ def _event(event_id: str, user: int = 7) -> ve.ViewEvent:
         event_id=event_id,
         media_id=3,
         user_id=user,
-        event_type=2,
+        event_type=ve.EVENT_TYPE_WAYPOINT,
         event_time=Timestamp(seconds=int(time.time()) - 60),
     )
 

@@ -46,7 +46,7 @@ def event(event_id: str, padding: int = 0) -> ve.ViewEvent:
         event_id=event_id,
         media_id=3,
         user_id=USER,
-        event_type=2,
+        event_type=ve.EVENT_TYPE_WAYPOINT,
         event_time=Timestamp(seconds=int(time.time()) - 60),
     )
     if padding:  # an unknown field (31): kept in the record, so it counts towards its size

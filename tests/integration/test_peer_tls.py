@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import pytest
@@ -31,6 +32,7 @@ from viewevents.v1 import recommender_service_pb2 as rec_pb
 from viewevents.v1 import recommender_service_pb2_grpc as rec_grpc
 from viewevents.v1 import stats_service_pb2 as stats_pb
 from viewevents.v1 import stats_service_pb2_grpc as stats_grpc
+from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS, upload
 
 PARTITIONS = 4
@@ -108,11 +110,21 @@ def groups(tmp_path: Path, kafka_bootstrap: str) -> Iterator[TlsGroups]:
     made.stop()
 
 
-def complete(process: ServiceProcess, ca: Path, ask: object, targets: dict[int, int]) -> bool:
+class Positioned(Protocol):
+    """An answer that says how far its service had applied (stats and recommender replies)."""
+
+    @property
+    def position(self) -> ve.ConsumerPosition: ...
+
+
+Ask = Callable[[grpc.Channel], Positioned]
+
+
+def complete(process: ServiceProcess, ca: Path, ask: Ask, targets: dict[int, int]) -> bool:
     """A complete answer (every partition, at its target) from `process`, over TLS."""
     try:
         with tls_channel(process.address, ca) as channel:
-            position = ask(channel).position  # type: ignore[operator]
+            position = ask(channel).position
     except grpc.RpcError as error:
         if error.code() in NOT_YET:
             return False
@@ -146,12 +158,17 @@ def test_peers_call_each_other_over_tls_and_every_instance_answers_exactly(
             rec_pb.GetSimilarMediaRequest(media_id=probe, limit=25), timeout=10
         )
 
-    for process, ask in [(s, ask_stats) for s in stats] + [(r, ask_similar) for r in recs]:
-        wait_for(
-            lambda p=process, a=ask: complete(p, groups.ca, a, targets),
-            180,
-            message=lambda p=process: f"{p.address} not complete:\n{p.tail()}",
-        )
+    asks: list[tuple[ServiceProcess, Ask]] = [(s, ask_stats) for s in stats]
+    asks += [(r, ask_similar) for r in recs]
+    for process, ask in asks:
+
+        def done(p: ServiceProcess = process, a: Ask = ask) -> bool:
+            return complete(p, groups.ca, a, targets)
+
+        def not_done(p: ServiceProcess = process) -> str:
+            return f"{p.address} not complete:\n{p.tail()}"
+
+        wait_for(done, 180, message=not_done)
 
     for process in stats:
         with tls_channel(process.address, groups.ca) as channel:

@@ -59,7 +59,7 @@ def test_kill_and_restart_in_the_same_group_counts_everything_once(
 
     unique = {e.event_id: e for e in first + second}.values()
     starts = Counter(e.media_id for e in unique if e.event_type == 1)
-    view_time = Counter()
+    view_time: Counter[int] = Counter()
     for e in unique:
         if e.event_type == 2:
             view_time[e.media_id] += 30

@@ -3,8 +3,8 @@
 configs (REPO, test_config, free_port...), waits (wait_for: the one polling loop), broker (the
 local Kafka and reading topics), processes (services as subprocesses), positions (waiting until
 a consumer applied an upload), data (generated and random events), oracles (brute-force answers),
-grpcurl (the real grpcurl), certs (throw-away TLS certificates). The common names are re-exported
-here.
+grpcurl (the real grpcurl), certs (throw-away TLS certificates), request_fields (typed keyword
+arguments of request messages). The common names are re-exported here.
 """
 
 from tests.support.broker import end_offsets, ensure_broker, read_topic, stop_broker

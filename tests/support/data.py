@@ -17,6 +17,15 @@ from viewevents_tools import settings_catalogue as settings
 from viewevents_tools.generator import generate
 
 NOW = int(time.time())
+# The event types drawn for random events, weighted: mostly waypoints.
+EVENT_TYPES: list[ve.EventType] = [
+    ve.EVENT_TYPE_STREAM_START,
+    ve.EVENT_TYPE_WAYPOINT,
+    ve.EVENT_TYPE_WAYPOINT,
+    ve.EVENT_TYPE_WAYPOINT,
+    ve.EVENT_TYPE_STREAM_STOP,
+    ve.EVENT_TYPE_STREAM_END,
+]
 
 # How each kind of broken event is made, and the violations the server must report for it.
 BREAKERS = {
@@ -44,7 +53,7 @@ def make_events(
             event_id=f"{seed}-{n}",
             media_id=rng.randint(1, 500),
             user_id=rng.randint(1, 5000),
-            event_type=rng.choice([1, 2, 2, 2, 3, 4]),
+            event_type=rng.choice(EVENT_TYPES),
             event_time=Timestamp(
                 seconds=NOW - rng.randint(0, 30 * 86400), nanos=rng.randint(0, 999_999_999)
             ),

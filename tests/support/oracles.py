@@ -62,7 +62,7 @@ class Expected:
                 users.add(user)
         return [(s, *b[:4], len(b[4])) for s, b in sorted(buckets.items())], len(users)
 
-    def top(self, start: int, end: int, metric: int) -> list[tuple]:
+    def top(self, start: int, end: int, metric: pb.TopMediaMetric) -> list[tuple]:
         acc: dict[int, list] = defaultdict(lambda: [0, 0, set()])
         for media, user, kind, seconds in self.rows:
             if start <= seconds < end:
@@ -181,6 +181,7 @@ class BruteForce:
             co = int(self.c[a, b])
             if b == a or co < max(1, min_co):
                 continue
+            assert isinstance(matrix, np.ndarray), "Pearson needs at least two users"
             score = float(matrix[a, b])
             if math.isnan(score):
                 continue

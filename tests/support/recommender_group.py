@@ -88,7 +88,9 @@ class RecommenderGroup:
         self.ingest.stop()
 
 
-def similar(address: str, item: int, metric: int, limit: int = 25) -> pb.GetSimilarMediaResponse:
+def similar(
+    address: str, item: int, metric: pb.SimilarityMetric, limit: int = 25
+) -> pb.GetSimilarMediaResponse:
     with grpc.insecure_channel(address) as channel:
         return pb_grpc.RecommenderServiceStub(channel).GetSimilarMedia(
             pb.GetSimilarMediaRequest(media_id=item, limit=limit, metric=metric), timeout=30

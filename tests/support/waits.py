@@ -10,14 +10,15 @@ T = TypeVar("T")
 
 
 def wait_for(
-    condition: Callable[[], T],
+    condition: Callable[[], T | None],
     timeout: float,
     interval: float = 0.2,
     message: str | Callable[[], str] = "condition not met",
 ) -> T:
-    """Call `condition` until it returns something truthy and return that; TimeoutError after
-    `timeout` s. Exceptions from `condition` propagate: callers decide which failures mean
-    "not yet". `message` may be a callable, evaluated only on timeout (e.g. a service's log)."""
+    """Call `condition` until it returns something truthy and return that (never None, so a
+    condition typed `X | None` gives an `X`); TimeoutError after `timeout` s. Exceptions from
+    `condition` propagate: callers decide which failures mean "not yet". `message` may be a
+    callable, evaluated only on timeout (e.g. a service's log)."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()

@@ -90,7 +90,9 @@ def test_ports_agree_with_the_addresses(name: str) -> None:
             assert re.fullmatch(r"\$\{HOST_PORT_[A-Z_]+:-\}", host), port
         else:
             # Host ports can be moved (make compose-check does); the defaults are the container's.
-            assert re.fullmatch(r"\$\{HOST_PORT_[A-Z_]+:-(\d+)\}", host).group(1) == container
+            default = re.fullmatch(r"\$\{HOST_PORT_[A-Z_]+:-(\d+)\}", host)
+            assert default is not None, port
+            assert default.group(1) == container
     assert env[setting_env(address_setting)].startswith("0.0.0.0:"), "must listen beyond loopback"
     health = COMPOSE["services"][name]["healthcheck"]["test"]
     assert health[:4] == ["CMD", "python", "-m", "viewevents_tools.healthcheck"]
@@ -142,7 +144,9 @@ def test_replicas_can_scale_with_own_stores_and_tls_between_them(name: str) -> N
     assert env["VIEWEVENTS_TLS_PEER_CA_FILE"] == "/certs/ca.pem"
     peer_name = env["VIEWEVENTS_TLS_PEER_SERVER_NAME"]
     make_certs = (REPO / "deploy" / "make-certs.sh").read_text()
-    san = re.search(r"subjectAltName=([^\\\n]*)", make_certs).group(1).split(",")
+    found = re.search(r"subjectAltName=([^\\\n]*)", make_certs)
+    assert found is not None, "make-certs.sh sets no subjectAltName"
+    san = found.group(1).split(",")
     assert f"DNS:{peer_name}" in san
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from aiokafka.producer.message_accumulator import BatchBuilder as AiokafkaBatchBuilder
@@ -42,8 +43,10 @@ def _records(batch: Any) -> list[tuple[int, bytes, bytes, list[tuple[str, bytes]
     return [(r.offset, r.key, r.value, list(r.headers)) for r in built]
 
 
-def _one_by_one(builder: BatchBuilder, partition: int, keys: list[bytes], values: list[bytes]):  # type: ignore[no-untyped-def]
-    full = []
+def _one_by_one(
+    builder: BatchBuilder, partition: int, keys: list[bytes], values: list[bytes]
+) -> list[Batch]:
+    full: list[Batch] = []
     for key, value in zip(keys, values):
         shipped = builder.add_to(partition, key, value)
         if shipped is not None:
@@ -84,13 +87,13 @@ def test_a_run_fills_aiokafka_batches_as_one_append_per_record() -> None:
     assert _record_builder(AiokafkaBatchBuilder(1000, 0)) is not None  # the C path is tested
     for seed in range(30):
         size = _batch_bytes(seed)
-        _compare(lambda size=size: AiokafkaBatchBuilder(size, 0), seed, exact=False)  # type: ignore[misc]
+        _compare(partial(AiokafkaBatchBuilder, size, 0), seed, exact=False)
 
 
 def test_a_run_takes_the_public_append_when_the_batch_is_not_aiokafkas() -> None:
     for seed in range(30):
         capacity = random.Random(seed).choice([1, 3, 50])
-        _compare(lambda capacity=capacity: Counted(capacity), seed, exact=True)  # type: ignore[misc]
+        _compare(partial(Counted, capacity), seed, exact=True)
 
 
 def _batch_bytes(seed: int) -> int:

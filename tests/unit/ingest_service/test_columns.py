@@ -4,6 +4,7 @@ partitions, and the per-event `validate_event` for the validity pre-check."""
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import numpy as np
 from aiokafka.partitioner import murmur2
@@ -37,7 +38,8 @@ def _random_event(rng: random.Random) -> ve.ViewEvent:
         event_id=rng.choice(["", "e", "x" * 4, "x" * 5, "é" * 4, "✓" * 6, "y" * 17]),
         media_id=rng.choice([-1, 0, 1, 7, 2**62]),
         user_id=rng.choice([-5, 0, 1, 9]),
-        event_type=rng.choice([0, 1, 2, 3, 4, 5, 99]),
+        # Wire ints, named by the enum or not (5, 99): the stubs type the field as the enum.
+        event_type=cast(ve.EventType, rng.choice([0, 1, 2, 3, 4, 5, 99])),
     )
     if rng.random() < 0.9:
         offset = rng.choice(
@@ -79,7 +81,7 @@ def test_surely_valid_takes_a_plain_valid_batch_whole() -> None:
             event_id=f"e{n}",
             media_id=n + 1,
             user_id=n + 2,
-            event_type=2,
+            event_type=ve.EVENT_TYPE_WAYPOINT,
             event_time=Timestamp(seconds=NOW - n),
         )
         for n in range(100)

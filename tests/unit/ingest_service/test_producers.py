@@ -29,7 +29,7 @@ def test_a_failed_producer_is_replaced_once_and_stopped() -> None:
             made.append(FakeProducer())
             return made[-1]
 
-        producers = Producers(factory, 1.0)  # type: ignore[arg-type]
+        producers = Producers(factory, 1.0)
         first = await producers.start()
         error = OutOfOrderSequenceNumber()
         # two RPCs saw the same failure at once: one replacement only

@@ -5,6 +5,7 @@ accepted records byte for byte, the same rejections with the same violations and
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import numpy as np
 import pytest
@@ -181,7 +182,7 @@ def test_what_protobuf_writers_produce_is_scanned_whole_and_kept_byte_for_byte()
             event_id=f"bench-{n}" * rng.randint(1, 20),
             media_id=rng.randint(1, 2**40),
             user_id=rng.randint(1, 200_000),
-            event_type=rng.randint(1, 4),
+            event_type=cast(ve.EventType, rng.randint(1, 4)),  # one of the four named types
             event_time=Timestamp(
                 seconds=int(NOW) - rng.randint(0, 86400), nanos=rng.choice([0, 7])
             ),

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -71,7 +71,7 @@ def writer(producer: FakeProducer, inflight: int = 2, timeout: float = 5.0) -> P
     return PartitionedWriter(producer, "t", lambda key: int(key) % 2, [], inflight, timeout)
 
 
-async def until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from recommender_service.batch_plan import (
     COMPACT_MIN_ENTRIES,
+    Window,
     add_item_deltas,
     add_row_chunk,
     compacted,
@@ -27,7 +28,7 @@ def test_an_existing_user_without_views_changes_nothing() -> None:
 def test_raised_items_move_to_the_front_and_the_tail_is_evicted() -> None:
     # Window (most recent first): 1 (w=2), 2 (w=1), 3 (w=5); the batch adds 2 to item 3 and
     # 1 to a new item 4 (4's waypoint is the last one). Cap 3: item 2 falls out.
-    stored = {9: ((1, 2, 3), (2, 1, 5), False)}
+    stored: dict[int, Window | None] = {9: ((1, 2, 3), (2, 1, 5), False)}
     plan = plan_windows({9: {3: 2, 4: 1}}, stored, {}, cap=3)
     assert plan.windows == [(9, [4, 3, 1], [1, 7, 2], True)]
     assert plan.evicted == [(9, 2, 1)]
@@ -37,7 +38,7 @@ def test_raised_items_move_to_the_front_and_the_tail_is_evicted() -> None:
 
 def test_view_time_stored_outside_the_window_is_looked_up_and_continued() -> None:
     per_user = {9: {2: 1}}
-    windows = {9: ((1,), (4,), True)}  # item 2 fell out earlier with w=3
+    windows: dict[int, Window | None] = {9: ((1,), (4,), True)}  # item 2 fell out earlier with w=3
     assert outside_lookups(per_user, windows) == [(9, 2)]
     plan = plan_windows(per_user, windows, {(9, 2): 3}, cap=2)
     assert plan.windows == [(9, [2, 1], [4, 4], True)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import numpy as np
 import pytest
@@ -59,8 +60,20 @@ def random_events(
     return events
 
 
-def settings(**changes: object) -> RecommenderSettings:
-    base = dict(
+class SettingsFields(TypedDict, total=False):
+    """The RecommenderSettings fields these tests set."""
+
+    history_cap: int
+    min_co_viewers: int
+    shrinkage: float
+    max_limit: int
+    user_items: int
+    row_max_deltas: int
+    cache_ttl_seconds: float
+
+
+def settings(**changes: Unpack[SettingsFields]) -> RecommenderSettings:
+    base = SettingsFields(
         history_cap=10_000,
         min_co_viewers=1,
         shrinkage=0.0,
@@ -69,11 +82,15 @@ def settings(**changes: object) -> RecommenderSettings:
         cache_ttl_seconds=0.0,
     )
     base.update(changes)
-    return RecommenderSettings(**base)  # type: ignore[arg-type]
+    return RecommenderSettings(**base)
 
 
 def run(
-    tmp_path: Path, events: list[ve.ViewEvent], batch: int, partitions: int = 4, **changes: object
+    tmp_path: Path,
+    events: list[ve.ViewEvent],
+    batch: int,
+    partitions: int = 4,
+    **changes: Unpack[SettingsFields],
 ) -> OfflineRecommender:
     rec = OfflineRecommender(
         str(tmp_path / "state"), settings(**changes), partitions=partitions, batch_max=batch
@@ -373,7 +390,9 @@ def test_rows_newer_than_the_view_are_tolerated(tmp_path: Path) -> None:
         assert len(rec.processor.view.ids) > len(old_view.ids)
         assert list(old_view.positions_of(np.array([old_view.ids[0], 10_000, -1]))) == [0, -1, -1]
         for media in old_view.ids.tolist():
-            ranked = rec.engine.compute(old_view, media, old_view.position_of(media))
+            pos = old_view.position_of(media)
+            assert pos is not None  # one of the view's own ids
+            ranked = rec.engine.compute(old_view, media, pos)
             for result in ranked.values():
                 assert set(result.ids.tolist()) <= set(old_view.ids.tolist())
     finally:

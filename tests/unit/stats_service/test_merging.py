@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterable
 
 from stats_service.merging import merge_buckets, merge_totals
 from stats_service.reader import Totals
@@ -33,7 +34,9 @@ def test_partials_over_disjoint_partitions_add_up_to_the_whole() -> None:
         for _ in range(rng.randrange(0, 60)):
             user = rng.randrange(1, 30)
             rows.append((user % 8, user, rng.randint(1, 4), rng.randrange(0, 10_000)))
-        groups = rng.choice([[range(8)], [range(0, 3), range(3, 8)], [[p] for p in range(8)]])
+        groups: list[Iterable[int]] = rng.choice(
+            [[range(8)], [range(0, 3), range(3, 8)], [[p] for p in range(8)]]
+        )
         partials = [brute([r for r in rows if r[0] in set(g)]) for g in groups]
         assert merge_totals(partials) == brute(rows)
 

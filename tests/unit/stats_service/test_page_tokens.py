@@ -10,12 +10,14 @@ import base64
 import hashlib
 import json
 import string
+from typing import Unpack
 
 from stats_service import request_parsing
+from tests.support.request_fields import TopFields
 from viewevents.v1 import stats_service_pb2 as pb
 
 LIMITS = request_parsing.Limits()
-FIELDS = dict(
+FIELDS = TopFields(
     start_time={"seconds": 1_767_225_600},
     end_time={"seconds": 1_767_232_800},
     metric=pb.TOP_MEDIA_METRIC_STARTS,
@@ -24,9 +26,10 @@ ALPHABET = string.ascii_letters + string.digits + "-_."
 
 
 def parse(
-    token: str, secret: bytes | None = None, **changes: object
+    token: str, secret: bytes | None = None, **changes: Unpack[TopFields]
 ) -> tuple[request_parsing.TopQuery | None, set[tuple[str, str]]]:
-    request = pb.ListTopMediaRequest(**{**FIELDS, **changes}, page_token=token)
+    fields: TopFields = {**FIELDS, **changes}
+    request = pb.ListTopMediaRequest(**fields, page_token=token)
     query, violations = (
         request_parsing.parse_top(request, LIMITS, secret)
         if secret
@@ -107,9 +110,9 @@ def test_a_token_signed_with_another_secret_is_refused() -> None:
 def test_a_token_of_another_request_is_refused() -> None:
     token = issued(40)
     for change in (
-        dict(metric=pb.TOP_MEDIA_METRIC_VIEW_TIME),
-        dict(end_time={"seconds": FIELDS["end_time"]["seconds"] + 1}),
-        dict(start_time={"seconds": FIELDS["start_time"]["seconds"], "nanos": 1}),
+        TopFields(metric=pb.TOP_MEDIA_METRIC_VIEW_TIME),
+        TopFields(end_time={"seconds": FIELDS["end_time"]["seconds"] + 1}),
+        TopFields(start_time={"seconds": FIELDS["start_time"]["seconds"], "nanos": 1}),
     ):
         query, problems = parse(token, **change)
         assert query is None and problems == {("page_token", "PAGE_TOKEN_MISMATCH")}, change

@@ -11,6 +11,7 @@ import asyncio
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from aiokafka import TopicPartition
@@ -19,6 +20,7 @@ from stats_service import reader as reader_module
 from stats_service import request_parsing
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
+from tests.support.request_fields import Span, Time, TopFields, TrendFields
 from tests.support.stats_state import BASE, HEARTBEAT, Brute, load, partition, random_events
 from viewevents.consumer import ExactlyOnceConsumer
 from viewevents.state.store import StateStore
@@ -160,7 +162,7 @@ def test_duplicates_and_invalid_records_through_the_consumer(tmp_path: Path) -> 
             event_id=e.event_id,
             media_id=e.media,
             user_id=e.user,
-            event_type=e.kind,
+            event_type=cast(view_event_pb2.EventType, e.kind),  # Event.kind: the wire number
             event_time={"seconds": e.seconds},
         ).SerializeToString()
         for e in stream
@@ -169,7 +171,10 @@ def test_duplicates_and_invalid_records_through_the_consumer(tmp_path: Path) -> 
     messages.insert(
         20,
         view_event_pb2.ViewEvent(
-            event_id="neg", media_id=-1, user_id=1, event_type=1
+            event_id="neg",
+            media_id=-1,
+            user_id=1,
+            event_type=view_event_pb2.EVENT_TYPE_STREAM_START,
         ).SerializeToString(),
     )
     store = StateStore(str(tmp_path / "db"))
@@ -221,7 +226,7 @@ def test_tiles_cover_the_range_exactly_with_coarse_buckets(seed: int) -> None:
                 assert high - low < 2 * coarser
 
 
-def _ts(seconds: int, nanos: int = 0) -> dict:
+def _ts(seconds: int, nanos: int = 0) -> Time:
     return {"seconds": seconds, "nanos": nanos}
 
 
@@ -244,34 +249,41 @@ def test_trend_arguments() -> None:
     )
     assert not bad and ok is not None
     assert (ok.start, ok.end, ok.size) == (BASE + 60, BASE + 3660, 60)  # rounded outwards
-    cases = [
+    minute, unspecified = pb.GRANULARITY_MINUTE, pb.GRANULARITY_UNSPECIFIED
+    unnamed = cast(pb.Granularity, 9)  # a number the enum does not name
+    cases: list[tuple[TrendFields, set[tuple[str, str]]]] = [
         (
-            dict(media_id=0, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE)),
+            dict(media_id=0, granularity=minute, start_time=_ts(BASE), end_time=_ts(BASE)),
             {("media_id", "REQUIRED")},
         ),
         (
-            dict(media_id=-4, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE)),
+            dict(media_id=-4, granularity=minute, start_time=_ts(BASE), end_time=_ts(BASE)),
             {("media_id", "NOT_POSITIVE")},
         ),
         (
-            dict(media_id=1, granularity=0, start_time=_ts(BASE), end_time=_ts(BASE)),
+            dict(media_id=1, granularity=unspecified, start_time=_ts(BASE), end_time=_ts(BASE)),
             {("granularity", "REQUIRED")},
         ),
         (
-            dict(media_id=1, granularity=9, start_time=_ts(BASE), end_time=_ts(BASE)),
+            dict(media_id=1, granularity=unnamed, start_time=_ts(BASE), end_time=_ts(BASE)),
             {("granularity", "UNKNOWN_VALUE")},
         ),
-        (dict(media_id=1, granularity=1), {("start_time", "REQUIRED"), ("end_time", "REQUIRED")}),
         (
-            dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE - 1)),
+            dict(media_id=1, granularity=minute),
+            {("start_time", "REQUIRED"), ("end_time", "REQUIRED")},
+        ),
+        (
+            dict(media_id=1, granularity=minute, start_time=_ts(BASE), end_time=_ts(BASE - 1)),
             {("end_time", "INVALID_RANGE")},
         ),
         (
-            dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE + 101 * 60)),
+            dict(
+                media_id=1, granularity=minute, start_time=_ts(BASE), end_time=_ts(BASE + 101 * 60)
+            ),
             {("end_time", "TOO_MANY_BUCKETS")},
         ),
         (
-            dict(media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(10**15)),
+            dict(media_id=1, granularity=minute, start_time=_ts(BASE), end_time=_ts(10**15)),
             {("end_time", "OUT_OF_RANGE")},
         ),
     ]
@@ -280,7 +292,7 @@ def test_trend_arguments() -> None:
         assert parsed is None and _reasons(violations) == expected, fields
     exactly_max, bad = request_parsing.parse_trend(
         pb.GetMediaTrendRequest(
-            media_id=1, granularity=1, start_time=_ts(BASE), end_time=_ts(BASE + 100 * 60)
+            media_id=1, granularity=minute, start_time=_ts(BASE), end_time=_ts(BASE + 100 * 60)
         ),
         LIMITS,
     )
@@ -288,7 +300,7 @@ def test_trend_arguments() -> None:
 
 
 def test_top_arguments_and_page_tokens() -> None:
-    base = dict(start_time=_ts(BASE + 30), end_time=_ts(BASE + 7200))
+    base = Span(start_time=_ts(BASE + 30), end_time=_ts(BASE + 7200))
     first, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base), LIMITS)
     assert first is not None and not bad
     assert (first.start, first.end, first.limit, first.offset, first.metric) == (
@@ -300,12 +312,20 @@ def test_top_arguments_and_page_tokens() -> None:
     )
     token = request_parsing.encode_page_token(first.fingerprint, 20)
     again, bad = request_parsing.parse_top(
-        pb.ListTopMediaRequest(**base, page_token=token, limit=7, metric=1), LIMITS
+        pb.ListTopMediaRequest(
+            **base, page_token=token, limit=7, metric=pb.TOP_MEDIA_METRIC_VIEW_TIME
+        ),
+        LIMITS,
     )
     assert again is not None and again.offset == 20 and again.limit == 7  # limit may change
-    for change in (dict(metric=2), dict(end_time=_ts(BASE + 7201)), dict(start_time=_ts(BASE))):
+    for change in (
+        TopFields(metric=pb.TOP_MEDIA_METRIC_STARTS),
+        TopFields(end_time=_ts(BASE + 7201)),
+        TopFields(start_time=_ts(BASE)),
+    ):
+        fields: TopFields = {**base, **change}
         parsed, bad = request_parsing.parse_top(
-            pb.ListTopMediaRequest(**{**base, **change}, page_token=token), LIMITS
+            pb.ListTopMediaRequest(**fields, page_token=token), LIMITS
         )
         assert parsed is None and _reasons(bad) == {("page_token", "PAGE_TOKEN_MISMATCH")}
     for junk in (
@@ -323,7 +343,9 @@ def test_top_arguments_and_page_tokens() -> None:
     for limit, reason in ((-1, "OUT_OF_RANGE"), (51, "OUT_OF_RANGE")):
         parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, limit=limit), LIMITS)
         assert parsed is None and _reasons(bad) == {("limit", reason)}
-    parsed, bad = request_parsing.parse_top(pb.ListTopMediaRequest(**base, metric=8), LIMITS)
+    parsed, bad = request_parsing.parse_top(
+        pb.ListTopMediaRequest(**base, metric=cast(pb.TopMediaMetric, 8)), LIMITS
+    )
     assert parsed is None and _reasons(bad) == {("metric", "UNKNOWN_VALUE")}
     parsed, bad = request_parsing.parse_top(
         pb.ListTopMediaRequest(start_time=_ts(BASE + 5), end_time=_ts(BASE)), LIMITS
@@ -341,7 +363,8 @@ def test_rank_and_pages_are_total_and_stable() -> None:
         ranked = request_parsing.rank(values, metric)
         expected = sorted(values, key=lambda m: (-values[m][column], m))
         assert ranked == expected
-        seen, offset = [], 0
+        seen: list[int] = []
+        offset: int | None = 0
         while offset is not None:
             chunk, offset = request_parsing.page(ranked, offset, 13)
             seen += chunk

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,7 +118,7 @@ def test_at_most_max_concurrent_scans_run_at_once(state: Any) -> None:
     running = {"now": 0, "most": 0}
 
     def blocked_chunks(
-        partitions: list[int], start: int, end: int, viewers: bool
+        partitions: Sequence[int], start: int, end: int, viewers: bool
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with lock:
             running["now"] += 1
@@ -139,10 +139,7 @@ def test_at_most_max_concurrent_scans_run_at_once(state: Any) -> None:
             return None
 
     async def scenario() -> None:
-        calls = [
-            asyncio.create_task(servicer.ListTopMedia(request, Context()))  # type: ignore[arg-type]
-            for _ in range(5)
-        ]
+        calls = [asyncio.create_task(servicer.ListTopMedia(request, Context())) for _ in range(5)]
         while running["now"] < 2:  # the first two reach their worker threads
             await asyncio.sleep(0.01)
         for _ in range(50):  # the others had every chance to start; they wait

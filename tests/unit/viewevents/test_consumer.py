@@ -38,7 +38,7 @@ def record(
         event_id=event_id,
         media_id=1 if valid else 0,
         user_id=2,
-        event_type=2,
+        event_type=ve.EVENT_TYPE_WAYPOINT,
         event_time=Timestamp(seconds=day * 86_400),
     )
     return ConsumerRecord(

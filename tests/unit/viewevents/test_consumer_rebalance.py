@@ -160,7 +160,7 @@ def test_records_drained_before_the_listener_seeked_are_not_applied(
     if stored:  # the state an earlier assignment left: records below `stored` applied
         consumer.apply_fetched({TopicPartition(TOPIC, 1): kafka.records(1, 0, stored)})
     script = TakeOver(consumer, kafka, group_offset=6)
-    consumer._consumer = kafka  # type: ignore[assignment]  # the calls the loop makes
+    consumer._consumer = kafka  # the calls the loop makes
     consumer._fetch = script  # type: ignore[assignment]
 
     async def run() -> None:
@@ -196,7 +196,7 @@ def test_the_listener_keeps_partitions_owned_through_consecutive_generations(
     )
     kafka = FakeKafka({0: 10, 1: 10, 2: 10})
     kafka._coordinator = _Coordinator()  # type: ignore[attr-defined]
-    consumer._consumer = kafka  # type: ignore[assignment]
+    consumer._consumer = kafka
     listener = _SeekToStoredOffsets(consumer)
     tps = [TopicPartition(TOPIC, p) for p in range(3)]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypedDict
 
 import grpc
 import pytest
@@ -76,8 +77,14 @@ def rpc_count(service: str, method: str, code: str) -> float:
     return value or 0.0
 
 
+class _Seen(TypedDict, total=False):
+    given: bytes
+    new: list[bytes]
+    stream: list[bytes]
+
+
 def test_request_id_is_taken_from_the_caller_or_generated() -> None:
-    seen: dict[str, object] = {}
+    seen: _Seen = {}
 
     async def client(channel: grpc.aio.Channel) -> None:
         call = channel.unary_unary(f"/{SERVICE}/WhoAmI")
@@ -88,7 +95,7 @@ def test_request_id_is_taken_from_the_caller_or_generated() -> None:
 
     with_server([RequestContextInterceptor("ids")], client)
     assert seen["given"] == b"req-from-caller"
-    first, second = seen["new"]  # type: ignore[misc]
+    first, second = seen["new"]
     assert re.fullmatch(rb"[0-9a-f]{16}", first) and re.fullmatch(rb"[0-9a-f]{16}", second)
     assert first != second  # one per RPC
     assert seen["stream"] == [b"req-stream"] * 3

@@ -74,7 +74,7 @@ def test_a_fetch_during_a_rebalance_returns_when_its_timeout_is_up() -> None:
 
     async def fetch() -> tuple[dict, bool]:
         fetch = BulkFetch.__new__(BulkFetch)
-        fetch._consumer = fetch_consumer = _Rebalancing()  # type: ignore[assignment]
+        fetch._consumer = fetch_consumer = _Rebalancing()
         fetch.bulk = True
         assert fetch_consumer._subscription.reassignment_in_progress
         batches = await asyncio.wait_for(fetch.getmany(timeout_ms=50, max_records=10), 10)

@@ -87,17 +87,22 @@ class _Cluster:
 
 def test_the_assignor_gives_every_member_the_whole_owners_map() -> None:
     heard: dict[str, dict[int, str]] = {}
-    assignors = {
-        name: OwnershipAssignor(
-            lambda n=name: Claim(f"{n}:9", {}), lambda owners, n=name: heard.__setitem__(n, owners)
-        )
-        for name in ("x", "y")
-    }
+
+    def assignor(name: str) -> OwnershipAssignor:
+        def claim() -> Claim:
+            return Claim(f"{name}:9", {})
+
+        def on_owners(owners: dict[int, str]) -> None:
+            heard[name] = owners
+
+        return OwnershipAssignor(claim, on_owners)
+
+    assignors = {name: assignor(name) for name in ("x", "y")}
     members = {
         name: ConsumerProtocolMemberMetadata.decode(assignors[name].metadata(["views"]).encode())
         for name in assignors
     }
-    result = assignors["x"].assign(_Cluster({"views": {0, 1, 2, 3}}), members)  # type: ignore[arg-type]
+    result = assignors["x"].assign(_Cluster({"views": {0, 1, 2, 3}}), members)
     for name, assignment in result.items():
         assignors[name].on_assignment(assignment)
     assert heard["x"] == heard["y"] == {0: "x:9", 1: "x:9", 2: "y:9", 3: "y:9"}

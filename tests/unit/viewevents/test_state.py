@@ -3,6 +3,7 @@ the transaction is closed after its commit; the framework's key kinds cannot be 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from viewevents.state.transaction import Transaction, TransactionClosed, Transac
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> StateStore:
+def store(tmp_path: Path) -> Iterator[StateStore]:
     opened = StateStore(str(tmp_path / "db"), cache_mb=8, write_buffer_mb=4)
     yield opened
     opened.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import cast
 
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -16,7 +17,8 @@ def _event(rng: random.Random) -> ve.ViewEvent:
         event_id=rng.choice(["", "a", "ev-" + str(rng.randrange(10**12)), "é-id", "x" * 300]),
         media_id=rng.choice([0, 1, 127, 128, 2**31, 2**62, -1, -(2**63)]),
         user_id=rng.choice([0, 5, 300, 16384, 2**40, -7]),
-        event_type=rng.choice([0, 1, 2, 3, 4, 9, -3]),
+        # Wire ints, named by the enum or not (9, -3): the stubs type the field as the enum.
+        event_type=cast(ve.EventType, rng.choice([0, 1, 2, 3, 4, 9, -3])),
     )
     if rng.random() < 0.8:
         event.event_time.CopyFrom(

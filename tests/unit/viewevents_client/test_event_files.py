@@ -11,7 +11,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -55,7 +55,7 @@ def event(
     event_id: str = "e-1",
     media_id: int = 12,
     user_id: int = 7,
-    event_type: int = WAYPOINT,
+    event_type: pb.EventType = WAYPOINT,
     seconds: int | None = T0,
     nanos: int = 0,
 ) -> pb.ViewEvent:
@@ -131,7 +131,11 @@ GOOD: list[tuple[str, str, pb.ViewEvent]] = [
     ("missing EventId -> default", legacy(EventId=None), event(event_id="")),
     ("missing MediaId -> default", legacy(MediaId=None), event(media_id=0)),
     ("missing UserId -> default", legacy(UserId=None), event(user_id=0)),
-    ("missing EventType -> UNSPECIFIED", legacy(EventType=None), event(event_type=0)),
+    (
+        "missing EventType -> UNSPECIFIED",
+        legacy(EventType=None),
+        event(event_type=pb.EVENT_TYPE_UNSPECIFIED),
+    ),
     ("missing time -> unset", legacy(Timestamp=None, DateTime=None), event(seconds=None)),
     ("only one legacy key", '{"EventId": "x"}', pb.ViewEvent(event_id="x")),
     ("null means missing", legacy(MediaId=None)[:-1] + ', "MediaId": null}', event(media_id=0)),
@@ -334,7 +338,7 @@ def _random_event(rng: random.Random) -> pb.ViewEvent:
         event_id=rng.choice(["", f"ev-{rng.randrange(10**9)}", 'ünïcode "quoted" \\ id']),
         media_id=rng.choice([0, 1, rng.randrange(1, 10**6), 2**63 - 1, -5]),
         user_id=rng.choice([1, rng.randrange(1, 10**9), -(2**63)]),
-        event_type=rng.choice([0, START, WAYPOINT, STOP, END]),
+        event_type=rng.choice([pb.EVENT_TYPE_UNSPECIFIED, START, WAYPOINT, STOP, END]),
     )
     if rng.random() < 0.9:
         nanos = rng.choice(
@@ -372,9 +376,9 @@ def test_to_legacy_dict_shape() -> None:
     d = to_legacy_dict(event(nanos=7))
     assert d["DateTime"] == "2024-03-01T12:00:00.000000007Z"
     assert "Timestamp" not in to_legacy_dict(event(seconds=None))
-    assert "EventType" not in to_legacy_dict(event(event_type=0))
+    assert "EventType" not in to_legacy_dict(event(event_type=pb.EVENT_TYPE_UNSPECIFIED))
     with pytest.raises(ValueError):
-        to_legacy_dict(pb.ViewEvent(event_type=9))
+        to_legacy_dict(pb.ViewEvent(event_type=cast(pb.EventType, 9)))  # not a named type
 
 
 def _nanos(ts: Timestamp) -> int:
