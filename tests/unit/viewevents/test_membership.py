@@ -85,19 +85,21 @@ class _Cluster:
         return self._partitions.get(topic)
 
 
+def _assignor(name: str, heard: dict[str, dict[int, str]]) -> OwnershipAssignor:
+    """Member `name` at address name:9 holding no state; what it hears is kept in `heard`."""
+
+    def claim() -> Claim:
+        return Claim(f"{name}:9", {})
+
+    def on_owners(owners: dict[int, str]) -> None:
+        heard[name] = owners
+
+    return OwnershipAssignor(claim, on_owners)
+
+
 def test_the_assignor_gives_every_member_the_whole_owners_map() -> None:
     heard: dict[str, dict[int, str]] = {}
-
-    def assignor(name: str) -> OwnershipAssignor:
-        def claim() -> Claim:
-            return Claim(f"{name}:9", {})
-
-        def on_owners(owners: dict[int, str]) -> None:
-            heard[name] = owners
-
-        return OwnershipAssignor(claim, on_owners)
-
-    assignors = {name: assignor(name) for name in ("x", "y")}
+    assignors = {name: _assignor(name, heard) for name in ("x", "y")}
     members = {
         name: ConsumerProtocolMemberMetadata.decode(assignors[name].metadata(["views"]).encode())
         for name in assignors
@@ -114,12 +116,7 @@ def test_a_member_gets_only_partitions_of_the_topics_it_subscribed_to() -> None:
     """Two deployments sharing a group id by mistake, each on its own topic: aiokafka stops a
     consumer handed a partition of a topic it did not subscribe to (an e2e run crashed so)."""
     heard: dict[str, dict[int, str]] = {}
-    assignors = {
-        name: OwnershipAssignor(
-            lambda n=name: Claim(f"{n}:9", {}), lambda owners, n=name: heard.__setitem__(n, owners)
-        )
-        for name in ("x", "y", "z")
-    }
+    assignors = {name: _assignor(name, heard) for name in ("x", "y", "z")}
     topic_of = {"x": "views-a", "y": "views-b", "z": "views-a"}
     members = {
         name: ConsumerProtocolMemberMetadata.decode(
@@ -128,7 +125,7 @@ def test_a_member_gets_only_partitions_of_the_topics_it_subscribed_to() -> None:
         for name in assignors
     }
     cluster = _Cluster({"views-a": {0, 1, 2, 3}, "views-b": {0, 1}})
-    result = assignors["x"].assign(cluster, members)  # type: ignore[arg-type]
+    result = assignors["x"].assign(cluster, members)
     for name, assignment in result.items():
         assignors[name].on_assignment(assignment)
     got = {
