@@ -18,7 +18,7 @@ it. In steady state only the live hour and day change, so most reads come from t
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,34 +29,193 @@ from stats_service import key_layout as k
 HOUR_BITS = np.left_shift(np.uint32(1), np.arange(24, dtype=np.uint32))
 
 
-class BucketVersions:
-    """Change counters per (partition, bucket size, bucket start), shared by the processor
-    (consumer thread) and the readers (query threads)."""
+LOG_CHUNK_COST = 8  # keys charged per logged change on top of its keys (arrays, bookkeeping)
+LOG_KEY_BYTES = 16  # bytes per logged key, at most (a viewer row's media and user)
+DEFAULT_LOG_KEYS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Changes:
+    """The keys of one bucket changed by some versions: media ids of its ranking rows (`h`,
+    `d`), and (media, user) of its viewer rows (`Q`, days only), each sorted and distinct."""
+
+    media: np.ndarray
+    viewer_media: np.ndarray
+    viewer_user: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.media) + len(self.viewer_media)
+
+
+def no_changes() -> Changes:
+    empty = np.zeros(0, np.int64)
+    return Changes(empty, empty, empty)
+
+
+class _Pending:
+    """Keys one bucket's uncommitted batches changed (arrays as noted; deduplicated later)."""
+
+    __slots__ = ("media", "viewer_media", "viewer_user")
 
     def __init__(self) -> None:
+        self.media: list[np.ndarray] = []
+        self.viewer_media: list[np.ndarray] = []
+        self.viewer_user: list[np.ndarray] = []
+
+
+class BucketVersions:
+    """Change counters per (partition, bucket size, bucket start), shared by the processor
+    (consumer thread) and the readers (query threads), with a bounded log of which keys each
+    version changed, so that a cached rollup can be brought up to date by re-reading only
+    those keys instead of its whole bucket (`since`).
+
+    The log holds at most about `log_keys` keys over all buckets, oldest changes dropped
+    first; a bucket whose log no longer reaches back to an entry's version (or whose change
+    was not described, `touch`) is reloaded in full."""
+
+    def __init__(self, log_keys: int = DEFAULT_LOG_KEYS) -> None:
         self._lock = threading.Lock()
+        self.log_keys = max(0, log_keys)
         self._versions: dict[tuple[int, int, int], int] = {}
-        self._pending: set[tuple[int, int, int]] = set()
+        self._pending: dict[tuple[int, int, int], _Pending | None] = {}  # None: unknown keys
+        # Per bucket: (version, its changes) in version order, complete from `_floor` on: an
+        # entry at version >= floor can be brought up to date from the log.
+        self._log: dict[tuple[int, int, int], deque[tuple[int, Changes]]] = {}
+        self._floor: dict[tuple[int, int, int], int] = {}
+        self._fifo: deque[tuple[tuple[int, int, int], int, int]] = deque()  # bucket, version, cost
+        self._logged = 0
 
     def touch(self, partition: int, size: int, starts: np.ndarray) -> None:
-        """A batch being applied changes these buckets (published by `publish`)."""
+        """A batch being applied changes these buckets in ways not described key by key
+        (published by `publish`; their cached rollups are then reloaded in full)."""
         if len(starts) == 0:
             return
         keys = [(partition, size, s) for s in np.unique(starts).tolist()]
         with self._lock:
-            self._pending.update(keys)
+            for key in keys:
+                self._pending[key] = None
+
+    def note(
+        self,
+        partition: int,
+        size: int,
+        starts: np.ndarray,
+        media: np.ndarray,
+        user: np.ndarray | None = None,
+    ) -> None:
+        """A batch being applied rewrites the ranking rows (media, bucket `starts`), or with
+        `user` the viewer rows (media, user, day `starts`): published by `publish`."""
+        if len(starts) == 0:
+            return
+        if not self.log_keys:
+            self.touch(partition, size, starts)
+            return
+        order = np.argsort(starts, kind="stable")
+        sorted_starts = starts[order]
+        cuts = np.flatnonzero(sorted_starts[1:] != sorted_starts[:-1]) + 1
+        groups = np.split(order, cuts)
+        with self._lock:
+            for group in groups:
+                key = (partition, size, int(starts[group[0]]))
+                if key not in self._pending:
+                    self._pending[key] = _Pending()
+                pending = self._pending[key]
+                if pending is None:
+                    continue
+                if user is None:
+                    pending.media.append(media[group])
+                else:
+                    pending.viewer_media.append(media[group])
+                    pending.viewer_user.append(user[group])
 
     def publish(self) -> None:
-        """The batch is committed: its buckets' cached rollups are stale from now on. (If a
-        commit failed, its buckets are published with the next one: a reload too many.)"""
+        """The batch is committed: its buckets' cached rollups are stale from now on (and may
+        be brought up to date from the logged keys). If a commit failed, its buckets are
+        published with the next one: a refresh too many."""
         with self._lock:
-            for key in self._pending:
-                self._versions[key] = self._versions.get(key, 0) + 1
+            for key, pending in self._pending.items():
+                version = self._versions.get(key, 0) + 1
+                self._versions[key] = version
+                changes = None if pending is None else _changes_of(pending)
+                if changes is None or len(changes) + LOG_CHUNK_COST > self.log_keys // 4:
+                    self._log.pop(key, None)
+                    self._floor[key] = version
+                    continue
+                cost = len(changes) + LOG_CHUNK_COST
+                self._log.setdefault(key, deque()).append((version, changes))
+                self._fifo.append((key, version, cost))
+                self._logged += cost
             self._pending.clear()
+            while self._logged > self.log_keys and self._fifo:
+                key, version, cost = self._fifo.popleft()
+                self._logged -= cost
+                log = self._log.get(key)
+                if log and log[0][0] == version:  # else already dropped with its bucket's log
+                    log.popleft()
+                    self._floor[key] = version
+                    if not log:
+                        del self._log[key]
+
+    @property
+    def bytes(self) -> int:
+        """About the memory the change log holds (at most `log_keys` x LOG_KEY_BYTES)."""
+        return self._logged * LOG_KEY_BYTES
 
     def version(self, partition: int, size: int, start: int) -> int:
         with self._lock:
             return self._versions.get((partition, size, start), 0)
+
+    def since(
+        self, partition: int, size: int, start: int, version: int
+    ) -> tuple[int, Changes | None]:
+        """The bucket's current version and the keys changed after `version` (None: not
+        known any more, reload in full). Read together under the lock, *before* the caller
+        reads the state: the keys re-read then are at least as new as the version."""
+        key = (partition, size, start)
+        with self._lock:
+            current = self._versions.get(key, 0)
+            if version == current:
+                return current, no_changes()
+            if version > current or version < self._floor.get(key, 0):
+                return current, None
+            chunks = [c for v, c in self._log.get(key, ()) if v > version]
+        return current, _merged(chunks)
+
+
+def _changes_of(pending: _Pending) -> Changes:
+    """One version's changes: the noted keys, sorted and distinct."""
+    media = np.unique(np.concatenate(pending.media)) if pending.media else np.zeros(0, np.int64)
+    if not pending.viewer_media:
+        return Changes(media, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    viewer_media, viewer_user = _unique_pairs(
+        np.concatenate(pending.viewer_media), np.concatenate(pending.viewer_user)
+    )
+    return Changes(media, viewer_media, viewer_user)
+
+
+def _merged(chunks: Sequence[Changes]) -> Changes:
+    """The union of several versions' changes."""
+    if len(chunks) == 1:
+        return chunks[0]
+    if not chunks:
+        return no_changes()
+    media = np.unique(np.concatenate([c.media for c in chunks]))
+    viewer_media, viewer_user = _unique_pairs(
+        np.concatenate([c.viewer_media for c in chunks]),
+        np.concatenate([c.viewer_user for c in chunks]),
+    )
+    return Changes(media, viewer_media, viewer_user)
+
+
+def _unique_pairs(media: np.ndarray, user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (media, user) pairs sorted by media, then user."""
+    if len(media) == 0:
+        return media.astype(np.int64), user.astype(np.int64)
+    order = np.lexsort((user, media))
+    m, u = media[order], user[order]
+    first = np.ones(len(m), bool)
+    first[1:] = (m[1:] != m[:-1]) | (u[1:] != u[:-1])
+    return m[first].astype(np.int64), u[first].astype(np.int64)
 
 
 class MediaSlots:
@@ -98,6 +257,10 @@ class BucketRollup:
     def nbytes(self) -> int:
         return int(self.slots.nbytes + self.values.nbytes)
 
+    @property
+    def rows(self) -> int:
+        return len(self.slots)
+
 
 @dataclass(frozen=True)
 class DayViewers:
@@ -122,6 +285,10 @@ class DayViewers:
             + self.minute_bits.nbytes
         )
 
+    @property
+    def rows(self) -> int:
+        return len(self.media)
+
     def active(self, rows: np.ndarray, hour: int, minutes: int) -> np.ndarray:
         """Which `rows` had an event in one of `minutes` (a 60-bit mask) of `hour`."""
         codes = rows * 24 + hour
@@ -135,8 +302,17 @@ class DayViewers:
 Entry = BucketRollup | DayViewers
 
 
+Refresh = Callable[[Entry, Changes], Entry]
+REFRESH_SHARE = 4  # changed keys up to a quarter of an entry's rows: refresh, else reload
+
+
 class RollupCache:
-    """Least-recently-used rollups under a byte budget, each filed under its bucket version."""
+    """Least-recently-used rollups under a byte budget, each filed under its bucket version.
+
+    A cached entry whose version is behind is brought up to date by `refresh` when the bucket's
+    change log still covers it and names few keys (re-reading those keys only), else reloaded.
+    Entries are never changed in place: a refresh builds a new one (copy on write), so a query
+    holding the old entry keeps reading a consistent one."""
 
     def __init__(self, versions: BucketVersions, budget_bytes: int) -> None:
         self.versions = versions
@@ -147,6 +323,7 @@ class RollupCache:
         self._bytes = 0
         self.hits = 0
         self.loads = 0
+        self.refreshes = 0
 
     @property
     def bytes(self) -> int:
@@ -159,10 +336,32 @@ class RollupCache:
             found = self._entries.get((kind, partition, size, start))
             return found is not None and found[0] == version
 
+    def cheap(self, kind: str, partition: int, size: int, start: int) -> bool:
+        """Whether the bucket's rollup is cached and current or can be refreshed (no reload)."""
+        with self._lock:
+            found = self._entries.get((kind, partition, size, start))
+        if found is None:
+            return False
+        _, changes = self.versions.since(partition, size, start, found[0])
+        return changes is not None and _refreshable(found[1], changes)
+
+    def cached_rows(self, kind: str, partition: int, size: int, start: int) -> int | None:
+        """Rows of the bucket's cached rollup, whatever its version (None: not cached)."""
+        with self._lock:
+            found = self._entries.get((kind, partition, size, start))
+        return None if found is None else found[1].rows
+
     def get(
-        self, kind: str, partition: int, size: int, start: int, load: Callable[[], Entry]
+        self,
+        kind: str,
+        partition: int,
+        size: int,
+        start: int,
+        load: Callable[[], Entry],
+        refresh: Refresh | None = None,
     ) -> Entry:
-        """The current rollup of a bucket: cached, or loaded (the version is read first)."""
+        """The current rollup of a bucket: cached, refreshed from its changed keys, or loaded
+        (the version, and the changed keys with it, are read before the state)."""
         key = (kind, partition, size, start)
         version = self.versions.version(partition, size, start)
         with self._lock:
@@ -171,11 +370,28 @@ class RollupCache:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return found[1]
+        if found is not None and refresh is not None:
+            current, changes = self.versions.since(partition, size, start, found[0])
+            if changes is not None and _refreshable(found[1], changes):
+                entry = refresh(found[1], changes) if len(changes) else found[1]
+                with self._lock:
+                    self.refreshes += 1
+                self._file(key, current, entry)
+                return entry
         entry = load()
         with self._lock:
             self.loads += 1
-            old = self._entries.pop(key, None)
+        self._file(key, version, entry)
+        return entry
+
+    def _file(self, key: tuple[str, int, int, int], version: int, entry: Entry) -> None:
+        """Keep `entry` under `version` unless a newer one was filed meanwhile."""
+        with self._lock:
+            old = self._entries.get(key)
+            if old is not None and old[0] > version:
+                return
             if old is not None:
+                del self._entries[key]
                 self._bytes -= old[1].nbytes
             if entry.nbytes <= self.budget:
                 self._entries[key] = (version, entry)
@@ -183,7 +399,11 @@ class RollupCache:
             while self._bytes > self.budget and self._entries:
                 _, (_, dropped) = self._entries.popitem(last=False)
                 self._bytes -= dropped.nbytes
-        return entry
+
+
+def _refreshable(entry: Entry, changes: Changes) -> bool:
+    """Few enough changed keys that re-reading them beats reading the whole bucket again."""
+    return len(changes) * REFRESH_SHARE <= max(entry.rows, 64)
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -245,6 +465,80 @@ def concat_day_viewers(parts: Sequence[DayViewers]) -> DayViewers:
         np.concatenate([p.hours for p in parts]),
         np.concatenate([p.minute_key + base for p, base in zip(parts, bases.tolist())]),
         np.concatenate([p.minute_bits for p in parts]),
+    )
+
+
+def updated_bucket(
+    entry: BucketRollup, changed: np.ndarray, slots: np.ndarray, values: np.ndarray
+) -> BucketRollup:
+    """A new `entry` whose rows of the `changed` slots are the re-read (slots, values) (a
+    changed key no longer stored has no row); rows need no order."""
+    keep = ~np.isin(entry.slots, changed)
+    return BucketRollup(
+        np.concatenate([entry.slots[keep], slots]), np.concatenate([entry.values[keep], values])
+    )
+
+
+def _pair_codes(media: np.ndarray, user: np.ndarray) -> np.ndarray:
+    """(media, user) pairs as 16-byte strings that sort like the pairs (big-endian, sign bit
+    flipped), for binary searches over a day's sorted rows."""
+    packed = np.empty((len(media), 2), ">u8")
+    sign = np.uint64(1 << 63)
+    packed[:, 0] = np.asarray(media, np.int64).view(np.uint64) ^ sign
+    packed[:, 1] = np.asarray(user, np.int64).view(np.uint64) ^ sign
+    return packed.view("S16")[:, 0]
+
+
+def _interleave(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the elements of `a` and of `b` (each ascending, no value in both) in
+    their merged ascending order."""
+    a_at = np.arange(len(a)) + np.searchsorted(b, a)
+    b_at = np.arange(len(b)) + np.searchsorted(a, b)
+    return a_at, b_at
+
+
+def updated_day_viewers(
+    old: DayViewers, media: np.ndarray, user: np.ndarray, fresh: DayViewers
+) -> DayViewers:
+    """A new day rollup: `old` without the rows of the changed (media, user) pairs (sorted,
+    distinct), with `fresh` (those pairs' rows re-read, sorted; a pair no longer stored has
+    none) merged in, minute keys renumbered. Linear in the day's rows, no sort of them."""
+    codes = _pair_codes(old.media, old.user)
+    changed = _pair_codes(media, user)
+    at = np.searchsorted(codes, changed)
+    hit = at < len(codes)
+    hit[hit] = codes[at[hit]] == changed[hit]
+    keep = np.ones(len(codes), bool)
+    keep[at[hit]] = False
+    kept_at, fresh_at = _interleave(codes[keep], _pair_codes(fresh.media, fresh.user))
+    count = len(kept_at) + len(fresh_at)
+
+    def merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty(count, a.dtype)
+        out[kept_at] = a[keep]
+        out[fresh_at] = b
+        return out
+
+    row_at = np.full(len(codes), -1, np.int64)
+    row_at[keep] = kept_at
+    old_row, old_hour = np.divmod(old.minute_key, 24)
+    stays = keep[old_row]
+    old_keys = row_at[old_row[stays]] * 24 + old_hour[stays]
+    fresh_row, fresh_hour = np.divmod(fresh.minute_key, 24)
+    fresh_keys = fresh_at[fresh_row] * 24 + fresh_hour
+    old_key_at, fresh_key_at = _interleave(old_keys, fresh_keys)
+    minute_key = np.empty(len(old_keys) + len(fresh_keys), np.int64)
+    minute_key[old_key_at] = old_keys
+    minute_key[fresh_key_at] = fresh_keys
+    minute_bits = np.empty(len(minute_key), np.uint64)
+    minute_bits[old_key_at] = old.minute_bits[stays]
+    minute_bits[fresh_key_at] = fresh.minute_bits
+    return DayViewers(
+        merged(old.media, fresh.media),
+        merged(old.user, fresh.user),
+        merged(old.hours, fresh.hours),
+        minute_key,
+        minute_bits,
     )
 
 

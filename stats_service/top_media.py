@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import compress, islice
 
 import numpy as np
 
@@ -33,7 +33,9 @@ from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
     VIEWER_CHUNK,
     BucketRollup,
+    Changes,
     DayViewers,
+    Entry,
     RollupCache,
     concat_day_viewers,
     day_viewers,
@@ -41,13 +43,16 @@ from stats_service.rollups import (
     hour_mask,
     rows_of,
     top_slots,
+    updated_bucket,
+    updated_day_viewers,
 )
 from viewevents.state.keys import partition_prefix, prefix_end
 from viewevents.state.store import StateStore
 
 VIEW_TIME, STARTS, VIEWERS = 0, 1, 2
 _EXACT_CHUNK = 2_000  # items per exact union: bounds the pairs held at once
-_FEW_ITEMS = 100  # a page this small reads its items' own bitmaps rather than stale day rollups
+_FEW_ITEMS = 100  # a page this small may read its items' own bitmaps rather than load days
+_VIEWER_ROW_BYTES = 48  # a day rollup's bytes per viewer-day, about (keys, masks, minute words)
 
 
 @dataclass
@@ -116,7 +121,24 @@ class RollupRanker:
             )
             return BucketRollup(self.cache.media.slots(media), rows[:, [0, 1, 4]].copy())
 
-        entry = self.cache.get("bucket", partition, size, start, load)
+        def refresh(entry: Entry, changes: Changes) -> BucketRollup:
+            assert isinstance(entry, BucketRollup)
+            media = changes.media
+            keys = k.pack_keys(
+                k.rank_prefix(partition, size),
+                [np.full(len(media), start, np.int64), media],
+                (True, False),
+            )
+            values = self.store.get_many(keys)
+            stored = ~k.absent(values)
+            rows = np.frombuffer(
+                b"".join(compress(values, stored.tolist())),  # type: ignore[arg-type]
+                "<i8",
+            ).reshape(-1, k.BUCKET_FIELDS)
+            slots = self.cache.media.slots(media)
+            return updated_bucket(entry, slots, slots[stored], rows[:, [0, 1, 4]].copy())
+
+        entry = self.cache.get("bucket", partition, size, start, load, refresh)
         assert isinstance(entry, BucketRollup)
         return entry
 
@@ -137,7 +159,24 @@ class RollupRanker:
                 )
             return concat_day_viewers(parts)
 
-        entry = self.cache.get("viewers", partition, k.DAY, day, load)
+        def refresh(entry: Entry, changes: Changes) -> DayViewers:
+            assert isinstance(entry, DayViewers)
+            media, user = changes.viewer_media, changes.viewer_user
+            keys = k.pack_keys(
+                k.presence_by_day_prefix(partition),
+                [np.full(len(media), day, np.int64), media, user],
+                (True, False, False),
+            )
+            values = self.store.get_many(keys)
+            stored = ~k.absent(values)
+            fresh = day_viewers(
+                media[stored],
+                user[stored],
+                list(compress(values, stored.tolist())),  # type: ignore[arg-type]
+            )
+            return updated_day_viewers(entry, media, user, fresh)
+
+        entry = self.cache.get("viewers", partition, k.DAY, day, load, refresh)
         assert isinstance(entry, DayViewers)
         return entry
 
@@ -288,19 +327,38 @@ class RollupRanker:
         self, partitions: Sequence[int], media: np.ndarray, start: int, end: int
     ) -> np.ndarray:
         """Exact distinct users of a page's items (a ranking by view time or starts): from the
-        day rollups when they are all current, else, for a small page, from each item's own
-        bitmaps (`P` rows, as GetMediaTrend). Under a steady stream every batch touches the
-        live day, so its rollup is stale at each ranking, and rebuilding it reads every
-        viewer-day of the day (hundreds of thousands) for a handful of items."""
+        day rollups when they are cached and current or cheap to refresh, or when loading the
+        missing ones fits the cache (they are then refreshed from the changed keys at later
+        rankings); else, for a small page, from each item's own bitmaps (`P` rows, as
+        GetMediaTrend), rather than rebuilding days of hundreds of thousands of viewer-days
+        that would not stay cached."""
         days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
-        if len(media) > _FEW_ITEMS or all(
-            self.cache.current("viewers", p, k.DAY, day) for p in partitions for day in days
-        ):
+        if len(media) > _FEW_ITEMS or self._viewer_days_fit(partitions, days):
             return self.viewers(partitions, media, start, end)
         reader = StatsReader(self.store)
         return np.array(
             [reader.viewers(partitions, m, start, end) for m in media.tolist()], np.int64
         )
+
+    def _viewer_days_fit(self, partitions: Sequence[int], days: range) -> bool:
+        """Whether the days' viewer rollups are all cheap to bring up to date, or would take
+        at most half of the cache (estimated from the day buckets' viewer counts: one rollup
+        row per viewer-day)."""
+        missing = [
+            (p, day)
+            for p in partitions
+            for day in days
+            if not self.cache.cheap("viewers", p, k.DAY, day)
+        ]
+        if not missing:
+            return True
+        rows = sum(
+            self.cache.cached_rows("viewers", p, k.DAY, day)
+            or int(self._bucket(p, k.DAY, day).values[:, 2].sum())
+            for p in partitions
+            for day in days
+        )
+        return rows * _VIEWER_ROW_BYTES <= self.cache.budget // 2
 
     def viewers(
         self, partitions: Sequence[int], media: np.ndarray, start: int, end: int
