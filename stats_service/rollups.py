@@ -299,7 +299,86 @@ class DayViewers:
         return np.asarray(found & ((self.minute_bits[at] & np.uint64(minutes)) != 0))
 
 
-Entry = BucketRollup | DayViewers
+def find_pairs(
+    media: np.ndarray, user: np.ndarray, want_media: np.ndarray, want_user: np.ndarray
+) -> np.ndarray:
+    """Row of each wanted (media, user) in rows sorted by (media, user), -1 where absent: a
+    binary search for the media's run, then one over users inside the runs, all pairs at once
+    (about log2(run length) vectorised steps; nothing proportional to the rows)."""
+    lo = np.searchsorted(media, want_media, "left")
+    hi = np.searchsorted(media, want_media, "right")
+    end = hi.copy()
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            break
+        mid = (lo + hi) // 2
+        right = open_ & (user[np.minimum(mid, len(user) - 1)] < want_user)
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(open_ & ~right, mid, hi)
+    found = lo < end
+    found[found] = user[lo[found]] == want_user[found]
+    return np.where(found, lo, -1)
+
+
+COMPACT_SHARE = 8  # a day's changed rows beyond an eighth of its base: merged into a new base
+COMPACT_MIN_ROWS = 1024  # (and beyond this many)
+
+
+@dataclass(frozen=True)
+class DayLayers:
+    """A day's viewer rollup as refreshed: `base` (as loaded), which of its rows are `dead`
+    (rewritten since, or gone; None: none), and `delta`, the current rows of every pair changed
+    since the base (sorted). A refresh only searches the changed pairs in the base and merges
+    them into the small delta (copy on write, nothing proportional to the day); once the delta
+    outgrows an eighth of the base, both are merged into a new base."""
+
+    base: DayViewers
+    dead: np.ndarray | None
+    delta: DayViewers
+
+    @property
+    def nbytes(self) -> int:
+        dead = 0 if self.dead is None else self.dead.nbytes
+        return self.base.nbytes + dead + self.delta.nbytes
+
+    @property
+    def rows(self) -> int:
+        return self.base.rows
+
+    def layers(self) -> list[tuple[DayViewers, np.ndarray | None]]:
+        """(rows, which of them are dead or None for none) to read, base first."""
+        return [(self.base, self.dead), (self.delta, None)]
+
+
+def empty_day_viewers() -> DayViewers:
+    empty = np.zeros(0, np.int64)
+    return DayViewers(empty, empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint64))
+
+
+def day_layers(base: DayViewers) -> DayLayers:
+    return DayLayers(base, None, empty_day_viewers())
+
+
+def refreshed_day(
+    entry: DayLayers, media: np.ndarray, user: np.ndarray, fresh: DayViewers
+) -> DayLayers:
+    """`entry` with the changed (media, user) pairs (sorted, distinct) now as in `fresh` (their
+    stored rows re-read, sorted; a pair no longer stored has none)."""
+    at = find_pairs(entry.base.media, entry.base.user, media, user)
+    dead = entry.dead
+    hit = at[at >= 0]
+    if len(hit):
+        dead = np.zeros(entry.base.rows, bool) if dead is None else dead.copy()
+        dead[hit] = True
+    delta = updated_day_viewers(entry.delta, media, user, fresh)
+    if len(delta.media) * COMPACT_SHARE <= max(entry.base.rows, COMPACT_MIN_ROWS):
+        return DayLayers(entry.base, dead, delta)
+    keep = np.ones(entry.base.rows, bool) if dead is None else ~dead
+    return day_layers(merge_day_rows(entry.base, keep, delta))
+
+
+Entry = BucketRollup | DayLayers
 
 
 Refresh = Callable[[Entry, Changes], Entry]
@@ -455,9 +534,8 @@ def concat_day_viewers(parts: Sequence[DayViewers]) -> DayViewers:
     """Consecutive chunks of one day's rows as one DayViewers (minute keys renumbered)."""
     if len(parts) == 1:
         return parts[0]
-    empty = np.zeros(0, np.int64)
     if not parts:
-        return DayViewers(empty, empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint64))
+        return empty_day_viewers()
     bases = np.cumsum([0] + [len(p.media) for p in parts[:-1]]) * 24
     return DayViewers(
         np.concatenate([p.media for p in parts]),
@@ -491,10 +569,12 @@ def _pair_codes(media: np.ndarray, user: np.ndarray) -> np.ndarray:
 
 def _interleave(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the elements of `a` and of `b` (each ascending, no value in both) in
-    their merged ascending order."""
-    a_at = np.arange(len(a)) + np.searchsorted(b, a)
-    b_at = np.arange(len(b)) + np.searchsorted(a, b)
-    return a_at, b_at
+    their merged ascending order. Only `b` (the few changed rows) is searched for: the
+    elements of `b` before each of `a` are counted from those positions, no comparisons."""
+    b_in_a = np.searchsorted(a, b)  # elements of `a` before each of `b`
+    b_at = b_in_a + np.arange(len(b))
+    before = np.cumsum(np.bincount(b_in_a, minlength=len(a) + 1))[: len(a)]
+    return np.arange(len(a)) + before, b_at
 
 
 def updated_day_viewers(
@@ -502,15 +582,19 @@ def updated_day_viewers(
 ) -> DayViewers:
     """A new day rollup: `old` without the rows of the changed (media, user) pairs (sorted,
     distinct), with `fresh` (those pairs' rows re-read, sorted; a pair no longer stored has
-    none) merged in, minute keys renumbered. Linear in the day's rows, no sort of them."""
-    codes = _pair_codes(old.media, old.user)
-    changed = _pair_codes(media, user)
-    at = np.searchsorted(codes, changed)
-    hit = at < len(codes)
-    hit[hit] = codes[at[hit]] == changed[hit]
-    keep = np.ones(len(codes), bool)
-    keep[at[hit]] = False
-    kept_at, fresh_at = _interleave(codes[keep], _pair_codes(fresh.media, fresh.user))
+    none) merged in."""
+    keep = np.ones(len(old.media), bool)
+    at = find_pairs(old.media, old.user, media, user)
+    keep[at[at >= 0]] = False
+    return merge_day_rows(old, keep, fresh)
+
+
+def merge_day_rows(old: DayViewers, keep: np.ndarray, fresh: DayViewers) -> DayViewers:
+    """The `keep` rows of `old` and the rows of `fresh` (no pair in both; each sorted) as one
+    day rollup, minute keys renumbered: linear in the rows, no sort."""
+    kept_at, fresh_at = _interleave(
+        _pair_codes(old.media[keep], old.user[keep]), _pair_codes(fresh.media, fresh.user)
+    )
     count = len(kept_at) + len(fresh_at)
 
     def merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -519,7 +603,7 @@ def updated_day_viewers(
         out[fresh_at] = b
         return out
 
-    row_at = np.full(len(codes), -1, np.int64)
+    row_at = np.full(len(old.media), -1, np.int64)
     row_at[keep] = kept_at
     old_row, old_hour = np.divmod(old.minute_key, 24)
     stays = keep[old_row]

@@ -34,17 +34,19 @@ from stats_service.rollups import (
     VIEWER_CHUNK,
     BucketRollup,
     Changes,
+    DayLayers,
     DayViewers,
     Entry,
     RollupCache,
     concat_day_viewers,
+    day_layers,
     day_viewers,
     distinct_per_owner,
     hour_mask,
+    refreshed_day,
     rows_of,
     top_slots,
     updated_bucket,
-    updated_day_viewers,
 )
 from viewevents.state.keys import partition_prefix, prefix_end
 from viewevents.state.store import StateStore
@@ -142,8 +144,8 @@ class RollupRanker:
         assert isinstance(entry, BucketRollup)
         return entry
 
-    def _day_viewers(self, partition: int, day: int) -> DayViewers:
-        def load() -> DayViewers:
+    def _day_viewers(self, partition: int, day: int) -> DayLayers:
+        def load() -> DayLayers:
             # Read and decode VIEWER_CHUNK rows at a time: a day can hold hundreds of thousands
             # of viewer-days, and each row's key, bitmap and decoding temporaries (about 2 KB
             # when the whole day was listed first) would otherwise be held all at once.
@@ -157,10 +159,10 @@ class RollupRanker:
                         k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in chunk]
                     )
                 )
-            return concat_day_viewers(parts)
+            return day_layers(concat_day_viewers(parts))
 
-        def refresh(entry: Entry, changes: Changes) -> DayViewers:
-            assert isinstance(entry, DayViewers)
+        def refresh(entry: Entry, changes: Changes) -> DayLayers:
+            assert isinstance(entry, DayLayers)
             media, user = changes.viewer_media, changes.viewer_user
             keys = k.pack_keys(
                 k.presence_by_day_prefix(partition),
@@ -174,10 +176,10 @@ class RollupRanker:
                 user[stored],
                 list(compress(values, stored.tolist())),  # type: ignore[arg-type]
             )
-            return updated_day_viewers(entry, media, user, fresh)
+            return refreshed_day(entry, media, user, fresh)
 
         entry = self.cache.get("viewers", partition, k.DAY, day, load, refresh)
-        assert isinstance(entry, DayViewers)
+        assert isinstance(entry, DayLayers)
         return entry
 
     # --- the ranking ------------------------------------------------------------------------
@@ -371,15 +373,18 @@ class RollupRanker:
             owners: list[np.ndarray] = []
             users: list[np.ndarray] = []
             for day in range(first_day, end_day, k.DAY):
-                found = self._day_viewers(p, day)
-                rows, owner = rows_of(found.media, media)
-                if len(rows) == 0:
-                    continue
-                if start > day or day + k.DAY > end:
-                    take = self._partial_day(day, start, end, found, rows)
-                    rows, owner = rows[take], owner[take]
-                owners.append(owner)
-                users.append(found.user[rows])
+                for found, dead in self._day_viewers(p, day).layers():
+                    rows, owner = rows_of(found.media, media)
+                    if dead is not None and len(rows):
+                        live = ~dead[rows]
+                        rows, owner = rows[live], owner[live]
+                    if len(rows) == 0:
+                        continue
+                    if start > day or day + k.DAY > end:
+                        take = self._partial_day(day, start, end, found, rows)
+                        rows, owner = rows[take], owner[take]
+                    owners.append(owner)
+                    users.append(found.user[rows])
             if owners:
                 counts += distinct_per_owner(
                     np.concatenate(owners), np.concatenate(users), len(media)

@@ -14,14 +14,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stats_service import key_layout
+from stats_service import key_layout, rollups
 from stats_service.aggregation import Columns
 from stats_service.processor import StatsProcessor
 from stats_service.rollups import (
     BucketVersions,
+    DayLayers,
     DayViewers,
     RollupCache,
+    day_layers,
     day_viewers,
+    find_pairs,
+    merge_day_rows,
+    refreshed_day,
     updated_day_viewers,
 )
 from stats_service.top_media import STARTS, VIEW_TIME, VIEWERS, RollupRanker
@@ -101,7 +106,7 @@ def test_refreshed_rollups_match_brute_force_as_batches_land(
     load(store, partition(events, PARTITIONS), rng, processor=processor)
     check(ranker, Brute(partition(events, PARTITIONS), 0), rng)
     loads = ranker.cache.loads
-    held = ranker._day_viewers(0, BASE)  # a reader holding an entry while batches land
+    held = ranker._day_viewers(0, BASE).base  # a reader holding an entry while batches land
     held_copy = [held.media.copy(), held.user.copy(), held.minute_key.copy()]
     for step in range(8):
         # A few events: known media and users, media and users never seen before (from the
@@ -269,3 +274,45 @@ def test_day_viewers_merge_equals_a_rebuild(seed: int) -> None:
     empty = _built({})
     _assert_same(updated_day_viewers(empty, media, user, fresh), fresh)
     _assert_same(updated_day_viewers(old, media[:0], user[:0], empty), old)
+
+
+def _flat(entry: DayLayers) -> DayViewers:
+    """A layered day rollup's live rows as one."""
+    keep = np.ones(entry.base.rows, bool) if entry.dead is None else ~entry.dead
+    return merge_day_rows(entry.base, keep, entry.delta)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_layered_day_refreshes_equal_a_rebuild(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refreshes one after another (some pairs changed again, new pairs, pairs gone), with the
+    delta merged into a new base now and then: the live rows equal a rebuild each time."""
+    monkeypatch.setattr(rollups, "COMPACT_SHARE", 4)  # compact once delta > base / 4
+    monkeypatch.setattr(rollups, "COMPACT_MIN_ROWS", 0)
+    rng = np.random.default_rng(seed)
+    rows = _rows(rng, sorted({(int(m), int(u)) for m, u in rng.integers(1, 40, (300, 2))}))
+    entry = day_layers(_built(rows))
+    compactions = 0
+    for _ in range(12):
+        changed = sorted({(int(m), int(u)) for m, u in rng.integers(1, 45, (25, 2))})
+        rows.update(_rows(rng, changed))
+        for p in changed[:3]:
+            rows.pop(p)
+        media = np.array([m for m, _ in changed], np.int64)
+        user = np.array([u for _, u in changed], np.int64)
+        fresh = _built({p: rows[p] for p in changed if p in rows})
+        before = entry
+        entry = refreshed_day(entry, media, user, fresh)
+        compactions += entry.dead is None and before.dead is not None
+        _assert_same(_flat(entry), _built(rows))
+    assert compactions > 0
+
+
+def test_find_pairs() -> None:
+    media = np.array([1, 1, 1, 2, 5, 5, 9], np.int64)
+    user = np.array([3, 4, 8, 1, 2, 7, 1], np.int64)
+    want_media = np.array([1, 1, 1, 2, 3, 5, 5, 9, 9, 0], np.int64)
+    want_user = np.array([3, 5, 8, 1, 1, 2, 9, 1, 0, 3], np.int64)
+    at = find_pairs(media, user, want_media, want_user)
+    assert at.tolist() == [0, -1, 2, 3, -1, 4, -1, 6, -1, -1]
+    none = np.zeros(0, np.int64)
+    assert find_pairs(none, none, want_media, want_user).tolist() == [-1] * 10
