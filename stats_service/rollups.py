@@ -438,9 +438,11 @@ class RollupCache:
         start: int,
         load: Callable[[], Entry],
         refresh: Refresh | None = None,
+        narrow: Callable[[Changes], Changes] | None = None,
     ) -> Entry:
-        """The current rollup of a bucket: cached, refreshed from its changed keys, or loaded
-        (the version, and the changed keys with it, are read before the state)."""
+        """The current rollup of a bucket: cached, refreshed from its changed keys (those of
+        them it holds: `narrow`), or loaded (the version, and the changed keys with it, are read
+        before the state)."""
         key = (kind, partition, size, start)
         version = self.versions.version(partition, size, start)
         with self._lock:
@@ -451,6 +453,8 @@ class RollupCache:
                 return found[1]
         if found is not None and refresh is not None:
             current, changes = self.versions.since(partition, size, start, found[0])
+            if changes is not None and narrow is not None:
+                changes = narrow(changes)
             if changes is not None and _refreshable(found[1], changes):
                 entry = refresh(found[1], changes) if len(changes) else found[1]
                 with self._lock:

@@ -21,14 +21,14 @@ whole hours from the hour mask, the ragged edge hours from the minute masks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import compress, islice
 
 import numpy as np
 
 from stats_service import key_layout as k
-from stats_service.reader import StatsReader
 from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
     VIEWER_CHUNK,
@@ -161,6 +161,49 @@ class RollupRanker:
                 )
             return day_layers(concat_day_viewers(parts))
 
+        entry = self.cache.get(
+            "viewers", partition, k.DAY, day, load, self._viewer_refresh(partition, day)
+        )
+        assert isinstance(entry, DayLayers)
+        return entry
+
+    def _item_viewers(self, partition: int, day: int, media: int) -> DayLayers:
+        """One item's viewer rows of one day (its `P` rows), refreshed like a day's: what a
+        page's viewers need when the whole days' rollups are too large to keep (under a steady
+        stream of new viewer-days, the soak's 3,000 events/s outgrow the cache in minutes)."""
+
+        def load() -> DayLayers:
+            prefix = k.presence_prefix(partition, media) + k.biased(day)
+            items = self.store.scan(prefix, prefix_end(prefix))
+            parts = []
+            while chunk := list(islice(items, VIEWER_CHUNK)):
+                user = k.key_columns([key for key, _ in chunk], 2)  # P media day user
+                owner = np.full(len(user), media, np.int64)
+                parts.append(day_viewers(owner, user, [v for _, v in chunk]))
+            return day_layers(concat_day_viewers(parts))
+
+        def narrow(changes: Changes) -> Changes:
+            lo, hi = np.searchsorted(changes.viewer_media, [media, media + 1]).tolist()
+            return Changes(
+                changes.media[:0], changes.viewer_media[lo:hi], changes.viewer_user[lo:hi]
+            )
+
+        entry = self.cache.get(
+            f"viewers of {media}",
+            partition,
+            k.DAY,
+            day,
+            load,
+            self._viewer_refresh(partition, day),
+            narrow,
+        )
+        assert isinstance(entry, DayLayers)
+        return entry
+
+    def _viewer_refresh(self, partition: int, day: int) -> Callable[[Entry, Changes], Entry]:
+        """Brings a day's viewer rows (all of them, or one item's) up to date: the changed
+        pairs' rows re-read (one multi-get) and merged in."""
+
         def refresh(entry: Entry, changes: Changes) -> DayLayers:
             assert isinstance(entry, DayLayers)
             media, user = changes.viewer_media, changes.viewer_user
@@ -178,9 +221,7 @@ class RollupRanker:
             )
             return refreshed_day(entry, media, user, fresh)
 
-        entry = self.cache.get("viewers", partition, k.DAY, day, load, refresh)
-        assert isinstance(entry, DayLayers)
-        return entry
+        return refresh
 
     # --- the ranking ------------------------------------------------------------------------
 
@@ -330,16 +371,24 @@ class RollupRanker:
     ) -> np.ndarray:
         """Exact distinct users of a page's items (a ranking by view time or starts): from the
         day rollups when they are cached and current or cheap to refresh, or when loading the
-        missing ones fits the cache (they are then refreshed from the changed keys at later
-        rankings); else, for a small page, from each item's own bitmaps (`P` rows, as
-        GetMediaTrend), rather than rebuilding days of hundreds of thousands of viewer-days
-        that would not stay cached."""
+        missing ones fits the cache; else, for a small page, from each item's own viewer rows
+        (`P`), kept per item and day and refreshed the same way, rather than rebuilding days of
+        hundreds of thousands of viewer-days that would not stay cached."""
         days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
         if len(media) > _FEW_ITEMS or self._viewer_days_fit(partitions, days):
             return self.viewers(partitions, media, start, end)
-        reader = StatsReader(self.store)
         return np.array(
-            [reader.viewers(partitions, m, start, end) for m in media.tolist()], np.int64
+            [
+                self._viewers_from(
+                    partitions,
+                    np.array([m], np.int64),
+                    start,
+                    end,
+                    partial(self._item_viewers, media=m),
+                )[0]
+                for m in media.tolist()
+            ],
+            np.int64,
         )
 
     def _viewer_days_fit(self, partitions: Sequence[int], days: range) -> bool:
@@ -367,13 +416,24 @@ class RollupRanker:
     ) -> np.ndarray:
         """Exact distinct users over minute-aligned [start, end) of each item of `media`
         (ascending, distinct): the union of the item's viewer-days, summed over partitions."""
+        return self._viewers_from(partitions, media, start, end, self._day_viewers)
+
+    def _viewers_from(
+        self,
+        partitions: Sequence[int],
+        media: np.ndarray,
+        start: int,
+        end: int,
+        day_rows: Callable[[int, int], DayLayers],
+    ) -> np.ndarray:
+        """`viewers` over the rows `day_rows(partition, day)` gives (whole days or one item's)."""
         counts = np.zeros(len(media), np.int64)
         first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
         for p in partitions:
             owners: list[np.ndarray] = []
             users: list[np.ndarray] = []
             for day in range(first_day, end_day, k.DAY):
-                for found, dead in self._day_viewers(p, day).layers():
+                for found, dead in day_rows(p, day).layers():
                     rows, owner = rows_of(found.media, media)
                     if dead is not None and len(rows):
                         live = ~dead[rows]

@@ -92,17 +92,24 @@ def apply(store: StateStore, processor: StatsProcessor, events: list[Event]) -> 
     processor.committed()
 
 
-@pytest.mark.parametrize("seed, log_keys", [(1, 1 << 16), (2, 1 << 16), (3, 1 << 16), (4, 60)])
+@pytest.mark.parametrize(
+    "seed, log_keys, whole_days",
+    [(1, 1 << 16, True), (2, 1 << 16, True), (3, 60, True), (4, 1 << 16, False)],
+)
 def test_refreshed_rollups_match_brute_force_as_batches_land(
-    tmp_path: Path, seed: int, log_keys: int
+    tmp_path: Path, seed: int, log_keys: int, whole_days: bool
 ) -> None:
-    """(A log of 60 keys overflows within a batch or two: refreshes and reloads mix.)"""
+    """(A log of 60 keys overflows within a batch or two: refreshes and reloads mix. Without
+    `whole_days`, as when whole days' viewer rows would not fit the cache, page viewers come
+    from per-item rows.)"""
     rng = random.Random(seed)
     events = events_in(rng, 2500, 0, media=20, users=50)
     store = StateStore(str(tmp_path / "db"))
     versions = BucketVersions(log_keys)
     processor = StatsProcessor(HEARTBEAT, 0, versions)
     ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    if not whole_days:
+        ranker._viewer_days_fit = lambda partitions, days: False  # type: ignore[method-assign]
     load(store, partition(events, PARTITIONS), rng, processor=processor)
     check(ranker, Brute(partition(events, PARTITIONS), 0), rng)
     loads = ranker.cache.loads
@@ -122,6 +129,8 @@ def test_refreshed_rollups_match_brute_force_as_batches_land(
     # buckets first touched by the later batches (hours without events before) are loaded.
     if log_keys > 1000:
         assert ranker.cache.loads - loads < ranker.cache.refreshes
+    items = [key for key in ranker.cache._entries if key[0].startswith("viewers of ")]
+    assert bool(items) != whole_days
     # Copy on write: the entry the reader held was never changed in place.
     for now, then in zip([held.media, held.user, held.minute_key], held_copy):
         assert np.array_equal(now, then)
