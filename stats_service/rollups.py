@@ -4,15 +4,24 @@ reads a bounded number of cached entries instead of every index row of the range
 A rollup is one (partition, hour or day) bucket with all of its media as columns: the ranking
 index rows (`h`, `d`) of the bucket, read with one scan. A day's viewer rows (from the
 day-major bitmaps `Q`, reduced to a 24-bit mask of the hours in which the user had an event and
-60-bit minute masks of those hours) are rollups too. Entries are built on first use and
-kept in a least-recently-used cache under a byte budget.
+60-bit minute masks of those hours) are rollups too, as are one item's viewer rows of a day
+(from its `P` rows, for a page's viewers when whole days are too large to keep). Entries are
+built on first use and kept in a least-recently-used cache under a byte budget.
 
 Freshness: the processor notes which (partition, hour) and (partition, day) buckets a batch
-touched and bumps their versions only after the batch is committed (`BucketVersions`). A reader
-takes the version *before* reading the state and files the entry under it; an entry is used
-only while its version is current. So an entry is never older than the version says: at worst
-a batch committed during the load makes the entry stale at once, and the next query reloads
-it. In steady state only the live hour and day change, so most reads come from the cache.
+touched, and which of their keys it rewrote (the media of `h` and `d` rows, the (media, user)
+of `Q` rows), and bumps their versions only after the batch is committed (`BucketVersions`,
+which keeps a bounded log of the keys each version changed). A reader takes the version
+*before* reading the state and files the entry under it; an entry is used only while its
+version is current. A cached entry whose version is behind is brought up to date by re-reading
+only the keys changed since (one multi-get) and merging them into a new entry (copy on write:
+a query holding the old one keeps a consistent entry), with the version and the changed keys
+read together before the state; when the log no longer reaches back to the entry's version,
+the change was not described key by key (minute retention pruning a day), or many keys
+changed, the entry is reloaded. So an entry is never older than the version it is filed under:
+at worst a batch committed during a load or refresh makes it stale at once, and the next query
+refreshes it. Under a steady stream (new events in the live hour and day, late events in older
+buckets) a ranking costs about the keys changed since the previous one, not the range's rows.
 """
 
 from __future__ import annotations

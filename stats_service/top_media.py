@@ -17,6 +17,11 @@ bound, the k-th best exact count then prunes every item whose bound is below it,
 count is computed for those that remain. Exact unions read the day's viewer rows (a 24-bit mask
 of hours per viewer-day, and a 60-bit mask of minutes per active viewer-hour): whole days and
 whole hours from the hour mask, the ragged edge hours from the minute masks.
+
+A page ranked by view time or starts gets its items' exact viewers the same way: from the
+whole days' viewer rows when they are cached (or fit half the cache), else from each item's own
+viewer rows of each day (`P`), kept and refreshed per item: a day of a steady stream holds far
+more viewer-days than the cache, the page's few items far fewer.
 """
 
 from __future__ import annotations
