@@ -535,12 +535,55 @@ def day_viewers(media: np.ndarray, user: np.ndarray, bitmaps: Sequence[bytes]) -
     return concat_day_viewers(parts)
 
 
-def _day_viewers_chunk(media: np.ndarray, user: np.ndarray, bitmaps: Sequence[bytes]) -> DayViewers:
-    words = hour_words(k.minute_bitmaps(bitmaps)).reshape(-1)  # index = row * 24 + hour
+def _day_viewers_chunk(media: np.ndarray, user: np.ndarray, values: Sequence[bytes]) -> DayViewers:
+    """Minute lists (most rows: a viewer-day with few active minutes) are read as they are,
+    without a round trip through 180-byte bitmaps; bitmaps and pruned hour masks as bitmaps."""
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    listed = (lengths != k.BITMAP_BYTES) & (lengths != k.HOUR_MASK_BYTES)
+    if not listed.any():
+        keys, words = _bitmap_minute_words(values)
+    else:
+        keys, words = _listed_minute_words(values, np.flatnonzero(listed), lengths)
+        dense = np.flatnonzero(~listed)
+        if len(dense):
+            dense_keys, dense_words = _bitmap_minute_words([values[i] for i in dense.tolist()])
+            row, hour = np.divmod(dense_keys, 24)
+            dense_keys = dense[row] * 24 + hour  # the chunk's row numbers
+            dense_at, listed_at = _interleave(dense_keys, keys)
+            merged_keys = np.empty(len(keys) + len(dense_keys), np.int64)
+            merged_keys[dense_at], merged_keys[listed_at] = dense_keys, keys
+            merged_words = np.empty(len(merged_keys), np.uint64)
+            merged_words[dense_at], merged_words[listed_at] = dense_words, words
+            keys, words = merged_keys, merged_words
+    row, hour = np.divmod(keys, 24)
+    # One key per (row, hour): the OR of a row's hour bits is their sum (below 2**24, exact).
+    weights = HOUR_BITS[hour].astype(np.float64)
+    hours = np.bincount(row, weights, minlength=len(values)).astype(np.uint32)
+    return DayViewers(media, user, hours, keys, words)
+
+
+def _bitmap_minute_words(values: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(row * 24 + hour, its 60-bit minute mask) of every active hour, ascending, from any
+    stored form through 1440-bit bitmaps."""
+    words = hour_words(k.minute_bitmaps(values)).reshape(-1)  # index = row * 24 + hour
     keys = np.flatnonzero(words)  # ascending
-    any_hour = (words != 0).reshape(len(bitmaps), 24)
-    hours = np.asarray(any_hour.astype(np.uint32) @ HOUR_BITS, np.uint32)
-    return DayViewers(media, user, hours, keys.astype(np.int64), words[keys])
+    return keys.astype(np.int64), words[keys]
+
+
+def _listed_minute_words(
+    values: Sequence[bytes], listed: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same for the rows `listed` (ascending) whose values are sorted minute lists: each
+    minute's (row, hour) key and bit, OR-ed over the runs of equal keys."""
+    minute = np.frombuffer(b"".join([values[i] for i in listed.tolist()]), "<u2").astype(np.int64)
+    if len(minute) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    row = np.repeat(listed, lengths[listed] // 2)
+    hour, bit = np.divmod(minute, 60)
+    codes = row * 24 + hour  # ascending: rows ascending, minutes ascending in a row
+    first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    bits = np.left_shift(np.uint64(1), bit.astype(np.uint64))
+    return codes[first], np.bitwise_or.reduceat(bits, first)
 
 
 def concat_day_viewers(parts: Sequence[DayViewers]) -> DayViewers:

@@ -325,3 +325,41 @@ def test_find_pairs() -> None:
     assert at.tolist() == [0, -1, 2, 3, -1, 4, -1, 6, -1, -1]
     none = np.zeros(0, np.int64)
     assert find_pairs(none, none, want_media, want_user).tolist() == [-1] * 10
+
+
+def _by_bits(values: list[bytes]) -> tuple[list[int], list[int], list[int]]:
+    """Hour masks, minute keys and minute words decoded a bit at a time (reference)."""
+    bits = np.unpackbits(key_layout.minute_bitmaps(values), axis=1, bitorder="little")
+    hours, keys, words = [], [], []
+    for row, day in enumerate(bits.reshape(len(values), 24, 60).tolist()):
+        mask = 0
+        for hour, minutes in enumerate(day):
+            word = sum(1 << m for m, bit in enumerate(minutes) if bit)
+            if word:
+                mask |= 1 << hour
+                keys.append(row * 24 + hour)
+                words.append(word)
+        hours.append(mask)
+    return hours, keys, words
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_day_viewers_from_minute_lists_bitmaps_and_hour_masks(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Day rollups read minute lists directly (no bitmap round trip): the same hour masks and
+    minute words as a bit-by-bit decoding, every stored form mixed in one chunk, across chunk
+    boundaries, and chunks of one form only."""
+    monkeypatch.setattr(rollups, "VIEWER_CHUNK", 13)
+    rng = np.random.default_rng(seed)
+    values = list(_rows(rng, [(0, n) for n in range(70)]).values())
+    values[5] = np.arange(0, 1440, 17).astype("<u2").tobytes()  # 85 minutes, every hour
+    values[6] = np.array([59, 60, 119, 1439], "<u2").tobytes()  # hour edges
+    values[20:33] = [np.array([n], "<u2").tobytes() for n in range(13)]  # a chunk of lists
+    values[33:46] = [bytes([255]) * key_layout.BITMAP_BYTES] * 13  # a chunk of bitmaps
+    media = np.arange(len(values), dtype=np.int64)
+    found = day_viewers(media, media, values)
+    hours, keys, words = _by_bits(values)
+    assert found.hours.tolist() == hours
+    assert found.minute_key.tolist() == keys
+    assert found.minute_bits.tolist() == words
