@@ -174,12 +174,28 @@ class BucketVersions:
         with self._lock:
             return self._versions.get((partition, size, start), 0)
 
+    def changed_keys(self, partition: int, size: int, start: int, version: int) -> int | None:
+        """At most how many keys changed after `version` (None: not known any more): whether a
+        refresh would pay, without collecting them."""
+        key = (partition, size, start)
+        with self._lock:
+            current = self._versions.get(key, 0)
+            if version > current or version < self._floor.get(key, 0):
+                return None
+            return sum(len(c) for v, c in self._log.get(key, ()) if v > version)
+
     def since(
-        self, partition: int, size: int, start: int, version: int
+        self,
+        partition: int,
+        size: int,
+        start: int,
+        version: int,
+        narrow: Callable[[Changes], Changes] | None = None,
     ) -> tuple[int, Changes | None]:
         """The bucket's current version and the keys changed after `version` (None: not
-        known any more, reload in full). Read together under the lock, *before* the caller
-        reads the state: the keys re-read then are at least as new as the version."""
+        known any more, reload in full), only those `narrow` keeps. Read together under the
+        lock, *before* the caller reads the state: the keys re-read then are at least as new as
+        the version."""
         key = (partition, size, start)
         with self._lock:
             current = self._versions.get(key, 0)
@@ -188,6 +204,8 @@ class BucketVersions:
             if version > current or version < self._floor.get(key, 0):
                 return current, None
             chunks = [c for v, c in self._log.get(key, ()) if v > version]
+        if narrow is not None:  # each version's keys are sorted: narrowing them is cheap
+            chunks = [narrow(c) for c in chunks]
         return current, _merged(chunks)
 
 
@@ -314,6 +332,11 @@ def find_pairs(
     """Row of each wanted (media, user) in rows sorted by (media, user), -1 where absent: a
     binary search for the media's run, then one over users inside the runs, all pairs at once
     (about log2(run length) vectorised steps; nothing proportional to the rows)."""
+    if len(media) and media[0] == media[-1]:  # one item's rows: users alone are sorted
+        at = np.searchsorted(user, want_user)
+        ok = (want_media == media[0]) & (at < len(user))
+        ok[ok] = user[at[ok]] == want_user[ok]
+        return np.where(ok, at, -1)
     lo = np.searchsorted(media, want_media, "left")
     hi = np.searchsorted(media, want_media, "right")
     end = hi.copy()
@@ -430,8 +453,8 @@ class RollupCache:
             found = self._entries.get((kind, partition, size, start))
         if found is None:
             return False
-        _, changes = self.versions.since(partition, size, start, found[0])
-        return changes is not None and _refreshable(found[1], changes)
+        changed = self.versions.changed_keys(partition, size, start, found[0])
+        return changed is not None and changed * REFRESH_SHARE <= max(found[1].rows, 64)
 
     def cached_rows(self, kind: str, partition: int, size: int, start: int) -> int | None:
         """Rows of the bucket's cached rollup, whatever its version (None: not cached)."""
@@ -461,9 +484,7 @@ class RollupCache:
                 self.hits += 1
                 return found[1]
         if found is not None and refresh is not None:
-            current, changes = self.versions.since(partition, size, start, found[0])
-            if changes is not None and narrow is not None:
-                changes = narrow(changes)
+            current, changes = self.versions.since(partition, size, start, found[0], narrow)
             if changes is not None and _refreshable(found[1], changes):
                 entry = refresh(found[1], changes) if len(changes) else found[1]
                 with self._lock:
@@ -607,7 +628,9 @@ def updated_bucket(
 ) -> BucketRollup:
     """A new `entry` whose rows of the `changed` slots are the re-read (slots, values) (a
     changed key no longer stored has no row); rows need no order."""
-    keep = ~np.isin(entry.slots, changed)
+    marks = np.zeros(int(max(entry.slots.max(initial=-1), changed.max(initial=-1))) + 1, bool)
+    marks[changed] = True
+    keep = ~marks[entry.slots]
     return BucketRollup(
         np.concatenate([entry.slots[keep], slots]), np.concatenate([entry.values[keep], values])
     )

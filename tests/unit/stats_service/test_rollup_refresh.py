@@ -323,6 +323,9 @@ def test_find_pairs() -> None:
     want_user = np.array([3, 5, 8, 1, 1, 2, 9, 1, 0, 3], np.int64)
     at = find_pairs(media, user, want_media, want_user)
     assert at.tolist() == [0, -1, 2, 3, -1, 4, -1, 6, -1, -1]
+    one = np.array([4, 4, 4], np.int64)  # one item's rows
+    at = find_pairs(one, np.array([2, 5, 9]), np.array([4, 4, 4, 3, 4]), np.array([5, 6, 9, 5, 1]))
+    assert at.tolist() == [1, -1, 2, -1, -1]
     none = np.zeros(0, np.int64)
     assert find_pairs(none, none, want_media, want_user).tolist() == [-1] * 10
 
