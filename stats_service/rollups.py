@@ -119,23 +119,30 @@ class BucketVersions:
         if not self.log_keys:
             self.touch(partition, size, starts)
             return
-        order = np.argsort(starts, kind="stable")
-        sorted_starts = starts[order]
-        cuts = np.flatnonzero(sorted_starts[1:] != sorted_starts[:-1]) + 1
-        groups = np.split(order, cuts)
+        # Sorted by bucket, then media (and user), duplicates dropped, in one pass for all
+        # buckets: each bucket's keys are then sorted and distinct as they are.
+        keys = (starts, media) if user is None else (starts, media, user)
+        order = np.lexsort(keys[::-1])
+        columns = [c[order] for c in keys]
+        first = np.ones(len(order), bool)
+        first[1:] = np.any([c[1:] != c[:-1] for c in columns], axis=0)
+        columns = [c[first] for c in columns]
+        bucket_starts = columns[0]
+        cuts = np.flatnonzero(bucket_starts[1:] != bucket_starts[:-1]) + 1
+        bounds = [0, *cuts.tolist(), len(bucket_starts)]
         with self._lock:
-            for group in groups:
-                key = (partition, size, int(starts[group[0]]))
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                key = (partition, size, int(bucket_starts[lo]))
                 if key not in self._pending:
                     self._pending[key] = _Pending()
                 pending = self._pending[key]
                 if pending is None:
                     continue
                 if user is None:
-                    pending.media.append(media[group])
+                    pending.media.append(columns[1][lo:hi])
                 else:
-                    pending.viewer_media.append(media[group])
-                    pending.viewer_user.append(user[group])
+                    pending.viewer_media.append(columns[1][lo:hi])
+                    pending.viewer_user.append(columns[2][lo:hi])
 
     def publish(self) -> None:
         """The batch is committed: its buckets' cached rollups are stale from now on (and may
@@ -210,10 +217,16 @@ class BucketVersions:
 
 
 def _changes_of(pending: _Pending) -> Changes:
-    """One version's changes: the noted keys, sorted and distinct."""
-    media = np.unique(np.concatenate(pending.media)) if pending.media else np.zeros(0, np.int64)
+    """One version's changes: the noted keys, sorted and distinct (each noted array already
+    is: only several notes of one bucket, a failed commit's and the next, need merging)."""
+    empty = np.zeros(0, np.int64)
+    media = pending.media[0] if len(pending.media) == 1 else empty
+    if len(pending.media) > 1:
+        media = np.unique(np.concatenate(pending.media))
     if not pending.viewer_media:
-        return Changes(media, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return Changes(media, empty, empty)
+    if len(pending.viewer_media) == 1:
+        return Changes(media, pending.viewer_media[0], pending.viewer_user[0])
     viewer_media, viewer_user = _unique_pairs(
         np.concatenate(pending.viewer_media), np.concatenate(pending.viewer_user)
     )
