@@ -181,15 +181,19 @@ class BucketVersions:
         with self._lock:
             return self._versions.get((partition, size, start), 0)
 
-    def changed_keys(self, partition: int, size: int, start: int, version: int) -> int | None:
-        """At most how many keys changed after `version` (None: not known any more): whether a
-        refresh would pay, without collecting them."""
+    def changed_keys(
+        self, partition: int, size: int, start: int, version: int, viewers: bool
+    ) -> int | None:
+        """At most how many ranking rows (or with `viewers`, viewer rows) changed after
+        `version` (None: not known any more): whether a refresh would pay, without collecting
+        them."""
         key = (partition, size, start)
         with self._lock:
             current = self._versions.get(key, 0)
             if version > current or version < self._floor.get(key, 0):
                 return None
-            return sum(len(c) for v, c in self._log.get(key, ()) if v > version)
+            chunks = [c for v, c in self._log.get(key, ()) if v > version]
+        return sum(len(c.viewer_media) if viewers else len(c.media) for c in chunks)
 
     def since(
         self,
@@ -466,7 +470,8 @@ class RollupCache:
             found = self._entries.get((kind, partition, size, start))
         if found is None:
             return False
-        changed = self.versions.changed_keys(partition, size, start, found[0])
+        viewers = isinstance(found[1], DayLayers)
+        changed = self.versions.changed_keys(partition, size, start, found[0], viewers)
         return changed is not None and changed * REFRESH_SHARE <= max(found[1].rows, 64)
 
     def cached_rows(self, kind: str, partition: int, size: int, start: int) -> int | None:

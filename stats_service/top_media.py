@@ -85,6 +85,16 @@ def _sum_rollups(rollups: Sequence[BucketRollup], count: int) -> np.ndarray:
     return out
 
 
+def _ranking_rows(changes: Changes) -> Changes:
+    """The changes a bucket rollup holds: its ranking rows, not the day's viewer rows."""
+    return Changes(changes.media, changes.viewer_media[:0], changes.viewer_user[:0])
+
+
+def _viewer_rows(changes: Changes) -> Changes:
+    """The changes a day's viewer rollup holds: its viewer rows, not the ranking rows."""
+    return Changes(changes.media[:0], changes.viewer_media, changes.viewer_user)
+
+
 @dataclass
 class Ranking:
     """The best `keep` items of a range: ids best first, their (view_time, starts, viewers)
@@ -145,7 +155,7 @@ class RollupRanker:
             slots = self.cache.media.slots(media)
             return updated_bucket(entry, slots, slots[stored], rows[:, [0, 1, 4]].copy())
 
-        entry = self.cache.get("bucket", partition, size, start, load, refresh)
+        entry = self.cache.get("bucket", partition, size, start, load, refresh, _ranking_rows)
         assert isinstance(entry, BucketRollup)
         return entry
 
@@ -167,7 +177,13 @@ class RollupRanker:
             return day_layers(concat_day_viewers(parts))
 
         entry = self.cache.get(
-            "viewers", partition, k.DAY, day, load, self._viewer_refresh(partition, day)
+            "viewers",
+            partition,
+            k.DAY,
+            day,
+            load,
+            self._viewer_refresh(partition, day),
+            _viewer_rows,
         )
         assert isinstance(entry, DayLayers)
         return entry
