@@ -366,3 +366,30 @@ def test_day_viewers_from_minute_lists_bitmaps_and_hour_masks(
     assert found.hours.tolist() == hours
     assert found.minute_key.tolist() == keys
     assert found.minute_bits.tolist() == words
+
+
+def test_a_day_bucket_is_refreshed_when_its_viewer_rows_change_a_lot() -> None:
+    """A day's ranking rows (one per media) and its viewer rows (one per viewer-day) change
+    together: a bucket rollup must weigh only the ranking rows changed, or a day with more new
+    viewer-days than media would be reloaded at every ranking."""
+    from stats_service.rollups import BucketRollup, Changes, Entry
+    from stats_service.top_media import _ranking_rows
+
+    versions = BucketVersions()
+    cache = RollupCache(versions, 1 << 20)
+    rows = BucketRollup(np.arange(10), np.zeros((10, 3), np.int64))
+    refreshed: list[Changes] = []
+
+    def refresh(entry: Entry, changes: Changes) -> Entry:
+        refreshed.append(changes)
+        return entry
+
+    cache.get("bucket", 0, DAY, 0, lambda: rows, refresh, _ranking_rows)
+    day = np.zeros(200, np.int64)
+    versions.note(0, DAY, day[:1], np.array([3]))
+    versions.note(0, DAY, day, np.arange(200), np.arange(200))
+    versions.publish()
+    assert cache.cheap("bucket", 0, DAY, 0)
+    cache.get("bucket", 0, DAY, 0, lambda: rows, refresh, _ranking_rows)
+    assert (cache.loads, cache.refreshes) == (1, 1)
+    assert refreshed[0].media.tolist() == [3] and len(refreshed[0].viewer_media) == 0
