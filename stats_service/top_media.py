@@ -34,6 +34,7 @@ from itertools import compress, islice
 import numpy as np
 
 from stats_service import key_layout as k
+from stats_service.reader import StatsReader
 from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
     VIEWER_CHUNK,
@@ -59,6 +60,7 @@ from viewevents.state.store import StateStore
 VIEW_TIME, STARTS, VIEWERS = 0, 1, 2
 _EXACT_CHUNK = 2_000  # items per exact union: bounds the pairs held at once
 _FEW_ITEMS = 100  # a page this small may read its items' own bitmaps rather than load days
+_ITEM_DAYS = 3  # ranges over more days read a page's viewers from its items' bitmaps directly
 _VIEWER_ROW_BYTES = 48  # a day rollup's bytes per viewer-day, about (keys, masks, minute words)
 
 
@@ -393,11 +395,19 @@ class RollupRanker:
         """Exact distinct users of a page's items (a ranking by view time or starts): from the
         day rollups when they are cached and current or cheap to refresh, or when loading the
         missing ones fits the cache; else, for a small page, from each item's own viewer rows
-        (`P`), kept per item and day and refreshed the same way, rather than rebuilding days of
-        hundreds of thousands of viewer-days that would not stay cached."""
+        (`P`), kept per item and day and refreshed the same way when the range touches at most
+        three days (a day's stream: the soak), read directly (as GetMediaTrend) for longer
+        ranges, whose (item, partition, day) entries would be too many to stay cached; rather
+        than rebuilding days of hundreds of thousands of viewer-days that would not stay
+        cached."""
         days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
         if len(media) > _FEW_ITEMS or self._viewer_days_fit(partitions, days):
             return self.viewers(partitions, media, start, end)
+        if len(days) > _ITEM_DAYS:  # an entry per item, partition and day: too many to keep
+            reader = StatsReader(self.store)
+            return np.array(
+                [reader.viewers(partitions, m, start, end) for m in media.tolist()], np.int64
+            )
         return np.array(
             [
                 self._viewers_from(
