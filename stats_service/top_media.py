@@ -20,8 +20,9 @@ whole hours from the hour mask, the ragged edge hours from the minute masks.
 
 A page ranked by view time or starts gets its items' exact viewers the same way: from the
 whole days' viewer rows when they are cached (or fit half the cache), else from each item's own
-viewer rows of each day (`P`), kept and refreshed per item: a day of a steady stream holds far
-more viewer-days than the cache, the page's few items far fewer.
+viewer rows of each day (`P`), kept and refreshed per item for ranges of up to three days: a
+day of a steady stream holds far more viewer-days than the cache, the page's few items far
+fewer.
 """
 
 from __future__ import annotations
