@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import numpy as np
 import psutil
 from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
@@ -78,6 +79,9 @@ class Load:
         self.queries = 0
         self.query_errors: Counter[str] = Counter()
         self.not_found = 0
+        # Per query kind: (seconds since the load started, call duration) of every call.
+        self.latencies: dict[str, list[tuple[float, float]]] = {q: [] for q in self.query_kinds}
+        self.began = time.monotonic()
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._upload_loop, name="upload", daemon=True)] + [
             threading.Thread(target=self._query_loop, args=(k,), name=f"query-{k}", daemon=True)
@@ -161,11 +165,13 @@ class Load:
                 "similar": lambda: client.similar_media(self._media(rng), 10),
                 "recommend": lambda: client.recommend(rng.randint(1, self.users), 10),
             }
-            calls = [every[name] for name in self.query_kinds]
+            calls = [(name, every[name]) for name in self.query_kinds]
             turn = 0
             while calls and not self.stop.is_set():
+                name, call = calls[turn % len(calls)]
+                called = time.monotonic()
                 try:
-                    calls[turn % len(calls)]()
+                    call()
                 except grpc.RpcError as error:
                     if error.code() == grpc.StatusCode.NOT_FOUND:
                         with self._lock:
@@ -173,8 +179,10 @@ class Load:
                     else:
                         with self._lock:
                             self.query_errors[error.code().name] += 1
+                done = time.monotonic()
                 with self._lock:
                     self.queries += 1
+                    self.latencies[name].append((called - self.began, done - called))
                 turn += 1
 
     def _media(self, rng: random.Random) -> int:
@@ -358,6 +366,22 @@ def flatness(series: list[float], warmup: int) -> Flatness:
     return Flatness(series[warmup - 1], max(after[:half]), max(after[half:]))
 
 
+def print_latencies(latencies: dict[str, list[tuple[float, float]]]) -> None:
+    """Calls, p50, p99 and max per query kind and minute: a query path that slows down as the
+    state grows shows here long before it shows in the totals."""
+    print(f"{'query':<10} {'minute':>6} {'calls':>7} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
+    for name, calls in latencies.items():
+        by_minute: dict[int, list[float]] = {}
+        for at, seconds in calls:
+            by_minute.setdefault(int(at // 60) + 1, []).append(seconds * 1000)
+        for minute, values in sorted(by_minute.items()):
+            p50, p99 = np.percentile(values, [50, 99]).tolist()
+            print(
+                f"{name:<10} {minute:>6} {len(values):>7,} {p50:>9.1f} {p99:>9.1f} "
+                f"{max(values):>9.1f}"
+            )
+
+
 def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
@@ -380,6 +404,7 @@ def report(
         )
         if load.query_errors or load.upload_errors:
             problems.append("RPC errors (see above)")
+        print_latencies(load.latencies)
     w = args.warmup_minutes
     if load is not None:
         plan = memory_plan(load.drill.config)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
 from stats_service.request_parsing import Limits, page_token_secret
-from stats_service.rollups import BucketVersions, RollupCache
+from stats_service.rollups import LOG_KEY_BYTES, BucketVersions, RollupCache
 from stats_service.servicer import PARTITION_SERVICE, SERVICE, StatsServicer
 from stats_service.settings import SETTINGS
 from stats_service.top_cache import PageCache, page_cache_bytes
@@ -45,7 +45,6 @@ async def serve(config: Config) -> None:
     peer_metadata = (
         [("authorization", f"Bearer {config.stats_token}")] if config.stats_token else []
     )
-    versions = BucketVersions()
     # Rollups are the stats service's own cache: charged to the memory budget unless sized.
     rollup_mb = config.stats_rollup_cache_mb or bootstrap.memory_plan(config).service_cache_mb
     cache_bytes = max(0, rollup_mb) << 20
@@ -58,6 +57,9 @@ async def serve(config: Config) -> None:
             config.stats_top_page_cache_kb,
             page_bytes >> 10,
         )
+    # The log of changed keys that lets cached rollups be refreshed: a sixteenth of the rest.
+    log_bytes = (cache_bytes - page_bytes) // 16
+    versions = BucketVersions(log_keys=log_bytes // LOG_KEY_BYTES)
     await bootstrap.serve_consumer(
         config,
         endpoint,
@@ -77,7 +79,7 @@ async def serve(config: Config) -> None:
             peers=bootstrap.peers(config),
             peer_metadata=peer_metadata,
             ranker=(
-                RollupRanker(store, RollupCache(versions, cache_bytes - page_bytes))
+                RollupRanker(store, RollupCache(versions, cache_bytes - page_bytes - log_bytes))
                 if cache_bytes
                 else None
             ),

@@ -33,8 +33,8 @@ class StatsProcessor:
     """Implements viewevents.consumer.Processor for the stats service.
 
     Holds no state of its own between batches (everything is in RocksDB), so gRPC handlers in
-    other threads never race with it; it only bumps the rollup cache's bucket versions (behind
-    their own lock) after each commit.
+    other threads never race with it; it only notes which rows of which buckets a batch rewrites
+    and bumps the rollup cache's bucket versions (behind their own lock) after each commit.
     """
 
     def __init__(
@@ -83,9 +83,10 @@ class StatsProcessor:
         )
         txn.put(watermark_key(partition), BIG_I64.pack(batch.watermark))
         self.events_outside_retention += len(columns) - batch.trended
-        if self.versions is not None:
-            self.versions.touch(partition, k.HOUR, batch.buckets[k.HOUR].keys[1])
-            self.versions.touch(partition, k.DAY, batch.buckets[k.DAY].keys[1])
+        if self.versions is not None:  # the ranking rows (h, d) this batch rewrites
+            for size in (k.HOUR, k.DAY):
+                media, starts = batch.buckets[size].keys
+                self.versions.note(partition, size, starts, media)
 
         # All-time viewers: a presence key per (media, user); absent means a new viewer.
         viewer_keys = k.pack_keys(prefix + k.KIND_VIEWER, batch.viewers, (False, False))
@@ -112,6 +113,10 @@ class StatsProcessor:
             )
             txn.put_many(zip([presence_keys[i] for i in changed.tolist()], bitmaps))
             txn.put_many(zip(by_day_keys, bitmaps))
+            if self.versions is not None:  # the day-major viewer rows (Q) this batch rewrites
+                self.versions.note(
+                    partition, k.DAY, days.day[changed], days.media[changed], days.user[changed]
+                )
 
         # Day rows, and hour rows that carry their minutes (one key per media-hour).
         self._write_days(prefix, batch.buckets[k.DAY], new_bucket_viewers[k.DAY], txn)

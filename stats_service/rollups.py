@@ -4,21 +4,30 @@ reads a bounded number of cached entries instead of every index row of the range
 A rollup is one (partition, hour or day) bucket with all of its media as columns: the ranking
 index rows (`h`, `d`) of the bucket, read with one scan. A day's viewer rows (from the
 day-major bitmaps `Q`, reduced to a 24-bit mask of the hours in which the user had an event and
-60-bit minute masks of those hours) are rollups too. Entries are built on first use and
-kept in a least-recently-used cache under a byte budget.
+60-bit minute masks of those hours) are rollups too, as are one item's viewer rows of a day
+(from its `P` rows, for a page's viewers when whole days are too large to keep). Entries are
+built on first use and kept in a least-recently-used cache under a byte budget.
 
 Freshness: the processor notes which (partition, hour) and (partition, day) buckets a batch
-touched and bumps their versions only after the batch is committed (`BucketVersions`). A reader
-takes the version *before* reading the state and files the entry under it; an entry is used
-only while its version is current. So an entry is never older than the version says: at worst
-a batch committed during the load makes the entry stale at once, and the next query reloads
-it. In steady state only the live hour and day change, so most reads come from the cache.
+touched, and which of their keys it rewrote (the media of `h` and `d` rows, the (media, user)
+of `Q` rows), and bumps their versions only after the batch is committed (`BucketVersions`,
+which keeps a bounded log of the keys each version changed). A reader takes the version
+*before* reading the state and files the entry under it; an entry is used only while its
+version is current. A cached entry whose version is behind is brought up to date by re-reading
+only the keys changed since (one multi-get) and merging them into a new entry (copy on write:
+a query holding the old one keeps a consistent entry), with the version and the changed keys
+read together before the state; when the log no longer reaches back to the entry's version,
+the change was not described key by key (minute retention pruning a day), or many keys
+changed, the entry is reloaded. So an entry is never older than the version it is filed under:
+at worst a batch committed during a load or refresh makes it stale at once, and the next query
+refreshes it. Under a steady stream (new events in the live hour and day, late events in older
+buckets) a ranking costs about the keys changed since the previous one, not the range's rows.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,34 +38,228 @@ from stats_service import key_layout as k
 HOUR_BITS = np.left_shift(np.uint32(1), np.arange(24, dtype=np.uint32))
 
 
-class BucketVersions:
-    """Change counters per (partition, bucket size, bucket start), shared by the processor
-    (consumer thread) and the readers (query threads)."""
+LOG_CHUNK_COST = 8  # keys charged per logged change on top of its keys (arrays, bookkeeping)
+LOG_KEY_BYTES = 16  # bytes per logged key, at most (a viewer row's media and user)
+DEFAULT_LOG_KEYS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Changes:
+    """The keys of one bucket changed by some versions: media ids of its ranking rows (`h`,
+    `d`), and (media, user) of its viewer rows (`Q`, days only), each sorted and distinct."""
+
+    media: np.ndarray
+    viewer_media: np.ndarray
+    viewer_user: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.media) + len(self.viewer_media)
+
+
+def no_changes() -> Changes:
+    empty = np.zeros(0, np.int64)
+    return Changes(empty, empty, empty)
+
+
+class _Pending:
+    """Keys one bucket's uncommitted batches changed (arrays as noted; deduplicated later)."""
+
+    __slots__ = ("media", "viewer_media", "viewer_user")
 
     def __init__(self) -> None:
+        self.media: list[np.ndarray] = []
+        self.viewer_media: list[np.ndarray] = []
+        self.viewer_user: list[np.ndarray] = []
+
+
+class BucketVersions:
+    """Change counters per (partition, bucket size, bucket start), shared by the processor
+    (consumer thread) and the readers (query threads), with a bounded log of which keys each
+    version changed, so that a cached rollup can be brought up to date by re-reading only
+    those keys instead of its whole bucket (`since`).
+
+    The log holds at most about `log_keys` keys over all buckets, oldest changes dropped
+    first; a bucket whose log no longer reaches back to an entry's version (or whose change
+    was not described, `touch`) is reloaded in full."""
+
+    def __init__(self, log_keys: int = DEFAULT_LOG_KEYS) -> None:
         self._lock = threading.Lock()
+        self.log_keys = max(0, log_keys)
         self._versions: dict[tuple[int, int, int], int] = {}
-        self._pending: set[tuple[int, int, int]] = set()
+        self._pending: dict[tuple[int, int, int], _Pending | None] = {}  # None: unknown keys
+        # Per bucket: (version, its changes) in version order, complete from `_floor` on: an
+        # entry at version >= floor can be brought up to date from the log.
+        self._log: dict[tuple[int, int, int], deque[tuple[int, Changes]]] = {}
+        self._floor: dict[tuple[int, int, int], int] = {}
+        self._fifo: deque[tuple[tuple[int, int, int], int, int]] = deque()  # bucket, version, cost
+        self._logged = 0
 
     def touch(self, partition: int, size: int, starts: np.ndarray) -> None:
-        """A batch being applied changes these buckets (published by `publish`)."""
+        """A batch being applied changes these buckets in ways not described key by key
+        (published by `publish`; their cached rollups are then reloaded in full)."""
         if len(starts) == 0:
             return
         keys = [(partition, size, s) for s in np.unique(starts).tolist()]
         with self._lock:
-            self._pending.update(keys)
+            for key in keys:
+                self._pending[key] = None
+
+    def note(
+        self,
+        partition: int,
+        size: int,
+        starts: np.ndarray,
+        media: np.ndarray,
+        user: np.ndarray | None = None,
+    ) -> None:
+        """A batch being applied rewrites the ranking rows (media, bucket `starts`), or with
+        `user` the viewer rows (media, user, day `starts`): published by `publish`."""
+        if len(starts) == 0:
+            return
+        if not self.log_keys:
+            self.touch(partition, size, starts)
+            return
+        # Sorted by bucket, then media (and user), duplicates dropped, in one pass for all
+        # buckets: each bucket's keys are then sorted and distinct as they are.
+        keys = (starts, media) if user is None else (starts, media, user)
+        order = np.lexsort(keys[::-1])
+        columns = [c[order] for c in keys]
+        first = np.ones(len(order), bool)
+        first[1:] = np.any([c[1:] != c[:-1] for c in columns], axis=0)
+        columns = [c[first] for c in columns]
+        bucket_starts = columns[0]
+        cuts = np.flatnonzero(bucket_starts[1:] != bucket_starts[:-1]) + 1
+        bounds = [0, *cuts.tolist(), len(bucket_starts)]
+        with self._lock:
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                key = (partition, size, int(bucket_starts[lo]))
+                if key not in self._pending:
+                    self._pending[key] = _Pending()
+                pending = self._pending[key]
+                if pending is None:
+                    continue
+                if user is None:
+                    pending.media.append(columns[1][lo:hi])
+                else:
+                    pending.viewer_media.append(columns[1][lo:hi])
+                    pending.viewer_user.append(columns[2][lo:hi])
 
     def publish(self) -> None:
-        """The batch is committed: its buckets' cached rollups are stale from now on. (If a
-        commit failed, its buckets are published with the next one: a reload too many.)"""
+        """The batch is committed: its buckets' cached rollups are stale from now on (and may
+        be brought up to date from the logged keys). If a commit failed, its buckets are
+        published with the next one: a refresh too many."""
         with self._lock:
-            for key in self._pending:
-                self._versions[key] = self._versions.get(key, 0) + 1
+            for key, pending in self._pending.items():
+                version = self._versions.get(key, 0) + 1
+                self._versions[key] = version
+                changes = None if pending is None else _changes_of(pending)
+                if changes is None or len(changes) + LOG_CHUNK_COST > self.log_keys // 4:
+                    self._log.pop(key, None)
+                    self._floor[key] = version
+                    continue
+                cost = len(changes) + LOG_CHUNK_COST
+                self._log.setdefault(key, deque()).append((version, changes))
+                self._fifo.append((key, version, cost))
+                self._logged += cost
             self._pending.clear()
+            while self._logged > self.log_keys and self._fifo:
+                key, version, cost = self._fifo.popleft()
+                self._logged -= cost
+                log = self._log.get(key)
+                if log and log[0][0] == version:  # else already dropped with its bucket's log
+                    log.popleft()
+                    self._floor[key] = version
+                    if not log:
+                        del self._log[key]
+
+    @property
+    def bytes(self) -> int:
+        """About the memory the change log holds (at most `log_keys` x LOG_KEY_BYTES)."""
+        return self._logged * LOG_KEY_BYTES
 
     def version(self, partition: int, size: int, start: int) -> int:
         with self._lock:
             return self._versions.get((partition, size, start), 0)
+
+    def changed_keys(
+        self, partition: int, size: int, start: int, version: int, viewers: bool
+    ) -> int | None:
+        """At most how many ranking rows (or with `viewers`, viewer rows) changed after
+        `version` (None: not known any more): whether a refresh would pay, without collecting
+        them."""
+        key = (partition, size, start)
+        with self._lock:
+            current = self._versions.get(key, 0)
+            if version > current or version < self._floor.get(key, 0):
+                return None
+            chunks = [c for v, c in self._log.get(key, ()) if v > version]
+        return sum(len(c.viewer_media) if viewers else len(c.media) for c in chunks)
+
+    def since(
+        self,
+        partition: int,
+        size: int,
+        start: int,
+        version: int,
+        narrow: Callable[[Changes], Changes] | None = None,
+    ) -> tuple[int, Changes | None]:
+        """The bucket's current version and the keys changed after `version` (None: not
+        known any more, reload in full), only those `narrow` keeps. Read together under the
+        lock, *before* the caller reads the state: the keys re-read then are at least as new as
+        the version."""
+        key = (partition, size, start)
+        with self._lock:
+            current = self._versions.get(key, 0)
+            if version == current:
+                return current, no_changes()
+            if version > current or version < self._floor.get(key, 0):
+                return current, None
+            chunks = [c for v, c in self._log.get(key, ()) if v > version]
+        if narrow is not None:  # each version's keys are sorted: narrowing them is cheap
+            chunks = [narrow(c) for c in chunks]
+        return current, _merged(chunks)
+
+
+def _changes_of(pending: _Pending) -> Changes:
+    """One version's changes: the noted keys, sorted and distinct (each noted array already
+    is: only several notes of one bucket, a failed commit's and the next, need merging)."""
+    empty = np.zeros(0, np.int64)
+    media = pending.media[0] if len(pending.media) == 1 else empty
+    if len(pending.media) > 1:
+        media = np.unique(np.concatenate(pending.media))
+    if not pending.viewer_media:
+        return Changes(media, empty, empty)
+    if len(pending.viewer_media) == 1:
+        return Changes(media, pending.viewer_media[0], pending.viewer_user[0])
+    viewer_media, viewer_user = _unique_pairs(
+        np.concatenate(pending.viewer_media), np.concatenate(pending.viewer_user)
+    )
+    return Changes(media, viewer_media, viewer_user)
+
+
+def _merged(chunks: Sequence[Changes]) -> Changes:
+    """The union of several versions' changes."""
+    if len(chunks) == 1:
+        return chunks[0]
+    if not chunks:
+        return no_changes()
+    media = np.unique(np.concatenate([c.media for c in chunks]))
+    viewer_media, viewer_user = _unique_pairs(
+        np.concatenate([c.viewer_media for c in chunks]),
+        np.concatenate([c.viewer_user for c in chunks]),
+    )
+    return Changes(media, viewer_media, viewer_user)
+
+
+def _unique_pairs(media: np.ndarray, user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (media, user) pairs sorted by media, then user."""
+    if len(media) == 0:
+        return media.astype(np.int64), user.astype(np.int64)
+    order = np.lexsort((user, media))
+    m, u = media[order], user[order]
+    first = np.ones(len(m), bool)
+    first[1:] = (m[1:] != m[:-1]) | (u[1:] != u[:-1])
+    return m[first].astype(np.int64), u[first].astype(np.int64)
 
 
 class MediaSlots:
@@ -98,6 +301,10 @@ class BucketRollup:
     def nbytes(self) -> int:
         return int(self.slots.nbytes + self.values.nbytes)
 
+    @property
+    def rows(self) -> int:
+        return len(self.slots)
+
 
 @dataclass(frozen=True)
 class DayViewers:
@@ -122,6 +329,10 @@ class DayViewers:
             + self.minute_bits.nbytes
         )
 
+    @property
+    def rows(self) -> int:
+        return len(self.media)
+
     def active(self, rows: np.ndarray, hour: int, minutes: int) -> np.ndarray:
         """Which `rows` had an event in one of `minutes` (a 60-bit mask) of `hour`."""
         codes = rows * 24 + hour
@@ -132,11 +343,104 @@ class DayViewers:
         return np.asarray(found & ((self.minute_bits[at] & np.uint64(minutes)) != 0))
 
 
-Entry = BucketRollup | DayViewers
+def find_pairs(
+    media: np.ndarray, user: np.ndarray, want_media: np.ndarray, want_user: np.ndarray
+) -> np.ndarray:
+    """Row of each wanted (media, user) in rows sorted by (media, user), -1 where absent: a
+    binary search for the media's run, then one over users inside the runs, all pairs at once
+    (about log2(run length) vectorised steps; nothing proportional to the rows)."""
+    if len(media) and media[0] == media[-1]:  # one item's rows: users alone are sorted
+        at = np.searchsorted(user, want_user)
+        ok = (want_media == media[0]) & (at < len(user))
+        ok[ok] = user[at[ok]] == want_user[ok]
+        return np.where(ok, at, -1)
+    lo = np.searchsorted(media, want_media, "left")
+    hi = np.searchsorted(media, want_media, "right")
+    end = hi.copy()
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            break
+        mid = (lo + hi) // 2
+        right = open_ & (user[np.minimum(mid, len(user) - 1)] < want_user)
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(open_ & ~right, mid, hi)
+    found = lo < end
+    found[found] = user[lo[found]] == want_user[found]
+    return np.where(found, lo, -1)
+
+
+COMPACT_SHARE = 8  # a day's changed rows beyond an eighth of its base: merged into a new base
+COMPACT_MIN_ROWS = 1024  # (and beyond this many)
+
+
+@dataclass(frozen=True)
+class DayLayers:
+    """A day's viewer rollup as refreshed: `base` (as loaded), which of its rows are `dead`
+    (rewritten since, or gone; None: none), and `delta`, the current rows of every pair changed
+    since the base (sorted). A refresh only searches the changed pairs in the base and merges
+    them into the small delta (copy on write, nothing proportional to the day); once the delta
+    outgrows an eighth of the base, both are merged into a new base."""
+
+    base: DayViewers
+    dead: np.ndarray | None
+    delta: DayViewers
+
+    @property
+    def nbytes(self) -> int:
+        dead = 0 if self.dead is None else self.dead.nbytes
+        return self.base.nbytes + dead + self.delta.nbytes
+
+    @property
+    def rows(self) -> int:
+        return self.base.rows
+
+    def layers(self) -> list[tuple[DayViewers, np.ndarray | None]]:
+        """(rows, which of them are dead or None for none) to read, base first."""
+        return [(self.base, self.dead), (self.delta, None)]
+
+
+def empty_day_viewers() -> DayViewers:
+    empty = np.zeros(0, np.int64)
+    return DayViewers(empty, empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint64))
+
+
+def day_layers(base: DayViewers) -> DayLayers:
+    return DayLayers(base, None, empty_day_viewers())
+
+
+def refreshed_day(
+    entry: DayLayers, media: np.ndarray, user: np.ndarray, fresh: DayViewers
+) -> DayLayers:
+    """`entry` with the changed (media, user) pairs (sorted, distinct) now as in `fresh` (their
+    stored rows re-read, sorted; a pair no longer stored has none)."""
+    at = find_pairs(entry.base.media, entry.base.user, media, user)
+    dead = entry.dead
+    hit = at[at >= 0]
+    if len(hit):
+        dead = np.zeros(entry.base.rows, bool) if dead is None else dead.copy()
+        dead[hit] = True
+    delta = updated_day_viewers(entry.delta, media, user, fresh)
+    if len(delta.media) * COMPACT_SHARE <= max(entry.base.rows, COMPACT_MIN_ROWS):
+        return DayLayers(entry.base, dead, delta)
+    keep = np.ones(entry.base.rows, bool) if dead is None else ~dead
+    return day_layers(merge_day_rows(entry.base, keep, delta))
+
+
+Entry = BucketRollup | DayLayers
+
+
+Refresh = Callable[[Entry, Changes], Entry]
+REFRESH_SHARE = 4  # changed keys up to a quarter of an entry's rows: refresh, else reload
 
 
 class RollupCache:
-    """Least-recently-used rollups under a byte budget, each filed under its bucket version."""
+    """Least-recently-used rollups under a byte budget, each filed under its bucket version.
+
+    A cached entry whose version is behind is brought up to date by `refresh` when the bucket's
+    change log still covers it and names few keys (re-reading those keys only), else reloaded.
+    Entries are never changed in place: a refresh builds a new one (copy on write), so a query
+    holding the old entry keeps reading a consistent one."""
 
     def __init__(self, versions: BucketVersions, budget_bytes: int) -> None:
         self.versions = versions
@@ -147,6 +451,7 @@ class RollupCache:
         self._bytes = 0
         self.hits = 0
         self.loads = 0
+        self.refreshes = 0
 
     @property
     def bytes(self) -> int:
@@ -159,10 +464,35 @@ class RollupCache:
             found = self._entries.get((kind, partition, size, start))
             return found is not None and found[0] == version
 
+    def cheap(self, kind: str, partition: int, size: int, start: int) -> bool:
+        """Whether the bucket's rollup is cached and current or can be refreshed (no reload)."""
+        with self._lock:
+            found = self._entries.get((kind, partition, size, start))
+        if found is None:
+            return False
+        viewers = isinstance(found[1], DayLayers)
+        changed = self.versions.changed_keys(partition, size, start, found[0], viewers)
+        return changed is not None and changed * REFRESH_SHARE <= max(found[1].rows, 64)
+
+    def cached_rows(self, kind: str, partition: int, size: int, start: int) -> int | None:
+        """Rows of the bucket's cached rollup, whatever its version (None: not cached)."""
+        with self._lock:
+            found = self._entries.get((kind, partition, size, start))
+        return None if found is None else found[1].rows
+
     def get(
-        self, kind: str, partition: int, size: int, start: int, load: Callable[[], Entry]
+        self,
+        kind: str,
+        partition: int,
+        size: int,
+        start: int,
+        load: Callable[[], Entry],
+        refresh: Refresh | None = None,
+        narrow: Callable[[Changes], Changes] | None = None,
     ) -> Entry:
-        """The current rollup of a bucket: cached, or loaded (the version is read first)."""
+        """The current rollup of a bucket: cached, refreshed from its changed keys (those of
+        them it holds: `narrow`), or loaded (the version, and the changed keys with it, are read
+        before the state)."""
         key = (kind, partition, size, start)
         version = self.versions.version(partition, size, start)
         with self._lock:
@@ -171,11 +501,28 @@ class RollupCache:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return found[1]
+        if found is not None and refresh is not None:
+            current, changes = self.versions.since(partition, size, start, found[0], narrow)
+            if changes is not None and _refreshable(found[1], changes):
+                entry = refresh(found[1], changes) if len(changes) else found[1]
+                with self._lock:
+                    self.refreshes += 1
+                self._file(key, current, entry)
+                return entry
         entry = load()
         with self._lock:
             self.loads += 1
-            old = self._entries.pop(key, None)
+        self._file(key, version, entry)
+        return entry
+
+    def _file(self, key: tuple[str, int, int, int], version: int, entry: Entry) -> None:
+        """Keep `entry` under `version` unless a newer one was filed meanwhile."""
+        with self._lock:
+            old = self._entries.get(key)
+            if old is not None and old[0] > version:
+                return
             if old is not None:
+                del self._entries[key]
                 self._bytes -= old[1].nbytes
             if entry.nbytes <= self.budget:
                 self._entries[key] = (version, entry)
@@ -183,7 +530,11 @@ class RollupCache:
             while self._bytes > self.budget and self._entries:
                 _, (_, dropped) = self._entries.popitem(last=False)
                 self._bytes -= dropped.nbytes
-        return entry
+
+
+def _refreshable(entry: Entry, changes: Changes) -> bool:
+    """Few enough changed keys that re-reading them beats reading the whole bucket again."""
+    return len(changes) * REFRESH_SHARE <= max(entry.rows, 64)
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -223,21 +574,63 @@ def day_viewers(media: np.ndarray, user: np.ndarray, bitmaps: Sequence[bytes]) -
     return concat_day_viewers(parts)
 
 
-def _day_viewers_chunk(media: np.ndarray, user: np.ndarray, bitmaps: Sequence[bytes]) -> DayViewers:
-    words = hour_words(k.minute_bitmaps(bitmaps)).reshape(-1)  # index = row * 24 + hour
+def _day_viewers_chunk(media: np.ndarray, user: np.ndarray, values: Sequence[bytes]) -> DayViewers:
+    """Minute lists (most rows: a viewer-day with few active minutes) are read as they are,
+    without a round trip through 180-byte bitmaps; bitmaps and pruned hour masks as bitmaps."""
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    listed = (lengths != k.BITMAP_BYTES) & (lengths != k.HOUR_MASK_BYTES)
+    if not listed.any():
+        keys, words = _bitmap_minute_words(values)
+    else:
+        keys, words = _listed_minute_words(values, np.flatnonzero(listed), lengths)
+        dense = np.flatnonzero(~listed)
+        if len(dense):
+            dense_keys, dense_words = _bitmap_minute_words([values[i] for i in dense.tolist()])
+            row, hour = np.divmod(dense_keys, 24)
+            dense_keys = dense[row] * 24 + hour  # the chunk's row numbers
+            dense_at, listed_at = _interleave(dense_keys, keys)
+            merged_keys = np.empty(len(keys) + len(dense_keys), np.int64)
+            merged_keys[dense_at], merged_keys[listed_at] = dense_keys, keys
+            merged_words = np.empty(len(merged_keys), np.uint64)
+            merged_words[dense_at], merged_words[listed_at] = dense_words, words
+            keys, words = merged_keys, merged_words
+    row, hour = np.divmod(keys, 24)
+    # One key per (row, hour): the OR of a row's hour bits is their sum (below 2**24, exact).
+    weights = HOUR_BITS[hour].astype(np.float64)
+    hours = np.bincount(row, weights, minlength=len(values)).astype(np.uint32)
+    return DayViewers(media, user, hours, keys, words)
+
+
+def _bitmap_minute_words(values: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(row * 24 + hour, its 60-bit minute mask) of every active hour, ascending, from any
+    stored form through 1440-bit bitmaps."""
+    words = hour_words(k.minute_bitmaps(values)).reshape(-1)  # index = row * 24 + hour
     keys = np.flatnonzero(words)  # ascending
-    any_hour = (words != 0).reshape(len(bitmaps), 24)
-    hours = np.asarray(any_hour.astype(np.uint32) @ HOUR_BITS, np.uint32)
-    return DayViewers(media, user, hours, keys.astype(np.int64), words[keys])
+    return keys.astype(np.int64), words[keys]
+
+
+def _listed_minute_words(
+    values: Sequence[bytes], listed: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same for the rows `listed` (ascending) whose values are sorted minute lists: each
+    minute's (row, hour) key and bit, OR-ed over the runs of equal keys."""
+    minute = np.frombuffer(b"".join([values[i] for i in listed.tolist()]), "<u2").astype(np.int64)
+    if len(minute) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    row = np.repeat(listed, lengths[listed] // 2)
+    hour, bit = np.divmod(minute, 60)
+    codes = row * 24 + hour  # ascending: rows ascending, minutes ascending in a row
+    first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    bits = np.left_shift(np.uint64(1), bit.astype(np.uint64))
+    return codes[first], np.bitwise_or.reduceat(bits, first)
 
 
 def concat_day_viewers(parts: Sequence[DayViewers]) -> DayViewers:
     """Consecutive chunks of one day's rows as one DayViewers (minute keys renumbered)."""
     if len(parts) == 1:
         return parts[0]
-    empty = np.zeros(0, np.int64)
     if not parts:
-        return DayViewers(empty, empty, np.zeros(0, np.uint32), empty, np.zeros(0, np.uint64))
+        return empty_day_viewers()
     bases = np.cumsum([0] + [len(p.media) for p in parts[:-1]]) * 24
     return DayViewers(
         np.concatenate([p.media for p in parts]),
@@ -245,6 +638,88 @@ def concat_day_viewers(parts: Sequence[DayViewers]) -> DayViewers:
         np.concatenate([p.hours for p in parts]),
         np.concatenate([p.minute_key + base for p, base in zip(parts, bases.tolist())]),
         np.concatenate([p.minute_bits for p in parts]),
+    )
+
+
+def updated_bucket(
+    entry: BucketRollup, changed: np.ndarray, slots: np.ndarray, values: np.ndarray
+) -> BucketRollup:
+    """A new `entry` whose rows of the `changed` slots are the re-read (slots, values) (a
+    changed key no longer stored has no row); rows need no order."""
+    marks = np.zeros(int(max(entry.slots.max(initial=-1), changed.max(initial=-1))) + 1, bool)
+    marks[changed] = True
+    keep = ~marks[entry.slots]
+    return BucketRollup(
+        np.concatenate([entry.slots[keep], slots]), np.concatenate([entry.values[keep], values])
+    )
+
+
+def _pair_codes(media: np.ndarray, user: np.ndarray) -> np.ndarray:
+    """(media, user) pairs as 16-byte strings that sort like the pairs (big-endian, sign bit
+    flipped), for binary searches over a day's sorted rows."""
+    packed = np.empty((len(media), 2), ">u8")
+    sign = np.uint64(1 << 63)
+    packed[:, 0] = np.asarray(media, np.int64).view(np.uint64) ^ sign
+    packed[:, 1] = np.asarray(user, np.int64).view(np.uint64) ^ sign
+    return packed.view("S16")[:, 0]
+
+
+def _interleave(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the elements of `a` and of `b` (each ascending, no value in both) in
+    their merged ascending order. Only `b` (the few changed rows) is searched for: the
+    elements of `b` before each of `a` are counted from those positions, no comparisons."""
+    b_in_a = np.searchsorted(a, b)  # elements of `a` before each of `b`
+    b_at = b_in_a + np.arange(len(b))
+    before = np.cumsum(np.bincount(b_in_a, minlength=len(a) + 1))[: len(a)]
+    return np.arange(len(a)) + before, b_at
+
+
+def updated_day_viewers(
+    old: DayViewers, media: np.ndarray, user: np.ndarray, fresh: DayViewers
+) -> DayViewers:
+    """A new day rollup: `old` without the rows of the changed (media, user) pairs (sorted,
+    distinct), with `fresh` (those pairs' rows re-read, sorted; a pair no longer stored has
+    none) merged in."""
+    keep = np.ones(len(old.media), bool)
+    at = find_pairs(old.media, old.user, media, user)
+    keep[at[at >= 0]] = False
+    return merge_day_rows(old, keep, fresh)
+
+
+def merge_day_rows(old: DayViewers, keep: np.ndarray, fresh: DayViewers) -> DayViewers:
+    """The `keep` rows of `old` and the rows of `fresh` (no pair in both; each sorted) as one
+    day rollup, minute keys renumbered: linear in the rows, no sort."""
+    kept_at, fresh_at = _interleave(
+        _pair_codes(old.media[keep], old.user[keep]), _pair_codes(fresh.media, fresh.user)
+    )
+    count = len(kept_at) + len(fresh_at)
+
+    def merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty(count, a.dtype)
+        out[kept_at] = a[keep]
+        out[fresh_at] = b
+        return out
+
+    row_at = np.full(len(old.media), -1, np.int64)
+    row_at[keep] = kept_at
+    old_row, old_hour = np.divmod(old.minute_key, 24)
+    stays = keep[old_row]
+    old_keys = row_at[old_row[stays]] * 24 + old_hour[stays]
+    fresh_row, fresh_hour = np.divmod(fresh.minute_key, 24)
+    fresh_keys = fresh_at[fresh_row] * 24 + fresh_hour
+    old_key_at, fresh_key_at = _interleave(old_keys, fresh_keys)
+    minute_key = np.empty(len(old_keys) + len(fresh_keys), np.int64)
+    minute_key[old_key_at] = old_keys
+    minute_key[fresh_key_at] = fresh_keys
+    minute_bits = np.empty(len(minute_key), np.uint64)
+    minute_bits[old_key_at] = old.minute_bits[stays]
+    minute_bits[fresh_key_at] = fresh.minute_bits
+    return DayViewers(
+        merged(old.media, fresh.media),
+        merged(old.user, fresh.user),
+        merged(old.hours, fresh.hours),
+        minute_key,
+        minute_bits,
     )
 
 

@@ -112,8 +112,10 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         0,
         int,
         "Memory (MiB) for the per-bucket rollups that ListTopMedia reads when this instance "
-        "owns every partition (least recently used dropped first); 0: the memory budget's "
-        "service-cache share (20 MiB at 200); -1: no rollups, every ranking scans the index.",
+        "owns every partition (least recently used dropped first), a sixteenth of it (after "
+        "the finished pages' share) for the log of changed keys that refreshes them; 0: the "
+        "memory budget's service-cache share (20 MiB at 200); -1: no rollups, every ranking "
+        "scans the index.",
     ),
     Setting(
         "stats_top_page_cache_kb",

@@ -17,13 +17,20 @@ bound, the k-th best exact count then prunes every item whose bound is below it,
 count is computed for those that remain. Exact unions read the day's viewer rows (a 24-bit mask
 of hours per viewer-day, and a 60-bit mask of minutes per active viewer-hour): whole days and
 whole hours from the hour mask, the ragged edge hours from the minute masks.
+
+A page ranked by view time or starts gets its items' exact viewers the same way: from the
+whole days' viewer rows when they are cached (or fit half the cache), else from each item's own
+viewer rows of each day (`P`), kept and refreshed per item for ranges of up to three days: a
+day of a steady stream holds far more viewer-days than the cache, the page's few items far
+fewer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from functools import partial
+from itertools import compress, islice
 
 import numpy as np
 
@@ -33,21 +40,29 @@ from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
     VIEWER_CHUNK,
     BucketRollup,
+    Changes,
+    DayLayers,
     DayViewers,
+    Entry,
     RollupCache,
     concat_day_viewers,
+    day_layers,
     day_viewers,
     distinct_per_owner,
     hour_mask,
+    refreshed_day,
     rows_of,
     top_slots,
+    updated_bucket,
 )
 from viewevents.state.keys import partition_prefix, prefix_end
 from viewevents.state.store import StateStore
 
 VIEW_TIME, STARTS, VIEWERS = 0, 1, 2
 _EXACT_CHUNK = 2_000  # items per exact union: bounds the pairs held at once
-_FEW_ITEMS = 100  # a page this small reads its items' own bitmaps rather than stale day rollups
+_FEW_ITEMS = 100  # a page this small may read its items' own bitmaps rather than load days
+_ITEM_DAYS = 3  # ranges over more days read a page's viewers from its items' bitmaps directly
+_VIEWER_ROW_BYTES = 48  # a day rollup's bytes per viewer-day, about (keys, masks, minute words)
 
 
 @dataclass
@@ -71,6 +86,16 @@ def _sum_rollups(rollups: Sequence[BucketRollup], count: int) -> np.ndarray:
         out[:, c] = np.rint(np.bincount(slots, weights=values[:, c], minlength=count))
     out[:, 3] = np.bincount(slots, minlength=count)
     return out
+
+
+def _ranking_rows(changes: Changes) -> Changes:
+    """The changes a bucket rollup holds: its ranking rows, not the day's viewer rows."""
+    return Changes(changes.media, changes.viewer_media[:0], changes.viewer_user[:0])
+
+
+def _viewer_rows(changes: Changes) -> Changes:
+    """The changes a day's viewer rollup holds: its viewer rows, not the ranking rows."""
+    return Changes(changes.media[:0], changes.viewer_media, changes.viewer_user)
 
 
 @dataclass
@@ -116,12 +141,29 @@ class RollupRanker:
             )
             return BucketRollup(self.cache.media.slots(media), rows[:, [0, 1, 4]].copy())
 
-        entry = self.cache.get("bucket", partition, size, start, load)
+        def refresh(entry: Entry, changes: Changes) -> BucketRollup:
+            assert isinstance(entry, BucketRollup)
+            media = changes.media
+            keys = k.pack_keys(
+                k.rank_prefix(partition, size),
+                [np.full(len(media), start, np.int64), media],
+                (True, False),
+            )
+            values = self.store.get_many(keys)
+            stored = ~k.absent(values)
+            rows = np.frombuffer(
+                b"".join(compress(values, stored.tolist())),  # type: ignore[arg-type]
+                "<i8",
+            ).reshape(-1, k.BUCKET_FIELDS)
+            slots = self.cache.media.slots(media)
+            return updated_bucket(entry, slots, slots[stored], rows[:, [0, 1, 4]].copy())
+
+        entry = self.cache.get("bucket", partition, size, start, load, refresh, _ranking_rows)
         assert isinstance(entry, BucketRollup)
         return entry
 
-    def _day_viewers(self, partition: int, day: int) -> DayViewers:
-        def load() -> DayViewers:
+    def _day_viewers(self, partition: int, day: int) -> DayLayers:
+        def load() -> DayLayers:
             # Read and decode VIEWER_CHUNK rows at a time: a day can hold hundreds of thousands
             # of viewer-days, and each row's key, bitmap and decoding temporaries (about 2 KB
             # when the whole day was listed first) would otherwise be held all at once.
@@ -135,11 +177,75 @@ class RollupRanker:
                         k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in chunk]
                     )
                 )
-            return concat_day_viewers(parts)
+            return day_layers(concat_day_viewers(parts))
 
-        entry = self.cache.get("viewers", partition, k.DAY, day, load)
-        assert isinstance(entry, DayViewers)
+        entry = self.cache.get(
+            "viewers",
+            partition,
+            k.DAY,
+            day,
+            load,
+            self._viewer_refresh(partition, day),
+            _viewer_rows,
+        )
+        assert isinstance(entry, DayLayers)
         return entry
+
+    def _item_viewers(self, partition: int, day: int, media: int) -> DayLayers:
+        """One item's viewer rows of one day (its `P` rows), refreshed like a day's: what a
+        page's viewers need when the whole days' rollups are too large to keep (under a steady
+        stream of new viewer-days, the soak's 3,000 events/s outgrow the cache in minutes)."""
+
+        def load() -> DayLayers:
+            prefix = k.presence_prefix(partition, media) + k.biased(day)
+            items = self.store.scan(prefix, prefix_end(prefix))
+            parts = []
+            while chunk := list(islice(items, VIEWER_CHUNK)):
+                user = k.key_columns([key for key, _ in chunk], 2)  # P media day user
+                owner = np.full(len(user), media, np.int64)
+                parts.append(day_viewers(owner, user, [v for _, v in chunk]))
+            return day_layers(concat_day_viewers(parts))
+
+        def narrow(changes: Changes) -> Changes:
+            lo, hi = np.searchsorted(changes.viewer_media, [media, media + 1]).tolist()
+            return Changes(
+                changes.media[:0], changes.viewer_media[lo:hi], changes.viewer_user[lo:hi]
+            )
+
+        entry = self.cache.get(
+            f"viewers of {media}",
+            partition,
+            k.DAY,
+            day,
+            load,
+            self._viewer_refresh(partition, day),
+            narrow,
+        )
+        assert isinstance(entry, DayLayers)
+        return entry
+
+    def _viewer_refresh(self, partition: int, day: int) -> Callable[[Entry, Changes], Entry]:
+        """Brings a day's viewer rows (all of them, or one item's) up to date: the changed
+        pairs' rows re-read (one multi-get) and merged in."""
+
+        def refresh(entry: Entry, changes: Changes) -> DayLayers:
+            assert isinstance(entry, DayLayers)
+            media, user = changes.viewer_media, changes.viewer_user
+            keys = k.pack_keys(
+                k.presence_by_day_prefix(partition),
+                [np.full(len(media), day, np.int64), media, user],
+                (True, False, False),
+            )
+            values = self.store.get_many(keys)
+            stored = ~k.absent(values)
+            fresh = day_viewers(
+                media[stored],
+                user[stored],
+                list(compress(values, stored.tolist())),  # type: ignore[arg-type]
+            )
+            return refreshed_day(entry, media, user, fresh)
+
+        return refresh
 
     # --- the ranking ------------------------------------------------------------------------
 
@@ -288,40 +394,89 @@ class RollupRanker:
         self, partitions: Sequence[int], media: np.ndarray, start: int, end: int
     ) -> np.ndarray:
         """Exact distinct users of a page's items (a ranking by view time or starts): from the
-        day rollups when they are all current, else, for a small page, from each item's own
-        bitmaps (`P` rows, as GetMediaTrend). Under a steady stream every batch touches the
-        live day, so its rollup is stale at each ranking, and rebuilding it reads every
-        viewer-day of the day (hundreds of thousands) for a handful of items."""
+        day rollups when they are cached and current or cheap to refresh, or when loading the
+        missing ones fits the cache; else, for a small page, from each item's own viewer rows
+        (`P`), kept per item and day and refreshed the same way when the range touches at most
+        three days (a day's stream: the soak), read directly (as GetMediaTrend) for longer
+        ranges, whose (item, partition, day) entries would be too many to stay cached; rather
+        than rebuilding days of hundreds of thousands of viewer-days that would not stay
+        cached."""
         days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
-        if len(media) > _FEW_ITEMS or all(
-            self.cache.current("viewers", p, k.DAY, day) for p in partitions for day in days
-        ):
+        if len(media) > _FEW_ITEMS or self._viewer_days_fit(partitions, days):
             return self.viewers(partitions, media, start, end)
-        reader = StatsReader(self.store)
+        if len(days) > _ITEM_DAYS:  # an entry per item, partition and day: too many to keep
+            reader = StatsReader(self.store)
+            return np.array(
+                [reader.viewers(partitions, m, start, end) for m in media.tolist()], np.int64
+            )
         return np.array(
-            [reader.viewers(partitions, m, start, end) for m in media.tolist()], np.int64
+            [
+                self._viewers_from(
+                    partitions,
+                    np.array([m], np.int64),
+                    start,
+                    end,
+                    partial(self._item_viewers, media=m),
+                )[0]
+                for m in media.tolist()
+            ],
+            np.int64,
         )
+
+    def _viewer_days_fit(self, partitions: Sequence[int], days: range) -> bool:
+        """Whether the days' viewer rollups are all cheap to bring up to date, or would take
+        at most half of the cache (estimated from the day buckets' viewer counts: one rollup
+        row per viewer-day)."""
+        missing = [
+            (p, day)
+            for p in partitions
+            for day in days
+            if not self.cache.cheap("viewers", p, k.DAY, day)
+        ]
+        if not missing:
+            return True
+        rows = sum(
+            self.cache.cached_rows("viewers", p, k.DAY, day)
+            or int(self._bucket(p, k.DAY, day).values[:, 2].sum())
+            for p in partitions
+            for day in days
+        )
+        return rows * _VIEWER_ROW_BYTES <= self.cache.budget // 2
 
     def viewers(
         self, partitions: Sequence[int], media: np.ndarray, start: int, end: int
     ) -> np.ndarray:
         """Exact distinct users over minute-aligned [start, end) of each item of `media`
         (ascending, distinct): the union of the item's viewer-days, summed over partitions."""
+        return self._viewers_from(partitions, media, start, end, self._day_viewers)
+
+    def _viewers_from(
+        self,
+        partitions: Sequence[int],
+        media: np.ndarray,
+        start: int,
+        end: int,
+        day_rows: Callable[[int, int], DayLayers],
+    ) -> np.ndarray:
+        """`viewers` over the rows `day_rows(partition, day)` gives (whole days or one item's)."""
         counts = np.zeros(len(media), np.int64)
         first_day, end_day = floor_to(start, k.DAY), ceil_to(end, k.DAY)
         for p in partitions:
             owners: list[np.ndarray] = []
             users: list[np.ndarray] = []
             for day in range(first_day, end_day, k.DAY):
-                found = self._day_viewers(p, day)
-                rows, owner = rows_of(found.media, media)
-                if len(rows) == 0:
-                    continue
-                if start > day or day + k.DAY > end:
-                    take = self._partial_day(day, start, end, found, rows)
-                    rows, owner = rows[take], owner[take]
-                owners.append(owner)
-                users.append(found.user[rows])
+                for found, dead in day_rows(p, day).layers():
+                    rows, owner = rows_of(found.media, media)
+                    if dead is not None and len(rows):
+                        live = ~dead[rows]
+                        rows, owner = rows[live], owner[live]
+                    if len(rows) == 0:
+                        continue
+                    if start > day or day + k.DAY > end:
+                        take = self._partial_day(day, start, end, found, rows)
+                        rows, owner = rows[take], owner[take]
+                    owners.append(owner)
+                    users.append(found.user[rows])
             if owners:
                 counts += distinct_per_owner(
                     np.concatenate(owners), np.concatenate(users), len(media)
