@@ -89,6 +89,8 @@ class Load:
         ]
 
     def start(self) -> None:
+        """The timed minutes begin (after any preload)."""
+        self.began = time.monotonic()
         for thread in self.threads:
             thread.start()
 
