@@ -179,17 +179,7 @@ class RollupRanker:
                 )
             return day_layers(concat_day_viewers(parts))
 
-        entry = self.cache.get(
-            "viewers",
-            partition,
-            k.DAY,
-            day,
-            load,
-            self._viewer_refresh(partition, day),
-            _viewer_rows,
-        )
-        assert isinstance(entry, DayLayers)
-        return entry
+        return self._cached_viewers("viewers", partition, day, load, _viewer_rows)
 
     def _item_viewers(self, partition: int, day: int, media: int) -> DayLayers:
         """One item's viewer rows of one day (its `P` rows), refreshed like a day's: what a
@@ -212,14 +202,20 @@ class RollupRanker:
                 changes.media[:0], changes.viewer_media[lo:hi], changes.viewer_user[lo:hi]
             )
 
+        return self._cached_viewers(f"viewers of {media}", partition, day, load, narrow)
+
+    def _cached_viewers(
+        self,
+        kind: str,
+        partition: int,
+        day: int,
+        load: Callable[[], DayLayers],
+        narrow: Callable[[Changes], Changes],
+    ) -> DayLayers:
+        """A day's viewer rows of `kind` from the cache, refreshed from the changes `narrow`
+        keeps, or loaded."""
         entry = self.cache.get(
-            f"viewers of {media}",
-            partition,
-            k.DAY,
-            day,
-            load,
-            self._viewer_refresh(partition, day),
-            narrow,
+            kind, partition, k.DAY, day, load, self._viewer_refresh(partition, day), narrow
         )
         assert isinstance(entry, DayLayers)
         return entry

@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 
 from recommender_service.incremental import combine_batch, combine_columns
+from tests.support.data import EVENT_TYPES
 from viewevents.v1 import view_event_pb2 as ve
-
-# Drawn with these weights: mostly waypoints.
-EVENT_TYPES: list[ve.EventType] = [
-    ve.EVENT_TYPE_STREAM_START,
-    ve.EVENT_TYPE_WAYPOINT,
-    ve.EVENT_TYPE_WAYPOINT,
-    ve.EVENT_TYPE_WAYPOINT,
-    ve.EVENT_TYPE_STREAM_STOP,
-    ve.EVENT_TYPE_STREAM_END,
-]
 
 
 @pytest.mark.parametrize("seed", range(20))
