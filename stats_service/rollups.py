@@ -472,7 +472,7 @@ class RollupCache:
             return False
         viewers = isinstance(found[1], DayLayers)
         changed = self.versions.changed_keys(partition, size, start, found[0], viewers)
-        return changed is not None and changed * REFRESH_SHARE <= max(found[1].rows, 64)
+        return changed is not None and _worth_refreshing(changed, found[1].rows)
 
     def cached_rows(self, kind: str, partition: int, size: int, start: int) -> int | None:
         """Rows of the bucket's cached rollup, whatever its version (None: not cached)."""
@@ -503,7 +503,7 @@ class RollupCache:
                 return found[1]
         if found is not None and refresh is not None:
             current, changes = self.versions.since(partition, size, start, found[0], narrow)
-            if changes is not None and _refreshable(found[1], changes):
+            if changes is not None and _worth_refreshing(len(changes), found[1].rows):
                 entry = refresh(found[1], changes) if len(changes) else found[1]
                 with self._lock:
                     self.refreshes += 1
@@ -532,9 +532,9 @@ class RollupCache:
                 self._bytes -= dropped.nbytes
 
 
-def _refreshable(entry: Entry, changes: Changes) -> bool:
+def _worth_refreshing(changed: int, rows: int) -> bool:
     """Few enough changed keys that re-reading them beats reading the whole bucket again."""
-    return len(changes) * REFRESH_SHARE <= max(entry.rows, 64)
+    return changed * REFRESH_SHARE <= max(rows, 64)
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -764,11 +764,8 @@ def distinct_per_owner(owner: np.ndarray, user: np.ndarray, owners: int) -> np.n
     if span * owners < 1 << 62:
         codes = np.unique(owner * span + (user - low))
         return np.bincount(codes // span, minlength=owners).astype(np.int64)
-    order = np.lexsort((user, owner))
-    o, u = owner[order], user[order]
-    first = np.ones(len(o), bool)
-    first[1:] = (o[1:] != o[:-1]) | (u[1:] != u[:-1])
-    return np.bincount(o[first], minlength=owners).astype(np.int64)
+    distinct_owners, _ = _unique_pairs(owner, user)
+    return np.bincount(distinct_owners, minlength=owners).astype(np.int64)
 
 
 def top_slots(values: np.ndarray, ids: np.ndarray, keep: int) -> np.ndarray:
