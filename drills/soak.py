@@ -10,8 +10,9 @@ every bounded cache and the consumers have been through full-size batches), then
 ids, so the state keeps growing like production's) at `--rate` events/s through the client's
 Upload, two threads call every query RPC in turn (GetMediaStats, GetMediaTrend, ListTopMedia,
 GetSimilarMedia, RecommendForUser) with random ids. Every minute a row gives each process's
-resident memory (RSS). At the end, per service, two rules, and breaking either exits 1: the
-highest RSS after the warm-up may exceed the RSS at the end of the warm-up by at most
+peak resident memory (RSS, read every second) in that minute, and each consumer's lag (events
+stored but not applied yet). At the end, per service, two rules, and breaking either exits 1: the
+highest RSS after the warm-up may exceed the peak of the warm-up's last minute by at most
 `--tolerance`, and, with the minutes after the warm-up cut in two halves, the highest of the
 second half may exceed the highest of the first by at most `--tolerance` (a slow leak that the
 first rule's slack hides keeps growing into the second half). Bounded caches that still fill
@@ -75,6 +76,7 @@ class Load:
         self._rng = random.Random(seed)  # the preload's and then the paced loop's events
         self.uploaded = 0
         self.preloaded = 0  # of `uploaded`, before the timed minutes
+        self.ends: dict[int, int] = {}  # per partition, the offset just past the last stored event
         self.upload_errors: Counter[str] = Counter()
         self.queries = 0
         self.query_errors: Counter[str] = Counter()
@@ -132,6 +134,7 @@ class Load:
                 for p in summary.positions:
                     ends[p.partition] = max(ends.get(p.partition, 0), p.offset)
                 self.uploaded += size
+                self.ends = dict(ends)
                 bar.update(size)
         bar.close()
         self.preloaded = self.uploaded
@@ -145,8 +148,14 @@ class Load:
         ) as channel:
             while not self.stop.is_set():
                 try:
-                    upload(channel, self._batch(rng, self.uploaded), self.batch_size, timeout=60)
+                    summary = upload(
+                        channel, self._batch(rng, self.uploaded), self.batch_size, timeout=60
+                    )
                     self.uploaded += self.batch_size
+                    ends = dict(self.ends)
+                    for p in summary.positions:
+                        ends[p.partition] = max(ends.get(p.partition, 0), p.offset)
+                    self.ends = ends
                 except grpc.RpcError as error:
                     self.upload_errors[error.code().name] += 1
                 # Pace to `rate`: wait until this many events are due (or the soak ends).
@@ -187,6 +196,16 @@ class Load:
                     self.latencies[name].append((called - self.began, done - called))
                 turn += 1
 
+    def lag(self, name: str) -> int | None:
+        """Events stored but not yet applied by consumer `name` (None: no answer). A consumer
+        that falls behind takes full-size batches, and its batch in flight grows with them:
+        the RSS of a consumer whose lag keeps growing measures its backlog, not a leak."""
+        address = getattr(self.drill.config, f"{name}_address")
+        applied = stack.position(name, address)
+        if applied is None:
+            return None
+        return sum(max(0, end - applied.get(p, 0)) for p, end in self.ends.items())
+
     def _media(self, rng: random.Random) -> int:
         return min(self.media, int(self.media ** rng.random()))
 
@@ -211,6 +230,13 @@ def preload(load: Load, events: int) -> None:
         f"after {time.monotonic() - began:.0f} s",
         flush=True,
     )
+
+
+RSS_SAMPLE_S = 1.0  # how often each process's RSS is read; the table gives each minute's peak
+
+
+def _higher(peak: float | None, value: float | None) -> float | None:
+    return value if peak is None else peak if value is None else max(peak, value)
 
 
 def rss_mb(pid: int | None) -> float | None:
@@ -285,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.preload:
             preload(load, args.preload)
         load.start()
+        consumers = [n for n in names if n != "ingest"]
         print(
             f"{'minute':>6} {'uploaded':>11} {'queries':>9} {'errors':>6} "
-            + " ".join(f"{n + ' MiB':>15}" for n in (*names, "broker")),
+            + " ".join(f"{n + ' MiB':>15}" for n in (*names, "broker"))
+            + " "
+            + " ".join(f"{n + ' lag':>15}" for n in consumers),
             flush=True,
         )
         began = time.monotonic()
@@ -300,21 +329,30 @@ def main(argv: list[str] | None = None) -> int:
         )
         for minute in range(1, args.minutes + 1):
             tick = began + 60 * minute
+            pids = {n: drill.services[n].pid for n in names}
+            pids["broker"] = drill.broker.pid()
+            peaks: dict[str, float | None] = dict.fromkeys(pids)
             while (left := tick - time.monotonic()) > 0:
-                load.stop.wait(min(left, 2.0))  # the cadence of the table, not a wait for state
+                # RSS every second, the minute's peak kept: one sample a minute lands at a random
+                # point of a consumer's batch cycle (tens of MiB apart), and comparing one such
+                # sample with the highest of eight later ones is biased upwards.
+                for name, pid in pids.items():
+                    peaks[name] = _higher(peaks[name], rss_mb(pid))
+                load.stop.wait(min(left, RSS_SAMPLE_S))  # sampling cadence, not a wait for state
                 bar.n = min(time.monotonic() - began, bar.total)
                 bar.set_postfix_str(
                     f"{(load.uploaded - load.preloaded) / max(1.0, bar.n):,.0f} ev/s, "
                     f"{load.queries / max(1.0, bar.n):,.0f} q/s"
                 )
-            pids = {n: drill.services[n].pid for n in names}
-            pids["broker"] = drill.broker.pid()
-            for name, pid in pids.items():
-                samples[name].append(rss_mb(pid))
+            for name in pids:
+                samples[name].append(peaks[name])
+            lags = {n: load.lag(n) for n in consumers}
             errors = sum(load.query_errors.values()) + sum(load.upload_errors.values())
             tqdm.write(
                 f"{minute:>6} {load.uploaded:>11,} {load.queries:>9,} {errors:>6} "
                 + " ".join(f"{_mb(samples[n][-1]):>15}" for n in (*names, "broker"))
+                + " "
+                + " ".join(f"{_mb(lags[n]):>15}" for n in consumers)
             )
             for name in names:
                 process = drill.services[name].process
@@ -343,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 class Flatness:
     """One service's RSS series judged after the warm-up (MiB)."""
 
-    at_warmup: float  # RSS at the end of the warm-up
+    at_warmup: float  # peak RSS in the warm-up's last minute
     first_half: float  # highest RSS in the first half of the minutes after the warm-up
     second_half: float  # highest in the second half
 
@@ -359,7 +397,7 @@ class Flatness:
 
 
 def flatness(series: list[float], warmup: int) -> Flatness:
-    """Judge minutes warmup+1.. of `series` (one RSS a minute; at least two after the warm-up;
+    """Judge minutes warmup+1.. of `series` (each minute's peak RSS; at least two after the warm-up;
     an odd count gives the middle minute to the second half)."""
     after = series[warmup:]
     if warmup < 1 or len(after) < 2:
@@ -416,7 +454,7 @@ def report(
             f"Kafka fetch {FETCH_HELD_RESPONSES * plan.fetch_max_bytes >> 20} MiB, own cache {plan.service_cache_mb} MiB)"
         )
     print(
-        f"{'service':<12} {'RSS at min ' + str(w):>14} {'max 1st half':>13} "
+        f"{'service':<12} {'peak at min ' + str(w):>14} {'max 1st half':>13} "
         f"{'max 2nd half':>13} {'growth':>7} {'since warm-up':>14}"
     )
     for name in names:
