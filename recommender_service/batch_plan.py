@@ -17,8 +17,10 @@ import numpy as np
 from recommender_service.incremental import Raised
 from recommender_service.key_layout import ItemRecord, StoredWindows
 
-# A row is compacted when its deltas hold half as many entries as its base (amortised O(1)
-# work per delta entry), at least this many, or when it has `row_max_deltas` chunks.
+# A row's base is rewritten (a major compaction) when its deltas hold half as many entries as
+# the base (amortised O(1) work per delta entry), at least this many. A row that reaches
+# `row_max_deltas` chunks before that has only its delta chunks merged into one (a minor
+# compaction, whose cost is that of the deltas, not of the base).
 COMPACT_MIN_ENTRIES = 256
 
 Window = tuple[tuple[int, ...], tuple[int, ...], bool]
@@ -257,13 +259,18 @@ def plan_windows(
 def compaction_due(
     deltas: Count, delta_entries: Count, base_entries: Count, max_deltas: int
 ) -> np.ndarray:
-    """Whether rows (ints or arrays) are due for compaction into their base, counting the chunk
-    just added: more than `max_deltas` chunks, or deltas holding half the base (at least
-    COMPACT_MIN_ENTRIES entries)."""
-    return np.asarray(
-        (deltas > max_deltas)
-        | (delta_entries >= np.maximum(base_entries // 2, COMPACT_MIN_ENTRIES))
-    )
+    """Whether rows (ints or arrays) are due for a compaction of either kind, counting the
+    chunk just added: more than `max_deltas` chunks, or `base_due`."""
+    return np.asarray((deltas > max_deltas) | base_due(delta_entries, base_entries))
+
+
+def base_due(delta_entries: Count, base_entries: Count) -> np.ndarray:
+    """Whether rows' deltas hold half their base (at least COMPACT_MIN_ENTRIES entries): then
+    the base is rewritten with them (a major compaction); a row due only by its chunk count has
+    just its delta chunks merged (minor). Rewriting a base of thousands of entries for every
+    `max_deltas` small chunks was most of the consumer's time with small batches (profiled at
+    2M events of 20k users x 2k media: 1,188 base entries rewritten for 371 delta entries)."""
+    return np.asarray(delta_entries >= np.maximum(base_entries // 2, COMPACT_MIN_ENTRIES))
 
 
 def add_item_deltas(records: dict[int, ItemRecord], deltas: dict[int, list[int]]) -> None:

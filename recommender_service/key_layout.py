@@ -299,13 +299,16 @@ def scan(source: Any, prefix: bytes, fill_cache: bool = True) -> Iterator[tuple[
         yield key, value
 
 
-def scan_values(source: Any, prefix: bytes, fill_cache: bool = True) -> list[bytes]:
-    """The values under `prefix` of a Rdict or a Snapshot, in key order: `scan` without making
-    a key object per item or checking it in Python (the upper bound ends the iteration)."""
+def scan_values(
+    source: Any, prefix: bytes, fill_cache: bool = True, end: bytes | None = None
+) -> list[bytes]:
+    """The values under `prefix` (or from `prefix` up to `end`) of a Rdict or a Snapshot, in
+    key order: `scan` without making a key object per item or checking it in Python (the
+    upper bound ends the iteration)."""
     from rocksdict import ReadOptions
 
     read = ReadOptions()
-    read.set_iterate_upper_bound(prefix_end(prefix))
+    read.set_iterate_upper_bound(prefix_end(prefix) if end is None else end)
     if not fill_cache:
         read.fill_cache(False)  # type: ignore[call-arg]  # the stub omits the flag
     return list(source.values(from_key=prefix, read_opt=read))

@@ -20,6 +20,7 @@ import numpy as np
 from recommender_service import key_layout as keys
 from recommender_service.batch_plan import (
     BatchPlan,
+    base_due,
     compaction_due,
     locate,
     outside_mask,
@@ -30,6 +31,7 @@ from recommender_service.incremental import Raised, combine_arrays, pair_deltas
 from recommender_service.settings import RecommenderSettings
 from recommender_service.view import Stamp, View
 from viewevents.consumer import EventBatch
+from viewevents.state.keys import prefix_end
 from viewevents.state.store import StateStore
 from viewevents.state.transaction import Transaction
 from viewevents.v1 import view_event_pb2
@@ -47,6 +49,7 @@ class _Pending:
     new_users: int = 0
     pairs: int = 0
     compactions: int = 0
+    base_rewrites: int = 0
 
 
 @dataclass
@@ -56,7 +59,8 @@ class ProcessorStats:
     batches: int = 0
     events: int = 0
     pair_entries: int = 0
-    compactions: int = 0
+    compactions: int = 0  # of both kinds
+    base_rewrites: int = 0  # the major ones
 
 
 class RecommenderProcessor:
@@ -222,16 +226,29 @@ class RecommenderProcessor:
                     strict=True,
                 )
             )
+            major = base_due(records["delta_entries"][at], records["base_entries"][at])
             for k in np.flatnonzero(due).tolist():
-                merged = self._compact(
-                    partition,
-                    int(row_items[k]),
-                    int(chunks[k]),
-                    entries[bounds[k] : bounds[k + 1]],
-                    txn,
-                )
                 record = records[at[k]]
-                record["deltas"], record["base_entries"], record["delta_entries"] = 0, merged, 0
+                if major[k]:
+                    merged = self._compact(
+                        partition,
+                        int(row_items[k]),
+                        int(chunks[k]),
+                        entries[bounds[k] : bounds[k + 1]],
+                        txn,
+                    )
+                    record["deltas"], record["base_entries"], record["delta_entries"] = 0, merged, 0
+                    pending.base_rewrites += 1
+                else:
+                    merged = self._compact(
+                        partition,
+                        int(row_items[k]),
+                        int(chunks[k]),
+                        entries[bounds[k] : bounds[k + 1]],
+                        txn,
+                        first=1,
+                    )
+                    record["deltas"], record["delta_entries"] = 1, merged
                 pending.compactions += 1
             pending.pairs += len(entries)
         self._put(txn, item_keys, keys.encode_items(records))
@@ -242,16 +259,28 @@ class RecommenderProcessor:
         self.hot.stage(names, values)
 
     def _compact(
-        self, partition: int, item: int, deltas: int, entries: np.ndarray, txn: Transaction
+        self,
+        partition: int,
+        item: int,
+        deltas: int,
+        entries: np.ndarray,
+        txn: Transaction,
+        first: int = 0,
     ) -> int:
-        """Merge the committed base and `deltas - 1` delta chunks with this batch's delta into
-        a new base; its number of entries."""
-        prefix = keys.row_prefix(partition, item)
-        chunks = keys.scan_values(self.store.db, prefix, fill_cache=False)
+        """Merge the committed chunks `first` .. `deltas - 1` of a row with this batch's delta
+        into chunk `first`: from 0, the base and every delta chunk make a new base (major);
+        from 1, the delta chunks make one delta chunk and the base is left alone (minor). The
+        merged chunk's number of entries."""
+        chunks = keys.scan_values(
+            self.store.db,
+            keys.row_key(partition, item, first),
+            fill_cache=False,
+            end=prefix_end(keys.row_prefix(partition, item)),
+        )
         merged = keys.aggregate_row(np.concatenate((keys.decode_row(chunks), entries)))
-        for seq in range(1, deltas):
+        for seq in range(first + 1, deltas):
             txn.delete(keys.row_key(partition, item, seq))
-        txn.put(keys.row_key(partition, item, 0), merged.tobytes())
+        txn.put(keys.row_key(partition, item, first), merged.tobytes())
         return len(merged)
 
     def committed(self) -> None:
@@ -271,3 +300,4 @@ class RecommenderProcessor:
         self.stats.batches += 1
         self.stats.pair_entries += pending.pairs
         self.stats.compactions += pending.compactions
+        self.stats.base_rewrites += pending.base_rewrites

@@ -17,7 +17,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from evaluation.offline_recommender import OfflineRecommender
+from recommender_service import batch_plan
 from recommender_service import key_layout as keys
+from recommender_service.batch_plan import COMPACT_MIN_ENTRIES
 from recommender_service.servicer import validate_recommend, validate_similar
 from recommender_service.settings import RecommenderSettings
 from recommender_service.similarity import Metric
@@ -106,12 +108,34 @@ def all_partitions(rec: OfflineRecommender) -> list[int]:
 # --- exact incremental statistics ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed,batch,partitions", [(1, 37, 4), (2, 500, 3), (3, 5000, 1)])
+@pytest.mark.parametrize(
+    "seed,batch,partitions,base_min",
+    [
+        (1, 37, 4, COMPACT_MIN_ENTRIES),
+        (2, 500, 3, COMPACT_MIN_ENTRIES),
+        (3, 5000, 1, 8),
+        (6, 37, 4, 8),
+    ],
+)
 def test_stored_statistics_equal_brute_force(
-    tmp_path: Path, seed: int, batch: int, partitions: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    seed: int,
+    batch: int,
+    partitions: int,
+    base_min: int,
 ) -> None:
+    # Rows here have at most 40 neighbours: with the default minimum only minor compactions
+    # (delta chunks merged) happen; a small minimum makes bases be rewritten too.
+    monkeypatch.setattr(batch_plan, "COMPACT_MIN_ENTRIES", base_min)
     events = random_events(seed, users=120, items=40, count=6000)
     rec = run(tmp_path, events, batch, partitions)
+    done = rec.processor.stats
+    print(f"compactions {done.compactions}, of which base rewrites {done.base_rewrites}")
+    if base_min < COMPACT_MIN_ENTRIES:
+        assert done.base_rewrites > 0
+    else:
+        assert done.compactions > done.base_rewrites
     truth = BruteForce(events)
     users, items = keys.stored_items(rec.store, all_partitions(rec))
     assert users == truth.n_users
