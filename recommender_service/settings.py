@@ -80,8 +80,9 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         "VIEWEVENTS_RECOMMENDER_ROW_MAX_DELTAS",
         32,
         int,
-        "Most batch delta chunks per item row and partition before they are compacted into "
-        "its base (bounds the chunks a query reads).",
+        "Most batch delta chunks per item row and partition before they are merged into one "
+        "(bounds the chunks a query reads; the base is rewritten only once the deltas hold "
+        "half of it).",
     ),
     Setting(
         "recommender_cache_items",
