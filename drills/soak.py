@@ -17,7 +17,8 @@ highest RSS after the warm-up may exceed the peak of the warm-up's last minute b
 second half may exceed the highest of the first by at most `--tolerance` (a slow leak that the
 first rule's slack hides keeps growing into the second half). Bounded caches that still fill
 after that need a larger preload or a longer `--warmup-minutes`, not a looser rule. A service
-that died or a query failing with anything but NOT_FOUND exits 1 too.
+that died, a query failing with anything but NOT_FOUND, or a consumer more than a minute of the
+upload behind at the end (an overload of the machine, not a steady state) exits 1 too.
 """
 
 from __future__ import annotations
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     drill = stack.Stack(workdir, **overrides)
     names = list(drill.services)
     samples: dict[str, list[float | None]] = {name: [] for name in (*names, "broker")}
+    last_lags: dict[str, int | None] = {}  # each consumer's lag at the last minute
     problems: list[str] = []
     keep = args.keep
     load: Load | None = None
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in pids:
                 samples[name].append(peaks[name])
             lags = {n: load.lag(n) for n in consumers}
+            last_lags.update(lags)
             errors = sum(load.query_errors.values()) + sum(load.upload_errors.values())
             tqdm.write(
                 f"{minute:>6} {load.uploaded:>11,} {load.queries:>9,} {errors:>6} "
@@ -374,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         drill.close(remove_data=not keep)
         if keep:
             print(f"kept: {workdir}")
+    problems += kept_up(last_lags, args.rate)
     return report(samples, names, load, problems, args)
 
 
@@ -404,6 +408,19 @@ def flatness(series: list[float], warmup: int) -> Flatness:
         raise ValueError("need the warm-up's last minute and two minutes after it")
     half = len(after) // 2
     return Flatness(series[warmup - 1], max(after[:half]), max(after[half:]))
+
+
+def kept_up(lags: dict[str, int | None], rate: float) -> list[str]:
+    """A consumer whose backlog at the end exceeds a minute of the upload is not in a steady
+    state: its batches are all full-size and its memory is that of an overload, so the rule on
+    memory would judge the machine's capacity, not a leak. The soak then fails with that reason
+    (lower --rate, or fewer other loads on the machine)."""
+    return [
+        f"{name} fell behind: {lag:,} events not applied at the end, more than a minute of the "
+        f"upload ({rate * 60:,.0f}); its memory is that of a growing backlog"
+        for name, lag in lags.items()
+        if lag is not None and lag > rate * 60
+    ]
 
 
 def print_latencies(latencies: dict[str, list[tuple[float, float]]]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from drills.soak import flatness
+from drills.soak import flatness, kept_up
 
 
 def test_a_leak_fails_and_caches_filling_early_pass() -> None:
@@ -27,3 +27,9 @@ def test_a_late_spike_counts() -> None:
 def test_too_few_minutes_after_the_warm_up() -> None:
     with pytest.raises(ValueError):
         flatness([100.0, 110, 120], 2)
+
+
+def test_a_consumer_more_than_a_minute_behind_fails_the_soak() -> None:
+    assert kept_up({"stats": 0, "recommender": 12_000}, rate=1_000) == []
+    problems = kept_up({"stats": 0, "recommender": 372_707, "other": None}, rate=3_000)
+    assert len(problems) == 1 and problems[0].startswith("recommender fell behind: 372,707")
