@@ -229,25 +229,18 @@ class RecommenderProcessor:
             major = base_due(records["delta_entries"][at], records["base_entries"][at])
             for k in np.flatnonzero(due).tolist():
                 record = records[at[k]]
-                if major[k]:
-                    merged = self._compact(
-                        partition,
-                        int(row_items[k]),
-                        int(chunks[k]),
-                        entries[bounds[k] : bounds[k + 1]],
-                        txn,
-                    )
+                merged = self._compact(
+                    partition,
+                    int(row_items[k]),
+                    int(chunks[k]),
+                    entries[bounds[k] : bounds[k + 1]],
+                    txn,
+                    first=0 if major[k] else 1,
+                )
+                if major[k]:  # a new base, no deltas left
                     record["deltas"], record["base_entries"], record["delta_entries"] = 0, merged, 0
                     pending.base_rewrites += 1
-                else:
-                    merged = self._compact(
-                        partition,
-                        int(row_items[k]),
-                        int(chunks[k]),
-                        entries[bounds[k] : bounds[k + 1]],
-                        txn,
-                        first=1,
-                    )
+                else:  # the base as it was, one merged delta chunk
                     record["deltas"], record["delta_entries"] = 1, merged
                 pending.compactions += 1
             pending.pairs += len(entries)
