@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -123,7 +123,6 @@ class Load:
     def preload(self, events: int) -> dict[int, int]:
         """Upload `events` as fast as ingest takes them (before the paced load starts); the
         offsets just past them, per partition, for a wait until the consumers applied them."""
-        ends: dict[int, int] = {}
         bar = tqdm(total=events, desc="preload", unit="ev", unit_scale=True, leave=False)
         with grpc.insecure_channel(
             self.drill.config.ingest_address, options=CHANNEL_OPTIONS
@@ -131,15 +130,20 @@ class Load:
             while self.uploaded < events:
                 size = min(self.batch_size, events - self.uploaded)
                 batch = self._batch(self._rng, self.uploaded, size)
-                summary = upload(channel, batch, self.batch_size, timeout=60)
-                for p in summary.positions:
-                    ends[p.partition] = max(ends.get(p.partition, 0), p.offset)
+                self._stored(upload(channel, batch, self.batch_size, timeout=60).positions)
                 self.uploaded += size
-                self.ends = dict(ends)
                 bar.update(size)
         bar.close()
         self.preloaded = self.uploaded
-        return ends
+        return dict(self.ends)
+
+    def _stored(self, positions: Iterable[ve.PartitionOffset]) -> None:
+        """Move `ends` past an upload's stored events (a new dict: `lag` reads it from the
+        main thread while the upload thread writes)."""
+        ends = dict(self.ends)
+        for p in positions:
+            ends[p.partition] = max(ends.get(p.partition, 0), p.offset)
+        self.ends = ends
 
     def _upload_loop(self) -> None:
         rng = self._rng
@@ -153,10 +157,7 @@ class Load:
                         channel, self._batch(rng, self.uploaded), self.batch_size, timeout=60
                     )
                     self.uploaded += self.batch_size
-                    ends = dict(self.ends)
-                    for p in summary.positions:
-                        ends[p.partition] = max(ends.get(p.partition, 0), p.offset)
-                    self.ends = ends
+                    self._stored(summary.positions)
                 except grpc.RpcError as error:
                     self.upload_errors[error.code().name] += 1
                 # Pace to `rate`: wait until this many events are due (or the soak ends).
