@@ -12,7 +12,10 @@ Parts (all by default), each printed as a table:
              of `consume`)
   freshness  Publish ack to GetMediaStats showing the probe's media item, idle and while a
              `--upload-events` upload runs through the ingest service, with 1 and 2 stats
-             instances (fresh topic each)
+             instances (fresh topic each); the upload's events (`--upload-shapes`): "session",
+             the generator's viewing sessions (the data of `consume`), and/or "uniform", the
+             ingest bench's events spread evenly over 10k media x 200k users x 7 days (nearly
+             every event a new media-hour and viewer-day: the stats consumer's worst case)
   failover   2 instances caught up (those of `consume`); kill -9 one; seconds until answers
              through the survivor are complete again (the session timeout, 10 s, then replay)
   takeover   2 stats instances on a 2-partition topic, one partition holding N events
@@ -65,6 +68,7 @@ from viewevents_tools import settings_catalogue as settings
 from viewevents_tools.processes import start_service, stop_service
 
 PARTS = ("consume", "latency", "freshness", "failover", "takeover")
+UPLOAD_SHAPES = ("session", "uniform")
 SERVICES = ("stats", "recommender")
 SESSION_TIMEOUT_S = 10  # viewevents/consumer.py: session_timeout_ms, not a setting
 PROBE_MEDIA_BASE = 900_000_000  # probe media ids: far above any generated or uploaded one
@@ -85,6 +89,7 @@ class Options:
     load_poll_ms: float = 20.0
     takeover_sizes: tuple[int, ...] = (250_000, 500_000, 1_000_000)
     freshness_instances: tuple[int, ...] = (1, 2)
+    upload_shapes: tuple[str, ...] = ("session",)
     parts: tuple[str, ...] = PARTS
     services: tuple[str, ...] = SERVICES
     seed: int = 1
@@ -597,9 +602,23 @@ def _probe_summary(probes: Sequence[Probe]) -> dict[str, Any]:
     }
 
 
-def freshness_table(runs: list[dict[str, Any]], options: Options) -> Table:
+def session_requests(records: Sequence[tuple[bytes, bytes]], batch_size: int) -> list[bytes]:
+    """Serialized UploadRequests of the generated events (the consume part's data), built
+    before timing starts, like `ingest.synthetic_requests`."""
+    requests: list[bytes] = []
+    for start in range(0, len(records), batch_size):
+        events = [
+            ve.ViewEvent.FromString(value) for _, value in records[start : start + batch_size]
+        ]
+        request = ingest_pb.UploadRequest(events=events, sequence=len(requests))
+        requests.append(request.SerializeToString())
+    return requests
+
+
+def freshness_table(runs: list[dict[str, Any]], options: Options, shape: str) -> Table:
     table = Table(
-        "freshness: Publish ack until GetMediaStats (through instance 0) shows the probe's item",
+        "freshness: Publish ack until GetMediaStats (through instance 0) shows the probe's item; "
+        f"upload of {shape} events",
         [
             "stats instances",
             "while",
@@ -738,8 +757,10 @@ def run_bench(bootstrap: str, options: Options | None = None) -> dict[str, Any]:
             tables.append(table)
         sys.stdout.flush()
 
-    if {"consume", "latency", "failover", "takeover"} & set(options.parts):
-        data = prepare(options)  # the freshness part uploads its own events
+    if {"consume", "latency", "failover", "takeover"} & set(options.parts) or (
+        "freshness" in options.parts and "session" in options.upload_shapes
+    ):
+        data = prepare(options)
     if {"consume", "latency", "failover"} & set(options.parts):
         began = load_average()
         config = base_config(bootstrap, options.partitions, "consume")
@@ -754,13 +775,18 @@ def run_bench(bootstrap: str, options: Options | None = None) -> dict[str, Any]:
             ]
         show(consume_tables(results, data, options), began)
     if "freshness" in options.parts:
-        began = load_average()
-        requests = ingest.synthetic_requests(options.upload_events, 5_000, seed=options.seed)
-        runs = [
-            asyncio.run(freshness_run(bootstrap, count, requests, options))
-            for count in options.freshness_instances
-        ]
-        show([freshness_table(runs, options)], began)
+        for shape in options.upload_shapes:
+            began = load_average()
+            requests = (
+                session_requests(data.records[: options.upload_events], 5_000)
+                if shape == "session"
+                else ingest.synthetic_requests(options.upload_events, 5_000, seed=options.seed)
+            )
+            runs = [
+                asyncio.run(freshness_run(bootstrap, count, requests, options))
+                for count in options.freshness_instances
+            ]
+            show([freshness_table(runs, options, shape)], began)
     if "takeover" in options.parts:
         began = load_average()
         runs = [asyncio.run(takeover_run(bootstrap, data, size)) for size in options.takeover_sizes]
@@ -812,6 +838,12 @@ def add_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         help="stats instances of the freshness runs, comma-separated (1,2)",
     )
     parser.add_argument(
+        f"--{prefix}upload-shapes",
+        default=",".join(d.upload_shapes),
+        help=f"events of the freshness upload, comma-separated subset of {','.join(UPLOAD_SHAPES)} "
+        f"({','.join(d.upload_shapes)})",
+    )
+    parser.add_argument(
         f"--{prefix}parts",
         default=",".join(PARTS),
         help=f"comma-separated subset of {','.join(PARTS)}",
@@ -827,7 +859,12 @@ def options_from(args: argparse.Namespace, prefix: str = "") -> Options:
 
     parts = tuple(p for p in get("parts").split(",") if p)
     services = tuple(s for s in get("services").split(",") if s)
-    unknown = (set(parts) - set(PARTS)) | (set(services) - set(SERVICES))
+    shapes = tuple(s for s in get("upload-shapes").split(",") if s)
+    unknown = (
+        (set(parts) - set(PARTS))
+        | (set(services) - set(SERVICES))
+        | (set(shapes) - set(UPLOAD_SHAPES))
+    )
     if unknown:
         raise SystemExit(f"unknown parts or services: {sorted(unknown)}")
     return Options(
@@ -840,6 +877,7 @@ def options_from(args: argparse.Namespace, prefix: str = "") -> Options:
         idle_probes=get("idle-probes"),
         takeover_sizes=tuple(int(s) for s in get("takeover-sizes").split(",") if s),
         freshness_instances=tuple(int(n) for n in get("freshness-instances").split(",") if n),
+        upload_shapes=shapes,
         parts=parts,
         services=services,
     )
