@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from recommender_service.fanout import PARTITION_SERVICE, Fanout, Ownership
 from recommender_service.processor import RecommenderProcessor
 from recommender_service.query_engine import QueryEngine
-from recommender_service.servicer import RecommenderServicer
+from recommender_service.servicer import RecommenderServicer, warmer_ready
 from recommender_service.settings import SETTINGS, from_config
 from viewevents import bootstrap
 from viewevents.config import Config
@@ -41,7 +41,7 @@ async def serve(config: Config) -> None:
     ) -> RecommenderServicer:
         assert isinstance(processor, RecommenderProcessor)
         engine = QueryEngine(lambda: processor.view, options)
-        engine.start_warmer(consumer.caught_up.is_set)
+        engine.start_warmer(warmer_ready(consumer))
         ownership = Ownership(lambda: processor.view, consumer)
         return RecommenderServicer(
             engine, consumer, Fanout(ownership, options, peers, peer_metadata), processor.hot

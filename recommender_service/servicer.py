@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -118,6 +119,29 @@ def position_message(
     )
 
 
+def owns_every_partition(consumer: object) -> bool:
+    """The instance owns every partition and has caught up on each since its latest
+    assignment, so its own view is the complete state. A partition it owns but is still
+    replaying (just taken over from a killed member) must not be answered from: the fan-out
+    then asks this instance itself, which refuses, and the answer is UNAVAILABLE."""
+    owns_all = getattr(consumer, "owns_all", None)
+    if owns_all is None:
+        return True
+    if not owns_all():
+        return False
+    answerable = getattr(consumer, "answerable", None)
+    owners = getattr(consumer, "owners", None)
+    return answerable is None or owners is None or set(owners) <= set(answerable())
+
+
+def warmer_ready(consumer: Any) -> Callable[[], bool]:
+    """When the neighbour-list cache is worth warming: caught up, and answering from the local
+    view. An instance that owns only some partitions answers every query by fan-out, so lists
+    of its own view would never be read (py-spy, 2 instances: the warmer of the instance not
+    asked kept computing them)."""
+    return lambda: bool(consumer.caught_up.is_set()) and owns_every_partition(consumer)
+
+
 class RecommenderServicer:
     """Implements viewevents.v1.RecommenderService and, with a fan-out, the internal
     viewevents.v1.RecommenderPartitionService its peers call (served at the same address)."""
@@ -151,18 +175,7 @@ class RecommenderServicer:
         return found
 
     def _owns_all(self) -> bool:
-        """This instance owns every partition and has caught up on each since its latest
-        assignment, so its own view is the complete state. A partition it owns but is still
-        replaying (just taken over from a killed member) must not be answered from: the fan-out
-        then asks this instance itself, which refuses, and the answer is UNAVAILABLE."""
-        owns_all = getattr(self.consumer, "owns_all", None)
-        if owns_all is None:
-            return True
-        if not owns_all():
-            return False
-        answerable = getattr(self.consumer, "answerable", None)
-        owners = getattr(self.consumer, "owners", None)
-        return answerable is None or owners is None or set(owners) <= set(answerable())
+        return owns_every_partition(self.consumer)
 
     async def _require_every_partition(self, context: grpc.aio.ServicerContext) -> None:
         """UNAVAILABLE (with RetryInfo) unless this instance owns every partition; only

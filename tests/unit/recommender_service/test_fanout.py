@@ -21,7 +21,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from evaluation.offline_recommender import OfflineRecommender
 from recommender_service import partials
 from recommender_service.fanout import Fanout, Ownership, to_message
+from recommender_service.key_layout import stored_items
 from recommender_service.query_engine import UnknownItem, window_of
+from recommender_service.servicer import warmer_ready
 from recommender_service.settings import RecommenderSettings
 from recommender_service.similarity import Metric
 from tests.support.oracles import BruteForce, assert_same_ranking
@@ -172,6 +174,26 @@ def test_partials_add_up_to_the_whole(setup: Any) -> None:
     assert sum(p.users for p in parts) == whole.users == view.users
 
 
+def test_wanted_items_read_from_rocksdb_equal_the_stored_records(setup: Any) -> None:
+    """The point reads of an instance asked for fewer partitions than its store holds (after a
+    rebalance) give exactly the stored records' sums, against a scan of the store; unknown ids
+    and items absent from some partitions included."""
+    rec, _, _, truth = setup
+    view = rec.processor.view
+    rng = random.Random(5)
+    known = [int(m) for m in truth.items]
+    for parts in ([0], [1, 2], [3], [0, 2, 3]):
+        users, stored = stored_items(rec.store, parts)
+        wanted = sorted(set(rng.sample(known, 25) + [10**9, 10**12]))
+        got = partials.read(view, parts, item_ids=wanted)
+        expected = {m: stored[m] for m in wanted if m in stored}
+        assert got.items.ids.tolist() == sorted(expected)
+        assert list(zip(got.items.s.tolist(), got.items.q.tolist(), got.items.n.tolist())) == [
+            expected[m] for m in sorted(expected)
+        ]
+        assert got.users == users
+
+
 def test_cached_lists_follow_new_events(tmp_path: Path) -> None:
     """A repeated query is served from the cache; after new events (which move some partition's
     offset) the answer reflects them: equal to the single instance and to brute force over
@@ -216,3 +238,29 @@ def test_cached_lists_follow_new_events(tmp_path: Path) -> None:
         assert (ids.tolist(), scores.tolist()) == (wanted.ids.tolist(), wanted.scores.tolist())
     finally:
         rec.close()
+
+
+def test_the_cache_warmer_waits_for_every_partition() -> None:
+    """Lists of a partial local view are never read (queries fan out), so an instance that owns
+    only some partitions, or is still replaying one, does not warm them."""
+    caught_up = SimpleNamespace(is_set=lambda: True)
+    alone = SimpleNamespace(
+        caught_up=caught_up,
+        owns_all=lambda: True,
+        owners={0: "a", 1: "a"},
+        answerable=lambda: frozenset({0, 1}),
+    )
+    shared = SimpleNamespace(
+        caught_up=caught_up, owns_all=lambda: False, owners=dict(OWNERS), answerable=frozenset
+    )
+    replaying = SimpleNamespace(
+        caught_up=caught_up,
+        owns_all=lambda: True,
+        owners={0: "a", 1: "a"},
+        answerable=lambda: frozenset({0}),
+    )
+    behind = SimpleNamespace(**{**vars(alone), "caught_up": SimpleNamespace(is_set=lambda: False)})
+    assert warmer_ready(alone)()
+    assert not warmer_ready(shared)()
+    assert not warmer_ready(replaying)()
+    assert not warmer_ready(behind)()
