@@ -58,6 +58,8 @@ class Ownership:
     def __init__(self, source: Callable[[], View], consumer: Any) -> None:
         self.source = source
         self.consumer = consumer
+        # The sums of partitions the store holds but this instance no longer owns.
+        self.remainder = partials.Remainder()
 
     @property
     def address(self) -> str:
@@ -180,7 +182,13 @@ class Fanout:
                 view = self.ownership.source()
                 if media or extra or all_items:
                     part = await asyncio.to_thread(
-                        partials.read, view, parts, media, extra, all_items
+                        partials.read,
+                        view,
+                        parts,
+                        media,
+                        extra,
+                        all_items,
+                        self.ownership.remainder,
                     )
                 else:  # a position probe: a few point reads, not worth a thread
                     part = partials.read(view, parts)
@@ -395,6 +403,7 @@ class PartitionServicer:
             request.media_id,
             list(request.item_ids),
             request.all_items,
+            ownership.remainder,
         )
         return to_message(part)
 

@@ -5,15 +5,20 @@ of partitions add exactly: an instance that owns only some partitions reads its 
 other owners' parts arrive over RecommenderPartitionService, and `add` + `score` give exactly
 what one instance holding every partition computes (`QueryEngine.compute`).
 
-Reading: when the view's item table covers exactly the asked partitions (the usual case) the
-item sums come from it; otherwise (the store still holds partitions this instance owned before
-a rebalance) they are point reads per asked partition from the view's snapshot. The neighbour
+Reading: when the view's item table covers exactly the asked partitions the item sums come
+from it. Otherwise the store still holds partitions this instance owned before a rebalance
+(every instance but the last to join, in a group that formed while consuming). Then, once
+those other partitions stand still (same offsets in two views in a row: nothing is applied to
+a partition this instance no longer owns), their sums are read once (`Remainder`) and
+subtracted from the table; until then, or while they move, the asked partitions' sums are
+point reads from the view's snapshot. The neighbour
 row is scanned from the snapshot as `QueryEngine.compute` does, and as there, row entries of
 items the snapshot does not know yet (rocksdict iterators read current data) are left out.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,12 +62,42 @@ class ItemPartials:
     watermark: int | None
 
 
+class Remainder:
+    """The item sums of the partitions a view holds beyond the asked ones, kept while those
+    partitions stand still, so that the asked partitions' sums are the view's table minus
+    these: exact, since a partition's records change only with its offset. One per instance;
+    query threads share it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: tuple[tuple[int, int], ...] | None = None
+        self._kept: tuple[tuple[tuple[int, int], ...], ItemSums] | None = None
+        self.reads = 0  # times the other partitions' sums were read (tests, logs)
+
+    def sums(self, view: View, others: Sequence[int]) -> ItemSums | None:
+        """The sums of `others` as of `view`, or None while they are not known to stand still
+        (first seen at these offsets: the caller reads the asked partitions directly)."""
+        state = tuple((p, view.stamp.offsets.get(p, 0)) for p in others)
+        with self._lock:
+            if self._kept is not None and self._kept[0] == state:
+                return self._kept[1]
+            steady, self._seen = self._seen == state, state
+        if not steady:
+            return None
+        found = _from_snapshot(view.snapshot, others, view.ids)
+        with self._lock:
+            self._kept = (state, found)
+            self.reads += 1
+        return found
+
+
 def read(
     view: View,
     partitions: Sequence[int],
     media: int = 0,
     item_ids: Iterable[int] = (),
     all_items: bool = False,
+    remainder: Remainder | None = None,
 ) -> ItemPartials:
     """This instance's partials over `partitions` (which it must own and have caught up on)."""
     parts = sorted(set(partitions))
@@ -81,11 +116,16 @@ def read(
             )
         )
     )
-    if set(view.partitions) == set(parts):
+    others = sorted(set(view.partitions) - set(parts))
+    rest = remainder.sums(view, others) if remainder is not None and others else None
+    if not others:
         items = _from_table(view, None if all_items else wanted)
         users = view.users
     else:
-        items = _from_snapshot(snapshot, parts, None if all_items else wanted)
+        if rest is not None:
+            items = _table_minus(view, parts, view.ids if all_items else wanted, rest)
+        else:
+            items = _from_snapshot(snapshot, parts, None if all_items else wanted)
         users = sum(
             keys.decode_counts(keys.snapshot_get(snapshot, keys.counts_key(p))) for p in parts
         )
@@ -110,6 +150,32 @@ def _from_table(view: View, wanted: np.ndarray | None) -> ItemSums:
     where = view.positions_of(wanted)
     where = where[where >= 0]
     return ItemSums(view.ids[where], view.s[where], view.q[where], view.n[where])
+
+
+def _table_minus(
+    view: View, partitions: Sequence[int], wanted: np.ndarray, rest: ItemSums
+) -> ItemSums:
+    """Sums over `partitions` of the `wanted` items (sorted, unique): the view's table, which
+    holds every partition of the store, minus the other partitions' sums. An item that comes
+    out all zero may have no record in `partitions` at all: those few are checked by point
+    reads, so that the items listed are exactly those `_from_snapshot` lists."""
+    where = view.positions_of(wanted)
+    at = where[where >= 0]
+    ids = view.ids[at]
+    s, q, n = view.s[at].copy(), view.q[at].copy(), view.n[at].copy()
+    if len(rest.ids) and len(ids):
+        k = np.minimum(np.searchsorted(rest.ids, ids), len(rest.ids) - 1)
+        hit = rest.ids[k] == ids
+        s[hit] -= rest.s[k[hit]]
+        q[hit] -= rest.q[k[hit]]
+        n[hit] -= rest.n[k[hit]]
+    keep = (s != 0) | (q != 0) | (n != 0)
+    unsure = np.flatnonzero(~keep)
+    if len(unsure):
+        keep[
+            unsure[np.isin(ids[unsure], _from_snapshot(view.snapshot, partitions, ids[unsure]).ids)]
+        ] = True
+    return ItemSums(ids[keep], s[keep], q[keep], n[keep])
 
 
 def _from_snapshot(

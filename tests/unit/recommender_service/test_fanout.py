@@ -174,24 +174,57 @@ def test_partials_add_up_to_the_whole(setup: Any) -> None:
     assert sum(p.users for p in parts) == whole.users == view.users
 
 
-def test_wanted_items_read_from_rocksdb_equal_the_stored_records(setup: Any) -> None:
-    """The point reads of an instance asked for fewer partitions than its store holds (after a
-    rebalance) give exactly the stored records' sums, against a scan of the store; unknown ids
+def _assert_sums_are_stored(
+    got: partials.ItemPartials, store: Any, parts: list[int], wanted: Any
+) -> None:
+    users, stored = stored_items(store, parts)
+    expected = {m: stored[m] for m in (stored if wanted is None else wanted) if m in stored}
+    assert got.items.ids.tolist() == sorted(expected)
+    assert list(zip(got.items.s.tolist(), got.items.q.tolist(), got.items.n.tolist())) == [
+        expected[m] for m in sorted(expected)
+    ]
+    assert got.users == users
+
+
+def test_item_sums_of_some_partitions_equal_the_stored_records(setup: Any) -> None:
+    """An instance asked for fewer partitions than its store holds (after a rebalance) gives
+    exactly the stored records' sums, against a scan of the store: by point reads at first,
+    then from the table minus the other partitions' sums once those stand still; unknown ids
     and items absent from some partitions included."""
     rec, _, _, truth = setup
     view = rec.processor.view
     rng = random.Random(5)
     known = [int(m) for m in truth.items]
     for parts in ([0], [1, 2], [3], [0, 2, 3]):
-        users, stored = stored_items(rec.store, parts)
-        wanted = sorted(set(rng.sample(known, 25) + [10**9, 10**12]))
-        got = partials.read(view, parts, item_ids=wanted)
-        expected = {m: stored[m] for m in wanted if m in stored}
-        assert got.items.ids.tolist() == sorted(expected)
-        assert list(zip(got.items.s.tolist(), got.items.q.tolist(), got.items.n.tolist())) == [
-            expected[m] for m in sorted(expected)
-        ]
-        assert got.users == users
+        remainder = partials.Remainder()
+        for _ in range(3):
+            wanted = sorted(set(rng.sample(known, 25) + [10**9, 10**12]))
+            got = partials.read(view, parts, item_ids=wanted, remainder=remainder)
+            _assert_sums_are_stored(got, rec.store, parts, wanted)
+            every = partials.read(view, parts, all_items=True, remainder=remainder)
+            _assert_sums_are_stored(every, rec.store, parts, None)
+        assert remainder.reads == 1  # read once the others stood still, then reused
+
+
+def test_the_remainder_follows_partitions_that_move(tmp_path: Path) -> None:
+    """Sums of the other partitions are never reused once those partitions apply more events
+    (new offsets): answers stay equal to the stored records as the stream goes on."""
+    settings = RecommenderSettings(
+        history_cap=10_000, min_co_viewers=1, shrinkage=0.0, max_limit=100, row_max_deltas=3
+    )
+    rec = OfflineRecommender(str(tmp_path / "state"), settings, partitions=4, batch_max=200)
+    try:
+        feed = events(8, 80, 40, 3_000)
+        remainder = partials.Remainder()
+        for start in range(0, len(feed), 500):
+            rec.feed(feed[start : start + 500])
+            view = rec.processor.view
+            for _ in range(2):
+                got = partials.read(view, [1, 3], all_items=True, remainder=remainder)
+                _assert_sums_are_stored(got, rec.store, [1, 3], None)
+        assert remainder.reads >= 2
+    finally:
+        rec.close()
 
 
 def test_cached_lists_follow_new_events(tmp_path: Path) -> None:
