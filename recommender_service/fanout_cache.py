@@ -68,6 +68,9 @@ class ListCache:
         entries = list(self._entries.values())
         return sum(overhead + sum(r.nbytes for r in e.lists.values()) for e in entries)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def observe(self, state: Offsets) -> None:
         """A fresh probe saw `state`: when it is newer than the cached state (or not comparable,
         e.g. other partitions), every entry is stale and dropped. An older probe that finishes

@@ -102,6 +102,9 @@ class QueryEngine:
         with self._lock:
             self._cache.clear()
 
+    def cached_items(self) -> int:
+        return len(self._cache)
+
     def cache_bytes(self) -> int:
         """What the cached lists hold (about): their arrays' bytes plus the overhead per item
         that `settings.cached_item_bytes` charges, for the memory report."""

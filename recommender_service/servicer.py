@@ -175,7 +175,16 @@ class RecommenderServicer:
         return found
 
     def _owns_all(self) -> bool:
-        return owns_every_partition(self.consumer)
+        """Whether to answer from the local view; also drops the list cache of the other way
+        of answering, so that the two caches, which share one memory share, are never both
+        full (an instance switches when partitions move)."""
+        local = owns_every_partition(self.consumer)
+        if local:
+            if self.fanout is not None and len(self.fanout.cache):
+                self.fanout.cache.clear()
+        elif self.engine.cached_items():
+            self.engine.clear()
+        return local
 
     async def _require_every_partition(self, context: grpc.aio.ServicerContext) -> None:
         """UNAVAILABLE (with RetryInfo) unless this instance owns every partition; only

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
+from recommender_service.fanout import Fanout, Ownership
 from recommender_service.fanout_cache import ListCache, Lists
 from recommender_service.hot_rows import HotRows
 from recommender_service.query_engine import QueryEngine, _Entry
@@ -26,12 +29,15 @@ def test_the_recommender_cache_is_sized_by_the_budget_unless_set() -> None:
     assert explicit.cache_items == 500
 
 
-def test_hot_rows_and_fanout_lists_are_charged_to_the_side_cache_share() -> None:
+def test_hot_rows_take_the_side_cache_and_fanout_lists_the_list_cache_share() -> None:
     default = from_config(settings.load(env={}))
-    assert default.hot_rows_mb == 7  # 70 % of the 10 MiB side cache at a 200 MiB budget
-    assert default.fanout_cache_items == 3 * MiB // cached_item_bytes(100) == 493
+    assert default.hot_rows_mb == 10  # the 10 MiB side cache at a 200 MiB budget
+    # The fan-out lists use the share of the instance's own lists: one of the two at a time.
+    assert default.fanout_cache_items == default.cache_items == 20 * MiB // 6_372
     bigger = from_config(settings.load(env={"VIEWEVENTS_MEMORY_BUDGET_MB": "400"}))
-    assert (bigger.hot_rows_mb, bigger.fanout_cache_items) == (14, 6 * MiB // 6_372)
+    assert (bigger.hot_rows_mb, bigger.fanout_cache_items) == (20, 40 * MiB // 6_372)
+    own = from_config(settings.load(env={"VIEWEVENTS_RECOMMENDER_CACHE_ITEMS": "500"}))
+    assert own.fanout_cache_items == 500
     explicit = from_config(
         settings.load(
             env={
@@ -64,3 +70,23 @@ def test_the_memory_report_counts_what_the_list_caches_hold() -> None:
     hot = HotRows(100)
     servicer = RecommenderServicer(engine, None, None, hot)
     assert servicer.memory_bytes() == {"lists": expected_lists, "hot_rows": hot.bytes}
+
+
+def test_an_instance_keeps_only_the_list_cache_of_the_way_it_answers() -> None:
+    """The instance's own lists and the fan-out lists share one memory share: answering from
+    the local view drops the fan-out lists, and fanning out drops the local ones."""
+    options = from_config(settings.load(env={}))
+    engine = QueryEngine(lambda: None, options)  # type: ignore[arg-type, return-value]
+    engine._cache[1] = _Entry(1, 0.0, _lists(10), Stamp(1, {0: 1}, None))
+    consumer = SimpleNamespace(owns_all=lambda: False, owners={0: "a", 1: "b"})
+    fanout = Fanout(Ownership(lambda: None, consumer), options)  # type: ignore[arg-type, return-value]
+    servicer = RecommenderServicer(engine, consumer, fanout)
+    assert not servicer._owns_all()
+    assert engine.cached_items() == 0
+    fanout.cache.observe(((0, 1), (1, 1)))
+    fanout.cache.put(((0, 1), (1, 1)), 7, Lists(_lists(10), ConsumerPosition()))
+    engine._cache[1] = _Entry(1, 0.0, _lists(10), Stamp(1, {0: 1}, None))
+    consumer.owns_all = lambda: True
+    consumer.owners = {0: "a", 1: "a"}
+    assert servicer._owns_all()
+    assert len(fanout.cache) == 0 and engine.cached_items() == 1
