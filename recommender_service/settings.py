@@ -124,8 +124,8 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         "VIEWEVENTS_RECOMMENDER_HOT_ROWS_MB",
         0,
         int,
-        "Most memory (MiB) the hot rows hold, counted per key; 0: 70 % of the memory budget's "
-        "side-cache share (7 MiB at 200 MiB).",
+        "Most memory (MiB) the hot rows hold, counted per key; 0: the memory budget's "
+        "side-cache share (10 MiB at 200 MiB).",
     ),
     Setting(
         "recommender_token",

@@ -3,8 +3,8 @@
 Everything that grows with load gets a fixed share of the budget, so that the process's
 resident memory stays under it however long the stream: RocksDB's block cache and memtables,
 the Kafka consumer's fetch buffers, the service's own in-memory cache (the recommender's
-neighbour lists, the stats service's ranking rollups), a smaller side cache (the
-recommender's hot rows and fan-out lists, which used to be bounded by entries only) and the
+neighbour lists, its own or those it fanned out for, one kind at a time; the stats service's
+ranking rollups), a smaller side cache (the recommender's hot rows) and the
 consumer's de-duplication filters (one per owned partition). The rest is left to what no setting
 bounds: the interpreter and libraries (about 70 MiB), the batch being applied, and allocator
 slack.
@@ -20,7 +20,7 @@ WRITE_BUFFER_SHARE = 0.06  # per RocksDB memtable; at most MAX_WRITE_BUFFERS exi
 MAX_WRITE_BUFFERS = 3
 FETCH_SHARE = 0.08  # what the Kafka consumer's fetching holds (`fetch_sizes`)
 SERVICE_CACHE_SHARE = 0.10  # the service's own cache (neighbour lists; stats: rollups)
-SIDE_CACHE_SHARE = 0.05  # the recommender's hot rows (70 %) and fan-out lists (30 %)
+SIDE_CACHE_SHARE = 0.05  # the recommender's hot rows
 DEDUPE_FILTER_SHARE = 0.08  # the consumer's per-partition de-duplication filters, together
 MIN_PARTITION_FETCH_BYTES = 1 * MiB  # one partition's fetch may still carry a 1 MiB batch
 
