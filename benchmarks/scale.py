@@ -303,8 +303,11 @@ async def run_group(
         out["seconds"] = seconds
         out["cpu_s"] = [i.cpu_seconds() for i in group.instances]
         if "latency" in options.parts:
-            if service == "recommender" and count == 1:  # as benchmarks.recommender does
-                await group.instances[0].wait_log(r"cache warm for version", 120)
+            if service == "recommender":  # as benchmarks.recommender does
+                # One instance warms its own lists; with two, each warms the lists it gathers
+                # from both (after the offsets stood still for 2 s).
+                warmed = r"cache warm for version" if count == 1 else r"fan-out cache warm for"
+                await group.instances[0].wait_log(warmed, 180)
             out["latency"] = await measure_latency(
                 service, group.instances[0].address, data, options
             )

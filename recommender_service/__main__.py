@@ -43,9 +43,11 @@ async def serve(config: Config) -> None:
         engine = QueryEngine(lambda: processor.view, options)
         engine.start_warmer(warmer_ready(consumer))
         ownership = Ownership(lambda: processor.view, consumer)
-        return RecommenderServicer(
+        servicer = RecommenderServicer(
             engine, consumer, Fanout(ownership, options, peers, peer_metadata), processor.hot
         )
+        servicer.start_fanout_warmer(consumer)
+        return servicer
 
     endpoint = bootstrap.Endpoint(
         name="recommender",

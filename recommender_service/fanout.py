@@ -48,6 +48,7 @@ from viewevents.v1 import view_event_pb2
 log = logging.getLogger(__name__)
 
 PARTITION_SERVICE = ppb.DESCRIPTOR.services_by_name["RecommenderPartitionService"]
+WARM_IDLE_S = 2.0  # as the single instance's warmer (query_engine.IDLE_SECONDS)
 Position = view_event_pb2.ConsumerPosition
 
 
@@ -282,6 +283,64 @@ class Fanout:
     async def similar(self, media: int, metric: Metric, limit: int) -> tuple[Ranked, Position]:
         found = await self.lists(media)
         return found.lists[metric].head(min(limit, self.settings.max_limit)), found.position
+
+    async def warm(self, state: Offsets, items: Sequence[int]) -> int:
+        """Gather and cache the lists of `items` (most watched first) for `state`, the offsets
+        a probe just saw; stops as soon as a probe sees newer ones. Returns the lists added."""
+        added = 0
+        for media in items[: self.cache.capacity]:
+            if self.cache.state != state:
+                break
+            if self.cache.holds(state, media):
+                continue
+            try:
+                await self.lists(media, state)
+            except UnknownItem:
+                continue
+            added += 1
+        return added
+
+    async def keep_warm(
+        self,
+        ready: Callable[[], bool],
+        popular: Callable[[], Sequence[int]],
+        idle_s: float = WARM_IDLE_S,
+        poll_s: float = 0.5,
+    ) -> None:
+        """While `ready` (caught up, answering by fan-out), once every owner's offsets have
+        stood still for `idle_s`, fill the cache with the lists of the `popular` items, as the
+        single instance's warmer does for its own lists: queries after a quiet spell then
+        probe and read the cache instead of two rounds per item. A new event moves an offset
+        and drops the cache anyway, so warming during a stream would be wasted."""
+        seen: Offsets | None = None
+        since = 0.0
+        warmed: Offsets | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(poll_s)
+            if self.cache.capacity <= 0 or not ready():
+                continue
+            try:
+                state = await self.probe()
+            except scatter.Incomplete:
+                continue
+            if state != seen:
+                seen, since = state, loop.time()
+                continue
+            if state == warmed or loop.time() - since < idle_s:
+                continue
+            began = loop.time()
+            try:
+                added = await self.warm(state, popular())
+            except scatter.Incomplete:
+                continue
+            warmed = state
+            log.info(
+                "fan-out cache warm for %d partitions' offsets: %d lists added in %.1f s",
+                len(state),
+                added,
+                loop.time() - began,
+            )
 
     async def _window(
         self, owners: dict[int, str], parts: list[int], user_id: int

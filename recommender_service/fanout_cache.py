@@ -71,6 +71,10 @@ class ListCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def holds(self, state: Offsets, media: int) -> bool:
+        """Whether lists of `media` for `state` are kept (not counted as a hit or a miss)."""
+        return state == self.state and media in self._entries
+
     def observe(self, state: Offsets) -> None:
         """A fresh probe saw `state`: when it is newer than the cached state (or not comparable,
         e.g. other partitions), every entry is stale and dropped. An older probe that finishes

@@ -159,10 +159,32 @@ class RecommenderServicer:
         self.hot_rows = hot_rows
         self.partitions = PartitionServicer(fanout.ownership) if fanout is not None else None
         self.max_limit = engine.settings.max_limit
+        self._fanout_warmer: asyncio.Task[None] | None = None
+
+    def start_fanout_warmer(self, consumer: Any) -> None:
+        """Keep the fan-out lists of the most watched items (by this instance's own view, a
+        proxy: it covers only its users) warm while this instance answers by fan-out; on the
+        running event loop, since warming calls the other owners."""
+        fanout = self.fanout
+        if fanout is None:
+            return
+
+        def popular() -> list[int]:
+            view = fanout.ownership.source()
+            return [int(m) for m in view.ids[view.popular_order()[: fanout.cache.capacity]]]
+
+        def ready() -> bool:
+            return bool(consumer.caught_up.is_set()) and not owns_every_partition(consumer)
+
+        self._fanout_warmer = asyncio.get_running_loop().create_task(
+            fanout.keep_warm(ready, popular), name="fanout-warmer"
+        )
 
     def close(self) -> None:
-        """Called by the bootstrap on shutdown: stops the engine's cache warmer."""
+        """Called by the bootstrap on shutdown: stops the cache warmers."""
         self.engine.stop_warmer()
+        if self._fanout_warmer is not None:
+            self._fanout_warmer.cancel()
 
     def memory_bytes(self) -> dict[str, int]:
         """The bytes of this service's own bounded caches, for the bootstrap's memory line

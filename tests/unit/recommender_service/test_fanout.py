@@ -297,3 +297,38 @@ def test_the_cache_warmer_waits_for_every_partition() -> None:
     assert not warmer_ready(shared)()
     assert not warmer_ready(replaying)()
     assert not warmer_ready(behind)()
+
+
+def test_warming_fills_the_cache_with_exact_lists_once_the_offsets_stand_still(
+    setup: Any,
+) -> None:
+    """An instance answering by fan-out warms its cache after a quiet spell; the queries that
+    follow are cache hits and equal the single instance's answers."""
+    rec, shared, stubs, truth = setup
+    fanout = Fanout(shared.ownership, shared.settings)
+    fanout._stub = lambda address: stubs[address]  # type: ignore[method-assign]
+    items = [int(m) for m in truth.items[:20]] + [10**12]  # an unknown item is skipped
+
+    async def scenario() -> None:
+        task = asyncio.create_task(fanout.keep_warm(lambda: True, lambda: items, 0.0, 0.01))
+        try:
+            for _ in range(500):
+                if len(fanout.cache) == 20:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+        assert len(fanout.cache) == 20
+        misses = fanout.cache.misses
+        for item in items[:20]:
+            got, _ = await fanout.similar(item, Metric.COSINE, 25)
+            want, _ = rec.engine.similar(item, Metric.COSINE, 25)
+            assert got.ids.tolist() == want.ids.tolist()
+            assert got.scores.tolist() == want.scores.tolist()
+        assert fanout.cache.misses == misses  # every one served from the warmed cache
+
+    asyncio.run(scenario())
+    fanout.cache.clear()
+    state = asyncio.run(fanout.probe())
+    assert asyncio.run(fanout.warm(state, items[:5])) == 5
+    assert asyncio.run(fanout.warm(state, items[:5])) == 0  # already there
