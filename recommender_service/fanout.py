@@ -322,17 +322,17 @@ class Fanout:
                 continue
             try:
                 state = await self.probe()
-            except scatter.Incomplete:
-                continue
-            if state != seen:
-                seen, since = state, loop.time()
-                continue
-            if state == warmed or loop.time() - since < idle_s:
-                continue
-            began = loop.time()
-            try:
+                if state != seen:
+                    seen, since = state, loop.time()
+                    continue
+                if state == warmed or loop.time() - since < idle_s:
+                    continue
+                began = loop.time()
                 added = await self.warm(state, popular())
             except scatter.Incomplete:
+                continue  # an owner is away or behind: queries say so; try again later
+            except Exception:  # noqa: BLE001 - warming is an optimisation; never kill the service
+                log.exception("fan-out cache warming failed")
                 continue
             warmed = state
             log.info(
