@@ -117,11 +117,11 @@ def read(
         )
     )
     others = sorted(set(view.partitions) - set(parts))
-    rest = remainder.sums(view, others) if remainder is not None and others else None
     if not others:
         items = _from_table(view, None if all_items else wanted)
         users = view.users
     else:
+        rest = remainder.sums(view, others) if remainder is not None else None
         if rest is not None:
             items = _table_minus(view, parts, view.ids if all_items else wanted, rest)
         else:
