@@ -33,7 +33,13 @@ from google.protobuf import timestamp_pb2
 
 from viewevents.kafka_fetch import BulkFetch, FetchedRecords
 from viewevents.membership import Claim, OwnershipAssignor
-from viewevents.metrics import DUPLICATES, EVENTS_APPLIED, EVENTS_CONSUMED, PARTITION_OWNER
+from viewevents.metrics import (
+    DUPLICATES,
+    EVENTS_APPLIED,
+    EVENTS_CONSUMED,
+    PARTITION_OWNER,
+    WRITE_STALL_SECONDS,
+)
 from viewevents.readiness import PROBE_TIMEOUT_S, Readiness, watch_kafka
 from viewevents.state.absence import AbsenceFilter, filter_bytes, key_hashes
 from viewevents.state.codecs import BIG_I64, BIG_U32
@@ -517,6 +523,7 @@ class ExactlyOnceConsumer:
         self._consumed = EVENTS_CONSUMED.labels(metrics_name)
         self._applied = EVENTS_APPLIED.labels(metrics_name)
         self._duplicates = DUPLICATES.labels(metrics_name)
+        self._write_stalls = WRITE_STALL_SECONDS.labels(metrics_name)
         self.catch_up = CatchUp()
         self.positions = self.catch_up.positions  # one dict: what `position()` reports
         # Mirrors `catch_up.caught_up` for code that waits on it (e.g. the recommender warmer).
@@ -881,6 +888,7 @@ class ExactlyOnceConsumer:
             self.stats.duplicates += duplicates
             self._duplicates.inc(duplicates)
         txn.commit()
+        self._write_stalls.inc(txn.stalled_s)
         fetched = sum(map(len, batches.values()))
         self.batch_limit = batch_limit(fetched, txn.bytes_written, self.batch_bytes, self.batch_max)
         # The processor publishes what it serves queries from (the recommender's view) before

@@ -58,6 +58,11 @@ EVENTS_APPLIED = Counter(
 DUPLICATES = Counter(
     "viewevents_duplicate_events_total", "Events dropped as duplicate ids.", ["service"]
 )
+WRITE_STALL_SECONDS = Counter(
+    "viewevents_rocksdb_write_stall_seconds_total",
+    "Time commits waited for RocksDB compaction to let a write through (write stalls).",
+    ["service"],
+)
 CONSUMER_LAG = Gauge(
     "viewevents_consumer_lag_records",
     "Records behind the end offsets seen at assignment.",

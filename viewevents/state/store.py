@@ -6,9 +6,11 @@ The key layout shared by every service is in `viewevents.state.keys`.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import cast
 
 from rocksdict import (
@@ -26,6 +28,12 @@ from rocksdict import (
 from viewevents.memory import MAX_WRITE_BUFFERS
 from viewevents.state.codecs import BIG_I64
 from viewevents.state.keys import offset_key, prefix_end, watermark_key
+
+log = logging.getLogger(__name__)
+
+_STALL_STATUS = "Write stall"  # RocksDB's Status::Incomplete text for a write it would delay
+_STALL_POLL_S = (0.001, 0.05)  # first and longest wait between tries during a write stall
+_STALL_LOG_S = 1.0  # a commit that waited this long on a stall is logged
 
 
 def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
@@ -70,6 +78,12 @@ class StateStore:
         self.path = path
         self.db = Rdict(path, bounded_options(cache_mb, write_buffer_mb))
         self._write_options = WriteOptions()  # WAL on, no fsync: survives kill -9 (not power loss)
+        # rocksdict holds the GIL through a write, so a write RocksDB throttles (a write stall:
+        # compaction behind the writes) would freeze the whole process for as long, the event
+        # loop with it: gRPC answers stop and Kafka heartbeats miss, and the group evicts the
+        # instance (seen on a 10M-event stream). Such a write fails at once instead, and
+        # `write` waits with the GIL released.
+        self._write_options.no_slowdown = True
         self._commit_lock = threading.Lock()
 
     def close(self) -> None:
@@ -91,11 +105,30 @@ class StateStore:
     def scan_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         return self.scan(prefix, prefix_end(prefix))
 
-    def write(self, batch: WriteBatch) -> None:
-        """Apply a write batch atomically (state and offsets land together or not at all); only
-        `Transaction.commit` calls this."""
+    def write(self, build: Callable[[], WriteBatch]) -> float:
+        """Apply the write batch `build` makes, atomically (state and offsets land together or not
+        at all); only `Transaction.commit` calls this. During a write stall it retries until
+        compaction lets the write through, sleeping (GIL released) between tries, each with a
+        new batch (a failed write consumes its batch). Returns the seconds waited on stalls."""
         with self._commit_lock:
-            self.db.write(batch, self._write_options)
+            began = time.monotonic()
+            pause = 0.0
+            while True:
+                try:
+                    self.db.write(build(), self._write_options)
+                    break
+                except Exception as error:  # rocksdict raises a bare Exception for every status
+                    if _STALL_STATUS not in str(error):
+                        raise
+                pause = min(2 * pause, _STALL_POLL_S[1]) if pause else _STALL_POLL_S[0]
+                time.sleep(pause)
+        waited = time.monotonic() - began if pause else 0.0
+        if waited >= _STALL_LOG_S:
+            log.warning(
+                "a commit waited %.1f s on a RocksDB write stall (compaction behind the writes)",
+                waited,
+            )
+        return waited
 
     def size_bytes(self) -> int:
         return int(self.db.property_int_value("rocksdb.total-sst-files-size") or 0) + int(

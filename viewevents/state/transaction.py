@@ -36,6 +36,7 @@ class Transaction:
         self._deletes = 0  # delete() calls: when 0, commit hands every pending put over in C
         self._status = TransactionStatus.OPEN
         self.bytes_written = 0  # the RocksDB write batch's size, once committed
+        self.stalled_s = 0.0  # how long the commit waited on RocksDB write stalls
 
     @property
     def status(self) -> TransactionStatus:
@@ -91,6 +92,13 @@ class Transaction:
     def commit(self) -> None:
         """Apply every pending write in one RocksDB write batch; the transaction is then closed."""
         self._check_open()
+        self.stalled_s = self._store.write(self._batch)
+        self._pending = {}
+        self._status = TransactionStatus.COMMITTED
+
+    def _batch(self) -> WriteBatch:
+        """A RocksDB write batch of every pending write (made again if a write stall refused the
+        last one)."""
         batch = WriteBatch(raw_mode=True)
         pending = self._pending
         if self._deletes:
@@ -103,8 +111,5 @@ class Transaction:
             # One put per key, called from C (map), not from a Python loop: a batch holds about
             # two keys per event.
             deque(map(batch.put, pending.keys(), pending.values()), maxlen=0)
-        written = batch.size_in_bytes()  # the write consumes the batch
-        self._store.write(batch)
-        self.bytes_written = written
-        self._pending = {}
-        self._status = TransactionStatus.COMMITTED
+        self.bytes_written = batch.size_in_bytes()  # the write consumes the batch
+        return batch

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rocksdict import Options, Rdict
 
 from viewevents.state.keys import RESERVED, check_service_kinds, prefix_end
 from viewevents.state.store import StateStore
@@ -77,3 +78,62 @@ def test_rocksdb_reports_its_memory_by_kind(store: StateStore) -> None:
     memory = store.memory_bytes()
     assert set(memory) == {"block_cache", "memtables", "memtables_all", "table_readers", "pinned"}
     assert memory["memtables"] >= 100_000  # the writes sit in the memtable until a flush
+
+
+def _stall_prone(path: Path) -> Rdict:
+    """A database that stalls writes whenever any compaction is pending (tiny memtables, a
+    1-byte soft limit on pending compaction bytes): write stalls on demand."""
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_write_buffer_size(64 * 1024)
+    options.set_max_write_buffer_number(2)
+    options.set_level_zero_file_num_compaction_trigger(2)
+    options.set_soft_pending_compaction_bytes_limit(1)
+    options.set_hard_pending_compaction_bytes_limit(1 << 40)
+    return Rdict(str(path), options)
+
+
+def test_a_commit_waits_out_a_write_stall_and_loses_nothing(tmp_path: Path) -> None:
+    """RocksDB refuses a write it would throttle (the store asks it to: a throttled write would
+    hold the GIL and freeze the event loop); the commit waits and retries with a rebuilt batch
+    (a refused write consumes its batch), and every write lands once."""
+    store = StateStore(str(tmp_path / "db"), cache_mb=8, write_buffer_mb=4)
+    store.db.close()
+    store.db = _stall_prone(tmp_path / "stalls")
+    stalled, written = 0, 0
+    try:
+        for batch in range(2_000):
+            txn = Transaction(store)
+            txn.put_many((f"{batch:05d}-{i:04d}".encode(), bytes(64)) for i in range(500))
+            txn.commit()
+            written += 500
+            stalled += txn.stalled_s > 0
+            if stalled >= 3:
+                break
+        assert stalled >= 3, "the stall-prone database never stalled a write"
+        assert sum(1 for _ in store.scan(b"", b"\xff")) == written
+    finally:
+        store.close()
+
+
+class _FailingDb:
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.calls = 0
+
+    def write(self, batch: object, options: object) -> None:
+        self.calls += 1
+        raise Exception(self.message)  # what rocksdict raises for every failed status
+
+
+def test_a_failed_write_that_is_not_a_stall_is_raised_at_once(store: StateStore) -> None:
+    real = store.db
+    store.db = _FailingDb("IO error: No space left on device")  # type: ignore[assignment]
+    txn = Transaction(store)
+    txn.put(b"k", b"v")
+    try:
+        with pytest.raises(Exception, match="No space left"):
+            txn.commit()
+        assert store.db.calls == 1  # type: ignore[attr-defined]
+    finally:
+        store.db = real
