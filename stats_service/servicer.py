@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -116,6 +117,10 @@ class StatsServicer:
         # Scans (trends, rankings) hold memory while they run: a few at a time, others queue.
         self._scans = asyncio.Semaphore(max(1, limits.max_concurrent_scans))
         self._position_kept: tuple[tuple[object, ...], Position] | None = None
+        # Rollup pages being computed, by (offsets, request): identical requests arriving
+        # meanwhile (a dashboard shown on many screens) wait for that one computation instead
+        # of queueing up copies of it behind the scans semaphore.
+        self._computing: dict[tuple[object, ...], asyncio.Task[bytes]] = {}
 
     def memory_bytes(self) -> dict[str, int]:
         """The bytes of this service's own bounded caches (ranking rollups, finished pages), for
@@ -451,8 +456,6 @@ class StatsServicer:
         self, query: TopQuery, partitions: list[int]
     ) -> pb.ListTopMediaResponse:
         """One page from the in-memory rollups (exact, see stats_service.top_media)."""
-        assert self.ranker is not None
-        ranker = self.ranker
         position = self._local_position(partitions)  # before the state: names what is read
         offsets = tuple((p.partition, p.offset) for p in position.partitions)
         request = (
@@ -466,6 +469,34 @@ class StatsServicer:
         kept = self.pages.get(offsets, request)
         if kept is not None:
             return pb.ListTopMediaResponse.FromString(kept)
+        key = (offsets, request)
+        computing = self._computing.get(key)
+        if computing is None:
+            computing = asyncio.ensure_future(
+                self._rollup_page(query, partitions, position, offsets, request)
+            )
+            self._computing[key] = computing
+            computing.add_done_callback(partial(self._computed, key))
+        # Shielded: a caller that gives up (deadline, cancel) leaves the page to the others.
+        return pb.ListTopMediaResponse.FromString(await asyncio.shield(computing))
+
+    def _computed(self, key: tuple[object, ...], task: asyncio.Task[bytes]) -> None:
+        if self._computing.get(key) is task:
+            del self._computing[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: not reported as lost when every caller gave up
+
+    async def _rollup_page(
+        self,
+        query: TopQuery,
+        partitions: list[int],
+        position: Position,
+        offsets: tuple[tuple[int, int], ...],
+        request: tuple[object, ...],
+    ) -> bytes:
+        """The page computed from the rollups, serialized, and kept for these offsets."""
+        assert self.ranker is not None
+        ranker = self.ranker
         column = request_parsing.METRIC_COLUMN[query.metric]
 
         def compute() -> tuple[list[int], np.ndarray, bool]:
@@ -504,7 +535,7 @@ class StatsServicer:
         page = pb.ListTopMediaResponse(media=media, next_page_token=token, position=position)
         serialized = page.SerializeToString()
         self.pages.put(offsets, request, serialized, len(serialized))
-        return page
+        return serialized
 
     async def _top(self, query: TopQuery, deadline: float | None) -> pb.ListTopMediaResponse:
         """One page of the ranking over every partition, or `scatter.Incomplete`."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from typing import Any
 
+import pytest
 from google.protobuf import timestamp_pb2
 
 from stats_service import request_parsing
@@ -139,6 +141,69 @@ def test_a_kept_page_is_never_served_after_a_batch_was_applied(tmp_path: Path) -
     finally:
         store.close()
     assert answers_changed > 0  # the test would see a stale page
+
+
+def test_identical_rankings_asked_at_once_are_computed_once(tmp_path: Path) -> None:
+    """Eight screens ask for the same page at the same moment: one computation answers all of
+    them exactly, and the first caller giving up does not take the page from the others."""
+    rng = random.Random(11)
+    events = random_events(rng, 2000)
+    partitioned = partition(events, PARTITIONS)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions()
+    load(store, partitioned, rng, processor=StatsProcessor(HEARTBEAT, 0, versions))
+    consumer = _Consumer()
+    consumer.positions = {p: len(evs) for p, evs in partitioned.items()}
+    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    rankings = 0
+    rank = ranker.top
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal rankings
+        rankings += 1
+        return rank(*args, **kwargs)
+
+    ranker.top = counted  # type: ignore[method-assign]
+    servicer = StatsServicer(
+        StatsReader(store),
+        consumer,
+        request_parsing.Limits(),
+        ranker=ranker,
+        pages=PageCache(1 << 20),
+    )
+    low = min(e.seconds for e in events) // 60 * 60
+    request = pb.ListTopMediaRequest(
+        start_time=timestamp_pb2.Timestamp(seconds=low + 1800),
+        end_time=timestamp_pb2.Timestamp(seconds=low + 1800 + 86_400),
+        metric=pb.TOP_MEDIA_METRIC_VIEW_TIME,
+        limit=5,
+    )
+    query, _ = request_parsing.parse_top(request, request_parsing.Limits())
+    assert query is not None
+
+    async def screens() -> list[pb.ListTopMediaResponse]:
+        asked = [
+            asyncio.ensure_future(servicer._top_from_rollups(query, list(range(PARTITIONS))))
+            for _ in range(8)
+        ]
+        await asyncio.sleep(0)  # every caller has asked
+        asked[0].cancel()  # the first one gives up (its deadline)
+        pages = await asyncio.gather(*asked[1:])
+        with pytest.raises(asyncio.CancelledError):
+            await asked[0]
+        return pages
+
+    try:
+        pages = asyncio.run(screens())
+    finally:
+        store.close()
+    assert rankings == 1
+    expected = _expected(Brute(partitioned, 0), query.start, query.end, query.metric, 5)
+    assert expected
+    for page in pages:
+        got = [(m.media_id, m.view_time_seconds, m.starts, m.unique_viewers) for m in page.media]
+        assert got == expected
+    assert servicer._computing == {}
 
 
 def test_pages_take_a_sixteenth_of_the_rollup_cache_by_default_and_never_over_half() -> None:
