@@ -390,6 +390,10 @@ class CatchUp:
     a rebalance and this instance owned it without a break (its Kafka group generations are
     consecutive, so no other member can have read it meanwhile): such a kept partition keeps
     answering through a rebalance during a large upload instead of waiting out its backlog.
+    An instance the group dropped and took back (missed heartbeats: generations not
+    consecutive) keeps a partition it was caught up on the same way when the group's committed
+    offset for it is not past this store's: no member moved it on meanwhile (members commit
+    every 2 s), so the store is as fresh as when it last answered for it.
     Caught up overall means at least one partition owned and every owned one caught up.
     """
 
@@ -402,38 +406,58 @@ class CatchUp:
         self.settled: frozenset[int] = frozenset()
         # At a revocation: the group generation it ended and the partitions caught up then.
         self._held: tuple[int, frozenset[int]] | None = None
+        self._assigned_in: int | None = None  # the group generation of the latest assignment
 
     def revoke(self, partitions: Iterable[int], group_generation: int | None = None) -> None:
         """Partitions taken away at the end of Kafka group generation `group_generation`
-        (None when unknown: nothing is carried over to the next assignment)."""
+        (None or -1 when unknown or reset: the generation of the latest assignment stands)."""
         caught_up_before = self.caught_up_partitions()
         gone = set(partitions)
         self.assigned = self.assigned - gone
         for partition in gone:
             self.positions.pop(partition, None)
-        if group_generation is not None and group_generation > 0:
-            self._held = (group_generation, caught_up_before)
-        else:
-            self._held = None
+        # aiokafka resets its generation before this call when the group dropped the member
+        # (missed heartbeats): the generation of the assignment being revoked stands then.
+        ended = group_generation if group_generation is not None and group_generation > 0 else None
+        ended = ended or self._assigned_in
+        self._held = (ended, caught_up_before) if ended else None
         self.settled = frozenset()
         self._restart()
+
+    def taken_back(self, partitions: Iterable[int], group_generation: int | None) -> list[int]:
+        """Of a new assignment, the partitions this instance was caught up on before a break in
+        its group generations: `assign` keeps those whose group offset it is given and finds
+        not past the store's."""
+        if self._held is None or group_generation is None or group_generation == self._held[0] + 1:
+            return []
+        return sorted(self._held[1] & set(partitions))
 
     def assign(
         self,
         partitions: Iterable[int],
         stored: Mapping[int, int],
         group_generation: int | None = None,
+        committed: Mapping[int, int | None] | None = None,
     ) -> None:
-        """The group's new assignment (all owned partitions), their offsets in the store, and
-        the Kafka group generation it belongs to (None when unknown)."""
+        """The group's new assignment (all owned partitions), their offsets in the store, the
+        Kafka group generation it belongs to (None when unknown), and the group's committed
+        offsets of the partitions `taken_back` named (None: no commit yet; a partition missing
+        here is not kept)."""
         self.assigned = frozenset(partitions)
         kept = {p: o for p, o in self.positions.items() if p in self.assigned}
         self.positions.clear()
         self.positions.update(kept)
         self.positions.update({p: o for p, o in stored.items() if p in self.assigned})
         held, self._held = self._held, None
+        self._assigned_in = group_generation if group_generation and group_generation > 0 else None
         if held is not None and group_generation is not None and group_generation == held[0] + 1:
             self.settled = held[1] & self.assigned
+        elif held is not None and committed:
+            self.settled = frozenset(
+                p
+                for p in held[1] & self.assigned
+                if p in stored and p in committed and (committed[p] or 0) <= stored[p]
+            )
         else:
             self.settled = frozenset()
         self._restart()
@@ -807,6 +831,19 @@ class ExactlyOnceConsumer:
                     continue
             raise
 
+    async def _group_offsets(self, partitions: Sequence[int]) -> dict[int, int | None]:
+        """The group's committed offsets of `partitions` (None: never committed); empty when
+        Kafka does not tell in time (then none of them is kept through the rebalance)."""
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        try:
+            found = await asyncio.wait_for(
+                asyncio.gather(*(self._kafka.committed(tp) for tp in tps)), KAFKA_CALL_TIMEOUT_S
+            )
+        except Exception as error:  # noqa: BLE001 - the strict path (catch up first) is safe
+            log.info("group offsets not read after the group took this instance back: %r", error)
+            return {}
+        return dict(zip(partitions, found, strict=True))
+
     async def _commit_group_offsets(self, timeout: float = KAFKA_CALL_TIMEOUT_S) -> None:
         offsets = {TopicPartition(self.topic, p): o for p, o in self.positions.items()}
         if not offsets:
@@ -974,9 +1011,19 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         owner = self.owner
         async with owner._apply_lock:
             stored = await owner._seek_to_stored(list(assigned))
-            owner.catch_up.assign(
-                (tp.partition for tp in assigned), stored, owner._group_generation()
-            )
+            generation = owner._group_generation()
+            taken_back = owner.catch_up.taken_back((tp.partition for tp in assigned), generation)
+            committed = await owner._group_offsets(taken_back) if taken_back else None
+            owner.catch_up.assign((tp.partition for tp in assigned), stored, generation, committed)
+            if taken_back:
+                log.info(
+                    "the group took this instance back after a break; of partitions %s it was "
+                    "caught up on, %s answer on at once (group offsets %s, stored %s)",
+                    taken_back,
+                    sorted(owner.catch_up.settled),
+                    committed,
+                    {p: stored.get(p) for p in taken_back},
+                )
             owner.seen.retain(tp.partition for tp in assigned)
             owner._publish()
         log.info(

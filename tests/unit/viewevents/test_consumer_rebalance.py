@@ -20,7 +20,7 @@ import pytest
 from aiokafka.structs import TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from viewevents.consumer import ExactlyOnceConsumer, _SeekToStoredOffsets
+from viewevents.consumer import CatchUp, ExactlyOnceConsumer, _SeekToStoredOffsets
 from viewevents.kafka_fetch import FetchedRecords
 from viewevents.state.store import StateStore
 from viewevents.state.transaction import Transaction
@@ -47,6 +47,7 @@ class FakeKafka:
     def __init__(self, log: dict[int, int]) -> None:
         self.log = log  # partition -> records in it (offsets 0 .. n - 1)
         self.position_of: dict[int, int] = {}
+        self.group: dict[int, int] = {}  # the group's committed offsets (any member's commits)
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.position_of[tp.partition] = offset
@@ -64,7 +65,10 @@ class FakeKafka:
         return self.position_of[tp.partition]
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        pass
+        self.group.update((tp.partition, offset) for tp, offset in offsets.items())
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return self.group.get(tp.partition)
 
     def drain(self, partitions: Sequence[int]) -> dict[TopicPartition, FetchedRecords]:
         """Every record after the positions of `partitions`; the positions move past them."""
@@ -189,7 +193,10 @@ def test_the_listener_keeps_partitions_owned_through_consecutive_generations(
     tmp_path: Path,
 ) -> None:
     """The rebalance listener passes aiokafka's group generation to the bookkeeping: kept
-    partitions stay caught up, a partition new to this instance waits for its backlog."""
+    partitions stay caught up, a partition new to this instance waits for its backlog. After a
+    break in the generations (the group dropped this instance and took it back), a partition it
+    was caught up on stays caught up only while the group's committed offset is not past the
+    store's: no other member moved it on meanwhile."""
     store = StateStore(str(tmp_path / "db"))
     consumer = ExactlyOnceConsumer(
         bootstrap="127.0.0.1:1", topic=TOPIC, group_id="g", store=store, processor=Checked(store)
@@ -211,17 +218,46 @@ def test_the_listener_keeps_partitions_owned_through_consecutive_generations(
         kafka._coordinator.generation = 3  # type: ignore[attr-defined]
         await listener.on_partitions_assigned(tps[:2])
         consumer.apply_fetched({tps[p]: kafka.records(p, 0, 10) for p in (0, 1)})
+        await consumer._commit_group_offsets()
         await consumer._check_caught_up_once()
         seen.append(consumer.catch_up.caught_up_partitions())
         kafka.log = {0: 500, 1: 500, 2: 500}  # an upload's backlog arrives
         await rebalance(4, revoked=[0, 1], assigned=[1, 2])  # consecutive: 1 is kept
         seen.append(consumer.catch_up.caught_up_partitions())
-        await rebalance(9, revoked=[1, 2], assigned=[1, 2])  # a break: start over
+        await rebalance(9, revoked=[1, 2], assigned=[1, 2])  # dropped, taken back, not moved on
+        seen.append(consumer.catch_up.caught_up_partitions())
+        kafka.group[1] = 300  # another member applied partition 1 up to 300 meanwhile
+        await rebalance(15, revoked=[1, 2], assigned=[1, 2])  # a break: start over
         seen.append(consumer.catch_up.caught_up_partitions())
         return seen
 
     try:
-        assert asyncio.run(scenario()) == [frozenset({0, 1}), frozenset({1}), frozenset()]
+        assert asyncio.run(scenario()) == [
+            frozenset({0, 1}),
+            frozenset({1}),
+            frozenset({1}),
+            frozenset(),
+        ]
         assert not consumer.readiness.ready
     finally:
         store.close()
+
+
+def test_a_partition_taken_back_is_kept_only_when_the_group_offsets_say_so() -> None:
+    catch_up = CatchUp()
+    catch_up.assign([0, 1, 2], {0: 10, 1: 10, 2: 10}, group_generation=3)
+    assert catch_up.set_targets(catch_up.generation, {0: 10, 1: 10, 2: 10})
+    assert catch_up.caught_up_partitions() == {0, 1, 2}
+    for committed, kept in [
+        ({}, set()),  # Kafka did not tell in time: the strict path
+        (None, set()),
+        ({0: None, 1: 10, 2: 11}, {0, 1}),  # 0 never committed; 2 moved on by another member
+    ]:
+        # aiokafka resets its generation (-1) before revoking when the group dropped it.
+        catch_up.revoke([0, 1, 2], group_generation=-1)
+        assert catch_up.taken_back([0, 1, 2, 3], group_generation=5) == [0, 1, 2]
+        assert catch_up.taken_back([0, 1], group_generation=4) == []  # consecutive: no need
+        catch_up.assign([0, 1, 2, 3], {0: 10, 1: 10, 2: 10}, 5, committed)
+        assert catch_up.caught_up_partitions() == kept
+        catch_up.assign([0, 1, 2], {0: 10, 1: 10, 2: 10}, 3)  # caught up again for the next
+        assert catch_up.set_targets(catch_up.generation, {0: 10, 1: 10, 2: 10})
