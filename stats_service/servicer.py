@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -86,6 +87,14 @@ def media_stats(media_id: int, totals: Totals) -> pb.MediaStats:
     )
 
 
+@dataclass
+class _Flight:
+    """A rollup page being computed, and how many callers wait for it."""
+
+    task: asyncio.Task[bytes]
+    waiting: int = 0
+
+
 class StatsServicer:
     """Implements viewevents.v1.StatsService over a StatsReader and the partition owners."""
 
@@ -117,10 +126,10 @@ class StatsServicer:
         # Scans (trends, rankings) hold memory while they run: a few at a time, others queue.
         self._scans = asyncio.Semaphore(max(1, limits.max_concurrent_scans))
         self._position_kept: tuple[tuple[object, ...], Position] | None = None
-        # Rollup pages being computed, by (offsets, request): identical requests arriving
-        # meanwhile (a dashboard shown on many screens) wait for that one computation instead
-        # of queueing up copies of it behind the scans semaphore.
-        self._computing: dict[tuple[object, ...], asyncio.Task[bytes]] = {}
+        # Rollup pages being computed, by (offsets, request), with how many callers wait for
+        # each: identical requests arriving meanwhile (a dashboard shown on many screens) wait
+        # for that one computation instead of queueing up copies of it behind the scans limit.
+        self._computing: dict[tuple[object, ...], _Flight] = {}
 
     def memory_bytes(self) -> dict[str, int]:
         """The bytes of this service's own bounded caches (ranking rollups, finished pages), for
@@ -470,18 +479,27 @@ class StatsServicer:
         if kept is not None:
             return pb.ListTopMediaResponse.FromString(kept)
         key = (offsets, request)
-        computing = self._computing.get(key)
-        if computing is None:
-            computing = asyncio.ensure_future(
+        flight = self._computing.get(key)
+        if flight is None:
+            task = asyncio.ensure_future(
                 self._rollup_page(query, partitions, position, offsets, request)
             )
-            self._computing[key] = computing
-            computing.add_done_callback(partial(self._computed, key))
-        # Shielded: a caller that gives up (deadline, cancel) leaves the page to the others.
-        return pb.ListTopMediaResponse.FromString(await asyncio.shield(computing))
+            flight = self._computing[key] = _Flight(task)
+            task.add_done_callback(partial(self._computed, key))
+        flight.waiting += 1
+        try:
+            # Shielded: a caller that gives up (deadline, cancel) leaves the page to the others.
+            return pb.ListTopMediaResponse.FromString(await asyncio.shield(flight.task))
+        finally:
+            flight.waiting -= 1
+            if not flight.waiting and not flight.task.done():
+                flight.task.cancel()  # nobody waits for it any more: no dead work queued
+                if self._computing.get(key) is flight:
+                    del self._computing[key]  # a later caller starts afresh
 
     def _computed(self, key: tuple[object, ...], task: asyncio.Task[bytes]) -> None:
-        if self._computing.get(key) is task:
+        flight = self._computing.get(key)
+        if flight is not None and flight.task is task:
             del self._computing[key]
         if not task.cancelled():
             task.exception()  # retrieved: not reported as lost when every caller gave up

@@ -391,9 +391,11 @@ class CatchUp:
     consecutive, so no other member can have read it meanwhile): such a kept partition keeps
     answering through a rebalance during a large upload instead of waiting out its backlog.
     An instance the group dropped and took back (missed heartbeats: generations not
-    consecutive) keeps a partition it was caught up on the same way when the group's committed
-    offset for it is not past this store's: no member moved it on meanwhile (members commit
-    every 2 s), so the store is as fresh as when it last answered for it.
+    consecutive) keeps a partition it was caught up on the same way when no other member moved
+    it on meanwhile: no store of the members that joined the new generation is further along in
+    it (their claims, which they send after their partitions were revoked) and the group's
+    committed offset is not past this store's (what members that left had committed; they
+    commit every 2 s and at each revocation). So its store is as fresh as when it last answered.
     Caught up overall means at least one partition owned and every owned one caught up.
     """
 
@@ -438,11 +440,12 @@ class CatchUp:
         stored: Mapping[int, int],
         group_generation: int | None = None,
         committed: Mapping[int, int | None] | None = None,
+        furthest: Mapping[int, int] | None = None,
     ) -> None:
         """The group's new assignment (all owned partitions), their offsets in the store, the
-        Kafka group generation it belongs to (None when unknown), and the group's committed
-        offsets of the partitions `taken_back` named (None: no commit yet; a partition missing
-        here is not kept)."""
+        Kafka group generation it belongs to (None when unknown), and for the partitions
+        `taken_back` named: the group's committed offsets (a partition missing, or None: never
+        committed, is not kept) and the furthest any joining member's store is in each."""
         self.assigned = frozenset(partitions)
         kept = {p: o for p, o in self.positions.items() if p in self.assigned}
         self.positions.clear()
@@ -453,10 +456,14 @@ class CatchUp:
         if held is not None and group_generation is not None and group_generation == held[0] + 1:
             self.settled = held[1] & self.assigned
         elif held is not None and committed:
+            ahead = furthest or {}
             self.settled = frozenset(
                 p
                 for p in held[1] & self.assigned
-                if p in stored and p in committed and (committed[p] or 0) <= stored[p]
+                if p in stored
+                and (done := committed.get(p)) is not None
+                and done <= stored[p]
+                and ahead.get(p, -1) <= stored[p]
             )
         else:
             self.settled = frozenset()
@@ -557,6 +564,7 @@ class ExactlyOnceConsumer:
         self.readiness = Readiness()
         self._stop = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
+        self._assignor = OwnershipAssignor(self._claim, self._owners_changed)
         self._consumer_options = dict(
             bootstrap_servers=bootstrap,
             group_id=group_id,
@@ -571,7 +579,7 @@ class ExactlyOnceConsumer:
             heartbeat_interval_ms=max(1, session_timeout_ms // 3),
             max_poll_interval_ms=300_000,
             # Claims (address, stored offsets) in, a state-aware plan and the owners map out.
-            partition_assignment_strategy=(OwnershipAssignor(self._claim, self._owners_changed),),
+            partition_assignment_strategy=(self._assignor,),
         )
         self._consumer: AIOKafkaConsumer | None = None  # made in start(), inside the event loop
         self._fetch: BulkFetch | None = None  # reads self._consumer's fetched batches in bulk
@@ -646,7 +654,7 @@ class ExactlyOnceConsumer:
 
     def _group_generation(self) -> int | None:
         """The Kafka group generation the consumer is in (aiokafka's coordinator), or None when
-        it cannot be read: then no partition counts as kept across a rebalance."""
+        it cannot be read (at a revocation the latest assignment's generation then stands)."""
         generation = getattr(getattr(self._consumer, "_coordinator", None), "generation", None)
         return generation if isinstance(generation, int) else None
 
@@ -837,12 +845,17 @@ class ExactlyOnceConsumer:
         tps = [TopicPartition(self.topic, p) for p in partitions]
         try:
             found = await asyncio.wait_for(
-                asyncio.gather(*(self._kafka.committed(tp) for tp in tps)), KAFKA_CALL_TIMEOUT_S
+                asyncio.gather(*(self._kafka.committed(tp) for tp in tps), return_exceptions=True),
+                KAFKA_CALL_TIMEOUT_S,
             )
-        except Exception as error:  # noqa: BLE001 - the strict path (catch up first) is safe
-            log.info("group offsets not read after the group took this instance back: %r", error)
-            return {}
-        return dict(zip(partitions, found, strict=True))
+        except TimeoutError:
+            found = []
+        offsets = {
+            p: o for p, o in zip(partitions, found) if o is None or isinstance(o, int)
+        }  # a partition Kafka did not tell about is not kept (the strict path: catch up first)
+        if len(offsets) < len(partitions):
+            log.info("group offsets of partitions %s not read in time", partitions)
+        return offsets
 
     async def _commit_group_offsets(self, timeout: float = KAFKA_CALL_TIMEOUT_S) -> None:
         offsets = {TopicPartition(self.topic, p): o for p, o in self.positions.items()}
@@ -1002,6 +1015,9 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         owner = self.owner
         async with owner._apply_lock:  # no batch is half-applied while partitions move
+            # What this member applied, for whoever is taken back into the group next
+            # (CatchUp.assign); refused when the group already dropped this member.
+            await owner._commit_group_offsets(timeout=1.0)
             owner.catch_up.revoke((tp.partition for tp in revoked), owner._group_generation())
             owner._publish()  # not caught up (and NOT_SERVING) until the new assignment is
         if revoked:
@@ -1014,15 +1030,20 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
             generation = owner._group_generation()
             taken_back = owner.catch_up.taken_back((tp.partition for tp in assigned), generation)
             committed = await owner._group_offsets(taken_back) if taken_back else None
-            owner.catch_up.assign((tp.partition for tp in assigned), stored, generation, committed)
+            furthest = owner._assignor.furthest
+            owner.catch_up.assign(
+                (tp.partition for tp in assigned), stored, generation, committed, furthest
+            )
             if taken_back:
                 log.info(
                     "the group took this instance back after a break; of partitions %s it was "
-                    "caught up on, %s answer on at once (group offsets %s, stored %s)",
+                    "caught up on, %s answer on at once (group offsets %s, stored %s, the "
+                    "furthest any member's store is %s)",
                     taken_back,
                     sorted(owner.catch_up.settled),
                     committed,
                     {p: stored.get(p) for p in taken_back},
+                    {p: furthest.get(p) for p in taken_back},
                 )
             owner.seen.retain(tp.partition for tp in assigned)
             owner._publish()

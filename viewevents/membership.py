@@ -90,15 +90,42 @@ def owners_of(plan: Mapping[str, list[int]], claims: Mapping[str, Claim]) -> dic
     return {p: claims[m].address for m, ps in plan.items() for p in ps}
 
 
-def encode_owners(owners: Mapping[int, str], generation_hint: int = 0) -> bytes:
+def furthest_stored(partitions: Iterable[int], claims: Mapping[str, Claim]) -> dict[int, int]:
+    """partition -> the most any member's store holds of it (members that hold none: left out).
+    A member taken back after a break in its group generations keeps answering for a partition
+    only when no member's store is further along in it (`viewevents.consumer.CatchUp`)."""
+    out: dict[int, int] = {}
+    for partition in partitions:
+        held = [
+            c.stored_offsets[partition] for c in claims.values() if partition in c.stored_offsets
+        ]
+        if held:
+            out[partition] = max(held)
+    return out
+
+
+def encode_owners(
+    owners: Mapping[int, str], furthest: Mapping[int, int] | None = None, generation_hint: int = 0
+) -> bytes:
     return json.dumps(
-        {"owners": {str(p): a for p, a in owners.items()}, "hint": generation_hint}
+        {
+            "owners": {str(p): a for p, a in owners.items()},
+            "furthest": {str(p): o for p, o in (furthest or {}).items()},
+            "hint": generation_hint,
+        }
     ).encode()
 
 
 def decode_owners(data: bytes) -> dict[int, str]:
     try:
         return {int(p): str(a) for p, a in json.loads(data or b"{}").get("owners", {}).items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def decode_furthest(data: bytes) -> dict[int, int]:
+    try:
+        return {int(p): int(o) for p, o in json.loads(data or b"{}").get("furthest", {}).items()}
     except (ValueError, TypeError, AttributeError):
         return {}
 
@@ -116,6 +143,8 @@ class OwnershipAssignor(AbstractPartitionAssignor):
         self._claim = claim
         self._on_owners = on_owners
         self.owners: dict[int, str] = {}
+        # partition -> the furthest any member's store was at the latest assignment's joins.
+        self.furthest: dict[int, int] = {}
 
     @property
     def name(self) -> str:
@@ -137,21 +166,25 @@ class OwnershipAssignor(AbstractPartitionAssignor):
         topics = sorted({t for meta in members.values() for t in meta.subscription})
         per_topic: dict[str, dict[str, list[int]]] = {}
         owners: dict[str, dict[int, str]] = {}
+        furthest: dict[str, dict[int, int]] = {}
         for topic in topics:
             subscribed = {m: c for m, c in claims.items() if topic in members[m].subscription}
             partitions = cluster.partitions_for_topic(topic) or set()
             per_topic[topic] = plan_assignment(partitions, subscribed)
             owners[topic] = owners_of(per_topic[topic], subscribed)
+            furthest[topic] = furthest_stored(partitions, subscribed)
         assignment: dict[str, ConsumerProtocolMemberAssignment] = {}
         for member, meta in members.items():
             mine = sorted(set(meta.subscription))
             heard: dict[int, str] = {}
+            ahead: dict[int, int] = {}
             for topic in mine:
                 heard.update(owners[topic])
+                ahead.update(furthest[topic])
             assignment[member] = ConsumerProtocolMemberAssignment(
                 ASSIGNOR_VERSION,
                 [(t, per_topic[t][member]) for t in mine if per_topic[t][member]],
-                encode_owners(heard),
+                encode_owners(heard, ahead),
             )
         log.info(
             "assigned partitions: %s",
@@ -164,6 +197,7 @@ class OwnershipAssignor(AbstractPartitionAssignor):
 
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
         self.owners = decode_owners(assignment.user_data)
+        self.furthest = decode_furthest(assignment.user_data)
         self._on_owners(dict(self.owners))
 
 

@@ -87,41 +87,44 @@ def test_an_instance_taken_back_answers_while_it_works_through_the_backlog(
         topic_partitions=2,
     )
     stats = ServiceProcess("stats_service", config, config.stats_address, tmp_path / "s.log")
-    stats.start().wait_serving()
-    _produce(kafka_bootstrap, config.view_topic, _events(0, 20_000))
-    first = end_offsets(kafka_bootstrap, config.view_topic)
-
-    def applied() -> dict[int, int] | None:
-        try:
-            reply = _answer(stats.address)
-        except grpc.RpcError:
-            return None  # not applied yet (NOT_FOUND) or not answering
-        return {p.partition: p.offset for p in reply.position.partitions}
-
-    wait_for(lambda: applied() == first, 60, message="the first events applied")
-    assert stats.process is not None
-    stats.process.send_signal(signal.SIGSTOP)
     try:
-        # The backlog arrives while the instance stands still, and the group drops it.
-        _produce(kafka_bootstrap, config.view_topic, _events(20_000, 300_000))
+        stats.start().wait_serving()
+        _produce(kafka_bootstrap, config.view_topic, _events(0, 20_000))
+        first = end_offsets(kafka_bootstrap, config.view_topic)
+
+        def applied() -> dict[int, int] | None:
+            try:
+                reply = _answer(stats.address)
+            except grpc.RpcError:
+                return None  # not applied yet (NOT_FOUND) or not answering
+            return {p.partition: p.offset for p in reply.position.partitions}
+
+        wait_for(lambda: applied() == first, 60, message="the first events applied")
+        assert stats.process is not None
+        stats.process.send_signal(signal.SIGSTOP)
+        try:
+            # The backlog arrives while the instance stands still, and the group drops it.
+            _produce(kafka_bootstrap, config.view_topic, _events(20_000, 300_000))
+            wait_for(
+                lambda: _group_state(kafka_bootstrap, config.stats_group) == "Empty",
+                60,
+                message="the group dropped the stopped instance",
+            )
+        finally:
+            stats.process.send_signal(signal.SIGCONT)
+        ends = end_offsets(kafka_bootstrap, config.view_topic)
         wait_for(
-            lambda: _group_state(kafka_bootstrap, config.stats_group) == "Empty",
+            lambda: "took this instance back" in stats.log_path.read_text(errors="replace"),
             60,
-            message="the group dropped the stopped instance",
+            message=lambda: f"the group took the instance back: {stats.tail()}",
         )
+        reply = _answer(stats.address)  # answered, not UNAVAILABLE until caught up
+        offsets = {p.partition: p.offset for p in reply.position.partitions}
+        assert set(offsets) == set(first) and reply.position.caught_up
+        assert all(offsets[p] >= first[p] for p in first)
+        assert sum(offsets.values()) < sum(ends.values()), "the backlog was gone before the query"
+        # Exact for its position: every event below it, each waypoint 30 s (one user per 5,000).
+        assert reply.stats.view_time_seconds == 30 * sum(offsets.values())
+        wait_for(lambda: applied() == ends, 120, message="the backlog applied")
     finally:
-        stats.process.send_signal(signal.SIGCONT)
-    ends = end_offsets(kafka_bootstrap, config.view_topic)
-    wait_for(
-        lambda: "took this instance back" in stats.log_path.read_text(errors="replace"),
-        60,
-        message=lambda: f"the group took the instance back: {stats.tail()}",
-    )
-    reply = _answer(stats.address)  # answered, not UNAVAILABLE until caught up
-    offsets = {p.partition: p.offset for p in reply.position.partitions}
-    assert set(offsets) == set(first) and reply.position.caught_up
-    assert all(offsets[p] >= first[p] for p in first)
-    assert sum(offsets.values()) < sum(ends.values()), "the backlog was gone before the query"
-    # Exact for its position: every event below it, each waypoint 30 s (one user per 5,000).
-    assert reply.stats.view_time_seconds == 30 * sum(offsets.values())
-    wait_for(lambda: applied() == ends, 120, message="the backlog applied")
+        stats.stop()

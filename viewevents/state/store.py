@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 _STALL_STATUS = "Write stall"  # RocksDB's Status::Incomplete text for a write it would delay
 _STALL_POLL_S = (0.001, 0.05)  # first and longest wait between tries during a write stall
 _STALL_LOG_S = 1.0  # a commit that waited this long on a stall is logged
+_STALL_RETRY_S = 1.0  # longest wait between two tries while RocksDB still says it throttles
+_STALL_NAG_S = 30.0  # a stall still going on is logged again this often
 
 
 def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
@@ -112,7 +114,7 @@ class StateStore:
         new batch (a failed write consumes its batch). Returns the seconds waited on stalls."""
         with self._commit_lock:
             began = time.monotonic()
-            pause = 0.0
+            stalled = False
             while True:
                 try:
                     self.db.write(build(), self._write_options)
@@ -120,15 +122,36 @@ class StateStore:
                 except Exception as error:  # rocksdict raises a bare Exception for every status
                     if _STALL_STATUS not in str(error):
                         raise
-                pause = min(2 * pause, _STALL_POLL_S[1]) if pause else _STALL_POLL_S[0]
-                time.sleep(pause)
-        waited = time.monotonic() - began if pause else 0.0
+                stalled = True
+                self._wait_out_stall(began)
+        waited = time.monotonic() - began if stalled else 0.0
         if waited >= _STALL_LOG_S:
             log.warning(
                 "a commit waited %.1f s on a RocksDB write stall (compaction behind the writes)",
                 waited,
             )
         return waited
+
+    def _wait_out_stall(self, began: float) -> None:
+        """Sleep (GIL released) until RocksDB neither stops nor delays writes, or for at most
+        _STALL_RETRY_S: rebuilding the batch for a write bound to be refused would hold the GIL
+        for nothing. Says so every _STALL_NAG_S while a stall lasts."""
+        pause, tried = _STALL_POLL_S[0], time.monotonic()
+        while True:
+            time.sleep(pause)
+            now = time.monotonic()
+            if (now - began) // _STALL_NAG_S > (now - pause - began) // _STALL_NAG_S:
+                log.warning("a commit has waited %.0f s on a RocksDB write stall", now - began)
+            if not self._throttled() or now - tried >= _STALL_RETRY_S:
+                return
+            pause = min(2 * pause, _STALL_POLL_S[1])
+
+    def _throttled(self) -> bool:
+        """Whether RocksDB stops or delays writes now (two cheap properties)."""
+        return bool(
+            self.db.property_int_value("rocksdb.is-write-stopped")
+            or self.db.property_int_value("rocksdb.actual-delayed-write-rate")
+        )
 
     def size_bytes(self) -> int:
         return int(self.db.property_int_value("rocksdb.total-sst-files-size") or 0) + int(

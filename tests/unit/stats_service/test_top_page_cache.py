@@ -193,11 +193,33 @@ def test_identical_rankings_asked_at_once_are_computed_once(tmp_path: Path) -> N
             await asked[0]
         return pages
 
+    async def everyone_gives_up() -> pb.ListTopMediaResponse:
+        """While the scans are all busy, every caller gives up: the queued computation is
+        cancelled (no dead work left behind), and the next caller computes afresh."""
+        limit = request_parsing.Limits().max_concurrent_scans
+        for _ in range(limit):
+            await servicer._scans.acquire()
+        asked = [
+            asyncio.ensure_future(servicer._top_from_rollups(query, list(range(PARTITIONS))))
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0)
+        for caller in asked:
+            caller.cancel()
+        await asyncio.gather(*asked, return_exceptions=True)
+        assert servicer._computing == {}
+        for _ in range(limit):
+            servicer._scans.release()
+        return await servicer._top_from_rollups(query, list(range(PARTITIONS)))
+
     try:
         pages = asyncio.run(screens())
+        assert rankings == 1
+        servicer.pages = PageCache(0)  # nothing kept: the last call below must compute
+        pages.append(asyncio.run(everyone_gives_up()))
     finally:
         store.close()
-    assert rankings == 1
+    assert rankings == 2  # the cancelled computation never ranked
     expected = _expected(Brute(partitioned, 0), query.start, query.end, query.metric, 5)
     assert expected
     for page in pages:

@@ -11,6 +11,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 from viewevents.membership import (
     Claim,
     OwnershipAssignor,
+    decode_furthest,
     decode_owners,
     encode_owners,
     owners_of,
@@ -139,3 +140,23 @@ def test_a_member_gets_only_partitions_of_the_topics_it_subscribed_to() -> None:
     }
     assert heard["x"] == heard["z"] == {0: "x:9", 1: "x:9", 2: "z:9", 3: "z:9"}
     assert heard["y"] == {0: "y:9", 1: "y:9"}
+
+
+def test_every_member_hears_how_far_the_furthest_store_is_in_each_partition() -> None:
+    """What a member taken back into the group checks before answering on at once: no other
+    member's store is further along in the partition (viewevents.consumer.CatchUp)."""
+    stores = {"x": {0: 50, 1: 7}, "y": {1: 90}}
+
+    def assignor(name: str) -> OwnershipAssignor:
+        return OwnershipAssignor(lambda: Claim(f"{name}:9", stores[name]), lambda _: None)
+
+    assignors = {name: assignor(name) for name in stores}
+    members = {
+        name: ConsumerProtocolMemberMetadata.decode(assignors[name].metadata(["views"]).encode())
+        for name in assignors
+    }
+    result = assignors["y"].assign(_Cluster({"views": {0, 1, 2}}), members)
+    for name, assignment in result.items():
+        assignors[name].on_assignment(assignment)
+        assert assignors[name].furthest == {0: 50, 1: 90}  # no store holds partition 2
+    assert decode_furthest(b"not json") == {} and decode_furthest(encode_owners({})) == {}
