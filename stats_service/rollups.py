@@ -437,6 +437,12 @@ REFRESH_SHARE = 4  # changed keys up to a quarter of an entry's rows: refresh, e
 class RollupCache:
     """Least-recently-used rollups under a byte budget, each filed under its bucket version.
 
+    Scan-resistant: an entry used since the latest ranking began (`new_round`) is never evicted
+    to make room for another; a rollup that finds no other room is used once and not kept. A
+    ranking whose rollups outgrow the budget then keeps hitting the part that fits, where plain
+    least-recently-used evicted each entry before its next use (every one reloaded, every call:
+    the soak's rankings after the cache filled).
+
     A cached entry whose version is behind is brought up to date by `refresh` when the bucket's
     change log still covers it and names few keys (re-reading those keys only), else reloaded.
     Entries are never changed in place: a refresh builds a new one (copy on write), so a query
@@ -447,8 +453,12 @@ class RollupCache:
         self.budget = max(0, budget_bytes)
         self.media = MediaSlots()
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, int, int, int], tuple[int, Entry]] = OrderedDict()
+        # key -> (version, entry, the round it was last used in), least recently used first
+        self._entries: OrderedDict[tuple[str, int, int, int], tuple[int, Entry, int]] = (
+            OrderedDict()
+        )
         self._bytes = 0
+        self._round = 0
         self.hits = 0
         self.loads = 0
         self.refreshes = 0
@@ -456,6 +466,11 @@ class RollupCache:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    def new_round(self) -> None:
+        """A ranking begins: entries it uses are kept over entries it loads later."""
+        with self._lock:
+            self._round += 1
 
     def current(self, kind: str, partition: int, size: int, start: int) -> bool:
         """Whether the bucket's rollup is cached under its current version (no reload)."""
@@ -498,6 +513,7 @@ class RollupCache:
         with self._lock:
             found = self._entries.get(key)
             if found is not None and found[0] == version:
+                self._entries[key] = (version, found[1], self._round)
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return found[1]
@@ -524,12 +540,16 @@ class RollupCache:
             if old is not None:
                 del self._entries[key]
                 self._bytes -= old[1].nbytes
-            if entry.nbytes <= self.budget:
-                self._entries[key] = (version, entry)
-                self._bytes += entry.nbytes
-            while self._bytes > self.budget and self._entries:
-                _, (_, dropped) = self._entries.popitem(last=False)
+            if entry.nbytes > self.budget:
+                return
+            while self._bytes + entry.nbytes > self.budget and self._entries:
+                oldest = next(iter(self._entries.values()))
+                if oldest[2] == self._round:
+                    return  # everything kept is in use by the current ranking: not kept
+                _, (_, dropped, _) = self._entries.popitem(last=False)
                 self._bytes -= dropped.nbytes
+            self._entries[key] = (version, entry, self._round)
+            self._bytes += entry.nbytes
 
 
 def _worth_refreshing(changed: int, rows: int) -> bool:

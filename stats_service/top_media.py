@@ -295,7 +295,9 @@ class RollupRanker:
         Whole tiles give exact sums; an edge hour adds between nothing and its whole hour. The
         edge hours' exact parts are read only for items whose upper bound reaches the keep-th
         best lower bound (the others cannot make the page), and for items seen only in edge
-        hours when the page needs to know whether they are in the range at all."""
+        hours when the page needs to know whether they are in the range at all. Begins a round
+        of the cache (the page viewers, read next, belong to the same ranking)."""
+        self.cache.new_round()
         found = self._tiles(partitions, start, end)
         inside, edge = found.inside, found.edge
         in_whole = inside[:, 3] > 0

@@ -393,3 +393,33 @@ def test_a_day_bucket_is_refreshed_when_its_viewer_rows_change_a_lot() -> None:
     cache.get("bucket", 0, DAY, 0, lambda: rows, refresh, _ranking_rows)
     assert (cache.loads, cache.refreshes) == (1, 1)
     assert refreshed[0].media.tolist() == [3] and len(refreshed[0].viewer_media) == 0
+
+
+def test_a_ranking_larger_than_the_cache_keeps_hitting_the_part_that_fits() -> None:
+    """Eight rollups per ranking, room for five: the second pass finds the five kept (plain
+    least-recently-used had evicted each before its next use, and reloaded all eight), and a
+    different ranking afterwards takes the room of entries it does not use."""
+    entry = rollups.BucketRollup(np.zeros(100, np.int64), np.zeros((100, 3), np.int64))
+    cache = rollups.RollupCache(rollups.BucketVersions(), 5 * entry.nbytes)
+    loaded: list[int] = []
+
+    def load(hour: int) -> Callable[[], rollups.Entry]:
+        def made() -> rollups.Entry:
+            loaded.append(hour)
+            return entry
+
+        return made
+
+    def ranking(hours: range) -> int:
+        before = len(loaded)
+        cache.new_round()
+        for hour in hours:
+            assert cache.get("bucket", 0, 3600, 3600 * hour, load(hour)) is entry
+        return len(loaded) - before
+
+    assert ranking(range(8)) == 8
+    assert ranking(range(8)) == 3  # five hits
+    assert cache.bytes <= cache.budget
+    assert ranking(range(100, 105)) == 5  # another ranking: the old entries make room
+    assert ranking(range(100, 105)) == 0
+    assert ranking(range(8)) == 8 and ranking(range(8)) == 3
