@@ -420,8 +420,7 @@ class CatchUp:
             self.positions.pop(partition, None)
         # aiokafka resets its generation before this call when the group dropped the member
         # (missed heartbeats): the generation of the assignment being revoked stands then.
-        ended = group_generation if group_generation is not None and group_generation > 0 else None
-        ended = ended or self._assigned_in
+        ended = group_generation if group_generation and group_generation > 0 else self._assigned_in
         self._held = (ended, caught_up_before) if ended else None
         self.settled = frozenset()
         self._restart()

@@ -20,6 +20,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ASSIGNOR_NAME = "viewevents-owners"
 ASSIGNOR_VERSION = 1
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -117,15 +119,17 @@ def encode_owners(
 
 
 def decode_owners(data: bytes) -> dict[int, str]:
-    try:
-        return {int(p): str(a) for p, a in json.loads(data or b"{}").get("owners", {}).items()}
-    except (ValueError, TypeError, AttributeError):
-        return {}
+    return _decode_map(data, "owners", str)
 
 
 def decode_furthest(data: bytes) -> dict[int, int]:
+    return _decode_map(data, "furthest", int)
+
+
+def _decode_map(data: bytes, name: str, value: Callable[[Any], V]) -> dict[int, V]:
+    """The partition-keyed map `name` of an assignment's user data; empty when unreadable."""
     try:
-        return {int(p): int(o) for p, o in json.loads(data or b"{}").get("furthest", {}).items()}
+        return {int(p): value(v) for p, v in json.loads(data or b"{}").get(name, {}).items()}
     except (ValueError, TypeError, AttributeError):
         return {}
 
