@@ -28,6 +28,8 @@ from viewevents.state.codecs import BIG_I64
 from viewevents.state.keys import partition_prefix, watermark_key
 from viewevents.state.transaction import Transaction
 
+HOUR_ROWS_CHUNK = 2048  # hour rows in memory at once (1,240 bytes each: about 2.5 MiB)
+
 
 class StatsProcessor:
     """Implements viewevents.consumer.Processor for the stats service.
@@ -122,26 +124,7 @@ class StatsProcessor:
         self._write_days(prefix, batch.buckets[k.DAY], new_bucket_viewers[k.DAY], txn)
         hours = batch.buckets[k.HOUR]
         if len(hours):
-            media, start = hours.keys
-            hour_keys = k.pack_keys(prefix + k.KIND_BUCKET[k.HOUR], [media, start], (False, True))
-            rows = k.hour_rows_from_values(txn.get_many(hour_keys))
-            merge_buckets(rows["hour"], hours, new_bucket_viewers[k.HOUR], self.heartbeat_seconds)
-            minutes = batch.buckets[k.MINUTE]
-            minute_rows = merge_buckets(
-                np.zeros((len(minutes), k.BUCKET_FIELDS), np.int64),
-                minutes,
-                new_bucket_viewers[k.MINUTE],
-                self.heartbeat_seconds,
-            )
-            minute_media, minute_start = minutes.keys
-            hour_of_minute = minute_start // k.HOUR * k.HOUR
-            row = locate([minute_media, hour_of_minute], hours.keys)
-            slot = (minute_start - hour_of_minute) // k.MINUTE
-            rows["minutes"][row, slot] += minute_rows.astype(np.int32)  # (row, slot) distinct
-            txn.put_many(zip(hour_keys, k.hour_row_values(rows)))
-            # The ranking copy holds only the hour's own bucket: whole-hour tiles scan it.
-            rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.HOUR], [start, media], (True, False))
-            txn.put_many(zip(rank_keys, k.values_from_rows(rows["hour"])))
+            self._write_hours(prefix, hours, batch.buckets[k.MINUTE], new_bucket_viewers, txn)
         if self.minute_retention_seconds:
             self._prune(partition, batch.watermark, days, hours.keys, txn)
 
@@ -163,6 +146,48 @@ class StatsProcessor:
             self.versions.touch(
                 partition, k.HOUR, (starts[:, None] + k.HOUR * np.arange(24)).reshape(-1)
             )
+
+    def _write_hours(
+        self,
+        prefix: bytes,
+        hours: KeyedCounts,
+        minutes: KeyedCounts,
+        new_viewers: dict[int, KeyedCounts],
+        txn: Transaction,
+    ) -> None:
+        """Hour rows, which carry their minutes (one key per media-hour), and their ranking
+        copies. A full hour row is 1,240 bytes in memory, so they are read, merged and written
+        HOUR_ROWS_CHUNK at a time: a batch of dispersed events (nearly one media-hour each)
+        held all of them at once, the largest part of the batch in flight (tracemalloc)."""
+        media, start = hours.keys
+        hour_keys = k.pack_keys(prefix + k.KIND_BUCKET[k.HOUR], [media, start], (False, True))
+        rank_keys = k.pack_keys(prefix + k.KIND_RANK[k.HOUR], [start, media], (True, False))
+        hour_deltas = merge_buckets(
+            np.zeros((len(hours), k.BUCKET_FIELDS), np.int64),
+            hours,
+            new_viewers[k.HOUR],
+            self.heartbeat_seconds,
+        )
+        minute_deltas = merge_buckets(
+            np.zeros((len(minutes), k.BUCKET_FIELDS), np.int64),
+            minutes,
+            new_viewers[k.MINUTE],
+            self.heartbeat_seconds,
+        ).astype(np.int32)
+        minute_media, minute_start = minutes.keys
+        hour_of_minute = minute_start // k.HOUR * k.HOUR
+        minute_row = locate([minute_media, hour_of_minute], hours.keys)
+        minute_slot = (minute_start - hour_of_minute) // k.MINUTE
+        for low in range(0, len(hours), HOUR_ROWS_CHUNK):
+            high = min(low + HOUR_ROWS_CHUNK, len(hours))
+            rows = k.hour_rows_from_values(txn.get_many(hour_keys[low:high]))
+            rows["hour"] += hour_deltas[low:high]
+            mine = (minute_row >= low) & (minute_row < high)
+            # (row, slot) pairs are distinct, so the fancy-indexed += adds each minute once.
+            rows["minutes"][minute_row[mine] - low, minute_slot[mine]] += minute_deltas[mine]
+            txn.put_many(zip(hour_keys[low:high], k.hour_row_values(rows)))
+            # The ranking copy holds only the hour's own bucket: whole-hour tiles scan it.
+            txn.put_many(zip(rank_keys[low:high], k.values_from_rows(rows["hour"])))
 
     def _write_days(
         self, prefix: bytes, days: KeyedCounts, new_viewers: KeyedCounts, txn: Transaction

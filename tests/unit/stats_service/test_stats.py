@@ -16,6 +16,7 @@ from typing import cast
 import pytest
 from aiokafka import TopicPartition
 
+from stats_service import processor as processor_module
 from stats_service import reader as reader_module
 from stats_service import request_parsing
 from stats_service.processor import StatsProcessor
@@ -85,6 +86,24 @@ def test_state_matches_brute_force(tmp_path: Path, seed: int) -> None:
     span = (min(e.seconds for e in events) - 3600, max(e.seconds for e in events) + 3600)
     check_everything(reader, Brute(partitioned, 0), [0, 1, 2], rng, span)
     assert reader.stored_partitions() == [0, 1, 2]
+    store.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7])
+def test_hour_rows_written_in_small_chunks_match_brute_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """A batch's hour rows are read, merged and written a chunk at a time (bounded batch
+    memory): chunk edges fall between the hours of one item and between items, and a chunk's
+    minutes must land in its own rows."""
+    monkeypatch.setattr(processor_module, "HOUR_ROWS_CHUNK", chunk)
+    rng = random.Random(11 + chunk)
+    events = random_events(rng, 3000)
+    partitioned = partition(events, 2)
+    store = StateStore(str(tmp_path / "db"))
+    load(store, partitioned, rng)
+    span = (min(e.seconds for e in events) - 3600, max(e.seconds for e in events) + 3600)
+    check_everything(StatsReader(store), Brute(partitioned, 0), [0, 1], rng, span)
     store.close()
 
 
