@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> None:
         "the recommender and print their RSS at regular event counts (benchmarks/rss_stream.py)",
     )
     parser.add_argument("--rss-samples", type=int, default=20)
+    parser.add_argument(
+        "--rss-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="give both services of the RSS stream a setting instead of its default "
+        "(repeatable; e.g. memory_budget_mb=120)",
+    )
     settings.add_flags(parser, ["kafka_bootstrap"])
     args = parser.parse_args(argv)
     config = settings.load(args)
@@ -75,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {}
     if args.rss_events:
         results["rss_stream"] = rss_stream.run_rss_stream(
-            config.kafka_bootstrap, args.rss_events, args.rss_samples
+            config.kafka_bootstrap,
+            args.rss_events,
+            args.rss_samples,
+            dict(item.split("=", 1) for item in args.rss_set),
         )
         _print_section("stats and recommender RSS along the stream", results["rss_stream"])
         only = set()

@@ -208,25 +208,32 @@ async def _run(config: settings.Config, events: int, samples: int) -> dict[str, 
                 process.kill()
 
 
-def run_rss_stream(bootstrap: str, events: int, samples: int = 20) -> dict[str, Any]:
-    """Stream `events` through a fresh stats service; its RSS at `samples` even event counts."""
+def run_rss_stream(
+    bootstrap: str, events: int, samples: int = 20, overrides: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Stream `events` through a fresh stats service and recommender (default settings but
+    `overrides`); their RSS at `samples` even event counts."""
     run_id = uuid.uuid4().hex[:8]
-    config = settings.load(env={}).replace(
-        kafka_bootstrap=bootstrap,
-        view_topic=f"bench-rss-{run_id}",
-        dead_letter_topic=f"bench-rss-dlq-{run_id}",
-        stats_group=f"bench-rss-{run_id}",
-        stats_address=f"127.0.0.1:{free_port()}",
-        stats_state_dir=str(WORKDIR / f"rss-state-{run_id}"),
-        stats_metrics_port=0,
-        recommender_group=f"bench-rss-rec-{run_id}",
-        recommender_address=f"127.0.0.1:{free_port()}",
-        recommender_state_dir=str(WORKDIR / f"rss-state-rec-{run_id}"),
-        recommender_metrics_port=0,
+    config = (
+        settings.load(env={})
+        .replace(
+            kafka_bootstrap=bootstrap,
+            view_topic=f"bench-rss-{run_id}",
+            dead_letter_topic=f"bench-rss-dlq-{run_id}",
+            stats_group=f"bench-rss-{run_id}",
+            stats_address=f"127.0.0.1:{free_port()}",
+            stats_state_dir=str(WORKDIR / f"rss-state-{run_id}"),
+            stats_metrics_port=0,
+            recommender_group=f"bench-rss-rec-{run_id}",
+            recommender_address=f"127.0.0.1:{free_port()}",
+            recommender_state_dir=str(WORKDIR / f"rss-state-rec-{run_id}"),
+            recommender_metrics_port=0,
+        )
+        .replace(**(overrides or {}))
     )
     print(
         f"streaming {events:,} events through the stats service and the recommender "
-        f"(RSS every {events // samples:,})"
+        f"(RSS every {events // samples:,}){'; settings ' + str(overrides) if overrides else ''}"
     )
     try:
         return asyncio.run(_run(config, events, samples))
