@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +144,23 @@ def test_a_kept_page_is_never_served_after_a_batch_was_applied(tmp_path: Path) -
     assert answers_changed > 0  # the test would see a stale page
 
 
-def test_identical_rankings_asked_at_once_are_computed_once(tmp_path: Path) -> None:
-    """Eight screens ask for the same page at the same moment: one computation answers all of
-    them exactly, and the first caller giving up does not take the page from the others."""
+@dataclass
+class _Rankings:
+    """A servicer over a loaded store whose rollup rankings are counted."""
+
+    store: StateStore
+    servicer: StatsServicer
+    query: request_parsing.TopQuery
+    expected: list[tuple]
+    count: int = 0
+
+    def page(self) -> asyncio.Future[pb.ListTopMediaResponse]:
+        return asyncio.ensure_future(
+            self.servicer._top_from_rollups(self.query, list(range(PARTITIONS)))
+        )
+
+
+def _counted_rankings(tmp_path: Path) -> _Rankings:
     rng = random.Random(11)
     events = random_events(rng, 2000)
     partitioned = partition(events, PARTITIONS)
@@ -155,15 +170,6 @@ def test_identical_rankings_asked_at_once_are_computed_once(tmp_path: Path) -> N
     consumer = _Consumer()
     consumer.positions = {p: len(evs) for p, evs in partitioned.items()}
     ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
-    rankings = 0
-    rank = ranker.top
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal rankings
-        rankings += 1
-        return rank(*args, **kwargs)
-
-    ranker.top = counted  # type: ignore[method-assign]
     servicer = StatsServicer(
         StatsReader(store),
         consumer,
@@ -180,12 +186,31 @@ def test_identical_rankings_asked_at_once_are_computed_once(tmp_path: Path) -> N
     )
     query, _ = request_parsing.parse_top(request, request_parsing.Limits())
     assert query is not None
+    expected = _expected(Brute(partitioned, 0), query.start, query.end, query.metric, 5)
+    assert expected
+    rankings = _Rankings(store, servicer, query, expected)
+    rank = ranker.top
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        rankings.count += 1
+        return rank(*args, **kwargs)
+
+    ranker.top = counted  # type: ignore[method-assign]
+    return rankings
+
+
+def _media(page: pb.ListTopMediaResponse) -> list[tuple]:
+    return [(m.media_id, m.view_time_seconds, m.starts, m.unique_viewers) for m in page.media]
+
+
+def test_identical_rankings_asked_at_once_are_computed_once(tmp_path: Path) -> None:
+    """Eight screens ask for the same page at the same moment: one computation answers all of
+    them exactly, and the first caller giving up does not take the page from the others."""
+    rankings = _counted_rankings(tmp_path)
+    servicer, query = rankings.servicer, rankings.query
 
     async def screens() -> list[pb.ListTopMediaResponse]:
-        asked = [
-            asyncio.ensure_future(servicer._top_from_rollups(query, list(range(PARTITIONS))))
-            for _ in range(8)
-        ]
+        asked = [rankings.page() for _ in range(8)]
         await asyncio.sleep(0)  # every caller has asked
         asked[0].cancel()  # the first one gives up (its deadline)
         pages = await asyncio.gather(*asked[1:])
@@ -199,10 +224,7 @@ def test_identical_rankings_asked_at_once_are_computed_once(tmp_path: Path) -> N
         limit = request_parsing.Limits().max_concurrent_scans
         for _ in range(limit):
             await servicer._scans.acquire()
-        asked = [
-            asyncio.ensure_future(servicer._top_from_rollups(query, list(range(PARTITIONS))))
-            for _ in range(3)
-        ]
+        asked = [rankings.page() for _ in range(3)]
         await asyncio.sleep(0)
         for caller in asked:
             caller.cancel()
@@ -214,17 +236,71 @@ def test_identical_rankings_asked_at_once_are_computed_once(tmp_path: Path) -> N
 
     try:
         pages = asyncio.run(screens())
-        assert rankings == 1
+        assert rankings.count == 1
         servicer.pages = PageCache(0)  # nothing kept: the last call below must compute
         pages.append(asyncio.run(everyone_gives_up()))
     finally:
-        store.close()
-    assert rankings == 2  # the cancelled computation never ranked
-    expected = _expected(Brute(partitioned, 0), query.start, query.end, query.metric, 5)
-    assert expected
-    for page in pages:
-        got = [(m.media_id, m.view_time_seconds, m.starts, m.unique_viewers) for m in page.media]
-        assert got == expected
+        rankings.store.close()
+    assert rankings.count == 2  # the cancelled computation never ranked
+    assert [_media(page) for page in pages] == [rankings.expected] * len(pages)
+    assert servicer._computing == {}
+
+
+def test_a_cancelled_computation_finishing_late_leaves_the_next_one_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every caller of a page gave up, and its cancelled computation takes a while to wind
+    down; meanwhile a new caller started a new computation. When the old one finally ends, the
+    new one must stay registered: a third caller joins it instead of ranking again."""
+    rankings = _counted_rankings(tmp_path)
+    servicer = rankings.servicer
+    servicer.pages = PageCache(0)  # nothing kept: every page is computed
+    compute = servicer._rollup_page
+    wound_down = asyncio.Event()
+    calls = 0
+
+    async def slow_to_cancel(*args: Any) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return await compute(*args)
+        try:
+            await asyncio.Event().wait()  # the first computation is only ever cancelled
+        except asyncio.CancelledError:
+            await wound_down.wait()
+            raise
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(servicer, "_rollup_page", slow_to_cancel)
+
+    async def scenario() -> list[pb.ListTopMediaResponse]:
+        first = rankings.page()
+        await asyncio.sleep(0)
+        (old,) = [flight.task for flight in servicer._computing.values()]
+        first.cancel()
+        await asyncio.wait([first])
+        assert not old.done() and servicer._computing == {}  # the case under test
+        limit = request_parsing.Limits().max_concurrent_scans
+        for _ in range(limit):  # the new computation waits until the old one is gone
+            await servicer._scans.acquire()
+        second = rankings.page()
+        await asyncio.sleep(0)
+        wound_down.set()
+        await asyncio.wait([old])
+        for _ in range(3):
+            await asyncio.sleep(0)  # the old task's done callbacks have run
+        third = rankings.page()
+        await asyncio.sleep(0)
+        for _ in range(limit):
+            servicer._scans.release()
+        return list(await asyncio.gather(second, third))
+
+    try:
+        pages = asyncio.run(scenario())
+    finally:
+        rankings.store.close()
+    assert rankings.count == 1  # the third caller joined the second's computation
+    assert [_media(page) for page in pages] == [rankings.expected] * 2
     assert servicer._computing == {}
 
 
