@@ -203,7 +203,9 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         256,
         int,
         "Allocations at least this large (KiB) get their own mapping, returned to the kernel "
-        "when freed (mallopt M_MMAP_THRESHOLD; 0: glibc's dynamic threshold, up to 32 MiB).",
+        "when freed (mallopt M_MMAP_THRESHOLD; 0: glibc's dynamic threshold, up to 32 MiB). "
+        "Memory against CPU: 4096 cut CPU per event by about 13 % (stats) and 5 % "
+        "(recommender) for about 20 MiB more peak RSS each (docs/architecture.md, memory).",
     ),
     Setting(
         "state_dir_shared",
