@@ -69,6 +69,9 @@ def bounded_options(cache_mb: int, write_buffer_mb: int) -> Options:
     return options
 
 
+GET_MANY_CHUNK = 1024  # keys per RocksDB multi-get (see StateStore.get_many)
+
+
 class StateStore:
     """One RocksDB database of raw byte keys and values.
 
@@ -95,8 +98,20 @@ class StateStore:
         return self.db.get(key)
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        # rocksdict's stubs do not know that a list of keys gives a list of values.
-        return cast(list[bytes | None], self.db.get(keys)) if keys else []  # type: ignore[arg-type]
+        """Values of `keys` (None where absent), read GET_MANY_CHUNK keys per RocksDB multi-get.
+
+        A multi-get allocates per-key bookkeeping (key contexts, pinnable slices, statuses) of
+        over a hundred bytes a key. For a batch's 20,000 keys that is several MiB, which glibc
+        maps fresh for each call and unmaps after (the mmap threshold): perf counted the page
+        faults of that bookkeeping as a quarter of the stats apply's. Chunks of 1,024 keys stay
+        under the threshold and reuse heap memory."""
+        if len(keys) <= GET_MANY_CHUNK:
+            # rocksdict's stubs do not know that a list of keys gives a list of values.
+            return cast(list[bytes | None], self.db.get(keys)) if keys else []  # type: ignore[arg-type]
+        values: list[bytes | None] = []
+        for start in range(0, len(keys), GET_MANY_CHUNK):
+            values += self.db.get(keys[start : start + GET_MANY_CHUNK])  # type: ignore[arg-type]
+        return values
 
     def scan(self, start: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Items with start <= key < end, in key order."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from rocksdict import Options, Rdict
 
+from viewevents.state import store as store_module
 from viewevents.state.keys import RESERVED, check_service_kinds, prefix_end
 from viewevents.state.store import StateStore
 from viewevents.state.transaction import Transaction, TransactionClosed, TransactionStatus
@@ -52,6 +53,22 @@ def test_a_committed_transaction_refuses_further_use(store: StateStore) -> None:
         with pytest.raises(TransactionClosed):
             use()
     assert store.get(b"k") == b"v"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_many_keys_are_read_in_chunks_in_order(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """A multi-get of more keys than a chunk is split; values come back in key order, None for
+    absent keys, duplicates included, whatever the chunk edges."""
+    monkeypatch.setattr(store_module, "GET_MANY_CHUNK", chunk)
+    txn = Transaction(store)
+    txn.put_many((b"k%03d" % i, b"v%d" % i) for i in range(0, 40, 3))
+    txn.commit()
+    keys = [b"k%03d" % i for i in [*range(40), 7, 3, 3, 39]]
+    assert store.get_many(keys) == [store.get(key) for key in keys]
+    assert sum(value is not None for value in store.get_many(keys)) == 14 + 3
+    assert store.get_many([]) == []
 
 
 def test_service_kinds_may_not_clash_with_the_framework() -> None:
