@@ -180,12 +180,10 @@ class StatsProcessor:
         ).astype(np.int32)
         minute_media, minute_start = minutes.keys
         hour_of_minute = minute_start // k.HOUR * k.HOUR
+        # Bucket keys are sorted by (media, start) (aggregation.keyed_counts), so the minutes'
+        # hour rows never decrease and each chunk's minutes are one slice.
         minute_row = locate([minute_media, hour_of_minute], hours.keys)
-        # Minutes in the order of their hour rows, so each chunk's minutes are one slice.
-        by_row = np.argsort(minute_row, kind="stable")
-        minute_row = minute_row[by_row]
-        minute_slot = ((minute_start - hour_of_minute) // k.MINUTE)[by_row]
-        minute_deltas = minute_deltas[by_row]
+        minute_slot = (minute_start - hour_of_minute) // k.MINUTE
         lows = range(0, len(hours), HOUR_ROWS_CHUNK)
         edges = np.searchsorted(minute_row, [*lows, len(hours)]).tolist()
         for low, first, last in zip(lows, edges, edges[1:]):
