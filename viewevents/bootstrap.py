@@ -353,6 +353,7 @@ def _new_consumer(
         dedupe_filter_ids=config.dedupe_filter_ids,
         dedupe_filter_bytes=plan.dedupe_filter_mb * 1024 * 1024,
         session_timeout_ms=config.consumer_session_timeout_ms,
+        heartbeat_interval_ms=config.consumer_heartbeat_interval_ms,
         client_id=f"viewevents-{endpoint.name}",
         metrics_name=endpoint.name,
         advertised_address=endpoint.advertised_address or endpoint.address,

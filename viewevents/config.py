@@ -133,9 +133,19 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         10_000,
         int,
         "Kafka consumer group session timeout (ms): how long after an instance dies (kill -9, "
-        "lost host) the group hands its partitions to the others; heartbeats go every third of "
-        "it. Lower: faster failover, more spurious rebalances on a stalled host. The broker "
-        "bounds it (group.min.session.timeout.ms, 6,000 by default).",
+        "lost host) the group hands its partitions to the others. Lower: faster failover, more "
+        "spurious rebalances on a stalled host. The broker bounds it "
+        "(group.min.session.timeout.ms, 6,000 by default).",
+    ),
+    Setting(
+        "consumer_heartbeat_interval_ms",
+        "VIEWEVENTS_CONSUMER_HEARTBEAT_INTERVAL_MS",
+        1_000,
+        int,
+        "Kafka consumer group heartbeat interval (ms), at most a third of the session timeout. "
+        "A member learns from its next heartbeat that the group is rebalancing (an instance "
+        "joined or died), and the others wait for it until then: a shorter interval shortens "
+        "every rebalance, at one small request per interval per instance.",
     ),
     Setting(
         "dedupe_retention_days",

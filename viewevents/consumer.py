@@ -526,6 +526,7 @@ class ExactlyOnceConsumer:
         dedupe_filter_ids: int = 1_000_000,
         dedupe_filter_bytes: int | None = None,
         session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 1_000,
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
         advertised_address: str = "",
@@ -573,9 +574,10 @@ class ExactlyOnceConsumer:
             # Sized by the service's memory budget (viewevents.memory): what one fetch holds.
             max_partition_fetch_bytes=max_partition_fetch_bytes,
             fetch_max_bytes=fetch_max_bytes,
-            # A killed instance's partitions move on after the session timeout.
+            # A killed instance's partitions move on after the session timeout; a rebalance
+            # waits until every member's next heartbeat has told it of the rebalance.
             session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=max(1, session_timeout_ms // 3),
+            heartbeat_interval_ms=max(1, min(heartbeat_interval_ms, session_timeout_ms // 3)),
             max_poll_interval_ms=300_000,
             # Claims (address, stored offsets) in, a state-aware plan and the owners map out.
             partition_assignment_strategy=(self._assignor,),
@@ -663,10 +665,13 @@ class ExactlyOnceConsumer:
         if caught_up and not self.caught_up.is_set():
             elapsed = time.monotonic() - self.stats.started
             log.info(
-                "caught up on partitions %s: %d records applied in %.1f s since start",
+                "caught up on partitions %s: %d records applied in %.1f s since start"
+                " (%d write batches, %d records fetched)",
                 sorted(self.catch_up.assigned),
                 self.stats.applied,
                 elapsed,
+                self.stats.batches,
+                self.stats.records,
             )
             self.caught_up.set()
         elif not caught_up and self.caught_up.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -135,14 +136,43 @@ def test_records_without_a_value_are_skipped_not_fatal(tmp_path: Path) -> None:
 
 
 def test_the_session_timeout_setting_reaches_the_kafka_consumer(tmp_path: Path) -> None:
-    """How fast a dead instance's partitions move on is the operator's choice, not a constant;
-    heartbeats stay a third of it (Kafka wants them well inside the timeout)."""
+    """How fast a dead instance's partitions move on is the operator's choice, not a constant."""
     config = load(CONSUMER_SETTINGS, env={"VIEWEVENTS_CONSUMER_SESSION_TIMEOUT_MS": "7500"})
     assert config.consumer_session_timeout_ms == 7_500
     assert load(CONSUMER_SETTINGS, env={}).consumer_session_timeout_ms == 10_000
     made, _ = consumer(tmp_path, session_timeout_ms=config.consumer_session_timeout_ms)
     options = made._consumer_options
-    assert (options["session_timeout_ms"], options["heartbeat_interval_ms"]) == (7_500, 2_500)
+    assert (options["session_timeout_ms"], options["heartbeat_interval_ms"]) == (7_500, 1_000)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, 1_000),
+        ({"VIEWEVENTS_CONSUMER_HEARTBEAT_INTERVAL_MS": "400"}, 400),
+        # Never more than a third of the session timeout: Kafka wants several per session.
+        ({"VIEWEVENTS_CONSUMER_HEARTBEAT_INTERVAL_MS": "5000"}, 3_333),
+        (
+            {
+                "VIEWEVENTS_CONSUMER_HEARTBEAT_INTERVAL_MS": "3000",
+                "VIEWEVENTS_CONSUMER_SESSION_TIMEOUT_MS": "6000",
+            },
+            2_000,
+        ),
+    ],
+)
+def test_the_heartbeat_interval_setting_reaches_the_kafka_consumer(
+    tmp_path: Path, env: dict[str, str], expected: int
+) -> None:
+    """A member learns of a rebalance only from its next heartbeat, and the group waits for it:
+    the interval is what a join or a failover waits, so it is a setting, capped by the session."""
+    config = load(CONSUMER_SETTINGS, env=env)
+    made, _ = consumer(
+        tmp_path,
+        session_timeout_ms=config.consumer_session_timeout_ms,
+        heartbeat_interval_ms=config.consumer_heartbeat_interval_ms,
+    )
+    assert made._consumer_options["heartbeat_interval_ms"] == expected
 
 
 def test_a_batch_minimum_above_the_maximum_is_capped_by_it(tmp_path: Path) -> None:
