@@ -78,6 +78,8 @@ def run(columns: Columns, batch: int, state: Path) -> dict[str, float]:
         began = time.process_time()
         for p in range(PARTITIONS):
             mine = partition[part] == p
+            if not mine.any():  # the consumer applies only partitions the batch holds
+                continue
             processor.apply_columns(
                 p,
                 Columns(

@@ -110,6 +110,22 @@ def _scan(
     return ok, fields
 
 
+def unscanned(count: int) -> ViewEventColumns:
+    """Columns of `count` records that were not scanned: every row is left to protobuf."""
+    zeros = np.zeros(count, np.int64)
+    no = np.zeros(count, bool)
+    return ViewEventColumns(
+        fast=no,
+        event_id=[b""] * count,
+        media_id=zeros,
+        user_id=zeros.copy(),
+        event_type=zeros.copy(),
+        has_time=no.copy(),
+        seconds=zeros.copy(),
+        nanos=zeros.copy(),
+    )
+
+
 def decode_view_events(values: Sequence[bytes]) -> ViewEventColumns:
     """The ViewEvent fields of each serialized record, decoded for the whole batch at once."""
     count = len(values)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from viewevents import consumer as consumer_module
 from viewevents.config import CONSUMER_SETTINGS, load
 from viewevents.consumer import ExactlyOnceConsumer, SeenIds
 from viewevents.state.keys import seen_prefix
@@ -179,3 +181,56 @@ def test_a_batch_minimum_above_the_maximum_is_capped_by_it(tmp_path: Path) -> No
     """Else the linger would wait its whole time on every fetch for records it may not take."""
     made, _ = consumer(tmp_path, batch_max=1_000, batch_min=5_000)
     assert made.batch_min == 1_000
+
+
+def _noisy_values(seed: int, count: int) -> list[bytes]:
+    """Valid events, events that decode but do not apply, non-canonical and broken bytes."""
+    rng = random.Random(seed)
+    values = []
+    for n in range(count):
+        event = ve.ViewEvent(
+            event_id=rng.choice([f"e{n}", "", "é-id", f"e{n % 7}"]),
+            media_id=rng.choice([1, 5, 0, -3, 2**40]),
+            user_id=rng.choice([2, 9, 0]),
+            event_type=cast(ve.EventType, rng.choice([1, 2, 3, 4, 0, 9])),
+        )
+        if rng.random() < 0.9:
+            event.event_time.CopyFrom(Timestamp(seconds=rng.choice([86_400, 1_750_000_000, 0])))
+        data = bytearray(event.SerializeToString())
+        kind = rng.randrange(8)
+        if kind == 0 and data:
+            del data[rng.randrange(len(data)) :]  # truncated
+        elif kind == 1:
+            data += bytes([0x10, 0x05])  # media_id again: legal, not canonical, the last wins
+        elif kind == 2:
+            data += bytes([0x38, 0x01])  # an unknown field
+        values.append(bytes(data))
+    return values
+
+
+@pytest.mark.parametrize("size", [1, 5, 127, 128, 300])
+def test_small_batches_decode_by_protobuf_as_the_scan_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A batch of fewer than SCAN_MIN_RECORDS records skips the columnar scan (its fixed cost
+    dwarfs a lone event's decoding): the events, the invalid and the undecodable are the same."""
+    values = _noisy_values(size, size)
+    decoded = []
+    for scan_min in (0, 10**9):  # always scanned, never scanned
+        monkeypatch.setattr(consumer_module, "SCAN_MIN_RECORDS", scan_min)
+        made, _ = consumer(tmp_path / str(scan_min))
+        batch = made._decode(values)
+        decoded.append(
+            (
+                batch.event_id,
+                batch.media_id.tolist(),
+                batch.user_id.tolist(),
+                batch.event_type.tolist(),
+                batch.seconds.tolist(),
+                batch.values,
+                made.stats.invalid,
+                made.stats.undecodable,
+            )
+        )
+    assert decoded[0] == decoded[1]
+    assert decoded[0][6] + decoded[0][7] > 0 or size < 5  # the mix holds rejected records
