@@ -13,7 +13,13 @@ from ingest_service.servicer import IngestServicer
 from ingest_service.settings import SETTINGS
 from viewevents import bootstrap
 from viewevents.config import Config
-from viewevents.kafka import ensure_topics, new_producer, record_limit, topics_max_message_bytes
+from viewevents.kafka import (
+    ensure_topics,
+    new_producer,
+    probe_metadata,
+    record_limit,
+    topics_max_message_bytes,
+)
 from viewevents.readiness import Readiness, until_kafka_answers, watch_kafka
 from viewevents.v1 import ingest_service_pb2
 
@@ -70,7 +76,7 @@ async def serve(config: Config) -> None:
     readiness = Readiness(True, "Kafka reachable")
     watching = asyncio.create_task(
         watch_kafka(
-            lambda: producers.current.client.fetch_all_metadata(),
+            lambda: probe_metadata(producers.current.client, topics),
             lambda up: readiness.set(up, "Kafka reachable" if up else "Kafka unreachable"),
         )
     )

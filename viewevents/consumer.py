@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import is_not
@@ -27,10 +27,12 @@ from typing import Protocol
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from google.protobuf import timestamp_pb2
 
+from viewevents.kafka import probe_metadata
 from viewevents.kafka_fetch import BulkFetch, FetchedRecords
 from viewevents.membership import Claim, OwnershipAssignor
 from viewevents.metrics import (
@@ -658,6 +660,15 @@ class ExactlyOnceConsumer:
         """This instance owns every partition of the topic (as far as the group said)."""
         return bool(self.owners) and set(self.owners) <= self.catch_up.assigned
 
+    def _kafka_probe(self, consumer: AIOKafkaConsumer) -> Callable[[], Awaitable[object]]:
+        """A metadata request for our topic only (`probe_metadata`), through the consumer's own
+        client, which aiokafka does not expose publicly: if that ever goes, the whole
+        cluster's metadata (`topics()`), which is slower but the same answer to "is Kafka up"."""
+        client = getattr(consumer, "_client", None)
+        if not isinstance(client, AIOKafkaClient):
+            return consumer.topics
+        return lambda: probe_metadata(client, [self.topic])
+
     def _group_generation(self) -> int | None:
         """The Kafka group generation the consumer is in (aiokafka's coordinator), or None when
         it cannot be read (at a revocation the latest assignment's generation then stands)."""
@@ -710,7 +721,7 @@ class ExactlyOnceConsumer:
         self._fetch = BulkFetch(self._consumer)
         self._consumer.subscribe([self.topic], listener=_SeekToStoredOffsets(self))
         self._watch = asyncio.create_task(
-            watch_kafka(self._consumer.topics, self._kafka_changed), name="kafka-watch"
+            watch_kafka(self._kafka_probe(consumer), self._kafka_changed), name="kafka-watch"
         )
 
     async def stop(self) -> None:

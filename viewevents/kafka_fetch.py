@@ -16,7 +16,9 @@ constraints.txt): `Fetcher._records` ({TopicPartition: FetchResult | FetchError}
 them, a seek or revocation between fetch and drain drops the stale result, control batches
 and (read_committed) aborted transactions are skipped, CRCs are checked. `BulkFetch` checks
 these internals once when made and, if anything is not as expected, logs why and uses the
-public `getmany` instead (same results, slower). Nothing else in the code base touches them.
+public `getmany` instead (same results, slower). Elsewhere only `viewevents.consumer` reads
+the consumer's `_coordinator` (its group generation) and `_client` (its Kafka probe), each
+with a fallback when absent.
 
 One difference from getmany: `max_records` is honoured at record-batch granularity (whole
 Kafka batches are taken until the budget is reached), so a result may exceed it by at most
