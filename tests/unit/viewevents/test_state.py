@@ -97,6 +97,27 @@ def test_rocksdb_reports_its_memory_by_kind(store: StateStore) -> None:
     assert memory["memtables"] >= 100_000  # the writes sit in the memtable until a flush
 
 
+def _persisted_options(db_dir: Path) -> dict[str, str]:
+    """The column family options RocksDB wrote to its newest OPTIONS file (what it runs with)."""
+    newest = max(db_dir.glob("OPTIONS-*"), key=lambda path: int(path.name.split("-")[1]))
+    found: dict[str, str] = {}
+    for line in newest.read_text().splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep:
+            found.setdefault(name, value)
+    return found
+
+
+def test_rocksdb_runs_with_the_sizes_and_compaction_trigger_asked_for(tmp_path: Path) -> None:
+    StateStore(str(tmp_path / "db"), cache_mb=8, write_buffer_mb=4).close()
+    options = _persisted_options(tmp_path / "db")
+    assert options["write_buffer_size"] == str(4 * 1024 * 1024)
+    assert options["max_write_buffer_number"] == str(store_module.MAX_WRITE_BUFFERS)
+    assert options["level0_file_num_compaction_trigger"] == str(
+        store_module.L0_COMPACTION_TRIGGER
+    )
+
+
 def _stall_prone(path: Path) -> Rdict:
     """A database that stalls writes whenever any compaction is pending (tiny memtables, a
     1-byte soft limit on pending compaction bytes): write stalls on demand."""
