@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
 
 from benchmarks.measure import PeakRss
+from benchmarks.scratch import scratch_topics
 from viewevents.v1 import ingest_service_pb2 as ingest_pb
 from viewevents.v1 import view_event_pb2 as ve
 from viewevents_client.uploads import CHANNEL_OPTIONS
@@ -137,6 +138,7 @@ def bench_ingest(
     config = config.replace(
         view_topic=f"bench-view-{stamp}", dead_letter_topic=f"bench-dlq-{stamp}"
     )
+    scratch_topics(config.kafka_bootstrap, config.view_topic, config.dead_letter_topic)
     asyncio.run(ensure_topics(config, [config.view_topic, config.dead_letter_topic]))
     requests = synthetic_requests(min(events, 1_000_000), batch_size)
     repeat = max(1, events // 1_000_000)
@@ -161,6 +163,7 @@ def bench_ingest(
     assert summary.accepted == total, f"accepted {summary.accepted} of {total}"
     ours = total / elapsed
     perf_topic = f"bench-perf-{stamp}"
+    scratch_topics(config.kafka_bootstrap, perf_topic)
     asyncio.run(ensure_topics(config, [perf_topic]))
     kafka = producer_performance(config.kafka_bootstrap, perf_topic, total, size)
     return {

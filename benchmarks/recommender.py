@@ -39,6 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from benchmarks.measure import PeakRss, free_port
+from benchmarks.scratch import scratch_topics
 from recommender_service import settings as local_settings
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
 from viewevents.v1 import recommender_service_pb2 as pb
@@ -363,6 +364,7 @@ def phase(
     kept = asyncio.run(records_in(bootstrap, topic)) if keep_topic else 0
     if kept and kept < 0.9 * events:  # an interrupted prefill: the noise rejects only ~2 %
         kept, topic = 0, f"{topic}-{uuid.uuid4().hex[:8]}"
+        scratch_topics(bootstrap, topic, f"{topic}-dlq")
     out: dict[str, Any] = {"users x media": f"{users:,} x {media:,}", "topic": topic}
     if kept:
         produced = kept  # an earlier run with --keep-topic filled it; consume it again
@@ -370,6 +372,7 @@ def phase(
     else:
         if not keep_topic:
             topic += f"-{uuid.uuid4().hex[:8]}"
+            scratch_topics(bootstrap, topic, f"{topic}-dlq")
         produced, produce_seconds = asyncio.run(prefill(bootstrap, topic, records(path), events))
         out["events in topic"] = produced
         out["prefill events/s"] = round(produced / produce_seconds)

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from benchmarks.recommender import Service, data_file, ghz, latency, prefill, records
+from benchmarks.scratch import scratch_topics
 from viewevents.kafka import ensure_topics
 from viewevents.v1 import recommender_service_pb2 as pb
 from viewevents.v1 import recommender_service_pb2_grpc as pb_grpc
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     bootstrap = settings.load(args).kafka_bootstrap
     path = data_file(args.events, args.users, args.media, 5)
     topic = f"bench-fanout-{uuid.uuid4().hex[:8]}"
+    scratch_topics(bootstrap, topic, f"{topic}-dlq")
     config = settings.load(env={}).replace(
         kafka_bootstrap=bootstrap, topic_partitions=args.partitions
     )

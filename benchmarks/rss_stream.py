@@ -27,6 +27,7 @@ import numpy as np
 import psutil
 
 from benchmarks.measure import PeakRss, free_port
+from benchmarks.scratch import scratch_topics
 from benchmarks.stats import WORKDIR, produce
 from viewevents.kafka import user_key
 from viewevents.v1 import recommender_service_pb2 as rpb
@@ -231,6 +232,7 @@ def run_rss_stream(
         )
         .replace(**(overrides or {}))
     )
+    scratch_topics(bootstrap, config.view_topic, config.dead_letter_topic)
     print(
         f"streaming {events:,} events through the stats service and the recommender "
         f"(RSS every {events // samples:,}){'; settings ' + str(overrides) if overrides else ''}"

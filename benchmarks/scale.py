@@ -56,6 +56,7 @@ from benchmarks.scale_group import (
     ts,
     until_complete,
 )
+from benchmarks.scratch import scratch_topics
 from viewevents.kafka import KeyPartitioner
 from viewevents.v1 import ingest_service_pb2 as ingest_pb
 from viewevents.v1 import ingest_service_pb2_grpc as ingest_grpc
@@ -162,10 +163,12 @@ def base_config(bootstrap: str, partitions: int, tag: str) -> settings.Config:
     """Fresh topics and free addresses for one run; env={}: a developer's VIEWEVENTS_* variables
     must not point the bench at their stack."""
     run = uuid.uuid4().hex[:8]
+    view_topic, dead_letter_topic = f"bench-scale-{tag}-{run}", f"bench-scale-{tag}-dlq-{run}"
+    scratch_topics(bootstrap, view_topic, dead_letter_topic)
     return settings.load(env={}).replace(
         kafka_bootstrap=bootstrap,
-        view_topic=f"bench-scale-{tag}-{run}",
-        dead_letter_topic=f"bench-scale-{tag}-dlq-{run}",
+        view_topic=view_topic,
+        dead_letter_topic=dead_letter_topic,
         topic_partitions=partitions,
         ingest_address=f"127.0.0.1:{free_port()}",
         ingest_metrics_port=0,

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from benchmarks import grpc_floor
 from benchmarks.measure import PeakRss, cpu_seconds, free_port, ghz_latency
+from benchmarks.scratch import scratch_topics
 from ingest_service.validation import Limits, validate_event
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
 from viewevents.v1 import stats_service_pb2 as pb
@@ -448,6 +449,7 @@ def run_bench(
     if hasattr(base, "stats_metrics_port"):
         overrides["stats_metrics_port"] = 0
     config = base.replace(**overrides)
+    scratch_topics(bootstrap, config.view_topic, config.dead_letter_topic)
     try:
         result = asyncio.run(_bench(config, records, media, low, high, calls, concurrency))
     finally:
