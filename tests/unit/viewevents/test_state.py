@@ -113,9 +113,7 @@ def test_rocksdb_runs_with_the_sizes_and_compaction_trigger_asked_for(tmp_path: 
     options = _persisted_options(tmp_path / "db")
     assert options["write_buffer_size"] == str(4 * 1024 * 1024)
     assert options["max_write_buffer_number"] == str(store_module.MAX_WRITE_BUFFERS)
-    assert options["level0_file_num_compaction_trigger"] == str(
-        store_module.L0_COMPACTION_TRIGGER
-    )
+    assert options["level0_file_num_compaction_trigger"] == str(store_module.L0_COMPACTION_TRIGGER)
 
 
 def _stall_prone(path: Path) -> Rdict:
