@@ -6,21 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaConnectionError
 
+from tests.support.broker import create_topics
 from tests.support.configs import unique_name
 from viewevents.kafka import probe_metadata
-
-
-async def _create(bootstrap: str, topics: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1) for topic in topics])
-    finally:
-        await admin.close()
 
 
 async def _probed_topics(bootstrap: str, ours: str) -> tuple[set[str], set[str]]:
@@ -39,7 +30,7 @@ async def _probed_topics(bootstrap: str, ours: str) -> tuple[set[str], set[str]]
 
 def test_probe_asks_for_our_topic_only(kafka_bootstrap: str) -> None:
     ours, other = unique_name("probe-ours"), unique_name("probe-other")
-    asyncio.run(_create(kafka_bootstrap, [ours, other]))
+    asyncio.run(create_topics(kafka_bootstrap, [ours, other]))
     probed, everything = asyncio.run(_probed_topics(kafka_bootstrap, ours))
     assert {ours, other} <= everything  # the broker has more than our topic ...
     assert probed == {ours}  # ... and the probe was told about ours alone

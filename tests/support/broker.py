@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.support.configs import REPO, TEST_KAFKA_PORT, port_open
 from viewevents.v1 import view_event_pb2 as ve
@@ -44,6 +44,24 @@ def ensure_broker(port: int = TEST_KAFKA_PORT) -> bool:
 
 def stop_broker(port: int = TEST_KAFKA_PORT) -> None:
     kafka_sh("stop", broker_env(port), check=False)
+
+
+async def create_topics(bootstrap: str, topics: list[str], partitions: int = 1) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1) for topic in topics])
+    finally:
+        await admin.close()
+
+
+async def topic_names(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
 
 
 async def partitions_of(bootstrap: str, topic: str) -> list[int]:
