@@ -12,8 +12,8 @@ import asyncio
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from tests.support.broker import create_topics
 from tests.support.configs import unique_name
 from viewevents.kafka_fetch import BulkFetch
 
@@ -22,12 +22,7 @@ Row = tuple[int, int, bytes | None]
 
 
 async def _produce(bootstrap: str, topic: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-    finally:
-        await admin.close()
+    await create_topics(bootstrap, [topic], PARTITIONS)
 
     async def send_all(producer: AIOKafkaProducer, tag: str, count: int) -> None:
         futures = [
