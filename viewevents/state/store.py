@@ -128,10 +128,19 @@ class StateStore:
         return values
 
     def scan(self, start: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Items with start <= key < end, in key order."""
+        """Items with start <= key < end, in key order. A generator, so that the read options
+        live as long as the iteration: rocksdict's iterator does not keep them, and returned
+        bare it ran past its upper bound once they were freed."""
         read = ReadOptions()
         read.set_iterate_upper_bound(end)
         yield from self.db.items(from_key=start, read_opt=read)
+
+    def scan_keys(self, start: bytes, end: bytes) -> Iterator[bytes]:
+        """Keys with start <= key < end, in key order: no Python object per value (about a
+        third cheaper per row than `scan` where the values are not needed)."""
+        read = ReadOptions()
+        read.set_iterate_upper_bound(end)
+        yield from self.db.keys(from_key=start, read_opt=read)
 
     def scan_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         return self.scan(prefix, prefix_end(prefix))

@@ -107,11 +107,14 @@ def test_hour_rows_written_in_small_chunks_match_brute_force(
     store.close()
 
 
+@pytest.mark.parametrize("few_rows", [256, 3])
 def test_viewers_read_in_small_chunks_match_brute_force(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, few_rows: int
 ) -> None:
     """An item's viewer-days are decoded a few rows at a time (bounded query memory): chunk
-    edges fall inside days and between partially and wholly covered days."""
+    edges fall inside days and between partially and wholly covered days (edge days read with
+    their minute sets, whole days as keys alone), each chunk row by row (`FEW_ROWS` 256) or
+    with numpy (3)."""
     rng = random.Random(5)
     events = random_events(rng, 3000, media=4, users=80)
     partitioned = partition(events, 2)
@@ -119,6 +122,7 @@ def test_viewers_read_in_small_chunks_match_brute_force(
     load(store, partitioned, rng)
     brute = Brute(partitioned, 0)
     monkeypatch.setattr(reader_module, "VIEWER_ROWS", 7)
+    monkeypatch.setattr(reader_module, "FEW_ROWS", few_rows)
     reader = StatsReader(store)
     low = min(e.seconds for e in events) - 3600
     high = max(e.seconds for e in events) + 3600

@@ -3,6 +3,7 @@ the transaction is closed after its commit; the framework's key kinds cannot be 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,26 @@ def test_many_keys_are_read_in_chunks_in_order(
     assert store.get_many(keys) == [store.get(key) for key in keys]
     assert sum(value is not None for value in store.get_many(keys)) == 14 + 3
     assert store.get_many([]) == []
+
+
+def test_range_reads_stop_at_their_upper_bound_after_garbage_collection(
+    store: StateStore,
+) -> None:
+    """`scan` and `scan_keys` give exactly the keys in [start, end), in order, also when the
+    read options and the bound are no longer referenced by the caller and memory is reused
+    (rocksdict's iterator does not keep them alive: returned bare, it ran past the bound)."""
+    txn = Transaction(store)
+    txn.put_many([(bytes([a, b]), bytes([b])) for a in range(4) for b in range(50)])
+    txn.commit()
+    for a in range(3):
+        keys = store.scan_keys(bytes([a, 10]), bytes([a, 40]))
+        items = store.scan(bytes([a, 10]), bytes([a, 40]))
+        gc.collect()
+        junk = [bytes(2) for _ in range(10_000)]  # reuse freed memory
+        expected = [bytes([a, b]) for b in range(10, 40)]
+        assert list(keys) == expected
+        assert list(items) == [(key, key[1:]) for key in expected]
+        del junk
 
 
 def test_service_kinds_may_not_clash_with_the_framework() -> None:
