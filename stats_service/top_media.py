@@ -45,6 +45,7 @@ from stats_service.rollups import (
     DayViewers,
     Entry,
     RollupCache,
+    bucket_rollup,
     concat_day_viewers,
     day_layers,
     day_viewers,
@@ -139,7 +140,7 @@ class RollupRanker:
             rows = np.frombuffer(b"".join([v for _, v in items]), "<i8").reshape(
                 len(items), k.BUCKET_FIELDS
             )
-            return BucketRollup(self.cache.media.slots(media), rows[:, [0, 1, 4]].copy())
+            return bucket_rollup(self.cache.media.slots(media), rows[:, [0, 1, 4]])
 
         def refresh(entry: Entry, changes: Changes) -> BucketRollup:
             assert isinstance(entry, BucketRollup)

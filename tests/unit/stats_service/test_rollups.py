@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stats_service import key_layout, rollups
+from stats_service import key_layout, rollups, top_media
 from stats_service.processor import StatsProcessor
 from stats_service.rollups import BucketVersions, RollupCache, distinct_per_owner, top_slots
 from stats_service.top_media import STARTS, VIEW_TIME, VIEWERS, RollupRanker
@@ -171,3 +171,28 @@ def test_day_viewers_decoded_in_chunks_match_a_bit_per_byte_decoding(
     assert whole.minute_key.tolist() == keys.tolist()
     empty = rollups.day_viewers(media[:0], user[:0], [])
     assert len(empty.media) == 0 and len(empty.minute_key) == 0
+
+
+def test_bucket_rollups_are_int32_only_where_every_number_fits_and_sum_exactly() -> None:
+    """A rollup is kept as int32 when its numbers fit (half the cache bytes), else as int64; a
+    ranking's sums over rollups of both kinds, and a refresh that mixes them, stay exact."""
+    big = 2**31 + 7  # a day's view time of a very popular item, in seconds
+    small = rollups.bucket_rollup(np.array([0, 3]), np.array([[60, 1, 1], [120, 2, 2]]))
+    large = rollups.bucket_rollup(np.array([3, 4]), np.array([[big, 5, 4], [30, 1, 1]]))
+    assert small.slots.dtype == np.int32 and small.values.dtype == np.int32
+    assert large.slots.dtype == np.int32 and large.values.dtype == np.int64
+    assert small.nbytes == 2 * 4 + 2 * 3 * 4
+    sums = top_media._sum_rollups([small, large], 5)
+    assert sums.tolist() == [
+        [60, 1, 1, 1],
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+        [120 + big, 7, 6, 2],
+        [30, 1, 1, 1],
+    ]
+    grown = rollups.updated_bucket(small, np.array([3]), np.array([3]), np.array([[big, 3, 3]]))
+    assert grown.values.dtype == np.int64
+    assert sorted(map(tuple, np.column_stack([grown.slots, grown.values]).tolist())) == [
+        (0, 60, 1, 1),
+        (3, big, 3, 3),
+    ]
