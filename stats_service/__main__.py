@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
@@ -16,6 +17,7 @@ from stats_service.top_media import RollupRanker
 from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.membership import advertised_address
+from viewevents.state.store import StateStore
 
 log = logging.getLogger("stats_service")
 
@@ -60,18 +62,9 @@ async def serve(config: Config) -> None:
     # The log of changed keys that lets cached rollups be refreshed: a sixteenth of the rest.
     log_bytes = (cache_bytes - page_bytes) // 16
     versions = BucketVersions(log_keys=log_bytes // LOG_KEY_BYTES)
-    await bootstrap.serve_consumer(
-        config,
-        endpoint,
-        state_dir=config.stats_state_dir,
-        group_id=config.stats_group,
-        make_processor=lambda store: StatsProcessor(
-            config.heartbeat_seconds,
-            config.stats_trend_retention_days,
-            versions,
-            config.stats_minute_retention_days,
-        ),
-        make_servicer=lambda store, consumer, processor: StatsServicer(
+
+    def make_servicer(store: StateStore, consumer: Any, processor: Any) -> StatsServicer:
+        servicer = StatsServicer(
             StatsReader(store, config.stats_rank_chunk_rows),
             consumer,
             limits,
@@ -84,7 +77,22 @@ async def serve(config: Config) -> None:
                 else None
             ),
             pages=PageCache(page_bytes),
+        )
+        servicer.start_rollup_warmer()
+        return servicer
+
+    await bootstrap.serve_consumer(
+        config,
+        endpoint,
+        state_dir=config.stats_state_dir,
+        group_id=config.stats_group,
+        make_processor=lambda store: StatsProcessor(
+            config.heartbeat_seconds,
+            config.stats_trend_retention_days,
+            versions,
+            config.stats_minute_retention_days,
         ),
+        make_servicer=make_servicer,
     )
 
 

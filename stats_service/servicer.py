@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["StatsService"]
 # Internal, between instances; served next to SERVICE behind the same token.
 PARTITION_SERVICE = ppb.DESCRIPTOR.services_by_name["StatsPartitionService"]
+WARM_POLL_S = 1.0  # how often the rollup warmer checks for a new set of owned partitions
 T = TypeVar("T")
 Position = view_event_pb2.ConsumerPosition
 PartitionOffset = view_event_pb2.PartitionOffset
@@ -130,6 +132,7 @@ class StatsServicer:
         # each: identical requests arriving meanwhile (a dashboard shown on many screens) wait
         # for that one computation instead of queueing up copies of it behind the scans limit.
         self._computing: dict[tuple[object, ...], _Flight] = {}
+        self._warmer: asyncio.Task[None] | None = None
 
     def memory_bytes(self) -> dict[str, int]:
         """The bytes of this service's own bounded caches (ranking rollups, finished pages), for
@@ -455,11 +458,75 @@ class StatsServicer:
         the range is short enough for the rollups; None: use the streaming path."""
         if self.ranker is None or not self.ranker.covers(query.start, query.end):
             return None
+        return self._every_partition_local() or None
+
+    def _every_partition_local(self) -> list[int]:
+        """Every partition, when this instance owns and has caught up on all of them (rankings
+        then come from its rollups); else none."""
         owners = self._owners()
         if not owners or set(owners.values()) != {self.address}:
-            return None
+            return []
         partitions = sorted(owners)
-        return partitions if set(partitions) <= self._answerable() else None
+        return partitions if set(partitions) <= self._answerable() else []
+
+    # --- rollup warming ---------------------------------------------------------------------
+
+    def start_rollup_warmer(self) -> None:
+        """Load the ranking rollups, newest day first, whenever this instance comes to answer
+        rankings from its rollups (caught up on every partition): after a start, a restart or
+        a rebalance the first rankings then read the cache instead of each loading about a
+        hundred rollups (measured: docs/stats-service.md). On the running event loop."""
+        if self.ranker is not None:
+            self._warmer = asyncio.get_running_loop().create_task(
+                self._keep_rollups_warm(self.ranker), name="rollup-warmer"
+            )
+
+    def close(self) -> None:
+        """Called by the bootstrap on shutdown: stops the rollup warmer."""
+        if self._warmer is not None:
+            self._warmer.cancel()
+
+    async def _keep_rollups_warm(self, ranker: RollupRanker) -> None:
+        warmed: list[int] = []
+        while True:
+            await asyncio.sleep(WARM_POLL_S)
+            partitions = self._every_partition_local()
+            if not partitions or partitions == warmed:
+                continue
+            try:
+                if await self._warm_rollups(ranker, partitions):
+                    warmed = partitions
+            except Exception:  # noqa: BLE001 - warming is an optimisation; never kill the service
+                log.exception("rollup warming failed")
+
+    async def _warm_rollups(self, ranker: RollupRanker, partitions: list[int]) -> bool:
+        """One pass, a day at a time under the scans limit (a ranking waits at most for one
+        day's rollups); False when the partitions changed meanwhile (warm again later)."""
+        began, loads = time.monotonic(), ranker.cache.loads
+        days = await asyncio.to_thread(ranker.days_with_data, partitions)
+        warmed = {False: 0, True: 0}  # days warmed: bucket rollups, viewer rollups
+        for viewers in (False, True):
+            for day in days:
+                async with self._scans:
+                    if self._every_partition_local() != partitions:
+                        return False
+                    room = await asyncio.to_thread(ranker.warm_day, partitions, day, viewers)
+                if not room:
+                    break
+                warmed[viewers] += 1
+        log.info(
+            "rollups warm for partitions %s: buckets of %d and viewers of %d of %d days, "
+            "%d rollups loaded in %.1f s, cache %.1f of %.1f MiB",
+            ",".join(map(str, partitions)),
+            warmed[False],
+            warmed[True],
+            len(days),
+            ranker.cache.loads - loads,
+            time.monotonic() - began,
+            ranker.cache.bytes / 2**20,
+            ranker.cache.budget / 2**20,
+        )
+        return True
 
     async def _top_from_rollups(
         self, query: TopQuery, partitions: list[int]

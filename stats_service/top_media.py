@@ -99,6 +99,12 @@ def _viewer_rows(changes: Changes) -> Changes:
     return Changes(changes.media[:0], changes.viewer_media, changes.viewer_user)
 
 
+# Warming loads the bucket rollups (every ranking reads them), then the days' viewer rollups
+# (rankings by unique viewers, a page's viewers), newest day first, until the cache is this
+# full: the rest is left for what queries load (refreshed copies, older days) without evicting.
+WARM_FILL = 0.8
+
+
 @dataclass
 class Ranking:
     """The best `keep` items of a range: ids best first, their (view_time, starts, viewers)
@@ -129,6 +135,42 @@ class RollupRanker:
         return count + days <= self.max_tiles
 
     # --- rollup loaders (I/O) -------------------------------------------------------------
+
+    def days_with_data(self, partitions: Sequence[int]) -> list[int]:
+        """The days (UTC starts) with a ranking row in any of `partitions`, newest first: one
+        seek per day and partition through the day ranking index (bucket-major)."""
+        days: set[int] = set()
+        for p in partitions:
+            prefix = k.rank_prefix(p, k.DAY)
+            end = prefix_end(prefix)
+            low = prefix
+            while (key := next(iter(self.store.scan_keys(low, end)), None)) is not None:
+                day = k.unbiased(key[len(prefix) : len(prefix) + k.COLUMN_BYTES])
+                days.add(day)
+                low = prefix + k.biased(day + k.DAY)
+        return sorted(days, reverse=True)
+
+    def warm_day(self, partitions: Sequence[int], day: int, viewers: bool = False) -> bool:
+        """Load the day's bucket rollups of `partitions` (the day's, then its 24 hours'), or
+        with `viewers` its viewer rollups, that are not cached and current, while the cache is
+        under WARM_FILL of its budget; False once it is not (warming never evicts what queries
+        brought in: it stops first)."""
+        for p in partitions:
+            if viewers:
+                wanted = [("viewers", k.DAY, day)]
+            else:
+                wanted = [("bucket", k.DAY, day)]
+                wanted += [("bucket", k.HOUR, day + h * k.HOUR) for h in range(24)]
+            for kind, size, start in wanted:
+                if self.cache.bytes >= WARM_FILL * self.cache.budget:
+                    return False
+                if self.cache.current(kind, p, size, start):
+                    continue
+                if viewers:
+                    self._day_viewers(p, day)
+                else:
+                    self._bucket(p, size, start)
+        return True
 
     def _bucket(self, partition: int, size: int, start: int) -> BucketRollup:
         def load() -> BucketRollup:

@@ -196,3 +196,60 @@ def test_bucket_rollups_are_int32_only_where_every_number_fits_and_sum_exactly()
         (0, 60, 1, 1),
         (3, big, 3, 3),
     ]
+
+
+def test_warmed_rollups_serve_exact_rankings_without_loading(tmp_path: Path) -> None:
+    """Warming finds every day with data (newest first) and loads its bucket and viewer
+    rollups; rankings inside those days then load nothing and still match brute force."""
+    rng = random.Random(21)
+    events = random_events(rng, 3000)
+    partitioned = partition(events, PARTITIONS)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions()
+    load(store, partitioned, rng, processor=StatsProcessor(HEARTBEAT, 0, versions))
+    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    parts = list(range(PARTITIONS))
+    brute = Brute(partitioned, 0)
+    days = ranker.days_with_data(parts)
+    assert days == sorted({e.seconds // 86_400 * 86_400 for e in brute.kept}, reverse=True)
+    for viewers in (False, True):
+        for day in days:
+            assert ranker.warm_day(parts, day, viewers)
+    assert ranker.cache.loads == len(days) * PARTITIONS * (1 + 24 + 1)
+    loads = ranker.cache.loads
+    for _ in range(12):
+        start = rng.randint(days[-1], days[0]) // 60 * 60
+        end = min(start + 60 * rng.choice([61, 1439, 1441, 3000]), days[0] + 86_400)
+        expected = brute.top(start, end)
+        for column in (VIEW_TIME, STARTS, VIEWERS):
+            ranking = ranker.top(parts, start, end, column, 5)
+            assert ranking.media == expected_order(expected, column)[:5], (start, end, column)
+            page = np.asarray(sorted(ranking.media), np.int64)
+            viewers = ranker.page_viewers(parts, page, start, end).tolist()
+            assert viewers == [expected[m][2] for m in page.tolist()]
+    assert ranker.cache.loads == loads  # every rollup came from the warmed cache
+    store.close()
+
+
+def test_warming_stops_at_its_share_of_the_cache_and_keeps_the_newest_days(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(22)
+    events = random_events(rng, 3000)
+    partitioned = partition(events, PARTITIONS)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions()
+    load(store, partitioned, rng, processor=StatsProcessor(HEARTBEAT, 0, versions))
+    budget = 30_000
+    ranker = RollupRanker(store, RollupCache(versions, budget))
+    parts = list(range(PARTITIONS))
+    days = ranker.days_with_data(parts)
+    warmed = 0
+    while warmed < len(days) and ranker.warm_day(parts, days[warmed]):
+        warmed += 1
+    assert 0 < warmed < len(days)  # the case under test: not every day fits
+    assert ranker.cache.bytes <= budget
+    assert ranker.cache.loads == len(ranker.cache._entries)  # nothing warmed was evicted
+    assert ranker.cache.current("bucket", 0, 86_400, days[0])  # the newest day is kept
+    assert not ranker.cache.current("bucket", 0, 86_400, days[-1])
+    store.close()
