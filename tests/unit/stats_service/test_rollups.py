@@ -253,3 +253,23 @@ def test_warming_stops_at_its_share_of_the_cache_and_keeps_the_newest_days(
     assert ranker.cache.current("bucket", 0, 86_400, days[0])  # the newest day is kept
     assert not ranker.cache.current("bucket", 0, 86_400, days[-1])
     store.close()
+
+
+@pytest.mark.parametrize("edge_rows", [1, 3])
+def test_edge_hours_read_in_small_batches_match_brute_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edge_rows: int
+) -> None:
+    """The edge hours' rows of all partitions are read together, EDGE_ROWS at a time: batch
+    cuts fall between edges and inside one, and each row's minutes are its own edge's."""
+    monkeypatch.setattr(top_media, "EDGE_ROWS", edge_rows)
+    rng = random.Random(30 + edge_rows)
+    events = random_events(rng, 3000)
+    partitioned = partition(events, PARTITIONS)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions()
+    load(store, partitioned, rng, processor=StatsProcessor(HEARTBEAT, 0, versions))
+    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    low = min(e.seconds for e in events)
+    high = max(e.seconds for e in events)
+    check_rankings(ranker, Brute(partitioned, 0), rng, low, high, 15)
+    store.close()
