@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from stats_service.aggregation import Columns
 from stats_service.processor import StatsProcessor
+from stats_service.rollups import BucketVersions
 from viewevents.state.store import StateStore
 from viewevents.state.transaction import Transaction
 
@@ -137,3 +139,24 @@ def partition(events: list[Event], partitions: int) -> dict[int, list[Event]]:
     for e in events:
         out[e.user % partitions].append(e)  # a user's events share a partition, as in Kafka
     return out
+
+
+@dataclass
+class LoadedState:
+    """A store holding random events applied by the real processor, with the bucket versions
+    its rollups follow, the events per partition and the random source to go on with."""
+
+    store: StateStore
+    versions: BucketVersions
+    partitioned: dict[int, list[Event]]
+    rng: random.Random
+
+
+def loaded_state(path: Path, seed: int, count: int, partitions: int) -> LoadedState:
+    """`count` random events (`seed`) over `partitions`, applied to a store under `path`."""
+    rng = random.Random(seed)
+    partitioned = partition(random_events(rng, count), partitions)
+    store = StateStore(str(path / "db"))
+    versions = BucketVersions()
+    load(store, partitioned, rng, processor=StatsProcessor(HEARTBEAT, 0, versions))
+    return LoadedState(store, versions, partitioned, rng)

@@ -5,7 +5,6 @@ owns part of the data (rankings then take the streaming path, which reads no rol
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from pathlib import Path
 
@@ -13,13 +12,12 @@ import pytest
 
 from stats_service import request_parsing
 from stats_service import servicer as servicer_module
-from stats_service.processor import StatsProcessor
 from stats_service.reader import StatsReader
-from stats_service.rollups import BucketVersions, RollupCache
+from stats_service.rollups import RollupCache
 from stats_service.servicer import StatsServicer
 from stats_service.top_media import RollupRanker
 from tests.support.positions import caught_up_position
-from tests.support.stats_state import HEARTBEAT, load, partition, random_events
+from tests.support.stats_state import loaded_state
 from viewevents.state.store import StateStore
 from viewevents.v1 import view_event_pb2
 
@@ -42,22 +40,14 @@ class _Consumer:
 
 
 def _servicer(tmp_path: Path, owners: dict[int, str] | None) -> tuple[StatsServicer, StateStore]:
-    rng = random.Random(4)
-    store = StateStore(str(tmp_path / "db"))
-    versions = BucketVersions()
-    load(
-        store,
-        partition(random_events(rng, 2000), PARTITIONS),
-        rng,
-        processor=StatsProcessor(HEARTBEAT, 0, versions),
-    )
+    state = loaded_state(tmp_path, 4, 2000, PARTITIONS)
     servicer = StatsServicer(
-        StatsReader(store),
+        StatsReader(state.store),
         _Consumer(owners),
         request_parsing.Limits(),
-        ranker=RollupRanker(store, RollupCache(versions, 64 << 20)),
+        ranker=RollupRanker(state.store, RollupCache(state.versions, 64 << 20)),
     )
-    return servicer, store
+    return servicer, state.store
 
 
 def test_the_rollups_are_warmed_once_every_partition_is_local(

@@ -14,7 +14,14 @@ from stats_service import key_layout, rollups, top_media
 from stats_service.processor import StatsProcessor
 from stats_service.rollups import BucketVersions, RollupCache, distinct_per_owner, top_slots
 from stats_service.top_media import STARTS, VIEW_TIME, VIEWERS, RollupRanker
-from tests.support.stats_state import HEARTBEAT, Brute, load, partition, random_events
+from tests.support.stats_state import (
+    HEARTBEAT,
+    Brute,
+    load,
+    loaded_state,
+    partition,
+    random_events,
+)
 from viewevents.state.store import StateStore
 
 PARTITIONS = 3
@@ -201,15 +208,11 @@ def test_bucket_rollups_are_int32_only_where_every_number_fits_and_sum_exactly()
 def test_warmed_rollups_serve_exact_rankings_without_loading(tmp_path: Path) -> None:
     """Warming finds every day with data (newest first) and loads its bucket and viewer
     rollups; rankings inside those days then load nothing and still match brute force."""
-    rng = random.Random(21)
-    events = random_events(rng, 3000)
-    partitioned = partition(events, PARTITIONS)
-    store = StateStore(str(tmp_path / "db"))
-    versions = BucketVersions()
-    load(store, partitioned, rng, processor=StatsProcessor(HEARTBEAT, 0, versions))
-    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    state = loaded_state(tmp_path, 21, 3000, PARTITIONS)
+    store, rng = state.store, state.rng
+    ranker = RollupRanker(store, RollupCache(state.versions, 64 << 20))
     parts = list(range(PARTITIONS))
-    brute = Brute(partitioned, 0)
+    brute = Brute(state.partitioned, 0)
     days = ranker.days_with_data(parts)
     assert days == sorted({e.seconds // 86_400 * 86_400 for e in brute.kept}, reverse=True)
     for viewers in (False, True):
@@ -234,14 +237,10 @@ def test_warmed_rollups_serve_exact_rankings_without_loading(tmp_path: Path) -> 
 def test_warming_stops_at_its_share_of_the_cache_and_keeps_the_newest_days(
     tmp_path: Path,
 ) -> None:
-    rng = random.Random(22)
-    events = random_events(rng, 3000)
-    partitioned = partition(events, PARTITIONS)
-    store = StateStore(str(tmp_path / "db"))
-    versions = BucketVersions()
-    load(store, partitioned, rng, processor=StatsProcessor(HEARTBEAT, 0, versions))
+    state = loaded_state(tmp_path, 22, 3000, PARTITIONS)
+    store = state.store
     budget = 30_000
-    ranker = RollupRanker(store, RollupCache(versions, budget))
+    ranker = RollupRanker(store, RollupCache(state.versions, budget))
     parts = list(range(PARTITIONS))
     days = ranker.days_with_data(parts)
     warmed = 0
@@ -262,14 +261,9 @@ def test_edge_hours_read_in_small_batches_match_brute_force(
     """The edge hours' rows of all partitions are read together, EDGE_ROWS at a time: batch
     cuts fall between edges and inside one, and each row's minutes are its own edge's."""
     monkeypatch.setattr(top_media, "EDGE_ROWS", edge_rows)
-    rng = random.Random(30 + edge_rows)
-    events = random_events(rng, 3000)
-    partitioned = partition(events, PARTITIONS)
-    store = StateStore(str(tmp_path / "db"))
-    versions = BucketVersions()
-    load(store, partitioned, rng, processor=StatsProcessor(HEARTBEAT, 0, versions))
-    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
-    low = min(e.seconds for e in events)
-    high = max(e.seconds for e in events)
-    check_rankings(ranker, Brute(partitioned, 0), rng, low, high, 15)
-    store.close()
+    state = loaded_state(tmp_path, 30 + edge_rows, 3000, PARTITIONS)
+    ranker = RollupRanker(state.store, RollupCache(state.versions, 64 << 20))
+    seconds = [e.seconds for events in state.partitioned.values() for e in events]
+    brute = Brute(state.partitioned, 0)
+    check_rankings(ranker, brute, state.rng, min(seconds), max(seconds), 15)
+    state.store.close()
