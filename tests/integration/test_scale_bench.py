@@ -7,7 +7,11 @@ would make this test slow. Figures are not checked here: speed is the bench's bu
 
 from __future__ import annotations
 
-from benchmarks import scale
+import asyncio
+
+from benchmarks import scale, scratch
+from tests.support.broker import topic_names
+from tests.support.waits import wait_for
 
 
 def test_scale_section_prints_every_table(kafka_bootstrap: str) -> None:
@@ -21,7 +25,15 @@ def test_scale_section_prints_every_table(kafka_bootstrap: str) -> None:
         parts=("consume", "latency", "freshness"),
         services=("stats",),
     )
-    tables = scale.run_bench(kafka_bootstrap, options)
+    before = asyncio.run(topic_names(kafka_bootstrap))
+    try:
+        tables = scale.run_bench(kafka_bootstrap, options)
+    finally:
+        # What the bench's process would do at exit, done here while the test broker is up
+        # (at pytest's exit it is gone, and the deletion could only warn).
+        scratch.drop_scratch_topics()
+    # The bench left no topic (deletion is asynchronous on the broker: wait for the listing).
+    wait_for(lambda: asyncio.run(topic_names(kafka_bootstrap)) <= before, timeout=60)
     rows = {title.split(":")[0].split(" ")[0]: table["rows"] for title, table in tables.items()}
     assert [row[1] for row in rows["consume"]] == [1, 2]  # 1 and 2 instances
     assert all(row[2] > 0 for row in rows["consume"])
