@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class StatsServicer:
         # for that one computation instead of queueing up copies of it behind the scans limit.
         self._computing: dict[tuple[object, ...], _Flight] = {}
         self._warmer: asyncio.Task[None] | None = None
+        self._closed = threading.Event()  # stops a warming thread between two rollup loads
 
     def memory_bytes(self) -> dict[str, int]:
         """The bytes of this service's own bounded caches (ranking rollups, finished pages), for
@@ -482,7 +484,9 @@ class StatsServicer:
             )
 
     def close(self) -> None:
-        """Called by the bootstrap on shutdown: stops the rollup warmer."""
+        """Called by the bootstrap on shutdown, before RocksDB closes: stops the rollup warmer
+        (a warming thread stops at its next rollup load)."""
+        self._closed.set()
         if self._warmer is not None:
             self._warmer.cancel()
 
@@ -510,7 +514,11 @@ class StatsServicer:
                 async with self._scans:
                     if self._every_partition_local() != partitions:
                         return False
-                    room = await asyncio.to_thread(ranker.warm_day, partitions, day, viewers)
+                    room = await asyncio.to_thread(
+                        ranker.warm_day, partitions, day, viewers, self._closed.is_set
+                    )
+                if self._closed.is_set():
+                    return False
                 if not room:
                     break
                 warmed[viewers] += 1

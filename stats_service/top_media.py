@@ -151,11 +151,17 @@ class RollupRanker:
                 low = prefix + k.biased(day + k.DAY)
         return sorted(days, reverse=True)
 
-    def warm_day(self, partitions: Sequence[int], day: int, viewers: bool = False) -> bool:
+    def warm_day(
+        self,
+        partitions: Sequence[int],
+        day: int,
+        viewers: bool = False,
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> bool:
         """Load the day's bucket rollups of `partitions` (the day's, then its 24 hours'), or
         with `viewers` its viewer rollups, that are not cached and current, while the cache is
         under WARM_FILL of its budget; False once it is not (warming never evicts what queries
-        brought in: it stops first)."""
+        brought in: it stops first), or once `stopped()` (the service shutting down)."""
         for p in partitions:
             if viewers:
                 wanted = [("viewers", k.DAY, day)]
@@ -163,7 +169,7 @@ class RollupRanker:
                 wanted = [("bucket", k.DAY, day)]
                 wanted += [("bucket", k.HOUR, day + h * k.HOUR) for h in range(24)]
             for kind, size, start in wanted:
-                if self.cache.bytes >= WARM_FILL * self.cache.budget:
+                if self.cache.bytes >= WARM_FILL * self.cache.budget or stopped():
                     return False
                 if self.cache.current(kind, p, size, start):
                     continue

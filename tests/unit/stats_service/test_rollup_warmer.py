@@ -81,3 +81,14 @@ def test_no_warming_while_another_instance_owns_a_partition(tmp_path: Path) -> N
     servicer.consumer.owners[1] = "me:1"  # the other instance left: all local now
     assert servicer._every_partition_local() == [0, 1, 2]
     store.close()
+
+
+def test_a_closed_servicer_stops_warming_before_the_next_load(tmp_path: Path) -> None:
+    """Shutdown closes RocksDB after the servicer: a warming thread must not go on reading."""
+    servicer, store = _servicer(tmp_path, None)
+    assert servicer.ranker is not None
+    day = servicer.ranker.days_with_data(range(PARTITIONS))[0]
+    servicer.close()
+    assert not servicer.ranker.warm_day(range(PARTITIONS), day, False, servicer._closed.is_set)
+    assert servicer.ranker.cache.loads == 0
+    store.close()
