@@ -3,6 +3,7 @@ CPU seconds of a process, latency with the ghz load generator."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -60,6 +61,28 @@ class PeakRss:
 
 GHZ = Path(__file__).resolve().parent.parent / ".cache" / "go" / "bin" / "ghz"
 PROTOS = Path(__file__).resolve().parent.parent / "protos"
+
+
+def log_match(log_path: Path, pattern: str) -> re.Match[str] | None:
+    """The last match of `pattern` in a service's log file (None: not there yet)."""
+    found = list(re.finditer(pattern, log_path.read_text(errors="replace")))
+    return found[-1] if found else None
+
+
+async def wait_log(
+    log_path: Path,
+    pattern: str,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+) -> re.Match[str] | None:
+    """`log_match` once the log has it; None after `timeout` s or once `process` exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
+        found = log_match(log_path, pattern)
+        if found:
+            return found
+        await asyncio.sleep(0.1)
+    return None
 
 
 def cpu_seconds(pid: int) -> float:

@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaProducer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from benchmarks.measure import PeakRss, free_port
+from benchmarks.measure import PeakRss, free_port, wait_log
 from benchmarks.scratch import scratch_topics
 from recommender_service import settings as local_settings
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
@@ -233,13 +233,7 @@ class Service:
         raise TimeoutError(f"not caught up after {timeout} s; see {self.log_path}")
 
     def wait_log(self, pattern: str, timeout: float) -> re.Match | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = list(re.finditer(pattern, self.log_path.read_text(errors="replace")))
-            if found:
-                return found[-1]
-            time.sleep(0.25)
-        return None
+        return asyncio.run(wait_log(self.log_path, pattern, timeout))
 
     def stop(self) -> None:
         if self.rss is not None:

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from google.protobuf import timestamp_pb2
 from tqdm import tqdm
 
-from benchmarks.measure import free_port
+from benchmarks.measure import free_port, log_match, wait_log
 from viewevents.v1 import recommender_service_pb2 as rec_pb
 from viewevents.v1 import recommender_service_pb2_grpc as rec_grpc
 from viewevents.v1 import stats_service_pb2 as stats_pb
@@ -128,17 +128,10 @@ class Instance:
 
     def log_match(self, pattern: str) -> re.Match[str] | None:
         """The last match of `pattern` in the instance's log."""
-        found = list(re.finditer(pattern, self.log_path.read_text(errors="replace")))
-        return found[-1] if found else None
+        return log_match(self.log_path, pattern)
 
     async def wait_log(self, pattern: str, timeout: float) -> re.Match[str] | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.log_match(pattern)
-            if found:
-                return found
-            await asyncio.sleep(0.25)
-        return None
+        return await wait_log(self.log_path, pattern, timeout)
 
 
 class Group:
