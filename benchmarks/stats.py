@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,14 @@ from google.protobuf import json_format, timestamp_pb2
 from tqdm import tqdm
 
 from benchmarks import grpc_floor
-from benchmarks.measure import PeakRss, cpu_seconds, free_port, ghz_latency
+from benchmarks.measure import (
+    PeakRss,
+    cpu_seconds,
+    free_port,
+    ghz_latency,
+    log_match,
+    wait_log,
+)
 from benchmarks.scratch import scratch_topics
 from ingest_service.validation import Limits, validate_event
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
@@ -207,22 +213,8 @@ async def latency(
 
 def _applied_from_log(log_path: Path) -> tuple[int, float] | None:
     """The consumer's own count: 'caught up: N records applied in S s'."""
-    found = re.findall(
-        r"caught up[^:\n]*: (\d+) records applied in ([\d.]+) s", log_path.read_text()
-    )
-    return (int(found[-1][0]), float(found[-1][1])) if found else None
-
-
-async def _rollups_warmed(log_path: Path, process: subprocess.Popen, timeout: float = 120) -> str:
-    """The service's 'rollups warm ...' log line, once it is written (empty if it is not
-    within `timeout` s: rollups off, or an old version of the service)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        found = re.search(r"rollups warm for partitions [\d,]+: (.*)", log_path.read_text())
-        if found:
-            return found.group(1)
-        await asyncio.sleep(0.1)
-    return ""
+    found = log_match(log_path, r"caught up[^:\n]*: (\d+) records applied in ([\d.]+) s")
+    return (int(found.group(1)), float(found.group(2))) if found else None
 
 
 async def _bench(
@@ -268,9 +260,12 @@ async def _bench(
             consuming_s = own[1] if own and own[1] > 0 else catch_up
             # The service loads its ranking rollups once caught up: the queries below are timed
             # after that, as a service that has been up for more than a few seconds answers.
-            warmed = await _rollups_warmed(log_path, process)
+            # (Not logged within 2 minutes: rollups off, or an old version of the service.)
+            warmed = await wait_log(
+                log_path, r"rollups warm for partitions [\d,]+: (.*)", 120, process
+            )
             if warmed:
-                result["rollup_warm_up"] = warmed
+                result["rollup_warm_up"] = warmed.group(1)
             if consuming_s > 0:
                 result["events_per_s_consuming"] = round(len(records) / consuming_s)
             result["events_per_cpu_s_start_to_caught_up"] = round(len(records) / cpu)
@@ -300,27 +295,40 @@ async def _bench(
                     limit=10,
                 )
 
+            asked: set[int] = set()
+
+            def new_start(rng: random.Random, span: int) -> int:
+                """A whole minute, `span` s before the data's end, never asked before in this
+                run (so no kept page can answer its ranking)."""
+                minutes = max(1, (high - low - span) // 60)
+                for _ in range(1000):
+                    start = low - low % 60 + 60 * rng.randrange(minutes)
+                    if start not in asked:
+                        asked.add(start)
+                        return start
+                raise RuntimeError(
+                    f"no {span // 86400}-day range left that was not asked before: the data "
+                    "spans too few minutes for the calls; generate more days (--stats-days)"
+                )
+
             def top_call(
                 metric: pb.TopMediaMetric, span_days: int = 1, repeated: bool = False
             ) -> Callable[[random.Random], Awaitable[None]]:
-                """Distinct ranges (whole minutes never asked before in this run, so no kept
-                page can answer them), or with `repeated` one range asked again and again."""
+                """Distinct ranges (`new_start`), or with `repeated` one range asked again and
+                again."""
                 span = 86400 * span_days
-                minutes = max(1, (high - low - span) // 60)
 
                 async def call(rng: random.Random) -> None:
                     if repeated:
-                        start = low - low % 60 + 60 * (minutes // 2)
+                        start = low - low % 60 + 60 * (max(1, (high - low - span) // 60) // 2)
                     else:
-                        start = low - low % 60 + 60 * rng.randrange(minutes)
-                        while start in asked:
-                            start = low - low % 60 + 60 * rng.randrange(minutes)
-                        asked.add(start)
+                        start = new_start(rng, span)
                     await stub.ListTopMedia(top_request(metric, start, span))
 
                 return call
 
-            asked: set[int] = set()
+            # Rankings over spans shorter than the data (the default 35 days covers all three).
+            spans = [d for d in (1, 7, 30) if 86400 * d < high - low]
 
             metrics = {
                 "view time": pb.TOP_MEDIA_METRIC_VIEW_TIME,
@@ -349,15 +357,15 @@ async def _bench(
             result["GetMediaTrend (1 day, minutes)"] = await latency(
                 "GetMediaTrend", trend_call, calls // 4, concurrency
             )
-            for label, metric in metrics.items():  # untimed: the first ranking after warming
+            for label, metric in metrics.items() if spans else ():  # untimed; none if no span
                 cold_cpu = sum(psutil.Process(process.pid).cpu_times()[:2])
                 began = time.perf_counter()
-                await top_call(metric, 30)(random.Random(0))
-                result[f"ListTopMedia first call (30 days, {label})"] = (
+                await top_call(metric, spans[-1])(random.Random(0))
+                result[f"ListTopMedia first call ({spans[-1]} days, {label})"] = (
                     f"{1000 * (time.perf_counter() - began):.0f} ms wall, "
                     f"{sum(psutil.Process(process.pid).cpu_times()[:2]) - cold_cpu:.2f} CPU s"
                 )
-            for span_days in (1, 7, 30):
+            for span_days in spans:
                 for label, metric in metrics.items():
                     top_cpu = sum(psutil.Process(process.pid).cpu_times()[:2])
                     count = calls // 20 if label == "view time" else calls // 40
@@ -372,17 +380,11 @@ async def _bench(
                     result[f"ListTopMedia ({span_days} day, {label})"] = timed
             # The same rankings with the Go client (distinct ranges, as above), and one range
             # asked again and again: answered from the page kept for the current offsets.
-            for span_days in (1, 7, 30):
+            for span_days in spans:
                 for label, metric in metrics.items():
                     count = calls // 20 if label == "view time" else calls // 40
                     span = 86400 * span_days
-                    minutes = max(1, (high - low - span) // 60)
-                    starts: list[int] = []
-                    while len(starts) < count:
-                        start = low - low % 60 + 60 * ghz_rng.randrange(minutes)
-                        if start not in asked:
-                            asked.add(start)
-                            starts.append(start)
+                    starts = [new_start(ghz_rng, span) for _ in range(count)]
                     result[f"ListTopMedia ({span_days} day, {label}; ghz, Go client)"] = (
                         ghz_latency(
                             config.stats_address,
