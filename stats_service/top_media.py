@@ -145,7 +145,7 @@ class RollupRanker:
             prefix = k.rank_prefix(p, k.DAY)
             end = prefix_end(prefix)
             low = prefix
-            while (key := next(iter(self.store.scan_keys(low, end)), None)) is not None:
+            while (key := next(self.store.scan_keys(low, end), None)) is not None:
                 day = k.unbiased(key[len(prefix) : len(prefix) + k.COLUMN_BYTES])
                 days.add(day)
                 low = prefix + k.biased(day + k.DAY)
