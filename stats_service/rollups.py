@@ -5,8 +5,9 @@ A rollup is one (partition, hour or day) bucket with all of its media as columns
 index rows (`h`, `d`) of the bucket, read with one scan. A day's viewer rows (from the
 day-major bitmaps `Q`, reduced to a 24-bit mask of the hours in which the user had an event and
 60-bit minute masks of those hours) are rollups too, as are one item's viewer rows of a day
-(from its `P` rows, for a page's viewers when whole days are too large to keep). Entries are
-built on first use and kept in a least-recently-used cache under a byte budget.
+and its users of a day (from its `P` rows, for a page's viewers when whole days are too large
+to keep). Entries are built on first use and kept in a least-recently-used cache under a byte
+budget.
 
 Freshness: the processor notes which (partition, hour) and (partition, day) buckets a batch
 touched, and which of their keys it rewrote (the media of `h` and `d` rows, the (media, user)
@@ -180,6 +181,10 @@ class BucketVersions:
     def version(self, partition: int, size: int, start: int) -> int:
         with self._lock:
             return self._versions.get((partition, size, start), 0)
+
+    def versions(self, partition: int, size: int, starts: Sequence[int]) -> list[int]:
+        with self._lock:
+            return [self._versions.get((partition, size, s), 0) for s in starts]
 
     def changed_keys(
         self, partition: int, size: int, start: int, version: int, viewers: bool
@@ -428,7 +433,34 @@ def refreshed_day(
     return day_layers(merge_day_rows(entry.base, keep, delta))
 
 
-Entry = BucketRollup | DayLayers
+@dataclass(frozen=True)
+class ItemUsers:
+    """One item's viewers of one whole day in one partition (its `P` keys' users, sorted):
+    what a page's viewers need of a day wholly inside a long range, where the hours and
+    minutes of `DayViewers` cannot exclude anyone. Charged a fixed overhead per entry too:
+    a page of a 30-day range keeps over a thousand of them, most a few hundred bytes."""
+
+    users: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.users.nbytes) + ITEM_ENTRY_OVERHEAD
+
+    @property
+    def rows(self) -> int:
+        return len(self.users)
+
+
+ITEM_ENTRY_OVERHEAD = 400  # bytes of an entry beyond its array: key, tuples, array header
+
+
+def updated_item_users(entry: ItemUsers, changed: np.ndarray, stored: np.ndarray) -> ItemUsers:
+    """`entry` with the `changed` users (sorted, distinct) now in it exactly where `stored`."""
+    kept = np.setdiff1d(entry.users, changed[~stored], assume_unique=True)
+    return ItemUsers(np.union1d(kept, changed[stored]))
+
+
+Entry = BucketRollup | DayLayers | ItemUsers
 
 
 Refresh = Callable[[Entry, Changes], Entry]
@@ -486,9 +518,31 @@ class RollupCache:
             found = self._entries.get((kind, partition, size, start))
         if found is None:
             return False
-        viewers = isinstance(found[1], DayLayers)
+        viewers = isinstance(found[1], (DayLayers, ItemUsers))
         changed = self.versions.changed_keys(partition, size, start, found[0], viewers)
         return changed is not None and _worth_refreshing(changed, found[1].rows)
+
+    def current_entries(
+        self, kind: str, partition: int, size: int, starts: Sequence[int]
+    ) -> list[Entry | None]:
+        """The cached and current entries of many buckets of one kind (None where not), marked
+        used as `get` marks a hit, under one lock: a page of a 30-day range asks for over a
+        thousand one-item entries, and one `get` each cost more than the counting."""
+        versions = self.versions.versions(partition, size, starts)
+        found: list[Entry | None] = []
+        with self._lock:
+            entries, now = self._entries, self._round
+            for start, version in zip(starts, versions):
+                key = (kind, partition, size, start)
+                held = entries.get(key)
+                if held is not None and held[0] == version:
+                    entries[key] = (version, held[1], now)
+                    entries.move_to_end(key)
+                    found.append(held[1])
+                else:
+                    found.append(None)
+            self.hits += len(found) - found.count(None)
+        return found
 
     def cached_rows(self, kind: str, partition: int, size: int, start: int) -> int | None:
         """Rows of the bucket's cached rollup, whatever its version (None: not cached)."""

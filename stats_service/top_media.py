@@ -20,9 +20,9 @@ whole hours from the hour mask, the ragged edge hours from the minute masks.
 
 A page ranked by view time or starts gets its items' exact viewers the same way: from the
 whole days' viewer rows when they are cached (or fit half the cache), else from each item's own
-viewer rows of each day (`P`), kept and refreshed per item for ranges of up to three days: a
-day of a steady stream holds far more viewer-days than the cache, the page's few items far
-fewer.
+entries, kept and refreshed per item, partition and day: its users of each whole day (keys
+alone) and its viewer rows of the edge days. A day of a steady stream holds far more
+viewer-days than the cache, the page's few items far fewer.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from itertools import compress, islice
 import numpy as np
 
 from stats_service import key_layout as k
-from stats_service.reader import StatsReader
 from stats_service.request_parsing import ceil_to, floor_to, tiles
 from stats_service.rollups import (
     VIEWER_CHUNK,
@@ -44,6 +43,7 @@ from stats_service.rollups import (
     DayLayers,
     DayViewers,
     Entry,
+    ItemUsers,
     RollupCache,
     bucket_rollup,
     concat_day_viewers,
@@ -55,6 +55,7 @@ from stats_service.rollups import (
     rows_of,
     top_slots,
     updated_bucket,
+    updated_item_users,
 )
 from viewevents.state.keys import partition_prefix, prefix_end
 from viewevents.state.store import StateStore
@@ -62,7 +63,6 @@ from viewevents.state.store import StateStore
 VIEW_TIME, STARTS, VIEWERS = 0, 1, 2
 _EXACT_CHUNK = 2_000  # items per exact union: bounds the pairs held at once
 _FEW_ITEMS = 100  # a page this small may read its items' own bitmaps rather than load days
-_ITEM_DAYS = 3  # ranges over more days read a page's viewers from its items' bitmaps directly
 _VIEWER_ROW_BYTES = 48  # a day rollup's bytes per viewer-day, about (keys, masks, minute words)
 
 
@@ -97,6 +97,12 @@ def _ranking_rows(changes: Changes) -> Changes:
 def _viewer_rows(changes: Changes) -> Changes:
     """The changes a day's viewer rollup holds: its viewer rows, not the ranking rows."""
     return Changes(changes.media[:0], changes.viewer_media, changes.viewer_user)
+
+
+def _item_changes(changes: Changes, media: int) -> Changes:
+    """The changes one item's viewer entries hold: its viewer rows (sorted by media first)."""
+    lo, hi = np.searchsorted(changes.viewer_media, [media, media + 1]).tolist()
+    return Changes(changes.media[:0], changes.viewer_media[lo:hi], changes.viewer_user[lo:hi])
 
 
 # Warming loads the bucket rollups (every ranking reads them), then the days' viewer rollups
@@ -246,12 +252,7 @@ class RollupRanker:
                 parts.append(day_viewers(owner, user, [v for _, v in chunk]))
             return day_layers(concat_day_viewers(parts))
 
-        def narrow(changes: Changes) -> Changes:
-            lo, hi = np.searchsorted(changes.viewer_media, [media, media + 1]).tolist()
-            return Changes(
-                changes.media[:0], changes.viewer_media[lo:hi], changes.viewer_user[lo:hi]
-            )
-
+        narrow = partial(_item_changes, media=media)
         return self._cached_viewers(f"viewers of {media}", partition, day, load, narrow)
 
     def _cached_viewers(
@@ -474,33 +475,114 @@ class RollupRanker:
     ) -> np.ndarray:
         """Exact distinct users of a page's items (a ranking by view time or starts): from the
         day rollups when they are cached and current or cheap to refresh, or when loading the
-        missing ones fits the cache; else, for a small page, from each item's own viewer rows
-        (`P`), kept per item and day and refreshed the same way when the range touches at most
-        three days (a day's stream: the soak), read directly (as GetMediaTrend) for longer
-        ranges, whose (item, partition, day) entries would be too many to stay cached; rather
-        than rebuilding days of hundreds of thousands of viewer-days that would not stay
-        cached."""
+        missing ones fits the cache; else, for a small page, from each item's own entries
+        (`_items_viewers`), rather than rebuilding days of hundreds of thousands of
+        viewer-days that would not stay cached (a steady stream's days outgrow the cache)."""
         days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
         if len(media) > _FEW_ITEMS or self._viewer_days_fit(partitions, days):
             return self.viewers(partitions, media, start, end)
-        if len(days) > _ITEM_DAYS:  # an entry per item, partition and day: too many to keep
-            reader = StatsReader(self.store)
-            return np.array(
-                [reader.viewers(partitions, m, start, end) for m in media.tolist()], np.int64
+        return self._items_viewers(partitions, media, start, end)
+
+    def _items_viewers(
+        self, partitions: Sequence[int], media: np.ndarray, start: int, end: int
+    ) -> np.ndarray:
+        """Exact distinct users of each item (ascending, distinct) over minute-aligned
+        [start, end): the union of its users of each whole day (`ItemUsers`, keys alone: a
+        30-day page needs over a thousand such entries, a few hundred bytes each) and of its
+        viewer rows of the (at most two) edge days that have an event inside the range
+        (`_item_viewers`), counted for all items at once. Entries are kept per item,
+        partition and day, and refreshed from the changed pairs, like the days' rollups."""
+        whole_days = range(ceil_to(start, k.DAY), floor_to(end, k.DAY), k.DAY)
+        edge_days = [
+            day
+            for day in range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
+            if day not in whole_days
+        ]
+        items = media.tolist()
+        users: list[np.ndarray] = []
+        sizes: list[int] = []  # users of each (partition, item), in that order
+        edge_users: list[np.ndarray] = []
+        edge_owners: list[np.ndarray] = []
+        for p in partitions:
+            for item in items:
+                found = self._items_users(p, whole_days, item)
+                users.extend(found)
+                sizes.append(sum(map(len, found)))
+            for day in edge_days:
+                user, owner = self._edge_day_users(p, day, items, start, end)
+                edge_users.append(user)
+                edge_owners.append(owner)
+        whole_owner = np.repeat(np.tile(np.arange(len(items)), len(partitions)), sizes)
+        owner = np.concatenate([whole_owner, *edge_owners])
+        if len(owner) == 0:
+            return np.zeros(len(items), np.int64)
+        return distinct_per_owner(owner, np.concatenate(users + edge_users), len(items))
+
+    def _edge_day_users(
+        self, partition: int, day: int, items: list[int], start: int, end: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The (user, item position) pairs of the items' viewer rows of a day cut by the range
+        that have an event inside it: the items' rows side by side, checked in one go."""
+        parts: list[DayViewers] = []
+        live: list[np.ndarray] = []
+        owner: list[np.ndarray] = []
+        for at, item in enumerate(items):
+            for found, dead in self._item_viewers(partition, day, item).layers():
+                if found.rows:
+                    parts.append(found)
+                    live.append(np.ones(found.rows, bool) if dead is None else ~dead)
+                    owner.append(np.full(found.rows, at, np.int64))
+        if not parts:
+            empty = np.zeros(0, np.int64)
+            return empty, empty
+        rows = np.flatnonzero(np.concatenate(live))
+        both = concat_day_viewers(parts)
+        rows = rows[self._partial_day(day, start, end, both, rows)]
+        return both.user[rows], np.concatenate(owner)[rows]
+
+    def _items_users(self, partition: int, days: range, media: int) -> list[np.ndarray]:
+        """One item's users of each of `days` (whole days): the current ones from the cache
+        in one look-up, the others refreshed or loaded."""
+        found = self.cache.current_entries(f"users of {media}", partition, k.DAY, days)
+        return [
+            (self._item_users(partition, day, media) if entry is None else entry).users  # type: ignore[union-attr]
+            for day, entry in zip(days, found)
+        ]
+
+    def _item_users(self, partition: int, day: int, media: int) -> ItemUsers:
+        """One item's users of one whole day, read as keys alone and refreshed from the
+        changed (item, user) pairs: the users of a day wholly inside a range need no bitmap."""
+
+        def load() -> ItemUsers:
+            prefix = k.presence_prefix(partition, media) + k.biased(day)
+            keys = self.store.scan_keys(prefix, prefix_end(prefix))
+            parts = [np.zeros(0, np.int64)]
+            while chunk := list(islice(keys, VIEWER_CHUNK)):
+                parts.append(k.key_columns(chunk, 2))  # P media day user
+            return ItemUsers(np.concatenate(parts))
+
+        def refresh(entry: Entry, changes: Changes) -> ItemUsers:
+            assert isinstance(entry, ItemUsers)
+            user = changes.viewer_user
+            keys = k.pack_keys(
+                k.presence_prefix(partition, media),
+                [np.full(len(user), day, np.int64), user],
+                (True, False),
             )
-        return np.array(
-            [
-                self._viewers_from(
-                    partitions,
-                    np.array([m], np.int64),
-                    start,
-                    end,
-                    partial(self._item_viewers, media=m),
-                )[0]
-                for m in media.tolist()
-            ],
-            np.int64,
+            stored = ~k.absent(self.store.get_many(keys))
+            return updated_item_users(entry, user, stored)
+
+        entry = self.cache.get(
+            f"users of {media}",
+            partition,
+            k.DAY,
+            day,
+            load,
+            refresh,
+            partial(_item_changes, media=media),
         )
+        assert isinstance(entry, ItemUsers)
+        return entry
 
     def _viewer_days_fit(self, partitions: Sequence[int], days: range) -> bool:
         """Whether the days' viewer rollups are all cheap to bring up to date, or would take

@@ -46,15 +46,17 @@ RANGES = [
 ]
 
 
-def events_in(rng: random.Random, count: int, first: int, media: int, users: int) -> list[Event]:
-    """Events at random times of the ranges' two days, ids from `first` on."""
+def events_in(
+    rng: random.Random, count: int, first: int, media: int, users: int, days: int = 2
+) -> list[Event]:
+    """Events at random times of the first `days` days (the ranges' two), ids from `first` on."""
     return [
         Event(
             f"e{first + i}",
             rng.randint(1, media),
             rng.randint(1, users),
             rng.choice([1, 2, 2, 2, 3, 4]),
-            BASE + rng.randrange(2 * DAY),
+            BASE + rng.randrange(days * DAY),
         )
         for i in range(count)
     ]
@@ -134,6 +136,62 @@ def test_refreshed_rollups_match_brute_force_as_batches_land(
     # Copy on write: the entry the reader held was never changed in place.
     for now, then in zip([held.media, held.user, held.minute_key], held_copy):
         assert np.array_equal(now, then)
+
+
+def test_long_range_page_viewers_from_per_item_days_as_batches_land(tmp_path: Path) -> None:
+    """A page's viewers over ranges of more than three days, when whole days' viewer rows do
+    not fit: each item's users of each whole day (kept per item and day, refreshed from the
+    changed pairs) and its rows of the edge days, against brute force while batches land
+    (late events into old days, new items and users, a day whose change is not described)."""
+    rng = random.Random(11)
+    days = 7
+    events = events_in(rng, 3000, 0, media=15, users=60, days=days)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions(1 << 16)
+    processor = StatsProcessor(HEARTBEAT, 0, versions)
+    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    ranker._viewer_days_fit = lambda partitions, days: False  # type: ignore[method-assign]
+    load(store, partition(events, PARTITIONS), rng, processor=processor)
+    parts = list(range(PARTITIONS))
+    ranges = [
+        (BASE, BASE + days * DAY),  # whole days only
+        (BASE + 3 * HOUR + 17 * 60, BASE + 5 * DAY + 7 * HOUR + 41 * 60),  # ragged both ends
+        (BASE + DAY + 59 * 60, BASE + 5 * DAY),
+        (BASE + 2 * DAY, BASE + 6 * DAY + 60),
+    ]
+
+    def check_pages() -> None:
+        brute = Brute(partition(events, PARTITIONS), 0)
+        for start, end in ranges:
+            expected = brute.top(start, end)
+            some = np.asarray(sorted(rng.sample(sorted(expected), 8)), np.int64)
+            want = [expected[m][2] for m in some.tolist()]
+            assert ranker.page_viewers(parts, some, start, end).tolist() == want, (start, end)
+
+    check_pages()
+    loads = ranker.cache.loads
+    for step in range(6):
+        media = 15 if step < 2 else 15 + step
+        more = events_in(rng, rng.choice([1, 5, 40]), len(events), media, 60 + 5 * step, days)
+        apply(store, processor, more)
+        events += more
+        if step == 3:  # a change not described key by key: that day's entries are reloaded
+            versions.touch(1, DAY, np.asarray([BASE + 2 * DAY]))
+            versions.publish()
+        check_pages()
+    entries = [key for key in ranker.cache._entries if key[0].startswith("users of ")]
+    assert entries and all(key[2] == DAY for key in entries)
+    assert ranker.cache.refreshes > 0
+    assert ranker.cache.loads - loads < ranker.cache.refreshes
+
+
+def test_item_users_refresh_adds_and_drops_users() -> None:
+    entry = rollups.ItemUsers(np.array([3, 5, 9], np.int64))
+    changed = np.array([1, 5, 9, 12], np.int64)
+    stored = np.array([True, False, True, True])
+    assert rollups.updated_item_users(entry, changed, stored).users.tolist() == [1, 3, 9, 12]
+    assert entry.users.tolist() == [3, 5, 9]  # copy on write
+    assert entry.rows == 3 and entry.nbytes == 24 + rollups.ITEM_ENTRY_OVERHEAD
 
 
 class _LandingStore:
