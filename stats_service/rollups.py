@@ -827,15 +827,14 @@ def rows_of(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.
     """Rows of `sorted_ids` whose id is in `wanted` (ascending, distinct), and for each the
     position of its id in `wanted`: contiguous runs found by binary search, no scan."""
     lo = np.searchsorted(sorted_ids, wanted, "left")
-    hi = np.searchsorted(sorted_ids, wanted, "right")
-    lengths = hi - lo
-    total = int(lengths.sum())
+    lengths = np.searchsorted(sorted_ids, wanted, "right") - lo
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
     if total == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty
     owner = np.repeat(np.arange(len(wanted)), lengths)
-    run_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    rows = np.repeat(lo, lengths) + (np.arange(total) - run_start)
+    rows = np.arange(total) + (lo - (ends - lengths))[owner]  # each run from its first row
     return rows, owner
 
 

@@ -627,6 +627,8 @@ class RollupRanker:
             users: list[np.ndarray] = []
             for day in range(first_day, end_day, k.DAY):
                 for found, dead in day_rows(p, day).layers():
+                    if found.rows == 0:  # an empty delta: most days' when nothing streams
+                        continue
                     rows, owner = rows_of(found.media, media)
                     if dead is not None and len(rows):
                         live = ~dead[rows]
