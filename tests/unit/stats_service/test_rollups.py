@@ -12,7 +12,13 @@ import pytest
 
 from stats_service import key_layout, rollups, top_media
 from stats_service.processor import StatsProcessor
-from stats_service.rollups import BucketVersions, RollupCache, distinct_per_owner, top_slots
+from stats_service.rollups import (
+    BucketVersions,
+    RollupCache,
+    distinct_per_owner,
+    rows_of,
+    top_slots,
+)
 from stats_service.top_media import STARTS, VIEW_TIME, VIEWERS, RollupRanker
 from tests.support.stats_state import (
     HEARTBEAT,
@@ -267,3 +273,13 @@ def test_edge_hours_read_in_small_batches_match_brute_force(
     brute = Brute(state.partitioned, 0)
     check_rankings(ranker, brute, state.rng, min(seconds), max(seconds), 15)
     state.store.close()
+
+
+def test_rows_of_against_a_scan() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        ids = np.sort(rng.integers(0, 30, rng.integers(0, 60)))
+        wanted = np.unique(rng.integers(0, 35, rng.integers(0, 8)))
+        rows, owner = rows_of(ids, wanted)
+        expected = [(r, w) for w, m in enumerate(wanted.tolist()) for r in np.flatnonzero(ids == m)]
+        assert list(zip(rows.tolist(), owner.tolist())) == expected
