@@ -186,6 +186,10 @@ class BucketVersions:
         with self._lock:
             return [self._versions.get((partition, size, s), 0) for s in starts]
 
+    def version_sum(self, parts: Sequence[tuple[int, int, int]]) -> int:
+        with self._lock:
+            return sum(self._versions.get(part, 0) for part in parts)
+
     def changed_keys(
         self, partition: int, size: int, start: int, version: int, viewers: bool
     ) -> int | None:
@@ -543,6 +547,33 @@ class RollupCache:
                     found.append(None)
             self.hits += len(found) - found.count(None)
         return found
+
+    def get_derived(
+        self,
+        kind: str,
+        size: int,
+        start: int,
+        parts: Sequence[tuple[int, int, int]],
+        build: Callable[[], Entry],
+    ) -> Entry:
+        """An entry built from the entries of other buckets, `parts` (partition, size, start):
+        current while none of them changed. Filed under the sum of their versions, which grows
+        with every change to any of them (versions only grow) and is read before `build`
+        reads them: like a load, never newer than it claims."""
+        version = self.versions.version_sum(parts)
+        key = (kind, -1, size, start)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None and found[0] == version:
+                self._entries[key] = (version, found[1], self._round)
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return found[1]
+        entry = build()
+        with self._lock:
+            self.loads += 1
+        self._file(key, version, entry)
+        return entry
 
     def cached_rows(self, kind: str, partition: int, size: int, start: int) -> int | None:
         """Rows of the bucket's cached rollup, whatever its version (None: not cached)."""

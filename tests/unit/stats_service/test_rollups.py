@@ -283,3 +283,55 @@ def test_rows_of_against_a_scan() -> None:
         rows, owner = rows_of(ids, wanted)
         expected = [(r, w) for w, m in enumerate(wanted.tolist()) for r in np.flatnonzero(ids == m)]
         assert list(zip(rows.tolist(), owner.tolist())) == expected
+
+
+def test_day_blocks_cover_each_day_once_in_aligned_power_of_two_blocks() -> None:
+    day = 86_400
+    for low in range(0, 70):
+        for high in range(low, low + 70, 3):
+            blocks = top_media.day_blocks(low * day, high * day)
+            covered = [first // day + i for first, days in blocks for i in range(days)]
+            assert covered == list(range(low, high))
+            for first, days in blocks:
+                assert days & (days - 1) == 0 and days <= top_media.MAX_BLOCK_DAYS
+                assert (first // day) % days == 0
+            assert len(blocks) <= 2 * max(1, (high - low).bit_length())
+
+
+def test_long_rankings_from_blocks_of_days_match_brute_force_while_batches_land(
+    tmp_path: Path,
+) -> None:
+    """Rankings over ranges of 5 to 25 days read whole days as blocks summed over days and
+    partitions; a batch changing any day of a block (late events, weeks behind) makes the
+    block current no longer, and the next ranking sums it again."""
+    rng = random.Random(31)
+    events = random_events(rng, 4000, late_fraction=0.3)
+    partitioned = partition(events, PARTITIONS)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions()
+    processor = StatsProcessor(HEARTBEAT, 0, versions)
+    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    parts = list(range(PARTITIONS))
+    low = min(e.seconds for e in events) // 86_400 * 86_400
+    high = max(e.seconds for e in events)
+    loaded: dict[int, list] = {p: [] for p in partitioned}
+    for cut in (0.5, 0.7, 0.85, 1.0):
+        more = {p: evs[len(loaded[p]) : int(len(evs) * cut)] for p, evs in partitioned.items()}
+        load(store, more, rng, processor=processor)
+        for p in loaded:
+            loaded[p] += more[p]
+        brute = Brute(loaded, 0)
+        for days in (5, 12, 25):
+            start = rng.randrange(low - 2 * 86_400, max(low, high - days * 86_400)) // 60 * 60
+            end = start + days * 86_400 + 60 * rng.randrange(1440)
+            expected = brute.top(start, end)
+            for column in (VIEW_TIME, STARTS, VIEWERS):
+                ranking = ranker.top(parts, start, end, column, 6)
+                assert ranking.media == expected_order(expected, column)[:6], (days, column)
+                for media, row in zip(ranking.media, ranking.values.tolist()):
+                    assert row[:2] == list(expected[media][:2])
+                    if column == VIEWERS:
+                        assert row[2] == expected[media][2]
+    blocks = [key for key in ranker.cache._entries if key[0].startswith("days of ")]
+    assert blocks and all(key[2] > 86_400 for key in blocks)
+    store.close()
