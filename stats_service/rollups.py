@@ -182,10 +182,6 @@ class BucketVersions:
         with self._lock:
             return self._versions.get((partition, size, start), 0)
 
-    def versions(self, partition: int, size: int, starts: Sequence[int]) -> list[int]:
-        with self._lock:
-            return [self._versions.get((partition, size, s), 0) for s in starts]
-
     def version_sum(self, parts: Sequence[tuple[int, int, int]]) -> int:
         with self._lock:
             return sum(self._versions.get(part, 0) for part in parts)
@@ -525,28 +521,6 @@ class RollupCache:
         viewers = isinstance(found[1], (DayLayers, ItemUsers))
         changed = self.versions.changed_keys(partition, size, start, found[0], viewers)
         return changed is not None and _worth_refreshing(changed, found[1].rows)
-
-    def current_entries(
-        self, kind: str, partition: int, size: int, starts: Sequence[int]
-    ) -> list[Entry | None]:
-        """The cached and current entries of many buckets of one kind (None where not), marked
-        used as `get` marks a hit, under one lock: a page of a 30-day range asks for over a
-        thousand one-item entries, and one `get` each cost more than the counting."""
-        versions = self.versions.versions(partition, size, starts)
-        found: list[Entry | None] = []
-        with self._lock:
-            entries, now = self._entries, self._round
-            for start, version in zip(starts, versions):
-                key = (kind, partition, size, start)
-                held = entries.get(key)
-                if held is not None and held[0] == version:
-                    entries[key] = (version, held[1], now)
-                    entries.move_to_end(key)
-                    found.append(held[1])
-                else:
-                    found.append(None)
-            self.hits += len(found) - found.count(None)
-        return found
 
     def get_derived(
         self,

@@ -536,6 +536,7 @@ class RollupRanker:
         (`_item_viewers`), counted for all items at once. Entries are kept per item,
         partition and day, and refreshed from the changed pairs, like the days' rollups."""
         whole_days = range(ceil_to(start, k.DAY), floor_to(end, k.DAY), k.DAY)
+        blocks = day_blocks(whole_days.start, whole_days.stop) if whole_days else []
         edge_days = [
             day
             for day in range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
@@ -548,7 +549,7 @@ class RollupRanker:
         edge_owners: list[np.ndarray] = []
         for p in partitions:
             for item in items:
-                found = self._items_users(p, whole_days, item)
+                found = self._items_users(p, blocks, item)
                 users.extend(found)
                 sizes.append(sum(map(len, found)))
             for day in edge_days:
@@ -583,14 +584,28 @@ class RollupRanker:
         rows = rows[self._partial_day(day, start, end, both, rows)]
         return both.user[rows], np.concatenate(owner)[rows]
 
-    def _items_users(self, partition: int, days: range, media: int) -> list[np.ndarray]:
-        """One item's users of each of `days` (whole days): the current ones from the cache
-        in one look-up, the others refreshed or loaded."""
-        found = self.cache.current_entries(f"users of {media}", partition, k.DAY, days)
-        return [
-            (self._item_users(partition, day, media) if entry is None else entry).users  # type: ignore[union-attr]
-            for day, entry in zip(days, found)
-        ]
+    def _items_users(
+        self, partition: int, blocks: list[tuple[int, int]], media: int
+    ) -> list[np.ndarray]:
+        """One item's users of each block of whole days (`day_blocks`): a day's from its
+        entry, a longer block's as the union of its days' (a derived entry, current while its
+        days are)."""
+        out: list[np.ndarray] = []
+        for first, days in blocks:
+            if days == 1:
+                out.append(self._item_users(partition, first, media).users)
+                continue
+            parts = [(partition, k.DAY, first + i * k.DAY) for i in range(days)]
+
+            def build(parts: list[tuple[int, int, int]] = parts) -> ItemUsers:
+                users = [self._item_users(p, day, media).users for p, _, day in parts]
+                return ItemUsers(np.unique(np.concatenate(users)))
+
+            kind = f"users of {media} in {partition}"
+            entry = self.cache.get_derived(kind, days * k.DAY, first, parts, build)
+            assert isinstance(entry, ItemUsers)
+            out.append(entry.users)
+        return out
 
     def _item_users(self, partition: int, day: int, media: int) -> ItemUsers:
         """One item's users of one whole day, read as keys alone and refreshed from the
