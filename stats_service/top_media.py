@@ -2,7 +2,9 @@
 number of cached entries per range.
 
 View time and starts add up over time: the range is tiled (whole days, whole hours, the minutes
-at the ragged edges) and each whole tile's per-media sums come from one rollup per partition.
+at the ragged edges) and each whole tile's per-media sums come from one rollup per partition;
+runs of whole days come from aligned power-of-two blocks of days already summed over days and
+partitions (derived entries, current while their days are).
 An edge hour (partly inside the range) adds between nothing and its whole hour, so the exact
 minutes of the edge hours are read (one multi-get of hour rows) only for the items that could
 still make the page, and for those that have no event in a whole tile (are they in the range
