@@ -495,6 +495,7 @@ class RollupCache:
         self.hits = 0
         self.loads = 0
         self.refreshes = 0
+        self.builds = 0  # derived entries built from others (not read from the store)
 
     @property
     def bytes(self) -> int:
@@ -545,7 +546,7 @@ class RollupCache:
                 return found[1]
         entry = build()
         with self._lock:
-            self.loads += 1
+            self.builds += 1
         self._file(key, version, entry)
         return entry
 
