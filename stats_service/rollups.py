@@ -537,13 +537,9 @@ class RollupCache:
         reads them: like a load, never newer than it claims."""
         version = self.versions.version_sum(parts)
         key = (kind, -1, size, start)
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None and found[0] == version:
-                self._entries[key] = (version, found[1], self._round)
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return found[1]
+        _, hit = self._cached(key, version)
+        if hit is not None:
+            return hit
         entry = build()
         with self._lock:
             self.builds += 1
@@ -571,13 +567,9 @@ class RollupCache:
         before the state)."""
         key = (kind, partition, size, start)
         version = self.versions.version(partition, size, start)
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None and found[0] == version:
-                self._entries[key] = (version, found[1], self._round)
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return found[1]
+        found, hit = self._cached(key, version)
+        if hit is not None:
+            return hit
         if found is not None and refresh is not None:
             current, changes = self.versions.since(partition, size, start, found[0], narrow)
             if changes is not None and _worth_refreshing(len(changes), found[1].rows):
@@ -591,6 +583,20 @@ class RollupCache:
             self.loads += 1
         self._file(key, version, entry)
         return entry
+
+    def _cached(
+        self, key: tuple[str, int, int, int], version: int
+    ) -> tuple[tuple[int, Entry, int] | None, Entry | None]:
+        """What is filed under `key` (None: nothing), and its entry if it is at `version` (a
+        hit: marked used)."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or found[0] != version:
+                return found, None
+            self._entries[key] = (version, found[1], self._round)
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return found, found[1]
 
     def _file(self, key: tuple[str, int, int, int], version: int, entry: Entry) -> None:
         """Keep `entry` under `version` unless a newer one was filed meanwhile."""
