@@ -222,13 +222,7 @@ class RollupRanker:
         def refresh(entry: Entry, changes: Changes) -> BucketRollup:
             assert isinstance(entry, BucketRollup)
             media = changes.media
-            keys = k.pack_keys(
-                k.rank_prefix(partition, size),
-                [np.full(len(media), start, np.int64), media],
-                (True, False),
-            )
-            values = self.store.get_many(keys)
-            stored = ~k.absent(values)
+            values, stored = self._changed_rows(k.rank_prefix(partition, size), start, [media])
             rows = np.frombuffer(
                 b"".join(compress(values, stored.tolist())),  # type: ignore[arg-type]
                 "<i8",
@@ -255,6 +249,19 @@ class RollupRanker:
         entry = self.cache.get_derived(kind, days * k.DAY, first, parts, build)
         assert isinstance(entry, BucketRollup)
         return entry
+
+    def _changed_rows(
+        self, prefix: bytes, start: int, columns: Sequence[np.ndarray]
+    ) -> tuple[list[bytes | None], np.ndarray]:
+        """The stored values of the keys a refresh re-reads, prefix + bucket `start` + the
+        changed `columns`, in one multi-get, and which of them are stored."""
+        keys = k.pack_keys(
+            prefix,
+            [np.full(len(columns[0]), start, np.int64), *columns],
+            (True, *(False for _ in columns)),
+        )
+        values = self.store.get_many(keys)
+        return values, ~k.absent(values)
 
     def _day_viewers(self, partition: int, day: int) -> DayLayers:
         def load() -> DayLayers:
@@ -316,13 +323,8 @@ class RollupRanker:
         def refresh(entry: Entry, changes: Changes) -> DayLayers:
             assert isinstance(entry, DayLayers)
             media, user = changes.viewer_media, changes.viewer_user
-            keys = k.pack_keys(
-                k.presence_by_day_prefix(partition),
-                [np.full(len(media), day, np.int64), media, user],
-                (True, False, False),
-            )
-            values = self.store.get_many(keys)
-            stored = ~k.absent(values)
+            prefix = k.presence_by_day_prefix(partition)
+            values, stored = self._changed_rows(prefix, day, [media, user])
             fresh = day_viewers(
                 media[stored],
                 user[stored],
@@ -624,12 +626,7 @@ class RollupRanker:
         def refresh(entry: Entry, changes: Changes) -> ItemUsers:
             assert isinstance(entry, ItemUsers)
             user = changes.viewer_user
-            keys = k.pack_keys(
-                k.presence_prefix(partition, media),
-                [np.full(len(user), day, np.int64), user],
-                (True, False),
-            )
-            stored = ~k.absent(self.store.get_many(keys))
+            _, stored = self._changed_rows(k.presence_prefix(partition, media), day, [user])
             return updated_item_users(entry, user, stored)
 
         entry = self.cache.get(
