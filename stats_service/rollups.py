@@ -546,6 +546,15 @@ class RollupCache:
         self._file(key, version, entry)
         return entry
 
+    def file_loaded(
+        self, kind: str, partition: int, size: int, start: int, version: int, entry: Entry
+    ) -> None:
+        """Keep an entry its caller loaded itself (several in one read), under the version it
+        read before reading the state, as `get` would have."""
+        with self._lock:
+            self.loads += 1
+        self._file((kind, partition, size, start), version, entry)
+
     def cached_rows(self, kind: str, partition: int, size: int, start: int) -> int | None:
         """Rows of the bucket's cached rollup, whatever its version (None: not cached)."""
         with self._lock:

@@ -553,6 +553,7 @@ class RollupRanker:
         edge_owners: list[np.ndarray] = []
         for p in partitions:
             for item in items:
+                self._load_item_days(p, item, whole_days)
                 found = self._items_users(p, blocks, item)
                 users.extend(found)
                 sizes.append(sum(map(len, found)))
@@ -587,6 +588,33 @@ class RollupRanker:
         both = concat_day_viewers(parts)
         rows = rows[self._partial_day(day, start, end, both, rows)]
         return both.user[rows], np.concatenate(owner)[rows]
+
+    def _load_item_days(self, partition: int, media: int, days: range) -> None:
+        """Load with one scan an item's users of each of `days` that has no entry at all:
+        loaded one day at a time, a 30-day page's first call opened over a thousand
+        iterators (168 ms in the bench, against 71 ms when each item's range was read with one
+        scan, uncached). Stale entries are left to their (cheap) refresh."""
+        kind = f"users of {media}"
+        missing = [d for d in days if self.cache.cached_rows(kind, partition, k.DAY, d) is None]
+        if len(missing) < 2:
+            return
+        versions = [self.cache.versions.version(partition, k.DAY, d) for d in missing]
+        prefix = k.presence_prefix(partition, media)
+        keys = self.store.scan_keys(
+            prefix + k.biased(missing[0]), prefix + k.biased(missing[-1] + k.DAY)
+        )
+        day_parts, user_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        while chunk := list(islice(keys, VIEWER_CHUNK)):  # P media day user
+            matrix = k.key_matrix(chunk)
+            day_parts.append(k.matrix_column(matrix, 1))
+            user_parts.append(k.matrix_column(matrix, 2))
+        stored_days = (np.concatenate(day_parts).view(np.uint64) ^ np.uint64(k.BIAS)).view(np.int64)
+        users = np.concatenate(user_parts)
+        los = np.searchsorted(stored_days, missing).tolist()
+        his = np.searchsorted(stored_days, [d + k.DAY for d in missing]).tolist()
+        for day, version, lo, hi in zip(missing, versions, los, his):
+            entry = ItemUsers(users[lo:hi].copy())
+            self.cache.file_loaded(kind, partition, k.DAY, day, version, entry)
 
     def _items_users(
         self, partition: int, blocks: list[tuple[int, int]], media: int

@@ -155,10 +155,10 @@ def test_long_range_page_viewers_from_per_item_days_as_batches_land(tmp_path: Pa
     load(store, partition(events, PARTITIONS), rng, processor=processor)
     parts = list(range(PARTITIONS))
     ranges = [
-        (BASE, BASE + days * DAY),  # whole days only
+        (BASE + 2 * DAY, BASE + 6 * DAY + 60),  # its whole days are cached first:
+        (BASE, BASE + days * DAY),  # the days loaded in one read here straddle them
         (BASE + 3 * HOUR + 17 * 60, BASE + 5 * DAY + 7 * HOUR + 41 * 60),  # ragged both ends
         (BASE + DAY + 59 * 60, BASE + 5 * DAY),
-        (BASE + 2 * DAY, BASE + 6 * DAY + 60),
     ]
 
     def check_pages() -> None:
