@@ -483,3 +483,30 @@ def test_a_ranking_larger_than_the_cache_keeps_hitting_the_part_that_fits() -> N
     assert ranking(range(100, 105)) == 5  # another ranking: the old entries make room
     assert ranking(range(100, 105)) == 0
     assert ranking(range(8)) == 8 and ranking(range(8)) == 3
+
+
+def test_an_items_missing_days_read_at_once_match_days_read_one_by_one(tmp_path: Path) -> None:
+    """The days of a block without an entry are read with one scan over the block and filed
+    per day; days already cached in between must neither be refiled nor leak into another
+    day's users. Each day's users against the same day read on its own."""
+    rng = random.Random(17)
+    events = events_in(rng, 3000, 0, media=6, users=80, days=8)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions(1 << 16)
+    load(
+        store, partition(events, PARTITIONS), rng, processor=StatsProcessor(HEARTBEAT, 0, versions)
+    )
+    days = [BASE + d * DAY for d in range(8)]
+    for media in range(1, 7):
+        for p in range(PARTITIONS):
+            batch = RollupRanker(store, RollupCache(versions, 64 << 20))
+            for day in days[2:4] + days[5:6]:  # cached first: gaps inside the read
+                batch._item_users(p, day, media)
+            batch._load_item_days(p, media, days)
+            alone = RollupRanker(store, RollupCache(versions, 64 << 20))
+            for day in days:
+                entry = batch.cache._entries[(f"users of {media}", p, DAY, day)][1]
+                assert isinstance(entry, rollups.ItemUsers)
+                expected = alone._item_users(p, day, media).users
+                assert entry.users.tolist() == expected.tolist(), (media, p, day)
+    store.close()
