@@ -149,6 +149,11 @@ def matrix_column(matrix: np.ndarray, index: int) -> np.ndarray:
     return column.astype(np.int64)
 
 
+def time_column(matrix: np.ndarray, index: int) -> np.ndarray:
+    """The `index`-th column of a `key_matrix` holding a biased time, as int64 seconds."""
+    return (matrix_column(matrix, index).view(np.uint64) ^ np.uint64(BIAS)).view(np.int64)
+
+
 def hour_row_key_of_rank_key(partition: int, rank_key: bytes) -> bytes:
     """The media-major hour row (H media hour) behind an hour ranking row (h hour media)."""
     start = column_offset(0)

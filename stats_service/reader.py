@@ -382,8 +382,7 @@ def _edge_users(
     while chunk:
         keys, values = zip(*chunk)  # P media day user
         matrix = k.key_matrix(keys)
-        day = k.matrix_column(matrix, 1).astype(np.uint64) ^ np.uint64(k.BIAS)
-        inside = _in_range(day.astype(np.int64), values, start, end)
+        inside = _in_range(k.time_column(matrix, 1), values, start, end)
         users.append(k.matrix_column(matrix, 2)[inside])
         chunk = list(islice(rows, VIEWER_ROWS))
 

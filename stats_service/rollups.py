@@ -549,8 +549,8 @@ class RollupCache:
     def file_loaded(
         self, kind: str, partition: int, size: int, start: int, version: int, entry: Entry
     ) -> None:
-        """Keep an entry its caller loaded itself (several in one read), under the version it
-        read before reading the state, as `get` would have."""
+        """Keep a loaded entry (by `get`, or by a caller that loads several in one read) under
+        the version read before reading the state."""
         with self._lock:
             self.loads += 1
         self._file((kind, partition, size, start), version, entry)
@@ -588,9 +588,7 @@ class RollupCache:
                 self._file(key, current, entry)
                 return entry
         entry = load()
-        with self._lock:
-            self.loads += 1
-        self._file(key, version, entry)
+        self.file_loaded(kind, partition, size, start, version, entry)
         return entry
 
     def _cached(

@@ -538,7 +538,8 @@ class RollupRanker:
         30-day page needs over a thousand such entries, a few hundred bytes each) and of its
         viewer rows of the (at most two) edge days that have an event inside the range
         (`_item_viewers`), counted for all items at once. Entries are kept per item,
-        partition and day, and refreshed from the changed pairs, like the days' rollups."""
+        partition and day (whole days also united over blocks of days, `_items_users`), and
+        refreshed from the changed pairs, like the days' rollups."""
         whole_days = range(ceil_to(start, k.DAY), floor_to(end, k.DAY), k.DAY)
         blocks = day_blocks(whole_days.start, whole_days.stop) if whole_days else []
         edge_days = [
@@ -606,9 +607,9 @@ class RollupRanker:
         day_parts, user_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         while chunk := list(islice(keys, VIEWER_CHUNK)):  # P media day user
             matrix = k.key_matrix(chunk)
-            day_parts.append(k.matrix_column(matrix, 1))
+            day_parts.append(k.time_column(matrix, 1))
             user_parts.append(k.matrix_column(matrix, 2))
-        stored_days = (np.concatenate(day_parts).view(np.uint64) ^ np.uint64(k.BIAS)).view(np.int64)
+        stored_days = np.concatenate(day_parts)
         users = np.concatenate(user_parts)
         los = np.searchsorted(stored_days, missing).tolist()
         his = np.searchsorted(stored_days, [d + k.DAY for d in missing]).tolist()
