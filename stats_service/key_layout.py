@@ -434,11 +434,27 @@ def pack_keys(
 ) -> list[bytes]:
     """prefix + each column as 8 big-endian bytes (biased when flagged), for every row at once."""
     count = len(columns[0]) if columns else 0
+    return pack_keys_of([prefix], [count], columns, biased_columns)
+
+
+def pack_keys_of(
+    prefixes: Sequence[bytes],
+    counts: Sequence[int],
+    columns: Sequence[np.ndarray],
+    biased_columns: Sequence[bool],
+) -> list[bytes]:
+    """`pack_keys` for consecutive runs of rows, `counts[i]` rows under `prefixes[i]` (all of
+    one length): the keys of many buckets' reads packed at once."""
+    count = len(columns[0]) if columns else 0
     if count == 0:
         return []
-    fields = [("prefix", f"V{len(prefix)}")] + [(f"c{i}", ">u8") for i in range(len(columns))]
+    width = len(prefixes[0])
+    fields = [("prefix", f"V{width}")] + [(f"c{i}", ">u8") for i in range(len(columns))]
     packed = np.empty(count, np.dtype(fields))
-    packed["prefix"] = np.frombuffer(prefix, f"V{len(prefix)}")[0]
+    heads = np.frombuffer(b"".join(prefixes), f"V{width}")
+    if len(heads) != len(prefixes):
+        raise ValueError("prefixes of different lengths")
+    packed["prefix"] = heads[0] if len(heads) == 1 else np.repeat(heads, counts)
     for i, (column, is_biased) in enumerate(zip(columns, biased_columns)):
         as_u64 = np.asarray(column, np.int64).view(np.uint64)
         packed[f"c{i}"] = as_u64 ^ np.uint64(BIAS) if is_biased else as_u64

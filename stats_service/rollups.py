@@ -31,6 +31,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -464,6 +465,20 @@ Entry = BucketRollup | DayLayers | ItemUsers
 
 
 Refresh = Callable[[Entry, Changes], Entry]
+Narrow = Callable[[tuple[str, int, int, int], Changes], Changes]  # an entry's key, its changes
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A cached entry behind its bucket's version, the keys changed since (narrowed to those
+    it holds), and the version it is current at once they are merged in."""
+
+    key: tuple[str, int, int, int]  # kind, partition, size, start
+    entry: Entry
+    changes: Changes
+    version: int
+
+
 REFRESH_SHARE = 4  # changed keys up to a quarter of an entry's rows: refresh, else reload
 
 
@@ -569,27 +584,65 @@ class RollupCache:
         start: int,
         load: Callable[[], Entry],
         refresh: Refresh | None = None,
-        narrow: Callable[[Changes], Changes] | None = None,
+        narrow: Narrow | None = None,
     ) -> Entry:
         """The current rollup of a bucket: cached, refreshed from its changed keys (those of
         them it holds: `narrow`), or loaded (the version, and the changed keys with it, are read
         before the state)."""
         key = (kind, partition, size, start)
         version = self.versions.version(partition, size, start)
-        found, hit = self._cached(key, version)
-        if hit is not None:
-            return hit
-        if found is not None and refresh is not None:
-            current, changes = self.versions.since(partition, size, start, found[0], narrow)
-            if changes is not None and _worth_refreshing(len(changes), found[1].rows):
-                entry = refresh(found[1], changes) if len(changes) else found[1]
+        [entry] = self.refresh_all(
+            [key],
+            None
+            if refresh is None
+            else (lambda stale: [refresh(s.entry, s.changes) for s in stale]),
+            narrow,
+        )
+        if entry is None:
+            entry = load()
+            self.file_loaded(kind, partition, size, start, version, entry)
+        return entry
+
+    def refresh_all(
+        self,
+        keys: Sequence[tuple[str, int, int, int]],
+        refresh: Callable[[list[Stale]], list[Entry]] | None,
+        narrow: Narrow | None = None,
+    ) -> list[Entry | None]:
+        """The current entries of several buckets that are cached and current or cheap to
+        refresh (None for the others, which the caller loads one at a time: loads of many
+        days must not all be held at once). The stale ones are brought up to date by one
+        call of `refresh`, which can read all of their changed keys with one multi-get: under
+        a steady stream a one-day ranking refreshes about a hundred hour rollups and its
+        page's item entries, and one read and merge each was most of its time."""
+        out: list[Entry | None] = []
+        stale: list[Stale] = []
+        at: list[int] = []
+        for key in keys:
+            _, partition, size, start = key
+            found, hit = self._cached(key, self.versions.version(partition, size, start))
+            out.append(hit)
+            if hit is not None or found is None or refresh is None:
+                continue
+            keep = None if narrow is None else partial(narrow, key)
+            current, changes = self.versions.since(partition, size, start, found[0], keep)
+            if changes is None or not _worth_refreshing(len(changes), found[1].rows):
+                continue
+            if len(changes) == 0:  # none of the changes is in this entry
+                self._file(key, current, found[1])
+                out[-1] = found[1]
                 with self._lock:
                     self.refreshes += 1
-                self._file(key, current, entry)
-                return entry
-        entry = load()
-        self.file_loaded(kind, partition, size, start, version, entry)
-        return entry
+                continue
+            stale.append(Stale(key, found[1], changes, current))
+            at.append(len(out) - 1)
+        if stale and refresh is not None:
+            for i, item, entry in zip(at, stale, refresh(stale), strict=True):
+                self._file(item.key, item.version, entry)
+                out[i] = entry
+            with self._lock:
+                self.refreshes += len(stale)
+        return out
 
     def _cached(
         self, key: tuple[str, int, int, int], version: int
@@ -732,6 +785,19 @@ def concat_day_viewers(parts: Sequence[DayViewers]) -> DayViewers:
         np.concatenate([p.hours for p in parts]),
         np.concatenate([p.minute_key + base for p, base in zip(parts, bases.tolist())]),
         np.concatenate([p.minute_bits for p in parts]),
+    )
+
+
+def day_viewer_rows(viewers: DayViewers, low: int, high: int) -> DayViewers:
+    """Rows [low, high) of a day rollup on their own (minute keys renumbered): the inverse of
+    `concat_day_viewers`, for rows of several entries decoded together."""
+    first, stop = np.searchsorted(viewers.minute_key, [low * 24, high * 24]).tolist()
+    return DayViewers(
+        viewers.media[low:high],
+        viewers.user[low:high],
+        viewers.hours[low:high],
+        viewers.minute_key[first:stop] - low * 24,
+        viewers.minute_bits[first:stop],
     )
 
 

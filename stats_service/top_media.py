@@ -46,10 +46,13 @@ from stats_service.rollups import (
     DayViewers,
     Entry,
     ItemUsers,
+    Narrow,
     RollupCache,
+    Stale,
     bucket_rollup,
     concat_day_viewers,
     day_layers,
+    day_viewer_rows,
     day_viewers,
     distinct_per_owner,
     hour_mask,
@@ -111,17 +114,22 @@ def day_blocks(low: int, high: int) -> list[tuple[int, int]]:
     return out
 
 
-def _ranking_rows(changes: Changes) -> Changes:
+def _unkeyed(load: Callable[[int, int, int], Entry], key: tuple[str, int, int, int]) -> Entry:
+    """A loader of (partition, size, start) called with an entry's whole key."""
+    return load(*key[1:])
+
+
+def _ranking_rows(_key: object, changes: Changes) -> Changes:
     """The changes a bucket rollup holds: its ranking rows, not the day's viewer rows."""
     return Changes(changes.media, changes.viewer_media[:0], changes.viewer_user[:0])
 
 
-def _viewer_rows(changes: Changes) -> Changes:
+def _viewer_rows(_key: object, changes: Changes) -> Changes:
     """The changes a day's viewer rollup holds: its viewer rows, not the ranking rows."""
     return Changes(changes.media[:0], changes.viewer_media, changes.viewer_user)
 
 
-def _item_changes(changes: Changes, media: int) -> Changes:
+def _item_changes(_key: object, changes: Changes, media: int) -> Changes:
     """The changes one item's viewer entries hold: its viewer rows (sorted by media first)."""
     lo, hi = np.searchsorted(changes.viewer_media, [media, media + 1]).tolist()
     return Changes(changes.media[:0], changes.viewer_media[lo:hi], changes.viewer_user[lo:hi])
@@ -208,31 +216,66 @@ class RollupRanker:
         return True
 
     def _bucket(self, partition: int, size: int, start: int) -> BucketRollup:
-        def load() -> BucketRollup:
-            prefix = k.rank_prefix(partition, size) + k.biased(start)
-            items = list(self.store.scan(prefix, prefix_end(prefix)))
-            if not items:
-                return BucketRollup(np.zeros(0, np.int64), np.zeros((0, 3), np.int64))
-            media = k.key_columns([key for key, _ in items], 1)
-            rows = np.frombuffer(b"".join([v for _, v in items]), "<i8").reshape(
-                len(items), k.BUCKET_FIELDS
-            )
-            return bucket_rollup(self.cache.media.slots(media), rows[:, [0, 1, 4]])
+        return self._buckets([(partition, size, start)])[0]
 
-        def refresh(entry: Entry, changes: Changes) -> BucketRollup:
-            assert isinstance(entry, BucketRollup)
-            media = changes.media
-            values, stored = self._changed_rows(k.rank_prefix(partition, size), start, [media])
-            rows = np.frombuffer(
-                b"".join(compress(values, stored.tolist())),  # type: ignore[arg-type]
-                "<i8",
-            ).reshape(-1, k.BUCKET_FIELDS)
-            slots = self.cache.media.slots(media)
-            return updated_bucket(entry, slots, slots[stored], rows[:, [0, 1, 4]].copy())
+    def _buckets(self, wanted: Sequence[tuple[int, int, int]]) -> list[BucketRollup]:
+        """The current rollups of (partition, size, start) buckets."""
+        keys = [("bucket", p, size, start) for p, size, start in wanted]
+        load = partial(_unkeyed, self._load_bucket)
+        entries = self._entries(keys, load, self._refresh_buckets, _ranking_rows)
+        assert all(isinstance(e, BucketRollup) for e in entries)
+        return entries  # type: ignore[return-value]
 
-        entry = self.cache.get("bucket", partition, size, start, load, refresh, _ranking_rows)
-        assert isinstance(entry, BucketRollup)
-        return entry
+    def _entries(
+        self,
+        keys: Sequence[tuple[str, int, int, int]],
+        load: Callable[[tuple[str, int, int, int]], Entry],
+        refresh: Callable[[list[Stale]], list[Entry]],
+        narrow: Narrow,
+    ) -> list[Entry]:
+        """The current entries of `keys`: the stale ones refreshed together, the missing
+        ones loaded one at a time (held together: only for entries of bounded size)."""
+        found = self.cache.refresh_all(keys, refresh, narrow)
+        return [
+            entry if entry is not None else self.cache.get(*key, partial(load, key))
+            for entry, key in zip(found, keys)
+        ]
+
+    def _load_bucket(self, partition: int, size: int, start: int) -> BucketRollup:
+        prefix = k.rank_prefix(partition, size) + k.biased(start)
+        items = list(self.store.scan(prefix, prefix_end(prefix)))
+        if not items:
+            return BucketRollup(np.zeros(0, np.int64), np.zeros((0, 3), np.int64))
+        media = k.key_columns([key for key, _ in items], 1)
+        rows = np.frombuffer(b"".join([v for _, v in items]), "<i8").reshape(
+            len(items), k.BUCKET_FIELDS
+        )
+        return bucket_rollup(self.cache.media.slots(media), rows[:, [0, 1, 4]])
+
+    def _refresh_buckets(self, stale: Sequence[Stale]) -> list[Entry]:
+        """Bucket rollups brought up to date: every changed ranking row of all of them re-read
+        with one multi-get, and merged into each."""
+        media = [s.changes.media for s in stale]
+        values, stored = self._read_changed(
+            [k.rank_prefix(s.key[1], s.key[2]) for s in stale],
+            [s.key[3] for s in stale],
+            [[m] for m in media],
+        )
+        rows = np.frombuffer(
+            b"".join(compress(values, stored.tolist())),  # type: ignore[arg-type]
+            "<i8",
+        ).reshape(-1, k.BUCKET_FIELDS)[:, [0, 1, 4]]
+        slots = self.cache.media.slots(np.concatenate(media))
+        out: list[Entry] = []
+        low = row = 0
+        for item, changed in zip(stale, media):
+            high = low + len(changed)
+            mine, kept = slots[low:high], stored[low:high]
+            rows_high = row + int(kept.sum())
+            assert isinstance(item.entry, BucketRollup)
+            out.append(updated_bucket(item.entry, mine, mine[kept], rows[row:rows_high]))
+            low, row = high, rows_high
+        return out
 
     def _day_block(self, partitions: Sequence[int], first: int, days: int) -> BucketRollup:
         """The day rollups of `days` days from `first`, summed over `partitions`: one entry
@@ -241,7 +284,7 @@ class RollupRanker:
         parts = [(p, k.DAY, first + i * k.DAY) for p in partitions for i in range(days)]
 
         def build() -> BucketRollup:
-            sums = _sum_rollups([self._bucket(p, size, day) for p, size, day in parts], 0)
+            sums = _sum_rollups(self._buckets(parts), 0)
             slots = np.flatnonzero(sums[:, 3])  # every item with a row, whatever its values
             return bucket_rollup(slots, sums[slots, :3])
 
@@ -250,15 +293,24 @@ class RollupRanker:
         assert isinstance(entry, BucketRollup)
         return entry
 
-    def _changed_rows(
-        self, prefix: bytes, start: int, columns: Sequence[np.ndarray]
+    def _read_changed(
+        self,
+        prefixes: Sequence[bytes],
+        starts: Sequence[int],
+        columns: Sequence[Sequence[np.ndarray]],
     ) -> tuple[list[bytes | None], np.ndarray]:
-        """The stored values of the keys a refresh re-reads, prefix + bucket `start` + the
-        changed `columns`, in one multi-get, and which of them are stored."""
-        keys = k.pack_keys(
-            prefix,
-            [np.full(len(columns[0]), start, np.int64), *columns],
-            (True, *(False for _ in columns)),
+        """The stored values of the keys refreshes re-read, for each refresh i the keys
+        prefixes[i] + bucket starts[i] + its changed `columns[i]`, all in one multi-get (in
+        that order), and which of them are stored."""
+        counts = [len(c[0]) for c in columns]
+        keys = k.pack_keys_of(
+            prefixes,
+            counts,
+            [
+                np.repeat(np.asarray(starts, np.int64), counts),
+                *(np.concatenate([c[i] for c in columns]) for i in range(len(columns[0]))),
+            ],
+            (True, *(False for _ in columns[0])),
         )
         values = self.store.get_many(keys)
         return values, ~k.absent(values)
@@ -280,7 +332,7 @@ class RollupRanker:
                 )
             return day_layers(concat_day_viewers(parts))
 
-        return self._cached_viewers("viewers", partition, day, load, _viewer_rows)
+        return self._viewer_entry("viewers", partition, day, load, _viewer_rows)
 
     def _item_viewers(self, partition: int, day: int, media: int) -> DayLayers:
         """One item's viewer rows of one day (its `P` rows), refreshed like a day's: what a
@@ -298,41 +350,49 @@ class RollupRanker:
             return day_layers(concat_day_viewers(parts))
 
         narrow = partial(_item_changes, media=media)
-        return self._cached_viewers(f"viewers of {media}", partition, day, load, narrow)
+        return self._viewer_entry(f"viewers of {media}", partition, day, load, narrow)
 
-    def _cached_viewers(
+    def _viewer_entry(
         self,
         kind: str,
         partition: int,
         day: int,
         load: Callable[[], DayLayers],
-        narrow: Callable[[Changes], Changes],
+        narrow: Narrow,
     ) -> DayLayers:
         """A day's viewer rows of `kind` from the cache, refreshed from the changes `narrow`
         keeps, or loaded."""
-        entry = self.cache.get(
-            kind, partition, k.DAY, day, load, self._viewer_refresh(partition, day), narrow
-        )
+        key = (kind, partition, k.DAY, day)
+        [entry] = self._entries([key], lambda _: load(), self._refresh_viewers, narrow)
         assert isinstance(entry, DayLayers)
         return entry
 
-    def _viewer_refresh(self, partition: int, day: int) -> Callable[[Entry, Changes], Entry]:
-        """Brings a day's viewer rows (all of them, or one item's) up to date: the changed
-        pairs' rows re-read (one multi-get) and merged in."""
-
-        def refresh(entry: Entry, changes: Changes) -> DayLayers:
-            assert isinstance(entry, DayLayers)
-            media, user = changes.viewer_media, changes.viewer_user
-            prefix = k.presence_by_day_prefix(partition)
-            values, stored = self._changed_rows(prefix, day, [media, user])
-            fresh = day_viewers(
-                media[stored],
-                user[stored],
-                list(compress(values, stored.tolist())),  # type: ignore[arg-type]
-            )
-            return refreshed_day(entry, media, user, fresh)
-
-        return refresh
+    def _refresh_viewers(self, stale: Sequence[Stale]) -> list[Entry]:
+        """Days' viewer rows (all of a day's, or one item's) brought up to date: the changed
+        pairs' rows of all of them re-read with one multi-get, decoded at once, and merged
+        into each."""
+        media = [s.changes.viewer_media for s in stale]
+        user = [s.changes.viewer_user for s in stale]
+        values, stored = self._read_changed(
+            [k.presence_by_day_prefix(s.key[1]) for s in stale],
+            [s.key[3] for s in stale],
+            list(zip(media, user)),
+        )
+        fresh = day_viewers(
+            np.concatenate(media)[stored],
+            np.concatenate(user)[stored],
+            list(compress(values, stored.tolist())),  # type: ignore[arg-type]
+        )
+        out: list[Entry] = []
+        low = row = 0
+        for item, changed_media, changed_user in zip(stale, media, user):
+            high = low + len(changed_media)
+            rows_high = row + int(stored[low:high].sum())
+            assert isinstance(item.entry, DayLayers)
+            mine = day_viewer_rows(fresh, row, rows_high)
+            out.append(refreshed_day(item.entry, changed_media, changed_user, mine))
+            low, row = high, rows_high
+        return out
 
     # --- the ranking ------------------------------------------------------------------------
 
@@ -340,23 +400,27 @@ class RollupRanker:
         """Exact per-slot sums of the range's whole days and hours, and per edge hour (an
         hour only partly inside) its whole-hour rollup: an upper bound of its part."""
         whole: list[BucketRollup] = []
-        edges: list[tuple[int, int, int, int, BucketRollup]] = []
+        wanted: list[tuple[int, int, int]] = []  # whole buckets, then the edge hours'
+        cuts: list[tuple[int, int, int, int]] = []  # each edge: partition, hour, minutes
         for size, low, high in tiles(start, end):
             if size == k.DAY:
                 for first, days in day_blocks(low, high):
                     if days == 1:
-                        whole.extend(self._bucket(p, k.DAY, first) for p in partitions)
+                        wanted.extend((p, k.DAY, first) for p in partitions)
                     else:
                         whole.append(self._day_block(partitions, first, days))
                 continue
             for p in partitions:
                 if size != k.MINUTE:
-                    whole.extend(self._bucket(p, size, b) for b in range(low, high, size))
+                    wanted.extend((p, size, b) for b in range(low, high, size))
                     continue
                 for hour in range(floor_to(low, k.HOUR), high, k.HOUR):
                     first = (max(low, hour) - hour) // k.MINUTE
                     stop = (min(high, hour + k.HOUR) - hour) // k.MINUTE
-                    edges.append((p, hour, first, stop, self._bucket(p, k.HOUR, hour)))
+                    cuts.append((p, hour, first, stop))
+        found = self._buckets(wanted + [(p, k.HOUR, hour) for p, hour, _, _ in cuts])
+        whole.extend(found[: len(wanted)])
+        edges = [(*cut, rollup) for cut, rollup in zip(cuts, found[len(wanted) :])]
         count = len(self.cache.media)
         inside = _sum_rollups(whole, count)
         return _Tiles(inside, _sum_rollups([e[4] for e in edges], count), edges)
@@ -552,13 +616,15 @@ class RollupRanker:
         sizes: list[int] = []  # users of each (partition, item), in that order
         edge_users: list[np.ndarray] = []
         edge_owners: list[np.ndarray] = []
+        edge_entries = iter(self._items_day_viewers(partitions, edge_days, items))
         for p in partitions:
             for item in items:
                 found = self._items_users(p, blocks, item)
                 users.extend(found)
                 sizes.append(sum(map(len, found)))
             for day in edge_days:
-                user, owner = self._edge_day_users(p, day, items, start, end)
+                rows = [next(edge_entries) for _ in items]
+                user, owner = self._edge_day_users(day, rows, start, end)
                 edge_users.append(user)
                 edge_owners.append(owner)
         whole_owner = np.repeat(np.tile(np.arange(len(items)), len(partitions)), sizes)
@@ -567,16 +633,37 @@ class RollupRanker:
             return np.zeros(len(items), np.int64)
         return distinct_per_owner(owner, np.concatenate(users + edge_users), len(items))
 
+    def _items_day_viewers(
+        self, partitions: Sequence[int], days: Sequence[int], items: list[int]
+    ) -> list[DayLayers]:
+        """The items' viewer rows of each day in each partition (partition, then day, then
+        item order), the stale entries of all of them refreshed together."""
+        keys = [
+            (f"viewers of {m}", p, k.DAY, day) for p in partitions for day in days for m in items
+        ]
+        media = [m for _ in partitions for _ in days for m in items]
+        narrow = {key: partial(_item_changes, media=m) for key, m in zip(keys, media)}
+        found = self.cache.refresh_all(
+            keys, self._refresh_viewers, lambda key, changes: narrow[key](key, changes)
+        )
+        out: list[DayLayers] = []
+        for entry, key, m in zip(found, keys, media):
+            entry = self._item_viewers(key[1], key[3], m) if entry is None else entry
+            assert isinstance(entry, DayLayers)
+            out.append(entry)
+        return out
+
     def _edge_day_users(
-        self, partition: int, day: int, items: list[int], start: int, end: int
+        self, day: int, entries: Sequence[DayLayers], start: int, end: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """The (user, item position) pairs of the items' viewer rows of a day cut by the range
-        that have an event inside it: the items' rows side by side, checked in one go."""
+        that have an event inside it (`entries`: each item's rows of the day, in item order):
+        the items' rows side by side, checked in one go."""
         parts: list[DayViewers] = []
         live: list[np.ndarray] = []
         owner: list[np.ndarray] = []
-        for at, item in enumerate(items):
-            for found, dead in self._item_viewers(partition, day, item).layers():
+        for at, entry in enumerate(entries):
+            for found, dead in entry.layers():
                 if found.rows:
                     parts.append(found)
                     live.append(np.ones(found.rows, bool) if dead is None else ~dead)
@@ -660,7 +747,8 @@ class RollupRanker:
         def refresh(entry: Entry, changes: Changes) -> ItemUsers:
             assert isinstance(entry, ItemUsers)
             user = changes.viewer_user
-            _, stored = self._changed_rows(k.presence_prefix(partition, media), day, [user])
+            prefix = k.presence_prefix(partition, media)
+            _, stored = self._read_changed([prefix], [day], [[user]])
             return updated_item_users(entry, user, stored)
 
         entry = self.cache.get(
@@ -700,7 +788,18 @@ class RollupRanker:
     ) -> np.ndarray:
         """Exact distinct users over minute-aligned [start, end) of each item of `media`
         (ascending, distinct): the union of the item's viewer-days, summed over partitions."""
-        return self._viewers_from(partitions, media, start, end, self._day_viewers)
+        days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
+        keys = [("viewers", p, k.DAY, day) for p in partitions for day in days]
+        refreshed = self.cache.refresh_all(keys, self._refresh_viewers, _viewer_rows)
+        found = dict(zip(keys, refreshed))  # the stale ones refreshed together; None: load
+
+        def day_rows(partition: int, day: int) -> DayLayers:
+            entry = found.pop(("viewers", partition, k.DAY, day))
+            entry = self._day_viewers(partition, day) if entry is None else entry
+            assert isinstance(entry, DayLayers)
+            return entry
+
+        return self._viewers_from(partitions, media, start, end, day_rows)
 
     def _viewers_from(
         self,

@@ -510,3 +510,79 @@ def test_an_items_missing_days_read_at_once_match_days_read_one_by_one(tmp_path:
                 expected = alone._item_users(p, day, media).users
                 assert entry.users.tolist() == expected.tolist(), (media, p, day)
     store.close()
+
+
+def test_stale_entries_of_many_buckets_refreshed_with_one_read_match_fresh_loads(
+    tmp_path: Path,
+) -> None:
+    """Hour and day rollups of every partition, a day's viewer rows and items' viewer rows of
+    a day, all cached, then a batch changes some of each: brought up to date together, they
+    are read with one multi-get per kind, and each equals the same bucket loaded afresh."""
+    rng = random.Random(23)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions(1 << 16)
+    processor = StatsProcessor(HEARTBEAT, 0, versions)
+    apply(store, processor, events_in(rng, 1500, 0, media=12, users=60))
+    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    buckets = [(p, HOUR, BASE + h * HOUR) for p in range(PARTITIONS) for h in range(48)]
+    buckets += [(p, DAY, BASE + d * DAY) for p in range(PARTITIONS) for d in range(2)]
+    items = [2, 5, 7, 11]
+    ranker._buckets(buckets)
+    ranker.viewers(list(range(PARTITIONS)), np.asarray(items, np.int64), BASE, BASE + 2 * DAY)
+    ranker._items_day_viewers(range(PARTITIONS), [BASE, BASE + DAY], items)
+    apply(store, processor, events_in(rng, 40, 1500, media=12, users=60))
+    reads: list[int] = []
+    get_many = store.get_many
+
+    def counted(keys: list[bytes]) -> list[bytes | None]:
+        reads.append(len(keys))
+        return get_many(keys)
+
+    store.get_many = counted  # type: ignore[method-assign]
+    refreshes = ranker.cache.refreshes
+    buckets_now = ranker._buckets(buckets)
+    assert len(reads) == 1 and ranker.cache.refreshes > refreshes  # several, one read
+    fresh = RollupRanker(store, RollupCache(versions, 64 << 20))
+    for (p, size, start), entry in zip(buckets, buckets_now):
+        loaded = fresh._load_bucket(p, size, start)
+        got = sorted(zip(entry.slots.tolist(), entry.values.tolist()))
+        want = sorted(zip(loaded.slots.tolist(), loaded.values.tolist()))
+        ids = ranker.cache.media.ids
+        assert [(ids[s], v) for s, v in got] == [(fresh.cache.media.ids[s], v) for s, v in want]
+    reads.clear()
+    items_now = ranker._items_day_viewers(range(PARTITIONS), [BASE, BASE + DAY], items)
+    assert len(reads) == 1
+    at = iter(items_now)
+    for p in range(PARTITIONS):
+        for day in (BASE, BASE + DAY):
+            for media in items:
+                _assert_same(_flat(next(at)), _flat(fresh._item_viewers(p, day, media)))
+    reads.clear()
+    ranker.viewers(list(range(PARTITIONS)), np.asarray(items, np.int64), BASE, BASE + 2 * DAY)
+    assert len(reads) == 1
+    for p in range(PARTITIONS):  # whole days' viewer rows, as `viewers` refreshed them
+        for day in (BASE, BASE + DAY):
+            refreshed = ranker.cache._entries[("viewers", p, DAY, day)][1]
+            assert isinstance(refreshed, DayLayers)
+            _assert_same(_flat(refreshed), _flat(fresh._day_viewers(p, day)))
+    store.close()
+
+
+def test_keys_of_many_refreshes_packed_at_once_match_keys_built_one_by_one() -> None:
+    """Runs of rows under their own prefixes (several partitions' bucket reads in one
+    multi-get): each key is its run's prefix, the biased start and the big-endian columns."""
+    import struct
+
+    prefixes = [key_layout.rank_prefix(p, HOUR) for p in (0, 3, 7)]
+    counts = [2, 0, 3]
+    starts = np.array([-5, 0, BASE, BASE + HOUR, 2**40], np.int64)
+    media = np.array([1, 2**62, 3, 0, 9], np.int64)
+    keys = key_layout.pack_keys_of(prefixes, counts, [starts, media], (True, False))
+    owners = [0, 0, 2, 2, 2]
+    expected = [
+        prefixes[o] + struct.pack(">Q", (s + 2**63) % 2**64) + struct.pack(">Q", m)
+        for o, s, m in zip(owners, starts.tolist(), media.tolist())
+    ]
+    assert keys == expected
+    with pytest.raises(ValueError):
+        key_layout.pack_keys_of([b"ab", b"abc"], [1, 1], [media[:2]], (False,))
