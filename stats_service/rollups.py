@@ -818,17 +818,52 @@ def bucket_rollup(slots: np.ndarray, values: np.ndarray) -> BucketRollup:
     return BucketRollup(narrow(slots), narrow(values))
 
 
-def updated_bucket(
-    entry: BucketRollup, changed: np.ndarray, slots: np.ndarray, values: np.ndarray
-) -> BucketRollup:
-    """A new `entry` whose rows of the `changed` slots are the re-read (slots, values) (a
-    changed key no longer stored has no row); rows need no order."""
-    marks = np.zeros(int(max(entry.slots.max(initial=-1), changed.max(initial=-1))) + 1, bool)
-    marks[changed] = True
-    keep = ~marks[entry.slots]
-    return bucket_rollup(
-        np.concatenate([entry.slots[keep], slots]), np.concatenate([entry.values[keep], values])
-    )
+def updated_buckets(
+    entries: Sequence[BucketRollup],
+    changed: Sequence[np.ndarray],
+    slots: Sequence[np.ndarray],
+    values: Sequence[np.ndarray],
+) -> list[BucketRollup]:
+    """New entries: each of `entries` whose rows of its `changed` slots are its re-read
+    (`slots`, `values`) (a changed key no longer stored has no row; rows need no order), stored
+    as int32 where the numbers fit, like `bucket_rollup`. All entries at once, in a fixed
+    number of numpy calls and a slice each: a ranking under a steady stream refreshes about a
+    hundred hour rollups, and a dozen calls per entry were a fifth of its time."""
+    count = len(entries)
+    every = np.arange(count)
+    old_slots = np.concatenate([e.slots for e in entries]).astype(np.int64)
+    old_owner = np.repeat(every, [e.rows for e in entries])
+    gone = np.concatenate(changed).astype(np.int64)
+    gone_owner = np.repeat(every, [len(c) for c in changed])
+    span = int(max(old_slots.max(initial=-1), gone.max(initial=-1))) + 1
+    if span * count <= _MARK_LIMIT:
+        marks = np.zeros(span * count, bool)
+        marks[gone_owner * span + gone] = True
+        keep = ~marks[old_owner * span + old_slots]
+    else:
+        keep = ~np.isin(old_owner * span + old_slots, gone_owner * span + gone)
+    owner = np.concatenate([old_owner[keep], np.repeat(every, [len(s) for s in slots])])
+    order = np.argsort(owner, kind="stable")
+    all_slots = np.concatenate([old_slots[keep], *slots])[order]
+    old_values = np.concatenate([e.values for e in entries]).astype(np.int64)[keep]
+    all_values = np.concatenate([old_values, *values])[order]
+    owner = owner[order]
+    outside = ((all_values > _INT32_MAX) | (all_values < -_INT32_MAX)).any(axis=1)
+    wide = np.bincount(owner[outside], minlength=count) > 0
+    ends = np.cumsum(np.bincount(owner, minlength=count)).tolist()
+    slot_type = np.int32 if span <= _INT32_MAX else np.int64
+    out: list[BucketRollup] = []
+    low = 0
+    for high, is_wide in zip(ends, wide.tolist()):
+        rows = all_values[low:high]
+        out.append(
+            BucketRollup(
+                all_slots[low:high].astype(slot_type),
+                rows.copy() if is_wide else rows.astype(np.int32),
+            )
+        )
+        low = high
+    return out
 
 
 def _pair_codes(media: np.ndarray, user: np.ndarray) -> np.ndarray:

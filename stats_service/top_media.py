@@ -59,7 +59,7 @@ from stats_service.rollups import (
     refreshed_day,
     rows_of,
     top_slots,
-    updated_bucket,
+    updated_buckets,
     updated_item_users,
 )
 from viewevents.state.keys import partition_prefix, prefix_end
@@ -266,16 +266,22 @@ class RollupRanker:
             "<i8",
         ).reshape(-1, k.BUCKET_FIELDS)[:, [0, 1, 4]]
         slots = self.cache.media.slots(np.concatenate(media))
-        out: list[Entry] = []
+        entries: list[BucketRollup] = []
+        changed: list[np.ndarray] = []
+        fresh_slots: list[np.ndarray] = []
+        fresh_rows: list[np.ndarray] = []
         low = row = 0
-        for item, changed in zip(stale, media):
-            high = low + len(changed)
+        for item, keys in zip(stale, media):
+            high = low + len(keys)
             mine, kept = slots[low:high], stored[low:high]
             rows_high = row + int(kept.sum())
             assert isinstance(item.entry, BucketRollup)
-            out.append(updated_bucket(item.entry, mine, mine[kept], rows[row:rows_high]))
+            entries.append(item.entry)
+            changed.append(mine)
+            fresh_slots.append(mine[kept])
+            fresh_rows.append(rows[row:rows_high])
             low, row = high, rows_high
-        return out
+        return list(updated_buckets(entries, changed, fresh_slots, fresh_rows))
 
     def _day_block(self, partitions: Sequence[int], first: int, days: int) -> BucketRollup:
         """The day rollups of `days` days from `first`, summed over `partitions`: one entry

@@ -203,8 +203,14 @@ def test_bucket_rollups_are_int32_only_where_every_number_fits_and_sum_exactly()
         [120 + big, 7, 6, 2],
         [30, 1, 1, 1],
     ]
-    grown = rollups.updated_bucket(small, np.array([3]), np.array([3]), np.array([[big, 3, 3]]))
-    assert grown.values.dtype == np.int64
+    [grown, same] = rollups.updated_buckets(
+        [small, small],
+        [np.array([3]), np.array([3])],
+        [np.array([3]), np.array([3])],
+        [np.array([[big, 3, 3]]), np.array([[9, 3, 3]])],
+    )
+    assert grown.values.dtype == np.int64 and same.values.dtype == np.int32
+    assert sorted(map(tuple, same.values.tolist())) == [(9, 3, 3), (60, 1, 1)]
     assert sorted(map(tuple, np.column_stack([grown.slots, grown.values]).tolist())) == [
         (0, 60, 1, 1),
         (3, big, 3, 3),
@@ -335,3 +341,31 @@ def test_long_rankings_from_blocks_of_days_match_brute_force_while_batches_land(
     blocks = [key for key in ranker.cache._entries if key[0].startswith("days of ")]
     assert blocks and all(key[2] > 86_400 for key in blocks)
     store.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_buckets_updated_together_match_each_updated_by_dictionary(seed: int) -> None:
+    """Many entries (some empty, some with nothing changed) updated at once: each entry's rows
+    equal its old rows as a dictionary with the changed keys dropped and the re-read ones put
+    back (changed keys stored again, gone, or new to the entry)."""
+    rng = np.random.default_rng(seed)
+    span = int(rng.choice([50, 1 << 20]))  # marks table, or the sorted look-up
+    entries, changed, slots, values, expected = [], [], [], [], []
+    for _ in range(int(rng.integers(1, 40))):
+        old = rng.choice(span, int(rng.integers(0, 30)), replace=False)
+        rows = {int(s): tuple(rng.integers(0, 1000, 3).tolist()) for s in old}
+        entries.append(rollups.bucket_rollup(old, np.array(list(rows.values())).reshape(-1, 3)))
+        touched = rng.choice(span, int(rng.integers(0, 10)), replace=False)
+        stored = touched[rng.random(len(touched)) < 0.7]
+        fresh = {int(s): tuple(rng.integers(0, 2**33, 3).tolist()) for s in stored}
+        changed.append(touched)
+        slots.append(stored)
+        values.append(np.array(list(fresh.values()), np.int64).reshape(-1, 3))
+        after = {s: r for s, r in rows.items() if s not in set(touched.tolist())}
+        after.update(fresh)
+        expected.append(sorted((s, *r) for s, r in after.items()))
+    for got, want in zip(rollups.updated_buckets(entries, changed, slots, values), expected):
+        pairs = np.column_stack([got.slots.astype(np.int64), got.values.astype(np.int64)])
+        assert sorted(map(tuple, pairs.tolist())) == want
+        wide = bool(got.rows) and int(got.values.max()) > 2**31 - 1
+        assert got.values.dtype == (np.int64 if wide else np.int32)
