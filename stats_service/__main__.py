@@ -17,6 +17,7 @@ from stats_service.top_media import RollupRanker
 from viewevents import bootstrap
 from viewevents.config import Config
 from viewevents.membership import advertised_address
+from viewevents.metrics import watch_cache
 from viewevents.state.store import StateStore
 
 log = logging.getLogger("stats_service")
@@ -64,6 +65,12 @@ async def serve(config: Config) -> None:
     versions = BucketVersions(log_keys=log_bytes // LOG_KEY_BYTES)
 
     def make_servicer(store: StateStore, consumer: Any, processor: Any) -> StatsServicer:
+        ranker = None
+        if cache_bytes:
+            ranker = RollupRanker(
+                store, RollupCache(versions, cache_bytes - page_bytes - log_bytes)
+            )
+            watch_cache("stats", "rollups", ranker.cache.counts)
         servicer = StatsServicer(
             StatsReader(store, config.stats_rank_chunk_rows),
             consumer,
@@ -71,11 +78,7 @@ async def serve(config: Config) -> None:
             page_token_secret(config.stats_page_token_secret),
             peers=bootstrap.peers(config),
             peer_metadata=peer_metadata,
-            ranker=(
-                RollupRanker(store, RollupCache(versions, cache_bytes - page_bytes - log_bytes))
-                if cache_bytes
-                else None
-            ),
+            ranker=ranker,
             pages=PageCache(page_bytes),
         )
         servicer.start_rollup_warmer()

@@ -516,6 +516,17 @@ class RollupCache:
     def bytes(self) -> int:
         return self._bytes
 
+    def counts(self) -> dict[str, int]:
+        """Entries served by outcome, and the bytes held (exposed as metrics)."""
+        with self._lock:
+            return {
+                "hit": self.hits,
+                "refresh": self.refreshes,
+                "load": self.loads,
+                "build": self.builds,
+                "bytes": self._bytes,
+            }
+
     def new_round(self) -> None:
         """A ranking begins: entries it uses are kept over entries it loads later."""
         with self._lock:

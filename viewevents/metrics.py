@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from viewevents.config import METRICS_HOST
 
@@ -83,6 +85,45 @@ FANOUT_CALLS = Counter(
 ROCKSDB_BYTES = Gauge(
     "viewevents_rocksdb_size_bytes", "RocksDB SST plus memtable bytes.", ["service"]
 )
+
+
+class _CacheCounts:
+    """Counters an in-memory cache keeps as plain integers on its hot path (no lock or label
+    look-up per entry), read when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.sources: dict[tuple[str, str], Callable[[], Mapping[str, int]]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        lookups = CounterMetricFamily(
+            "viewevents_cache_lookups",
+            "Entries a service's in-memory cache served, by outcome (the ListTopMedia rollups: "
+            "hit, refresh from the changed keys, load in full, build from other entries).",
+            labels=["service", "cache", "outcome"],
+        )
+        size = GaugeMetricFamily(
+            "viewevents_cache_bytes",
+            "Bytes a service's in-memory cache holds.",
+            labels=["service", "cache"],
+        )
+        for (service, cache), read in list(self.sources.items()):
+            for outcome, value in read().items():
+                if outcome == "bytes":
+                    size.add_metric([service, cache], value)
+                else:
+                    lookups.add_metric([service, cache, outcome], value)
+        yield lookups
+        yield size
+
+
+_CACHE_COUNTS = _CacheCounts()
+REGISTRY.register(_CACHE_COUNTS)
+
+
+def watch_cache(service: str, cache: str, read: Callable[[], Mapping[str, int]]) -> None:
+    """Expose a cache's counters (`read()`: outcome -> count, and "bytes" -> its size) under
+    `service` and `cache`, in place of an earlier cache of the same names."""
+    _CACHE_COUNTS.sources[(service, cache)] = read
 
 
 def serve_metrics(port: int, service: str, host: str | None = None) -> None:

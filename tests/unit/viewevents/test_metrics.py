@@ -41,3 +41,24 @@ def test_metrics_host_setting_opens_another_interface(monkeypatch: pytest.Monkey
     explicit = free_port()
     serve_metrics(explicit, "test", host="127.0.0.2")
     assert answers("127.0.0.2", explicit) and not answers("127.0.0.1", explicit)
+
+
+def test_a_watched_caches_counters_are_read_at_each_scrape() -> None:
+    """Plain integers a cache keeps are exposed as a counter per outcome and a size gauge, as
+    they are when scraped; watching again under the same names replaces the source."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from viewevents.metrics import watch_cache
+
+    counts = {"hit": 3, "load": 1, "bytes": 4096}
+    watch_cache("test", "rollups", lambda: counts)
+    text = generate_latest(REGISTRY).decode()
+    assert (
+        'viewevents_cache_lookups_total{cache="rollups",outcome="hit",service="test"} 3.0' in text
+    )
+    assert 'viewevents_cache_bytes{cache="rollups",service="test"} 4096.0' in text
+    counts["hit"] = 7
+    watch_cache("test", "rollups", lambda: {"hit": 8, "bytes": 1})
+    text = generate_latest(REGISTRY).decode()
+    assert 'outcome="hit",service="test"} 8.0' in text
+    assert 'outcome="load",service="test"' not in text
