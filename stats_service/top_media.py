@@ -588,15 +588,21 @@ class RollupRanker:
             exact[chunk] = self.viewers(partitions, ids[chunk], start, end)
 
     def page_viewers(
-        self, partitions: Sequence[int], media: np.ndarray, start: int, end: int
+        self,
+        partitions: Sequence[int],
+        media: np.ndarray,
+        start: int,
+        end: int,
+        load_days: bool = True,
     ) -> np.ndarray:
         """Exact distinct users of a page's items (a ranking by view time or starts): from the
         day rollups when they are cached and current or cheap to refresh, or when loading the
-        missing ones fits the cache; else, for a small page, from each item's own entries
-        (`_items_viewers`), rather than rebuilding days of hundreds of thousands of
+        missing ones fits the cache (unless not `load_days`: one item's trend should not load
+        every item's viewer rows of its days); else, for a small page, from each item's own
+        entries (`_items_viewers`), rather than rebuilding days of hundreds of thousands of
         viewer-days that would not stay cached (a steady stream's days outgrow the cache)."""
         days = range(floor_to(start, k.DAY), ceil_to(end, k.DAY), k.DAY)
-        if len(media) > _FEW_ITEMS or self._viewer_days_fit(partitions, days):
+        if len(media) > _FEW_ITEMS or self._viewer_days_fit(partitions, days, load_days):
             return self.viewers(partitions, media, start, end)
         return self._items_viewers(partitions, media, start, end)
 
@@ -769,18 +775,18 @@ class RollupRanker:
         assert isinstance(entry, ItemUsers)
         return entry
 
-    def _viewer_days_fit(self, partitions: Sequence[int], days: range) -> bool:
-        """Whether the days' viewer rollups are all cheap to bring up to date, or would take
-        at most half of the cache (estimated from the day buckets' viewer counts: one rollup
-        row per viewer-day)."""
+    def _viewer_days_fit(self, partitions: Sequence[int], days: range, load: bool = True) -> bool:
+        """Whether the days' viewer rollups are all cheap to bring up to date, or (with
+        `load`) would take at most half of the cache (estimated from the day buckets' viewer
+        counts: one rollup row per viewer-day)."""
         missing = [
             (p, day)
             for p in partitions
             for day in days
             if not self.cache.cheap("viewers", p, k.DAY, day)
         ]
-        if not missing:
-            return True
+        if not missing or not load:
+            return not missing
         rows = sum(
             self.cache.cached_rows("viewers", p, k.DAY, day)
             or int(self._bucket(p, k.DAY, day).values[:, 2].sum())

@@ -111,7 +111,7 @@ def test_refreshed_rollups_match_brute_force_as_batches_land(
     processor = StatsProcessor(HEARTBEAT, 0, versions)
     ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
     if not whole_days:
-        ranker._viewer_days_fit = lambda partitions, days: False  # type: ignore[method-assign]
+        ranker._viewer_days_fit = lambda partitions, days, load=True: False  # type: ignore[method-assign]
     load(store, partition(events, PARTITIONS), rng, processor=processor)
     check(ranker, Brute(partition(events, PARTITIONS), 0), rng)
     loads = ranker.cache.loads
@@ -151,7 +151,7 @@ def test_long_range_page_viewers_from_per_item_days_as_batches_land(tmp_path: Pa
     versions = BucketVersions(1 << 16)
     processor = StatsProcessor(HEARTBEAT, 0, versions)
     ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
-    ranker._viewer_days_fit = lambda partitions, days: False  # type: ignore[method-assign]
+    ranker._viewer_days_fit = lambda partitions, days, load=True: False  # type: ignore[method-assign]
     load(store, partition(events, PARTITIONS), rng, processor=processor)
     parts = list(range(PARTITIONS))
     ranges = [
@@ -586,3 +586,31 @@ def test_keys_of_many_refreshes_packed_at_once_match_keys_built_one_by_one() -> 
     assert keys == expected
     with pytest.raises(ValueError):
         key_layout.pack_keys_of([b"ab", b"abc"], [1, 1], [media[:2]], (False,))
+
+
+def test_one_items_viewers_without_loading_whole_days_match_brute_force(tmp_path: Path) -> None:
+    """GetMediaTrend's unique viewers from the rollup cache: for one item the days' viewer
+    rollups of every item are not loaded (only the item's own entries are), and the count is
+    exact over whole days, ragged edges and a range inside one hour, as batches land."""
+    rng = random.Random(29)
+    store = StateStore(str(tmp_path / "db"))
+    versions = BucketVersions(1 << 16)
+    processor = StatsProcessor(HEARTBEAT, 0, versions)
+    events = events_in(rng, 2000, 0, media=15, users=70, days=3)
+    apply(store, processor, events)
+    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
+    parts = list(range(PARTITIONS))
+    ranges = [*RANGES, (BASE, BASE + 3 * DAY)]
+    for step in range(3):
+        brute = Brute(partition(events, PARTITIONS), 0)
+        for start, end in ranges:
+            for media in (1, 4, 9, 15, 99):
+                item = np.array([media], np.int64)
+                found = ranker.page_viewers(parts, item, start, end, load_days=False)
+                assert found.tolist() == [brute.viewers(media, start, end)], (step, media)
+        assert not any(key[0] == "viewers" for key in ranker.cache._entries)
+        more = events_in(rng, 150, 2000 + 150 * step, media=15, users=70, days=3)
+        apply(store, processor, more)
+        events += more
+    assert ranker.cache.refreshes > 0
+    store.close()
