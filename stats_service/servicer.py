@@ -406,7 +406,9 @@ class StatsServicer:
         if cached:
             assert self.ranker is not None
             item = np.array([media], np.int64)
-            viewers = int(self.ranker.page_viewers(partitions, item, start, end, False)[0])
+            viewers = int(
+                self.ranker.page_viewers(partitions, item, start, end, load_days=False)[0]
+            )
         else:
             viewers = self.reader.viewers(partitions, media, start, end)
         return found, viewers, True
