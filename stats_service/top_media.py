@@ -119,6 +119,20 @@ def _unkeyed(load: Callable[[int, int, int], Entry], key: tuple[str, int, int, i
     return load(*key[1:])
 
 
+def _runs(lengths: Sequence[int], stored: np.ndarray) -> list[tuple[slice, slice]]:
+    """For refreshes whose re-read keys are consecutive runs of these lengths: each run's
+    keys, and its rows among the stored keys' values (only a stored key has a row)."""
+    ends = np.cumsum(lengths, dtype=np.int64)
+    stored_before = np.concatenate([[0], np.cumsum(stored, dtype=np.int64)])
+    bounds = zip(
+        (ends - lengths).tolist(),
+        ends.tolist(),
+        stored_before[ends - lengths].tolist(),
+        stored_before[ends].tolist(),
+    )
+    return [(slice(lo, hi), slice(s_lo, s_hi)) for lo, hi, s_lo, s_hi in bounds]
+
+
 def _ranking_rows(_key: object, changes: Changes) -> Changes:
     """The changes a bucket rollup holds: its ranking rows, not the day's viewer rows."""
     return Changes(changes.media, changes.viewer_media[:0], changes.viewer_user[:0])
@@ -266,22 +280,19 @@ class RollupRanker:
             "<i8",
         ).reshape(-1, k.BUCKET_FIELDS)[:, [0, 1, 4]]
         slots = self.cache.media.slots(np.concatenate(media))
-        entries: list[BucketRollup] = []
-        changed: list[np.ndarray] = []
-        fresh_slots: list[np.ndarray] = []
-        fresh_rows: list[np.ndarray] = []
-        low = row = 0
-        for item, keys in zip(stale, media):
-            high = low + len(keys)
-            mine, kept = slots[low:high], stored[low:high]
-            rows_high = row + int(kept.sum())
-            assert isinstance(item.entry, BucketRollup)
-            entries.append(item.entry)
-            changed.append(mine)
-            fresh_slots.append(mine[kept])
-            fresh_rows.append(rows[row:rows_high])
-            low, row = high, rows_high
-        return list(updated_buckets(entries, changed, fresh_slots, fresh_rows))
+        runs = _runs([len(m) for m in media], stored)
+        entries = [s.entry for s in stale]
+        assert all(isinstance(e, BucketRollup) for e in entries)
+        changed = [slots[keys] for keys, _ in runs]
+        fresh = [mine[stored[keys]] for mine, (keys, _) in zip(changed, runs)]
+        return list(
+            updated_buckets(
+                entries,  # type: ignore[arg-type]
+                changed,
+                fresh,
+                [rows[found] for _, found in runs],
+            )
+        )
 
     def _day_block(self, partitions: Sequence[int], first: int, days: int) -> BucketRollup:
         """The day rollups of `days` days from `first`, summed over `partitions`: one entry
@@ -322,56 +333,45 @@ class RollupRanker:
         return values, ~k.absent(values)
 
     def _day_viewers(self, partition: int, day: int) -> DayLayers:
-        def load() -> DayLayers:
-            # Read and decode VIEWER_CHUNK rows at a time: a day can hold hundreds of thousands
-            # of viewer-days, and each row's key, bitmap and decoding temporaries (about 2 KB
-            # when the whole day was listed first) would otherwise be held all at once.
-            prefix = k.presence_by_day_prefix(partition) + k.biased(day)
-            items = self.store.scan(prefix, prefix_end(prefix))
-            parts = []
-            while chunk := list(islice(items, VIEWER_CHUNK)):
-                keys = [key for key, _ in chunk]  # Q day media user
-                parts.append(
-                    day_viewers(
-                        k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in chunk]
-                    )
-                )
-            return day_layers(concat_day_viewers(parts))
+        """A day's viewer rows of every item, from the cache, refreshed, or loaded."""
+        [entry] = self._entries(
+            [("viewers", partition, k.DAY, day)],
+            lambda _: self._load_day_viewers(partition, day),
+            self._refresh_viewers,
+            _viewer_rows,
+        )
+        assert isinstance(entry, DayLayers)
+        return entry
 
-        return self._viewer_entry("viewers", partition, day, load, _viewer_rows)
+    def _load_day_viewers(self, partition: int, day: int) -> DayLayers:
+        # Read and decode VIEWER_CHUNK rows at a time: a day can hold hundreds of thousands
+        # of viewer-days, and each row's key, bitmap and decoding temporaries (about 2 KB
+        # when the whole day was listed first) would otherwise be held all at once.
+        prefix = k.presence_by_day_prefix(partition) + k.biased(day)
+        items = self.store.scan(prefix, prefix_end(prefix))
+        parts = []
+        while chunk := list(islice(items, VIEWER_CHUNK)):
+            keys = [key for key, _ in chunk]  # Q day media user
+            parts.append(
+                day_viewers(k.key_columns(keys, 1), k.key_columns(keys, 2), [v for _, v in chunk])
+            )
+        return day_layers(concat_day_viewers(parts))
 
     def _item_viewers(self, partition: int, day: int, media: int) -> DayLayers:
         """One item's viewer rows of one day (its `P` rows), refreshed like a day's: what a
         page's viewers need when the whole days' rollups are too large to keep (under a steady
         stream of new viewer-days, the soak's 3,000 events/s outgrow the cache in minutes)."""
+        return self._items_day_viewers([partition], [day], [media])[0]
 
-        def load() -> DayLayers:
-            prefix = k.presence_prefix(partition, media) + k.biased(day)
-            items = self.store.scan(prefix, prefix_end(prefix))
-            parts = []
-            while chunk := list(islice(items, VIEWER_CHUNK)):
-                user = k.key_columns([key for key, _ in chunk], 2)  # P media day user
-                owner = np.full(len(user), media, np.int64)
-                parts.append(day_viewers(owner, user, [v for _, v in chunk]))
-            return day_layers(concat_day_viewers(parts))
-
-        narrow = partial(_item_changes, media=media)
-        return self._viewer_entry(f"viewers of {media}", partition, day, load, narrow)
-
-    def _viewer_entry(
-        self,
-        kind: str,
-        partition: int,
-        day: int,
-        load: Callable[[], DayLayers],
-        narrow: Narrow,
-    ) -> DayLayers:
-        """A day's viewer rows of `kind` from the cache, refreshed from the changes `narrow`
-        keeps, or loaded."""
-        key = (kind, partition, k.DAY, day)
-        [entry] = self._entries([key], lambda _: load(), self._refresh_viewers, narrow)
-        assert isinstance(entry, DayLayers)
-        return entry
+    def _load_item_viewers(self, partition: int, day: int, media: int) -> DayLayers:
+        prefix = k.presence_prefix(partition, media) + k.biased(day)
+        items = self.store.scan(prefix, prefix_end(prefix))
+        parts = []
+        while chunk := list(islice(items, VIEWER_CHUNK)):
+            user = k.key_columns([key for key, _ in chunk], 2)  # P media day user
+            owner = np.full(len(user), media, np.int64)
+            parts.append(day_viewers(owner, user, [v for _, v in chunk]))
+        return day_layers(concat_day_viewers(parts))
 
     def _refresh_viewers(self, stale: Sequence[Stale]) -> list[Entry]:
         """Days' viewer rows (all of a day's, or one item's) brought up to date: the changed
@@ -390,14 +390,11 @@ class RollupRanker:
             list(compress(values, stored.tolist())),  # type: ignore[arg-type]
         )
         out: list[Entry] = []
-        low = row = 0
-        for item, changed_media, changed_user in zip(stale, media, user):
-            high = low + len(changed_media)
-            rows_high = row + int(stored[low:high].sum())
+        runs = _runs([len(m) for m in media], stored)
+        for item, changed_media, changed_user, (_, found) in zip(stale, media, user, runs):
             assert isinstance(item.entry, DayLayers)
-            mine = day_viewer_rows(fresh, row, rows_high)
+            mine = day_viewer_rows(fresh, found.start, found.stop)
             out.append(refreshed_day(item.entry, changed_media, changed_user, mine))
-            low, row = high, rows_high
         return out
 
     # --- the ranking ------------------------------------------------------------------------
@@ -650,20 +647,17 @@ class RollupRanker:
     ) -> list[DayLayers]:
         """The items' viewer rows of each day in each partition (partition, then day, then
         item order), the stale entries of all of them refreshed together."""
-        keys = [
-            (f"viewers of {m}", p, k.DAY, day) for p in partitions for day in days for m in items
-        ]
-        media = [m for _ in partitions for _ in days for m in items]
-        narrow = {key: partial(_item_changes, media=m) for key, m in zip(keys, media)}
-        found = self.cache.refresh_all(
-            keys, self._refresh_viewers, lambda key, changes: narrow[key](key, changes)
+        media_of = {
+            (f"viewers of {m}", p, k.DAY, day): m for p in partitions for day in days for m in items
+        }
+        entries = self._entries(
+            list(media_of),
+            lambda key: self._load_item_viewers(key[1], key[3], media_of[key]),
+            self._refresh_viewers,
+            lambda key, changes: _item_changes(key, changes, media_of[key]),
         )
-        out: list[DayLayers] = []
-        for entry, key, m in zip(found, keys, media):
-            entry = self._item_viewers(key[1], key[3], m) if entry is None else entry
-            assert isinstance(entry, DayLayers)
-            out.append(entry)
-        return out
+        assert all(isinstance(e, DayLayers) for e in entries)
+        return entries  # type: ignore[return-value]
 
     def _edge_day_users(
         self, day: int, entries: Sequence[DayLayers], start: int, end: int
@@ -807,7 +801,8 @@ class RollupRanker:
 
         def day_rows(partition: int, day: int) -> DayLayers:
             entry = found.pop(("viewers", partition, k.DAY, day))
-            entry = self._day_viewers(partition, day) if entry is None else entry
+            if entry is None:  # loaded one day at a time: a range's days may not fit at once
+                return self._day_viewers(partition, day)
             assert isinstance(entry, DayLayers)
             return entry
 

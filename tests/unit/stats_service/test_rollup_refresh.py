@@ -614,3 +614,20 @@ def test_one_items_viewers_without_loading_whole_days_match_brute_force(tmp_path
         events += more
     assert ranker.cache.refreshes > 0
     store.close()
+
+
+def test_runs_of_re_read_keys_find_each_refresh_its_stored_rows() -> None:
+    """Each refresh's keys and its rows among the stored values, against counting key by key
+    (empty runs, runs with no stored key, all stored)."""
+    from stats_service.top_media import _runs
+
+    rng = np.random.default_rng(3)
+    lengths = [0, 3, 1, 0, 5, 2, 4]
+    stored = rng.random(sum(lengths)) < 0.6
+    stored[1:4] = False
+    row = key = 0
+    for length, (keys, rows) in zip(lengths, _runs(lengths, stored), strict=True):
+        assert (keys.start, keys.stop) == (key, key + length)
+        count = int(sum(stored[key : key + length]))
+        assert (rows.start, rows.stop) == (row, row + count)
+        key, row = key + length, row + count
