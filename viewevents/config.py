@@ -169,7 +169,7 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "VIEWEVENTS_MEMORY_BUDGET_MB",
         200,
         int,
-        "Memory the service is sized for (MiB): RocksDB block cache 20 %, up to 3 memtables "
+        "Memory the service is sized for (MiB): RocksDB block cache 10 %, up to 3 memtables "
         "of 6 %, Kafka fetch buffer 8 %, the service's own cache 10 % (recommender neighbour "
         "lists, own or fanned out; stats ranking rollups), a side cache 5 % (recommender hot "
         "rows), de-duplication filters 8 %; the rest is left to the process and its batch "

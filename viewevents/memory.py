@@ -5,9 +5,9 @@ resident memory stays under it however long the stream: RocksDB's block cache an
 the Kafka consumer's fetch buffers, the service's own in-memory cache (the recommender's
 neighbour lists, its own or those it fanned out for, one kind at a time; the stats service's
 ranking rollups), a smaller side cache (the recommender's hot rows) and the
-consumer's de-duplication filters (one per owned partition). The rest is left to what no setting
-bounds: the interpreter and libraries (about 70 MiB), the batch being applied, and allocator
-slack.
+consumer's de-duplication filters (one per owned partition). The rest (41 %) is left to what no
+setting bounds: the interpreter and libraries (about 70 MiB), the batch being applied, and
+allocator slack.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MiB = 1024 * 1024
-CACHE_SHARE = 0.20  # RocksDB block cache (index and filter blocks included)
+# RocksDB block cache (index and filter blocks included). It was 20 %, which left the rest 62 MiB
+# at 200 MiB: less than the process's own fixed part, and both consuming services peaked above
+# the budget. Measured with a 20 instead of 40 MiB cache (docs/architecture.md, "Memory"): stats
+# catch-up peak 216 to 225 -> 200 to 207 MiB, recommender (200k x 10k) 255 -> 240 MiB, at the
+# same consume rates and query latencies (the operating system's page cache keeps the files).
+CACHE_SHARE = 0.10
 WRITE_BUFFER_SHARE = 0.06  # per RocksDB memtable; at most MAX_WRITE_BUFFERS exist (18 %)
 MAX_WRITE_BUFFERS = 3
 FETCH_SHARE = 0.08  # what the Kafka consumer's fetching holds (`fetch_sizes`)

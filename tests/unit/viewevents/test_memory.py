@@ -6,13 +6,13 @@ from __future__ import annotations
 from viewevents.memory import MAX_WRITE_BUFFERS, MiB, fetch_sizes, plan_memory
 
 
-def test_default_budget_leaves_the_process_almost_half() -> None:
+def test_default_budget_leaves_the_process_two_fifths() -> None:
     plan = plan_memory(200)
-    assert (plan.block_cache_mb, plan.write_buffer_mb) == (40, 12)
+    assert (plan.block_cache_mb, plan.write_buffer_mb) == (20, 12)
     assert (plan.fetch_max_bytes, plan.max_partition_fetch_bytes) == (4 * MiB, 1 * MiB)
     assert (plan.service_cache_mb, plan.side_cache_mb, plan.dedupe_filter_mb) == (20, 10, 16)
-    assert plan.bounded_mb == 40 + MAX_WRITE_BUFFERS * 12 + 16 + 20 + 10 + 16
-    assert plan.bounded_mb <= 0.69 * 200
+    assert plan.bounded_mb == 20 + MAX_WRITE_BUFFERS * 12 + 16 + 20 + 10 + 16
+    assert plan.bounded_mb <= 0.59 * 200
 
 
 def test_explicit_sizes_override_the_budget() -> None:
@@ -38,4 +38,4 @@ def test_fetching_holds_no_more_than_its_share_up_to_eight_partitions() -> None:
             held = partitions * partition + 2 * min(response, partitions * partition)
             assert held <= share_mb * MiB, (share_mb, partitions, held)
     assert fetch_sizes(16 * MiB) == (4 * MiB, 1 * MiB)
-    assert plan_memory(200).bounded_mb == 40 + MAX_WRITE_BUFFERS * 12 + 16 + 20 + 10 + 16
+    assert plan_memory(200).bounded_mb == 20 + MAX_WRITE_BUFFERS * 12 + 16 + 20 + 10 + 16
