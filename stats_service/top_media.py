@@ -97,27 +97,21 @@ def _sum_rollups(rollups: Sequence[BucketRollup], count: int) -> np.ndarray:
 
 
 MAX_BLOCK_DAYS = 32  # the longest block of whole days summed into one entry
-MAX_BLOCK_HOURS = 16  # the longest block of whole hours (a range's hours never span a day)
-
-
-def aligned_blocks(low: int, high: int, size: int, most: int) -> list[tuple[int, int]]:
-    """Whole buckets of `size` [low, high) as aligned power-of-two blocks (first start,
-    buckets), at most `most` each: n buckets in about 2 log2(n) blocks, and the same blocks
-    for every range that contains them (so they stay cached across rankings)."""
-    out: list[tuple[int, int]] = []
-    bucket, end = low // size, high // size
-    while bucket < end:
-        count = most
-        while bucket % count or bucket + count > end:
-            count //= 2
-        out.append((bucket * size, count))
-        bucket += count
-    return out
 
 
 def day_blocks(low: int, high: int) -> list[tuple[int, int]]:
-    """Whole days [low, high) (UTC day starts) as `aligned_blocks` of days."""
-    return aligned_blocks(low, high, k.DAY, MAX_BLOCK_DAYS)
+    """Whole days [low, high) (UTC day starts) as aligned power-of-two blocks (first day,
+    days), at most MAX_BLOCK_DAYS each: a range of n days in about 2 log2(n) blocks, and the
+    same blocks for every range that contains them (so they stay cached across rankings)."""
+    out: list[tuple[int, int]] = []
+    day, end = low // k.DAY, high // k.DAY
+    while day < end:
+        days = MAX_BLOCK_DAYS
+        while day % days or day + days > end:
+            days //= 2
+        out.append((day * k.DAY, days))
+        day += days
+    return out
 
 
 def _unkeyed(load: Callable[[int, int, int], Entry], key: tuple[str, int, int, int]) -> Entry:
@@ -300,21 +294,19 @@ class RollupRanker:
             )
         )
 
-    def _block(self, partitions: Sequence[int], size: int, first: int, count: int) -> BucketRollup:
-        """The rollups of `count` buckets of `size` (days or hours) from `first`, summed over
-        `partitions`: one entry instead of count x partitions (a 30-day ranking read 116 day
-        rollups, about 80,000 rows; their blocks are 8 entries of at most one row per media
-        item; a one-day ranking's 23 whole hours of 4 partitions, 92 rollups, are about 5
-        blocks). Current while none of its buckets changed (`RollupCache.get_derived`)."""
-        parts = [(p, size, first + i * size) for p in partitions for i in range(count)]
+    def _day_block(self, partitions: Sequence[int], first: int, days: int) -> BucketRollup:
+        """The day rollups of `days` days from `first`, summed over `partitions`: one entry
+        instead of days x partitions (a 30-day ranking read 116 day rollups, about 80,000
+        rows; their blocks are 8 entries of at most one row per media item)."""
+        parts = [(p, k.DAY, first + i * k.DAY) for p in partitions for i in range(days)]
 
         def build() -> BucketRollup:
             sums = _sum_rollups(self._buckets(parts), 0)
             slots = np.flatnonzero(sums[:, 3])  # every item with a row, whatever its values
             return bucket_rollup(slots, sums[slots, :3])
 
-        kind = ("days of " if size == k.DAY else "hours of ") + ",".join(map(str, partitions))
-        entry = self.cache.get_derived(kind, count * size, first, parts, build)
+        kind = "days of " + ",".join(map(str, partitions))
+        entry = self.cache.get_derived(kind, days * k.DAY, first, parts, build)
         assert isinstance(entry, BucketRollup)
         return entry
 
@@ -414,15 +406,17 @@ class RollupRanker:
         wanted: list[tuple[int, int, int]] = []  # whole buckets, then the edge hours'
         cuts: list[tuple[int, int, int, int]] = []  # each edge: partition, hour, minutes
         for size, low, high in tiles(start, end):
-            if size != k.MINUTE:
-                most = MAX_BLOCK_DAYS if size == k.DAY else MAX_BLOCK_HOURS
-                for first, count in aligned_blocks(low, high, size, most):
-                    if count == 1:
-                        wanted.extend((p, size, first) for p in partitions)
+            if size == k.DAY:
+                for first, days in day_blocks(low, high):
+                    if days == 1:
+                        wanted.extend((p, k.DAY, first) for p in partitions)
                     else:
-                        whole.append(self._block(partitions, size, first, count))
+                        whole.append(self._day_block(partitions, first, days))
                 continue
             for p in partitions:
+                if size != k.MINUTE:
+                    wanted.extend((p, size, b) for b in range(low, high, size))
+                    continue
                 for hour in range(floor_to(low, k.HOUR), high, k.HOUR):
                     first = (max(low, hour) - hour) // k.MINUTE
                     stop = (min(high, hour + k.HOUR) - hour) // k.MINUTE

@@ -291,70 +291,17 @@ def test_rows_of_against_a_scan() -> None:
         assert list(zip(rows.tolist(), owner.tolist())) == expected
 
 
-@pytest.mark.parametrize(
-    "size, most", [(86_400, top_media.MAX_BLOCK_DAYS), (3_600, top_media.MAX_BLOCK_HOURS)]
-)
-def test_blocks_cover_each_bucket_once_in_aligned_power_of_two_blocks(size: int, most: int) -> None:
+def test_day_blocks_cover_each_day_once_in_aligned_power_of_two_blocks() -> None:
+    day = 86_400
     for low in range(0, 70):
         for high in range(low, low + 70, 3):
-            blocks = top_media.aligned_blocks(low * size, high * size, size, most)
-            covered = [first // size + i for first, count in blocks for i in range(count)]
+            blocks = top_media.day_blocks(low * day, high * day)
+            covered = [first // day + i for first, days in blocks for i in range(days)]
             assert covered == list(range(low, high))
-            for first, count in blocks:
-                assert count & (count - 1) == 0 and count <= most
-                assert (first // size) % count == 0
+            for first, days in blocks:
+                assert days & (days - 1) == 0 and days <= top_media.MAX_BLOCK_DAYS
+                assert (first // day) % days == 0
             assert len(blocks) <= 2 * max(1, (high - low).bit_length())
-    assert top_media.day_blocks(3 * 86_400, 11 * 86_400) == [
-        (3 * 86_400, 1),
-        (4 * 86_400, 4),
-        (8 * 86_400, 2),
-        (10 * 86_400, 1),
-    ]
-
-
-def test_sliding_one_day_rankings_from_blocks_of_hours_match_brute_force_while_batches_land(
-    tmp_path: Path,
-) -> None:
-    """A dashboard's "last 24 hours", asked every few minutes: the whole hours come from
-    blocks of hours summed over hours and partitions, kept across the calls; a batch changing
-    an hour of a block (late events too) makes it current no longer, and the next ranking
-    sums it again."""
-    rng = random.Random(41)
-    events = random_events(rng, 4000, late_fraction=0.3)
-    partitioned = partition(events, PARTITIONS)
-    store = StateStore(str(tmp_path / "db"))
-    versions = BucketVersions()
-    processor = StatsProcessor(HEARTBEAT, 0, versions)
-    ranker = RollupRanker(store, RollupCache(versions, 64 << 20))
-    parts = list(range(PARTITIONS))
-    start = (min(e.seconds for e in events) + 86_400) // 60 * 60 + 7 * 60
-    loaded: dict[int, list] = {p: [] for p in partitioned}
-    builds = []
-    for cut in (0.4, 0.7, 1.0):
-        more = {p: evs[len(loaded[p]) : int(len(evs) * cut)] for p, evs in partitioned.items()}
-        load(store, more, rng, processor=processor)
-        for p in loaded:
-            loaded[p] += more[p]
-        brute = Brute(loaded, 0)
-        before = ranker.cache.builds
-        for _ in range(6):
-            start += 60 * rng.choice([1, 5, 13, 61])
-            end = start + 86_400
-            expected = brute.top(start, end)
-            for column in (VIEW_TIME, STARTS, VIEWERS):
-                ranking = ranker.top(parts, start, end, column, 6)
-                assert ranking.media == expected_order(expected, column)[:6], (start, column)
-                for media, row in zip(ranking.media, ranking.values.tolist()):
-                    assert row[:2] == list(expected[media][:2])
-                    if column == VIEWERS:
-                        assert row[2] == expected[media][2]
-        builds.append(ranker.cache.builds - before)
-    blocks = [key for key in ranker.cache._entries if key[0].startswith("hours of ")]
-    assert blocks and all(3_600 < key[2] <= 16 * 3_600 for key in blocks)
-    # Each round's 6 windows read about 5 blocks each (30 builds if none were kept); the
-    # first window of a round and the blocks a batch changed are built, the rest kept.
-    assert all(0 < built <= 12 for built in builds), builds
-    store.close()
 
 
 def test_long_rankings_from_blocks_of_days_match_brute_force_while_batches_land(
