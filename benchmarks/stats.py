@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import statistics
 import subprocess
@@ -312,15 +313,27 @@ async def _bench(
                 )
 
             def top_call(
-                metric: pb.TopMediaMetric, span_days: int = 1, repeated: bool = False
+                metric: pb.TopMediaMetric,
+                span_days: int = 1,
+                repeated: bool = False,
+                sliding: bool = False,
             ) -> Callable[[random.Random], Awaitable[None]]:
                 """Distinct ranges (`new_start`), or with `repeated` one range asked again and
-                again."""
+                again, or with `sliding` a window a minute later at each call (a dashboard's
+                "last 24 hours" refreshed every minute: a new range each time, never a kept
+                page, but sharing most of its hours with the one before)."""
                 span = 86400 * span_days
+                ticks = itertools.count()
+                origin = max(low, high - span - 60 * calls) // 60 * 60
 
                 async def call(rng: random.Random) -> None:
                     if repeated:
                         start = low - low % 60 + 60 * (max(1, (high - low - span) // 60) // 2)
+                    elif sliding:
+                        start = origin + 60 * next(ticks)
+                        while start in asked:
+                            start = origin + 60 * next(ticks)
+                        asked.add(start)
                     else:
                         start = new_start(rng, span)
                     await stub.ListTopMedia(top_request(metric, start, span))
@@ -378,6 +391,19 @@ async def _bench(
                     used = sum(psutil.Process(process.pid).cpu_times()[:2]) - top_cpu
                     timed["service_cpu_ms_per_call"] = round(1000 * used / count, 2)
                     result[f"ListTopMedia ({span_days} day, {label})"] = timed
+            for label, metric in metrics.items() if 1 in spans else ():
+                top_cpu = cpu_seconds(process.pid)
+                count = calls // 20 if label == "view time" else calls // 40
+                timed = await latency(
+                    f"ListTopMedia 1 d {label} sliding",
+                    top_call(metric, 1, sliding=True),
+                    count,
+                    concurrency,
+                )
+                timed["service_cpu_ms_per_call"] = round(
+                    1000 * (cpu_seconds(process.pid) - top_cpu) / count, 2
+                )
+                result[f"ListTopMedia (1 day, {label}; sliding by a minute)"] = timed
             # The same rankings with the Go client (distinct ranges, as above), and one range
             # asked again and again: answered from the page kept for the current offsets.
             for span_days in spans:
