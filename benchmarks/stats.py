@@ -378,32 +378,29 @@ async def _bench(
                     f"{1000 * (time.perf_counter() - began):.0f} ms wall, "
                     f"{sum(psutil.Process(process.pid).cpu_times()[:2]) - cold_cpu:.2f} CPU s"
                 )
+
+            async def timed_top(
+                name: str, call: Callable[[random.Random], Awaitable[None]], count: int, digits: int
+            ) -> dict[str, Any]:
+                """`latency` of `count` rankings, with the service's CPU per call."""
+                top_cpu = cpu_seconds(process.pid)
+                timed = await latency(name, call, count, concurrency)
+                timed["service_cpu_ms_per_call"] = round(
+                    1000 * (cpu_seconds(process.pid) - top_cpu) / count, digits
+                )
+                return timed
+
             for span_days in spans:
                 for label, metric in metrics.items():
-                    top_cpu = sum(psutil.Process(process.pid).cpu_times()[:2])
                     count = calls // 20 if label == "view time" else calls // 40
-                    timed = await latency(
-                        f"ListTopMedia {span_days} d {label}",
-                        top_call(metric, span_days),
-                        count,
-                        concurrency,
+                    result[f"ListTopMedia ({span_days} day, {label})"] = await timed_top(
+                        f"ListTopMedia {span_days} d {label}", top_call(metric, span_days), count, 2
                     )
-                    used = sum(psutil.Process(process.pid).cpu_times()[:2]) - top_cpu
-                    timed["service_cpu_ms_per_call"] = round(1000 * used / count, 2)
-                    result[f"ListTopMedia ({span_days} day, {label})"] = timed
             for label, metric in metrics.items() if 1 in spans else ():
-                top_cpu = cpu_seconds(process.pid)
                 count = calls // 20 if label == "view time" else calls // 40
-                timed = await latency(
-                    f"ListTopMedia 1 d {label} sliding",
-                    top_call(metric, 1, sliding=True),
-                    count,
-                    concurrency,
+                result[f"ListTopMedia (1 day, {label}; sliding by a minute)"] = await timed_top(
+                    f"ListTopMedia 1 d {label} sliding", top_call(metric, 1, sliding=True), count, 2
                 )
-                timed["service_cpu_ms_per_call"] = round(
-                    1000 * (cpu_seconds(process.pid) - top_cpu) / count, 2
-                )
-                result[f"ListTopMedia (1 day, {label}; sliding by a minute)"] = timed
             # The same rankings with the Go client (distinct ranges, as above), and one range
             # asked again and again: answered from the page kept for the current offsets.
             for span_days in spans:
@@ -424,17 +421,14 @@ async def _bench(
                             process.pid,
                         )
                     )
-                    top_cpu = cpu_seconds(process.pid)
-                    timed = await latency(
+                    result[
+                        f"ListTopMedia ({span_days} day, {label}; one range repeated)"
+                    ] = await timed_top(
                         f"ListTopMedia {span_days} d {label} repeated",
                         top_call(metric, span_days, repeated=True),
                         count * 4,
-                        concurrency,
+                        3,
                     )
-                    timed["service_cpu_ms_per_call"] = round(
-                        1000 * (cpu_seconds(process.pid) - top_cpu) / (count * 4), 3
-                    )
-                    result[f"ListTopMedia ({span_days} day, {label}; one range repeated)"] = timed
         result["peak_rss_mb"] = round(rss.peak_mb())
         result["service_log"] = str(log_path)
     finally:
