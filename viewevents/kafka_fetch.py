@@ -9,9 +9,9 @@ aiokafka's fetcher already received and reads those directly from its C record b
 THIS MODULE USES AIOKAFKA INTERNALS, written against aiokafka 0.14.0 (pinned in
 constraints.txt): `Fetcher._records` ({TopicPartition: FetchResult | FetchError}),
 `FetchResult._partition_records` / `check_assignment` / `_update_position` / `has_more`,
-`PartitionRecords._records` (MemoryRecords), `next_fetch_offset`, `_check_crcs`,
-`_isolation_level`, `_consume_aborted_up_to`, `_contains_abort_marker`, and the consumer's
-`_fetcher`, `_coordinator`, `_subscription`. It mirrors `Fetcher.fetched_records` and
+`PartitionRecords._records` (MemoryRecords), `_records_iterator`, `next_fetch_offset`,
+`_check_crcs`, `_isolation_level`, `_consume_aborted_up_to`, `_contains_abort_marker`, and the
+consumer's `_fetcher`, `_coordinator`, `_subscription`. It mirrors `Fetcher.fetched_records` and
 `PartitionRecords._unpack_records` of that version: positions move exactly as getmany moves
 them, a seek or revocation between fetch and drain drops the stale result, control batches
 and (read_committed) aborted transactions are skipped, CRCs are checked. `BulkFetch` checks
@@ -179,9 +179,15 @@ class BulkFetch:
 def _drain(tp: TopicPartition, result: FetchResult, budget: int) -> FetchedRecords | None:
     """Whole record batches of `result` until `budget` records are taken; None when the
     result is stale (seek, pause, revocation) or nothing moved."""
-    if not result.check_assignment(tp) or not result.has_more():
+    records: PartitionRecords | None = result._partition_records
+    if records is not None:
+        # The records' own generator (unused here) and the records reference each other, a
+        # cycle only a full garbage collection frees: each fetched record set (up to
+        # max_partition_fetch_bytes) outlived its draining by a minute or more. Measured on the
+        # recommender catching up on 6M events: 50 to 60 MiB of drained record sets alive.
+        records._records_iterator = None
+    if records is None or not result.check_assignment(tp) or not result.has_more():
         return None
-    records: PartitionRecords = result._partition_records
     memory: MemoryRecords = records._records
     read_committed = records._isolation_level == READ_COMMITTED
     check_crcs = records._check_crcs
@@ -254,6 +260,7 @@ def _unsupported(consumer: AIOKafkaConsumer) -> str | None:
             probe,
             (
                 "_records",
+                "_records_iterator",
                 "next_fetch_offset",
                 "_check_crcs",
                 "_isolation_level",

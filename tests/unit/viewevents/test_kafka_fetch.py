@@ -1,12 +1,15 @@
 """The bulk fetch's pieces that need no broker: the fallback decision, the getmany view, and the
 consumer storing the next offset of a fetch that held only skipped records (transaction markers),
 and `_drain` against aiokafka's own FetchResult.getall on hand-built v2 and legacy batches (plain
-and gzip, read from inside a batch). On a real topic, tests/integration/test_kafka_fetch.py."""
+and gzip, read from inside a batch), and a drained record set freed at once (not by the cyclic
+garbage collector). On a real topic, tests/integration/test_kafka_fetch.py."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import pytest
@@ -177,3 +180,24 @@ def test_drain_reads_what_getall_reads(kind: str, start: int) -> None:
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     assert [g[2] for g in got if g[2] != -1] == [e[2] for e, g in zip(expected, got) if g[2] != -1]
     assert assignment.state.position == public_assignment.state.position
+
+
+def test_a_drained_record_set_is_freed_without_waiting_for_the_garbage_collector() -> None:
+    # aiokafka's PartitionRecords and its records generator reference each other; left so, every
+    # drained record set (up to max_partition_fetch_bytes) waits for a full collection.
+    tp = TopicPartition("t", 0)
+    records = PartitionRecords(
+        tp, MemoryRecords(_log([("v2", 0, 5)])), [], 0, None, None, True, READ_UNCOMMITTED
+    )
+    result = FetchResult(tp, assignment=_Assignment(0), partition_records=records, backoff=0)
+    alive = weakref.ref(records)
+    del records
+    gc.disable()
+    try:
+        fetched = _drain(tp, result, 100)
+        assert fetched is not None and len(fetched) == 5
+        assert not result.has_more()
+        del result
+        assert alive() is None
+    finally:
+        gc.enable()
