@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
-import psutil
 from aiokafka import AIOKafkaProducer
 from google.protobuf import json_format, timestamp_pb2
 from tqdm import tqdm
@@ -251,7 +250,7 @@ async def _bench(
             # answer usually already says caught up: the consuming rate then comes from the
             # consumer's own log line, and the CPU counted is the process's since its start.
             catch_up = await wait_caught_up(stub, len(records), process)
-            cpu = sum(psutil.Process(process.pid).cpu_times()[:2])
+            cpu = cpu_seconds(process.pid)
             total = time.perf_counter() - started
             result["start_to_caught_up_s"] = round(total, 1)
             result["events_per_s_start_to_caught_up"] = round(len(records) / total)
@@ -371,12 +370,12 @@ async def _bench(
                 "GetMediaTrend", trend_call, calls // 4, concurrency
             )
             for label, metric in metrics.items() if spans else ():  # untimed; none if no span
-                cold_cpu = sum(psutil.Process(process.pid).cpu_times()[:2])
+                cold_cpu = cpu_seconds(process.pid)
                 began = time.perf_counter()
                 await top_call(metric, spans[-1])(random.Random(0))
                 result[f"ListTopMedia first call ({spans[-1]} days, {label})"] = (
                     f"{1000 * (time.perf_counter() - began):.0f} ms wall, "
-                    f"{sum(psutil.Process(process.pid).cpu_times()[:2]) - cold_cpu:.2f} CPU s"
+                    f"{cpu_seconds(process.pid) - cold_cpu:.2f} CPU s"
                 )
 
             async def timed_top(
@@ -390,14 +389,18 @@ async def _bench(
                 )
                 return timed
 
+            def top_count(label: str) -> int:
+                """Rankings per series: fewer by unique viewers, the slower metric."""
+                return calls // 20 if label == "view time" else calls // 40
+
             for span_days in spans:
                 for label, metric in metrics.items():
-                    count = calls // 20 if label == "view time" else calls // 40
+                    count = top_count(label)
                     result[f"ListTopMedia ({span_days} day, {label})"] = await timed_top(
                         f"ListTopMedia {span_days} d {label}", top_call(metric, span_days), count, 2
                     )
             for label, metric in metrics.items() if 1 in spans else ():
-                count = calls // 20 if label == "view time" else calls // 40
+                count = top_count(label)
                 result[f"ListTopMedia (1 day, {label}; sliding by a minute)"] = await timed_top(
                     f"ListTopMedia 1 d {label} sliding", top_call(metric, 1, sliding=True), count, 2
                 )
@@ -405,7 +408,7 @@ async def _bench(
             # asked again and again: answered from the page kept for the current offsets.
             for span_days in spans:
                 for label, metric in metrics.items():
-                    count = calls // 20 if label == "view time" else calls // 40
+                    count = top_count(label)
                     span = 86400 * span_days
                     starts = [new_start(ghz_rng, span) for _ in range(count)]
                     result[f"ListTopMedia ({span_days} day, {label}; ghz, Go client)"] = (
