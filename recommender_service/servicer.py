@@ -100,14 +100,17 @@ def position_message(
 ) -> view_event_pb2.ConsumerPosition:
     """The position of the state an answer was computed from.
 
-    Offsets come from the same RocksDB snapshot as the answer; partitions assigned to this
-    instance that never committed anything report the consumer's start position."""
-    live = dict(consumer.positions) if consumer is not None else {}
-    partitions = sorted(set(live) or set(stamp.offsets))
+    Offsets come from the same RocksDB snapshot as the answer. An owned partition with no
+    offset in that snapshot had nothing applied in it: offset 0 (the topic keeps every record),
+    as a fan-out partial reports it (`partials.read`). Never the consumer's position now: the
+    answer may have been computed (or cached) before that partition's first batch committed,
+    and it would claim records its state lacks."""
+    owned = set(consumer.positions) if consumer is not None else set()
+    partitions = sorted(owned or set(stamp.offsets))
     caught_up = bool(consumer.caught_up.is_set()) if consumer is not None else True  # type: ignore[attr-defined]
     return view_event_pb2.ConsumerPosition(
         partitions=[
-            view_event_pb2.PartitionOffset(partition=p, offset=stamp.offsets.get(p, live.get(p, 0)))
+            view_event_pb2.PartitionOffset(partition=p, offset=stamp.offsets.get(p, 0))
             for p in partitions
         ],
         event_time_watermark=(

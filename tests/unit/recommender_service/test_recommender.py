@@ -20,7 +20,7 @@ from evaluation.offline_recommender import OfflineRecommender
 from recommender_service import batch_plan
 from recommender_service import key_layout as keys
 from recommender_service.batch_plan import COMPACT_MIN_ENTRIES
-from recommender_service.servicer import validate_recommend, validate_similar
+from recommender_service.servicer import position_message, validate_recommend, validate_similar
 from recommender_service.settings import RecommenderSettings
 from recommender_service.similarity import Metric
 from tests.support.oracles import BruteForce, assert_same_ranking
@@ -362,6 +362,29 @@ def test_unknown_item_is_reported(tmp_path: Path) -> None:
     with pytest.raises(UnknownItem):
         rec.engine.similar(10_000, Metric.COSINE, 10)
     rec.close()
+
+
+def test_an_answer_never_claims_a_partition_its_state_lacks(tmp_path: Path) -> None:
+    """A partition whose first batch commits after the answer's state was read is reported at
+    offset 0, not at the consumer's position by the time the answer is sent (seen in the
+    scale-out test: co-viewer counts below brute force at the position an answer claimed)."""
+    rec = OfflineRecommender(str(tmp_path / "state"), settings(), partitions=2, batch_max=500)
+    try:
+        events = random_events(13, users=80, items=20, count=3_000)
+        first = [e for e in events if rec.partition_of(e.user_id) == 0]
+        later = [e for e in events if rec.partition_of(e.user_id) == 1]
+        assert first and later
+        rec.feed(first)
+        media = int(rec.processor.view.ids[0])
+        _, stamp = rec.engine.similar(media, Metric.COSINE, 10)
+        rec.feed(later)  # partition 1's first batches commit while the answer is on its way
+        assert set(rec.consumer.positions) == {0, 1}
+        position = position_message(stamp, rec.consumer)
+        # Records are numbered from 0 per partition as they are fed: the answer's state holds
+        # every record of partition 0 and none of partition 1.
+        assert {p.partition: p.offset for p in position.partitions} == {0: len(first), 1: 0}
+    finally:
+        rec.close()
 
 
 # --- argument validation -------------------------------------------------------------------------
