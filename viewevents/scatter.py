@@ -192,11 +192,14 @@ def merge_positions(
     positions: Sequence[view_event_pb2.ConsumerPosition],
 ) -> view_event_pb2.ConsumerPosition:
     """One position for an answer built from partials: every partition each partial read (at
-    its offset), the highest event-time watermark, caught up when every partial was."""
+    its offset; a partition several partials read, e.g. a recommendation's neighbour lists
+    gathered at different times, at the lowest: the answer holds at least that much of it),
+    the highest event-time watermark, caught up when every partial was."""
     offsets: dict[int, int] = {}
     watermarks = []
     for position in positions:
-        offsets.update((p.partition, p.offset) for p in position.partitions)
+        for p in position.partitions:
+            offsets[p.partition] = min(p.offset, offsets.get(p.partition, p.offset))
         if position.HasField("event_time_watermark"):
             watermarks.append(position.event_time_watermark.seconds)
     merged = view_event_pb2.ConsumerPosition(

@@ -83,6 +83,26 @@ def test_positions_merge_into_one_covering_every_partial() -> None:
     assert not scatter.merge_positions([one, two]).caught_up
 
 
+def test_a_partition_read_by_several_partials_is_at_the_lowest_offset_read() -> None:
+    """A recommendation gathers neighbour lists computed at different positions: the answer
+    holds at least what the oldest says, whatever the order of the lists."""
+    older = ve.ConsumerPosition(
+        partitions=[
+            ve.PartitionOffset(partition=0, offset=4),
+            ve.PartitionOffset(partition=1, offset=7),
+        ]
+    )
+    newer = ve.ConsumerPosition(
+        partitions=[
+            ve.PartitionOffset(partition=0, offset=9),
+            ve.PartitionOffset(partition=1, offset=6),
+        ]
+    )
+    for order in ([older, newer], [newer, older]):
+        merged = scatter.merge_positions(order)
+        assert [(p.partition, p.offset) for p in merged.partitions] == [(0, 4), (1, 6)]
+
+
 def test_only_caught_up_owned_partitions_are_answerable() -> None:
     state = CatchUp()
     state.assign([0, 1], {0: 10, 1: 3})
