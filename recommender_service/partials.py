@@ -77,7 +77,7 @@ class Remainder:
     def sums(self, view: View, others: Sequence[int]) -> ItemSums | None:
         """The sums of `others` as of `view`, or None while they are not known to stand still
         (first seen at these offsets: the caller reads the asked partitions directly)."""
-        state = tuple((p, view.stamp.offsets.get(p, 0)) for p in others)
+        state = tuple((p, view.stamp.offset(p)) for p in others)
         with self._lock:
             if self._kept is not None and self._kept[0] == state:
                 return self._kept[1]
@@ -131,10 +131,9 @@ def read(
         )
     if len(row):
         row = row[np.isin(row["j"], items.ids)]  # neighbours newer than the snapshot: later
-    # Every asked partition is listed: one with no stored offset has nothing applied in this
-    # snapshot (offset 0 of a topic that keeps every record), and an answer whose position left
-    # it out would look partial.
-    offsets = {p: view.stamp.offsets.get(p, 0) for p in parts}
+    # Every asked partition is listed (one with nothing applied at 0): an answer whose
+    # position left it out would look partial.
+    offsets = {p: view.stamp.offset(p) for p in parts}
     watermark: int | None = None
     for partition in parts:
         mark = keys.snapshot_get(snapshot, keys.watermark_key_of(partition))

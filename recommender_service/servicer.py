@@ -100,18 +100,15 @@ def position_message(
 ) -> view_event_pb2.ConsumerPosition:
     """The position of the state an answer was computed from.
 
-    Offsets come from the same RocksDB snapshot as the answer. An owned partition with no
-    offset in that snapshot had nothing applied in it: offset 0 (the topic keeps every record),
-    as a fan-out partial reports it (`partials.read`). Never the consumer's position now: the
-    answer may have been computed (or cached) before that partition's first batch committed,
-    and it would claim records its state lacks."""
+    Offsets come from the same RocksDB snapshot as the answer (`Stamp.offset`), for every
+    owned partition: the answer may have been computed, or cached, before a partition's first
+    batch committed, and the consumer's position now would claim records its state lacks."""
     owned = set(consumer.positions) if consumer is not None else set()
     partitions = sorted(owned or set(stamp.offsets))
     caught_up = bool(consumer.caught_up.is_set()) if consumer is not None else True  # type: ignore[attr-defined]
     return view_event_pb2.ConsumerPosition(
         partitions=[
-            view_event_pb2.PartitionOffset(partition=p, offset=stamp.offsets.get(p, 0))
-            for p in partitions
+            view_event_pb2.PartitionOffset(partition=p, offset=stamp.offset(p)) for p in partitions
         ],
         event_time_watermark=(
             timestamp_pb2.Timestamp(seconds=stamp.watermark)

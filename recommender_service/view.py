@@ -28,6 +28,12 @@ class Stamp:
     offsets: dict[int, int]
     watermark: int | None
 
+    def offset(self, partition: int) -> int:
+        """The next offset of `partition` in the snapshot. A partition with no stored offset
+        has nothing applied in it: 0 (the topic keeps every record). Never the consumer's
+        position, which may have moved past the snapshot since."""
+        return self.offsets.get(partition, 0)
+
 
 @dataclass
 class View:
