@@ -154,6 +154,17 @@ def _item_changes(_key: object, changes: Changes, media: int) -> Changes:
 # full: the rest is left for what queries load (refreshed copies, older days) without evicting.
 WARM_FILL = 0.8
 EDGE_ROWS = 4_096  # edge hour rows read and decoded at once (1,240 bytes each decoded)
+_EDGE_FIELDS = [0, 1, 4]  # of an hour row's bucket fields: view time, starts, unique viewers
+
+
+def minute_span_sums(minutes: np.ndarray, first: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Per row of `minutes` (rows x 60 minutes x fields), its fields summed over the minutes
+    [first, stop) of that row: one cumulative sum for rows cut at different minutes."""
+    count = len(minutes)
+    cumulative = np.zeros((count, minutes.shape[1] + 1, minutes.shape[2]), np.int64)
+    np.cumsum(minutes, axis=1, out=cumulative[:, 1:])
+    rows = np.arange(count)
+    return cumulative[rows, stop] - cumulative[rows, first]
 
 
 @dataclass
@@ -432,56 +443,43 @@ class RollupRanker:
         """The edge hours' exact part inside the range for the items at `slots` (ascending):
         their hour rows' minute slots in the range, or the whole hour when its minutes were
         pruned. Returns (rows of view time, starts, minute viewers, and whether the item has an
-        event there). The rows of every edge (partition, hour) are read with one multi-get
-        and decoded at once, EDGE_ROWS at a time: done per edge, numpy's fixed cost per call
-        on a few rows each was half of a one-day ranking's CPU (cProfile, bench state)."""
+        event there). The keys of every edge (partition, hour) are packed together and read
+        with one multi-get, EDGE_ROWS at a time, and decoded and summed at once: numpy's fixed
+        cost per call, paid per edge and on a few rows each, was most of a one-day ranking's
+        CPU (cProfile, bench state)."""
         sums = np.zeros((len(slots), 3), np.int64)
         if len(slots) == 0:
             return sums, np.zeros(0, bool)
         wanted = np.zeros(int(slots[-1]) + 1, bool)
         wanted[slots] = True
-        batch: list[tuple[list[bytes], np.ndarray, int, int]] = []  # keys, slots, minutes
-        held = 0
+        prefixes: list[bytes] = []
+        hits: list[np.ndarray] = []
+        cuts: list[tuple[int, int, int]] = []  # each edge read: hour, minutes [first, stop)
         for p, hour, first, stop, rollup in found.edges:
             candidates = rollup.slots[rollup.slots <= slots[-1]]
             hit = candidates[wanted[candidates]]
-            if len(hit) == 0:
-                continue
-            keys = k.pack_keys(
-                partition_prefix(p) + k.KIND_BUCKET[k.HOUR],
-                [self.cache.media.ids[hit], np.full(len(hit), hour, np.int64)],
-                (False, True),
-            )
-            batch.append((keys, hit, first, stop))
-            held += len(keys)
-            if held >= EDGE_ROWS:
-                self._add_edge_rows(batch, slots, sums)
-                batch, held = [], 0
-        self._add_edge_rows(batch, slots, sums)
-        return sums, sums[:, 2] > 0  # an event in a minute gives that minute a viewer
-
-    def _add_edge_rows(
-        self,
-        batch: list[tuple[list[bytes], np.ndarray, int, int]],
-        slots: np.ndarray,
-        sums: np.ndarray,
-    ) -> None:
-        """Read the hour rows of `batch` (keys, their slots, the minutes [first, stop) inside
-        the range) and add their part inside the range to `sums` (rows by `slots`)."""
-        if not batch:
-            return
-        rows, pruned = k.hour_rows_and_pruned(
-            self.store.get_many([key for keys, _, _, _ in batch for key in keys])
+            if len(hit):
+                prefixes.append(partition_prefix(p) + k.KIND_BUCKET[k.HOUR])
+                hits.append(hit)
+                cuts.append((hour, first, stop))
+        if not hits:
+            return sums, np.zeros(len(slots), bool)
+        counts = list(map(len, hits))
+        owners = np.concatenate(hits)
+        per_key = np.repeat(np.array(cuts, np.int64), counts, axis=0)
+        key_hour, key_first, key_stop = per_key[:, 0], per_key[:, 1], per_key[:, 2]
+        keys = k.pack_keys_of(
+            prefixes, counts, [self.cache.media.ids[owners], key_hour], (False, True)
         )
-        parts = np.empty((len(rows), 3), np.int64)
-        at = 0
-        for keys, _, first, stop in batch:
-            minutes = rows["minutes"][at : at + len(keys), first:stop]
-            parts[at : at + len(keys)] = minutes.sum(axis=1, dtype=np.int64)[:, [0, 1, 4]]
-            at += len(keys)
-        parts[pruned] = rows["hour"][pruned][:, [0, 1, 4]]  # pruned: the whole hour counts
-        owners = np.concatenate([hit for _, hit, _, _ in batch])
-        np.add.at(sums, np.searchsorted(slots, owners), parts)
+        rows_at = np.searchsorted(slots, owners)
+        for low in range(0, len(keys), EDGE_ROWS):
+            part = slice(low, low + EDGE_ROWS)
+            rows, pruned = k.hour_rows_and_pruned(self.store.get_many(keys[part]))
+            minutes = rows["minutes"][:, :, _EDGE_FIELDS]
+            inside = minute_span_sums(minutes, key_first[part], key_stop[part])
+            inside[pruned] = rows["hour"][pruned][:, _EDGE_FIELDS]  # pruned: the whole hour
+            np.add.at(sums, rows_at[part], inside)
+        return sums, sums[:, 2] > 0  # an event in a minute gives that minute a viewer
 
     def top(
         self, partitions: Sequence[int], start: int, end: int, column: int, keep: int

@@ -291,6 +291,18 @@ def test_rows_of_against_a_scan() -> None:
         assert list(zip(rows.tolist(), owner.tolist())) == expected
 
 
+def test_minute_span_sums_match_each_rows_own_slice() -> None:
+    rng = np.random.default_rng(6)
+    for count in (0, 1, 7, 40):
+        minutes = rng.integers(-5, 1000, (count, 60, 3)).astype(np.int32)
+        first = rng.integers(0, 61, count)
+        stop = np.maximum(first, rng.integers(0, 61, count))
+        got = top_media.minute_span_sums(minutes, first, stop)
+        for row in range(count):
+            expected = minutes[row, first[row] : stop[row]].astype(np.int64).sum(axis=0)
+            assert got[row].tolist() == expected.tolist()
+
+
 def test_day_blocks_cover_each_day_once_in_aligned_power_of_two_blocks() -> None:
     day = 86_400
     for low in range(0, 70):
