@@ -63,6 +63,12 @@ GHZ = Path(__file__).resolve().parent.parent / ".cache" / "go" / "bin" / "ghz"
 PROTOS = Path(__file__).resolve().parent.parent / "protos"
 
 
+def mib_and_mb(mib: float) -> str:
+    """A size in MiB (what the services budget in) beside its MB (what the issues' bars use:
+    200 MB is 190.7 MiB)."""
+    return f"{mib:.1f} MiB = {mib * 2**20 / 1e6:.1f} MB"
+
+
 def log_match(log_path: Path, pattern: str) -> re.Match[str] | None:
     """The last match of `pattern` in a service's log file (None: not there yet)."""
     found = list(re.finditer(pattern, log_path.read_text(errors="replace")))

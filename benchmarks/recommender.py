@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaProducer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from benchmarks.measure import PeakRss, free_port, wait_log
+from benchmarks.measure import PeakRss, free_port, mib_and_mb, wait_log
 from benchmarks.scratch import scratch_topics
 from recommender_service import settings as local_settings
 from viewevents.kafka import VIEW_EVENT_HEADERS, KeyPartitioner, ensure_topics, user_key
@@ -199,7 +199,7 @@ class Service:
         self.rss = PeakRss(self.process.pid)
         return started
 
-    def peak_rss_mb(self) -> float:
+    def peak_rss_mib(self) -> float:
         return self.rss.peak_mb() if self.rss is not None else 0.0
 
     def cpu_seconds(self) -> float:
@@ -387,7 +387,7 @@ def phase(
             out["events/s (consumer, from its log)"] = round(
                 int(logged.group(1)) / float(logged.group(2))
             )
-        out["peak RSS MB (catch-up)"] = round(service.peak_rss_mb(), 1)
+        out["peak RSS (catch-up)"] = mib_and_mb(service.peak_rss_mib())
         warm = service.wait_log(r"cache warm for version \d+: (\d+) items in ([\d.]+) s", 600)
         out["cache warm-up"] = f"{warm.group(1)} items in {warm.group(2)} s" if warm else "not seen"
         metrics = [pb.SIMILARITY_METRIC_COSINE, pb.SIMILARITY_METRIC_PEARSON]
@@ -438,7 +438,7 @@ def phase(
                 )
                 if ghz_result.get("errors"):
                     out[f"{label} ghz errors by status"] = ghz_result.get("error_codes")
-        out["peak RSS MB (whole run)"] = round(service.peak_rss_mb(), 1)
+        out["peak RSS (whole run)"] = mib_and_mb(service.peak_rss_mib())
         out["state dir MB"] = round(
             sum(f.stat().st_size for f in service.state.rglob("*") if f.is_file()) / 2**20, 1
         )

@@ -45,6 +45,7 @@ from benchmarks.measure import (
     free_port,
     ghz_latency,
     log_match,
+    mib_and_mb,
     wait_log,
 )
 from benchmarks.scratch import scratch_topics
@@ -432,7 +433,7 @@ async def _bench(
                         count * 4,
                         3,
                     )
-        result["peak_rss_mb"] = round(rss.peak_mb())
+        result["peak_rss"] = mib_and_mb(rss.peak_mb())
         result["service_log"] = str(log_path)
     finally:
         rss.stop()
