@@ -199,9 +199,12 @@ class _Found:
     nanos: np.ndarray
 
 
-# Tags (field number << 3 | wire type) of a complete event, in the order protobuf writes them.
-_EVENT_ID, _MEDIA_ID, _USER_ID, _EVENT_TYPE, _EVENT_TIME = 0x0A, 0x10, 0x18, 0x20, 0x2A
-_SECONDS, _NANOS = 0x08, 0x10
+# Tags (field number << 3 | wire type) of a complete event, in the order protobuf writes them,
+# from the same field specs the general scan reads.
+_EVENT_ID, _MEDIA_ID, _USER_ID, _EVENT_TYPE, _EVENT_TIME = (
+    n << 3 | w for n, w in _VIEW_EVENT.items()
+)
+_SECONDS, _NANOS = (n << 3 | w for n, w in _TIMESTAMP.items())
 
 
 def _complete(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> _Found:
