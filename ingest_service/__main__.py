@@ -8,11 +8,13 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
 
+from ingest_service.admission import AdmissionPolicy, LagAdmission
 from ingest_service.producers import Producers
 from ingest_service.servicer import IngestServicer
 from ingest_service.settings import SETTINGS
 from viewevents import bootstrap
 from viewevents.config import Config
+from viewevents.group_lag import GroupLagReader
 from viewevents.kafka import (
     ensure_topics,
     new_producer,
@@ -41,6 +43,23 @@ async def refresh_periodically(servicer: IngestServicer, seconds: float) -> None
             await asyncio.wait_for(servicer.refresh_record_limit(), seconds)
         except Exception as error:  # noqa: BLE001 - Kafka down: keep the last known limit
             log.warning("could not re-read the topics' max.message.bytes: %r", error)
+
+
+def lag_admission(config: Config) -> LagAdmission | None:
+    """The bounded-staleness gate when VIEWEVENTS_INGEST_LAG_GROUPS names groups, else None."""
+    groups = [g.strip() for g in config.ingest_lag_groups.split(",") if g.strip()]
+    if not groups:
+        return None
+    log.info(
+        "bounded staleness: writes wait while group(s) %s are more than %d records behind",
+        ", ".join(groups),
+        config.ingest_max_lag_records,
+    )
+    return LagAdmission(
+        GroupLagReader(config.kafka_bootstrap, config.view_topic, groups),
+        AdmissionPolicy(config.ingest_max_lag_records, config.ingest_lag_stall_seconds),
+        config.ingest_lag_poll_ms / 1000,
+    )
 
 
 async def serve(config: Config) -> None:
@@ -81,9 +100,14 @@ async def serve(config: Config) -> None:
         )
     )
 
+    admission = lag_admission(config)
+    admitting = asyncio.create_task(admission.run()) if admission is not None else None
+
     async def stop_producer() -> None:
         watching.cancel()
         refreshing.cancel()
+        if admitting is not None:
+            admitting.cancel()
         # Flush whatever is still queued, but exit promptly if Kafka is gone: by now every RPC
         # has ended, so a record still queued belongs to an RPC that was not acknowledged.
         if not await producers.stop():
@@ -106,7 +130,9 @@ async def serve(config: Config) -> None:
         limit = await topics_max_message_bytes(config, topics)
         return None if limit is None else record_limit(limit, config)
 
-    servicer = IngestServicer(config, producers, partitions, max_record_bytes, read_record_limit)
+    servicer = IngestServicer(
+        config, producers, partitions, max_record_bytes, read_record_limit, admission
+    )
     refreshing = asyncio.create_task(
         refresh_periodically(servicer, config.record_limit_refresh_seconds)
     )

@@ -14,6 +14,7 @@ import grpc
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from google.protobuf import timestamp_pb2
 
+from ingest_service.admission import LagAdmission
 from ingest_service.planning import from_messages, plan
 from ingest_service.producers import Producers
 from ingest_service.raw_requests import ScannedRequest, scan_upload_request
@@ -87,8 +88,10 @@ class IngestServicer:
         partitions: dict[str, int],
         max_record_bytes: int,
         read_record_limit: Callable[[], Awaitable[int | None]] | None = None,
+        admission: LagAdmission | None = None,
     ) -> None:
         self._config = config
+        self._admission = admission
         self._read_record_limit = read_record_limit
         self._producers = producers
         self._limits = Limits(
@@ -210,6 +213,8 @@ class IngestServicer:
         else:
             events = from_messages(request.events, now, limits)
         decided = plan(events, now, limits)
+        if self._admission is not None:
+            await self._admission.admit()
         await writes.accepted.append_many(decided.keys, decided.values)
         tally.accepted += len(decided.keys)
         for offset in sorted(decided.problems):

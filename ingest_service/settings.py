@@ -106,6 +106,40 @@ OWN_SETTINGS: tuple[Setting, ...] = (
         "batch as too large), so a lowered limit rejects events TOO_LARGE (0: only at start).",
     ),
     Setting(
+        "ingest_lag_groups",
+        "VIEWEVENTS_INGEST_LAG_GROUPS",
+        "",
+        str,
+        "Bounded staleness (off when empty): comma-separated consumer groups (e.g. "
+        "viewevents-stats,viewevents-recommender) that ingest waits for before writing while "
+        "one is more than VIEWEVENTS_INGEST_MAX_LAG_RECORDS behind the view topic, so uploads "
+        "run at the consumers' pace and answers stay fresh (ingest/admission.py).",
+    ),
+    Setting(
+        "ingest_max_lag_records",
+        "VIEWEVENTS_INGEST_MAX_LAG_RECORDS",
+        50_000,
+        int,
+        "Records (over all partitions) a watched group may be behind before ingest holds writes "
+        "back; freshness is about this over the group's consume rate.",
+    ),
+    Setting(
+        "ingest_lag_poll_ms",
+        "VIEWEVENTS_INGEST_LAG_POLL_MS",
+        100,
+        int,
+        "How often ingest reads the watched groups' lag (ms): one ListOffsets and one "
+        "OffsetFetch per group each time.",
+    ),
+    Setting(
+        "ingest_lag_stall_seconds",
+        "VIEWEVENTS_INGEST_LAG_STALL_SECONDS",
+        10.0,
+        float,
+        "A watched group whose committed offsets did not move for this long (no member "
+        "running, or stuck) is not waited for until it moves again.",
+    ),
+    Setting(
         "ingest_metrics_port",
         "VIEWEVENTS_INGEST_METRICS_PORT",
         9101,

@@ -359,6 +359,7 @@ def _new_consumer(
         advertised_address=endpoint.advertised_address or endpoint.address,
         fetch_max_bytes=plan.fetch_max_bytes,
         max_partition_fetch_bytes=plan.max_partition_fetch_bytes,
+        group_commit_interval_ms=config.group_commit_interval_ms,
     )
 
 

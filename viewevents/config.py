@@ -128,6 +128,15 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
         "arrivals (single events) are applied at once.",
     ),
     Setting(
+        "group_commit_interval_ms",
+        "VIEWEVENTS_GROUP_COMMIT_INTERVAL_MS",
+        250,
+        int,
+        "How often (ms) a consumer commits its applied offsets to its Kafka consumer group, "
+        "after RocksDB (which holds the truth): what lag tools and ingest's bounded staleness "
+        "(VIEWEVENTS_INGEST_LAG_GROUPS) read. One small request each time, only when offsets moved.",
+    ),
+    Setting(
         "consumer_session_timeout_ms",
         "VIEWEVENTS_CONSUMER_SESSION_TIMEOUT_MS",
         10_000,

@@ -5,8 +5,8 @@ and committed to RocksDB in ONE write batch together with the next offsets of it
 On start (and on every partition assignment) the consumer seeks to the offsets stored in
 RocksDB, so whatever point a crash hits, a batch's effect is applied exactly once: either its
 write batch landed (state and offsets) or it did not (and the batch is read again).
-Kafka's group offsets are committed too, after RocksDB, only so that lag tools can see them;
-that commit, and leaving the group on close, are bounded in time: RocksDB holds the truth.
+Kafka's group offsets are committed too, after RocksDB, only so that lag tools (and ingest's
+bounded staleness) can see them, at most every VIEWEVENTS_GROUP_COMMIT_INTERVAL_MS; that commit, and leaving the group on close, are bounded in time: RocksDB holds the truth.
 
 An instance answers only for the partitions it owns and says it is caught up only once each of
 them reached the end offset seen after the latest assignment (`CatchUp`); its readiness (what
@@ -402,7 +402,7 @@ class CatchUp:
     it on meanwhile: no store of the members that joined the new generation is further along in
     it (their claims, which they send after their partitions were revoked) and the group's
     committed offset is not past this store's (what members that left had committed; they
-    commit every 2 s and at each revocation). So its store is as fresh as when it last answered.
+    commit every VIEWEVENTS_GROUP_COMMIT_INTERVAL_MS and at each revocation). So its store is as fresh as when it last answered.
     Caught up overall means at least one partition owned and every owned one caught up.
     """
 
@@ -539,6 +539,7 @@ class ExactlyOnceConsumer:
         advertised_address: str = "",
         fetch_max_bytes: int = 64 * 1024 * 1024,
         max_partition_fetch_bytes: int = 8 * 1024 * 1024,
+        group_commit_interval_ms: int = 250,
     ) -> None:
         self.topic = topic
         self.address = advertised_address  # where other instances reach this one's queries
@@ -552,6 +553,8 @@ class ExactlyOnceConsumer:
         self.batch_bytes = batch_bytes  # about what one batch may write (0: no byte bound)
         self.batch_limit = batch_max  # records the next batch may take (`batch_limit`)
         self.linger_s = linger_ms / 1000
+        self.group_commit_s = group_commit_interval_ms / 1000
+        self._group_committed: dict[int, int] = {}  # positions as last committed to Kafka
         self.seen = SeenIds(
             dedupe_retention_days,
             filter_capacity=dedupe_filter_ids,
@@ -777,9 +780,12 @@ class ExactlyOnceConsumer:
                         }
                         if owned:
                             await self._apply_in_thread(owned)
-                if time.monotonic() - last_group_commit > 2.0:
-                    last_group_commit = time.monotonic()
-                    await self._commit_group_offsets()
+            if (
+                time.monotonic() - last_group_commit >= self.group_commit_s
+                and self.positions != self._group_committed
+            ):
+                last_group_commit = time.monotonic()
+                await self._commit_group_offsets()
             await self._check_caught_up()
         await self._commit_group_offsets(timeout=1.0)  # on the way out: do not wait long
 
@@ -885,6 +891,8 @@ class ExactlyOnceConsumer:
             await asyncio.wait_for(self._kafka.commit(offsets), timeout)
         except Exception as error:  # noqa: BLE001 - informational only; RocksDB has the truth
             log.debug("group offset commit skipped: %r", error)
+        else:
+            self._group_committed = {tp.partition: o for tp, o in offsets.items()}
 
     async def _check_caught_up(self) -> None:
         try:

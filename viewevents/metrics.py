@@ -82,6 +82,21 @@ FANOUT_CALLS = Counter(
     "owner (itself included) to answer a query, by owner and outcome.",
     ["service", "owner", "outcome"],
 )
+ADMISSION_WAIT_SECONDS = Counter(
+    "viewevents_ingest_admission_wait_seconds_total",
+    "Time ingest RPCs waited before writing because a watched consumer group was too far "
+    "behind (VIEWEVENTS_INGEST_LAG_GROUPS), summed over RPCs.",
+)
+ADMISSION_HELD = Gauge(
+    "viewevents_ingest_admission_held",
+    "1 while ingest holds writes back for a watched consumer group, else 0.",
+)
+WATCHED_GROUP_LAG = Gauge(
+    "viewevents_ingest_watched_group_lag_records",
+    "Records a watched consumer group's committed offsets are behind the view topic's end, as "
+    "ingest last read them.",
+    ["group"],
+)
 ROCKSDB_BYTES = Gauge(
     "viewevents_rocksdb_size_bytes", "RocksDB SST plus memtable bytes.", ["service"]
 )
