@@ -91,6 +91,8 @@ class Options:
     load_poll_ms: float = 20.0
     takeover_sizes: tuple[int, ...] = (250_000, 500_000, 1_000_000)
     freshness_instances: tuple[int, ...] = (1, 2)
+    # Ingest's bounded staleness in the freshness runs: 0 is off (Kafka absorbs the burst).
+    freshness_max_lags: tuple[int, ...] = (0, 50_000)
     upload_shapes: tuple[str, ...] = ("session",)
     parts: tuple[str, ...] = PARTS
     services: tuple[str, ...] = SERVICES
@@ -526,11 +528,16 @@ def summary(samples: Sequence[float]) -> dict[str, Any]:
 
 
 async def freshness_run(
-    bootstrap: str, count: int, requests: list[bytes], options: Options
+    bootstrap: str, count: int, requests: list[bytes], options: Options, max_lag: int = 0
 ) -> dict[str, Any]:
     """Ingest and `count` stats instances on a fresh topic: idle probes one after the other,
-    then probes every `probe_interval_s` while the upload runs."""
+    then probes every `probe_interval_s` while the upload runs. With `max_lag`, ingest holds
+    writes back while the stats group is more than that many records behind."""
     config = base_config(bootstrap, options.partitions, f"fresh{count}")
+    if max_lag:
+        config = config.replace(
+            ingest_lag_groups=config.stats_group, ingest_max_lag_records=max_lag
+        )
     ingest_process = start_service(
         "ingest_service",
         settings.to_environment(config),
@@ -538,7 +545,7 @@ async def freshness_run(
         WORKDIR / f"scale-ingest-{config.view_topic}.log",
     )
     group = Group("stats", config, count, f"fresh{count}")
-    out: dict[str, Any] = {"instances": count}
+    out: dict[str, Any] = {"instances": count, "max_lag": max_lag}
     try:
         group.start()
         ends = dict.fromkeys(range(options.partitions), 0)
@@ -628,6 +635,7 @@ def freshness_table(runs: list[dict[str, Any]], options: Options, shape: str) ->
         f"upload of {shape} events",
         [
             "stats instances",
+            "ingest bound",
             "while",
             "probes (not visible)",
             "p50 ms",
@@ -638,9 +646,11 @@ def freshness_table(runs: list[dict[str, Any]], options: Options, shape: str) ->
         ],
     )
     for run in runs:
+        bound = f"{run['max_lag']:,} records" if run.get("max_lag") else "off"
         table.rows.append(
             [
                 run["instances"],
+                bound,
                 "idle",
                 f"{run['idle']['n']} ({run['idle']['not_visible']})",
                 run["idle"]["p50_ms"],
@@ -654,6 +664,7 @@ def freshness_table(runs: list[dict[str, Any]], options: Options, shape: str) ->
         table.rows.append(
             [
                 run["instances"],
+                bound,
                 f"upload of {upload['events']:,} ({upload['events'] / upload['seconds']:,.0f} ev/s; "
                 f"stats CPU s {' + '.join(f'{c:.1f}' for c in upload['cpu_s'])})",
                 f"{run['load']['n']} ({run['load']['not_visible']})",
@@ -669,6 +680,10 @@ def freshness_table(runs: list[dict[str, Any]], options: Options, shape: str) ->
         f"a probe every {options.probe_interval_s} s (after the previous Publish returned), the "
         f"position read every {options.load_poll_ms} ms and each probe it includes confirmed by "
         "GetMediaStats of its item"
+    )
+    table.notes.append(
+        "ingest bound: VIEWEVENTS_INGEST_MAX_LAG_RECORDS with VIEWEVENTS_INGEST_LAG_GROUPS = the "
+        "stats group (off: Kafka absorbs the upload and the consumers catch up after it)"
     )
     return table
 
@@ -790,7 +805,8 @@ def run_bench(bootstrap: str, options: Options | None = None) -> dict[str, Any]:
                 else ingest.synthetic_requests(options.upload_events, 5_000, seed=options.seed)
             )
             runs = [
-                asyncio.run(freshness_run(bootstrap, count, requests, options))
+                asyncio.run(freshness_run(bootstrap, count, requests, options, max_lag))
+                for max_lag in options.freshness_max_lags
                 for count in options.freshness_instances
             ]
             show([freshness_table(runs, options, shape)], began)
@@ -845,6 +861,12 @@ def add_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         help="stats instances of the freshness runs, comma-separated (1,2)",
     )
     parser.add_argument(
+        f"--{prefix}freshness-max-lags",
+        default=",".join(str(n) for n in d.freshness_max_lags),
+        help="ingest's bounded staleness in the freshness runs (records; 0: off), "
+        "comma-separated (0,50000)",
+    )
+    parser.add_argument(
         f"--{prefix}upload-shapes",
         default=",".join(d.upload_shapes),
         help=f"events of the freshness upload, comma-separated subset of {','.join(UPLOAD_SHAPES)} "
@@ -884,6 +906,7 @@ def options_from(args: argparse.Namespace, prefix: str = "") -> Options:
         idle_probes=get("idle-probes"),
         takeover_sizes=tuple(int(s) for s in get("takeover-sizes").split(",") if s),
         freshness_instances=tuple(int(n) for n in get("freshness-instances").split(",") if n),
+        freshness_max_lags=tuple(int(n) for n in get("freshness-max-lags").split(",") if n),
         upload_shapes=shapes,
         parts=parts,
         services=services,

@@ -22,6 +22,7 @@ def test_scale_section_prints_every_table(kafka_bootstrap: str) -> None:
         upload_events=20_000,
         idle_probes=5,
         freshness_instances=(2,),
+        freshness_max_lags=(0, 2_000),
         parts=("consume", "latency", "freshness"),
         services=("stats",),
     )
@@ -39,6 +40,9 @@ def test_scale_section_prints_every_table(kafka_bootstrap: str) -> None:
     assert all(row[2] > 0 for row in rows["consume"])
     assert len(rows["query"]) == 4  # every stats RPC, through 1 and 2 instances
     assert all(row[-1] == "0 / 0" for row in rows["query"])  # no errors
-    assert [(row[0], row[1]) for row in rows["freshness"]][0] == (2, "idle")
-    assert len(rows["freshness"]) == 2
-    assert all(not row[2].startswith("0 ") and row[2].endswith("(0)") for row in rows["freshness"])
+    assert [row[:3] for row in rows["freshness"]][::2] == [
+        [2, "off", "idle"],
+        [2, "2,000 records", "idle"],
+    ]
+    assert len(rows["freshness"]) == 4
+    assert all(not row[3].startswith("0 ") and row[3].endswith("(0)") for row in rows["freshness"])
