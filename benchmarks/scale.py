@@ -92,7 +92,7 @@ class Options:
     takeover_sizes: tuple[int, ...] = (250_000, 500_000, 1_000_000)
     freshness_instances: tuple[int, ...] = (1, 2)
     # Ingest's bounded staleness in the freshness runs: 0 is off (Kafka absorbs the burst).
-    freshness_max_lags: tuple[int, ...] = (0, 50_000)
+    freshness_max_lags: tuple[int, ...] = (0, 30_000)
     upload_shapes: tuple[str, ...] = ("session",)
     parts: tuple[str, ...] = PARTS
     services: tuple[str, ...] = SERVICES
@@ -534,17 +534,18 @@ async def freshness_run(
     then probes every `probe_interval_s` while the upload runs. With `max_lag`, ingest holds
     writes back while the stats group is more than that many records behind."""
     config = base_config(bootstrap, options.partitions, f"fresh{count}")
-    if max_lag:
-        config = config.replace(
-            ingest_lag_groups=config.stats_group, ingest_max_lag_records=max_lag
+    group = Group("stats", config, count, f"fresh{count}")
+    ingest_config = config
+    if max_lag:  # the group the instances join (the Group names it)
+        ingest_config = config.replace(
+            ingest_lag_groups=group.group_id, ingest_max_lag_records=max_lag
         )
     ingest_process = start_service(
         "ingest_service",
-        settings.to_environment(config),
+        settings.to_environment(ingest_config),
         config.ingest_address,
         WORKDIR / f"scale-ingest-{config.view_topic}.log",
     )
-    group = Group("stats", config, count, f"fresh{count}")
     out: dict[str, Any] = {"instances": count, "max_lag": max_lag}
     try:
         group.start()
@@ -864,7 +865,7 @@ def add_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         f"--{prefix}freshness-max-lags",
         default=",".join(str(n) for n in d.freshness_max_lags),
         help="ingest's bounded staleness in the freshness runs (records; 0: off), "
-        "comma-separated (0,50000)",
+        "comma-separated (0,30000)",
     )
     parser.add_argument(
         f"--{prefix}upload-shapes",

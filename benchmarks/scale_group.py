@@ -170,7 +170,7 @@ class Group:
             instance.stop()
 
     async def committed(self, admin: AIOKafkaAdminClient) -> int:
-        """Records the group has committed (every ~2 s; only for the progress bar)."""
+        """Records the group has committed (only for the progress bar)."""
         try:
             offsets = await admin.list_consumer_group_offsets(self.group_id)
         except Exception:  # noqa: BLE001 - progress only

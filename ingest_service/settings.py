@@ -118,7 +118,7 @@ OWN_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ingest_max_lag_records",
         "VIEWEVENTS_INGEST_MAX_LAG_RECORDS",
-        50_000,
+        30_000,
         int,
         "Records (over all partitions) a watched group may be behind before ingest holds writes "
         "back; freshness is about this over the group's consume rate.",
@@ -126,7 +126,7 @@ OWN_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ingest_lag_poll_ms",
         "VIEWEVENTS_INGEST_LAG_POLL_MS",
-        100,
+        50,
         int,
         "How often ingest reads the watched groups' lag (ms): one ListOffsets and one "
         "OffsetFetch per group each time.",
