@@ -149,7 +149,7 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "consumer_heartbeat_interval_ms",
         "VIEWEVENTS_CONSUMER_HEARTBEAT_INTERVAL_MS",
-        1_000,
+        250,
         int,
         "Kafka consumer group heartbeat interval (ms), at most a third of the session timeout. "
         "A member learns from its next heartbeat that the group is rebalancing (an instance "

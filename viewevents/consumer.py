@@ -533,7 +533,7 @@ class ExactlyOnceConsumer:
         dedupe_filter_ids: int = 1_000_000,
         dedupe_filter_bytes: int | None = None,
         session_timeout_ms: int = 10_000,
-        heartbeat_interval_ms: int = 1_000,
+        heartbeat_interval_ms: int = 250,
         client_id: str = "viewevents-consumer",
         metrics_name: str = "consumer",
         advertised_address: str = "",

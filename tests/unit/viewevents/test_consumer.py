@@ -144,13 +144,13 @@ def test_the_session_timeout_setting_reaches_the_kafka_consumer(tmp_path: Path) 
     assert load(CONSUMER_SETTINGS, env={}).consumer_session_timeout_ms == 10_000
     made, _ = consumer(tmp_path, session_timeout_ms=config.consumer_session_timeout_ms)
     options = made._consumer_options
-    assert (options["session_timeout_ms"], options["heartbeat_interval_ms"]) == (7_500, 1_000)
+    assert (options["session_timeout_ms"], options["heartbeat_interval_ms"]) == (7_500, 250)
 
 
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({}, 1_000),
+        ({}, 250),
         ({"VIEWEVENTS_CONSUMER_HEARTBEAT_INTERVAL_MS": "400"}, 400),
         # Never more than a third of the session timeout: Kafka wants several per session.
         ({"VIEWEVENTS_CONSUMER_HEARTBEAT_INTERVAL_MS": "5000"}, 3_333),
