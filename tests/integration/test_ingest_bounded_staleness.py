@@ -16,7 +16,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tests.support import ServiceProcess, free_port, read_topic, test_config, unique_name, wait_for
+from tests.support import (
+    ServiceProcess,
+    free_port,
+    read_topic,
+    stack_config,
+    test_config,
+    unique_name,
+    wait_for,
+)
 from tests.support.broker import end_offsets
 from tests.support.data import make_events
 from tests.support.positions import stats_position, wait_applied
@@ -130,12 +138,7 @@ def test_writes_wait_while_the_watched_group_is_behind_and_go_on_when_it_catches
 def test_a_consumers_group_offsets_reach_what_it_applied_once_the_stream_stops(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    config = test_config(
-        kafka_bootstrap,
-        ingest_address=f"127.0.0.1:{free_port()}",
-        stats_address=f"127.0.0.1:{free_port()}",
-        stats_state_dir=str(tmp_path / "stats"),
-    )
+    config = stack_config(kafka_bootstrap, tmp_path)
     ingest = start_ingest(config, tmp_path / "ingest.log")
     stats = ServiceProcess("stats_service", config, config.stats_address, tmp_path / "s.log")
     stats.start().wait_serving()
