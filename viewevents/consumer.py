@@ -6,7 +6,8 @@ On start (and on every partition assignment) the consumer seeks to the offsets s
 RocksDB, so whatever point a crash hits, a batch's effect is applied exactly once: either its
 write batch landed (state and offsets) or it did not (and the batch is read again).
 Kafka's group offsets are committed too, after RocksDB, only so that lag tools (and ingest's
-bounded staleness) can see them, at most every VIEWEVENTS_GROUP_COMMIT_INTERVAL_MS; that commit, and leaving the group on close, are bounded in time: RocksDB holds the truth.
+bounded staleness) can see them, at most every VIEWEVENTS_GROUP_COMMIT_INTERVAL_MS; that
+commit, and leaving the group on close, are bounded in time: RocksDB holds the truth.
 
 An instance answers only for the partitions it owns and says it is caught up only once each of
 them reached the end offset seen after the latest assignment (`CatchUp`); its readiness (what
@@ -402,7 +403,8 @@ class CatchUp:
     it on meanwhile: no store of the members that joined the new generation is further along in
     it (their claims, which they send after their partitions were revoked) and the group's
     committed offset is not past this store's (what members that left had committed; they
-    commit every VIEWEVENTS_GROUP_COMMIT_INTERVAL_MS and at each revocation). So its store is as fresh as when it last answered.
+    commit every VIEWEVENTS_GROUP_COMMIT_INTERVAL_MS and at each revocation). So its store is
+    as fresh as when it last answered.
     Caught up overall means at least one partition owned and every owned one caught up.
     """
 
