@@ -8,6 +8,7 @@ A group's committed offsets trail what its members applied by up to one commit i
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,17 +42,25 @@ def lag_of(
 
 class GroupLagReader:
     """Reads the lag of `groups` on `topic`: one ListOffsets request for the end offsets and
-    one OffsetFetch per group, each bounded by `timeout` seconds."""
+    one OffsetFetch per group, each bounded by `timeout` seconds. The topic's partitions are
+    read again every `partitions_refresh_s` (an operator may add partitions)."""
 
     def __init__(
-        self, bootstrap: str, topic: str, groups: Sequence[str], timeout: float = 5.0
+        self,
+        bootstrap: str,
+        topic: str,
+        groups: Sequence[str],
+        timeout: float = 5.0,
+        partitions_refresh_s: float = 30.0,
     ) -> None:
         self.topic = topic
         self.groups = tuple(groups)
         self._bootstrap = bootstrap
         self._timeout = timeout
+        self._partitions_refresh_s = partitions_refresh_s
         self._clients: tuple[AIOKafkaConsumer, AIOKafkaAdminClient] | None = None
         self._partitions: list[TopicPartition] = []
+        self._partitions_read_at = 0.0
         self._coordinators: dict[str, int] = {}
 
     async def close(self) -> None:
@@ -84,12 +93,14 @@ class GroupLagReader:
             self._partitions = []
             self._coordinators.clear()
         offsets, admin = self._clients
-        if not self._partitions:
+        now = time.monotonic()
+        if not self._partitions or now - self._partitions_read_at >= self._partitions_refresh_s:
             [described] = await admin.describe_topics([self.topic])
             found = {p["partition"] for p in described["partitions"]}
             if not found:
                 raise LookupError(f"topic {self.topic} has no partitions (not created yet?)")
             self._partitions = [TopicPartition(self.topic, p) for p in sorted(found)]
+            self._partitions_read_at = now
         ends_by_tp, committed = await asyncio.gather(
             offsets.end_offsets(self._partitions),
             asyncio.gather(*(self._committed(admin, group) for group in self.groups)),
